@@ -1,0 +1,320 @@
+"""ColQwen2 loading and the forward passes that match the training code (colpali-engine).
+
+Two things differ from the transformers docs' plain loop, on purpose:
+
+* **M-RoPE positions.** transformers >= 5.5 calls the backbone of ``ColQwen2ForRetrieval``
+  with ``inputs_embeds`` only, so image tokens get 1-D positions instead of the 3-D
+  positions the checkpoint was trained with (FACTS.md). We compute
+  ``vlm.get_rope_index(...)`` ourselves and pass ``position_ids``.
+* **Pinned prompts.** Prompt formats drift between library versions; ours are constants,
+  built into token ids here (not by the processor's ``__call__``) and recorded with every
+  output.
+
+Pages reach the actor as uint8 RGB images already resized to the model's grid on CPU
+workers (``pipeline.rasterize``); rescale, normalize and patchify are elementwise and run
+on the actor's device (shipping float32 patches would be 8x the bytes of the image).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from typing import Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+IMAGE_PROMPT = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|><|endoftext|>"
+)
+IMAGE_TOKEN = "<|image_pad|>"
+QUERY_PREFIX = "Query: "
+QUERY_AUGMENTATION = "<|endoftext|>" * 10
+# colpali-engine 0.3.x, the code ColQwen2 v1.0 was trained with: no trailing "\n".
+QUERY_PROMPT = QUERY_PREFIX + "{text}" + QUERY_AUGMENTATION
+
+DEFAULT_MODEL = "vidore/colqwen2-v1.0-hf"
+DEFAULT_MAX_VISUAL_TOKENS = 768
+MIN_VISUAL_TOKENS = 4
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on GPU (as trained), float32 on CPU (bf16 matmuls are slow and inexact there)."""
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def dtype_from_name(name: str | None, device: str) -> torch.dtype:
+    if name in (None, "", "auto"):
+        return default_dtype(device)
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+    if name not in table:
+        raise ValueError(f"--dtype {name!r} is not one of {sorted(table)} or 'auto'")
+    return table[name]
+
+
+def pick_attn_implementation(device: str, requested: str | None = None) -> str:
+    if requested not in (None, "", "auto"):
+        return requested
+    if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def fetch_model(name_or_path: str, endpoint_url: str | None = None, cache_dir: str | None = None) -> str:
+    """Return something ``from_pretrained`` can open.
+
+    Hub names and local directories pass through. Object-store URIs (s3://, gs://) are
+    copied once per node into ``cache_dir`` (default ``$VDR_MODEL_CACHE`` or
+    ``/tmp/vdr-models``): a file lock makes the actors of one node share one copy, and the
+    copy is renamed into place only when complete, so a crashed copy is never used.
+    """
+    if "://" not in name_or_path or name_or_path.startswith("file://"):
+        return name_or_path.removeprefix("file://")
+    from pipeline.sources import open_filesystem
+    import pyarrow.fs as pafs
+
+    cache_dir = cache_dir or os.environ.get("VDR_MODEL_CACHE", os.path.join(tempfile.gettempdir(), "vdr-models"))
+    os.makedirs(cache_dir, exist_ok=True)
+    key = hashlib.sha1(name_or_path.encode()).hexdigest()[:16]
+    final = os.path.join(cache_dir, key)
+    with open(final + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isdir(final):
+            return final
+        fs, root = open_filesystem(name_or_path, endpoint_url)
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        files = [i for i in infos if i.type == pafs.FileType.File]
+        if not files:
+            raise FileNotFoundError(f"no model files under {name_or_path}: expected config.json and weights")
+        staging = tempfile.mkdtemp(dir=cache_dir, prefix=".partial-")
+        for info in files:
+            rel = os.path.relpath(info.path, root)
+            dst = os.path.join(staging, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            with fs.open_input_stream(info.path) as src, open(dst, "wb") as out:
+                shutil.copyfileobj(src, out, length=8 << 20)
+        os.rename(staging, final)
+        log.info("copied model %s to %s (%d files)", name_or_path, final, len(files))
+        return final
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: "torch.nn.Module"
+    processor: object
+    name: str
+    device: str
+    dtype: torch.dtype
+    image_token_id: int
+    pad_token_id: int
+    image_prefix_ids: list[int]
+    image_suffix_ids: list[int]
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    image_mean: torch.Tensor
+    image_std: torch.Tensor
+    rescale_factor: float
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    load_in_4bit: bool = False,
+    endpoint_url: str | None = None,
+) -> LoadedModel:
+    """Load ``ColQwen2ForRetrieval`` + ``ColQwen2Processor`` (ColQwen2.5 ports too)."""
+    from transformers import ColQwen2ForRetrieval, ColQwen2Processor
+
+    device = resolve_device(device)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else dtype_from_name(dtype, device)
+    attn = pick_attn_implementation(device, attn_implementation)
+    path = fetch_model(name_or_path, endpoint_url)
+    kwargs: dict = {"dtype": torch_dtype, "attn_implementation": attn}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype, bnb_4bit_quant_type="nf4"
+        )
+        kwargs["device_map"] = device
+    try:
+        model = ColQwen2ForRetrieval.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise OSError(
+            f"could not load a ColQwen2 checkpoint from {name_or_path!r}: {exc}. Pass --model a hub "
+            "name (needs network), a local directory with config.json + weights, or an s3:// / gs:// "
+            "prefix holding them; `python -m jobs.build_tiny_model` writes a tiny offline one."
+        ) from exc
+    if not load_in_4bit:
+        model = model.to(device)
+    model.eval()
+    processor = ColQwen2Processor.from_pretrained(path)
+    tok = processor.tokenizer
+    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    before, after = IMAGE_PROMPT.split(IMAGE_TOKEN)
+    ip = processor.image_processor
+    lm = LoadedModel(
+        model=model,
+        processor=processor,
+        name=name_or_path,
+        device=device,
+        dtype=torch_dtype,
+        image_token_id=image_token_id,
+        pad_token_id=tok.pad_token_id,
+        image_prefix_ids=tok(before, add_special_tokens=False)["input_ids"],
+        image_suffix_ids=tok(after, add_special_tokens=False)["input_ids"],
+        patch_size=int(ip.patch_size),
+        temporal_patch_size=int(ip.temporal_patch_size),
+        merge_size=int(ip.merge_size),
+        image_mean=torch.tensor(ip.image_mean, dtype=torch.float32, device=device),
+        image_std=torch.tensor(ip.image_std, dtype=torch.float32, device=device),
+        rescale_factor=float(ip.rescale_factor),
+    )
+    log.info("loaded %s on %s (%s, attn=%s, 4bit=%s)", name_or_path, device, lm.dtype_name, attn, load_in_4bit)
+    return lm
+
+
+def _rope_index(vlm, input_ids, mm_token_type_ids, image_grid_thw, attention_mask) -> torch.Tensor:
+    """3-D M-RoPE positions, (3, B, L). Runs on CPU tensors: it loops in Python per sample."""
+    get = getattr(vlm, "get_rope_index", None) or vlm.model.get_rope_index
+    return get(
+        input_ids,
+        mm_token_type_ids=mm_token_type_ids,
+        image_grid_thw=image_grid_thw,
+        attention_mask=attention_mask,
+    )[0]
+
+
+def patchify(images: torch.Tensor, lm: LoadedModel) -> torch.Tensor:
+    """(N, H, W, 3) uint8 images of one size -> (N, grid_h*grid_w, 3*T*P*P) normalized patches.
+
+    The same rescale -> normalize -> patch order as ``Qwen2VLImageProcessor`` (PIL backend).
+    """
+    n, h, w, _ = images.shape
+    p, t, m = lm.patch_size, lm.temporal_patch_size, lm.merge_size
+    x = images.to(torch.float32) * lm.rescale_factor
+    x = (x - lm.image_mean) / lm.image_std  # (N, H, W, C)
+    x = x.permute(0, 3, 1, 2)  # (N, C, H, W)
+    x = x.unsqueeze(1).expand(n, t, 3, h, w)  # a still image is repeated over the temporal patch
+    gh, gw = h // p, w // p
+    x = x.reshape(n, t, 3, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(n, gh * gw, 3 * t * p * p)
+
+
+def build_page_inputs(images: Sequence[np.ndarray], lm: LoadedModel) -> dict:
+    """Model inputs for page images already on the model's grid (H, W multiples of 28).
+
+    Pages are grouped by size so each group is patchified in one tensor op; sequences are
+    right-padded to the longest page of the batch (attention mask and explicit positions
+    make padding inert). Returns tensors on ``lm.device``.
+    """
+    p, m = lm.patch_size, lm.merge_size
+    sizes = [tuple(im.shape[:2]) for im in images]
+    grids = [(1, h // p, w // p) for h, w in sizes]
+    n_img = [gh * gw // (m * m) for _, gh, gw in grids]
+    seqs = [lm.image_prefix_ids + [lm.image_token_id] * k + lm.image_suffix_ids for k in n_img]
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), lm.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention_mask[i, : len(s)] = 1
+    image_grid_thw = torch.tensor(grids, dtype=torch.long)
+    mm = (input_ids == lm.image_token_id).int()
+    position_ids = _rope_index(lm.model.vlm, input_ids, mm, image_grid_thw, attention_mask)
+
+    max_patches = max(g[1] * g[2] for g in grids)
+    dim = 3 * lm.temporal_patch_size * p * p
+    pixel_values = torch.zeros((len(images), max_patches, dim), dtype=torch.float32, device=lm.device)
+    by_size: dict[tuple, list[int]] = {}
+    for i, s in enumerate(sizes):
+        by_size.setdefault(s, []).append(i)
+    for (h, w), idx in by_size.items():
+        batch = torch.from_numpy(np.stack([np.asarray(images[i]) for i in idx])).to(lm.device, non_blocking=True)
+        patches = patchify(batch, lm)
+        pixel_values[idx, : patches.shape[1]] = patches
+    return {
+        "input_ids": input_ids.to(lm.device),
+        "attention_mask": attention_mask.to(lm.device),
+        "position_ids": position_ids.to(lm.device),
+        "pixel_values": pixel_values.to(lm.dtype),
+        "image_grid_thw": image_grid_thw.to(lm.device),
+    }
+
+
+def build_query_inputs(texts: Sequence[str], lm: LoadedModel) -> dict:
+    tok = lm.processor.tokenizer
+    prompts = [QUERY_PROMPT.format(text=t) for t in texts]
+    enc = tok(prompts, add_special_tokens=False, padding="longest", padding_side="right", return_tensors="pt")
+    input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+    position_ids = _rope_index(lm.model.vlm, input_ids, torch.zeros_like(input_ids, dtype=torch.int), None, attention_mask)
+    return {
+        "input_ids": input_ids.to(lm.device),
+        "attention_mask": attention_mask.to(lm.device),
+        "position_ids": position_ids.to(lm.device),
+    }
+
+
+@torch.inference_mode()
+def forward_embeddings(lm: LoadedModel, inputs: dict) -> list[np.ndarray]:
+    """Run the model; return each row's real vectors, (n_i, 128) float32, L2-normalised."""
+    out = lm.model(**inputs, use_cache=False).embeddings  # (B, L, 128)
+    mask = inputs["attention_mask"].bool()
+    lengths = mask.sum(dim=1).tolist()
+    flat = out[mask].float().cpu().numpy()  # right padding: real tokens come first in each row
+    result, start = [], 0
+    for n in lengths:
+        result.append(flat[start : start + n])
+        start += n
+    return result
+
+
+def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    if not images:
+        return []
+    return forward_embeddings(lm, build_page_inputs(images, lm))
+
+
+def embed_queries(lm: LoadedModel, texts: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:
+    """Query embeddings, each (n_i, 128) float32 over its real tokens (augmentation tokens included)."""
+    result: list[np.ndarray] = []
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start : start + batch_size])
+        result.extend(forward_embeddings(lm, build_query_inputs(chunk, lm)))
+    return result
+
+
+def model_metadata(lm: LoadedModel, max_visual_tokens: int) -> dict[bytes, bytes]:
+    from pipeline import __version__, schema
+
+    return {
+        schema.META_MODEL: lm.name.encode(),
+        schema.META_PROMPT: IMAGE_PROMPT.encode(),
+        schema.META_QUERY_PROMPT: QUERY_PROMPT.encode(),
+        schema.META_MAX_VISUAL_TOKENS: str(max_visual_tokens).encode(),
+        schema.META_DTYPE: lm.dtype_name.encode(),
+        schema.META_VERSION: __version__.encode(),
+    }

@@ -1,0 +1,401 @@
+"""Documents -> RGB page images on the model's grid, defensively.
+
+* PDFs are rendered with pypdfium2 at the scale that meets the visual-token budget, capped
+  by dpi, total pixels and longest side (pdfium allocates the bitmap before it draws, with
+  no size guard of its own).
+* Raster images are decoded with Pillow (EXIF orientation, every mode to RGB, alpha on
+  white, 16-bit scaled, every TIFF frame a page) and only ever shrunk, exactly as the
+  model's processor would (``smart_resize`` + bicubic), so an image within the budget
+  reaches the model unchanged.
+* pdfium is not thread-safe and can crash or hang on hostile input, and a hung C call
+  cannot be interrupted from Python: ``Renderer`` runs all decoding in one child process
+  per worker, with a timeout per page, and restarts it after a crash or a hang.
+
+Every failure becomes an ``ErrorItem`` with a stage, a type and a readable message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import os
+import pickle
+import select
+import struct
+import subprocess
+import sys
+import warnings
+from typing import Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PATCH_FACTOR = 28  # patch 14 x spatial merge 2
+PDF_MAGIC = b"%PDF"
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderSpec:
+    max_visual_tokens: int = 768
+    min_visual_tokens: int = 4
+    max_dpi: float = 300.0
+    max_longest_side_px: int = 8192
+    max_image_pixels: int = 178_956_970  # Pillow's DecompressionBombError threshold (2x its warning)
+    max_pages_per_doc: int = 0  # 0: no limit
+
+    def __post_init__(self):
+        if self.max_visual_tokens < self.min_visual_tokens:
+            raise ValueError(f"--max-visual-tokens must be >= {self.min_visual_tokens}, got {self.max_visual_tokens}")
+        if self.max_dpi <= 0 or self.max_longest_side_px <= 0:
+            raise ValueError("--max-dpi and --max-longest-side must be positive")
+
+    @property
+    def max_pixels(self) -> int:
+        return self.max_visual_tokens * PATCH_FACTOR * PATCH_FACTOR
+
+    @property
+    def min_pixels(self) -> int:
+        return self.min_visual_tokens * PATCH_FACTOR * PATCH_FACTOR
+
+
+@dataclasses.dataclass
+class PageItem:
+    page_number: int
+    image: np.ndarray  # (H, W, 3) uint8, H and W multiples of 28
+
+
+@dataclasses.dataclass
+class ErrorItem:
+    page_number: int | None  # None: the whole document
+    stage: str
+    error_type: str
+    message: str
+
+
+@dataclasses.dataclass
+class DocInfo:
+    n_pages: int
+
+
+class RenderError(Exception):
+    def __init__(self, error_type: str, message: str):
+        super().__init__(message)
+        self.error_type = error_type
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's ``smart_resize``, the same arithmetic (tests compare the two): the
+    renderer child must not import transformers, whose module imports torchvision."""
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def model_grid_size(height: int, width: int, spec: RenderSpec) -> tuple[int, int]:
+    """(H, W) the model's processor resizes an image to: multiples of 28 within the budget."""
+    if height < 1 or width < 1:
+        raise RenderError("EmptyPage", f"page is {width}x{height} pixels")
+    if max(height, width) / min(height, width) > 200:
+        raise RenderError("DegeneratePage", f"aspect ratio of {width}x{height} is over 200, which the model rejects")
+    return smart_resize(height, width, factor=PATCH_FACTOR, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+
+
+def pdf_scale(width_pt: float, height_pt: float, spec: RenderSpec) -> float:
+    """Render scale (pixels per point) that meets the token budget, never above the caps."""
+    if not (width_pt > 0 and height_pt > 0) or not math.isfinite(width_pt * height_pt):
+        raise RenderError("EmptyPage", f"page size is {width_pt}x{height_pt} pt")
+    budget = math.sqrt(spec.max_pixels / (width_pt * height_pt))
+    dpi_cap = spec.max_dpi / 72.0
+    side_cap = spec.max_longest_side_px / max(width_pt, height_pt)
+    return min(budget, dpi_cap, side_cap)
+
+
+def to_model_grid(img, spec: RenderSpec) -> np.ndarray:
+    """RGB PIL image -> (H, W, 3) uint8 on the model's grid (bicubic, as the processor)."""
+    from PIL import Image
+
+    th, tw = model_grid_size(img.height, img.width, spec)
+    if (img.height, img.width) != (th, tw):
+        img = img.resize((tw, th), resample=Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def to_rgb(img):
+    """Any Pillow mode -> RGB: EXIF orientation applied, alpha composited on white,
+    16-bit and float images scaled (Pillow clips them on ``convert``)."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 257.0
+        else:
+            lo, hi = float(arr.min()), float(arr.max())
+            if mode == "I" and lo >= 0 and hi <= 65535:
+                arr = arr / 257.0 if hi > 255 else arr
+            else:
+                arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+        mode = "L"
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def sniff_kind(data: bytes) -> str:
+    if not data:
+        raise RenderError("EmptyFile", "the file is empty (0 bytes)")
+    if PDF_MAGIC in data[:1024]:
+        return "pdf"
+    return "image"
+
+
+def iter_pdf_pages(data: bytes, spec: RenderSpec, skip: frozenset = frozenset()) -> Iterator:
+    """Yield DocInfo, then a PageItem or ErrorItem per page (``skip``: page numbers already done)."""
+    import pypdfium2 as pdfium
+
+    try:
+        pdf = pdfium.PdfDocument(data)
+    except pdfium.PdfiumError as exc:
+        text = str(exc)
+        kind = "EncryptedDocument" if "password" in text.lower() else "CorruptDocument"
+        raise RenderError(kind, f"pdfium could not open the PDF: {text}") from None
+    try:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "no XFA support": forms still render without it
+                pdf.init_forms()
+        except Exception:  # forms are optional decoration; the page still renders
+            pass
+        n = len(pdf)
+        if n <= 0:
+            raise RenderError("EmptyDocument", "the PDF has no pages")
+        yield DocInfo(n)
+        last = n if not spec.max_pages_per_doc else min(n, spec.max_pages_per_doc)
+        for number in range(1, n + 1):
+            if number in skip:
+                continue
+            if number > last:
+                yield ErrorItem(number, "render", "TooManyPages",
+                                f"pages {number}..{n} are beyond --max-pages-per-doc {spec.max_pages_per_doc}")
+                return
+            page = None
+            try:
+                page = pdf[number - 1]
+                w, h = page.get_size()
+                scale = pdf_scale(w, h, spec)
+                bitmap = page.render(scale=scale, may_draw_forms=True, rev_byteorder=True)
+                try:
+                    img = bitmap.to_pil().convert("RGB")
+                finally:
+                    bitmap.close()
+                yield PageItem(number, to_model_grid(img, spec))
+            except RenderError as exc:
+                yield ErrorItem(number, "render", exc.error_type, str(exc))
+            except (pdfium.PdfiumError, ValueError, OSError, MemoryError) as exc:
+                yield ErrorItem(number, "render", type(exc).__name__, f"page {number}: {exc}")
+            finally:
+                if page is not None:
+                    page.close()
+    finally:
+        pdf.close()
+
+
+def iter_image_pages(data: bytes, spec: RenderSpec, skip: frozenset = frozenset()) -> Iterator:
+    """Yield DocInfo, then a PageItem or ErrorItem per frame (multi-page TIFF; GIF/WebP: first frame)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = spec.max_image_pixels // 2  # Pillow raises at twice this
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format or "unknown"
+            if img.width * img.height > spec.max_image_pixels // 2:
+                raise RenderError("OversizedImage", f"{img.width}x{img.height} pixels is over the cap of "
+                                  f"{spec.max_image_pixels // 2} (--max-image-pixels)")
+    except RenderError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RenderError("OversizedImage", str(exc)) from None
+    except Exception as exc:  # Pillow raises many types for bad input
+        raise RenderError("UnreadableImage", f"not a readable PDF or image: {type(exc).__name__}: {exc}") from None
+    n = getattr(img, "n_frames", 1) if fmt in ("TIFF", "MPO") else 1
+    yield DocInfo(n)
+    for number in range(1, n + 1):
+        if number in skip:
+            continue
+        try:
+            if n > 1:
+                img.seek(number - 1)
+            img.load()
+            yield PageItem(number, to_model_grid(to_rgb(img), spec))
+        except RenderError as exc:
+            yield ErrorItem(number, "decode", exc.error_type, str(exc))
+        except Exception as exc:
+            yield ErrorItem(number, "decode", type(exc).__name__, f"frame {number}: {exc}")
+
+
+def iter_document(data: bytes, spec: RenderSpec, skip: frozenset = frozenset()) -> Iterator:
+    """DocInfo, then pages/errors; a document that cannot be opened yields one ErrorItem."""
+    try:
+        kind = sniff_kind(data)
+        if kind == "pdf":
+            yield from iter_pdf_pages(data, spec, skip)
+        else:
+            yield from iter_image_pages(data, spec, skip)
+    except RenderError as exc:
+        yield ErrorItem(None, "open", exc.error_type, str(exc))
+
+
+# ---------------------------------------------------------------- child process
+# The child is a fresh interpreter (``python -m pipeline.rasterize``), not a fork or a
+# multiprocessing spawn: forking a Ray worker with threads is unsafe, and spawn re-imports
+# the parent's __main__ (Ray's worker script). Messages are length-prefixed pickles.
+
+_HEADER = struct.Struct("!Q")
+
+
+def _send(stream, obj) -> None:
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(payload)))
+    stream.write(payload)
+    stream.flush()
+
+
+def _recv_exact(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("renderer closed its output")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _child_main() -> None:
+    """Render loop of the child process: one document at a time, items streamed back."""
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # stray prints must not corrupt the message stream
+    while True:
+        header = inp.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return
+        data, spec, skip = pickle.loads(inp.read(_HEADER.unpack(header)[0]))
+        try:
+            for item in iter_document(data, spec, skip):
+                _send(out, item)
+        except Exception as exc:  # a bug, not bad input: still an error row
+            _send(out, ErrorItem(None, "render", type(exc).__name__, f"unexpected: {exc}"))
+        _send(out, "done")
+
+
+class Renderer:
+    """Owns one rendering child process; restarts it after a crash or a timeout."""
+
+    def __init__(self, timeout_s: float = 60.0):
+        self.timeout_s = timeout_s
+        self._proc: subprocess.Popen | None = None
+
+    def _start(self) -> None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.rasterize"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=root,
+        )
+
+    def _kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(10)
+            for stream in (self._proc.stdin, self._proc.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        self._proc = None
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                self._proc.stdin.close()
+                self._proc.wait(2)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self._kill()
+
+    def __del__(self):
+        try:
+            self._kill()
+        except Exception:
+            pass
+
+    def _recv(self, deadline_s: float):
+        fd = self._proc.stdout.fileno()
+        ready, _, _ = select.select([fd], [], [], deadline_s)
+        if not ready:
+            raise TimeoutError
+        (n,) = _HEADER.unpack(_recv_exact(fd, _HEADER.size))
+        return pickle.loads(_recv_exact(fd, n))
+
+    def render(self, data: bytes, spec: RenderSpec, skip: frozenset = frozenset()) -> Iterator:
+        """Items of ``iter_document``, run in the child; a hang or crash ends the document
+        with an ErrorItem naming the page it stopped on."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._start()
+        try:
+            _send(self._proc.stdin, (data, spec, skip))
+        except (BrokenPipeError, OSError):
+            self._kill()
+            self._start()
+            _send(self._proc.stdin, (data, spec, skip))
+        page = 0
+        while True:
+            try:
+                item = self._recv(self.timeout_s)
+            except TimeoutError:
+                self._kill()
+                yield ErrorItem(page + 1 if page else None, "render", "RenderTimeout",
+                                f"no result within {self.timeout_s:g}s (--render-timeout-s) after page {page}; "
+                                "the renderer was stopped and the rest of the document skipped")
+                return
+            except (EOFError, OSError, pickle.UnpicklingError):
+                code = self._proc.poll() if self._proc else None
+                self._kill()
+                yield ErrorItem(page + 1 if page else None, "render", "RendererCrashed",
+                                f"the renderer process died (exit code {code}) after page {page}; "
+                                "the rest of the document was skipped")
+                return
+            if item == "done":
+                return
+            if isinstance(item, (PageItem, ErrorItem)) and item.page_number:
+                page = item.page_number
+            yield item
+
+
+if __name__ == "__main__":
+    _child_main()

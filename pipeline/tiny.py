@@ -1,0 +1,93 @@
+"""A tiny random ColQwen2, built fully offline, for tests and the demo.
+
+Same architecture and processor as the real checkpoint (Qwen2-VL backbone with M-RoPE,
+spatial merge 2, 128-d embeddings), only small: a byte-level BPE trained on a few lines,
+two vision blocks and two text layers. Weights are random but seeded, so the same
+command always writes the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+_TRAINING_TEXT = [
+    "Query: what is the revenue in 2023?", "Describe the image.", "user", "assistant",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "annual report table figure chart page document invoice summary total",
+]
+
+
+def build_tiny_model(output_dir: str, max_visual_tokens: int = 768, seed: int = 0) -> str:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        ColQwen2Config,
+        ColQwen2ForRetrieval,
+        ColQwen2Processor,
+        Qwen2TokenizerFast,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(_TRAINING_TEXT * 4, trainer=trainer)
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    vocab = len(tokenizer)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 4 * 28 * 28, "longest_edge": max_visual_tokens * 28 * 28}
+    )
+    processor = ColQwen2Processor(image_processor=image_processor, tokenizer=tokenizer)
+
+    config = ColQwen2Config(
+        vlm_config={
+            "model_type": "qwen2_vl",
+            "text_config": {
+                "model_type": "qwen2_vl_text",
+                "vocab_size": vocab,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 4096,
+                "rope_theta": 1000000.0,
+                "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+                "bos_token_id": ids["<|endoftext|>"],
+                "eos_token_id": ids["<|im_end|>"],
+                "pad_token_id": ids["<|endoftext|>"],
+            },
+            "vision_config": {
+                "depth": 2,
+                "embed_dim": 32,
+                "hidden_size": 64,
+                "num_heads": 2,
+                "mlp_ratio": 2,
+                "patch_size": 14,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "in_channels": 3,
+            },
+            "image_token_id": ids["<|image_pad|>"],
+            "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"],
+            "vision_end_token_id": ids["<|vision_end|>"],
+        },
+        embedding_dim=128,
+    )
+    torch.manual_seed(seed)
+    model = ColQwen2ForRetrieval(config).eval()
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return output_dir

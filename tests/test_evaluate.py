@@ -1,0 +1,207 @@
+"""Metrics: values equal ir_measures' own computation, input formats, and what is reported."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import ir_measures
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from eval_data import (
+    random_qrels_and_run,
+    results_table,
+    write_beir_qrels,
+    write_corpus,
+    write_trec_qrels,
+    write_trec_run,
+)
+from jobs import evaluate as evaluate_job
+from pipeline import evaluate
+
+DEFAULTS = ["nDCG@5", "nDCG@10", "R@10", "RR@10", "AP"]
+
+
+def independent(measures, qrels_path, run_path):
+    """ir_measures on the files through its own readers: no code of ours in between."""
+    parsed = [ir_measures.parse_measure(m) for m in measures]
+    agg = ir_measures.calc_aggregate(
+        parsed, list(ir_measures.read_trec_qrels(qrels_path)), list(ir_measures.read_trec_run(run_path))
+    )
+    return {str(m): v for m, v in agg.items()}
+
+
+def test_hand_computed_tiny_example(tmp_path):
+    # q1: relevant a#1 at rank 2 -> RR 1/2, AP 1/2, nDCG 1/log2(3); q2: b#1 at rank 1 -> all 1.
+    qrels = write_trec_qrels(tmp_path / "q.txt", [("q1", "a#1", 1), ("q1", "c#1", 0), ("q2", "b#1", 1)])
+    run = write_trec_run(tmp_path / "r.trec", [("q1", "x#1", 1, 2.0), ("q1", "a#1", 2, 1.0), ("q2", "b#1", 1, 5.0)])
+    assert evaluate_job.main(["--run", run, "--qrels", qrels, "--output", str(tmp_path / "out")]) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert list(metrics) == DEFAULTS
+    assert metrics["RR@10"] == pytest.approx((0.5 + 1.0) / 2)
+    assert metrics["AP"] == pytest.approx((0.5 + 1.0) / 2)
+    assert metrics["R@10"] == pytest.approx(1.0)
+    assert metrics["nDCG@10"] == pytest.approx((1 / math.log2(3) + 1.0) / 2)
+    assert metrics["nDCG@5"] == pytest.approx(metrics["nDCG@10"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_equal_ir_measures_on_random_runs(tmp_path, seed):
+    qrels_rows, run_rows = random_qrels_and_run(seed)
+    qrels = write_trec_qrels(tmp_path / "qrels.txt", qrels_rows)
+    run = write_trec_run(tmp_path / "run.trec", run_rows)
+    extra = ["P@5", "nDCG(cutoff=20)", "R@100", "P(rel=2)@10"]
+    out = tmp_path / "out"
+    status = evaluate_job.main(
+        ["--run", run, "--qrels", qrels, "--output", str(out), "--measure", "P@5,nDCG(cutoff=20)",
+         "--measure", "R@100", "--measure", "P(rel=2)@10"]
+    )
+    assert status == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = independent(DEFAULTS + extra, qrels, run)
+    assert set(metrics) == set(expected)
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value, abs=1e-12), name
+
+    per_query = pq.read_table(out / "per_query.parquet").to_pandas()
+    assert list(per_query.columns) == ["query_id", "measure", "value"]
+    by_query = {
+        (m.query_id, str(m.measure)): m.value
+        for m in ir_measures.iter_calc(
+            [ir_measures.parse_measure(x) for x in DEFAULTS + extra],
+            list(ir_measures.read_trec_qrels(qrels)),
+            list(ir_measures.read_trec_run(run)),
+        )
+    }
+    got = {(r.query_id, r.measure): r.value for r in per_query.itertuples()}
+    assert got.keys() == by_query.keys()
+    for key, value in by_query.items():
+        assert got[key] == pytest.approx(value, abs=1e-12), key
+    # the mean of the per-query values is the aggregate (every judged query counted once)
+    ndcg = per_query[per_query.measure == "nDCG@10"].value
+    assert ndcg.mean() == pytest.approx(metrics["nDCG@10"])
+
+
+def test_beir_tsv_and_trec_qrels_give_the_same_metrics(tmp_path):
+    qrels_rows, run_rows = random_qrels_and_run(7)
+    trec = write_trec_qrels(tmp_path / "qrels.txt", qrels_rows)
+    beir = write_beir_qrels(tmp_path / "qrels.tsv", qrels_rows)
+    run = write_trec_run(tmp_path / "run.trec", run_rows)
+    a = evaluate.evaluate(evaluate.read_qrels(trec), evaluate.read_run(run)).aggregate
+    b = evaluate.evaluate(evaluate.read_qrels(beir), evaluate.read_run(run)).aggregate
+    assert a == b
+    assert a == pytest.approx(independent(DEFAULTS, trec, run))
+
+
+def test_qrels_parsing_formats():
+    beir = evaluate.parse_qrels("corpus-id\tquery-id\tscore\nreports/a b.pdf#3\tq1\t2\nx#1\tq2\t0\n")
+    assert beir.to_dict("list") == {
+        "query_id": ["q1", "q2"], "doc_id": ["reports/a b.pdf#3", "x#1"], "relevance": [2, 0],
+    }
+    trec = evaluate.parse_qrels("# comment\nq1 0 reports/a b.pdf#3 2\n\nq1 0 x#1 1\nq1 0 x#1 0\n")
+    assert trec.to_dict("list") == {"query_id": ["q1", "q1"], "doc_id": ["reports/a b.pdf#3", "x#1"], "relevance": [2, 1]}
+    with pytest.raises(ValueError, match="qrels.txt:2"):
+        evaluate.parse_qrels("q1 0 a#1 1\nq1 a#1\n", source="qrels.txt")
+    with pytest.raises(ValueError, match="no corpus/page column"):
+        evaluate.parse_qrels("query-id\tfoo\tscore\nq1\ta\t1\n")
+    with pytest.raises(ValueError, match="empty"):
+        evaluate.parse_qrels("\n\n")
+
+
+def test_results_parquet_equals_trec_run(tmp_path):
+    qrels_rows, run_rows = random_qrels_and_run(3)
+    qrels = write_trec_qrels(tmp_path / "qrels.txt", qrels_rows)
+    run = write_trec_run(tmp_path / "run.trec", run_rows)
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    pq.write_table(results_table(run_rows), scores / "results.parquet")
+    expected = independent(DEFAULTS, qrels, run)
+    for run_input in (str(scores / "results.parquet"), str(scores)):  # the file, or the job's output folder
+        out = tmp_path / "out"
+        assert evaluate_job.main(["--run", run_input, "--qrels", qrels, "--output", str(out)]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics == pytest.approx(expected)
+
+
+def test_unjudged_missing_and_unknown_pages_are_reported(tmp_path):
+    write_corpus(tmp_path / "corpus", n_docs=2, pages_per_doc=2)  # doc0.pdf#1..doc1.pdf#2
+    qrels = write_trec_qrels(
+        tmp_path / "q.txt",
+        [("q1", "doc0.pdf#1", 1), ("q2", "doc1.pdf#2", 1), ("q3", "gone.pdf#1", 1), ("q4", "doc0.pdf#2", 0)],
+    )
+    run = write_trec_run(
+        tmp_path / "r.trec",
+        [("q1", "doc0.pdf#1", 1, 3.0), ("q1", "ghost.pdf#9", 2, 2.0), ("q4", "doc0.pdf#2", 1, 1.0),
+         ("qx", "doc1.pdf#1", 1, 1.0)],
+    )
+    out = tmp_path / "out"
+    evaluate_job.main(["--run", run, "--qrels", qrels, "--output", str(out), "--corpus", str(tmp_path / "corpus")])
+    summary = json.loads((out / "summary.json").read_text())
+    counts = summary["counts"]
+    assert counts["queries_without_judgements_examples"] == ["qx"]
+    assert counts["judged_queries_missing_from_run_examples"] == ["q2", "q3"]
+    assert counts["judged_queries_without_relevant_pages_examples"] == ["q4"]
+    assert counts["run_pages_unknown_to_corpus_examples"] == ["ghost.pdf#9"]
+    assert counts["judged_pages_unknown_to_corpus_examples"] == ["gone.pdf#1"]
+    assert counts["corpus_pages"] == 4
+    text = " ".join(summary["warnings"])
+    for needle in ("qx", "q2", "ghost.pdf#9", "gone.pdf#1", "no relevant page"):
+        assert needle in text
+    # the missing queries count as 0, the unjudged one is left out: ir_measures' convention
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["RR@10"] == pytest.approx(1 / 4)
+
+
+def test_empty_run_scores_zero_and_says_so(tmp_path):
+    qrels = write_trec_qrels(tmp_path / "q.txt", [("q1", "a#1", 1), ("q2", "b#1", 1)])
+    (tmp_path / "empty.trec").write_text("")
+    out = tmp_path / "out"
+    evaluate_job.main(["--run", str(tmp_path / "empty.trec"), "--qrels", qrels, "--output", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == {m: 0.0 for m in DEFAULTS}
+    summary = json.loads((out / "summary.json").read_text())
+    assert any("run is empty" in w for w in summary["warnings"])
+    assert summary["counts"]["run_rows"] == 0
+
+
+def test_ties_follow_the_evaluator_or_the_runs_ranks():
+    qrels = evaluate.parse_qrels("q1 0 a#1 1\n")
+    # the scoring job ranks ties by page_id ascending: a#1 first
+    run = evaluate.parse_trec_run("q1 Q0 a#1 1 1.0 t\nq1 Q0 b#1 2 1.0 t\n")
+    by_score = evaluate.evaluate(qrels, run, ["RR"]).aggregate["RR"]
+    by_rank = evaluate.evaluate(qrels, run, ["RR"], ranking="rank").aggregate["RR"]
+    assert by_score == ir_measures.calc_aggregate([ir_measures.RR], {"q1": {"a#1": 1}}, {"q1": {"a#1": 1.0, "b#1": 1.0}})[ir_measures.RR]
+    assert by_score == 0.5  # trec_eval puts b#1 first (page id descending)
+    assert by_rank == 1.0
+
+
+def test_bad_measure_is_refused_with_a_clear_message(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate_job.main(["--run", "r", "--qrels", "q", "--output", str(tmp_path), "--measure", "nDGC@10"])
+    assert "unknown measure 'nDGC@10'" in capsys.readouterr().err
+
+
+def test_s3_inputs_and_outputs(tmp_path, s3):
+    import pyarrow.fs as pafs
+
+    from pipeline.sources import open_filesystem
+
+    s3.make_bucket("eval")
+    qrels_rows, run_rows = random_qrels_and_run(5)
+    qrels = write_trec_qrels(tmp_path / "qrels.txt", qrels_rows)
+    run = write_trec_run(tmp_path / "run.trec", run_rows)
+    fs, _ = open_filesystem("s3://eval/x", s3.endpoint_url)
+    pafs.copy_files(qrels, "eval/in/qrels.txt", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    pafs.copy_files(run, "eval/in/run.trec", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    status = evaluate_job.main(
+        ["--run", "s3://eval/in/run.trec", "--qrels", "s3://eval/in/qrels.txt", "--output", "s3://eval/out/",
+         "--endpoint-url", s3.endpoint_url]
+    )
+    assert status == 0
+    with fs.open_input_stream("eval/out/metrics.json") as f:
+        metrics = json.loads(f.read())
+    assert metrics == pytest.approx(independent(DEFAULTS, qrels, run))
+    with fs.open_input_file("eval/out/per_query.parquet") as f:
+        assert pq.read_table(f).num_rows == len(DEFAULTS) * len({q for q, _, _ in qrels_rows})

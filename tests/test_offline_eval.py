@@ -1,0 +1,185 @@
+"""The offline evaluation chain: config, scoring, metrics, history, comparison, report, exit status."""
+
+from __future__ import annotations
+
+import json
+
+import ir_measures
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from eval_data import results_table, write_corpus, write_queries, write_query_embeddings, write_trec_qrels
+from jobs import offline_eval
+from pipeline import history
+
+QIDS = [f"q{i}" for i in range(8)]
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    """A 12-page corpus, 8 queries each judging one page relevant, and a config file."""
+    vectors = write_corpus(tmp_path / "corpus")
+    pages = sorted(vectors)
+    targets = {q: pages[i] for i, q in enumerate(QIDS)}
+    qrels = write_trec_qrels(tmp_path / "qrels.txt", [(q, targets[q], 1) for q in QIDS])
+    queries = write_queries(tmp_path / "queries.jsonl", QIDS)
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "corpus": str(tmp_path / "corpus"),
+                "queries": queries,
+                "qrels": qrels,
+                "output_root": str(tmp_path / "runs"),
+                "top_k": 10,
+                "max_visual_tokens": 768,
+                "measures": ["P@1"],
+                "regression": {"max_drop": 0.05},
+            }
+        )
+    )
+    return {"tmp": tmp_path, "config": str(config), "targets": targets, "pages": pages, "vectors": vectors,
+            "qrels": qrels}
+
+
+def _run_file(tmp, name, targets, pages, hits):
+    """A results.parquet where the first ``hits`` queries rank their target first and the
+    others rank it third."""
+    rows = []
+    for i, q in enumerate(QIDS):
+        others = [p for p in pages if p != targets[q]][:4]
+        order = [targets[q]] + others if i < hits else others[:2] + [targets[q]] + others[2:]
+        rows += [(q, p, r, float(10 - r)) for r, p in enumerate(order, start=1)]
+    path = tmp / f"{name}.parquet"
+    pq.write_table(results_table(rows), path)
+    return str(path)
+
+
+def _summary(tmp, run_id):
+    return json.loads((tmp / "runs" / run_id / "summary.json").read_text())
+
+
+def test_history_append_and_regression_exit(setup, capsys):
+    tmp = setup["tmp"]
+    good = _run_file(tmp, "good", setup["targets"], setup["pages"], hits=8)
+    same = _run_file(tmp, "same", setup["targets"], setup["pages"], hits=8)
+    worse = _run_file(tmp, "worse", setup["targets"], setup["pages"], hits=5)
+
+    assert offline_eval.main(["--config", setup["config"], "--run-id", "day1", "--run", good]) == 0
+    first = _summary(tmp, "day1")
+    assert first["metrics"]["RR@10"] == pytest.approx(1.0) and first["previous_run_id"] is None
+    assert first["regression"] is False and "no regression" in first["result"]
+
+    assert offline_eval.main(["--config", setup["config"], "--run-id", "day2", "--run", same]) == 0
+    capsys.readouterr()
+    status = offline_eval.main(["--config", setup["config"], "--run-id", "day3", "--run", worse])
+    assert status == offline_eval.EXIT_REGRESSION
+    out = capsys.readouterr().out
+    assert "REGRESSION in run day3" in out
+
+    third = _summary(tmp, "day3")
+    # 5 queries at rank 1, 3 at rank 3: the values ir_measures gives on the same inputs
+    expected = ir_measures.calc_aggregate(
+        [ir_measures.RR @ 10, ir_measures.P @ 1],
+        list(ir_measures.read_trec_qrels(setup["qrels"])),
+        {q: {p: s for qq, p, r, s in pq.read_table(worse).to_pandas()[["query_id", "page_id", "rank", "score"]]
+             .itertuples(index=False) if qq == q} for q in QIDS},
+    )
+    assert third["metrics"]["RR@10"] == pytest.approx(expected[ir_measures.RR @ 10]) == pytest.approx((5 + 3 / 3) / 8)
+    assert third["metrics"]["P@1"] == pytest.approx(5 / 8)
+    assert third["regression"] is True and third["exit_status"] == 3
+    assert third["previous_run_id"] == "day2"
+    assert any(line.startswith("RR@10 0.7500 vs previous 1.0000 (day2)") for line in third["regressions"])
+    assert third["result"].startswith("REGRESSION in run day3")
+
+    table = history.read_history(str(tmp / "runs" / "history"))
+    assert list(table.run_id) == ["day1", "day2", "day3"]
+    assert list(table.regression) == [False, False, True]
+    row = table.iloc[-1]
+    assert row["model"] == "tiny/colqwen2" and row["max_visual_tokens"] == 768 and row["top_k"] == 10
+    assert row["corpus_fingerprint"] == history.corpus_info(str(tmp / "corpus")).fingerprint
+    assert row["corpus_pages"] == 12 and row["evaluated_queries"] == 8
+    assert row["output_uri"] == str(tmp / "runs" / "day3")
+    assert row["code_version"].startswith(__import__("pipeline").__version__)
+    assert row["P@1"] == pytest.approx(5 / 8)
+
+    day3 = tmp / "runs" / "day3"
+    assert json.loads((day3 / "metrics.json").read_text()) == third["metrics"]
+    assert pq.read_table(day3 / "per_query.parquet").num_rows == 8 * 6
+    report_text = (day3 / "report.md").read_text()
+    assert "**REGRESSION** vs previous" in report_text and "![metrics over the history](history.png)" in report_text
+    assert (day3 / "history.png").read_bytes()[:4] == b"\x89PNG"
+    resolved = yaml.safe_load((day3 / "config.yaml").read_text())
+    assert resolved["run_id"] == "day3" and resolved["run"] == worse and resolved["top_k"] == 10
+
+    # rerunning a run id replaces its row: still three runs
+    offline_eval.main(["--config", setup["config"], "--run-id", "day3", "--run", worse])
+    assert len(history.read_history(str(tmp / "runs" / "history"))) == 3
+
+
+def test_drift_is_caught_by_the_pinned_baseline(setup):
+    tmp = setup["tmp"]
+    runs = [_run_file(tmp, f"h{h}", setup["targets"], setup["pages"], hits=h) for h in (8, 7, 6)]
+    config = yaml.safe_load(open(setup["config"]))
+    config["regression"] = {"max_drop": 0.1, "measures": ["RR@10"]}
+    (tmp / "drift.yaml").write_text(yaml.safe_dump(config))
+    cfg = ["--config", str(tmp / "drift.yaml")]
+    # each step drops RR@10 by 1/12 (< 0.1) against the previous run; two steps exceed it
+    assert offline_eval.main(cfg + ["--run-id", "a", "--run", runs[0], "--pin-baseline"]) == 0
+    assert offline_eval.main(cfg + ["--run-id", "b", "--run", runs[1]]) == 0
+    assert offline_eval.main(cfg + ["--run-id", "c", "--run", runs[2]]) == 3
+    summary = _summary(tmp, "c")
+    assert [line.split(" vs ")[1].split()[0] for line in summary["regressions"]] == ["baseline"] * len(summary["regressions"])
+    assert summary["comparisons"]["previous"]["reference_run_id"] == "b"
+    assert summary["comparisons"]["baseline"]["reference_run_id"] == "a"
+    assert not any(c["regressed"] for c in summary["comparisons"]["previous"]["changes"].values())
+    # no gating: same inputs, exit 0, still recorded as a regression
+    assert offline_eval.main(cfg + ["--run-id", "d", "--run", runs[2], "--baseline", "a",
+                                    "--no-fail-on-regression"]) == 0
+    assert _summary(tmp, "d")["regression"] is True
+
+
+def test_flags_override_yaml_and_bad_config_fails_fast(setup, capsys):
+    tmp = setup["tmp"]
+    cfg = offline_eval.load_config(setup["config"], {"top_k": 5, "max_drop": 0.2, "extra_measures": ["R@100"]})
+    assert cfg.top_k == 5 and cfg.regression.max_drop == 0.2
+    assert cfg.measures == ("nDCG@5", "nDCG@10", "R@10", "RR@10", "AP", "P@1", "R@100")
+    assert cfg.history_uri == str(tmp / "runs") + "/history"
+
+    (tmp / "bad.yaml").write_text("corpus: x\nqueries: y\nqrels: z\noutput_root: o\ntopk: 3\n")
+    with pytest.raises(SystemExit):
+        offline_eval.main(["--config", str(tmp / "bad.yaml")])
+    assert "unknown settings ['topk']" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="needs 'qrels'"):
+        offline_eval.load_config(None, {"corpus": "c", "queries": "q", "output_root": "o"})
+
+    good = _run_file(tmp, "good", setup["targets"], setup["pages"], hits=8)
+    with pytest.raises(ValueError, match="embedded with max_visual_tokens=768.*asks for 1024"):
+        offline_eval.main(["--config", setup["config"], "--max-visual-tokens", "1024", "--run", good])
+
+
+def test_end_to_end_with_the_scoring_job(setup, ray_session):
+    """queries -> scoring job (precomputed query embeddings, no model) -> metrics -> history."""
+    tmp = setup["tmp"]
+    good = write_query_embeddings(tmp / "qe_good.parquet", setup["targets"], setup["vectors"], noise=0.05)
+    bad = write_query_embeddings(tmp / "qe_bad.parquet", setup["targets"], setup["vectors"], noise=5.0)
+    assert offline_eval.main(["--config", setup["config"], "--run-id", "e1", "--query-embeddings", good]) == 0
+    first = _summary(tmp, "e1")
+    assert first["metrics"]["RR@10"] == pytest.approx(1.0)  # each query's vectors are its page's
+    scores = tmp / "runs" / "e1" / "scores"
+    assert (scores / "results.parquet").exists() and (scores / "run.trec").exists()
+    # the metrics are ir_measures' on the scoring job's TREC output
+    expected = ir_measures.calc_aggregate(
+        [ir_measures.nDCG @ 10, ir_measures.AP],
+        list(ir_measures.read_trec_qrels(setup["qrels"])),
+        list(ir_measures.read_trec_run(str(scores / "run.trec"))),
+    )
+    assert first["metrics"]["nDCG@10"] == pytest.approx(expected[ir_measures.nDCG @ 10])
+    assert first["metrics"]["AP"] == pytest.approx(expected[ir_measures.AP])
+
+    status = offline_eval.main(["--config", setup["config"], "--run-id", "e2", "--query-embeddings", bad])
+    second = _summary(tmp, "e2")
+    assert second["metrics"]["RR@10"] < 0.9
+    assert status == 3 and second["regression"] is True
+    assert list(history.read_history(str(tmp / "runs" / "history")).run_id) == ["e1", "e2"]

@@ -1,0 +1,107 @@
+"""Scheduling through the Ray Jobs API: one run per period, even when triggered twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime, timezone
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from eval_data import results_table, write_corpus, write_queries, write_trec_qrels
+from jobs import schedule_eval
+from pipeline import history
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_period_keys_and_submission_ids():
+    t = datetime(2026, 11, 22, 23, 59, tzinfo=timezone.utc)
+    assert schedule_eval.submission_id("offline-eval", "daily", t) == "offline-eval-daily-2026-11-22"
+    assert schedule_eval.period_key("weekly", datetime(2027, 1, 1, tzinfo=timezone.utc)) == "2026-W53"  # ISO week
+    assert schedule_eval.period_key("hourly", t) == "2026-11-22T23"
+    assert schedule_eval.period_key("monthly", t) == "2026-11"
+    # the same period from another time zone is the same UTC day
+    from datetime import timedelta
+
+    other = datetime(2026, 11, 23, 1, 0, tzinfo=timezone(timedelta(hours=2)))
+    assert schedule_eval.period_key("daily", other) == "2026-11-22"
+    with pytest.raises(ValueError, match="period"):
+        schedule_eval.period_key("fortnightly", t)
+    entry = schedule_eval.build_entrypoint("cfg dir/eval.yaml", "offline-eval-daily-2026-11-22")
+    assert entry == "python -m jobs.offline_eval --config 'cfg dir/eval.yaml' --run-id offline-eval-daily-2026-11-22"
+
+
+@pytest.fixture()
+def eval_config(tmp_path):
+    """An offline-eval config over an existing run (no scoring), so the Ray job is quick."""
+    vectors = write_corpus(tmp_path / "corpus", n_docs=2)
+    pages = sorted(vectors)
+    qrels = write_trec_qrels(tmp_path / "qrels.txt", [("q1", pages[0], 1), ("q2", pages[1], 1)])
+    run = tmp_path / "results.parquet"
+    pq.write_table(results_table([("q1", pages[0], 1, 2.0), ("q2", pages[2], 1, 2.0), ("q2", pages[1], 2, 1.0)]), run)
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "corpus": str(tmp_path / "corpus"),
+                "queries": write_queries(tmp_path / "queries.jsonl", ["q1", "q2"]),
+                "qrels": qrels,
+                "run": str(run),
+                "output_root": str(tmp_path / "runs"),
+                "top_k": 10,
+            }
+        )
+    )
+    return config
+
+
+def _trigger(ray_cluster, config, now, *extra):
+    return schedule_eval.main(
+        [
+            "--address", ray_cluster["dashboard_url"],
+            "--config", str(config),
+            "--period", "daily",
+            "--now", now,
+            "--python", sys.executable,
+            "--runtime-env-json", json.dumps({"env_vars": {"PYTHONPATH": REPO}}),
+            "--timeout-s", "240",
+            *extra,
+        ]
+    )
+
+
+def test_double_trigger_runs_once_per_period(ray_cluster, eval_config, tmp_path, capsys):
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(ray_cluster["dashboard_url"])
+    # a unique prefix per test run: the cluster remembers submission ids for its lifetime
+    name = f"offline-eval-test-{os.getpid()}-{tmp_path.name}"
+    sub_id = f"{name}-daily-2026-11-22"
+
+    assert _trigger(ray_cluster, eval_config, "2026-11-22T06:00:00+00:00", "--name", name) == 0
+    assert capsys.readouterr().out.strip() == f"{sub_id}: submitted"
+    # second trigger in the same period, while the first may still run: nothing submitted
+    assert _trigger(ray_cluster, eval_config, "2026-11-22T18:30:00+00:00", "--name", name, "--wait") == 0
+    out = capsys.readouterr().out
+    assert f"{sub_id}: {schedule_eval.ALREADY_SUBMITTED}" in out
+    assert f"{sub_id}: SUCCEEDED" in out, client.get_job_logs(sub_id)
+
+    ours = [j for j in client.list_jobs() if (j.submission_id or "").startswith(name)]
+    assert [j.submission_id for j in ours] == [sub_id]
+    runs = history.read_history(str(tmp_path / "runs" / "history"))
+    assert list(runs.run_id) == [sub_id]  # the period's id is also the run id
+    assert runs.iloc[0]["RR@10"] == pytest.approx(0.75)
+    summary = json.loads((tmp_path / "runs" / sub_id / "summary.json").read_text())
+    assert summary["run_id"] == sub_id and summary["exit_status"] == 0
+
+    # a third trigger after the job finished still does not run it again
+    assert _trigger(ray_cluster, eval_config, "2026-11-22T23:59:59+00:00", "--name", name) == 0
+    assert f"{schedule_eval.ALREADY_SUBMITTED} (status SUCCEEDED)" in capsys.readouterr().out
+    # the next period is a new run
+    assert _trigger(ray_cluster, eval_config, "2026-11-23T00:00:01+00:00", "--name", name, "--wait") == 0
+    assert f"{name}-daily-2026-11-23: SUCCEEDED" in capsys.readouterr().out
+    assert list(history.read_history(str(tmp_path / "runs" / "history")).run_id) == [sub_id, f"{name}-daily-2026-11-23"]
