@@ -160,6 +160,8 @@ def _score(cfg: OfflineEvalConfig, scores_uri: str) -> dict:
     argv = ["--corpus", cfg.corpus, "--queries", cfg.queries, "--output", scores_uri, "--top-k", str(cfg.top_k)]
     if cfg.model:
         argv += ["--model", cfg.model]
+    if cfg.max_visual_tokens is not None:
+        argv += ["--max-visual-tokens", str(cfg.max_visual_tokens)]
     if cfg.query_embeddings:
         argv += ["--query-embeddings", cfg.query_embeddings]
     if cfg.endpoint_url:
@@ -314,7 +316,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
-    status, summary = run_offline_eval(cfg, run_id=args.run_id, pin_baseline=args.pin_baseline)
+    now = datetime.now(timezone.utc)
+    run_id = history.validate_run_id(args.run_id or history.default_run_id(now))
+    try:
+        status, summary = run_offline_eval(cfg, run_id=run_id, pin_baseline=args.pin_baseline, now=now)
+    except Exception as exc:
+        # A scheduled run that dies still leaves a line where its results would be.
+        failure = {"job": "offline_eval", "version": __version__, "run_id": run_id, "run_time": now.isoformat(),
+                   "result": f"FAILED run {run_id}: {type(exc).__name__}: {exc}", "exit_status": 1}
+        try:
+            evaluate.write_json(evaluate.join_uri(cfg.output_root, run_id, "summary.json"), failure, cfg.endpoint_url)
+        except Exception:  # the original error matters more than this one
+            logger.exception("could not write the failure summary")
+        raise
     print(", ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items()))
     for warning in summary["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)

@@ -32,7 +32,7 @@ import triton.language as tl
 from pipeline.score import PackedPages, sum_over_query_vectors
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): BLOCK_M query vectors x BLOCK_N page vectors.
-DEFAULT_CONFIG = (128, 64, 8, 3)
+DEFAULT_CONFIG = (256, 64, 8, 3)  # best of 8 on an H200 (benchmarks/RESULTS.md)
 SMALL_BATCH_CONFIG = (64, 64, 4, 4)
 PAGES_PER_GROUP = 16
 

@@ -398,4 +398,8 @@ class Renderer:
 
 
 if __name__ == "__main__":
-    _child_main()
+    # Run the loop from the imported module, so pickled items name pipeline.rasterize
+    # classes, not __main__ ones.
+    from pipeline.rasterize import _child_main as child_main
+
+    child_main()

@@ -125,8 +125,9 @@ def plot_history(history: pd.DataFrame, baseline: Baseline | None = None, measur
             ax.axhline(baseline.metrics[measure], color="gray", linestyle="--", linewidth=1, label="baseline")
         ax.set_title(measure)
         ax.grid(True, alpha=0.3)
-        ax.set_xticks(x)
-        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
+        step = max(1, len(x) // 12)  # a year of daily runs stays readable
+        ax.set_xticks(x[::step])
+        ax.set_xticklabels(labels[::step], rotation=45, ha="right", fontsize=7)
     for ax in axes[len(measures):]:
         ax.set_visible(False)
     buffer = io.BytesIO()

@@ -113,3 +113,12 @@ def arrow_to_embeddings(column) -> list:
     flat = column.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, EMBEDDING_DIM)
     base = offsets[0]
     return [flat[offsets[i] - base : offsets[i + 1] - base] for i in range(len(column))]
+
+# Extra column of the files the embedding job writes: how many pages the document has, so a
+# rerun can tell a finished document from one a crash cut short. Readers may ignore it.
+DOC_PAGES = "doc_pages"
+PAGES_FILE_SCHEMA = PAGES_SCHEMA.append(pa.field(DOC_PAGES, pa.int32()))
+ERRORS_FILE_SCHEMA = ERRORS_SCHEMA.append(pa.field(DOC_PAGES, pa.int32()))
+
+# Error types after which a document is finished even though some pages have no row.
+TERMINAL_PAGE_ERRORS = frozenset({"RenderTimeout", "RendererCrashed", "TooManyPages"})

@@ -1,0 +1,118 @@
+"""Corpus embedding job: documents under a URI -> ColQwen2 multi-vector embeddings as Parquet.
+
+    python -m jobs.embed_corpus --input s3://bucket/docs/ --output s3://bucket/emb/
+    ray job submit --working-dir . -- python -m jobs.embed_corpus --input ... --output ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline.config import EmbedConfig, load_yaml
+from pipeline.model import DEFAULT_MAX_VISUAL_TOKENS, DEFAULT_MODEL
+
+EPILOG = """\
+outputs (DESIGN.md):
+  OUTPUT/pages/*.parquet   one row per page: doc_id, page_number, page_id, source_uri, width,
+                           height, n_vectors, embedding (list<fixed_size_list<float16,128>>),
+                           doc_pages; model, prompt, token budget and dtype in the file metadata
+  OUTPUT/errors/*.parquet  one row per document or page that failed: stage, error_type, message
+  OUTPUT/summary.json      counts (documents, pages, vectors, errors by type) and time
+  OUTPUT/config.json       the resolved options
+
+reruns: files are named by content and written atomically; a rerun embeds only documents
+(and pages) that are missing, so it is safe to rerun after a crash or after adding files.
+
+examples:
+  python -m jobs.embed_corpus --input ./docs --output ./emb --model models/tiny-colqwen2
+  AWS_ENDPOINT_URL=http://127.0.0.1:9000 python -m jobs.embed_corpus \\
+      --input s3://bucket/docs/ --output s3://bucket/emb/ --max-actors 8 --batch-size 16
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.embed_corpus",
+        description="Embed every PDF and image under --input with ColQwen2 on a Ray cluster "
+        "(starts an embedded local Ray when none is running) and write Parquet to --output.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input", help="folder, single file, s3:// or gs:// prefix holding PDFs and images")
+    io.add_argument("--output", help="folder, s3:// or gs:// prefix for pages/, errors/ and summary.json")
+    io.add_argument("--endpoint-url", help="S3 endpoint (MinIO, Ceph...); default: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL")
+    io.add_argument("--all-files", action="store_true", default=None,
+                    help="also try files without a PDF/image extension (they become error rows if unreadable)")
+    io.add_argument("--config", help="YAML file of these options (flag names as keys); flags given here win")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help=f"hub name, local directory or s3:// / gs:// prefix (default: {DEFAULT_MODEL})")
+    m.add_argument("--max-visual-tokens", type=int,
+                   help=f"visual tokens per page; pages are rendered to meet it (default: {DEFAULT_MAX_VISUAL_TOKENS}, as trained)")
+    m.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="default auto: bf16 on GPU, fp32 on CPU")
+    m.add_argument("--attn-implementation", help="default auto: flash_attention_2 if installed, else sdpa")
+    m.add_argument("--load-in-4bit", action="store_true", default=None, help="4-bit weights via bitsandbytes (GPU only)")
+    a = p.add_argument_group("GPU actor pool")
+    a.add_argument("--batch-size", type=int, help="pages per model call (default: 16)")
+    a.add_argument("--min-actors", type=int, help="actors kept alive (default: 1)")
+    a.add_argument("--max-actors", type=int, help="upper bound of the autoscaling pool (default: one per GPU)")
+    a.add_argument("--gpus-per-actor", type=float, help="GPUs per model replica; 0 runs on CPU (default: 1 if the cluster has GPUs)")
+    r = p.add_argument_group("rendering (CPU)")
+    r.add_argument("--render-timeout-s", type=float, help="per page; a hung document becomes an error row (default: 120)")
+    r.add_argument("--max-dpi", type=float, help="cap on the PDF render scale (default: 300)")
+    r.add_argument("--max-longest-side-px", type=int, help="cap on a rendered page's longest side (default: 8192)")
+    r.add_argument("--max-image-pixels", type=int, help="images above half this are rejected as oversized (default: 178956970)")
+    r.add_argument("--max-file-bytes", type=int, help="larger files become error rows (default: 1 GiB)")
+    r.add_argument("--max-pages-per-doc", type=int, help="0 = no limit (default: 0)")
+    r.add_argument("--docs-per-render-task", type=int, help="documents per CPU task (default: 4)")
+    o = p.add_argument_group("output and cluster")
+    o.add_argument("--rows-per-file", type=int, help="pages per Parquet file (default: 256)")
+    o.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, a local `ray start` cluster, or an embedded one)")
+    o.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> EmbedConfig:
+    values = load_yaml(args.config) if args.config else {}
+    for key, value in vars(args).items():
+        if key in ("config", "verbose") or value is None:
+            continue
+        values[key] = value
+    known = set(EmbedConfig.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) in {args.config}: {', '.join(unknown)}")
+    return EmbedConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, TypeError, OSError) as exc:
+        parser.error(str(exc))
+    from pipeline.flows import run_embed_corpus
+    from pipeline.runtime import ensure_ray
+
+    ensure_ray(cfg.ray_address)
+    try:
+        summary = run_embed_corpus(cfg)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run = summary["this_run"]
+    print(json.dumps(summary, indent=2))
+    print(f"[embed_corpus] done: {summary['documents_processed']} documents processed "
+          f"({summary['documents_already_done']} already done), {run['pages']} pages, {run['error_rows']} error rows, "
+          f"{run['seconds']:.1f}s -> {cfg.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The three Ray Data operators of the corpus job, as plain callables over Arrow tables.
+
+``render_documents`` (CPU tasks) -> ``PageEmbedder`` (GPU actor pool) -> ``ShardWriter``
+(CPU tasks). Rows between stages carry either a page (``pixels``: the RGB image on the
+model's grid) or an error (``error_type`` set); errors pass through the actor untouched,
+so every document ends as page rows or error rows in one stream.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import schema
+from pipeline.rasterize import DocInfo, ErrorItem, PageItem, Renderer, RenderSpec
+
+log = logging.getLogger(__name__)
+
+PIXELS = "pixels"
+
+STREAM_SCHEMA = pa.schema(
+    [
+        pa.field(schema.DOC_ID, pa.string()),
+        pa.field(schema.PAGE_NUMBER, pa.int32()),
+        pa.field(schema.SOURCE_URI, pa.string()),
+        pa.field(schema.DOC_PAGES, pa.int32()),
+        pa.field(schema.WIDTH, pa.int32()),
+        pa.field(schema.HEIGHT, pa.int32()),
+        pa.field(PIXELS, pa.large_binary()),
+        pa.field(schema.STAGE, pa.string()),
+        pa.field(schema.ERROR_TYPE, pa.string()),
+        pa.field(schema.MESSAGE, pa.string()),
+    ]
+)
+
+_renderer: Renderer | None = None
+
+
+def _get_renderer(timeout_s: float) -> Renderer:
+    # One child renderer per Ray worker process, reused across tasks.
+    global _renderer
+    if _renderer is None:
+        _renderer = Renderer(timeout_s)
+    _renderer.timeout_s = timeout_s
+    return _renderer
+
+
+class _Rows:
+    def __init__(self):
+        self.cols = {f.name: [] for f in STREAM_SCHEMA}
+
+    def add(self, **values):
+        for name, col in self.cols.items():
+            col.append(values.get(name))
+
+    def __len__(self):
+        return len(self.cols[schema.DOC_ID])
+
+    def table(self) -> pa.Table:
+        return pa.table(self.cols, schema=STREAM_SCHEMA)
+
+
+def render_documents(batch: pa.Table, spec: RenderSpec, render_timeout_s: float, max_file_bytes: int,
+                     endpoint_url: str | None = None, pages_per_block: int = 16):
+    """Documents (doc_id, source_uri, size_bytes, skip_pages) -> stream rows, yielded in
+    blocks of ``pages_per_block`` so a 500-page PDF never sits in one huge block."""
+    from pipeline.sources import read_bytes
+
+    renderer = _get_renderer(render_timeout_s)
+    rows = _Rows()
+    for doc in batch.to_pylist():
+        doc_id, uri = doc["doc_id"], doc["source_uri"]
+        base = {schema.DOC_ID: doc_id, schema.SOURCE_URI: uri}
+        if doc["size_bytes"] > max_file_bytes:
+            rows.add(**base, stage="read", error_type="OversizedFile",
+                     message=f"{doc['size_bytes']} bytes is over --max-file-bytes {max_file_bytes}")
+            continue
+        try:
+            data = read_bytes(uri, endpoint_url)
+        except Exception as exc:
+            rows.add(**base, stage="read", error_type=type(exc).__name__, message=f"could not read: {exc}")
+            continue
+        n_pages = None
+        for item in renderer.render(data, spec, frozenset(doc.get("skip_pages") or ())):
+            if isinstance(item, DocInfo):
+                n_pages = item.n_pages
+            elif isinstance(item, PageItem):
+                h, w, _ = item.image.shape
+                rows.add(**base, page_number=item.page_number, doc_pages=n_pages, width=w, height=h,
+                         pixels=np.ascontiguousarray(item.image).tobytes())
+            elif isinstance(item, ErrorItem):
+                rows.add(**base, page_number=item.page_number, doc_pages=n_pages, stage=item.stage,
+                         error_type=item.error_type, message=item.message)
+            if len(rows) >= pages_per_block:
+                yield rows.table()
+                rows = _Rows()
+    if len(rows):
+        yield rows.table()
+
+
+class PageEmbedder:
+    """GPU stage: one ColQwen2 per actor, loaded once; each batch of rendered pages in,
+    the same rows with ``n_vectors`` and ``embedding`` out (pixels dropped)."""
+
+    def __init__(self, model: str, device: str | None = None, dtype: str = "auto",
+                 attn_implementation: str = "auto", load_in_4bit: bool = False, endpoint_url: str | None = None):
+        from pipeline.model import load_model
+
+        self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                             load_in_4bit=load_in_4bit, endpoint_url=endpoint_url)
+        self.pages = 0
+        self.seconds = 0.0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipeline.model import embed_pages
+
+        pixels = batch.column(PIXELS).to_pylist()
+        widths = batch.column(schema.WIDTH).to_pylist()
+        heights = batch.column(schema.HEIGHT).to_pylist()
+        page_idx = [i for i, p in enumerate(pixels) if p is not None]
+        images = [np.frombuffer(pixels[i], dtype=np.uint8).reshape(heights[i], widths[i], 3) for i in page_idx]
+        t0 = time.perf_counter()
+        vectors = embed_pages(self.lm, images)
+        self.seconds += time.perf_counter() - t0
+        self.pages += len(images)
+        all_vectors: list = [np.zeros((0, schema.EMBEDDING_DIM), np.float16)] * batch.num_rows
+        n_vectors: list = [None] * batch.num_rows
+        for i, v in zip(page_idx, vectors):
+            all_vectors[i] = v
+            n_vectors[i] = len(v)
+        out = batch.drop_columns([PIXELS])
+        out = out.append_column(schema.N_VECTORS, pa.array(n_vectors, type=pa.int32()))
+        return out.append_column(schema.EMBEDDING, schema.embeddings_to_arrow(all_vectors))
+
+
+def split_stream(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Embedded stream rows -> (pages table, errors table) in the file schemas."""
+    is_error = pa.compute.is_valid(table.column(schema.ERROR_TYPE))
+    pages = table.filter(pa.compute.invert(is_error))
+    errors = table.filter(is_error)
+    page_ids = [schema.page_id(d, p) for d, p in zip(pages.column(schema.DOC_ID).to_pylist(),
+                                                     pages.column(schema.PAGE_NUMBER).to_pylist())]
+    pages = pages.append_column(schema.PAGE_ID, pa.array(page_ids, pa.string()))
+    pages = pages.select(schema.PAGES_FILE_SCHEMA.names).cast(schema.PAGES_FILE_SCHEMA)
+    errors = errors.select(schema.ERRORS_FILE_SCHEMA.names).cast(schema.ERRORS_FILE_SCHEMA)
+    return pages, errors
+
+
+def write_shard(batch: pa.Table, output: str, metadata: dict, endpoint_url: str | None = None) -> pa.Table:
+    """Write a batch as one pages file and one errors file, named by content, atomically.
+    Returns one stats row for the driver's progress line and summary."""
+    from pipeline.sources import join_uri
+    from pipeline.store import ERRORS_DIR, PAGES_DIR, shard_name, write_table
+
+    metadata = {k.encode() if isinstance(k, str) else k: v.encode() if isinstance(v, str) else v
+                for k, v in metadata.items()}
+    pages, errors = split_stream(batch)
+    files = []
+    if pages.num_rows:
+        name = shard_name(pages.column(schema.PAGE_ID).to_pylist())
+        write_table(pages, join_uri(output, PAGES_DIR, name), endpoint_url, metadata)
+        files.append(f"{PAGES_DIR}/{name}")
+    if errors.num_rows:
+        keys = [f"{d}#{p}" for d, p in zip(errors.column(schema.DOC_ID).to_pylist(),
+                                           errors.column(schema.PAGE_NUMBER).to_pylist())]
+        name = shard_name(keys)
+        write_table(errors, join_uri(output, ERRORS_DIR, name), endpoint_url, metadata)
+        files.append(f"{ERRORS_DIR}/{name}")
+    by_type = collections.Counter(errors.column(schema.ERROR_TYPE).to_pylist())
+    return pa.table({
+        "pages": [pages.num_rows],
+        "error_rows": [errors.num_rows],
+        "vectors": [int(pa.compute.sum(pages.column(schema.N_VECTORS)).as_py() or 0)],
+        "errors_by_type": [json.dumps(by_type)],
+        "files": [json.dumps(files)],
+    })

@@ -1,0 +1,166 @@
+"""The one place where Ray Data operators are chained.
+
+corpus:  list -> skip done -> render (CPU tasks) -> embed (GPU actor pool) -> write (CPU tasks)
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import sys
+import time
+
+from pipeline import __version__, schema, store
+from pipeline.config import EmbedConfig
+from pipeline.model import IMAGE_PROMPT, QUERY_PROMPT
+from pipeline.rasterize import RenderSpec
+from pipeline.sources import DOCUMENT_EXTENSIONS, join_uri, list_documents
+
+log = logging.getLogger(__name__)
+
+
+def plan_documents(cfg: EmbedConfig) -> tuple[list[dict], dict]:
+    """Documents to (re)do, with the pages of each that an earlier run already wrote."""
+    docs = list_documents(cfg.input, cfg.endpoint_url, None if cfg.all_files else DOCUMENT_EXTENSIONS)
+    progress = store.load_progress(cfg.output, cfg.endpoint_url)
+    todo, complete, resumed = [], 0, 0
+    for d in docs:
+        p = progress.get(d.doc_id)
+        if p is not None and p.complete():
+            complete += 1
+            continue
+        skip = sorted(p.done_pages) if p else []
+        resumed += bool(skip)
+        todo.append({"doc_id": d.doc_id, "source_uri": d.source_uri, "size_bytes": d.size_bytes, "skip_pages": skip})
+    return todo, {"documents_listed": len(docs), "documents_already_done": complete, "documents_resumed": resumed}
+
+
+def resolve_resources(cfg: EmbedConfig) -> tuple[float, int, str]:
+    """(GPUs per actor, max actors, device) from the options and the cluster."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    if per_actor > 0:
+        max_actors = cfg.max_actors or max(cfg.min_actors, int(gpus // per_actor) if gpus else cfg.min_actors)
+        return per_actor, max_actors, "cuda"
+    return 0.0, cfg.max_actors or cfg.min_actors, "cpu"
+
+
+def output_metadata(cfg: EmbedConfig, device: str) -> dict[str, str]:
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    return {
+        schema.META_MODEL.decode(): cfg.model,
+        schema.META_PROMPT.decode(): IMAGE_PROMPT,
+        schema.META_QUERY_PROMPT.decode(): QUERY_PROMPT,
+        schema.META_MAX_VISUAL_TOKENS.decode(): str(cfg.max_visual_tokens),
+        schema.META_DTYPE.decode(): dtype,
+        schema.META_VERSION.decode(): __version__,
+    }
+
+
+class _Progress:
+    def __init__(self, total_docs: int, every_s: float = 10.0):
+        self.t0 = time.monotonic()
+        self.last = self.t0
+        self.every_s = every_s
+        self.total_docs = total_docs
+        self.pages = self.errors = self.vectors = 0
+        self.by_type: collections.Counter = collections.Counter()
+        self.files: list[str] = []
+
+    def add(self, row: dict) -> None:
+        self.pages += row["pages"]
+        self.errors += row["error_rows"]
+        self.vectors += row["vectors"]
+        self.by_type.update(json.loads(row["errors_by_type"]))
+        self.files.extend(json.loads(row["files"]))
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            rate = self.pages / (now - self.t0)
+            print(f"[embed_corpus] {self.pages} pages written ({rate:.1f} pages/s), {self.errors} error rows, "
+                  f"{len(self.files)} files", file=sys.stderr, flush=True)
+
+
+def run_embed_corpus(cfg: EmbedConfig) -> dict:
+    """Run the corpus job on the connected Ray cluster; returns the summary it writes."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.embed import PageEmbedder, render_documents, write_shard
+
+    started = time.time()
+    t0 = time.monotonic()
+    spec = RenderSpec(max_visual_tokens=cfg.max_visual_tokens, max_dpi=cfg.max_dpi,
+                      max_longest_side_px=cfg.max_longest_side_px, max_image_pixels=cfg.max_image_pixels,
+                      max_pages_per_doc=cfg.max_pages_per_doc)
+    todo, plan = plan_documents(cfg)
+    gpus_per_actor, max_actors, device = resolve_resources(cfg)
+    store.write_json(join_uri(cfg.output, store.CONFIG_FILE), json.loads(cfg.to_json()), cfg.endpoint_url)
+    log.info("%d documents listed, %d already done, %d to do; %d-%d embedding actors on %s",
+             plan["documents_listed"], plan["documents_already_done"], len(todo), cfg.min_actors, max_actors, device)
+    progress = _Progress(len(todo))
+    if todo:
+        n_blocks = max(1, math.ceil(len(todo) / cfg.docs_per_render_task))
+        ds = ray.data.from_items(todo, override_num_blocks=n_blocks)
+        ds = ds.map_batches(
+            render_documents,
+            batch_size=cfg.docs_per_render_task,
+            batch_format="pyarrow",
+            fn_kwargs={"spec": spec, "render_timeout_s": cfg.render_timeout_s, "max_file_bytes": cfg.max_file_bytes,
+                       "endpoint_url": cfg.endpoint_url, "pages_per_block": cfg.batch_size},
+            num_cpus=1,
+            # A worker that dies (not the renderer child, which is handled) is retried a bounded number of times.
+            max_retries=3,
+        )
+        ds = ds.map_batches(
+            PageEmbedder,
+            fn_constructor_kwargs={"model": cfg.model, "device": device, "dtype": cfg.dtype,
+                                   "attn_implementation": cfg.attn_implementation,
+                                   "load_in_4bit": cfg.load_in_4bit, "endpoint_url": cfg.endpoint_url},
+            compute=ActorPoolStrategy(min_size=min(cfg.min_actors, max_actors), max_size=max_actors),
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            num_gpus=gpus_per_actor,
+            num_cpus=0 if gpus_per_actor else 1,
+            zero_copy_batch=True,
+        )
+        ds = ds.map_batches(
+            write_shard,
+            fn_kwargs={"output": cfg.output, "metadata": output_metadata(cfg, device),
+                       "endpoint_url": cfg.endpoint_url},
+            batch_size=cfg.rows_per_file,
+            batch_format="pyarrow",
+            # Mostly I/O: a small CPU share keeps it schedulable beside long-lived actors.
+            num_cpus=0.25,
+        )
+        for row in ds.iter_rows():
+            progress.add(row)
+    elapsed = time.monotonic() - t0
+    summary = {
+        "job": "embed_corpus",
+        "version": __version__,
+        "input": cfg.input,
+        "output": cfg.output,
+        "model": cfg.model,
+        "max_visual_tokens": cfg.max_visual_tokens,
+        "device": device,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        **plan,
+        "documents_processed": len(todo),
+        "this_run": {
+            "pages": progress.pages,
+            "vectors": progress.vectors,
+            "error_rows": progress.errors,
+            "errors_by_type": dict(progress.by_type.most_common()),
+            "files_written": len(progress.files),
+            "seconds": round(elapsed, 3),
+            "pages_per_second": round(progress.pages / elapsed, 3) if elapsed > 0 else None,
+        },
+        "output_totals": store.output_totals(cfg.output, cfg.endpoint_url),
+    }
+    store.write_json(join_uri(cfg.output, store.SUMMARY_FILE), summary, cfg.endpoint_url)
+    return summary

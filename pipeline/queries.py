@@ -1,0 +1,148 @@
+"""Read a query set (``query_id``, ``text``) from ``.jsonl``, ``.csv``, ``.tsv`` or ``.parquet``.
+
+Any URI that :func:`pipeline.sources.open_filesystem` resolves (local path, file://,
+s3:// with a custom endpoint, gs://). Ids are read as strings, never as numbers, so
+``007`` stays ``007``. Every problem is reported with what to change in the file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline import schema
+from pipeline.sources import open_filesystem
+
+FORMATS = (".jsonl", ".csv", ".tsv", ".parquet")
+QUERIES_SCHEMA = pa.schema([pa.field(schema.QUERY_ID, pa.string(), nullable=False),
+                            pa.field(schema.TEXT, pa.string(), nullable=False)])
+
+
+class QueryFileError(ValueError):
+    """The query file cannot be used as it is; the message says what to fix."""
+
+
+def _format(uri: str) -> str:
+    name = uri.rsplit("/", 1)[-1].lower()
+    for ext in FORMATS:
+        if name.endswith(ext):
+            return ext
+    if name.endswith(".json"):
+        raise QueryFileError(f"{uri}: a .json file is not read; write one JSON object per line as .jsonl")
+    raise QueryFileError(f"{uri}: unknown query file type; use one of {', '.join(FORMATS)}")
+
+
+def _read_bytes(uri: str, endpoint_url: str | None) -> bytes:
+    fs, path = open_filesystem(uri, endpoint_url)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise QueryFileError(f"query file not found: {uri}") from exc
+
+
+def _jsonl(data: bytes, uri: str) -> pa.Table:
+    ids: list = []
+    texts: list = []
+    for n, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise QueryFileError(f"{uri}: line {n} is not valid JSON ({exc.msg})") from exc
+        if not isinstance(obj, dict):
+            raise QueryFileError(f"{uri}: line {n} must be a JSON object with query_id and text")
+        missing = [c for c in (schema.QUERY_ID, schema.TEXT) if c not in obj]
+        if missing:
+            raise QueryFileError(f"{uri}: line {n} lacks {', '.join(missing)}; each line needs query_id and text")
+        ids.append(obj[schema.QUERY_ID])
+        texts.append(obj[schema.TEXT])
+    bad = [i for i in ids if i is not None and not isinstance(i, (str, int))]
+    if bad:
+        raise QueryFileError(f"{uri}: query_id must be a string or an integer, got {bad[0]!r}")
+    ids = [str(i) if isinstance(i, int) and not isinstance(i, bool) else i for i in ids]
+    if any(t is not None and not isinstance(t, str) for t in texts):
+        raise QueryFileError(f"{uri}: text must be a string on every line")
+    return pa.table({schema.QUERY_ID: pa.array(ids, pa.string()), schema.TEXT: pa.array(texts, pa.string())})
+
+
+def _delimited(data: bytes, uri: str, delimiter: str) -> pa.Table:
+    parse = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if delimiter == "," else False,
+                               newlines_in_values=delimiter == ",")
+    header = data.lstrip(b"\xef\xbb\xbf").split(b"\n", 1)[0].decode("utf-8", "replace").strip("\r")
+    names = [c.strip().strip('"') for c in header.split(delimiter)]
+    types = {c: pa.string() for c in names}
+    convert = pacsv.ConvertOptions(column_types=types, strings_can_be_null=False, quoted_strings_can_be_null=False)
+    try:
+        return pacsv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as exc:
+        raise QueryFileError(f"{uri}: cannot parse as {'CSV' if delimiter == ',' else 'TSV'}: {exc}") from exc
+
+
+def validate_queries(table: pa.Table, uri: str = "queries") -> pa.Table:
+    """Check and normalise a query table to :data:`QUERIES_SCHEMA` (order kept)."""
+    missing = [c for c in (schema.QUERY_ID, schema.TEXT) if c not in table.column_names]
+    if missing:
+        raise QueryFileError(
+            f"{uri}: missing column(s) {', '.join(missing)}; found {table.column_names}. "
+            "Name the columns query_id and text."
+        )
+    ids_col = table.column(schema.QUERY_ID)
+    if pa.types.is_integer(ids_col.type):
+        ids_col = ids_col.cast(pa.string())
+    elif not (pa.types.is_string(ids_col.type) or pa.types.is_large_string(ids_col.type)):
+        raise QueryFileError(f"{uri}: query_id must be strings or integers, got {ids_col.type}")
+    ids = ids_col.to_pylist()
+    texts = table.column(schema.TEXT).cast(pa.string()).to_pylist()
+    empty = [n for n, i in enumerate(ids, start=1) if i is None or not str(i).strip()]
+    if empty:
+        raise QueryFileError(
+            f"{uri}: {len(empty)} quer{'y has' if len(empty) == 1 else 'ies have'} an empty query_id "
+            f"(row(s) {', '.join(map(str, empty[:10]))}{', ...' if len(empty) > 10 else ''}); give every query an id"
+        )
+    spaced = [i for i in ids if i != i.strip() or any(ch.isspace() for ch in i)]
+    if spaced:
+        raise QueryFileError(
+            f"{uri}: query_id {spaced[0]!r} contains whitespace, which TREC run files cannot hold; "
+            "remove or replace the whitespace in ids"
+        )
+    dups = [i for i, c in Counter(ids).items() if c > 1]
+    if dups:
+        raise QueryFileError(
+            f"{uri}: duplicate query_id(s) {', '.join(map(repr, dups[:10]))}{', ...' if len(dups) > 10 else ''}; "
+            "each query_id must appear once (rename or drop the repeated rows)"
+        )
+    no_text = [i for i, t in zip(ids, texts) if t is None]
+    if no_text:
+        raise QueryFileError(f"{uri}: query {no_text[0]!r} has no text; every query needs a text")
+    return pa.table({schema.QUERY_ID: pa.array(ids, pa.string()), schema.TEXT: pa.array(texts, pa.string())},
+                    schema=QUERIES_SCHEMA)
+
+
+def read_queries(uri: str, endpoint_url: str | None = None) -> pa.Table:
+    """Read and validate a query file. Returns a table of :data:`QUERIES_SCHEMA`, file order kept.
+
+    Raises:
+        QueryFileError: unknown type, missing columns, empty / duplicate / whitespace ids,
+            missing text, unparseable lines.
+    """
+    fmt = _format(uri)
+    data = _read_bytes(uri, endpoint_url)
+    if fmt == ".jsonl":
+        table = _jsonl(data, uri)
+    elif fmt == ".csv":
+        table = _delimited(data, uri, ",")
+    elif fmt == ".tsv":
+        table = _delimited(data, uri, "\t")
+    else:
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except pa.ArrowInvalid as exc:
+            raise QueryFileError(f"{uri}: not a readable Parquet file: {exc}") from exc
+    return validate_queries(table, uri)
