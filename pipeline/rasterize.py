@@ -178,8 +178,13 @@ def iter_pdf_pages(data: bytes, spec: RenderSpec, skip: frozenset = frozenset())
         pdf = pdfium.PdfDocument(data)
     except pdfium.PdfiumError as exc:
         text = str(exc)
-        kind = "EncryptedDocument" if "password" in text.lower() else "CorruptDocument"
-        raise RenderError(kind, f"pdfium could not open the PDF: {text}") from None
+        # pdfium's last-error code is process-global and not reset by a later success, so
+        # the message alone can be stale: an encryption dictionary in the file decides.
+        if b"/Encrypt" in data:
+            raise RenderError("EncryptedDocument", f"the PDF is encrypted and needs a password: {text}") from None
+        if "Success" in text or "password" in text.lower():  # parsed, but no page tree: zero pages
+            raise RenderError("EmptyDocument", f"the PDF has no pages (or no readable page tree): {text}") from None
+        raise RenderError("CorruptDocument", f"pdfium could not open the PDF: {text}") from None
     try:
         try:
             with warnings.catch_warnings():
@@ -225,29 +230,41 @@ def iter_image_pages(data: bytes, spec: RenderSpec, skip: frozenset = frozenset(
     """Yield DocInfo, then a PageItem or ErrorItem per frame (multi-page TIFF; GIF/WebP: first frame)."""
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = spec.max_image_pixels // 2  # Pillow raises at twice this
+    cap = spec.max_image_pixels // 2
+    Image.MAX_IMAGE_PIXELS = cap  # Pillow warns above this and raises above twice this
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             fmt = img.format or "unknown"
-            if img.width * img.height > spec.max_image_pixels // 2:
-                raise RenderError("OversizedImage", f"{img.width}x{img.height} pixels is over the cap of "
-                                  f"{spec.max_image_pixels // 2} (--max-image-pixels)")
-    except RenderError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise RenderError("OversizedImage", str(exc)) from None
+        raise RenderError("OversizedImage", f"image is over the cap of {cap} pixels (--max-image-pixels "
+                          f"{spec.max_image_pixels} / 2): {exc}") from None
     except Exception as exc:  # Pillow raises many types for bad input
         raise RenderError("UnreadableImage", f"not a readable PDF or image: {type(exc).__name__}: {exc}") from None
+    if img.width * img.height > cap:
+        raise RenderError("OversizedImage", f"{img.width}x{img.height} pixels is over the cap of {cap} "
+                          f"(--max-image-pixels {spec.max_image_pixels} / 2)")
     n = getattr(img, "n_frames", 1) if fmt in ("TIFF", "MPO") else 1
+    if n == 1:
+        # A single image that fails to decode is a document error, not a page error.
+        try:
+            img.load()
+            page = to_model_grid(to_rgb(img), spec)
+        except RenderError:
+            raise
+        except Exception as exc:
+            raise RenderError("UnreadableImage", f"{fmt} image could not be decoded: {type(exc).__name__}: {exc}") from None
+        yield DocInfo(1)
+        if 1 not in skip:
+            yield PageItem(1, page)
+        return
     yield DocInfo(n)
     for number in range(1, n + 1):
         if number in skip:
             continue
         try:
-            if n > 1:
-                img.seek(number - 1)
+            img.seek(number - 1)
             img.load()
             yield PageItem(number, to_model_grid(to_rgb(img), spec))
         except RenderError as exc:

@@ -1,0 +1,165 @@
+"""Session fixtures: one real Ray cluster (``ray start --head``), one real S3 endpoint
+(moto's server on 127.0.0.1), one tiny random ColQwen2 built offline.
+
+Only processes of the cluster started here are stopped at the end (never ``ray stop``,
+which ends every Ray on the machine)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_CORPORA = os.path.join(os.path.dirname(ROOT), "shared", "corpora")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    def __init__(self, endpoint_url: str):
+        self.endpoint_url = endpoint_url
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
+
+    def make_bucket(self, name: str | None = None) -> str:
+        name = name or f"b-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def upload_folder(self, folder: str, bucket: str, prefix: str = "") -> None:
+        c = self.client()
+        for dirpath, _, files in os.walk(folder):
+            for f in files:
+                full = os.path.join(dirpath, f)
+                key = prefix + os.path.relpath(full, folder).replace(os.sep, "/")
+                c.upload_file(full, bucket, key)
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        out = []
+        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            out.extend(o["Key"] for o in page.get("Contents", []))
+        return sorted(out)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-not-for-logs",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield S3Server(endpoint)
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _cluster_pids(marker: str) -> list[int]:
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(marker in part for part in (p.info["cmdline"] or [])):
+                pids.append(p.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return pids
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
+    """A real local cluster, as users run one: ``ray start --head`` with the dashboard
+    (for ``ray job submit``). Workers inherit this environment, S3 settings included."""
+    if shutil.which("ray") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "ray")):
+        pytest.skip("the ray CLI is not installed")
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    gcs_port, dash_port = free_port(), free_port()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+           f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+           "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
+    info = {"gcs_address": f"127.0.0.1:{gcs_port}", "dashboard_url": f"http://127.0.0.1:{dash_port}",
+            "temp_dir": temp_dir}
+    deadline = time.time() + 60
+    import urllib.request
+
+    while True:
+        try:
+            urllib.request.urlopen(info["dashboard_url"] + "/api/version", timeout=2)
+            break
+        except Exception:
+            if time.time() > deadline:
+                break
+            time.sleep(1)
+    yield info
+    import psutil
+
+    for marker in (temp_dir, f"127.0.0.1:{gcs_port}", f"--gcs_server_port={gcs_port}"):
+        for pid in _cluster_pids(marker):
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    import ray
+
+    ray.init(address=ray_cluster["gcs_address"], log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from pipeline.tiny import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-colqwen2"))
+
+
+@pytest.fixture(scope="session")
+def sample_corpus(tmp_path_factory):
+    from pipeline.samples import make_sample_corpus
+
+    folder = tmp_path_factory.mktemp("sample-corpus")
+    make_sample_corpus(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def shared_corpora():
+    if not os.path.isdir(SHARED_CORPORA):
+        pytest.skip(f"{SHARED_CORPORA} is absent")
+    return SHARED_CORPORA
