@@ -102,6 +102,11 @@ def ray_cluster(s3):
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Ray 2.60 turns on token authentication for `ray start`; a throwaway local test cluster
+    # does not need it, and the driver and `ray job submit` would each need the token.
+    env["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
            f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
            "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
@@ -114,6 +119,8 @@ def ray_cluster(s3):
     while True:
         try:
             urllib.request.urlopen(info["dashboard_url"] + "/api/version", timeout=2)
+            # the job agent starts a little after the dashboard
+            urllib.request.urlopen(info["dashboard_url"] + "/api/jobs/", timeout=2)
             break
         except Exception:
             if time.time() > deadline:

@@ -1,0 +1,224 @@
+"""The corpus job end to end on a real local Ray, real files, a real S3 endpoint and the
+tiny ColQwen2: outputs follow DESIGN.md, nothing is lost, reruns are idempotent."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import embed_corpus
+from pipeline import schema
+from pipeline.sources import list_documents
+
+TOKENS = "64"  # small pages keep the CPU tests fast; the code path is the same as 768
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_job(inp, out, model, *extra):
+    argv = ["--input", inp, "--output", out, "--model", model, "--max-visual-tokens", TOKENS,
+            "--batch-size", "4", *extra]
+    assert embed_corpus.main(argv) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)
+
+
+def read_dir(path):
+    files = sorted(f for f in os.listdir(path) if f.endswith(".parquet") and not f.startswith(".")) \
+        if os.path.isdir(path) else []
+    if not files:
+        return None, files
+    return pa.concat_tables([pq.read_table(os.path.join(path, f)) for f in files]), files
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, tiny_model, sample_corpus, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("emb") / "out")
+    summary = run_job(sample_corpus, out, tiny_model, "--rows-per-file", "3")
+    return out, summary
+
+
+def test_every_document_ends_as_pages_or_errors(first_run, sample_corpus):
+    out, summary = first_run
+    pages, _ = read_dir(os.path.join(out, "pages"))
+    errors, _ = read_dir(os.path.join(out, "errors"))
+    listed = {d.doc_id for d in list_documents(sample_corpus)}
+    with_pages = set(pages.column("doc_id").to_pylist())
+    with_errors = set(errors.column("doc_id").to_pylist())
+    assert with_pages | with_errors == listed
+    assert not with_pages & with_errors  # the sample has no partly failing document
+    errs = dict(zip(errors.column("doc_id").to_pylist(), errors.column("error_type").to_pylist()))
+    assert errs == {"reports/truncated.pdf": "CorruptDocument", "scans/empty.png": "EmptyFile"}
+    assert summary["documents_listed"] == len(listed) == 7
+    assert summary["this_run"]["pages"] == pages.num_rows == 3 + 1 + 1 + 1 + 2
+    assert summary["this_run"]["errors_by_type"] == {"CorruptDocument": 1, "EmptyFile": 1}
+    assert summary["output_totals"]["vectors"] == sum(pages.column("n_vectors").to_pylist())
+
+
+def test_page_rows_follow_the_contract(first_run):
+    out, _ = first_run
+    t, files = read_dir(os.path.join(out, "pages"))
+    assert t.schema.field("embedding").type == pa.list_(pa.list_(pa.float16(), 128))
+    for name, typ in [("doc_id", pa.string()), ("page_number", pa.int32()), ("page_id", pa.string()),
+                      ("source_uri", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+                      ("n_vectors", pa.int32())]:
+        assert t.schema.field(name).type == typ
+    rows = t.to_pylist()
+    assert sorted(r["page_id"] for r in rows) == sorted(f"{r['doc_id']}#{r['page_number']}" for r in rows)
+    assert len({r["page_id"] for r in rows}) == len(rows)
+    fax = sorted(r["page_number"] for r in rows if r["doc_id"] == "scans/fax.tiff")
+    assert fax == [1, 2]
+    for r in rows:
+        assert len(r["embedding"]) == r["n_vectors"] > 0
+        assert r["width"] % 28 == 0 and r["height"] % 28 == 0
+        assert (r["width"] // 28) * (r["height"] // 28) <= int(TOKENS)
+        assert r["source_uri"].endswith(r["doc_id"])
+        v = np.asarray(r["embedding"], dtype=np.float32)
+        assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=2e-3)
+    meta = pq.read_schema(os.path.join(out, "pages", files[0])).metadata
+    assert meta[schema.META_MAX_VISUAL_TOKENS] == TOKENS.encode()
+    assert meta[schema.META_DTYPE] == b"float32"
+    assert b"<|image_pad|>" in meta[schema.META_PROMPT] and meta[schema.META_QUERY_PROMPT].startswith(b"Query: ")
+    # plain pyarrow, pandas and a later reader see ordinary nested lists, not extension types
+    assert t.to_pandas()["embedding"].iloc[0].shape[0] == rows[0]["n_vectors"]
+
+
+def test_stored_embeddings_equal_the_model_on_the_same_page(first_run, sample_corpus, tiny_model):
+    from pipeline.model import embed_pages, load_model
+    from pipeline.rasterize import PageItem, RenderSpec, iter_document
+
+    out, _ = first_run
+    t, _ = read_dir(os.path.join(out, "pages"))
+    row = [r for r in t.to_pylist() if r["page_id"] == "reports/2023/annual.pdf#2"][0]
+    with open(os.path.join(sample_corpus, "reports/2023/annual.pdf"), "rb") as f:
+        page = [i for i in iter_document(f.read(), RenderSpec(max_visual_tokens=int(TOKENS))) if isinstance(i, PageItem)][1]
+    want = embed_pages(load_model(tiny_model, device="cpu"), [page.image])[0]
+    got = np.asarray(row["embedding"], dtype=np.float32)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < 1e-3  # float16 storage of values in [-1, 1]
+
+
+def test_rerun_writes_nothing_new(first_run, tiny_model, sample_corpus):
+    out, _ = first_run
+    before = sorted(os.listdir(os.path.join(out, "pages"))) + sorted(os.listdir(os.path.join(out, "errors")))
+    summary = run_job(sample_corpus, out, tiny_model, "--rows-per-file", "3")
+    after = sorted(os.listdir(os.path.join(out, "pages"))) + sorted(os.listdir(os.path.join(out, "errors")))
+    assert before == after
+    assert summary["documents_processed"] == 0 and summary["documents_already_done"] == 7
+    assert summary["this_run"]["pages"] == 0
+
+
+def test_crash_leftovers_are_redone_without_duplicates(ray_session, tiny_model, sample_corpus, tmp_path):
+    out = str(tmp_path / "out")
+    run_job(sample_corpus, out, tiny_model, "--rows-per-file", "3")
+    full, files = read_dir(os.path.join(out, "pages"))
+    # A crash between two writes: one file never landed, and a temp file was left behind.
+    victim = files[0]
+    lost = pq.read_table(os.path.join(out, "pages", victim)).num_rows
+    os.remove(os.path.join(out, "pages", victim))
+    with open(os.path.join(out, "pages", ".tmp-123-part-x.parquet"), "wb") as f:
+        f.write(b"PAR1 half written")
+    summary = run_job(sample_corpus, out, tiny_model, "--rows-per-file", "3")
+    assert summary["this_run"]["pages"] == lost  # only what was missing
+    again, _ = read_dir(os.path.join(out, "pages"))
+    assert sorted(again.column("page_id").to_pylist()) == sorted(full.column("page_id").to_pylist())
+    # what users run reads the folder as it is, temp leftovers included: hidden files are skipped
+    assert pq.read_table(os.path.join(out, "pages")).num_rows == full.num_rows
+
+
+def test_new_documents_are_the_only_ones_embedded(ray_session, tiny_model, sample_corpus, tmp_path):
+    corpus = str(tmp_path / "corpus")
+    shutil.copytree(sample_corpus, corpus)
+    out = str(tmp_path / "out")
+    run_job(corpus, out, tiny_model)
+    shutil.copy(os.path.join(corpus, "scans", "letter.png"), os.path.join(corpus, "scans", "letter-copy.png"))
+    summary = run_job(corpus, out, tiny_model)
+    assert summary["documents_processed"] == 1 and summary["this_run"]["pages"] == 1
+    pages, _ = read_dir(os.path.join(out, "pages"))
+    ids = pages.column("page_id").to_pylist()
+    assert len(ids) == len(set(ids)) and "scans/letter-copy.png#1" in ids
+
+
+def test_s3_input_and_output(ray_session, tiny_model, sample_corpus, s3, capsys):
+    import pyarrow.dataset as pads
+
+    from pipeline.sources import open_filesystem
+
+    bucket = s3.make_bucket()
+    s3.upload_folder(sample_corpus, bucket, "docs/")
+    argv = ["--input", f"s3://{bucket}/docs/", "--output", f"s3://{bucket}/emb", "--model", tiny_model,
+            "--max-visual-tokens", TOKENS, "--endpoint-url", s3.endpoint_url]
+    assert embed_corpus.main(argv) == 0
+    keys = s3.keys(bucket, "emb/")
+    assert "emb/summary.json" in keys and any(k.startswith("emb/pages/part-") for k in keys)
+    fs, path = open_filesystem(f"s3://{bucket}/emb/pages")
+    t = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    assert t.num_rows == 8
+    assert set(t.column("source_uri").to_pylist()) >= {f"s3://{bucket}/docs/reports/invoice.pdf"}
+    printed = capsys.readouterr()
+    assert "testing-secret-not-for-logs" not in printed.out + printed.err
+    for k in keys:
+        body = s3.client().get_object(Bucket=bucket, Key=k)["Body"].read()
+        assert b"testing-secret-not-for-logs" not in body
+
+
+def test_real_broken_pdfs_never_crash_or_vanish(ray_session, tiny_model, shared_corpora, tmp_path):
+    corpus = tmp_path / "corpus"
+    for sub in ("qpdf", "pdfium", "py-pdf-samples"):
+        names = sorted(os.listdir(os.path.join(shared_corpora, sub)))[::12]
+        for n in names:
+            os.makedirs(corpus / sub, exist_ok=True)
+            shutil.copy(os.path.join(shared_corpora, sub, n), corpus / sub / n)
+    out = str(tmp_path / "out")
+    summary = run_job(str(corpus), out, tiny_model, "--max-pages-per-doc", "1", "--all-files",
+                      "--docs-per-render-task", "8", "--batch-size", "8")
+    pages, _ = read_dir(os.path.join(out, "pages"))
+    errors, _ = read_dir(os.path.join(out, "errors"))
+    listed = {d.doc_id for d in list_documents(str(corpus), extensions=None)}
+    seen = set(pages.column("doc_id").to_pylist() if pages else []) | set(errors.column("doc_id").to_pylist())
+    assert seen == listed and summary["documents_listed"] == len(listed)
+    assert summary["this_run"]["errors_by_type"].get("EncryptedDocument", 0) >= 1
+
+
+def test_help_teaches_and_bad_options_fail_clearly(capsys):
+    with pytest.raises(SystemExit) as e:
+        embed_corpus.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--input", "--output", "--model", "--max-visual-tokens", "--max-actors", "--batch-size",
+                 "--endpoint-url", "reruns"):
+        assert flag in text
+    with pytest.raises(SystemExit) as e:
+        embed_corpus.main(["--input", "a", "--output", "b", "--max-visual-tokens", "2"])
+    assert e.value.code == 2 and "--max-visual-tokens must be >= 4" in capsys.readouterr().err
+
+
+def test_missing_input_is_a_clear_error(ray_session, tmp_path, tiny_model, capsys):
+    rc = embed_corpus.main(["--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o"), "--model", tiny_model])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_ray_job_submit_path(ray_cluster, tiny_model, sample_corpus, tmp_path):
+    out = str(tmp_path / "out")
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    cmd = [ray_bin, "job", "submit", "--address", ray_cluster["dashboard_url"], "--working-dir", ROOT, "--",
+           sys.executable, "-m", "jobs.embed_corpus", "--input", sample_corpus, "--output", out,
+           "--model", tiny_model, "--max-visual-tokens", TOKENS]
+    import time
+
+    for _ in range(20):  # the dashboard's job agent may still be starting
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(3)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["this_run"]["pages"] == 8

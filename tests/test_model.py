@@ -1,0 +1,129 @@
+"""The model path equals the training code's semantics (colpali-engine's ColQwen2) for the
+same weights: the backbone is given input_ids, so it computes the 3-D M-RoPE positions
+itself, then projection, L2 norm and the attention mask, as colpali-engine's forward does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import model as M
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    return M.load_model(tiny_model, device="cpu")
+
+
+def colpali_reference(lm, input_ids, attention_mask, pixel_values=None, image_grid_thw=None):
+    """colpali-engine ColQwen2.forward: backbone(input_ids, pixel_values, grid) -> proj -> norm -> mask."""
+    kwargs = {}
+    if pixel_values is not None:
+        kwargs = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+    vlm = lm.model.vlm
+    with torch.no_grad():
+        h = vlm(input_ids=input_ids, attention_mask=attention_mask,
+                mm_token_type_ids=(input_ids == lm.image_token_id).int(), use_cache=False, **kwargs).last_hidden_state
+        vlm.rope_deltas = None  # the backbone caches it; keep later calls independent
+        e = lm.model.embedding_proj_layer(h)
+        e = e / e.norm(dim=-1, keepdim=True)
+        e = e * attention_mask.unsqueeze(-1)
+    return [e[i][attention_mask[i].bool()].numpy() for i in range(len(e))]
+
+
+def page_images(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (28 * 6, 28 * 4, 3), dtype=np.uint8),
+            rng.integers(0, 255, (28 * 4, 28 * 4, 3), dtype=np.uint8),
+            rng.integers(0, 255, (28 * 6, 28 * 4, 3), dtype=np.uint8)]
+
+
+def test_page_inputs_equal_the_processor(lm):
+    images = page_images()
+    ours = M.build_page_inputs(images, lm)
+    ref = lm.processor(images=[Image.fromarray(i) for i in images], return_tensors="pt")
+    for i in range(len(images)):
+        a = ours["input_ids"][i][ours["attention_mask"][i].bool()]
+        b = ref["input_ids"][i][ref["attention_mask"][i].bool()]
+        assert torch.equal(a, b)
+    assert torch.equal(ours["image_grid_thw"], ref["image_grid_thw"])
+    assert ours["pixel_values"].shape == ref["pixel_values"].shape
+    assert (ours["pixel_values"] - ref["pixel_values"]).abs().max().item() < 1e-6
+
+
+def test_page_embeddings_equal_training_code(lm):
+    images = page_images()
+    ours = M.embed_pages(lm, images)
+    for img, got in zip(images, ours):
+        r = lm.processor(images=[Image.fromarray(img)], return_tensors="pt")
+        pv = r["pixel_values"].reshape(-1, r["pixel_values"].shape[-1])
+        want = colpali_reference(lm, r["input_ids"], r["attention_mask"], pv, r["image_grid_thw"])[0]
+        assert got.shape == want.shape == (r["input_ids"].shape[1], 128)
+        assert np.abs(got - want).max() < 1e-5
+        assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_plain_transformers_forward_differs_so_the_check_can_fail(lm):
+    """transformers' own forward drops M-RoPE for image tokens (FACTS.md): the reference
+    above must tell the two apart, or the equality test proves nothing."""
+    img = page_images()[0]
+    r = lm.processor(images=[Image.fromarray(img)], return_tensors="pt")
+    with torch.no_grad():
+        plain = lm.model(**r).embeddings[0].numpy()
+    pv = r["pixel_values"].reshape(-1, r["pixel_values"].shape[-1])
+    want = colpali_reference(lm, r["input_ids"], r["attention_mask"], pv, r["image_grid_thw"])[0]
+    assert np.abs(plain - want).max() > 1e-4
+
+
+def test_batching_and_padding_do_not_change_page_embeddings(lm):
+    images = page_images(3)
+    together = M.embed_pages(lm, images)
+    alone = [M.embed_pages(lm, [im])[0] for im in images]
+    for a, b in zip(together, alone):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+
+
+def test_query_embeddings_equal_training_code_and_pinned_prompt(lm):
+    texts = ["what is the revenue in 2023?", "é 漢字 🙂 \x00 unknown ⊕ characters", ""]
+    ours = M.embed_queries(lm, texts, batch_size=2)
+    tok = lm.processor.tokenizer
+    for text, got in zip(texts, ours):
+        prompt = "Query: " + text + "<|endoftext|>" * 10  # colpali-engine 0.3.x: no trailing newline
+        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+        want = colpali_reference(lm, ids, torch.ones_like(ids))[0]
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-5
+
+
+def test_metadata_records_model_prompt_budget_dtype(lm):
+    from pipeline import schema
+
+    meta = M.model_metadata(lm, 768)
+    assert meta[schema.META_PROMPT] == M.IMAGE_PROMPT.encode()
+    assert meta[schema.META_QUERY_PROMPT] == M.QUERY_PROMPT.encode()
+    assert meta[schema.META_MAX_VISUAL_TOKENS] == b"768" and meta[schema.META_DTYPE] == b"float32"
+
+
+def test_defaults_follow_the_device():
+    assert M.default_dtype("cpu") == torch.float32 and M.default_dtype("cuda:0") == torch.bfloat16
+    assert M.pick_attn_implementation("cpu") == "sdpa"
+    with pytest.raises(ValueError, match="--dtype"):
+        M.dtype_from_name("int3", "cpu")
+
+
+def test_load_from_object_store_copies_once(tiny_model, s3, tmp_path, monkeypatch):
+    bucket = s3.make_bucket()
+    s3.upload_folder(tiny_model, bucket, "models/tiny/")
+    monkeypatch.setenv("VDR_MODEL_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://{bucket}/models/tiny"
+    lm2 = M.load_model(uri, device="cpu")
+    assert lm2.name == uri
+    local = M.fetch_model(uri)
+    assert local.startswith(str(tmp_path / "cache"))
+    assert M.fetch_model(uri) == local  # cached: the second actor on a node copies nothing
+
+
+def test_missing_model_error_says_what_to_do(tmp_path):
+    with pytest.raises(OSError, match="build_tiny_model"):
+        M.load_model(str(tmp_path / "nope"), device="cpu")
