@@ -23,6 +23,7 @@ class EmbedConfig:
     dtype: str = "auto"
     attn_implementation: str = "auto"
     load_in_4bit: bool = False
+    compile_vision: bool = False
     # CPU rendering
     docs_per_render_task: int = 4
     render_timeout_s: float = 120.0

@@ -113,6 +113,12 @@ def fetch_model(name_or_path: str, endpoint_url: str | None = None, cache_dir: s
         return final
 
 
+class _VisionLengths:
+    """Patches per image of the batch being embedded, known on the host before the forward."""
+
+    lengths: list[int] | None = None
+
+
 @dataclasses.dataclass
 class LoadedModel:
     model: "torch.nn.Module"
@@ -130,6 +136,7 @@ class LoadedModel:
     image_mean: torch.Tensor
     image_std: torch.Tensor
     rescale_factor: float
+    vision_lengths: _VisionLengths = dataclasses.field(default_factory=_VisionLengths)
 
     @property
     def dtype_name(self) -> str:
@@ -143,6 +150,8 @@ def load_model(
     attn_implementation: str | None = None,
     load_in_4bit: bool = False,
     endpoint_url: str | None = None,
+    batched_vision_attention: bool = True,
+    compile_vision: bool = False,
 ) -> LoadedModel:
     """Load ``ColQwen2ForRetrieval`` + ``ColQwen2Processor`` (ColQwen2.5 ports too)."""
     from transformers import ColQwen2ForRetrieval, ColQwen2Processor
@@ -192,8 +201,69 @@ def load_model(
         image_std=torch.tensor(ip.image_std, dtype=torch.float32, device=device),
         rescale_factor=float(ip.rescale_factor),
     )
-    log.info("loaded %s on %s (%s, attn=%s, 4bit=%s)", name_or_path, device, lm.dtype_name, attn, load_in_4bit)
+    if batched_vision_attention and attn == "sdpa":
+        enable_batched_vision_attention(model, lm.vision_lengths)
+    if compile_vision:
+        visual = getattr(model.vlm, "visual", None) or model.vlm.model.visual
+        for blk in visual.blocks:
+            blk.compile(dynamic=True)
+    log.info("loaded %s on %s (%s, attn=%s, 4bit=%s, batched vision attention=%s, compiled vision=%s)",
+             name_or_path, device, lm.dtype_name, attn, load_in_4bit, batched_vision_attention, compile_vision)
     return lm
+
+
+def _runs(lengths: list[int]) -> list[tuple[int, int]]:
+    """[a, a, b, a] -> [(a, 2), (b, 1), (a, 1)]: consecutive equal lengths."""
+    out: list[tuple[int, int]] = []
+    for n in lengths:
+        if out and out[-1][0] == n:
+            out[-1] = (n, out[-1][1] + 1)
+        else:
+            out.append((n, 1))
+    return out
+
+
+def enable_batched_vision_attention(model, holder: _VisionLengths) -> int:
+    """Make the vision tower attend over all equal-size images in one SDPA call.
+
+    With sdpa, transformers' Qwen2-VL vision attention splits the sequence per image with a
+    ``cu_seqlens.tolist()`` device sync and one SDPA call per image, in each of its 32
+    layers. Images of one size are independent blocks of equal length, so a reshape to
+    (images, heads, length, dim) computes exactly the same attention in one call, with no
+    sync (lengths come from the host). Same maths; tests compare it with the original.
+    Returns the number of attention modules changed.
+    """
+    import types
+
+    import torch.nn.functional as F
+
+    visual = getattr(model.vlm, "visual", None) or model.vlm.model.visual
+    module = importlib.import_module(type(visual.blocks[0].attn).__module__)
+    rotary = module.apply_rotary_pos_emb_vision
+
+    def forward(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None, **kwargs):
+        seq_length = hidden_states.shape[0]
+        q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = position_embeddings
+        q, k = rotary(q, k, cos, sin)
+        lengths = holder.lengths
+        if lengths is None or sum(lengths) != seq_length:
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        outs, start = [], 0
+        for length, count in _runs(lengths):
+            n = length * count
+            qs, ks, vs = (t[start : start + n].view(count, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling)  # (count, heads, length, dim)
+            outs.append(o.transpose(1, 2).reshape(n, -1))
+            start += n
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self.proj(out)
+
+    count = 0
+    for blk in visual.blocks:
+        blk.attn.forward = types.MethodType(forward, blk.attn)
+        count += 1
+    return count
 
 
 def _rope_index(vlm, input_ids, mm_token_type_ids, image_grid_thw, attention_mask) -> torch.Tensor:
@@ -293,9 +363,22 @@ def forward_embeddings(lm: LoadedModel, inputs: dict) -> list[np.ndarray]:
 
 
 def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Page embeddings, each (n_i, 128) float32, in the order given. Pages are run sorted
+    by size, so images of one size sit together for the batched vision attention."""
     if not images:
         return []
-    return forward_embeddings(lm, build_page_inputs(images, lm))
+    order = sorted(range(len(images)), key=lambda i: images[i].shape[:2])
+    ordered = [images[i] for i in order]
+    p = lm.patch_size
+    lm.vision_lengths.lengths = [(im.shape[0] // p) * (im.shape[1] // p) for im in ordered]
+    try:
+        vectors = forward_embeddings(lm, build_page_inputs(ordered, lm))
+    finally:
+        lm.vision_lengths.lengths = None
+    out: list = [None] * len(images)
+    for pos, i in enumerate(order):
+        out[i] = vectors[pos]
+    return out
 
 
 def embed_queries(lm: LoadedModel, texts: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:

@@ -22,7 +22,16 @@ _TRAINING_TEXT = [
 ]
 
 
-def build_tiny_model(output_dir: str, max_visual_tokens: int = 768, seed: int = 0) -> str:
+# The real ColQwen2 (Qwen2-VL-2B backbone), for GPU benchmarks with random weights:
+# FLOPs and memory traffic do not depend on weight values (FACTS.md).
+REAL_TEXT = {"vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+             "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+             "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
+REAL_VISION = {"depth": 32, "embed_dim": 1280, "hidden_size": 1536, "num_heads": 16, "mlp_ratio": 4}
+
+
+def build_tiny_model(output_dir: str, max_visual_tokens: int = 768, seed: int = 0, real_size: bool = False,
+                     device: str = "cpu") -> str:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
@@ -49,35 +58,40 @@ def build_tiny_model(output_dir: str, max_visual_tokens: int = 768, seed: int = 
     )
     processor = ColQwen2Processor(image_processor=image_processor, tokenizer=tokenizer)
 
+    text_config = {
+        "model_type": "qwen2_vl_text",
+        "vocab_size": vocab,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    vision_config = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": 64,
+        "num_heads": 2,
+        "mlp_ratio": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    }
+    if real_size:
+        text_config.update(REAL_TEXT)
+        vision_config.update(REAL_VISION)
     config = ColQwen2Config(
         vlm_config={
             "model_type": "qwen2_vl",
-            "text_config": {
-                "model_type": "qwen2_vl_text",
-                "vocab_size": vocab,
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": 4096,
-                "rope_theta": 1000000.0,
-                "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
-                "bos_token_id": ids["<|endoftext|>"],
-                "eos_token_id": ids["<|im_end|>"],
-                "pad_token_id": ids["<|endoftext|>"],
-            },
-            "vision_config": {
-                "depth": 2,
-                "embed_dim": 32,
-                "hidden_size": 64,
-                "num_heads": 2,
-                "mlp_ratio": 2,
-                "patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-                "in_channels": 3,
-            },
+            "text_config": text_config,
+            "vision_config": vision_config,
             "image_token_id": ids["<|image_pad|>"],
             "video_token_id": ids["<|video_pad|>"],
             "vision_start_token_id": ids["<|vision_start|>"],
@@ -86,7 +100,10 @@ def build_tiny_model(output_dir: str, max_visual_tokens: int = 768, seed: int = 
         embedding_dim=128,
     )
     torch.manual_seed(seed)
-    model = ColQwen2ForRetrieval(config).eval()
+    with torch.device(device):
+        model = ColQwen2ForRetrieval(config).eval()
+    if real_size:
+        model = model.to(torch.bfloat16)
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)

@@ -127,3 +127,15 @@ def test_load_from_object_store_copies_once(tiny_model, s3, tmp_path, monkeypatc
 def test_missing_model_error_says_what_to_do(tmp_path):
     with pytest.raises(OSError, match="build_tiny_model"):
         M.load_model(str(tmp_path / "nope"), device="cpu")
+
+
+def test_batched_vision_attention_equals_the_per_image_loop(tiny_model, lm):
+    """Our one-call attention over equal-size images must be the same maths as
+    transformers' per-image loop, for mixed sizes in any order."""
+    plain = M.load_model(tiny_model, device="cpu", batched_vision_attention=False)
+    images = page_images(5) + page_images(6)[1:2]
+    got = M.embed_pages(lm, images)
+    want = M.embed_pages(plain, images)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+    assert M._runs([3, 3, 5, 3]) == [(3, 2), (5, 1), (3, 1)]

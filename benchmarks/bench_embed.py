@@ -1,0 +1,211 @@
+"""Corpus embedding on one GPU: the job's actor vs the transformers-docs loop, the whole
+job vs the actor alone, and CPU cost per page. Real-size ColQwen2 with random weights.
+
+    python benchmarks/bench_embed.py --out results.json     # on the GPU machine
+
+Questions, all answered in one run on the same GPU and the same pages:
+1. plain loop (``processor(images=batch)`` then ``model(**inputs).embeddings``, sdpa, bf16)
+   vs ``PageEmbedder`` (the actor's __call__ on the rows the render stage emits), pages/s;
+2. the whole job (read -> render -> embed -> Parquet, Ray Data) vs the actor alone: the
+   steady rate is (pages2 - pages1) / (t2 - t1) over two corpus sizes, which cancels Ray
+   start-up and model loading;
+3. CPU milliseconds per page of rendering + preprocessing, one core;
+with FLOPs per page (torch's FlopCounterMode), the fraction of the chip, peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def letter_pdf(n_pages: int, seed: int) -> bytes:
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    pages = []
+    for i in range(n_pages):
+        img = Image.new("RGB", (1275, 1650), "white")  # US letter at 150 dpi
+        d = ImageDraw.Draw(img)
+        for y in range(80, 1550, 24):
+            d.text((90, y), " ".join(str(x) for x in rng.integers(0, 10**6, 12)), fill=(0, 0, 0))
+        d.rectangle((100, 600 + 10 * i, 1100, 900), outline=(20, 40, 200), width=5)
+        pages.append(img)
+    buf = io.BytesIO()
+    pages[0].save(buf, format="PDF", save_all=True, append_images=pages[1:], resolution=150.0)
+    return buf.getvalue()
+
+
+def render_pages(pdf: bytes, tokens: int):
+    from pipeline.rasterize import PageItem, RenderSpec, iter_document
+
+    return [i.image for i in iter_document(pdf, RenderSpec(max_visual_tokens=tokens)) if isinstance(i, PageItem)]
+
+
+def rows_table(images):
+    import pyarrow as pa
+
+    from pipeline.embed import PIXELS, STREAM_SCHEMA
+
+    n = len(images)
+    cols = {f.name: [None] * n for f in STREAM_SCHEMA}
+    cols["doc_id"] = [f"d{i}.pdf" for i in range(n)]
+    cols["page_number"] = [1] * n
+    cols["source_uri"] = cols["doc_id"]
+    cols["doc_pages"] = [1] * n
+    cols["height"] = [im.shape[0] for im in images]
+    cols["width"] = [im.shape[1] for im in images]
+    cols[PIXELS] = [np.ascontiguousarray(im).tobytes() for im in images]
+    return pa.table(cols, schema=STREAM_SCHEMA)
+
+
+def timed(fn, batches, warmup=2):
+    for b in batches[:warmup]:
+        fn(b)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    per = []
+    for b in batches:
+        t = time.perf_counter()
+        fn(b)
+        torch.cuda.synchronize()
+        per.append(time.perf_counter() - t)
+    return statistics.median(per), torch.cuda.max_memory_allocated() / 2**30
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench_embed.json")
+    ap.add_argument("--tokens", type=int, default=768)
+    ap.add_argument("--batch-sizes", default="16,32")
+    ap.add_argument("--pages", type=int, default=160, help="pages per timed variant")
+    ap.add_argument("--job-pages", default="320,960", help="two corpus sizes for the whole-job rate")
+    ap.add_argument("--skip-job", action="store_true")
+    ap.add_argument("--peak-tflops", type=float, default=770.0, help="measured bf16 matmul peak (FACTS.md)")
+    args = ap.parse_args()
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    import transformers
+
+    res["transformers"] = transformers.__version__
+    from PIL import Image
+
+    from pipeline.embed import PageEmbedder
+    from pipeline.model import load_model
+    from pipeline.tiny import build_tiny_model
+
+    work = tempfile.mkdtemp(prefix="bench-")
+    model_dir = os.path.join(work, "colqwen2-real-random")
+    t = time.time()
+    build_tiny_model(model_dir, max_visual_tokens=args.tokens, real_size=True, device="cuda")
+    torch.cuda.empty_cache()
+    res["build_model_s"] = round(time.time() - t, 1)
+
+    # 3. CPU cost per page (one core): render + resize to the model grid
+    pdf = letter_pdf(8, 0)
+    t = time.process_time()
+    images = render_pages(pdf, args.tokens)
+    res["cpu_ms_per_page_render_preprocess"] = round(1000 * (time.process_time() - t) / len(images), 2)
+    h, w = images[0].shape[:2]
+    res["page_pixels"] = [h, w]
+    res["visual_tokens_per_page"] = (h // 28) * (w // 28)
+    pages = [images[i % len(images)] for i in range(args.pages)]
+    pil_pages = [Image.fromarray(p) for p in pages]
+
+    # The processor's share, one core and all cores, for the plain loop's CPU side
+    lm_plain = load_model(model_dir, device="cuda", batched_vision_attention=False)
+    proc = lm_plain.processor
+    t = time.perf_counter()
+    proc(images=pil_pages[:16], return_tensors="pt")
+    res["processor_ms_per_page_wall"] = round(1000 * (time.perf_counter() - t) / 16, 2)
+
+    # FLOPs per page
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs = proc(images=pil_pages[:1], return_tensors="pt").to("cuda")
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        lm_plain.model(**inputs, use_cache=False)
+    flops_page = fc.get_total_flops()
+    res["tflop_per_page"] = round(flops_page / 1e12, 3)
+    res["sequence_length"] = int(inputs["input_ids"].shape[1])
+
+    def rate(sec_per_batch, bs):
+        pps = bs / sec_per_batch
+        return {"pages_per_s": round(pps, 2), "chip_fraction": round(pps * flops_page / 1e12 / args.peak_tflops, 3)}
+
+    variants = {}
+    for bs in [int(x) for x in args.batch_sizes.split(",")]:
+        pil_batches = [pil_pages[i : i + bs] for i in range(0, len(pil_pages) - bs + 1, bs)]
+
+        def plain(batch):
+            with torch.no_grad():
+                x = proc(images=batch, return_tensors="pt").to("cuda")
+                return lm_plain.model(**x).embeddings
+
+        sec, mem = timed(plain, pil_batches)
+        variants[f"plain_loop_bs{bs}"] = {**rate(sec, bs), "s_per_batch": round(sec, 4), "peak_gib": round(mem, 1)}
+        print(variants, flush=True)
+    del lm_plain
+    torch.cuda.empty_cache()
+
+    for compile_vision in (False, True):
+        emb = PageEmbedder(model_dir, device="cuda", compile_vision=compile_vision)
+        for bs in [int(x) for x in args.batch_sizes.split(",")]:
+            tables = [rows_table(pages[i : i + bs]) for i in range(0, len(pages) - bs + 1, bs)]
+            sec, mem = timed(emb, tables, warmup=3 if compile_vision else 2)
+            name = f"actor{'_compiled' if compile_vision else ''}_bs{bs}"
+            variants[name] = {**rate(sec, bs), "s_per_batch": round(sec, 4), "peak_gib": round(mem, 1)}
+            print(name, variants[name], flush=True)
+        del emb
+        torch.cuda.empty_cache()
+    res["variants"] = variants
+    best_plain = max(v["pages_per_s"] for k, v in variants.items() if k.startswith("plain"))
+    best_actor = max(v["pages_per_s"] for k, v in variants.items() if k.startswith("actor"))
+    res["actor_vs_plain"] = round(best_actor / best_plain, 3)
+
+    # 2. The whole job on a generated corpus, two sizes
+    if not args.skip_job:
+        from jobs import embed_corpus
+
+        job = {}
+        for n_pages in [int(x) for x in args.job_pages.split(",")]:
+            corpus = os.path.join(work, f"corpus{n_pages}")
+            os.makedirs(corpus)
+            for d in range(n_pages // 8):
+                with open(os.path.join(corpus, f"doc{d:05d}.pdf"), "wb") as f:
+                    f.write(letter_pdf(8, d))
+            out = os.path.join(work, f"out{n_pages}")
+            t = time.perf_counter()
+            rc = embed_corpus.main(["--input", corpus, "--output", out, "--model", model_dir, "--batch-size", "32",
+                                    "--max-visual-tokens", str(args.tokens)]
+                                   + (["--compile-vision"] if os.environ.get("BENCH_COMPILE") else []))
+            wall = time.perf_counter() - t
+            with open(os.path.join(out, "summary.json")) as f:
+                s = json.load(f)
+            job[n_pages] = {"rc": rc, "wall_s": round(wall, 2), "pages": s["this_run"]["pages"],
+                            "job_seconds": s["this_run"]["seconds"]}
+            print("job", n_pages, job[n_pages], flush=True)
+        (n1, a), (n2, b) = sorted(job.items())
+        steady = (b["pages"] - a["pages"]) / (b["job_seconds"] - a["job_seconds"])
+        res["job"] = job
+        res["job_steady_pages_per_s"] = round(steady, 2)
+        res["job_vs_actor"] = round(steady / best_actor, 3)
+        res["job_chip_fraction"] = round(steady * flops_page / 1e12 / args.peak_tflops, 3)
+    print(json.dumps(res, indent=2))
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
