@@ -23,7 +23,7 @@ class EmbedConfig:
     dtype: str = "auto"
     attn_implementation: str = "auto"
     load_in_4bit: bool = False
-    compile_vision: bool = False
+    compile: str = "auto"  # torch.compile the model's blocks; auto: on GPU
     # CPU rendering
     docs_per_render_task: int = 4
     render_timeout_s: float = 120.0
@@ -55,6 +55,8 @@ class EmbedConfig:
             problems.append(f"--max-actors ({self.max_actors}) must be >= --min-actors ({self.min_actors})")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             problems.append("--gpus-per-actor must be >= 0 (0 runs the model on CPU)")
+        if self.compile not in ("auto", "on", "off"):
+            problems.append(f"--compile must be auto, on or off, got {self.compile!r}")
         if self.render_timeout_s <= 0:
             problems.append("--render-timeout-s must be positive")
         if self.rows_per_file < 1:

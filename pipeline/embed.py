@@ -109,11 +109,11 @@ class PageEmbedder:
 
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto",
                  attn_implementation: str = "auto", load_in_4bit: bool = False, endpoint_url: str | None = None,
-                 compile_vision: bool = False):
+                 compile_model: bool = False):
         from pipeline.model import load_model
 
         self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                             load_in_4bit=load_in_4bit, endpoint_url=endpoint_url, compile_vision=compile_vision)
+                             load_in_4bit=load_in_4bit, endpoint_url=endpoint_url, compile_model=compile_model)
         self.pages = 0
         self.seconds = 0.0
 

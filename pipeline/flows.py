@@ -121,7 +121,7 @@ def run_embed_corpus(cfg: EmbedConfig) -> dict:
             fn_constructor_kwargs={"model": cfg.model, "device": device, "dtype": cfg.dtype,
                                    "attn_implementation": cfg.attn_implementation,
                                    "load_in_4bit": cfg.load_in_4bit, "endpoint_url": cfg.endpoint_url,
-                                   "compile_vision": cfg.compile_vision},
+                                   "compile_model": cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda")},
             compute=ActorPoolStrategy(min_size=min(cfg.min_actors, max_actors), max_size=max_actors),
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
