@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score even if the corpus was embedded with another model, query prompt or token budget")
     s = p.add_argument_group("sharding and actors")
     s.add_argument("--shard-size-pages", type=_shard_size, default="auto", metavar="N|auto",
-                   help="pages per corpus shard; 'auto' sizes a shard to half the free memory of one worker "
+                   help="pages per corpus shard; 'auto' sizes a shard to 30%% of the free memory of one worker "
                         "(GPU memory on GPU actors, RAM on CPU), and makes at least one shard per actor")
     s.add_argument("--query-batch-size", type=int, default=0, metavar="N",
                    help="queries scored together against a loaded shard; 0 = auto (GPU: keep the per-batch "
@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         ray.kill(probe)
         # CPU actors compute in float64 (8 bytes) and share the node's RAM with each other.
         per_actor = memory if gpu else memory // max(1, num_actors)
-        pages_per_shard = auto_pages_per_shard(mean_vectors, per_actor, dtype_bytes=2 if gpu else 8)
+        # 0.3: packing holds the Arrow values, the padded copy and gather indices at once, and
+        # a query batch adds its (pages x query vectors) maxima.
+        pages_per_shard = auto_pages_per_shard(mean_vectors, per_actor, dtype_bytes=2 if gpu else 8, fraction=0.3)
         pages_per_shard = min(pages_per_shard, max(1, -(-corpus.num_rows // num_actors)))
     else:
         pages_per_shard = args.shard_size_pages

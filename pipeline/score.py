@@ -288,6 +288,13 @@ def maxsim_scores(
     return _maxsim_torch(Q, pages, block_elements)
 
 
+def triton_available() -> bool:
+    """Whether the fused CUDA kernel can run here (Triton importable and a GPU visible)."""
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
 def float_order_key(scores: torch.Tensor) -> torch.Tensor:
     """float32 -> int64 with the same order (``-0.0`` and ``+0.0`` equal). NaN is refused."""
     if torch.isnan(scores).any():

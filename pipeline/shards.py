@@ -30,6 +30,7 @@ from pipeline.score import (
     pack_flat,
     pad_queries,
     topk_desc,
+    triton_available,
 )
 from pipeline.sources import open_filesystem
 
@@ -236,7 +237,8 @@ def pack_shard_table(table: pa.Table, device: torch.device, backend: str) -> tup
         emb = table.column(schema.EMBEDDING).combine_chunks()
         lengths = lengths[keep]
     flat = emb.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, EMBEDDING_DIM)
-    use_kernel = device.type == "cuda" and backend in ("auto", "triton")
+    # Without Triton on a CUDA node, "auto" falls back to the torch path (one common padded length).
+    use_kernel = device.type == "cuda" and (backend == "triton" or (backend == "auto" and triton_available()))
     with warnings.catch_warnings():
         # Arrow buffers are read-only; the tensor is only read (copied to the device / gathered).
         warnings.simplefilter("ignore", UserWarning)
@@ -310,7 +312,8 @@ class ShardScorer:
             bs = self._batch_size(packed.n_pages)
             for s in range(0, len(self.queries), bs):
                 Q, _ = pad_queries(self.queries[s : s + bs], device=self.device, dtype=packed.vectors.dtype)
-                values, idx = topk_desc(maxsim_scores(Q, packed, backend=self.backend), self.k)
+                backend = self.backend if packed.padded_length is None else "torch"
+                values, idx = topk_desc(maxsim_scores(Q, packed, backend=backend), self.k)
                 nq, kk = values.shape
                 rows = idx.reshape(-1).cpu().numpy()
                 parts.append(pa.table({

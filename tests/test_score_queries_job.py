@@ -1,0 +1,218 @@
+"""jobs.score_queries end to end on a local Ray: oracle equality, invariance, edge cases, S3, job submit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import score_queries
+from pipeline import schema
+from pipeline.shards import CorpusError
+from scoring_data import (
+    corpus_metadata,
+    oracle_ranking,
+    random_pages,
+    random_queries,
+    write_corpus,
+    write_queries_jsonl,
+    write_query_embeddings,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A 3-file corpus of 29 ragged pages and 6 ragged queries with stored embeddings."""
+    folder = tmp_path_factory.mktemp("scoring")
+    rng = np.random.default_rng(42)
+    pages = random_pages(29, rng, max_len=35, doc_prefix="dossier é")  # a space, as real paths have
+    queries = random_queries(6, rng)
+    ids = ["q1", "q2", "007", "ü4", "q5", "q6"]
+    return {
+        "pages": pages, "queries": queries, "ids": ids,
+        "corpus": write_corpus(folder / "emb", pages, n_files=3),
+        "queries_file": write_queries_jsonl(folder / "q.jsonl", ids),
+        "qemb": write_query_embeddings(folder / "qemb.parquet", ids, queries),
+        "folder": folder,
+    }
+
+
+def run_job(data, out, *extra, k=5):
+    argv = ["--corpus", data["corpus"], "--queries", data["queries_file"], "--output", str(out),
+            "--top-k", str(k), "--query-embeddings", data["qemb"], *extra]
+    assert score_queries.main(argv) == 0
+    return pq.read_table(os.path.join(out, "results.parquet"))
+
+
+def test_help_teaches_the_options(capsys):
+    with pytest.raises(SystemExit):
+        score_queries.main(["--help"])
+    text = capsys.readouterr().out
+    for word in ("--corpus", "--query-embeddings", "--shard-size-pages", "--allow-model-mismatch", "MaxSim",
+                 "run.trec", "page_id"):
+        assert word in text
+
+
+def test_results_equal_the_oracle_and_outputs_are_complete(ray_session, data, tmp_path):
+    out = tmp_path / "run"
+    results = run_job(data, out, "--shard-size-pages", "7", "--num-actors", "2", k=5)
+    assert results.schema.equals(schema.RESULTS_SCHEMA, check_metadata=False)
+    truth = oracle_ranking(data["queries"], data["pages"], 5)
+    got = results.to_pydict()
+    for qi, qid in enumerate(data["ids"]):
+        rows = [r for r, q in enumerate(got["query_id"]) if q == qid]
+        assert [got["page_id"][r] for r in rows] == [p for p, _ in truth[qi]]
+        assert [got["rank"][r] for r in rows] == [1, 2, 3, 4, 5]
+        np.testing.assert_allclose([got["score"][r] for r in rows], [s for _, s in truth[qi]], rtol=1e-6)
+    # Sorted by query (file order) then rank; doc_id/page_number carried along.
+    assert got["query_id"] == [q for q in data["ids"] for _ in range(5)]
+    by_page = {p[2]: p for p in data["pages"]}
+    assert all(by_page[p][0] == d and by_page[p][1] == n
+               for p, d, n in zip(got["page_id"], got["doc_id"], got["page_number"]))
+    # run.trec: qid Q0 page_id rank score tag, same rows.
+    lines = (out / "run.trec").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == results.num_rows
+    first = lines[0].split(" ")
+    assert all(len(line.split()) == 6 for line in lines)  # the space in page ids is encoded
+    assert first[:4] == [got["query_id"][0], "Q0", score_queries.trec_id(got["page_id"][0]), "1"]
+    assert first[2] == got["page_id"][0].replace(" ", "%20") and first[5] == "colqwen2-maxsim"
+    assert np.float32(first[4]) == np.float32(got["score"][0])
+    # query_embeddings.parquet round-trips the vectors used.
+    qe = pq.read_table(out / "query_embeddings.parquet")
+    assert qe.schema.equals(schema.QUERY_EMBEDDINGS_SCHEMA, check_metadata=False)
+    assert qe.column("query_id").to_pylist() == data["ids"]
+    back = schema.arrow_to_embeddings(qe.column("embedding"))
+    assert all(np.array_equal(a, b) for a, b in zip(back, data["queries"]))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_queries"] == 6 and summary["n_pages"] == 29 and summary["n_shards"] == 5
+    assert summary["n_results"] == 30 and summary["pages_scored_per_s"] > 0
+
+
+def test_results_do_not_depend_on_shards_batches_or_actors(ray_session, data, tmp_path):
+    tables = [
+        run_job(data, tmp_path / f"r{i}", "--shard-size-pages", shard, "--query-batch-size", batch,
+                "--num-actors", actors, k=7)
+        for i, (shard, batch, actors) in enumerate([("1", "1", "2"), ("4", "5", "1"), ("auto", "0", "2")])
+    ]
+    for t in tables[1:]:
+        assert t.equals(tables[0])
+
+
+def test_ties_go_to_the_lower_page_id_across_shards(ray_session, tmp_path):
+    rng = np.random.default_rng(0)
+    vec = (rng.standard_normal((4, 128)) / 8).astype(np.float16)
+    # Ten pages with identical vectors (equal scores), spread over files in a scrambled order.
+    names = ["k", "c", "a", "j", "e", "b", "i", "d", "h", "f"]
+    pages = [(f"{n}.pdf", 1, f"{n}.pdf#1", vec) for n in names]
+    corpus = write_corpus(tmp_path / "emb", pages, n_files=4)
+    q = [(rng.standard_normal((3, 128)) / 8).astype(np.float16)]
+    data = {"corpus": corpus, "queries_file": write_queries_jsonl(tmp_path / "q.jsonl", ["t"]),
+            "qemb": write_query_embeddings(tmp_path / "qe.parquet", ["t"], q)}
+    for shard in ("1", "3", "10"):
+        got = run_job(data, tmp_path / f"o{shard}", "--shard-size-pages", shard, k=4)
+        assert got.column("page_id").to_pylist() == ["a.pdf#1", "b.pdf#1", "c.pdf#1", "d.pdf#1"]
+        assert len(set(got.column("score").to_pylist())) == 1
+
+
+def test_empty_corpus_one_page_and_k_beyond_corpus(ray_session, data, tmp_path):
+    empty = write_corpus(tmp_path / "empty", [], n_files=1)
+    res = run_job({**data, "corpus": empty}, tmp_path / "e", k=3)
+    assert res.num_rows == 0 and res.schema.equals(schema.RESULTS_SCHEMA, check_metadata=False)
+    assert (tmp_path / "e" / "run.trec").read_text() == ""
+    assert json.loads((tmp_path / "e" / "summary.json").read_text())["n_shards"] == 0
+    one = write_corpus(tmp_path / "one", data["pages"][:1], n_files=1)
+    res = run_job({**data, "corpus": one}, tmp_path / "o", k=10)
+    assert res.column("rank").to_pylist() == [1] * 6
+    res = run_job(data, tmp_path / "big", k=100)  # k > 29 pages: every page, ranked
+    assert res.num_rows == 6 * 29
+    truth = oracle_ranking(data["queries"], data["pages"], 100)
+    assert res.column("page_id").to_pylist()[:29] == [p for p, _ in truth[0]]
+
+
+def test_refuses_a_corpus_of_another_model_or_budget(data, tmp_path):
+    other = write_corpus(tmp_path / "other", data["pages"][:3], n_files=1,
+                         metadata=corpus_metadata(model="vidore/colqwen2.5-v0.2", max_visual_tokens=1280))
+    argv = ["--corpus", other, "--queries", data["queries_file"], "--output", str(tmp_path / "x"), "--top-k", "2"]
+    with pytest.raises(CorpusError, match=r"embedded with model 'vidore/colqwen2.5-v0.2'.*--allow-model-mismatch"):
+        score_queries.main(argv + ["--model", "some/other-model"])
+    with pytest.raises(CorpusError, match="1280-token visual budget"):
+        score_queries.main(argv + ["--query-embeddings", data["qemb"], "--max-visual-tokens", "768"])
+    # Mixed corpus files are refused too.
+    mixed = write_corpus(tmp_path / "mixed", data["pages"][:3], n_files=1)
+    os.rename(os.path.join(other, "pages", "part-000.parquet"), os.path.join(mixed, "pages", "part-009.parquet"))
+    with pytest.raises(CorpusError, match="disagree on vdr.model"):
+        score_queries.main(["--corpus", mixed, "--queries", data["queries_file"], "--output", str(tmp_path / "y"),
+                            "--top-k", "2", "--query-embeddings", data["qemb"]])
+
+
+def test_embeds_unicode_queries_with_the_model_and_rescoring_matches(ray_session, tiny_model, data, tmp_path):
+    ids = ["emoji", "cjk", "ctrl", "empty", "long"]
+    texts = ["🙂🚀 ∑∫ ü", "表の売上高は？", "tab\there\x00\u200b", "", "word " * 200]
+    qfile = write_queries_jsonl(tmp_path / "q.jsonl", ids, texts)
+    corpus = write_corpus(tmp_path / "emb", data["pages"], n_files=2, metadata=corpus_metadata(model=tiny_model))
+    out = tmp_path / "run"
+    argv = ["--corpus", corpus, "--queries", qfile, "--output", str(out), "--top-k", "4"]
+    assert score_queries.main(argv) == 0
+    qe = pq.read_table(out / "query_embeddings.parquet")
+    assert qe.column("text").to_pylist() == texts
+    assert all(n > 0 for n in qe.column("n_vectors").to_pylist())
+    first = pq.read_table(out / "results.parquet")
+    assert first.num_rows == 5 * 4
+    # Rescore from the stored query embeddings, without the model: identical results.
+    assert score_queries.main(argv[:5] + [str(tmp_path / "re"), "--top-k", "4", "--query-embeddings",
+                                          str(out / "query_embeddings.parquet")]) == 0
+    assert pq.read_table(tmp_path / "re" / "results.parquet").equals(first)
+    # The tiny model is not the corpus's model: refused unless allowed.
+    with pytest.raises(CorpusError, match="embedded with model"):
+        score_queries.main(["--corpus", data["corpus"], "--queries", qfile, "--output", str(tmp_path / "z"),
+                            "--top-k", "2", "--model", tiny_model])
+
+
+def test_s3_in_and_out(ray_session, s3, data, tmp_path):
+    import pyarrow.fs as pafs
+
+    from pipeline.sources import open_filesystem
+
+    s3.make_bucket("scoring")
+    fs, _ = open_filesystem("s3://scoring/x", s3.endpoint_url)
+    pafs.copy_files(data["corpus"], "scoring/emb", destination_filesystem=fs)
+    pafs.copy_files(data["queries_file"], "scoring/in/q.jsonl", destination_filesystem=fs)
+    pafs.copy_files(data["qemb"], "scoring/in/qe.parquet", destination_filesystem=fs)
+    argv = ["--corpus", "s3://scoring/emb", "--queries", "s3://scoring/in/q.jsonl", "--output", "s3://scoring/runs/r1",
+            "--top-k", "5", "--query-embeddings", "s3://scoring/in/qe.parquet", "--endpoint-url", s3.endpoint_url,
+            "--shard-size-pages", "10"]
+    assert score_queries.main(argv) == 0
+    with fs.open_input_file("scoring/runs/r1/results.parquet") as f:
+        remote = pq.read_table(f)
+    local = run_job(data, tmp_path / "local", k=5)
+    assert remote.equals(local)
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector("scoring/runs/r1"))}
+    assert names == {"results.parquet", "run.trec", "query_embeddings.parquet", "summary.json"}
+
+
+def test_ray_job_submit(ray_cluster, data, tmp_path):
+    out = tmp_path / "submitted"
+    cmd = [
+        "ray", "job", "submit", "--address", ray_cluster["dashboard_url"], "--working-dir", ROOT,
+        "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", ".whl", "benchmarks", "notebooks"]}),
+        "--", sys.executable, "-m", "jobs.score_queries", "--corpus", data["corpus"], "--queries",
+        data["queries_file"], "--output", str(out), "--top-k", "3", "--query-embeddings", data["qemb"],
+        "--num-actors", "1",
+    ]
+    for _ in range(10):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        if "No available agent" not in proc.stderr + proc.stdout:  # the dashboard agent is still starting
+            break
+        time.sleep(3)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = pq.read_table(out / "results.parquet")
+    truth = oracle_ranking(data["queries"], data["pages"], 3)
+    assert results.column("page_id").to_pylist() == [p for t in truth for p, _ in t]
