@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -126,6 +128,14 @@ def load_config(path: str | None, overrides: Mapping[str, Any]) -> OfflineEvalCo
     for name in ("corpus", "queries", "qrels", "output_root"):
         if not values.get(name):
             raise ValueError(f"config needs '{name}' (in the YAML file or as --{name.replace('_', '-')})")
+    # Local paths become absolute so that the history's links and the resolved config stay
+    # valid from anywhere (a Ray job runs in a temporary copy of its working dir).
+    for name in ("corpus", "queries", "qrels", "output_root", "history", "query_embeddings", "run"):
+        value = values.get(name)
+        if isinstance(value, str) and value and "://" not in value:
+            values[name] = os.path.abspath(value)
+    if isinstance(values.get("baseline"), str) and values["baseline"].endswith(".json") and "://" not in values["baseline"]:
+        values["baseline"] = os.path.abspath(values["baseline"])
     return OfflineEvalConfig(**values)
 
 
@@ -174,8 +184,6 @@ def _score(cfg: OfflineEvalConfig, scores_uri: str) -> dict:
     if status not in (None, 0):
         raise RuntimeError(f"the scoring job exited with status {status}")
     try:
-        import json
-
         return json.loads(evaluate.read_bytes(evaluate.join_uri(scores_uri, "summary.json"), cfg.endpoint_url))
     except (FileNotFoundError, OSError, ValueError):
         return {}

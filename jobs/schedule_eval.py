@@ -21,7 +21,7 @@ import logging
 import shlex
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 logger = logging.getLogger(__name__)
 
@@ -66,29 +66,40 @@ def submit_once(
     runtime_env: dict | None = None,
     metadata: dict | None = None,
     entrypoint_num_cpus: float | None = None,
+    retry_s: float = 120.0,
 ) -> tuple[bool, str]:
     """(submitted, message). ``submitted`` is False when the id was already used.
 
     The check is the server's own: ``submit_job`` with a used ``submission_id`` raises
     (``RuntimeError: ... Job with submission_id X already exists``), so two triggers racing
-    each other still start one job. The message carries the existing job's status."""
-    try:
-        client.submit_job(
-            entrypoint=entrypoint,
-            submission_id=sub_id,
-            runtime_env=runtime_env or None,
-            metadata=metadata or None,
-            entrypoint_num_cpus=entrypoint_num_cpus,
-        )
-    except RuntimeError as exc:
-        if "already exists" not in str(exc):
-            raise
+    each other still start one job. The message carries the existing job's status.
+    A cluster that is still starting ("No available agent to submit job") is retried for
+    up to ``retry_s``; the submission id keeps a retry from running twice."""
+    deadline = time.monotonic() + retry_s
+    delay = 1.0
+    while True:
         try:
-            status = client.get_job_status(sub_id)
-        except Exception:  # the status is a courtesy; the refusal is what matters
-            status = "unknown"
-        return False, f"{sub_id}: {ALREADY_SUBMITTED} (status {status})"
-    return True, f"{sub_id}: submitted"
+            client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=sub_id,
+                runtime_env=runtime_env or None,
+                metadata=metadata or None,
+                entrypoint_num_cpus=entrypoint_num_cpus,
+            )
+            return True, f"{sub_id}: submitted"
+        except RuntimeError as exc:
+            if "already exists" in str(exc):
+                break
+            if "No available agent" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            logger.info("the Ray cluster has no job agent yet; retrying in %.0f s", delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+    try:
+        status = client.get_job_status(sub_id)
+    except Exception:  # the status is a courtesy; the refusal is what matters
+        status = "unknown"
+    return False, f"{sub_id}: {ALREADY_SUBMITTED} (status {status})"
 
 
 def wait_for(client, sub_id: str, timeout_s: float, poll_s: float = 2.0) -> str:
@@ -103,6 +114,29 @@ def wait_for(client, sub_id: str, timeout_s: float, poll_s: float = 2.0) -> str:
         if time.monotonic() > deadline:
             return str(status)
         time.sleep(poll_s)
+
+
+def _use_ray_auth_token() -> None:
+    """Send the Ray auth token when one exists, as ``ray start`` does.
+
+    Clusters started where ``~/.ray/auth_token`` (or ``RAY_AUTH_TOKEN``/``RAY_AUTH_TOKEN_PATH``)
+    exists require it, but a plain JobSubmissionClient only sends it when RAY_AUTH_MODE=token.
+    An explicit RAY_AUTH_MODE is respected."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def make_client(address: str | None):
+    """A JobSubmissionClient for the dashboard at ``address`` (default: RAY_ADDRESS)."""
+    from ray.job_submission import JobSubmissionClient
+
+    _use_ray_auth_token()
+    return JobSubmissionClient(address)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,8 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ray.job_submission import JobSubmissionClient
-
     now = datetime.fromisoformat(args.now) if args.now else datetime.now(timezone.utc)
     if now.tzinfo is None:
         now = now.replace(tzinfo=timezone.utc)
@@ -135,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.working_dir:
         runtime_env["working_dir"] = args.working_dir
     entrypoint = build_entrypoint(args.config, run_id=sub_id, python=args.python, extra_args=args.job_args)
-    client = JobSubmissionClient(args.address)
+    client = make_client(args.address)
     submitted, message = submit_once(
         client,
         sub_id,

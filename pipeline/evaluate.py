@@ -294,11 +294,10 @@ def read_run(uri: str, endpoint_url: str | None = None) -> pd.DataFrame:
             if fs.get_file_info(child).type == pafs.FileType.File:
                 return read_run(f"{uri.rstrip('/')}/{name}", endpoint_url)
         raise FileNotFoundError(f"{uri} is a folder without results.parquet or run.trec")
-    if _is_parquet(uri):
-        with fs.open_input_file(path) as f:
-            table = pq.read_table(f)
-        return results_to_run(table)
-    return parse_trec_run(read_bytes(uri, endpoint_url).decode("utf-8"), source=uri)
+    data = read_bytes(uri, endpoint_url)
+    if _is_parquet(uri) or data[:4] == b"PAR1":  # the Parquet magic, whatever the file's name
+        return results_to_run(pq.read_table(pa.BufferReader(data)))
+    return parse_trec_run(data.decode("utf-8"), source=uri)
 
 
 def read_qrels(uri: str, endpoint_url: str | None = None) -> pd.DataFrame:

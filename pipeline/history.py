@@ -16,7 +16,6 @@ tolerating measures added over time.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math

@@ -6,7 +6,6 @@ import json
 import math
 
 import ir_measures
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 

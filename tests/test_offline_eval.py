@@ -9,9 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+import pipeline
+
 from eval_data import results_table, write_corpus, write_queries, write_query_embeddings, write_trec_qrels
 from jobs import offline_eval
 from pipeline import history
+from pipeline.sources import read_bytes
 
 QIDS = [f"q{i}" for i in range(8)]
 
@@ -101,7 +104,7 @@ def test_history_append_and_regression_exit(setup, capsys):
     assert row["corpus_fingerprint"] == history.corpus_info(str(tmp / "corpus")).fingerprint
     assert row["corpus_pages"] == 12 and row["evaluated_queries"] == 8
     assert row["output_uri"] == str(tmp / "runs" / "day3")
-    assert row["code_version"].startswith(__import__("pipeline").__version__)
+    assert row["code_version"].startswith(pipeline.__version__)
     assert row["P@1"] == pytest.approx(5 / 8)
 
     day3 = tmp / "runs" / "day3"
@@ -162,6 +165,10 @@ def test_flags_override_yaml_and_bad_config_fails_fast(setup, capsys):
 def test_end_to_end_with_the_scoring_job(setup, ray_session):
     """queries -> scoring job (precomputed query embeddings, no model) -> metrics -> history."""
     tmp = setup["tmp"]
+    config = yaml.safe_load(open(setup["config"]))
+    config["score_args"] = ["--num-actors", "1"]  # one actor is plenty for 12 pages; CI has 2 cores
+    (tmp / "e2e.yaml").write_text(yaml.safe_dump(config))
+    setup = {**setup, "config": str(tmp / "e2e.yaml")}
     good = write_query_embeddings(tmp / "qe_good.parquet", setup["targets"], setup["vectors"], noise=0.05)
     bad = write_query_embeddings(tmp / "qe_bad.parquet", setup["targets"], setup["vectors"], noise=5.0)
     assert offline_eval.main(["--config", setup["config"], "--run-id", "e1", "--query-embeddings", good]) == 0
@@ -183,3 +190,27 @@ def test_end_to_end_with_the_scoring_job(setup, ray_session):
     assert second["metrics"]["RR@10"] < 0.9
     assert status == 3 and second["regression"] is True
     assert list(history.read_history(str(tmp / "runs" / "history")).run_id) == ["e1", "e2"]
+
+
+def test_outputs_and_history_on_s3(setup, s3):
+    tmp = setup["tmp"]
+    s3.make_bucket("evalruns")
+    good = _run_file(tmp, "good", setup["targets"], setup["pages"], hits=8)
+    worse = _run_file(tmp, "worse", setup["targets"], setup["pages"], hits=6)
+    base = ["--config", setup["config"], "--output-root", "s3://evalruns/runs", "--endpoint-url", s3.endpoint_url]
+    assert offline_eval.main(base + ["--run-id", "s1", "--run", good, "--pin-baseline"]) == 0
+    assert offline_eval.main(base + ["--run-id", "s2", "--run", worse]) == 3
+    table = history.read_history("s3://evalruns/runs/history", s3.endpoint_url)
+    assert list(table.run_id) == ["s1", "s2"] and list(table.regression) == [False, True]
+    summary = json.loads(read_bytes("s3://evalruns/runs/s2/summary.json", s3.endpoint_url))
+    assert summary["comparisons"]["baseline"]["reference_run_id"] == "s1"
+    assert summary["outputs"]["report"] == "s3://evalruns/runs/s2/report.md"
+
+
+def test_a_failed_run_leaves_a_summary_and_no_history_row(setup):
+    tmp = setup["tmp"]
+    with pytest.raises(FileNotFoundError):
+        offline_eval.main(["--config", setup["config"], "--run-id", "broken", "--run", str(tmp / "missing.trec")])
+    summary = _summary(tmp, "broken")
+    assert summary["exit_status"] == 1 and summary["result"].startswith("FAILED run broken: FileNotFoundError")
+    assert history.read_history(str(tmp / "runs" / "history")).empty

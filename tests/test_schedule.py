@@ -75,9 +75,7 @@ def _trigger(ray_cluster, config, now, *extra):
 
 
 def test_double_trigger_runs_once_per_period(ray_cluster, eval_config, tmp_path, capsys):
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(ray_cluster["dashboard_url"])
+    client = schedule_eval.make_client(ray_cluster["dashboard_url"])
     # a unique prefix per test run: the cluster remembers submission ids for its lifetime
     name = f"offline-eval-test-{os.getpid()}-{tmp_path.name}"
     sub_id = f"{name}-daily-2026-11-22"
@@ -105,3 +103,25 @@ def test_double_trigger_runs_once_per_period(ray_cluster, eval_config, tmp_path,
     assert _trigger(ray_cluster, eval_config, "2026-11-23T00:00:01+00:00", "--name", name, "--wait") == 0
     assert f"{name}-daily-2026-11-23: SUCCEEDED" in capsys.readouterr().out
     assert list(history.read_history(str(tmp_path / "runs" / "history")).run_id) == [sub_id, f"{name}-daily-2026-11-23"]
+
+
+def test_racing_triggers_submit_one_job(ray_cluster, tmp_path):
+    """Two schedulers firing at the same moment: the Jobs server accepts exactly one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sub_id = f"race-{os.getpid()}-{tmp_path.name}-daily-2026-11-22"
+    entrypoint = f"{sys.executable} -c 'pass'"
+
+    def trigger(_):
+        return schedule_eval.submit_once(schedule_eval.make_client(ray_cluster["dashboard_url"]), sub_id, entrypoint)
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(trigger, range(4)))
+    assert sorted(submitted for submitted, _ in outcomes) == [False, False, False, True]
+    assert all(ALREADY in message for submitted, message in outcomes if not submitted)
+    client = schedule_eval.make_client(ray_cluster["dashboard_url"])
+    assert schedule_eval.wait_for(client, sub_id, timeout_s=120, poll_s=0.5) == "SUCCEEDED"
+    assert [j.submission_id for j in client.list_jobs()].count(sub_id) == 1
+
+
+ALREADY = schedule_eval.ALREADY_SUBMITTED
