@@ -61,6 +61,10 @@ def output_metadata(cfg: EmbedConfig, device: str) -> dict[str, str]:
     }
 
 
+def _bounded_retries() -> dict:
+    return {"max_retries": 3}
+
+
 class _Progress:
     def __init__(self, total_docs: int, every_s: float = 10.0):
         self.t0 = time.monotonic()
@@ -113,8 +117,9 @@ def run_embed_corpus(cfg: EmbedConfig) -> dict:
             fn_kwargs={"spec": spec, "render_timeout_s": cfg.render_timeout_s, "max_file_bytes": cfg.max_file_bytes,
                        "endpoint_url": cfg.endpoint_url, "pages_per_block": cfg.batch_size},
             num_cpus=1,
-            # A worker that dies (not the renderer child, which is handled) is retried a bounded number of times.
-            max_retries=3,
+            # pdfium crashes kill only the renderer child (an error row); a Ray worker that dies
+            # anyway is retried a bounded number of times, not forever (Ray's default).
+            ray_remote_args_fn=_bounded_retries,
         )
         ds = ds.map_batches(
             PageEmbedder,

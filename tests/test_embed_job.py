@@ -222,3 +222,18 @@ def test_ray_job_submit_path(ray_cluster, tiny_model, sample_corpus, tmp_path):
     assert "succeeded" in proc.stdout
     with open(os.path.join(out, "summary.json")) as f:
         assert json.load(f)["this_run"]["pages"] == 8
+
+
+def test_notebook_runs_on_the_output(first_run, monkeypatch):
+    """The analysis notebook's code cells run against a real output folder."""
+    out, _ = first_run
+    monkeypatch.setenv("VDR_EMB", out)
+    with open(os.path.join(ROOT, "notebooks", "explore_embeddings.ipynb")) as f:
+        nb = json.load(f)
+    scope: dict = {}
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            src = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+            exec(compile(src, "notebook", "exec"), scope)
+    top = scope["top"]
+    assert len(top) == 5 and top[0][1] == pytest.approx(5.0, abs=0.02)  # a page's own vectors score |q| = 5
