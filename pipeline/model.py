@@ -201,7 +201,9 @@ def load_model(
         image_std=torch.tensor(ip.image_std, dtype=torch.float32, device=device),
         rescale_factor=float(ip.rescale_factor),
     )
-    if batched_vision_attention and attn == "sdpa":
+    # Qwen2.5-VL's vision tower attends within windows (cu_seqlens are not per image), so
+    # the per-image batching applies to Qwen2-VL only.
+    if batched_vision_attention and attn == "sdpa" and model.config.vlm_config.model_type == "qwen2_vl":
         enable_batched_vision_attention(model, lm.vision_lengths)
     if compile_model:
         # Per block, not the whole model: the blocks are where the time goes (elementwise

@@ -31,7 +31,8 @@ REAL_VISION = {"depth": 32, "embed_dim": 1280, "hidden_size": 1536, "num_heads":
 
 
 def build_tiny_model(output_dir: str, max_visual_tokens: int = 768, seed: int = 0, real_size: bool = False,
-                     device: str = "cpu") -> str:
+                     device: str = "cpu", family: str = "qwen2_vl") -> str:
+    """``family="qwen2_5_vl"`` builds a ColQwen2.5-style checkpoint (windowed vision attention)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
@@ -87,9 +88,18 @@ def build_tiny_model(output_dir: str, max_visual_tokens: int = 768, seed: int = 
     if real_size:
         text_config.update(REAL_TEXT)
         vision_config.update(REAL_VISION)
+    if family == "qwen2_5_vl":
+        text_config["model_type"] = "qwen2_5_vl_text"
+        vision_config = {
+            "depth": 4, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
+            "window_size": 56, "fullatt_block_indexes": [1, 3],
+        }
+    elif family != "qwen2_vl":
+        raise ValueError(f"family must be qwen2_vl or qwen2_5_vl, got {family!r}")
     config = ColQwen2Config(
         vlm_config={
-            "model_type": "qwen2_vl",
+            "model_type": family,
             "text_config": text_config,
             "vision_config": vision_config,
             "image_token_id": ids["<|image_pad|>"],

@@ -139,3 +139,19 @@ def test_batched_vision_attention_equals_the_per_image_loop(tiny_model, lm):
     for a, b in zip(got, want):
         assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
     assert M._runs([3, 3, 5, 3]) == [(3, 2), (5, 1), (3, 1)]
+
+
+def test_colqwen25_checkpoints_load_and_match_training_code(tmp_path):
+    """A ColQwen2.5-style checkpoint (Qwen2.5-VL backbone, windowed vision attention)
+    loads through the same path and gives the training code's page embeddings."""
+    from pipeline.tiny import build_tiny_model
+
+    path = build_tiny_model(str(tmp_path / "tiny25"), family="qwen2_5_vl")
+    lm25 = M.load_model(path, device="cpu")
+    assert type(lm25.model.vlm).__name__ == "Qwen2_5_VLModel"
+    img = page_images(7)[0]
+    got = M.embed_pages(lm25, [img])[0]
+    r = lm25.processor(images=[Image.fromarray(img)], return_tensors="pt")
+    pv = r["pixel_values"].reshape(-1, r["pixel_values"].shape[-1])
+    want = colpali_reference(lm25, r["input_ids"], r["attention_mask"], pv, r["image_grid_thw"])[0]
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-5
