@@ -38,11 +38,19 @@ def shard_name(keys: list[str]) -> str:
     return f"part-{digest}.parquet"
 
 
+# Pages per row group: readers (the scoring job, pyarrow.dataset) decode row groups in
+# parallel, and a nested list of ~100k float16 values per page decodes slowly in one thread.
+ROW_GROUP_PAGES = 32
+
+
 def table_to_parquet_bytes(table: pa.Table, metadata: dict[bytes, bytes] | None = None) -> bytes:
+    """Parquet bytes of ``table``. No dictionary encoding: on embedding values it only costs
+    (measured: reads 2.6x faster without it, files 2% larger, benchmarks/RESULTS.md)."""
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", use_dictionary=False, row_group_size=ROW_GROUP_PAGES,
+                   write_statistics=[c for c in table.column_names if c != schema.EMBEDDING])
     return buf.getvalue()
 
 
