@@ -43,6 +43,7 @@ def main():
     ap.add_argument("--out", default="e2e.json")
     ap.add_argument("--pages", type=int, default=320)
     ap.add_argument("--scale-pages", type=int, default=20000)
+    ap.add_argument("--scale-queries", type=int, default=1000)
     ap.add_argument("--only-scale", action="store_true", help="skip parts 1-2")
     args = ap.parse_args()
 
@@ -128,10 +129,10 @@ def scale(args, res, work):
     from scoring_data import write_queries_jsonl, write_query_embeddings
 
     qv = []
-    for _ in range(1000):
+    for _ in range(args.scale_queries):
         v = rng.standard_normal((25, 128)).astype(np.float32)
         qv.append((v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float16))
-    ids = [f"q{i:04d}" for i in range(1000)]
+    ids = [f"q{i:04d}" for i in range(args.scale_queries)]
     qe_path = write_query_embeddings(os.path.join(work, "qe.parquet"), ids, qv)
     qj = write_queries_jsonl(os.path.join(work, "q.jsonl"), ids)
     out = os.path.join(work, "bigrun")
