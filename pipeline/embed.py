@@ -65,12 +65,28 @@ class _Rows:
         return pa.table(self.cols, schema=STREAM_SCHEMA)
 
 
+def read_with_retries(uri: str, endpoint_url: str | None, attempts: int = 3, backoff_s: float = 1.0) -> bytes:
+    """Object reads fail transiently (throttling, resets): retry those, not missing or
+    forbidden objects, before a document becomes a read error row."""
+    from pipeline.sources import read_bytes
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return read_bytes(uri, endpoint_url)
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except OSError as exc:
+            if attempt == attempts:
+                raise OSError(f"{exc} (after {attempts} attempts)") from exc
+            log.warning("read of %s failed (%s), retrying", uri, type(exc).__name__)
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
 def render_documents(batch: pa.Table, spec: RenderSpec, render_timeout_s: float, max_file_bytes: int,
                      endpoint_url: str | None = None, pages_per_block: int = 16):
     """Documents (doc_id, source_uri, size_bytes, skip_pages) -> stream rows, yielded in
     blocks of ``pages_per_block`` so a 500-page PDF never sits in one huge block."""
-    from pipeline.sources import read_bytes
-
     renderer = _get_renderer(render_timeout_s)
     rows = _Rows()
     for doc in batch.to_pylist():
@@ -81,7 +97,7 @@ def render_documents(batch: pa.Table, spec: RenderSpec, render_timeout_s: float,
                      message=f"{doc['size_bytes']} bytes is over --max-file-bytes {max_file_bytes}")
             continue
         try:
-            data = read_bytes(uri, endpoint_url)
+            data = read_with_retries(uri, endpoint_url)
         except Exception as exc:
             rows.add(**base, stage="read", error_type=type(exc).__name__, message=f"could not read: {exc}")
             continue

@@ -237,3 +237,17 @@ def test_notebook_runs_on_the_output(first_run, monkeypatch):
             exec(compile(src, "notebook", "exec"), scope)
     top = scope["top"]
     assert len(top) == 5 and top[0][1] == pytest.approx(5.0, abs=0.02)  # a page's own vectors score |q| = 5
+
+
+def test_reads_retry_transient_errors_but_not_missing_objects(s3):
+    """A throttled or reset read is retried; a missing object fails at once with its name."""
+    from pipeline.embed import read_with_retries
+
+    bucket = s3.make_bucket()
+    s3.client().put_object(Bucket=bucket, Key="a.pdf", Body=b"%PDF-1.4 hello")
+    assert read_with_retries(f"s3://{bucket}/a.pdf", s3.endpoint_url) == b"%PDF-1.4 hello"
+    with pytest.raises(FileNotFoundError):
+        read_with_retries(f"s3://{bucket}/missing.pdf", s3.endpoint_url, backoff_s=0)
+    # a closed port: connection refused on every attempt -> OSError naming the attempts
+    with pytest.raises(OSError, match="after 2 attempts"):
+        read_with_retries("s3://nobucket/x.pdf", "http://127.0.0.1:9", attempts=2, backoff_s=0)
