@@ -25,6 +25,7 @@ outputs (DESIGN.md):
 
 reruns: files are named by content and written atomically; a rerun embeds only documents
 (and pages) that are missing, so it is safe to rerun after a crash or after adding files.
+Documents that ended as error rows are skipped by a rerun unless --retry-errors is given.
 
 examples:
   python -m jobs.embed_corpus --input ./docs --output ./emb --model models/tiny-colqwen2
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--docs-per-render-task", type=int, help="documents per CPU task (default: 4)")
     o = p.add_argument_group("output and cluster")
     o.add_argument("--rows-per-file", type=int, help="pages per Parquet file (default: 256)")
+    o.add_argument("--retry-errors", action="store_true", default=None,
+                   help="try documents that ended as error rows again (their error files are removed first; "
+                   "a rerun without it skips them)")
     o.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, a local `ray start` cluster, or an embedded one)")
     o.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p

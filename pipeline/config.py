@@ -35,6 +35,7 @@ class EmbedConfig:
     all_files: bool = False  # also try files without a PDF/image extension
     # output
     rows_per_file: int = 256
+    retry_errors: bool = False  # delete OUT/errors first, so failed documents are tried again
     ray_address: str | None = None
 
     def __post_init__(self):

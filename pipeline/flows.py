@@ -101,6 +101,9 @@ def run_embed_corpus(cfg: EmbedConfig) -> dict:
     spec = RenderSpec(max_visual_tokens=cfg.max_visual_tokens, max_dpi=cfg.max_dpi,
                       max_longest_side_px=cfg.max_longest_side_px, max_image_pixels=cfg.max_image_pixels,
                       max_pages_per_doc=cfg.max_pages_per_doc)
+    if cfg.retry_errors:
+        removed = store.remove_error_files(cfg.output, cfg.endpoint_url)
+        log.info("--retry-errors: removed %d error file(s); their documents are tried again", removed)
     todo, plan = plan_documents(cfg)
     gpus_per_actor, max_actors, device = resolve_resources(cfg)
     store.write_json(join_uri(cfg.output, store.CONFIG_FILE), json.loads(cfg.to_json()), cfg.endpoint_url)

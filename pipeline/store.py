@@ -124,6 +124,21 @@ def load_progress(output_uri: str, endpoint_url: str | None = None) -> dict[str,
     return progress
 
 
+def remove_error_files(output_uri: str, endpoint_url: str | None = None) -> int:
+    """Delete OUT/errors/*.parquet so a rerun tries those documents again.
+
+    Safe at any moment: a document without rows is simply redone, so a crash halfway
+    leaves no duplicates, only work for the next run."""
+    fs, path = open_filesystem(join_uri(output_uri, ERRORS_DIR), endpoint_url)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return 0
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.File
+             and i.base_name.endswith(".parquet")]
+    for f in files:
+        fs.delete_file(f)
+    return len(files)
+
+
 def output_totals(output_uri: str, endpoint_url: str | None = None) -> dict:
     """Counts over everything in OUT (this run and earlier ones)."""
     totals = {"documents_with_pages": 0, "pages": 0, "vectors": 0, "error_rows": 0, "errors_by_type": {}}

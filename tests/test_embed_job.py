@@ -251,3 +251,15 @@ def test_reads_retry_transient_errors_but_not_missing_objects(s3):
     # a closed port: connection refused on every attempt -> OSError naming the attempts
     with pytest.raises(OSError, match="after 2 attempts"):
         read_with_retries("s3://nobucket/x.pdf", "http://127.0.0.1:9", attempts=2, backoff_s=0)
+
+
+def test_retry_errors_redoes_only_failed_documents(ray_session, tiny_model, sample_corpus, tmp_path):
+    out = str(tmp_path / "out")
+    run_job(sample_corpus, out, tiny_model)
+    errors_before, _ = read_dir(os.path.join(out, "errors"))
+    pages_before, page_files = read_dir(os.path.join(out, "pages"))
+    summary = run_job(sample_corpus, out, tiny_model, "--retry-errors")
+    assert summary["documents_processed"] == 2 and summary["this_run"]["pages"] == 0
+    errors_after, _ = read_dir(os.path.join(out, "errors"))
+    assert sorted(errors_after.column("doc_id").to_pylist()) == sorted(errors_before.column("doc_id").to_pylist())
+    assert read_dir(os.path.join(out, "pages"))[1] == page_files
