@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from pipeline.config import EmbedConfig, load_yaml
@@ -88,6 +89,11 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
         if key in ("config", "verbose") or value is None:
             continue
         values[key] = value
+    # Workers may run in another directory than this driver: local paths are made absolute.
+    for key in ("input", "output", "model"):
+        value = values.get(key)
+        if value and "://" not in value and (key != "model" or os.path.exists(value)):
+            values[key] = os.path.abspath(value)
     known = set(EmbedConfig.__dataclass_fields__)
     unknown = sorted(set(values) - known)
     if unknown:
