@@ -276,6 +276,11 @@ class ShardScorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if cpu_threads and self.device.type == "cpu":
             torch.set_num_threads(cpu_threads)
+        # Ray sets OMP_NUM_THREADS to the actor's CPU request (1 by default) and Arrow sizes
+        # its decode pool from it, so a GPU actor would decode its shard on one core (seen on
+        # an H200 node: 67 M values/s for 16 cores). Loading a shard is a short burst: use the node.
+        decode_threads = cpu_threads if (cpu_threads and self.device.type == "cpu") else (os.cpu_count() or 1)
+        pa.set_cpu_count(max(1, int(decode_threads)))
         offsets = np.zeros(len(query_lengths) + 1, dtype=np.int64)
         np.cumsum(query_lengths, out=offsets[1:])
         self.queries = [np.asarray(query_flat[offsets[i] : offsets[i + 1]]) for i in range(len(query_lengths))]
