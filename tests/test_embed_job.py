@@ -263,3 +263,17 @@ def test_retry_errors_redoes_only_failed_documents(ray_session, tiny_model, samp
     errors_after, _ = read_dir(os.path.join(out, "errors"))
     assert sorted(errors_after.column("doc_id").to_pylist()) == sorted(errors_before.column("doc_id").to_pylist())
     assert read_dir(os.path.join(out, "pages"))[1] == page_files
+
+
+def test_yaml_config_with_flags_winning(tmp_path):
+    from pipeline.config import EmbedConfig
+
+    cfg_file = tmp_path / "embed.yaml"
+    cfg_file.write_text("input: s3://b/docs\noutput: s3://b/emb\nbatch-size: 8\nmax_visual_tokens: 512\n")
+    args = embed_corpus.build_parser().parse_args(["--config", str(cfg_file), "--batch-size", "32"])
+    cfg = embed_corpus.config_from_args(args)
+    assert isinstance(cfg, EmbedConfig)
+    assert (cfg.input, cfg.batch_size, cfg.max_visual_tokens) == ("s3://b/docs", 32, 512)
+    cfg_file.write_text("input: a\noutput: b\nbatch_sise: 8\n")
+    with pytest.raises(ValueError, match="batch_sise"):
+        embed_corpus.config_from_args(embed_corpus.build_parser().parse_args(["--config", str(cfg_file)]))
