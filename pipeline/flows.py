@@ -21,6 +21,9 @@ from pipeline.sources import DOCUMENT_EXTENSIONS, join_uri, list_documents
 log = logging.getLogger(__name__)
 
 
+MAX_INPUT_BLOCKS = 20_000
+
+
 def plan_documents(cfg: EmbedConfig) -> tuple[list[dict], dict]:
     """Documents to (re)do, with the pages of each that an earlier run already wrote."""
     docs = list_documents(cfg.input, cfg.endpoint_url, None if cfg.all_files else DOCUMENT_EXTENSIONS)
@@ -111,7 +114,9 @@ def run_embed_corpus(cfg: EmbedConfig) -> dict:
              plan["documents_listed"], plan["documents_already_done"], len(todo), cfg.min_actors, max_actors, device)
     progress = _Progress(len(todo))
     if todo:
-        n_blocks = max(1, math.ceil(len(todo) / cfg.docs_per_render_task))
+        # One block per render task's worth of documents, capped so that a corpus of millions
+        # of documents does not become millions of object refs in the driver.
+        n_blocks = max(1, min(MAX_INPUT_BLOCKS, math.ceil(len(todo) / cfg.docs_per_render_task)))
         ds = ray.data.from_items(todo, override_num_blocks=n_blocks)
         ds = ds.map_batches(
             render_documents,
