@@ -46,6 +46,10 @@ def resolve_resources(cfg: EmbedConfig) -> tuple[float, int, str]:
 
     gpus = ray.cluster_resources().get("GPU", 0)
     per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    if cfg.gpus_per_actor is None and not gpus:
+        log.warning("no GPU in the cluster now: the model runs on CPU (float32). On an autoscaling cluster "
+                    "whose GPU nodes start at zero, pass --gpus-per-actor 1 (and --max-actors N) so Ray "
+                    "requests them.")
     if per_actor > 0:
         max_actors = cfg.max_actors or max(cfg.min_actors, int(gpus // per_actor) if gpus else cfg.min_actors)
         return per_actor, max_actors, "cuda"
