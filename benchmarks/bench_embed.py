@@ -99,6 +99,39 @@ def timed(fn, batches, warmup=2):
     return statistics.median(per), torch.cuda.max_memory_allocated() / 2**30
 
 
+def run_job_rates(args, res, work, model_dir, best_actor, flops_page):
+    """Whole-job steady rate: (pages2 - pages1) / (t2 - t1) over two corpus sizes."""
+    from jobs import embed_corpus
+
+    job = {}
+    sizes = [int(x) for x in args.job_pages.split(",")]
+    docs = [letter_pdf(8, d) for d in range(min(40, max(sizes) // 8))]
+    for n_pages in sizes:
+        corpus = os.path.join(work, f"corpus{n_pages}")
+        os.makedirs(corpus)
+        for d in range(n_pages // 8):
+            with open(os.path.join(corpus, f"doc{d:05d}.pdf"), "wb") as f:
+                f.write(docs[d % len(docs)])
+        out = os.path.join(work, f"out{n_pages}")
+        t = time.perf_counter()
+        rc = embed_corpus.main(["--input", corpus, "--output", out, "--model", model_dir, "--batch-size", os.environ.get("BENCH_JOB_BATCH", "32"),
+                                "--max-visual-tokens", str(args.tokens)]
+                               + ["--compile", os.environ.get("BENCH_COMPILE", "auto")])
+        wall = time.perf_counter() - t
+        with open(os.path.join(out, "summary.json")) as f:
+            s = json.load(f)
+        job[n_pages] = {"rc": rc, "wall_s": round(wall, 2), "pages": s["this_run"]["pages"],
+                        "job_seconds": s["this_run"]["seconds"]}
+        print("job", n_pages, job[n_pages], flush=True)
+    (n1, a), (n2, b) = sorted(job.items())
+    steady = (b["pages"] - a["pages"]) / (b["job_seconds"] - a["job_seconds"])
+    res["job"] = job
+    res["job_steady_pages_per_s"] = round(steady, 2)
+    if best_actor:
+        res["job_vs_actor"] = round(steady / best_actor, 3)
+        res["job_chip_fraction"] = round(steady * flops_page / 1e12 / args.peak_tflops, 3)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_embed.json")
@@ -107,6 +140,7 @@ def main():
     ap.add_argument("--pages", type=int, default=160, help="pages per timed variant")
     ap.add_argument("--job-pages", default="320,1280", help="two corpus sizes for the whole-job rate")
     ap.add_argument("--skip-job", action="store_true")
+    ap.add_argument("--job-only", action="store_true", help="only the whole-job rate (e.g. on several GPUs)")
     ap.add_argument("--peak-tflops", type=float, default=770.0, help="measured bf16 matmul peak (FACTS.md)")
     args = ap.parse_args()
     res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -125,6 +159,14 @@ def main():
     build_tiny_model(model_dir, max_visual_tokens=args.tokens, real_size=True, device="cuda")
     torch.cuda.empty_cache()
     res["build_model_s"] = round(time.time() - t, 1)
+
+    if args.job_only:
+        res["gpus"] = torch.cuda.device_count()
+        run_job_rates(args, res, work, model_dir, best_actor=None, flops_page=None)
+        print(json.dumps(res, indent=2))
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+        return
 
     # 3. CPU cost per page (one core): render + resize to the model grid
     pdf = letter_pdf(8, 0)
@@ -198,34 +240,7 @@ def main():
 
     # 2. The whole job on a generated corpus, two sizes
     if not args.skip_job:
-        from jobs import embed_corpus
-
-        job = {}
-        sizes = [int(x) for x in args.job_pages.split(",")]
-        docs = [letter_pdf(8, d) for d in range(min(40, max(sizes) // 8))]
-        for n_pages in sizes:
-            corpus = os.path.join(work, f"corpus{n_pages}")
-            os.makedirs(corpus)
-            for d in range(n_pages // 8):
-                with open(os.path.join(corpus, f"doc{d:05d}.pdf"), "wb") as f:
-                    f.write(docs[d % len(docs)])
-            out = os.path.join(work, f"out{n_pages}")
-            t = time.perf_counter()
-            rc = embed_corpus.main(["--input", corpus, "--output", out, "--model", model_dir, "--batch-size", os.environ.get("BENCH_JOB_BATCH", "32"),
-                                    "--max-visual-tokens", str(args.tokens)]
-                                   + ["--compile", os.environ.get("BENCH_COMPILE", "auto")])
-            wall = time.perf_counter() - t
-            with open(os.path.join(out, "summary.json")) as f:
-                s = json.load(f)
-            job[n_pages] = {"rc": rc, "wall_s": round(wall, 2), "pages": s["this_run"]["pages"],
-                            "job_seconds": s["this_run"]["seconds"]}
-            print("job", n_pages, job[n_pages], flush=True)
-        (n1, a), (n2, b) = sorted(job.items())
-        steady = (b["pages"] - a["pages"]) / (b["job_seconds"] - a["job_seconds"])
-        res["job"] = job
-        res["job_steady_pages_per_s"] = round(steady, 2)
-        res["job_vs_actor"] = round(steady / best_actor, 3)
-        res["job_chip_fraction"] = round(steady * flops_page / 1e12 / args.peak_tflops, 3)
+        run_job_rates(args, res, work, model_dir, best_actor, flops_page)
     print(json.dumps(res, indent=2))
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
