@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "warm-up of a minute or two per actor (default: auto = on with GPUs, off on CPU)"),
     a = p.add_argument_group("GPU actor pool")
     a.add_argument("--batch-size", type=int, help="pages per model call (default: 16)")
-    a.add_argument("--min-actors", type=int, help="actors kept alive (default: 1)")
+    a.add_argument("--min-actors", type=int, help="actors kept alive (default: one per GPU present at start, else 1)")
     a.add_argument("--max-actors", type=int, help="upper bound of the autoscaling pool (default: one per GPU)")
     a.add_argument("--gpus-per-actor", type=float, help="GPUs per model replica; 0 runs on CPU (default: 1 if the cluster has GPUs)")
     r = p.add_argument_group("rendering (CPU)")

@@ -17,7 +17,7 @@ class EmbedConfig:
     endpoint_url: str | None = None
     # GPU actor pool
     batch_size: int = 16
-    min_actors: int = 1
+    min_actors: int | None = None  # None: every GPU the cluster has now (1 on CPU or with none yet)
     max_actors: int | None = None  # None: one per GPU (or 1 on CPU)
     gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0 (CPU)
     dtype: str = "auto"
@@ -50,9 +50,9 @@ class EmbedConfig:
             problems.append(f"--max-visual-tokens must be >= 4 (ColQwen2 was trained with 768), got {self.max_visual_tokens}")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.min_actors < 1:
+        if self.min_actors is not None and self.min_actors < 1:
             problems.append(f"--min-actors must be >= 1, got {self.min_actors}")
-        if self.max_actors is not None and self.max_actors < self.min_actors:
+        if self.max_actors is not None and self.min_actors is not None and self.max_actors < self.min_actors:
             problems.append(f"--max-actors ({self.max_actors}) must be >= --min-actors ({self.min_actors})")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             problems.append("--gpus-per-actor must be >= 0 (0 runs the model on CPU)")

@@ -40,8 +40,13 @@ def plan_documents(cfg: EmbedConfig) -> tuple[list[dict], dict]:
     return todo, {"documents_listed": len(docs), "documents_already_done": complete, "documents_resumed": resumed}
 
 
-def resolve_resources(cfg: EmbedConfig) -> tuple[float, int, str]:
-    """(GPUs per actor, max actors, device) from the options and the cluster."""
+def resolve_resources(cfg: EmbedConfig) -> tuple[float, int, int, str]:
+    """(GPUs per actor, min actors, max actors, device) from the options and the cluster.
+
+    By default every GPU present starts an actor at once: a pool that starts at one actor
+    grows only after its first actor is saturated, and each new actor then spends its
+    model load and compilation while the others work (seen on 2 GPUs: the second idle for
+    most of a 2,500-page job)."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -51,9 +56,12 @@ def resolve_resources(cfg: EmbedConfig) -> tuple[float, int, str]:
                     "whose GPU nodes start at zero, pass --gpus-per-actor 1 (and --max-actors N) so Ray "
                     "requests them.")
     if per_actor > 0:
-        max_actors = cfg.max_actors or max(cfg.min_actors, int(gpus // per_actor) if gpus else cfg.min_actors)
-        return per_actor, max_actors, "cuda"
-    return 0.0, cfg.max_actors or cfg.min_actors, "cpu"
+        present = int(gpus // per_actor)
+        max_actors = cfg.max_actors or max(cfg.min_actors or 1, present or 1)
+        min_actors = cfg.min_actors or max(1, min(present, max_actors))
+        return per_actor, min(min_actors, max_actors), max_actors, "cuda"
+    max_actors = cfg.max_actors or cfg.min_actors or 1
+    return 0.0, min(cfg.min_actors or 1, max_actors), max_actors, "cpu"
 
 
 def output_metadata(cfg: EmbedConfig, device: str) -> dict[str, str]:
@@ -81,6 +89,14 @@ class _Progress:
         self.pages = self.errors = self.vectors = 0
         self.by_type: collections.Counter = collections.Counter()
         self.files: list[str] = []
+        self.first: tuple[float, int] | None = None  # (time, pages) when the first shard landed
+        self.latest = self.t0
+
+    def steady_rate(self) -> float | None:
+        """Pages/s after the first shard was written: start-up, model load and compilation excluded."""
+        if self.first is None or self.latest <= self.first[0]:
+            return None
+        return (self.pages - self.first[1]) / (self.latest - self.first[0])
 
     def add(self, row: dict) -> None:
         self.pages += row["pages"]
@@ -89,6 +105,9 @@ class _Progress:
         self.by_type.update(json.loads(row["errors_by_type"]))
         self.files.extend(json.loads(row["files"]))
         now = time.monotonic()
+        self.latest = now
+        if self.first is None and row["pages"]:
+            self.first = (now, self.pages)
         if now - self.last >= self.every_s:
             self.last = now
             rate = self.pages / (now - self.t0)
@@ -112,10 +131,10 @@ def run_embed_corpus(cfg: EmbedConfig) -> dict:
         removed = store.remove_error_files(cfg.output, cfg.endpoint_url)
         log.info("--retry-errors: removed %d error file(s); their documents are tried again", removed)
     todo, plan = plan_documents(cfg)
-    gpus_per_actor, max_actors, device = resolve_resources(cfg)
+    gpus_per_actor, min_actors, max_actors, device = resolve_resources(cfg)
     store.write_json(join_uri(cfg.output, store.CONFIG_FILE), json.loads(cfg.to_json()), cfg.endpoint_url)
     log.info("%d documents listed, %d already done, %d to do; %d-%d embedding actors on %s",
-             plan["documents_listed"], plan["documents_already_done"], len(todo), cfg.min_actors, max_actors, device)
+             plan["documents_listed"], plan["documents_already_done"], len(todo), min_actors, max_actors, device)
     progress = _Progress(len(todo))
     if todo:
         # One block per render task's worth of documents, capped so that a corpus of millions
@@ -139,7 +158,7 @@ def run_embed_corpus(cfg: EmbedConfig) -> dict:
                                    "attn_implementation": cfg.attn_implementation,
                                    "load_in_4bit": cfg.load_in_4bit, "endpoint_url": cfg.endpoint_url,
                                    "compile_model": cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda")},
-            compute=ActorPoolStrategy(min_size=min(cfg.min_actors, max_actors), max_size=max_actors),
+            compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
             num_gpus=gpus_per_actor,
@@ -177,6 +196,8 @@ def run_embed_corpus(cfg: EmbedConfig) -> dict:
             "files_written": len(progress.files),
             "seconds": round(elapsed, 3),
             "pages_per_second": round(progress.pages / elapsed, 3) if elapsed > 0 else None,
+            "steady_pages_per_second": round(progress.steady_rate(), 3) if progress.steady_rate() else None,
+            "embedding_actors": [min_actors, max_actors],
         },
         "output_totals": store.output_totals(cfg.output, cfg.endpoint_url),
     }
