@@ -22,8 +22,6 @@ def _page(lines: list[str], size=(850, 1100), color=(255, 255, 255)):
 
 def make_sample_corpus(folder: str, with_broken: bool = True) -> list[str]:
     """Write the sample corpus; returns the files written (relative paths)."""
-    from PIL import Image
-
     os.makedirs(os.path.join(folder, "reports", "2023"), exist_ok=True)
     os.makedirs(os.path.join(folder, "scans"), exist_ok=True)
     written = []

@@ -105,8 +105,6 @@ def embeddings_to_arrow(vectors: list) -> pa.Array:
 
 def arrow_to_embeddings(column) -> list:
     """``list<fixed_size_list<float16,128>>`` column -> list of (n_i, 128) float16 arrays (views)."""
-    import numpy as np
-
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     offsets = column.offsets.to_numpy()
