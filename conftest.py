@@ -3,4 +3,4 @@
 import importlib.util
 
 # The fused GPU kernel imports Triton, which CPU-only installs do not have.
-collect_ignore = [] if importlib.util.find_spec("triton") else ["pipeline/maxsim_triton.py"]
+collect_ignore = [] if importlib.util.find_spec("triton") else ["pipeline/score/triton_kernel.py"]

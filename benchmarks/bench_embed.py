@@ -49,7 +49,7 @@ def letter_pdf(n_pages: int, seed: int) -> bytes:
 
 
 def render_pages(pdf: bytes, tokens: int):
-    from pipeline.rasterize import PageItem, RenderSpec, iter_document
+    from pipeline.embed.rasterize import PageItem, RenderSpec, iter_document
 
     return [i.image for i in iter_document(pdf, RenderSpec(max_visual_tokens=tokens)) if isinstance(i, PageItem)]
 
@@ -57,7 +57,7 @@ def render_pages(pdf: bytes, tokens: int):
 def rows_table(images):
     import pyarrow as pa
 
-    from pipeline.embed import PIXELS, STREAM_SCHEMA
+    from pipeline.embed.stages import PIXELS, STREAM_SCHEMA
 
     n = len(images)
     cols = {f.name: [None] * n for f in STREAM_SCHEMA}
@@ -155,9 +155,9 @@ def main():
     res["transformers"] = transformers.__version__
     from PIL import Image
 
-    from pipeline.embed import PageEmbedder
-    from pipeline.model import load_model
-    from pipeline.tiny import build_tiny_model
+    from pipeline.embed.stages import PageEmbedder
+    from pipeline.embed.model import load_model
+    from pipeline.devtools.tiny import build_tiny_model
 
     work = tempfile.mkdtemp(prefix="bench-")
     model_dir = os.path.join(work, "colqwen2-real-random")

@@ -2,9 +2,9 @@
 
 Shape of FACTS.md: 20,000 pages of 600-768 vectors x 1,000 queries of 25 vectors, top-10.
 In one run, on data resident on the GPU:
-  * ours      - pipeline.maxsim_triton (fused kernel, float16 = the stored values; bf16 too)
+  * ours      - pipeline.score.triton_kernel (fused kernel, float16 = the stored values; bf16 too)
                 + in-order float32 sum over query vectors + exact tie-broken top-k;
-  * torch-pm  - plain torch page-major (pipeline.score torch path, bf16 similarity matrix);
+  * torch-pm  - plain torch page-major (pipeline.score.maxsim torch path, bf16 similarity matrix);
   * hf        - transformers ColQwen2Processor.score_retrieval (+ torch.topk on the GPU);
   * lik       - late_interaction_kernels.retrieve (if importable), normalize=False, d_mask.
 Then 1 query (memory bound; compared with the measured copy bandwidth), and scaling over
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.score import (  # noqa: E402
+from pipeline.score.maxsim import (  # noqa: E402
     PackedPages,
     maxsim_scores,
     pack_flat,
@@ -102,7 +102,7 @@ def dense_zero_padded(flat, lengths, L=768):
 
 
 def ours(Q, packed: PackedPages, k, config=None):
-    from pipeline.maxsim_triton import maxsim_scores_triton
+    from pipeline.score.triton_kernel import maxsim_scores_triton
 
     scores = maxsim_scores_triton(Q, packed, config=config)
     return topk_desc(scores, k)
@@ -218,7 +218,7 @@ def main():
     pk = packed128 if cfg[1] == 128 else packed64
 
     # Where the time goes: kernel alone, the in-order sum, the top-k.
-    from pipeline.maxsim_triton import page_maxima_triton
+    from pipeline.score.triton_kernel import page_maxima_triton
 
     Qflat = Q.reshape(-1, DIM)
     t_kernel, _, maxima = bench(lambda: page_maxima_triton(Qflat, pk, config=cfg), reps=5)

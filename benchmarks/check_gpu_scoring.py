@@ -10,9 +10,9 @@ import tempfile
 
 import numpy as np
 
-from pipeline.merge import merge_topk
-from pipeline.shards import ShardScorer, empty_candidates, open_corpus, plan_shards, read_vector_counts
-from scoring_data import oracle_ranking, random_pages, random_queries, write_corpus
+from pipeline.score.merge import merge_topk
+from pipeline.score.corpus import ShardScorer, empty_candidates, open_corpus, plan_shards, read_vector_counts
+from pipeline.devtools.synthetic import oracle_ranking, random_pages, random_queries, write_corpus
 
 
 def run(device, corpus, queries, k, shard_size, batch):

@@ -62,7 +62,7 @@ def part12(args, res, work):
 
     from jobs import embed_corpus, score_queries
     from pipeline.schema import arrow_to_embeddings
-    from pipeline.tiny import build_tiny_model
+    from pipeline.devtools.tiny import build_tiny_model
 
     model = build_tiny_model(os.path.join(work, "model"), real_size=True, device="cuda")
     corpus = os.path.join(work, "corpus")
@@ -109,8 +109,8 @@ def part12(args, res, work):
 def scale(args, res, work):
     """3. job-level scoring throughput at the benchmark's shape, files written as the embedding job writes them."""
     from jobs import score_queries
-    from pipeline.store import table_to_parquet_bytes
-    from scoring_data import corpus_metadata, pages_table
+    from pipeline.embed.plan import table_to_parquet_bytes
+    from pipeline.devtools.synthetic import corpus_metadata, pages_table
 
     rng = np.random.default_rng(0)
     big = os.path.join(work, "big")
@@ -126,7 +126,7 @@ def scale(args, res, work):
             pages_list.append((doc, 1, f"{doc}#1", v.astype(np.float16)))
         with open(os.path.join(big, "pages", f"part-{f_i:03d}.parquet"), "wb") as fh:
             fh.write(table_to_parquet_bytes(pages_table(pages_list), corpus_metadata()))
-    from scoring_data import write_queries_jsonl, write_query_embeddings
+    from pipeline.devtools.synthetic import write_queries_jsonl, write_query_embeddings
 
     qv = []
     for _ in range(args.scale_queries):

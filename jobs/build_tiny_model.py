@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-visual-tokens", type=int, default=768, help="processor's token cap (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default: %(default)s)")
     args = parser.parse_args(argv)
-    from pipeline.tiny import build_tiny_model
+    from pipeline.devtools.tiny import build_tiny_model
 
     path = build_tiny_model(args.output, args.max_visual_tokens, args.seed)
     print(f"tiny ColQwen2 written to {path}")

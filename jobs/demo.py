@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="demo", help="where model, corpus and outputs go (default: %(default)s)")
     args = p.parse_args(argv)
-    from pipeline.samples import make_sample_corpus
-    from pipeline.tiny import build_tiny_model
+    from pipeline.devtools.samples import make_sample_corpus
+    from pipeline.devtools.tiny import build_tiny_model
     from jobs import embed_corpus
 
     model = os.path.join(args.workdir, "tiny-colqwen2")

@@ -13,7 +13,7 @@ import os
 import sys
 
 from pipeline.config import EmbedConfig, load_yaml
-from pipeline.model import DEFAULT_MAX_VISUAL_TOKENS, DEFAULT_MODEL
+from pipeline.embed.model import DEFAULT_MAX_VISUAL_TOKENS, DEFAULT_MODEL
 
 EPILOG = """\
 outputs (DESIGN.md):
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except (ValueError, TypeError, OSError) as exc:
         parser.error(str(exc))
-    from pipeline.flows import run_embed_corpus
-    from pipeline.runtime import ensure_ray
+    from pipeline.embed.flow import run_embed_corpus
+    from pipeline.cluster import ensure_ray
 
     ensure_ray(cfg.ray_address)
     try:

@@ -15,7 +15,8 @@ import logging
 import sys
 import time
 
-from pipeline import __version__, evaluate
+from pipeline import __version__
+from pipeline.evaluate import metrics as evaluate
 
 logger = logging.getLogger(__name__)
 

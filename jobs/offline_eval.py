@@ -32,8 +32,11 @@ from typing import Any, Mapping
 
 import yaml
 
-from pipeline import __version__, evaluate, history, report
-from pipeline.history import RegressionPolicy
+from pipeline import __version__
+from pipeline.evaluate import metrics as evaluate
+from pipeline.evaluate import history
+from pipeline.evaluate import report
+from pipeline.evaluate.history import RegressionPolicy
 
 logger = logging.getLogger(__name__)
 

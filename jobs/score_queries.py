@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import schema
-from pipeline.merge import QUERY_INDEX, merge_topk
+from pipeline.score.merge import QUERY_INDEX, merge_topk
 
 log = logging.getLogger("jobs.score_queries")
 
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_query_embeddings(uri: str, endpoint_url: str | None, queries: pa.Table) -> pa.Table:
     import pyarrow.parquet as pq
 
-    from pipeline.sources import open_filesystem
+    from pipeline.storage import open_filesystem
 
     fs, path = open_filesystem(uri, endpoint_url)
     with fs.open_input_file(path) as f:
@@ -165,7 +165,7 @@ def _embed_queries_remote(model_name: str, texts: list[str], batch_size: int, en
     import ray
 
     def embed(name, texts, batch_size, endpoint_url):
-        from pipeline.model import embed_queries, load_model
+        from pipeline.embed.model import embed_queries, load_model
 
         lm = load_model(name, endpoint_url=endpoint_url)
         return [np.asarray(v, dtype=np.float16) for v in embed_queries(lm, texts, batch_size=batch_size)]
@@ -206,8 +206,8 @@ def trec_id(page_id: str) -> str:
 
 
 def _write_outputs(args, results: pa.Table, query_emb: pa.Table, summary: dict) -> None:
-    from pipeline.sources import join_uri
-    from pipeline.store import write_bytes_atomic, write_json, write_table
+    from pipeline.storage import join_uri
+    from pipeline.embed.plan import write_bytes_atomic, write_json, write_table
 
     out = args.output
     write_table(query_emb, join_uri(out, "query_embeddings.parquet"), args.endpoint_url)
@@ -228,11 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t_start = time.perf_counter()
 
-    from pipeline import model as model_mod
-    from pipeline.queries import read_queries
-    from pipeline.runtime import ensure_ray
-    from pipeline.score import auto_pages_per_shard
-    from pipeline.shards import (
+    from pipeline.embed import model as model_mod
+    from pipeline.score.queries import read_queries
+    from pipeline.cluster import ensure_ray
+    from pipeline.score.maxsim import auto_pages_per_shard
+    from pipeline.score.corpus import (
         ShardScorer,
         check_compatibility,
         empty_candidates,

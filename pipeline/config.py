@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from pipeline.model import DEFAULT_MAX_VISUAL_TOKENS, DEFAULT_MODEL
+from pipeline.embed.model import DEFAULT_MAX_VISUAL_TOKENS, DEFAULT_MODEL
 
 
 @dataclasses.dataclass(frozen=True)

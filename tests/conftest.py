@@ -151,14 +151,14 @@ def ray_session(ray_cluster):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from pipeline.tiny import build_tiny_model
+    from pipeline.devtools.tiny import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-colqwen2"))
 
 
 @pytest.fixture(scope="session")
 def sample_corpus(tmp_path_factory):
-    from pipeline.samples import make_sample_corpus
+    from pipeline.devtools.samples import make_sample_corpus
 
     folder = tmp_path_factory.mktemp("sample-corpus")
     make_sample_corpus(str(folder))

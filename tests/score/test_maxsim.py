@@ -1,4 +1,4 @@
-"""pipeline.score: exact MaxSim against a float64 oracle and transformers, invariance, top-k ties."""
+"""pipeline.score.maxsim: exact MaxSim against a float64 oracle and transformers, invariance, top-k ties."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import score
-from pipeline.score import maxsim_scores, pack_pages, pad_queries, topk_desc
-from scoring_data import oracle_scores, random_pages, random_queries
+from pipeline.score import maxsim as score
+from pipeline.score.maxsim import maxsim_scores, pack_pages, pad_queries, topk_desc
+from pipeline.devtools.synthetic import oracle_scores, random_pages, random_queries
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_doctests():
@@ -140,9 +140,9 @@ def test_triton_kernel_in_interpreter_equals_oracle():
     """The CUDA kernel's logic, run by Triton's CPU interpreter (float32, IEEE dot)."""
     code = (
         "import numpy as np, torch\n"
-        "from pipeline.score import pack_pages, pad_queries\n"
-        "from pipeline.maxsim_triton import maxsim_scores_triton\n"
-        "from scoring_data import random_pages, random_queries, oracle_scores\n"
+        "from pipeline.score.maxsim import pack_pages, pad_queries\n"
+        "from pipeline.score.triton_kernel import maxsim_scores_triton\n"
+        "from pipeline.devtools.synthetic import random_pages, random_queries, oracle_scores\n"
         "rng = np.random.default_rng(5)\n"
         "pages = random_pages(21, rng, max_len=45); queries = random_queries(5, rng)\n"
         "pk = pack_pages([p[3] for p in pages], dtype=torch.float32, pad_multiple=16)\n"

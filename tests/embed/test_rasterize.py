@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.rasterize import (
+from pipeline.embed.rasterize import (
     DocInfo,
     ErrorItem,
     PageItem,
@@ -22,7 +22,7 @@ from pipeline.rasterize import (
     smart_resize,
 )
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 SPEC = RenderSpec(max_visual_tokens=768)
 
 

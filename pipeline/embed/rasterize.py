@@ -286,7 +286,7 @@ def iter_document(data: bytes, spec: RenderSpec, skip: frozenset = frozenset()) 
 
 
 # ---------------------------------------------------------------- child process
-# The child is a fresh interpreter (``python -m pipeline.rasterize``), not a fork or a
+# The child is a fresh interpreter (``python -m pipeline.embed.rasterize``), not a fork or a
 # multiprocessing spawn: forking a Ray worker with threads is unsafe, and spawn re-imports
 # the parent's __main__ (Ray's worker script). Messages are length-prefixed pickles.
 
@@ -341,7 +341,7 @@ class Renderer:
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         env.setdefault("OMP_NUM_THREADS", "1")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.rasterize"],
+            [sys.executable, "-m", "pipeline.embed.rasterize"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=root,
         )
 
@@ -415,8 +415,8 @@ class Renderer:
 
 
 if __name__ == "__main__":
-    # Run the loop from the imported module, so pickled items name pipeline.rasterize
+    # Run the loop from the imported module, so pickled items name pipeline.embed.rasterize
     # classes, not __main__ ones.
-    from pipeline.rasterize import _child_main as child_main
+    from pipeline.embed.rasterize import _child_main as child_main
 
     child_main()

@@ -10,9 +10,10 @@ from datetime import datetime, timedelta, timezone
 import pandas as pd
 import pytest
 
-from eval_data import write_corpus
-from pipeline import history, report
-from pipeline.history import RegressionPolicy
+from pipeline.devtools.synthetic_eval import write_corpus
+from pipeline.evaluate import history
+from pipeline.evaluate import report
+from pipeline.evaluate.history import RegressionPolicy
 
 T0 = datetime(2026, 11, 1, 6, 0, tzinfo=timezone.utc)
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import schema
-from pipeline.rasterize import DocInfo, ErrorItem, PageItem, Renderer, RenderSpec
+from pipeline.embed.rasterize import DocInfo, ErrorItem, PageItem, Renderer, RenderSpec
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class _Rows:
 def read_with_retries(uri: str, endpoint_url: str | None, attempts: int = 3, backoff_s: float = 1.0) -> bytes:
     """Object reads fail transiently (throttling, resets): retry those, not missing or
     forbidden objects, before a document becomes a read error row."""
-    from pipeline.sources import read_bytes
+    from pipeline.storage import read_bytes
 
     for attempt in range(1, attempts + 1):
         try:
@@ -126,7 +126,7 @@ class PageEmbedder:
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto",
                  attn_implementation: str = "auto", load_in_4bit: bool = False, endpoint_url: str | None = None,
                  compile_model: bool = False):
-        from pipeline.model import load_model
+        from pipeline.embed.model import load_model
 
         self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
                              load_in_4bit=load_in_4bit, endpoint_url=endpoint_url, compile_model=compile_model)
@@ -134,7 +134,7 @@ class PageEmbedder:
         self.seconds = 0.0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.model import embed_pages
+        from pipeline.embed.model import embed_pages
 
         pixels = batch.column(PIXELS).to_pylist()
         widths = batch.column(schema.WIDTH).to_pylist()
@@ -171,8 +171,8 @@ def split_stream(table: pa.Table) -> tuple[pa.Table, pa.Table]:
 def write_shard(batch: pa.Table, output: str, metadata: dict, endpoint_url: str | None = None) -> pa.Table:
     """Write a batch as one pages file and one errors file, named by content, atomically.
     Returns one stats row for the driver's progress line and summary."""
-    from pipeline.sources import join_uri
-    from pipeline.store import ERRORS_DIR, PAGES_DIR, shard_name, write_table
+    from pipeline.storage import join_uri
+    from pipeline.embed.plan import ERRORS_DIR, PAGES_DIR, shard_name, write_table
 
     metadata = {k.encode() if isinstance(k, str) else k: v.encode() if isinstance(v, str) else v
                 for k, v in metadata.items()}

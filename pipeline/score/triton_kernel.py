@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline.score import PackedPages, sum_over_query_vectors
+from pipeline.score.maxsim import PackedPages, sum_over_query_vectors
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): BLOCK_M query vectors x BLOCK_N page vectors.
 DEFAULT_CONFIG = (256, 64, 8, 3)  # best of 8 on an H200 (benchmarks/RESULTS.md)

@@ -11,10 +11,10 @@ import yaml
 
 import pipeline
 
-from eval_data import results_table, write_corpus, write_queries, write_query_embeddings, write_trec_qrels
+from pipeline.devtools.synthetic_eval import results_table, write_corpus, write_queries, write_query_embeddings, write_trec_qrels
 from jobs import offline_eval
-from pipeline import history
-from pipeline.sources import read_bytes
+from pipeline.evaluate import history
+from pipeline.storage import read_bytes
 
 QIDS = [f"q{i}" for i in range(8)]
 

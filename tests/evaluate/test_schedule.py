@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from eval_data import results_table, write_corpus, write_queries, write_trec_qrels
+from pipeline.devtools.synthetic_eval import results_table, write_corpus, write_queries, write_trec_qrels
 from jobs import schedule_eval
-from pipeline import history
+from pipeline.evaluate import history
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_period_keys_and_submission_ids():

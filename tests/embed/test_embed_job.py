@@ -16,10 +16,10 @@ import pytest
 
 from jobs import embed_corpus
 from pipeline import schema
-from pipeline.sources import list_documents
+from pipeline.storage import list_documents
 
 TOKENS = "64"  # small pages keep the CPU tests fast; the code path is the same as 768
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_job(inp, out, model, *extra):
@@ -91,8 +91,8 @@ def test_page_rows_follow_the_contract(first_run):
 
 
 def test_stored_embeddings_equal_the_model_on_the_same_page(first_run, sample_corpus, tiny_model):
-    from pipeline.model import embed_pages, load_model
-    from pipeline.rasterize import PageItem, RenderSpec, iter_document
+    from pipeline.embed.model import embed_pages, load_model
+    from pipeline.embed.rasterize import PageItem, RenderSpec, iter_document
 
     out, _ = first_run
     t, _ = read_dir(os.path.join(out, "pages"))
@@ -149,7 +149,7 @@ def test_new_documents_are_the_only_ones_embedded(ray_session, tiny_model, sampl
 def test_s3_input_and_output(ray_session, tiny_model, sample_corpus, s3, capsys):
     import pyarrow.dataset as pads
 
-    from pipeline.sources import open_filesystem
+    from pipeline.storage import open_filesystem
 
     bucket = s3.make_bucket()
     s3.upload_folder(sample_corpus, bucket, "docs/")
@@ -241,7 +241,7 @@ def test_notebook_runs_on_the_output(first_run, monkeypatch):
 
 def test_reads_retry_transient_errors_but_not_missing_objects(s3):
     """A throttled or reset read is retried; a missing object fails at once with its name."""
-    from pipeline.embed import read_with_retries
+    from pipeline.embed.stages import read_with_retries
 
     bucket = s3.make_bucket()
     s3.client().put_object(Bucket=bucket, Key="a.pdf", Body=b"%PDF-1.4 hello")

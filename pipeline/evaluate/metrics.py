@@ -100,7 +100,7 @@ def parse_measures(names: Iterable[str]) -> list:
 
 
 def _open_filesystem(uri: str, endpoint_url: str | None):
-    from pipeline.sources import open_filesystem
+    from pipeline.storage import open_filesystem
 
     return open_filesystem(uri, endpoint_url=endpoint_url)
 
@@ -487,7 +487,7 @@ def per_query_table(per_query: pd.DataFrame) -> pa.Table:
 
 def write_bytes(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
     """Write a whole file so that readers see all of it or nothing (see ``sources.write_bytes_atomic``)."""
-    from pipeline.sources import write_bytes_atomic
+    from pipeline.storage import write_bytes_atomic
 
     write_bytes_atomic(uri, data, endpoint_url)
 

@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from pipeline.history import Baseline, Comparison, measure_columns
+from pipeline.evaluate.history import Baseline, Comparison, measure_columns
 
 PLOT_FILE = "history.png"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import model as M
+from pipeline.embed import model as M
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_batched_vision_attention_equals_the_per_image_loop(tiny_model, lm):
 def test_colqwen25_checkpoints_load_and_match_training_code(tmp_path):
     """A ColQwen2.5-style checkpoint (Qwen2.5-VL backbone, windowed vision attention)
     loads through the same path and gives the training code's page embeddings."""
-    from pipeline.tiny import build_tiny_model
+    from pipeline.devtools.tiny import build_tiny_model
 
     path = build_tiny_model(str(tmp_path / "tiny25"), family="qwen2_5_vl")
     lm25 = M.load_model(path, device="cpu")

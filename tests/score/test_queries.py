@@ -1,4 +1,4 @@
-"""pipeline.queries: the four formats, ids kept as strings, clear errors, S3."""
+"""pipeline.score.queries: the four formats, ids kept as strings, clear errors, S3."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.queries import QueryFileError, read_queries
+from pipeline.score.queries import QueryFileError, read_queries
 
 TEXTS = ["what is the revenue, in 2023?", "日本語の表 🙂", 'a "quoted" word', "ümlaut\ttab"]
 IDS = ["007", "q2", "ü-3", "4"]

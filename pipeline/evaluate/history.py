@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import pipeline
-from pipeline import evaluate, schema
+from pipeline import schema
+from pipeline.evaluate import metrics as evaluate
 
 logger = logging.getLogger(__name__)
 

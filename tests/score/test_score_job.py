@@ -14,8 +14,8 @@ import pytest
 
 from jobs import score_queries
 from pipeline import schema
-from pipeline.shards import CorpusError
-from scoring_data import (
+from pipeline.score.corpus import CorpusError
+from pipeline.devtools.synthetic import (
     corpus_metadata,
     oracle_ranking,
     random_pages,
@@ -25,7 +25,7 @@ from scoring_data import (
     write_query_embeddings,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_embeds_unicode_queries_with_the_model_and_rescoring_matches(ray_session
 def test_s3_in_and_out(ray_session, s3, data, tmp_path):
     import pyarrow.fs as pafs
 
-    from pipeline.sources import open_filesystem
+    from pipeline.storage import open_filesystem
 
     s3.make_bucket("scoring")
     fs, _ = open_filesystem("s3://scoring/x", s3.endpoint_url)

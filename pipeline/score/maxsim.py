@@ -280,7 +280,7 @@ def maxsim_scores(
         backend == "auto" and pages.device.type == "cuda" and pages.padded_length is None
     )
     if use_triton:
-        from pipeline.maxsim_triton import maxsim_scores_triton
+        from pipeline.score.triton_kernel import maxsim_scores_triton
 
         return maxsim_scores_triton(Q, pages)
     if backend not in ("auto", "torch"):

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import schema
-from pipeline.merge import QUERY_INDEX
-from pipeline.score import (
+from pipeline.score.merge import QUERY_INDEX
+from pipeline.score.maxsim import (
     EMBEDDING_DIM,
     PackedPages,
     maxsim_scores,
@@ -33,7 +33,7 @@ from pipeline.score import (
     topk_desc,
     triton_available,
 )
-from pipeline.sources import open_filesystem
+from pipeline.storage import open_filesystem
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ Two things differ from the transformers docs' plain loop, on purpose:
   output.
 
 Pages reach the actor as uint8 RGB images already resized to the model's grid on CPU
-workers (``pipeline.rasterize``); rescale, normalize and patchify are elementwise and run
+workers (``pipeline.embed.rasterize``); rescale, normalize and patchify are elementwise and run
 on the actor's device (shipping float32 patches would be 8x the bytes of the image).
 """
 
@@ -85,7 +85,7 @@ def fetch_model(name_or_path: str, endpoint_url: str | None = None, cache_dir: s
     """
     if "://" not in name_or_path or name_or_path.startswith("file://"):
         return name_or_path.removeprefix("file://")
-    from pipeline.sources import open_filesystem
+    from pipeline.storage import open_filesystem
     import pyarrow.fs as pafs
 
     cache_dir = cache_dir or os.environ.get("VDR_MODEL_CACHE", os.path.join(tempfile.gettempdir(), "vdr-models"))

@@ -9,7 +9,7 @@ tied page with a lower ``page_id`` than the one it kept, and the merge would be 
 only at the boundary, which is why both halves use one order.
 
 Scores of one (query, page) pair are the same whichever shard or batch computed them
-(see ``pipeline.score``), so the merged result does not depend on shard count, query
+(see ``pipeline.score.maxsim``), so the merged result does not depend on shard count, query
 batch size or the order in which shards finish. The merge is associative: merging
 partial merges gives the same table, which lets the driver merge as results arrive.
 """

@@ -9,7 +9,7 @@ import ir_measures
 import pyarrow.parquet as pq
 import pytest
 
-from eval_data import (
+from pipeline.devtools.synthetic_eval import (
     random_qrels_and_run,
     results_table,
     write_beir_qrels,
@@ -18,7 +18,7 @@ from eval_data import (
     write_trec_run,
 )
 from jobs import evaluate as evaluate_job
-from pipeline import evaluate
+from pipeline.evaluate import metrics as evaluate
 
 DEFAULTS = ["nDCG@5", "nDCG@10", "R@10", "RR@10", "AP"]
 
@@ -185,7 +185,7 @@ def test_bad_measure_is_refused_with_a_clear_message(tmp_path, capsys):
 def test_s3_inputs_and_outputs(tmp_path, s3):
     import pyarrow.fs as pafs
 
-    from pipeline.sources import open_filesystem
+    from pipeline.storage import open_filesystem
 
     s3.make_bucket("eval")
     qrels_rows, run_rows = random_qrels_and_run(5)

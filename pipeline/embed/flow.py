@@ -12,11 +12,12 @@ import math
 import sys
 import time
 
-from pipeline import __version__, schema, store
+from pipeline import __version__, schema
+from pipeline.embed import plan as store
 from pipeline.config import EmbedConfig
-from pipeline.model import IMAGE_PROMPT, QUERY_PROMPT
-from pipeline.rasterize import RenderSpec
-from pipeline.sources import DOCUMENT_EXTENSIONS, join_uri, list_documents
+from pipeline.embed.model import IMAGE_PROMPT, QUERY_PROMPT
+from pipeline.embed.rasterize import RenderSpec
+from pipeline.storage import DOCUMENT_EXTENSIONS, join_uri, list_documents
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def run_embed_corpus(cfg: EmbedConfig) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipeline.embed import PageEmbedder, render_documents, write_shard
+    from pipeline.embed.stages import PageEmbedder, render_documents, write_shard
 
     started = time.time()
     t0 = time.monotonic()

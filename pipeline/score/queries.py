@@ -1,6 +1,6 @@
 """Read a query set (``query_id``, ``text``) from ``.jsonl``, ``.csv``, ``.tsv`` or ``.parquet``.
 
-Any URI that :func:`pipeline.sources.open_filesystem` resolves (local path, file://,
+Any URI that :func:`pipeline.storage.open_filesystem` resolves (local path, file://,
 s3:// with a custom endpoint, gs://). Ids are read as strings, never as numbers, so
 ``007`` stays ``007``. Every problem is reported with what to change in the file.
 """
@@ -16,7 +16,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline import schema
-from pipeline.sources import open_filesystem
+from pipeline.storage import open_filesystem
 
 FORMATS = (".jsonl", ".csv", ".tsv", ".parquet")
 QUERIES_SCHEMA = pa.schema([pa.field(schema.QUERY_ID, pa.string(), nullable=False),

@@ -1,4 +1,4 @@
-"""pipeline.merge: per-shard top-k merged into the exact global top-k, ties by page_id."""
+"""pipeline.score.merge: per-shard top-k merged into the exact global top-k, ties by page_id."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline import merge
-from pipeline.merge import QUERY_INDEX, merge_topk
-from pipeline.score import topk_desc
+from pipeline.score import merge
+from pipeline.score.merge import QUERY_INDEX, merge_topk
+from pipeline.score.maxsim import topk_desc
 
 
 def test_doctests():

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import schema
-from pipeline.sources import join_uri, open_filesystem, write_bytes_atomic
+from pipeline.storage import join_uri, open_filesystem, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
