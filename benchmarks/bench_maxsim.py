@@ -29,13 +29,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.score.maxsim import (  # noqa: E402
-    PackedPages,
-    maxsim_scores,
-    pack_flat,
-    sum_over_query_vectors,
-    topk_desc,
-)
+from pipeline.score.corpus import PackedPages, pack_flat  # noqa: E402
+from pipeline.score.maxsim import maxsim_scores, sum_over_query_vectors, topk_desc  # noqa: E402
 
 DIM = 128
 RESULTS: dict = {"rows": []}

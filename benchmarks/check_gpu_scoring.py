@@ -1,6 +1,6 @@
 """GPU check of the job's scoring path (no Ray needed): ShardScorer on CUDA vs CPU vs float64 oracle.
 
-    PYTHONPATH=$PWD:$PWD/tests python3 benchmarks/check_gpu_scoring.py
+    PYTHONPATH=$PWD python3 benchmarks/check_gpu_scoring.py
 Writes a synthetic ragged corpus (3 files), scores it with ShardScorer on cuda (Triton kernel) and on cpu
 (torch float64), for several shard sizes, and checks that all top-k lists equal the float64 oracle.
 """
@@ -11,7 +11,8 @@ import tempfile
 import numpy as np
 
 from pipeline.score.merge import merge_topk
-from pipeline.score.corpus import ShardScorer, empty_candidates, open_corpus, plan_shards, read_vector_counts
+from pipeline.score.corpus import open_corpus, plan_shards, read_vector_counts
+from pipeline.score.scorer import ShardScorer, empty_candidates
 from pipeline.devtools.synthetic import oracle_ranking, random_pages, random_queries, write_corpus
 
 

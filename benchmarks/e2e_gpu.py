@@ -1,6 +1,6 @@
 """Both Ray jobs end to end on a GPU machine, checked against a float64 oracle.
 
-    PYTHONPATH=/tmp/site:$PWD:$PWD/tests python3 benchmarks/e2e_gpu.py --out e2e.json
+    PYTHONPATH=/tmp/site:$PWD python3 benchmarks/e2e_gpu.py --out e2e.json
 
 1. jobs.embed_corpus on generated letter PDFs (real-size random ColQwen2, bf16, compiled);
 2. jobs.score_queries on its output with --model (queries embedded on the GPU, scored by
@@ -22,7 +22,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import numpy as np  # noqa: E402
@@ -109,7 +108,7 @@ def part12(args, res, work):
 def scale(args, res, work):
     """3. job-level scoring throughput at the benchmark's shape, files written as the embedding job writes them."""
     from jobs import score_queries
-    from pipeline.embed.plan import table_to_parquet_bytes
+    from pipeline.storage import parquet_bytes
     from pipeline.devtools.synthetic import corpus_metadata, pages_table
 
     rng = np.random.default_rng(0)
@@ -125,7 +124,7 @@ def scale(args, res, work):
             doc = f"d{f_i:03d}_{j:05d}.pdf"
             pages_list.append((doc, 1, f"{doc}#1", v.astype(np.float16)))
         with open(os.path.join(big, "pages", f"part-{f_i:03d}.parquet"), "wb") as fh:
-            fh.write(table_to_parquet_bytes(pages_table(pages_list), corpus_metadata()))
+            fh.write(parquet_bytes(pages_table(pages_list), corpus_metadata()))
     from pipeline.devtools.synthetic import write_queries_jsonl, write_query_embeddings
 
     qv = []

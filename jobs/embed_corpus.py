@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
-from pipeline.config import EmbedConfig, load_yaml
-from pipeline.embed.model import DEFAULT_MAX_VISUAL_TOKENS, DEFAULT_MODEL
+from pipeline.config import DEFAULT_MAX_VISUAL_TOKENS, DEFAULT_MODEL, embed_config
 
 EPILOG = """\
 outputs (DESIGN.md):
@@ -83,39 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> EmbedConfig:
-    values = load_yaml(args.config) if args.config else {}
-    for key, value in vars(args).items():
-        if key in ("config", "verbose") or value is None:
-            continue
-        values[key] = value
-    # Workers may run in another directory than this driver: local paths are made absolute.
-    for key in ("input", "output", "model"):
-        value = values.get(key)
-        if value and "://" not in value and (key != "model" or os.path.exists(value)):
-            values[key] = os.path.abspath(value)
-    known = set(EmbedConfig.__dataclass_fields__)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown option(s) in {args.config}: {', '.join(unknown)}")
-    return EmbedConfig(**values)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = {k: v for k, v in vars(args).items() if k not in ("config", "verbose")}
     try:
-        cfg = config_from_args(args)
+        cfg = embed_config(options, args.config)
     except (ValueError, TypeError, OSError) as exc:
         parser.error(str(exc))
-    from pipeline.embed.flow import run_embed_corpus
     from pipeline.cluster import ensure_ray
+    from pipeline.embed import flow
 
     ensure_ray(cfg.ray_address)
     try:
-        summary = run_embed_corpus(cfg)
+        summary = flow.run(cfg)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

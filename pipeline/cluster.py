@@ -1,4 +1,5 @@
-"""Connecting to Ray: a given cluster, the one this job was submitted to, or an embedded one."""
+"""The Ray cluster as the jobs see it: connecting a driver (a given cluster, the one a job was
+submitted to, or an embedded one) and the Jobs API client of the scheduler."""
 
 from __future__ import annotations
 
@@ -24,3 +25,28 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
         runtime_env = {"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}}
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **init_kwargs)
     log.info("Ray resources: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
+
+
+def _use_ray_auth_token() -> None:
+    """Send the Ray auth token when one exists, as ``ray start`` does.
+
+    Clusters started where ``~/.ray/auth_token`` (or ``RAY_AUTH_TOKEN``/``RAY_AUTH_TOKEN_PATH``)
+    exists require it, but a plain JobSubmissionClient only sends it when RAY_AUTH_MODE=token.
+    An explicit RAY_AUTH_MODE is respected."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def job_client(address: str | None):
+    """A JobSubmissionClient for the dashboard at ``address`` (default: RAY_ADDRESS)."""
+    from ray.job_submission import JobSubmissionClient
+
+    _use_ray_auth_token()
+    return JobSubmissionClient(address)
+
+

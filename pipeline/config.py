@@ -1,11 +1,21 @@
-"""Job configuration: frozen dataclasses validated up front, with errors that say what to change."""
+"""Each job's options: frozen dataclasses validated up front, with errors that say what to change.
+
+Imports neither torch nor Ray: parsing a flag must not load CUDA libraries.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
 
-from pipeline.embed.model import DEFAULT_MAX_VISUAL_TOKENS, DEFAULT_MODEL
+DEFAULT_MODEL = "vidore/colqwen2-v1.0-hf"
+DEFAULT_MAX_VISUAL_TOKENS = 768
+# Always computed by the evaluation; more can be added by name.
+DEFAULT_MEASURES: tuple[str, ...] = ("nDCG@5", "nDCG@10", "R@10", "RR@10", "AP")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +81,28 @@ class EmbedConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
 
+def absolute_local(values: dict, keys: tuple[str, ...], only_existing: tuple[str, ...] = ()) -> dict:
+    """Local paths made absolute: Ray workers (and a job's copy of its working dir) run
+    in other directories than the driver. URIs (``s3://``...) are left alone; keys in
+    ``only_existing`` are changed only when the path exists (a model may be a hub name)."""
+    for key in keys:
+        value = values.get(key)
+        if isinstance(value, str) and value and "://" not in value and (key not in only_existing or os.path.exists(value)):
+            values[key] = os.path.abspath(value)
+    return values
+
+
+def embed_config(options: Mapping[str, Any], yaml_path: str | None = None) -> EmbedConfig:
+    """Options from a YAML file (optional), overridden by ``options`` (None values ignored)."""
+    values = load_yaml(yaml_path) if yaml_path else {}
+    values.update({k: v for k, v in options.items() if v is not None})
+    absolute_local(values, ("input", "output", "model"), only_existing=("model",))
+    unknown = sorted(set(values) - set(EmbedConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown option(s) in {yaml_path}: {', '.join(unknown)}")
+    return EmbedConfig(**values)
+
+
 def load_yaml(path: str) -> dict:
     """Options from a YAML file; keys are the long flags with dashes or underscores."""
     import yaml
@@ -80,3 +112,284 @@ def load_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """``jobs.score_queries``: exact MaxSim of a query set against an embedded corpus."""
+
+    corpus: str
+    queries: str
+    output: str
+    top_k: int
+    endpoint_url: str | None = None
+    run_tag: str = "colqwen2-maxsim"
+    # query embedding
+    model: str | None = None  # default: the model recorded in the corpus metadata
+    query_embeddings: str | None = None  # reuse these instead of loading the model
+    embed_batch_size: int = 32
+    max_visual_tokens: int | None = None  # when set, the corpus must have been embedded with it
+    allow_model_mismatch: bool = False
+    # sharding and actors
+    shard_size_pages: int | str = "auto"
+    query_batch_size: int = 0  # 0: auto
+    num_actors: int = 0  # 0: one per GPU, or min(4, CPUs) without GPUs
+    gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    cpus_per_actor: float = 1
+    backend: str = "auto"
+    ray_address: str | None = None
+
+    def __post_init__(self):
+        problems = []
+        for name in ("corpus", "queries", "output"):
+            if not getattr(self, name):
+                problems.append(f"--{name} is required")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            problems.append(f"--top-k must be a positive integer, got {self.top_k!r}")
+        if self.shard_size_pages != "auto" and (not isinstance(self.shard_size_pages, int) or self.shard_size_pages < 1):
+            problems.append(f"--shard-size-pages must be a positive integer or 'auto', got {self.shard_size_pages!r}")
+        if self.embed_batch_size < 1:
+            problems.append(f"--embed-batch-size must be >= 1, got {self.embed_batch_size}")
+        if self.query_batch_size < 0 or self.num_actors < 0:
+            problems.append("--query-batch-size and --num-actors must be >= 0 (0 = automatic)")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            problems.append("--gpus-per-actor must be >= 0 (0 scores on CPU)")
+        if self.backend not in ("auto", "torch", "triton"):
+            problems.append(f"--backend must be auto, torch or triton, got {self.backend!r}")
+        if problems:
+            raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+
+    @classmethod
+    def from_flags(cls, flags: typing.Sequence[str], **values) -> "ScoreConfig":
+        """``values`` plus extra command-line style flags (``["--num-actors", "4"]``), as a
+        scheduled evaluation's ``score_args`` gives them."""
+        return cls(**{**values, **_parse_flags(cls, flags)})
+
+
+def _parse_flags(cls, flags: typing.Sequence[str]) -> dict:
+    hints = typing.get_type_hints(cls)
+    out: dict = {}
+    items = list(flags)
+    i = 0
+    while i < len(items):
+        flag = items[i]
+        name, _, inline = flag[2:].partition("=") if flag.startswith("--") else ("", "", "")
+        key = name.replace("-", "_")
+        if key not in hints:
+            raise ValueError(f"unknown scoring option {flag!r}; see python -m jobs.score_queries --help")
+        hint = hints[key]
+        if hint is bool:
+            out[key] = True
+            i += 1
+            continue
+        if not inline:
+            if i + 1 >= len(items):
+                raise ValueError(f"scoring option {flag} needs a value")
+            inline = items[i + 1]
+            i += 1
+        i += 1
+        if "int" in str(hint) and inline != "auto":
+            out[key] = float(inline) if "float" in str(hint) else int(inline)
+        elif "float" in str(hint):
+            out[key] = float(inline)
+        else:
+            out[key] = inline
+    return out
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``jobs.evaluate``: ir_measures metrics of a run against relevance judgements."""
+
+    run: str
+    qrels: str
+    output: str
+    measures: tuple[str, ...] = DEFAULT_MEASURES
+    corpus: str | None = None
+    endpoint_url: str | None = None
+    ranking: str = "score"
+
+    def __post_init__(self):
+        if self.ranking not in ("score", "rank"):
+            raise ValueError(f"ranking must be 'score' or 'rank', got {self.ranking!r}")
+        object.__setattr__(self, "measures", _measure_names(self.measures))
+
+
+def _measure_names(names) -> tuple[str, ...]:
+    return tuple(str(m) for m in parse_measures(names))
+
+
+def parse_measures(names: Iterable[str]) -> list:
+    """Measure names (``"nDCG@10"``, ``"P(rel=2)@5"``) -> ir_measures measures, in order, once each.
+
+    >>> [str(m) for m in parse_measures(["nDCG@10", "AP", "nDCG@10"])]
+    ['nDCG@10', 'AP']
+    """
+    import ir_measures  # no torch, no Ray
+
+    measures, seen = [], set()
+    for name in names:
+        name = name.strip()
+        if not name:
+            continue
+        try:
+            measure = ir_measures.parse_measure(name)
+        except Exception as exc:  # ir_measures raises ValueError/NameError/SyntaxError
+            raise ValueError(
+                f"unknown measure {name!r}: use an ir_measures name such as nDCG@10, R@100, "
+                f"RR@10, AP, P(rel=2)@5 ({exc})"
+            ) from exc
+        key = str(measure)
+        if key not in seen:
+            seen.add(key)
+            measures.append(measure)
+    if not measures:
+        raise ValueError("no measures to compute")
+    return measures
+
+
+@dataclass(frozen=True)
+class RegressionPolicy:
+    """When a drop is a regression.
+
+    ``max_drop`` applies to every measure in ``measures`` (default: all measures computed)
+    unless ``per_measure`` names its own; with ``relative`` the drop is a fraction of the
+    reference value (0.05 = 5 %), otherwise absolute (0.01 = one point of nDCG).
+    ``against`` says which references gate the exit status.
+    """
+
+    max_drop: float = 0.01
+    per_measure: Mapping[str, float] = field(default_factory=dict)
+    relative: bool = False
+    measures: tuple[str, ...] | None = None
+    against: tuple[str, ...] = ("previous", "baseline")
+
+    def __post_init__(self):
+        import math
+
+        for name, value in [("max_drop", self.max_drop), *self.per_measure.items()]:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or math.isnan(value):
+                raise ValueError(f"regression threshold {name}={value!r} must be a number >= 0")
+        bad = set(self.against) - {"previous", "baseline"}
+        if bad:
+            raise ValueError(f"regression.against accepts 'previous' and 'baseline', not {sorted(bad)}")
+        if self.measures is not None:
+            object.__setattr__(self, "measures", tuple(self.measures))
+        object.__setattr__(self, "against", tuple(self.against))
+        object.__setattr__(self, "per_measure", dict(self.per_measure))
+
+    @classmethod
+    def from_mapping(cls, value: Mapping | None) -> "RegressionPolicy":
+        value = dict(value or {})
+        known = {"max_drop", "per_measure", "relative", "measures", "against"}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"unknown regression settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**value)
+
+    def threshold(self, measure: str) -> float | None:
+        """Allowed drop for ``measure``; None when the measure does not gate."""
+        if measure in self.per_measure:
+            return float(self.per_measure[measure])
+        if self.measures is not None and measure not in self.measures:
+            return None
+        return float(self.max_drop)
+
+
+@dataclass(frozen=True)
+class OfflineEvalConfig:
+    """Everything one scheduled evaluation needs. Paths are URIs (relative ones resolve
+    against the working directory, as on ``ray job submit --working-dir .``)."""
+
+    corpus: str
+    queries: str
+    qrels: str
+    output_root: str
+    history: str | None = None  # default: output_root/history
+    model: str | None = None  # default: the model recorded in the corpus metadata
+    max_visual_tokens: int | None = None  # when set, the corpus must have been embedded with it
+    top_k: int = 100
+    measures: tuple[str, ...] = DEFAULT_MEASURES
+    baseline: Any = None  # run id, metrics.json URI, {measure: value}, or None (HISTORY/baseline.json)
+    regression: RegressionPolicy = field(default_factory=RegressionPolicy)
+    fail_on_regression: bool = True
+    query_embeddings: str | None = None  # reuse these instead of loading the model
+    run: str | None = None  # evaluate this existing run instead of scoring
+    score_args: tuple[str, ...] = ()  # extra flags for jobs.score_queries (shards, actors, ...)
+    ranking: str = "score"
+    endpoint_url: str | None = None
+    ray_address: str | None = None
+
+    def __post_init__(self):
+        for name in ("corpus", "queries", "qrels", "output_root"):
+            if not getattr(self, name):
+                raise ValueError(f"config needs '{name}' (in the YAML file or as --{name.replace('_', '-')})")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}")
+        if self.max_visual_tokens is not None and (not isinstance(self.max_visual_tokens, int) or self.max_visual_tokens < 1):
+            raise ValueError(f"max_visual_tokens must be a positive integer, got {self.max_visual_tokens!r}")
+        if self.ranking not in ("score", "rank"):
+            raise ValueError(f"ranking must be 'score' or 'rank', got {self.ranking!r}")
+        if isinstance(self.regression, Mapping):
+            object.__setattr__(self, "regression", RegressionPolicy.from_mapping(self.regression))
+        object.__setattr__(self, "measures", _measure_names(self.measures))
+        object.__setattr__(self, "score_args", tuple(str(a) for a in self.score_args))
+        _parse_flags(ScoreConfig, self.score_args)  # a bad flag fails now, not after the scoring
+
+    @property
+    def history_uri(self) -> str:
+        from pipeline.storage import join_uri
+
+        return self.history or join_uri(self.output_root, "history")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["measures"] = list(self.measures)
+        out["score_args"] = list(self.score_args)
+        out["regression"] = {
+            "max_drop": self.regression.max_drop,
+            "per_measure": dict(self.regression.per_measure),
+            "relative": self.regression.relative,
+            "measures": list(self.regression.measures) if self.regression.measures is not None else None,
+            "against": list(self.regression.against),
+        }
+        out["history"] = self.history_uri
+        return out
+
+
+def offline_eval_config(path: str | None, overrides: Mapping[str, Any]) -> OfflineEvalConfig:
+    """YAML file (optional) + overrides (None values ignored) -> validated config."""
+    values: dict[str, Any] = {}
+    if path:
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"{path}: expected a mapping of settings at the top level")
+        values.update(loaded)
+    known = {f.name for f in dataclasses.fields(OfflineEvalConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+    extra_measures = overrides.get("extra_measures") or []
+    for key, value in overrides.items():
+        if key == "extra_measures" or value is None:
+            continue
+        if key == "max_drop":
+            values["regression"] = {**(values.get("regression") or {}), "max_drop": value}
+            continue
+        values[key] = value
+    # The default measures are always computed; the file and the flags add to them.
+    values["measures"] = DEFAULT_MEASURES + tuple(values.get("measures") or ()) + tuple(extra_measures)
+    if values.get("score_args") is not None:
+        values["score_args"] = tuple(values["score_args"])
+    for name in ("corpus", "queries", "qrels", "output_root"):
+        if not values.get(name):
+            raise ValueError(f"config needs '{name}' (in the YAML file or as --{name.replace('_', '-')})")
+    # Local paths become absolute so that the history's links and the resolved config stay
+    # valid from anywhere (a Ray job runs in a temporary copy of its working dir).
+    absolute_local(values, ("corpus", "queries", "qrels", "output_root", "history", "query_embeddings", "run"))
+    if isinstance(values.get("baseline"), str) and values["baseline"].endswith(".json"):
+        absolute_local(values, ("baseline",))
+    return OfflineEvalConfig(**values)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 
 EMBEDDING_DIM = 128
@@ -71,6 +73,25 @@ RESULTS_SCHEMA = pa.schema(
     ]
 )
 
+# Folders and files of the embedding job's output (DESIGN.md).
+PAGES_DIR = "pages"
+ERRORS_DIR = "errors"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+# Files of the scoring job's output.
+RESULTS_FILE = "results.parquet"
+RUN_FILE = "run.trec"
+QUERY_EMBEDDINGS_FILE = "query_embeddings.parquet"
+
+# The prompts recorded with every embeddings file (colpali-engine 0.3.x, the code ColQwen2
+# v1.0 was trained with: queries have no trailing "\n").
+IMAGE_PROMPT = (
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|><|endoftext|>"
+)
+QUERY_PREFIX = "Query: "
+QUERY_AUGMENTATION = "<|endoftext|>" * 10
+QUERY_PROMPT = QUERY_PREFIX + "{text}" + QUERY_AUGMENTATION
+
 # Keys of the Parquet key-value metadata written with every embeddings file.
 META_MODEL = b"vdr.model"
 META_PROMPT = b"vdr.image_prompt"
@@ -83,6 +104,27 @@ META_VERSION = b"vdr.version"
 def page_id(doc_id: str, page_number: int) -> str:
     """``f"{doc_id}#{page_number}"``: how run files and qrels name a page."""
     return f"{doc_id}#{page_number}"
+
+
+_WHITESPACE = re.compile(r"\s")
+
+
+def trec_id(page_id: str) -> str:
+    """A page_id as a TREC run file can hold it: whitespace (paths with spaces) percent-encoded.
+
+    TREC run and qrels lines are split on whitespace, so ``a b.pdf#1`` is written
+    ``a%20b.pdf#1``; results.parquet keeps the exact id.
+
+    >>> trec_id("reports/annual report.pdf#2")
+    'reports/annual%20report.pdf#2'
+    """
+    return _WHITESPACE.sub(lambda m: "%" + format(ord(m.group()), "02X"), page_id)
+
+
+def pages_folder(corpus_uri: str) -> str:
+    """``CORPUS`` or ``CORPUS/pages`` -> the folder that holds the page Parquet files."""
+    stripped = corpus_uri.rstrip("/")
+    return stripped if stripped.endswith("/" + PAGES_DIR) or stripped == PAGES_DIR else f"{stripped}/{PAGES_DIR}"
 
 
 def embeddings_to_arrow(vectors: list) -> pa.Array:

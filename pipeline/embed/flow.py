@@ -1,6 +1,7 @@
-"""The one place where Ray Data operators are chained.
+"""The embedding job's Ray wiring: the one place where its Ray Data operators are chained.
 
-corpus:  list -> skip done -> render (CPU tasks) -> embed (GPU actor pool) -> write (CPU tasks)
+list -> skip done (:mod:`~pipeline.embed.plan`) -> render (CPU tasks) -> embed (GPU actor
+pool) -> write (CPU tasks), the stages being plain callables of :mod:`~pipeline.embed.stages`.
 """
 
 from __future__ import annotations
@@ -12,33 +13,21 @@ import math
 import sys
 import time
 
-from pipeline import __version__, schema
-from pipeline.embed import plan as store
+import ray
+from ray.data import ActorPoolStrategy
+
+from pipeline import __version__, schema, storage
 from pipeline.config import EmbedConfig
-from pipeline.embed.model import IMAGE_PROMPT, QUERY_PROMPT
+from pipeline.embed import plan
 from pipeline.embed.rasterize import RenderSpec
-from pipeline.storage import DOCUMENT_EXTENSIONS, join_uri, list_documents
+from pipeline.embed.stages import PageEmbedder, render_documents, write_shard
+from pipeline.schema import IMAGE_PROMPT, QUERY_PROMPT
+from pipeline.storage import join_uri
 
 log = logging.getLogger(__name__)
 
 
 MAX_INPUT_BLOCKS = 20_000
-
-
-def plan_documents(cfg: EmbedConfig) -> tuple[list[dict], dict]:
-    """Documents to (re)do, with the pages of each that an earlier run already wrote."""
-    docs = list_documents(cfg.input, cfg.endpoint_url, None if cfg.all_files else DOCUMENT_EXTENSIONS)
-    progress = store.load_progress(cfg.output, cfg.endpoint_url)
-    todo, complete, resumed = [], 0, 0
-    for d in docs:
-        p = progress.get(d.doc_id)
-        if p is not None and p.complete():
-            complete += 1
-            continue
-        skip = sorted(p.done_pages) if p else []
-        resumed += bool(skip)
-        todo.append({"doc_id": d.doc_id, "source_uri": d.source_uri, "size_bytes": d.size_bytes, "skip_pages": skip})
-    return todo, {"documents_listed": len(docs), "documents_already_done": complete, "documents_resumed": resumed}
 
 
 def resolve_resources(cfg: EmbedConfig) -> tuple[float, int, int, str]:
@@ -48,8 +37,6 @@ def resolve_resources(cfg: EmbedConfig) -> tuple[float, int, int, str]:
     grows only after its first actor is saturated, and each new actor then spends its
     model load and compilation while the others work (seen on 2 GPUs: the second idle for
     most of a 2,500-page job)."""
-    import ray
-
     gpus = ray.cluster_resources().get("GPU", 0)
     per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)
     if cfg.gpus_per_actor is None and not gpus:
@@ -116,26 +103,21 @@ class _Progress:
                   f"{len(self.files)} files", file=sys.stderr, flush=True)
 
 
-def run_embed_corpus(cfg: EmbedConfig) -> dict:
+def run(cfg: EmbedConfig) -> dict:
     """Run the corpus job on the connected Ray cluster; returns the summary it writes."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    from pipeline.embed.stages import PageEmbedder, render_documents, write_shard
-
     started = time.time()
     t0 = time.monotonic()
     spec = RenderSpec(max_visual_tokens=cfg.max_visual_tokens, max_dpi=cfg.max_dpi,
                       max_longest_side_px=cfg.max_longest_side_px, max_image_pixels=cfg.max_image_pixels,
                       max_pages_per_doc=cfg.max_pages_per_doc)
     if cfg.retry_errors:
-        removed = store.remove_error_files(cfg.output, cfg.endpoint_url)
+        removed = plan.remove_error_files(cfg.output, cfg.endpoint_url)
         log.info("--retry-errors: removed %d error file(s); their documents are tried again", removed)
-    todo, plan = plan_documents(cfg)
+    todo, planned = plan.plan_documents(cfg)
     gpus_per_actor, min_actors, max_actors, device = resolve_resources(cfg)
-    store.write_json(join_uri(cfg.output, store.CONFIG_FILE), json.loads(cfg.to_json()), cfg.endpoint_url)
+    storage.write_json(join_uri(cfg.output, schema.CONFIG_FILE), json.loads(cfg.to_json()), cfg.endpoint_url)
     log.info("%d documents listed, %d already done, %d to do; %d-%d embedding actors on %s",
-             plan["documents_listed"], plan["documents_already_done"], len(todo), min_actors, max_actors, device)
+             planned["documents_listed"], planned["documents_already_done"], len(todo), min_actors, max_actors, device)
     progress = _Progress(len(todo))
     if todo:
         # One block per render task's worth of documents, capped so that a corpus of millions
@@ -187,7 +169,7 @@ def run_embed_corpus(cfg: EmbedConfig) -> dict:
         "max_visual_tokens": cfg.max_visual_tokens,
         "device": device,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        **plan,
+        **planned,
         "documents_processed": len(todo),
         "this_run": {
             "pages": progress.pages,
@@ -200,7 +182,7 @@ def run_embed_corpus(cfg: EmbedConfig) -> dict:
             "steady_pages_per_second": round(progress.steady_rate(), 3) if progress.steady_rate() else None,
             "embedding_actors": [min_actors, max_actors],
         },
-        "output_totals": store.output_totals(cfg.output, cfg.endpoint_url),
+        "output_totals": plan.output_totals(cfg.output, cfg.endpoint_url),
     }
-    store.write_json(join_uri(cfg.output, store.SUMMARY_FILE), summary, cfg.endpoint_url)
+    storage.write_json(join_uri(cfg.output, schema.SUMMARY_FILE), summary, cfg.endpoint_url)
     return summary

@@ -30,19 +30,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from pipeline.config import DEFAULT_MAX_VISUAL_TOKENS, DEFAULT_MODEL  # noqa: F401  (re-exported)
+from pipeline.schema import IMAGE_PROMPT, QUERY_AUGMENTATION, QUERY_PREFIX, QUERY_PROMPT  # noqa: F401
+
 log = logging.getLogger(__name__)
 
-IMAGE_PROMPT = (
-    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe the image.<|im_end|><|endoftext|>"
-)
 IMAGE_TOKEN = "<|image_pad|>"
-QUERY_PREFIX = "Query: "
-QUERY_AUGMENTATION = "<|endoftext|>" * 10
-# colpali-engine 0.3.x, the code ColQwen2 v1.0 was trained with: no trailing "\n".
-QUERY_PROMPT = QUERY_PREFIX + "{text}" + QUERY_AUGMENTATION
-
-DEFAULT_MODEL = "vidore/colqwen2-v1.0-hf"
-DEFAULT_MAX_VISUAL_TOKENS = 768
 MIN_VISUAL_TOKENS = 4
 
 

@@ -9,6 +9,7 @@ so every document ends as page rows or error rows in one stream.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import time
@@ -16,8 +17,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipeline import schema
-from pipeline.embed.rasterize import DocInfo, ErrorItem, PageItem, Renderer, RenderSpec
+from pipeline import schema, storage
+from pipeline.embed.rasterize import DocInfo, ErrorItem, PageItem, RenderSpec
+from pipeline.embed.renderer import Renderer
 
 log = logging.getLogger(__name__)
 
@@ -65,24 +67,6 @@ class _Rows:
         return pa.table(self.cols, schema=STREAM_SCHEMA)
 
 
-def read_with_retries(uri: str, endpoint_url: str | None, attempts: int = 3, backoff_s: float = 1.0) -> bytes:
-    """Object reads fail transiently (throttling, resets): retry those, not missing or
-    forbidden objects, before a document becomes a read error row."""
-    from pipeline.storage import read_bytes
-
-    for attempt in range(1, attempts + 1):
-        try:
-            return read_bytes(uri, endpoint_url)
-        except (FileNotFoundError, PermissionError, IsADirectoryError):
-            raise
-        except OSError as exc:
-            if attempt == attempts:
-                raise OSError(f"{exc} (after {attempts} attempts)") from exc
-            log.warning("read of %s failed (%s), retrying", uri, type(exc).__name__)
-            time.sleep(backoff_s * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
-
-
 def render_documents(batch: pa.Table, spec: RenderSpec, render_timeout_s: float, max_file_bytes: int,
                      endpoint_url: str | None = None, pages_per_block: int = 16):
     """Documents (doc_id, source_uri, size_bytes, skip_pages) -> stream rows, yielded in
@@ -97,7 +81,7 @@ def render_documents(batch: pa.Table, spec: RenderSpec, render_timeout_s: float,
                      message=f"{doc['size_bytes']} bytes is over --max-file-bytes {max_file_bytes}")
             continue
         try:
-            data = read_with_retries(uri, endpoint_url)
+            data = storage.read_bytes_with_retries(uri, endpoint_url)
         except Exception as exc:
             rows.add(**base, stage="read", error_type=type(exc).__name__, message=f"could not read: {exc}")
             continue
@@ -155,6 +139,12 @@ class PageEmbedder:
         return out.append_column(schema.EMBEDDING, schema.embeddings_to_arrow(all_vectors))
 
 
+def shard_name(keys: list[str]) -> str:
+    """Deterministic file name for a set of row keys (page ids)."""
+    digest = hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:24]
+    return f"part-{digest}.parquet"
+
+
 def split_stream(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     """Embedded stream rows -> (pages table, errors table) in the file schemas."""
     is_error = pa.compute.is_valid(table.column(schema.ERROR_TYPE))
@@ -171,23 +161,20 @@ def split_stream(table: pa.Table) -> tuple[pa.Table, pa.Table]:
 def write_shard(batch: pa.Table, output: str, metadata: dict, endpoint_url: str | None = None) -> pa.Table:
     """Write a batch as one pages file and one errors file, named by content, atomically.
     Returns one stats row for the driver's progress line and summary."""
-    from pipeline.storage import join_uri
-    from pipeline.embed.plan import ERRORS_DIR, PAGES_DIR, shard_name, write_table
-
     metadata = {k.encode() if isinstance(k, str) else k: v.encode() if isinstance(v, str) else v
                 for k, v in metadata.items()}
     pages, errors = split_stream(batch)
     files = []
     if pages.num_rows:
         name = shard_name(pages.column(schema.PAGE_ID).to_pylist())
-        write_table(pages, join_uri(output, PAGES_DIR, name), endpoint_url, metadata)
-        files.append(f"{PAGES_DIR}/{name}")
+        storage.write_parquet(storage.join_uri(output, schema.PAGES_DIR, name), pages, endpoint_url, metadata)
+        files.append(f"{schema.PAGES_DIR}/{name}")
     if errors.num_rows:
         keys = [f"{d}#{p}" for d, p in zip(errors.column(schema.DOC_ID).to_pylist(),
                                            errors.column(schema.PAGE_NUMBER).to_pylist())]
         name = shard_name(keys)
-        write_table(errors, join_uri(output, ERRORS_DIR, name), endpoint_url, metadata)
-        files.append(f"{ERRORS_DIR}/{name}")
+        storage.write_parquet(storage.join_uri(output, schema.ERRORS_DIR, name), errors, endpoint_url, metadata)
+        files.append(f"{schema.ERRORS_DIR}/{name}")
     by_type = collections.Counter(errors.column(schema.ERROR_TYPE).to_pylist())
     return pa.table({
         "pages": [pages.num_rows],

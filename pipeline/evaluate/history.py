@@ -1,5 +1,5 @@
 """Evaluation history: one Parquet row per run, comparison with the previous run and a
-pinned baseline, and regression detection.
+pinned baseline (comparison and regressions: :mod:`pipeline.evaluate.regression`).
 
 Layout under a history URI (any filesystem)::
 
@@ -18,21 +18,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 import pipeline
-from pipeline import schema
-from pipeline.evaluate import metrics as evaluate
+from pipeline import schema, storage
+from pipeline.evaluate.runs import IRM_DOC, IRM_QUERY, IRM_RELEVANCE
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +141,9 @@ class CorpusInfo:
 def corpus_info(corpus_uri: str, endpoint_url: str | None = None) -> CorpusInfo:
     """Fingerprint = sha256 over the sorted (relative name, size) of ``CORPUS/pages/*.parquet``
     and the vdr.* metadata of every file. Reads Parquet footers only, never the vectors."""
-    folder = evaluate.pages_folder(corpus_uri)
-    fs, files = evaluate.list_parquet_files(folder, endpoint_url)
-    _, root = evaluate._open_filesystem(folder, endpoint_url)
+    folder = schema.pages_folder(corpus_uri)
+    fs, files = storage.list_files(folder, endpoint_url, recursive=True)
+    _, root = storage.open_filesystem(folder, endpoint_url)
     root = root.rstrip("/") + "/"
     digest = hashlib.sha256()
     pages, total, first_meta = 0, 0, None
@@ -171,7 +170,7 @@ def corpus_info(corpus_uri: str, endpoint_url: str | None = None) -> CorpusInfo:
 def qrels_fingerprint(qrels: pd.DataFrame) -> str:
     """sha256 of the judgements, independent of their order in the file."""
     rows = sorted(
-        zip(qrels[evaluate.IRM_QUERY], qrels[evaluate.IRM_DOC], qrels[evaluate.IRM_RELEVANCE].astype(int))
+        zip(qrels[IRM_QUERY], qrels[IRM_DOC], qrels[IRM_RELEVANCE].astype(int))
     )
     digest = hashlib.sha256()
     for q, d, r in rows:
@@ -183,7 +182,7 @@ def qrels_fingerprint(qrels: pd.DataFrame) -> str:
 
 
 def runs_folder(history_uri: str) -> str:
-    return evaluate.join_uri(history_uri, RUNS_FOLDER)
+    return storage.join_uri(history_uri, RUNS_FOLDER)
 
 
 def history_row(
@@ -219,8 +218,8 @@ def _row_table(row: dict) -> pa.Table:
 def append_run(history_uri: str, row: dict, endpoint_url: str | None = None) -> str:
     """Write ``row`` as ``HISTORY/runs/<run_id>.parquet``; returns that URI. Re-running a run id
     replaces its row instead of adding a second one."""
-    uri = evaluate.join_uri(runs_folder(history_uri), f"{validate_run_id(row['run_id'])}.parquet")
-    evaluate.write_parquet(uri, _row_table(row), endpoint_url)
+    uri = storage.join_uri(runs_folder(history_uri), f"{validate_run_id(row['run_id'])}.parquet")
+    storage.write_parquet(uri, _row_table(row), endpoint_url)
     return uri
 
 
@@ -230,7 +229,7 @@ def read_history(history_uri: str, endpoint_url: str | None = None) -> pd.DataFr
     Files are read one by one and their schemas unified, so runs that computed different
     measures sit in one table (a measure a run lacks is NaN)."""
     try:
-        fs, files = evaluate.list_parquet_files(runs_folder(history_uri), endpoint_url)
+        fs, files = storage.list_files(runs_folder(history_uri), endpoint_url, recursive=True)
     except FileNotFoundError:
         files = []
     tables = []
@@ -254,206 +253,3 @@ def row_metrics(row: Mapping) -> dict[str, float]:
     if isinstance(value, str) and value:
         return {k: float(v) for k, v in json.loads(value).items()}
     return {}
-
-
-# ----------------------------------------------------------------------------- comparing
-
-
-@dataclass(frozen=True)
-class RegressionPolicy:
-    """When a drop is a regression.
-
-    ``max_drop`` applies to every measure in ``measures`` (default: all measures computed)
-    unless ``per_measure`` names its own; with ``relative`` the drop is a fraction of the
-    reference value (0.05 = 5 %), otherwise absolute (0.01 = one point of nDCG).
-    ``against`` says which references gate the exit status.
-    """
-
-    max_drop: float = 0.01
-    per_measure: Mapping[str, float] = field(default_factory=dict)
-    relative: bool = False
-    measures: tuple[str, ...] | None = None
-    against: tuple[str, ...] = ("previous", "baseline")
-
-    def __post_init__(self):
-        for name, value in [("max_drop", self.max_drop), *self.per_measure.items()]:
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or math.isnan(value):
-                raise ValueError(f"regression threshold {name}={value!r} must be a number >= 0")
-        bad = set(self.against) - {"previous", "baseline"}
-        if bad:
-            raise ValueError(f"regression.against accepts 'previous' and 'baseline', not {sorted(bad)}")
-        if self.measures is not None:
-            object.__setattr__(self, "measures", tuple(self.measures))
-        object.__setattr__(self, "against", tuple(self.against))
-        object.__setattr__(self, "per_measure", dict(self.per_measure))
-
-    @classmethod
-    def from_mapping(cls, value: Mapping | None) -> "RegressionPolicy":
-        value = dict(value or {})
-        known = {"max_drop", "per_measure", "relative", "measures", "against"}
-        unknown = set(value) - known
-        if unknown:
-            raise ValueError(f"unknown regression settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**value)
-
-    def threshold(self, measure: str) -> float | None:
-        """Allowed drop for ``measure``; None when the measure does not gate."""
-        if measure in self.per_measure:
-            return float(self.per_measure[measure])
-        if self.measures is not None and measure not in self.measures:
-            return None
-        return float(self.max_drop)
-
-
-@dataclass(frozen=True)
-class Change:
-    measure: str
-    current: float
-    reference: float | None
-    delta: float | None  # current - reference
-    threshold: float | None
-    regressed: bool
-
-
-@dataclass
-class Comparison:
-    label: str  # "previous" or "baseline"
-    reference_run_id: str | None
-    changes: list[Change]
-    changed_fields: dict[str, tuple] = field(default_factory=dict)  # field -> (reference, current)
-
-    @property
-    def regressions(self) -> list[Change]:
-        return [c for c in self.changes if c.regressed]
-
-
-def compare(
-    current: Mapping[str, float],
-    reference: Mapping[str, float] | None,
-    policy: RegressionPolicy,
-    label: str,
-    reference_run_id: str | None = None,
-) -> Comparison:
-    """Change of each current measure against ``reference``; a measure the reference lacks
-    is reported with no delta and never regresses.
-
-    >>> p = RegressionPolicy(max_drop=0.02)
-    >>> [c.regressed for c in compare({"AP": 0.50, "RR@10": 0.70}, {"AP": 0.53, "RR@10": 0.71}, p, "previous").changes]
-    [True, False]
-    """
-    changes = []
-    for measure, value in current.items():
-        ref = None if reference is None else reference.get(measure)
-        if ref is None or (isinstance(ref, float) and math.isnan(ref)):
-            changes.append(Change(measure, float(value), None, None, policy.threshold(measure), False))
-            continue
-        delta = float(value) - float(ref)
-        threshold = policy.threshold(measure)
-        drop = -delta
-        if policy.relative:
-            drop = drop / abs(ref) if ref else (math.inf if drop > 0 else 0.0)
-        # A tolerance far below any metric's resolution keeps float noise from tripping
-        # a zero threshold.
-        regressed = threshold is not None and label in policy.against and drop > threshold + 1e-12
-        changes.append(Change(measure, float(value), float(ref), delta, threshold, regressed))
-    return Comparison(label=label, reference_run_id=reference_run_id, changes=changes)
-
-
-def previous_run(history: pd.DataFrame, run_id: str, run_time: datetime | None = None) -> dict | None:
-    """The latest row before ``run_time`` other than ``run_id`` itself, or None."""
-    if history.empty:
-        return None
-    others = history[history["run_id"] != run_id]
-    if run_time is not None:
-        others = others[others["run_time"] <= pd.Timestamp(run_time)]
-    if others.empty:
-        return None
-    return others.iloc[-1].to_dict()
-
-
-def changed_fields(reference: Mapping | None, current: Mapping) -> dict[str, tuple]:
-    """Provenance fields (model, token budget, corpus, qrels, code) that differ."""
-    if reference is None:
-        return {}
-    out = {}
-    for name in CHANGE_FIELDS:
-        a, b = reference.get(name), current.get(name)
-        if _is_missing(a) and _is_missing(b):
-            continue
-        if a != b:
-            out[name] = (None if _is_missing(a) else a, None if _is_missing(b) else b)
-    return out
-
-
-def _is_missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
-
-
-# ----------------------------------------------------------------------------- baseline
-
-
-@dataclass(frozen=True)
-class Baseline:
-    label: str  # what it is, for the report: "run 2026-11-01", "metrics.json at URI", "inline"
-    metrics: dict[str, float]
-    run_id: str | None = None
-    row: dict | None = None
-
-
-def pin_baseline(history_uri: str, run_id: str, endpoint_url: str | None = None) -> str:
-    """Make ``run_id`` the baseline that later runs compare with (``HISTORY/baseline.json``)."""
-    uri = evaluate.join_uri(history_uri, BASELINE_FILE)
-    evaluate.write_json(
-        uri, {"run_id": validate_run_id(run_id), "pinned_at": datetime.now(timezone.utc).isoformat()}, endpoint_url
-    )
-    return uri
-
-
-def pinned_baseline_id(history_uri: str, endpoint_url: str | None = None) -> str | None:
-    uri = evaluate.join_uri(history_uri, BASELINE_FILE)
-    try:
-        return json.loads(evaluate.read_bytes(uri, endpoint_url))["run_id"]
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def resolve_baseline(
-    spec, history: pd.DataFrame, history_uri: str | None = None, endpoint_url: str | None = None
-) -> tuple[Baseline | None, str | None]:
-    """(baseline, problem). ``spec`` is a run id in the history, a URI of a metrics.json, a
-    mapping of measure -> value, or None (then ``HISTORY/baseline.json``, if pinned)."""
-    if spec is None and history_uri is not None:
-        spec = pinned_baseline_id(history_uri, endpoint_url)
-    if spec is None:
-        return None, None
-    if isinstance(spec, Mapping):
-        if "run_id" in spec:
-            spec = spec["run_id"]
-        else:
-            return Baseline(label="values in the config", metrics={k: float(v) for k, v in spec.items()}), None
-    spec = str(spec)
-    if spec.endswith(".json") or "/" in spec:
-        try:
-            values = json.loads(evaluate.read_bytes(spec, endpoint_url))
-        except (FileNotFoundError, OSError) as exc:
-            return None, f"baseline metrics {spec} could not be read ({exc})"
-        metrics = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        return Baseline(label=f"metrics at {spec}", metrics=metrics), None
-    rows = history[history["run_id"] == spec] if not history.empty else history
-    if rows.empty:
-        return None, f"baseline run {spec!r} is not in the history"
-    row = rows.iloc[-1].to_dict()
-    return Baseline(label=f"run {spec}", metrics=row_metrics(row), run_id=spec, row=row), None
-
-
-def regression_lines(comparisons: Sequence[Comparison]) -> list[str]:
-    """One line per regression: ``nDCG@10 0.512 vs previous 0.540 (run X): -0.028 > 0.010``."""
-    lines = []
-    for comparison in comparisons:
-        for c in comparison.regressions:
-            ref = f" ({comparison.reference_run_id})" if comparison.reference_run_id else ""
-            lines.append(
-                f"{c.measure} {c.current:.4f} vs {comparison.label} {c.reference:.4f}{ref}: "
-                f"{c.delta:+.4f}, allowed drop {c.threshold:g}"
-            )
-    return lines

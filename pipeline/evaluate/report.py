@@ -9,7 +9,8 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from pipeline.evaluate.history import Baseline, Comparison, measure_columns
+from pipeline.evaluate.history import measure_columns
+from pipeline.evaluate.regression import Baseline, Comparison
 
 PLOT_FILE = "history.png"
 

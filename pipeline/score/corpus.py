@@ -1,4 +1,4 @@
-"""The corpus as shards for scoring: list, check metadata, plan, load, score one shard.
+"""The corpus as shards for scoring: list, check metadata, plan, read and pack one shard.
 
 A shard is a contiguous run of rows of the embedding job's ``OUT/pages/*.parquet``
 (file order, then row order), sized to one worker's memory. :class:`ShardScorer` loads
@@ -10,9 +10,10 @@ query. Plain Python: the job wraps it in Ray actors; tests call it directly.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
 import logging
 import os
-import time
 import warnings
 
 import numpy as np
@@ -23,25 +24,183 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import schema
-from pipeline.score.merge import QUERY_INDEX
-from pipeline.score.maxsim import (
-    EMBEDDING_DIM,
-    PackedPages,
-    maxsim_scores,
-    pack_flat,
-    pad_queries,
-    topk_desc,
-    triton_available,
-)
+from pipeline import storage
 from pipeline.storage import open_filesystem
 
 log = logging.getLogger(__name__)
 
-PAGES_DIR = "pages"
 # Metadata keys that must agree between the corpus files (and with the query side).
 CHECKED_KEYS = (schema.META_MODEL, schema.META_QUERY_PROMPT, schema.META_MAX_VISUAL_TOKENS)
 # Kernel block along page vectors: pages are padded to a multiple of it on CUDA.
 CUDA_PAD_MULTIPLE = 64
+
+
+EMBEDDING_DIM = 128
+
+
+
+@dataclass(frozen=True, eq=False)
+class PackedPages:
+    """A shard of pages packed for scoring, resident on one device.
+
+    Attributes:
+        vectors: ``(n_rows, 128)``: pages one after another; page ``p`` owns rows
+            ``offsets[p]:offsets[p+1]``, its real vectors first, then copies of its first
+            vector up to its padded length.
+        offsets: ``(n_pages + 1,)`` int64 row offsets (on CPU).
+        lengths: ``(n_pages,)`` int64 real vector counts (on CPU).
+        padded_length: the common padded length of every page, or ``None`` when pages
+            are padded to a multiple of ``pad_multiple`` only (the layout of the Triton
+            kernel).
+        pad_multiple: every page's padded length is a multiple of this.
+    """
+
+    vectors: torch.Tensor
+    offsets: torch.Tensor
+    lengths: torch.Tensor
+    padded_length: int | None
+    pad_multiple: int
+
+    @property
+    def n_pages(self) -> int:
+        return int(self.lengths.numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self.vectors.device
+
+    def nbytes(self) -> int:
+        return self.vectors.numel() * self.vectors.element_size()
+
+
+def default_compute_dtype(device: torch.device | str) -> torch.dtype:
+    """float16 operands on CUDA (the stored values exactly), float64 on CPU (see module doc)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float64
+
+
+def pack_flat(
+    flat: np.ndarray | torch.Tensor,
+    lengths: Sequence[int] | np.ndarray | torch.Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    pad_multiple: int | None = None,
+) -> PackedPages:
+    """Pack pages given as one flat array of real vectors, padding each with its own vector.
+
+    Args:
+        flat: ``(sum(lengths), 128)``: the pages' real vectors one after another (what a
+            Parquet ``embedding`` column flattens to, without a copy).
+        lengths: ``(n_pages,)`` real vectors per page, each ``>= 1``.
+        device: where the packed shard lives. ``flat`` is copied there once, in its own
+            dtype, and padded there by one gather (no per-page Python loop).
+        dtype: operand dtype; default :func:`default_compute_dtype` of ``device``.
+        pad_multiple: ``None`` pads every page to one common length (the longest page,
+            rounded up to a multiple of 8): the dense ``(n_pages, L, 128)`` layout of the
+            torch path. An int pads each page only to a multiple of it (the Triton
+            kernel's layout, less padding when lengths vary).
+
+    Returns:
+        :class:`PackedPages`.
+    """
+    device = torch.device(device)
+    dtype = dtype or default_compute_dtype(device)
+    lengths = torch.as_tensor(np.asarray(lengths) if not isinstance(lengths, torch.Tensor) else lengths)
+    lengths = lengths.to(torch.int64).cpu()
+    n_pages = int(lengths.numel())
+    if n_pages and int(lengths.min()) < 1:
+        bad = int(torch.nonzero(lengths < 1)[0, 0])
+        raise ValueError(
+            f"page {bad} has no vectors; MaxSim is undefined for an empty page. "
+            "Drop pages with n_vectors == 0 before packing."
+        )
+    flat_t = torch.as_tensor(flat) if not isinstance(flat, torch.Tensor) else flat
+    if flat_t.ndim != 2 or flat_t.shape[1] != EMBEDDING_DIM:
+        raise ValueError(f"flat must be (n, {EMBEDDING_DIM}), got {tuple(flat_t.shape)}")
+    if int(lengths.sum()) != flat_t.shape[0]:
+        raise ValueError(f"lengths add up to {int(lengths.sum())} vectors but flat has {flat_t.shape[0]}")
+    if pad_multiple is None:
+        longest = int(lengths.max()) if n_pages else 0
+        padded_length = max(8, -(-longest // 8) * 8)
+        padded = torch.full_like(lengths, padded_length)
+        multiple = padded_length
+    else:
+        if pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
+        padded_length = None
+        padded = -(-lengths // pad_multiple) * pad_multiple
+        multiple = pad_multiple
+    offsets = torch.zeros(n_pages + 1, dtype=torch.int64)
+    torch.cumsum(padded, 0, out=offsets[1:])
+    real_offsets = torch.zeros(n_pages + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=real_offsets[1:])
+
+    # Source row of every packed row: the page's j-th real vector, or its first one where
+    # j runs past the real length.
+    row_page = torch.repeat_interleave(torch.arange(n_pages, device=device), padded.to(device))
+    j = torch.arange(int(offsets[-1]), device=device) - offsets.to(device)[row_page]
+    src = real_offsets.to(device)[row_page] + torch.where(j < lengths.to(device)[row_page], j, 0)
+    del row_page, j
+    on_device = flat_t.to(device)
+    vectors = on_device[src].to(dtype)
+    del on_device, src
+    return PackedPages(vectors, offsets, lengths, padded_length, multiple)
+
+
+def pack_pages(
+    pages: Sequence[np.ndarray | torch.Tensor],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    pad_multiple: int | None = None,
+) -> PackedPages:
+    """Pack ragged pages (``n_pages`` arrays of shape ``(n_i, 128)``); see :func:`pack_flat`.
+
+    >>> p = pack_pages([np.ones((1, 128)), np.arange(256.).reshape(2, 128)])
+    >>> p.padded_length, p.vectors.shape, p.lengths.tolist()
+    (8, torch.Size([16, 128]), [1, 2])
+    >>> bool((p.vectors[8:16][2:] == p.vectors[8]).all())  # padding repeats the page's own first vector
+    True
+    """
+    for i, page in enumerate(pages):
+        if np.ndim(page) != 2 or np.shape(page)[1] != EMBEDDING_DIM:
+            raise ValueError(f"page {i}: expected shape (n, {EMBEDDING_DIM}), got {tuple(np.shape(page))}")
+    lengths = [len(p) for p in pages]
+    tensors = [torch.as_tensor(np.asarray(p)) if not isinstance(p, torch.Tensor) else p for p in pages]
+    flat = torch.cat(tensors) if tensors else torch.zeros((0, EMBEDDING_DIM))
+    return pack_flat(flat, lengths, device=device, dtype=dtype, pad_multiple=pad_multiple)
+
+
+def pad_queries(
+    queries: Sequence[np.ndarray | torch.Tensor],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ragged queries into ``(n_queries, Lq, 128)``, zero vectors at the end.
+
+    Zero query vectors add exactly 0 to every score (see the module doc), so no mask is
+    needed on the query side. ``length`` fixes ``Lq`` (default: the longest query).
+
+    Returns:
+        ``(Q, lengths)``: ``Q`` of shape ``(n_queries, Lq, 128)``, ``lengths`` ``(n_queries,)``.
+    """
+    device = torch.device(device)
+    dtype = dtype or default_compute_dtype(device)
+    lengths = torch.tensor([len(q) for q in queries], dtype=torch.int64)
+    lq = length if length is not None else (int(lengths.max()) if len(queries) else 1)
+    lq = max(lq, 1)
+    if len(queries) and int(lengths.max()) > lq:
+        raise ValueError(f"a query has {int(lengths.max())} vectors, more than length={lq}")
+    out = torch.zeros((len(queries), lq, EMBEDDING_DIM), dtype=torch.float32)
+    for i, q in enumerate(queries):
+        t = torch.as_tensor(np.asarray(q) if not isinstance(q, torch.Tensor) else q)
+        if t.ndim != 2 or t.shape[1] != EMBEDDING_DIM:
+            raise ValueError(f"query {i}: expected shape (n, {EMBEDDING_DIM}), got {tuple(t.shape)}")
+        out[i, : len(t)] = t.float()
+    return out.to(device=device, dtype=dtype), lengths
+
 
 
 class CorpusError(ValueError):
@@ -92,20 +251,14 @@ def open_corpus(corpus_uri: str, endpoint_url: str | None = None) -> Corpus:
     if info.type == pafs.FileType.File:
         paths = [root]
     else:
-        pages_dir = f"{root.rstrip('/')}/{PAGES_DIR}"
-        folder = pages_dir if fs.get_file_info(pages_dir).type == pafs.FileType.Directory else root
-        entries = fs.get_file_info(pafs.FileSelector(folder, recursive=False))
-        paths = sorted(
-            e.path for e in entries
-            if e.type == pafs.FileType.File and e.base_name.endswith(".parquet")
-            and not e.base_name.startswith((".", "_"))
-        )
+        pages_dir = schema.pages_folder(corpus_uri)
+        folder = pages_dir if storage.exists(pages_dir, endpoint_url) else corpus_uri
+        _, infos = storage.list_files(folder, endpoint_url)
+        paths = [i.path for i in infos]
     files: list[CorpusFile] = []
     metadata: dict[str, str] | None = None
     first = None
-    for path in paths:
-        with fs.open_input_file(path) as f:
-            md = pq.read_metadata(f)
+    for path, md in zip(paths, storage.read_footers(fs, paths)):
         names = md.schema.to_arrow_schema().names
         missing = [c for c in (schema.PAGE_ID, schema.DOC_ID, schema.PAGE_NUMBER, schema.EMBEDDING) if c not in names]
         if missing:
@@ -228,6 +381,13 @@ def read_shard_table(spec: ShardSpec, corpus_uri: str, endpoint_url: str | None 
     return table.take(pc.sort_indices(table, sort_keys=[(schema.PAGE_ID, "ascending")]))
 
 
+def triton_available() -> bool:
+    """Whether the fused CUDA kernel can run here (Triton importable and a GPU visible)."""
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
 def pack_shard_table(table: pa.Table, device: torch.device, backend: str) -> tuple[PackedPages, pa.Table, int]:
     """Arrow shard -> packed pages on ``device`` (one copy of the float16 values).
 
@@ -254,100 +414,3 @@ def pack_shard_table(table: pa.Table, device: torch.device, backend: str) -> tup
     packed = pack_flat(flat_t, lengths, device=device, pad_multiple=CUDA_PAD_MULTIPLE if use_kernel else None)
     return packed, table.drop_columns([schema.EMBEDDING]), dropped
 
-
-class ShardScorer:
-    """Scores every query against one shard at a time; the shard is loaded once.
-
-    Args:
-        corpus_uri, endpoint_url: where the shard files are.
-        query_flat: ``(sum(query_lengths), 128)`` float16 query vectors (as stored).
-        query_lengths: ``(n_queries,)`` vectors per query.
-        k: results per query and shard.
-        query_batch_size: queries per batch; 0 picks one from the shard size.
-        device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when this process sees a GPU).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`pipeline.score.maxsim_scores`).
-    """
-
-    def __init__(self, corpus_uri: str, endpoint_url: str | None, query_flat: np.ndarray,
-                 query_lengths: np.ndarray, k: int, query_batch_size: int = 0,
-                 device: str | None = None, backend: str = "auto", cpu_threads: int | None = None):
-        self.corpus_uri, self.endpoint_url = corpus_uri, endpoint_url
-        self.k, self.query_batch_size, self.backend = k, query_batch_size, backend
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if cpu_threads and self.device.type == "cpu":
-            torch.set_num_threads(cpu_threads)
-        # Ray sets OMP_NUM_THREADS to the actor's CPU request (1 by default) and Arrow sizes
-        # its decode pool from it, so a GPU actor would decode its shard on one core (seen on
-        # an H200 node: 67 M values/s for 16 cores). Loading a shard is a short burst: use the node.
-        decode_threads = cpu_threads if (cpu_threads and self.device.type == "cpu") else (os.cpu_count() or 1)
-        pa.set_cpu_count(max(1, int(decode_threads)))
-        offsets = np.zeros(len(query_lengths) + 1, dtype=np.int64)
-        np.cumsum(query_lengths, out=offsets[1:])
-        self.queries = [np.asarray(query_flat[offsets[i] : offsets[i + 1]]) for i in range(len(query_lengths))]
-        log.info("ShardScorer on %s (%s), %d queries, k=%d", self.device,
-                 torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                 len(self.queries), k)
-
-    def memory_bytes(self) -> int:
-        """Memory this worker can give a shard: free GPU memory, else available RAM."""
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free)
-        try:
-            import psutil
-
-            return int(psutil.virtual_memory().available)
-        except ImportError:  # pragma: no cover
-            import os
-
-            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-    def _batch_size(self, n_pages: int) -> int:
-        if self.query_batch_size:
-            return self.query_batch_size
-        if self.device.type == "cuda":
-            # The kernel writes (pages x query vectors) float32 maxima: keep that under 4 GiB.
-            longest = max((len(q) for q in self.queries), default=1)
-            return int(max(1, min(8192, (1 << 30) // max(1, n_pages * longest))))
-        return 256
-
-    @torch.inference_mode()
-    def score(self, spec: ShardSpec) -> tuple[pa.Table, dict]:
-        """Exact top-k of every query within this shard: (candidates table, stats)."""
-        t0 = time.perf_counter()
-        table = read_shard_table(spec, self.corpus_uri, self.endpoint_url)
-        t_read = time.perf_counter() - t0
-        packed, meta, dropped = pack_shard_table(table, self.device, self.backend)
-        del table
-        t_load = time.perf_counter() - t0
-        parts = []
-        if packed.n_pages and self.queries:
-            bs = self._batch_size(packed.n_pages)
-            for s in range(0, len(self.queries), bs):
-                Q, _ = pad_queries(self.queries[s : s + bs], device=self.device, dtype=packed.vectors.dtype)
-                backend = self.backend if packed.padded_length is None else "torch"
-                values, idx = topk_desc(maxsim_scores(Q, packed, backend=backend), self.k)
-                nq, kk = values.shape
-                rows = idx.reshape(-1).cpu().numpy()
-                parts.append(pa.table({
-                    QUERY_INDEX: pa.array(np.repeat(np.arange(s, s + nq, dtype=np.int64), kk)),
-                    schema.SCORE: pa.array(values.reshape(-1).cpu().numpy().astype(np.float32)),
-                }).append_column(schema.PAGE_ID, meta.column(schema.PAGE_ID).take(rows))
-                  .append_column(schema.DOC_ID, meta.column(schema.DOC_ID).take(rows))
-                  .append_column(schema.PAGE_NUMBER, meta.column(schema.PAGE_NUMBER).take(rows)))
-        del packed
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        out = pa.concat_tables(parts) if parts else empty_candidates()
-        stats = {"shard_id": spec.shard_id, "pages": spec.n_pages - dropped, "dropped_empty_pages": dropped,
-                 "read_s": t_read, "load_s": t_load, "total_s": time.perf_counter() - t0,
-                 "device": str(self.device)}
-        return out, stats
-
-
-def empty_candidates() -> pa.Table:
-    return pa.table({
-        QUERY_INDEX: pa.array([], pa.int64()), schema.SCORE: pa.array([], pa.float32()),
-        schema.PAGE_ID: pa.array([], pa.string()), schema.DOC_ID: pa.array([], pa.string()),
-        schema.PAGE_NUMBER: pa.array([], pa.int32()),
-    })

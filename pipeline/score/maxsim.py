@@ -32,183 +32,19 @@ into one unique int64 key, so the selection is exact and never depends on the or
 which torch's ``topk`` visits equal values.
 """
 
+
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-EMBEDDING_DIM = 128
+from pipeline.score.corpus import EMBEDDING_DIM, PackedPages, pack_pages  # noqa: F401  (pack_pages: doctests)
 
 # Elements of one similarity block (query vectors x page vectors) on the torch path.
 # 2**25 float64 = 256 MiB; bounded so that CPU workers with a few GiB never swap.
 DEFAULT_BLOCK_ELEMENTS = 1 << 25
-
-
-@dataclass(frozen=True, eq=False)
-class PackedPages:
-    """A shard of pages packed for scoring, resident on one device.
-
-    Attributes:
-        vectors: ``(n_rows, 128)``: pages one after another; page ``p`` owns rows
-            ``offsets[p]:offsets[p+1]``, its real vectors first, then copies of its first
-            vector up to its padded length.
-        offsets: ``(n_pages + 1,)`` int64 row offsets (on CPU).
-        lengths: ``(n_pages,)`` int64 real vector counts (on CPU).
-        padded_length: the common padded length of every page, or ``None`` when pages
-            are padded to a multiple of ``pad_multiple`` only (the layout of the Triton
-            kernel).
-        pad_multiple: every page's padded length is a multiple of this.
-    """
-
-    vectors: torch.Tensor
-    offsets: torch.Tensor
-    lengths: torch.Tensor
-    padded_length: int | None
-    pad_multiple: int
-
-    @property
-    def n_pages(self) -> int:
-        return int(self.lengths.numel())
-
-    @property
-    def device(self) -> torch.device:
-        return self.vectors.device
-
-    def nbytes(self) -> int:
-        return self.vectors.numel() * self.vectors.element_size()
-
-
-def default_compute_dtype(device: torch.device | str) -> torch.dtype:
-    """float16 operands on CUDA (the stored values exactly), float64 on CPU (see module doc)."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float64
-
-
-def pack_flat(
-    flat: np.ndarray | torch.Tensor,
-    lengths: Sequence[int] | np.ndarray | torch.Tensor,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    pad_multiple: int | None = None,
-) -> PackedPages:
-    """Pack pages given as one flat array of real vectors, padding each with its own vector.
-
-    Args:
-        flat: ``(sum(lengths), 128)``: the pages' real vectors one after another (what a
-            Parquet ``embedding`` column flattens to, without a copy).
-        lengths: ``(n_pages,)`` real vectors per page, each ``>= 1``.
-        device: where the packed shard lives. ``flat`` is copied there once, in its own
-            dtype, and padded there by one gather (no per-page Python loop).
-        dtype: operand dtype; default :func:`default_compute_dtype` of ``device``.
-        pad_multiple: ``None`` pads every page to one common length (the longest page,
-            rounded up to a multiple of 8): the dense ``(n_pages, L, 128)`` layout of the
-            torch path. An int pads each page only to a multiple of it (the Triton
-            kernel's layout, less padding when lengths vary).
-
-    Returns:
-        :class:`PackedPages`.
-    """
-    device = torch.device(device)
-    dtype = dtype or default_compute_dtype(device)
-    lengths = torch.as_tensor(np.asarray(lengths) if not isinstance(lengths, torch.Tensor) else lengths)
-    lengths = lengths.to(torch.int64).cpu()
-    n_pages = int(lengths.numel())
-    if n_pages and int(lengths.min()) < 1:
-        bad = int(torch.nonzero(lengths < 1)[0, 0])
-        raise ValueError(
-            f"page {bad} has no vectors; MaxSim is undefined for an empty page. "
-            "Drop pages with n_vectors == 0 before packing."
-        )
-    flat_t = torch.as_tensor(flat) if not isinstance(flat, torch.Tensor) else flat
-    if flat_t.ndim != 2 or flat_t.shape[1] != EMBEDDING_DIM:
-        raise ValueError(f"flat must be (n, {EMBEDDING_DIM}), got {tuple(flat_t.shape)}")
-    if int(lengths.sum()) != flat_t.shape[0]:
-        raise ValueError(f"lengths add up to {int(lengths.sum())} vectors but flat has {flat_t.shape[0]}")
-    if pad_multiple is None:
-        longest = int(lengths.max()) if n_pages else 0
-        padded_length = max(8, -(-longest // 8) * 8)
-        padded = torch.full_like(lengths, padded_length)
-        multiple = padded_length
-    else:
-        if pad_multiple < 1:
-            raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
-        padded_length = None
-        padded = -(-lengths // pad_multiple) * pad_multiple
-        multiple = pad_multiple
-    offsets = torch.zeros(n_pages + 1, dtype=torch.int64)
-    torch.cumsum(padded, 0, out=offsets[1:])
-    real_offsets = torch.zeros(n_pages + 1, dtype=torch.int64)
-    torch.cumsum(lengths, 0, out=real_offsets[1:])
-
-    # Source row of every packed row: the page's j-th real vector, or its first one where
-    # j runs past the real length.
-    row_page = torch.repeat_interleave(torch.arange(n_pages, device=device), padded.to(device))
-    j = torch.arange(int(offsets[-1]), device=device) - offsets.to(device)[row_page]
-    src = real_offsets.to(device)[row_page] + torch.where(j < lengths.to(device)[row_page], j, 0)
-    del row_page, j
-    on_device = flat_t.to(device)
-    vectors = on_device[src].to(dtype)
-    del on_device, src
-    return PackedPages(vectors, offsets, lengths, padded_length, multiple)
-
-
-def pack_pages(
-    pages: Sequence[np.ndarray | torch.Tensor],
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    pad_multiple: int | None = None,
-) -> PackedPages:
-    """Pack ragged pages (``n_pages`` arrays of shape ``(n_i, 128)``); see :func:`pack_flat`.
-
-    >>> p = pack_pages([np.ones((1, 128)), np.arange(256.).reshape(2, 128)])
-    >>> p.padded_length, p.vectors.shape, p.lengths.tolist()
-    (8, torch.Size([16, 128]), [1, 2])
-    >>> bool((p.vectors[8:16][2:] == p.vectors[8]).all())  # padding repeats the page's own first vector
-    True
-    """
-    for i, page in enumerate(pages):
-        if np.ndim(page) != 2 or np.shape(page)[1] != EMBEDDING_DIM:
-            raise ValueError(f"page {i}: expected shape (n, {EMBEDDING_DIM}), got {tuple(np.shape(page))}")
-    lengths = [len(p) for p in pages]
-    tensors = [torch.as_tensor(np.asarray(p)) if not isinstance(p, torch.Tensor) else p for p in pages]
-    flat = torch.cat(tensors) if tensors else torch.zeros((0, EMBEDDING_DIM))
-    return pack_flat(flat, lengths, device=device, dtype=dtype, pad_multiple=pad_multiple)
-
-
-def pad_queries(
-    queries: Sequence[np.ndarray | torch.Tensor],
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    length: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ragged queries into ``(n_queries, Lq, 128)``, zero vectors at the end.
-
-    Zero query vectors add exactly 0 to every score (see the module doc), so no mask is
-    needed on the query side. ``length`` fixes ``Lq`` (default: the longest query).
-
-    Returns:
-        ``(Q, lengths)``: ``Q`` of shape ``(n_queries, Lq, 128)``, ``lengths`` ``(n_queries,)``.
-    """
-    device = torch.device(device)
-    dtype = dtype or default_compute_dtype(device)
-    lengths = torch.tensor([len(q) for q in queries], dtype=torch.int64)
-    lq = length if length is not None else (int(lengths.max()) if len(queries) else 1)
-    lq = max(lq, 1)
-    if len(queries) and int(lengths.max()) > lq:
-        raise ValueError(f"a query has {int(lengths.max())} vectors, more than length={lq}")
-    out = torch.zeros((len(queries), lq, EMBEDDING_DIM), dtype=torch.float32)
-    for i, q in enumerate(queries):
-        t = torch.as_tensor(np.asarray(q) if not isinstance(q, torch.Tensor) else q)
-        if t.ndim != 2 or t.shape[1] != EMBEDDING_DIM:
-            raise ValueError(f"query {i}: expected shape (n, {EMBEDDING_DIM}), got {tuple(t.shape)}")
-        out[i, : len(t)] = t.float()
-    return out.to(device=device, dtype=dtype), lengths
 
 
 def sum_over_query_vectors(maxima: torch.Tensor) -> torch.Tensor:
@@ -255,8 +91,8 @@ def maxsim_scores(
         Q: ``(n_queries, Lq, 128)``, zero-padded at the end (:func:`pad_queries`), on
             ``pages.device``.
         pages: a shard from :func:`pack_pages`.
-        backend: ``"torch"``, ``"triton"`` (CUDA, pages packed with ``pad_multiple``
-            a multiple of the kernel's block) or ``"auto"`` (Triton where it can run).
+        backend: ``"torch"`` or ``"auto"`` (the same here; the fused CUDA kernel is chosen
+            by :func:`pipeline.score.scorer.score_batch`).
         block_elements: size bound of one similarity block on the torch path.
 
     Returns:
@@ -276,23 +112,10 @@ def maxsim_scores(
         raise ValueError(f"Q must be (n_queries, Lq, {EMBEDDING_DIM}), got {tuple(Q.shape)}")
     if pages.n_pages == 0 or Q.shape[0] == 0:
         return torch.zeros((Q.shape[0], pages.n_pages), dtype=torch.float32, device=pages.device)
-    use_triton = backend == "triton" or (
-        backend == "auto" and pages.device.type == "cuda" and pages.padded_length is None
-    )
-    if use_triton:
-        from pipeline.score.triton_kernel import maxsim_scores_triton
-
-        return maxsim_scores_triton(Q, pages)
     if backend not in ("auto", "torch"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        raise ValueError(f"this is the torch path; for backend {backend!r} use pipeline.score.scorer.score_batch")
     return _maxsim_torch(Q, pages, block_elements)
 
-
-def triton_available() -> bool:
-    """Whether the fused CUDA kernel can run here (Triton importable and a GPU visible)."""
-    import importlib.util
-
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
 def float_order_key(scores: torch.Tensor) -> torch.Tensor:
@@ -332,17 +155,6 @@ def topk_desc(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     indices = (1 << 32) - 1 - (top & 0xFFFFFFFF)
     values = torch.gather(scores.to(torch.float32), 1, indices)
     return values, indices
-
-
-def maxsim_topk(
-    Q: torch.Tensor, pages: PackedPages, k: int, *, backend: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of one query batch against one shard, reduced to the exact top-k.
-
-    Returns ``(values, indices)`` of shape ``(n_queries, min(k, n_pages))``; indices are
-    positions in the shard, ties broken by the lower position.
-    """
-    return topk_desc(maxsim_scores(Q, pages, backend=backend), k)
 
 
 def maxsim_reference(query: np.ndarray, page: np.ndarray) -> float:

@@ -11,12 +11,12 @@ import io
 import json
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline import schema
-from pipeline.storage import open_filesystem
+from pipeline import schema, storage
 
 FORMATS = (".jsonl", ".csv", ".tsv", ".parquet")
 QUERIES_SCHEMA = pa.schema([pa.field(schema.QUERY_ID, pa.string(), nullable=False),
@@ -38,10 +38,8 @@ def _format(uri: str) -> str:
 
 
 def _read_bytes(uri: str, endpoint_url: str | None) -> bytes:
-    fs, path = open_filesystem(uri, endpoint_url)
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        return storage.read_bytes(uri, endpoint_url)
     except FileNotFoundError as exc:
         raise QueryFileError(f"query file not found: {uri}") from exc
 
@@ -146,3 +144,25 @@ def read_queries(uri: str, endpoint_url: str | None = None) -> pa.Table:
         except pa.ArrowInvalid as exc:
             raise QueryFileError(f"{uri}: not a readable Parquet file: {exc}") from exc
     return validate_queries(table, uri)
+
+
+def read_query_embeddings(uri: str, endpoint_url: str | None, queries: pa.Table) -> pa.Table:
+    """Embeddings of ``queries`` (in their order) from an earlier run's query_embeddings.parquet."""
+    table = storage.read_parquet(uri, endpoint_url)
+    missing = [c for c in (schema.QUERY_ID, schema.EMBEDDING) if c not in table.column_names]
+    if missing:
+        raise ValueError(f"--query-embeddings {uri} lacks column(s) {missing}; pass a query_embeddings.parquet "
+                         "written by this job")
+    index = {qid: i for i, qid in enumerate(table.column(schema.QUERY_ID).to_pylist())}
+    wanted = queries.column(schema.QUERY_ID).to_pylist()
+    absent = [q for q in wanted if q not in index]
+    if absent:
+        raise ValueError(f"--query-embeddings {uri} has no embedding for {len(absent)} query id(s), e.g. "
+                         f"{absent[:5]}; re-embed (drop --query-embeddings) or pass the matching file")
+    rows = table.take(pa.array([index[q] for q in wanted]))
+    emb = rows.column(schema.EMBEDDING).cast(schema.EMBEDDING_TYPE)
+    return pa.table({
+        schema.QUERY_ID: queries.column(schema.QUERY_ID), schema.TEXT: queries.column(schema.TEXT),
+        schema.N_VECTORS: pa.array(np.diff(emb.combine_chunks().offsets.to_numpy()).astype(np.int32)),
+        schema.EMBEDDING: emb,
+    }, schema=schema.QUERY_EMBEDDINGS_SCHEMA)

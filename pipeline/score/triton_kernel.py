@@ -7,7 +7,7 @@ program keeps a tile of ``BLOCK_M`` query vectors in registers, streams the page
 group in chunks of ``BLOCK_N`` vectors, and keeps only the running max per query vector;
 at a page's last chunk it writes one float32 per query vector. Output: ``(n_pages,
 n_query_rows)`` float32 maxima (2 GB in that example), summed over each query's vectors
-afterwards in a fixed order (:func:`pipeline.score.sum_over_query_vectors`).
+afterwards in a fixed order (:func:`pipeline.score.maxsim.sum_over_query_vectors`).
 
 Layout (from :func:`pipeline.score.pack_pages` with ``pad_multiple=BLOCK_N``): pages one
 after another, each padded with copies of its own first vector to a multiple of
@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline.score.maxsim import PackedPages, sum_over_query_vectors
+from pipeline.score.corpus import PackedPages
+from pipeline.score.maxsim import sum_over_query_vectors
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): BLOCK_M query vectors x BLOCK_N page vectors.
 DEFAULT_CONFIG = (256, 64, 8, 3)  # best of 8 on an H200 (benchmarks/RESULTS.md)

@@ -239,20 +239,6 @@ def test_notebook_runs_on_the_output(first_run, monkeypatch):
     assert len(top) == 5 and top[0][1] == pytest.approx(5.0, abs=0.02)  # a page's own vectors score |q| = 5
 
 
-def test_reads_retry_transient_errors_but_not_missing_objects(s3):
-    """A throttled or reset read is retried; a missing object fails at once with its name."""
-    from pipeline.embed.stages import read_with_retries
-
-    bucket = s3.make_bucket()
-    s3.client().put_object(Bucket=bucket, Key="a.pdf", Body=b"%PDF-1.4 hello")
-    assert read_with_retries(f"s3://{bucket}/a.pdf", s3.endpoint_url) == b"%PDF-1.4 hello"
-    with pytest.raises(FileNotFoundError):
-        read_with_retries(f"s3://{bucket}/missing.pdf", s3.endpoint_url, backoff_s=0)
-    # a closed port: connection refused on every attempt -> OSError naming the attempts
-    with pytest.raises(OSError, match="after 2 attempts"):
-        read_with_retries("s3://nobucket/x.pdf", "http://127.0.0.1:9", attempts=2, backoff_s=0)
-
-
 def test_retry_errors_redoes_only_failed_documents(ray_session, tiny_model, sample_corpus, tmp_path):
     out = str(tmp_path / "out")
     run_job(sample_corpus, out, tiny_model)
@@ -263,17 +249,3 @@ def test_retry_errors_redoes_only_failed_documents(ray_session, tiny_model, samp
     errors_after, _ = read_dir(os.path.join(out, "errors"))
     assert sorted(errors_after.column("doc_id").to_pylist()) == sorted(errors_before.column("doc_id").to_pylist())
     assert read_dir(os.path.join(out, "pages"))[1] == page_files
-
-
-def test_yaml_config_with_flags_winning(tmp_path):
-    from pipeline.config import EmbedConfig
-
-    cfg_file = tmp_path / "embed.yaml"
-    cfg_file.write_text("input: s3://b/docs\noutput: s3://b/emb\nbatch-size: 8\nmax_visual_tokens: 512\n")
-    args = embed_corpus.build_parser().parse_args(["--config", str(cfg_file), "--batch-size", "32"])
-    cfg = embed_corpus.config_from_args(args)
-    assert isinstance(cfg, EmbedConfig)
-    assert (cfg.input, cfg.batch_size, cfg.max_visual_tokens) == ("s3://b/docs", 32, 512)
-    cfg_file.write_text("input: a\noutput: b\nbatch_sise: 8\n")
-    with pytest.raises(ValueError, match="batch_sise"):
-        embed_corpus.config_from_args(embed_corpus.build_parser().parse_args(["--config", str(cfg_file)]))

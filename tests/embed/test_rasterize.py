@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.embed.renderer import Renderer
 from pipeline.embed.rasterize import (
     DocInfo,
     ErrorItem,
     PageItem,
-    Renderer,
     RenderSpec,
     iter_document,
     model_grid_size,

@@ -10,10 +10,11 @@ from datetime import datetime, timedelta, timezone
 import pandas as pd
 import pytest
 
-from pipeline.devtools.synthetic_eval import write_corpus
+from pipeline.devtools.judged import write_corpus
 from pipeline.evaluate import history
 from pipeline.evaluate import report
-from pipeline.evaluate.history import RegressionPolicy
+from pipeline.config import RegressionPolicy
+from pipeline.evaluate import regression
 
 T0 = datetime(2026, 11, 1, 6, 0, tzinfo=timezone.utc)
 
@@ -69,7 +70,7 @@ def test_run_ids_and_fields_are_validated(tmp_path):
 
 def test_regression_rules():
     policy = RegressionPolicy(max_drop=0.02, per_measure={"RR@10": 0.1})
-    cmp = history.compare(
+    cmp = regression.compare(
         {"nDCG@10": 0.50, "AP": 0.49, "RR@10": 0.60, "R@10": 0.9}, {"nDCG@10": 0.53, "AP": 0.51, "RR@10": 0.69},
         policy, "previous", "r0",
     )
@@ -77,17 +78,17 @@ def test_regression_rules():
     # -0.03 > 0.02 regresses; -0.02 is exactly the allowed drop; RR has its own 0.1; R@10 has no reference
     assert status == {"nDCG@10": True, "AP": False, "RR@10": False, "R@10": False}
     assert cmp.changes[0].delta == pytest.approx(-0.03)
-    lines = history.regression_lines([cmp])
+    lines = regression.regression_lines([cmp])
     assert len(lines) == 1 and lines[0].startswith("nDCG@10 0.5000 vs previous 0.5300 (r0)")
 
     relative = RegressionPolicy(max_drop=0.05, relative=True)
-    assert [c.regressed for c in history.compare({"AP": 0.18, "B": 0.95}, {"AP": 0.2, "B": 0.99}, relative, "baseline").changes] == [True, False]
+    assert [c.regressed for c in regression.compare({"AP": 0.18, "B": 0.95}, {"AP": 0.2, "B": 0.99}, relative, "baseline").changes] == [True, False]
     # only gating measures and only the references named in `against`
     gated = RegressionPolicy(max_drop=0.0, measures=("AP",), against=("baseline",))
-    assert not history.compare({"AP": 0.1, "X": 0.0}, {"AP": 0.2, "X": 1.0}, gated, "previous").regressions
-    assert [c.measure for c in history.compare({"AP": 0.1, "X": 0.0}, {"AP": 0.2, "X": 1.0}, gated, "baseline").regressions] == ["AP"]
+    assert not regression.compare({"AP": 0.1, "X": 0.0}, {"AP": 0.2, "X": 1.0}, gated, "previous").regressions
+    assert [c.measure for c in regression.compare({"AP": 0.1, "X": 0.0}, {"AP": 0.2, "X": 1.0}, gated, "baseline").regressions] == ["AP"]
     # improvements never regress
-    assert not history.compare({"AP": 0.9}, {"AP": 0.1}, RegressionPolicy(max_drop=0.0), "previous").regressions
+    assert not regression.compare({"AP": 0.9}, {"AP": 0.1}, RegressionPolicy(max_drop=0.0), "previous").regressions
 
 
 def test_previous_run_and_baseline_resolution(tmp_path):
@@ -96,22 +97,22 @@ def test_previous_run_and_baseline_resolution(tmp_path):
     _append(tmp_path, "r2", {"AP": 0.40}, 1)
     _append(tmp_path, "r3", {"AP": 0.35}, 2)
     table = history.read_history(root)
-    assert history.previous_run(table, "r4", T0 + timedelta(days=3))["run_id"] == "r3"
-    assert history.previous_run(table, "r3", T0 + timedelta(days=2))["run_id"] == "r2"  # not itself
-    assert history.previous_run(table, "r1", T0) is None
+    assert regression.previous_run(table, "r4", T0 + timedelta(days=3))["run_id"] == "r3"
+    assert regression.previous_run(table, "r3", T0 + timedelta(days=2))["run_id"] == "r2"  # not itself
+    assert regression.previous_run(table, "r1", T0) is None
 
-    assert history.resolve_baseline(None, table, root) == (None, None)
-    history.pin_baseline(root, "r2")
-    pinned, problem = history.resolve_baseline(None, table, root)
+    assert regression.resolve_baseline(None, table, root) == (None, None)
+    regression.pin_baseline(root, "r2")
+    pinned, problem = regression.resolve_baseline(None, table, root)
     assert problem is None and pinned.run_id == "r2" and pinned.metrics == {"AP": 0.40}
-    explicit, _ = history.resolve_baseline("r1", table, root)
+    explicit, _ = regression.resolve_baseline("r1", table, root)
     assert explicit.metrics == {"AP": 0.30}
     (tmp_path / "gold.json").write_text(json.dumps({"AP": 0.5, "nDCG@10": 0.6}))
-    from_file, _ = history.resolve_baseline(str(tmp_path / "gold.json"), table, root)
+    from_file, _ = regression.resolve_baseline(str(tmp_path / "gold.json"), table, root)
     assert from_file.metrics == {"AP": 0.5, "nDCG@10": 0.6}
-    inline, _ = history.resolve_baseline({"AP": 0.25}, table, root)
+    inline, _ = regression.resolve_baseline({"AP": 0.25}, table, root)
     assert inline.metrics == {"AP": 0.25}
-    missing, problem = history.resolve_baseline("nope", table, root)
+    missing, problem = regression.resolve_baseline("nope", table, root)
     assert missing is None and "not in the history" in problem
 
 
@@ -142,12 +143,12 @@ def test_report_has_table_changes_and_plot(tmp_path):
     _append(tmp_path, "r2", {"nDCG@10": 0.40, "AP": 0.41}, 1, model="m2", regression=True)
     table = history.read_history(str(tmp_path))
     policy = RegressionPolicy(max_drop=0.05)
-    prev = history.compare({"nDCG@10": 0.40, "AP": 0.41}, {"nDCG@10": 0.50, "AP": 0.40}, policy, "previous", "r1")
-    prev.changed_fields = history.changed_fields(table.iloc[0].to_dict(), table.iloc[1].to_dict())
-    baseline = history.Baseline(label="run r1", metrics={"nDCG@10": 0.5, "AP": 0.4}, run_id="r1")
+    prev = regression.compare({"nDCG@10": 0.40, "AP": 0.41}, {"nDCG@10": 0.50, "AP": 0.40}, policy, "previous", "r1")
+    prev.changed_fields = regression.changed_fields(table.iloc[0].to_dict(), table.iloc[1].to_dict())
+    baseline = regression.Baseline(label="run r1", metrics={"nDCG@10": 0.5, "AP": 0.4}, run_id="r1")
     text = report.render_markdown(
         table.iloc[1].to_dict(), {"nDCG@10": 0.40, "AP": 0.41}, [prev], baseline,
-        history.regression_lines([prev]), ["a warning"],
+        regression.regression_lines([prev]), ["a warning"],
     )
     assert "| `nDCG@10` | 0.4000 | 0.5000 | -0.1000 | **REGRESSION** vs previous |" in text
     assert "| `AP` | 0.4100 | 0.4000 | +0.0100 | ok |" in text

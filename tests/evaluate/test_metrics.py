@@ -9,7 +9,7 @@ import ir_measures
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.devtools.synthetic_eval import (
+from pipeline.devtools.judged import (
     random_qrels_and_run,
     results_table,
     write_beir_qrels,
@@ -19,6 +19,7 @@ from pipeline.devtools.synthetic_eval import (
 )
 from jobs import evaluate as evaluate_job
 from pipeline.evaluate import metrics as evaluate
+from pipeline.evaluate import runs
 
 DEFAULTS = ["nDCG@5", "nDCG@10", "R@10", "RR@10", "AP"]
 
@@ -88,25 +89,25 @@ def test_beir_tsv_and_trec_qrels_give_the_same_metrics(tmp_path):
     trec = write_trec_qrels(tmp_path / "qrels.txt", qrels_rows)
     beir = write_beir_qrels(tmp_path / "qrels.tsv", qrels_rows)
     run = write_trec_run(tmp_path / "run.trec", run_rows)
-    a = evaluate.evaluate(evaluate.read_qrels(trec), evaluate.read_run(run)).aggregate
-    b = evaluate.evaluate(evaluate.read_qrels(beir), evaluate.read_run(run)).aggregate
+    a = evaluate.evaluate(runs.read_qrels(trec), runs.read_run(run)).aggregate
+    b = evaluate.evaluate(runs.read_qrels(beir), runs.read_run(run)).aggregate
     assert a == b
     assert a == pytest.approx(independent(DEFAULTS, trec, run))
 
 
 def test_qrels_parsing_formats():
-    beir = evaluate.parse_qrels("corpus-id\tquery-id\tscore\nreports/a b.pdf#3\tq1\t2\nx#1\tq2\t0\n")
+    beir = runs.parse_qrels("corpus-id\tquery-id\tscore\nreports/a b.pdf#3\tq1\t2\nx#1\tq2\t0\n")
     assert beir.to_dict("list") == {
         "query_id": ["q1", "q2"], "doc_id": ["reports/a b.pdf#3", "x#1"], "relevance": [2, 0],
     }
-    trec = evaluate.parse_qrels("# comment\nq1 0 reports/a b.pdf#3 2\n\nq1 0 x#1 1\nq1 0 x#1 0\n")
+    trec = runs.parse_qrels("# comment\nq1 0 reports/a b.pdf#3 2\n\nq1 0 x#1 1\nq1 0 x#1 0\n")
     assert trec.to_dict("list") == {"query_id": ["q1", "q1"], "doc_id": ["reports/a b.pdf#3", "x#1"], "relevance": [2, 1]}
     with pytest.raises(ValueError, match="qrels.txt:2"):
-        evaluate.parse_qrels("q1 0 a#1 1\nq1 a#1\n", source="qrels.txt")
+        runs.parse_qrels("q1 0 a#1 1\nq1 a#1\n", source="qrels.txt")
     with pytest.raises(ValueError, match="no corpus/page column"):
-        evaluate.parse_qrels("query-id\tfoo\tscore\nq1\ta\t1\n")
+        runs.parse_qrels("query-id\tfoo\tscore\nq1\ta\t1\n")
     with pytest.raises(ValueError, match="empty"):
-        evaluate.parse_qrels("\n\n")
+        runs.parse_qrels("\n\n")
 
 
 def test_results_parquet_equals_trec_run(tmp_path):
@@ -166,9 +167,9 @@ def test_empty_run_scores_zero_and_says_so(tmp_path):
 
 
 def test_ties_follow_the_evaluator_or_the_runs_ranks():
-    qrels = evaluate.parse_qrels("q1 0 a#1 1\n")
+    qrels = runs.parse_qrels("q1 0 a#1 1\n")
     # the scoring job ranks ties by page_id ascending: a#1 first
-    run = evaluate.parse_trec_run("q1 Q0 a#1 1 1.0 t\nq1 Q0 b#1 2 1.0 t\n")
+    run = runs.parse_trec_run("q1 Q0 a#1 1 1.0 t\nq1 Q0 b#1 2 1.0 t\n")
     by_score = evaluate.evaluate(qrels, run, ["RR"]).aggregate["RR"]
     by_rank = evaluate.evaluate(qrels, run, ["RR"], ranking="rank").aggregate["RR"]
     assert by_score == ir_measures.calc_aggregate([ir_measures.RR], {"q1": {"a#1": 1}}, {"q1": {"a#1": 1.0, "b#1": 1.0}})[ir_measures.RR]

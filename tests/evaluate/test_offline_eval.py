@@ -11,8 +11,9 @@ import yaml
 
 import pipeline
 
-from pipeline.devtools.synthetic_eval import results_table, write_corpus, write_queries, write_query_embeddings, write_trec_qrels
+from pipeline.devtools.judged import results_table, write_corpus, write_queries, write_query_embeddings, write_trec_qrels
 from jobs import offline_eval
+from pipeline.config import offline_eval_config
 from pipeline.evaluate import history
 from pipeline.storage import read_bytes
 
@@ -145,7 +146,7 @@ def test_drift_is_caught_by_the_pinned_baseline(setup):
 
 def test_flags_override_yaml_and_bad_config_fails_fast(setup, capsys):
     tmp = setup["tmp"]
-    cfg = offline_eval.load_config(setup["config"], {"top_k": 5, "max_drop": 0.2, "extra_measures": ["R@100"]})
+    cfg = offline_eval_config(setup["config"], {"top_k": 5, "max_drop": 0.2, "extra_measures": ["R@100"]})
     assert cfg.top_k == 5 and cfg.regression.max_drop == 0.2
     assert cfg.measures == ("nDCG@5", "nDCG@10", "R@10", "RR@10", "AP", "P@1", "R@100")
     assert cfg.history_uri == str(tmp / "runs") + "/history"
@@ -155,7 +156,7 @@ def test_flags_override_yaml_and_bad_config_fails_fast(setup, capsys):
         offline_eval.main(["--config", str(tmp / "bad.yaml")])
     assert "unknown settings ['topk']" in capsys.readouterr().err
     with pytest.raises(ValueError, match="needs 'qrels'"):
-        offline_eval.load_config(None, {"corpus": "c", "queries": "q", "output_root": "o"})
+        offline_eval_config(None, {"corpus": "c", "queries": "q", "output_root": "o"})
 
     good = _run_file(tmp, "good", setup["targets"], setup["pages"], hits=8)
     with pytest.raises(ValueError, match="embedded with max_visual_tokens=768.*asks for 1024"):

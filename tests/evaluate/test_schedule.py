@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.devtools.synthetic_eval import results_table, write_corpus, write_queries, write_trec_qrels
+from pipeline.devtools.judged import results_table, write_corpus, write_queries, write_trec_qrels
 from jobs import schedule_eval
+from pipeline.cluster import job_client
+from pipeline.evaluate import schedule
 from pipeline.evaluate import history
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,18 +22,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_period_keys_and_submission_ids():
     t = datetime(2026, 11, 22, 23, 59, tzinfo=timezone.utc)
-    assert schedule_eval.submission_id("offline-eval", "daily", t) == "offline-eval-daily-2026-11-22"
-    assert schedule_eval.period_key("weekly", datetime(2027, 1, 1, tzinfo=timezone.utc)) == "2026-W53"  # ISO week
-    assert schedule_eval.period_key("hourly", t) == "2026-11-22T23"
-    assert schedule_eval.period_key("monthly", t) == "2026-11"
+    assert schedule.submission_id("offline-eval", "daily", t) == "offline-eval-daily-2026-11-22"
+    assert schedule.period_key("weekly", datetime(2027, 1, 1, tzinfo=timezone.utc)) == "2026-W53"  # ISO week
+    assert schedule.period_key("hourly", t) == "2026-11-22T23"
+    assert schedule.period_key("monthly", t) == "2026-11"
     # the same period from another time zone is the same UTC day
     from datetime import timedelta
 
     other = datetime(2026, 11, 23, 1, 0, tzinfo=timezone(timedelta(hours=2)))
-    assert schedule_eval.period_key("daily", other) == "2026-11-22"
+    assert schedule.period_key("daily", other) == "2026-11-22"
     with pytest.raises(ValueError, match="period"):
-        schedule_eval.period_key("fortnightly", t)
-    entry = schedule_eval.build_entrypoint("cfg dir/eval.yaml", "offline-eval-daily-2026-11-22")
+        schedule.period_key("fortnightly", t)
+    entry = schedule.build_entrypoint("cfg dir/eval.yaml", "offline-eval-daily-2026-11-22")
     assert entry == "python -m jobs.offline_eval --config 'cfg dir/eval.yaml' --run-id offline-eval-daily-2026-11-22"
 
 
@@ -75,7 +77,7 @@ def _trigger(ray_cluster, config, now, *extra):
 
 
 def test_double_trigger_runs_once_per_period(ray_cluster, eval_config, tmp_path, capsys):
-    client = schedule_eval.make_client(ray_cluster["dashboard_url"])
+    client = job_client(ray_cluster["dashboard_url"])
     # a unique prefix per test run: the cluster remembers submission ids for its lifetime
     name = f"offline-eval-test-{os.getpid()}-{tmp_path.name}"
     sub_id = f"{name}-daily-2026-11-22"
@@ -85,7 +87,7 @@ def test_double_trigger_runs_once_per_period(ray_cluster, eval_config, tmp_path,
     # second trigger in the same period, while the first may still run: nothing submitted
     assert _trigger(ray_cluster, eval_config, "2026-11-22T18:30:00+00:00", "--name", name, "--wait") == 0
     out = capsys.readouterr().out
-    assert f"{sub_id}: {schedule_eval.ALREADY_SUBMITTED}" in out
+    assert f"{sub_id}: {schedule.ALREADY_SUBMITTED}" in out
     assert f"{sub_id}: SUCCEEDED" in out, client.get_job_logs(sub_id)
 
     ours = [j for j in client.list_jobs() if (j.submission_id or "").startswith(name)]
@@ -98,7 +100,7 @@ def test_double_trigger_runs_once_per_period(ray_cluster, eval_config, tmp_path,
 
     # a third trigger after the job finished still does not run it again
     assert _trigger(ray_cluster, eval_config, "2026-11-22T23:59:59+00:00", "--name", name) == 0
-    assert f"{schedule_eval.ALREADY_SUBMITTED} (status SUCCEEDED)" in capsys.readouterr().out
+    assert f"{schedule.ALREADY_SUBMITTED} (status SUCCEEDED)" in capsys.readouterr().out
     # the next period is a new run
     assert _trigger(ray_cluster, eval_config, "2026-11-23T00:00:01+00:00", "--name", name, "--wait") == 0
     assert f"{name}-daily-2026-11-23: SUCCEEDED" in capsys.readouterr().out
@@ -113,15 +115,15 @@ def test_racing_triggers_submit_one_job(ray_cluster, tmp_path):
     entrypoint = f"{sys.executable} -c 'pass'"
 
     def trigger(_):
-        return schedule_eval.submit_once(schedule_eval.make_client(ray_cluster["dashboard_url"]), sub_id, entrypoint)
+        return schedule.submit_once(job_client(ray_cluster["dashboard_url"]), sub_id, entrypoint)
 
     with ThreadPoolExecutor(4) as pool:
         outcomes = list(pool.map(trigger, range(4)))
     assert sorted(submitted for submitted, _ in outcomes) == [False, False, False, True]
     assert all(ALREADY in message for submitted, message in outcomes if not submitted)
-    client = schedule_eval.make_client(ray_cluster["dashboard_url"])
-    assert schedule_eval.wait_for(client, sub_id, timeout_s=120, poll_s=0.5) == "SUCCEEDED"
+    client = job_client(ray_cluster["dashboard_url"])
+    assert schedule.wait_for(client, sub_id, timeout_s=120, poll_s=0.5) == "SUCCEEDED"
     assert [j.submission_id for j in client.list_jobs()].count(sub_id) == 1
 
 
-ALREADY = schedule_eval.ALREADY_SUBMITTED
+ALREADY = schedule.ALREADY_SUBMITTED

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pipeline.score import maxsim as score
-from pipeline.score.maxsim import maxsim_scores, pack_pages, pad_queries, topk_desc
+from pipeline.score.corpus import pack_pages, pad_queries
+from pipeline.score.maxsim import maxsim_scores, topk_desc
 from pipeline.devtools.synthetic import oracle_scores, random_pages, random_queries
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -140,7 +141,7 @@ def test_triton_kernel_in_interpreter_equals_oracle():
     """The CUDA kernel's logic, run by Triton's CPU interpreter (float32, IEEE dot)."""
     code = (
         "import numpy as np, torch\n"
-        "from pipeline.score.maxsim import pack_pages, pad_queries\n"
+        "from pipeline.score.corpus import pack_pages, pad_queries\n"
         "from pipeline.score.triton_kernel import maxsim_scores_triton\n"
         "from pipeline.devtools.synthetic import random_pages, random_queries, oracle_scores\n"
         "rng = np.random.default_rng(5)\n"

@@ -82,7 +82,7 @@ def test_results_equal_the_oracle_and_outputs_are_complete(ray_session, data, tm
     assert len(lines) == results.num_rows
     first = lines[0].split(" ")
     assert all(len(line.split()) == 6 for line in lines)  # the space in page ids is encoded
-    assert first[:4] == [got["query_id"][0], "Q0", score_queries.trec_id(got["page_id"][0]), "1"]
+    assert first[:4] == [got["query_id"][0], "Q0", schema.trec_id(got["page_id"][0]), "1"]
     assert first[2] == got["page_id"][0].replace(" ", "%20") and first[5] == "colqwen2-maxsim"
     assert np.float32(first[4]) == np.float32(got["score"][0])
     # query_embeddings.parquet round-trips the vectors used.
@@ -201,7 +201,7 @@ def test_s3_in_and_out(ray_session, s3, data, tmp_path):
 def test_ray_job_submit(ray_cluster, data, tmp_path):
     out = tmp_path / "submitted"
     cmd = [
-        "ray", "job", "submit", "--address", ray_cluster["dashboard_url"], "--working-dir", ROOT,
+        os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", ray_cluster["dashboard_url"], "--working-dir", ROOT,
         "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", ".whl", "benchmarks", "notebooks"]}),
         "--", sys.executable, "-m", "jobs.score_queries", "--corpus", data["corpus"], "--queries",
         data["queries_file"], "--output", str(out), "--top-k", "3", "--query-embeddings", data["qemb"],

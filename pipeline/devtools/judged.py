@@ -1,4 +1,4 @@
-"""Small synthetic inputs for the evaluation tests: qrels, runs, an embedded corpus and
+"""A small judged collection for evaluation: qrels, runs, an embedded corpus and
 query embeddings whose MaxSim ranking is known by construction (no model needed)."""
 
 from __future__ import annotations

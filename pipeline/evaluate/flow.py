@@ -1,0 +1,227 @@
+"""The evaluation chain, as functions: metrics of a run (``run_evaluation``), and the
+scheduled offline evaluation (``run_offline_eval``: scoring flow -> metrics -> history ->
+comparison -> report), which calls the scoring flow in this process.
+
+Outputs of ``run_offline_eval`` under ``OUT = output_root/run_id``::
+
+    OUT/config.yaml        the resolved config
+    OUT/scores/            the scoring job's output (results.parquet, run.trec, ...)
+    OUT/metrics.json       aggregate values keyed by ir_measures names
+    OUT/per_query.parquet  query_id, measure, value
+    OUT/report.md          metric table, change vs previous and baseline, plot
+    OUT/history.png        every metric over the history
+    OUT/summary.json       all of the above in numbers, warnings, regressions, time
+    HISTORY/runs/<run_id>.parquet   this run's history row
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+
+import yaml
+
+from pipeline import __version__, storage
+from pipeline.config import DEFAULT_MEASURES, EvaluateConfig, OfflineEvalConfig, ScoreConfig, parse_measures
+from pipeline.evaluate import history, regression, report, runs
+from pipeline.evaluate import metrics as evaluate
+
+logger = logging.getLogger(__name__)
+
+EXIT_REGRESSION = 3
+
+
+def measure_names(extra: list[str]) -> list[str]:
+    """Defaults followed by the names given on the command line (comma-separated allowed,
+    except inside parentheses, as in ``P(rel=2,judged_only=True)@5``)."""
+    names = list(DEFAULT_MEASURES)
+    for item in extra:
+        depth, current = 0, ""
+        for char in item:
+            depth += char == "("
+            depth -= char == ")"
+            if char == "," and depth == 0:
+                names.append(current)
+                current = ""
+            else:
+                current += char
+        names.append(current)
+    return [str(m) for m in parse_measures(names)]
+
+
+def run_evaluation(cfg: EvaluateConfig) -> dict:
+    """Read, evaluate and write; returns the summary (also written as summary.json)."""
+    started = time.time()
+    qrels = runs.read_qrels(cfg.qrels, cfg.endpoint_url)
+    run = runs.read_run(cfg.run, cfg.endpoint_url)
+    corpus_ids = runs.read_corpus_page_ids(cfg.corpus, cfg.endpoint_url) if cfg.corpus else None
+    result = evaluate.evaluate(qrels, run, list(cfg.measures), corpus_page_ids=corpus_ids, ranking=cfg.ranking)
+
+    storage.write_json(storage.join_uri(cfg.output, "metrics.json"), result.aggregate, cfg.endpoint_url)
+    storage.write_parquet(storage.join_uri(cfg.output, "per_query.parquet"),
+                          evaluate.per_query_table(result.per_query), cfg.endpoint_url)
+    summary = {
+        "job": "evaluate",
+        "version": __version__,
+        "run": cfg.run,
+        "qrels": cfg.qrels,
+        "corpus": cfg.corpus,
+        "output": cfg.output,
+        "measures": list(cfg.measures),
+        "metrics": result.aggregate,
+        "counts": result.diagnostics,
+        "warnings": result.warnings,
+        "elapsed_s": round(time.time() - started, 3),
+    }
+    storage.write_json(storage.join_uri(cfg.output, "summary.json"), summary, cfg.endpoint_url)
+    return summary
+
+
+def _score(cfg: OfflineEvalConfig, scores_uri: str) -> dict:
+    """Run the scoring flow in this process (one Ray driver for the whole evaluation)."""
+    from pipeline.score import flow as score_flow
+
+    score_cfg = ScoreConfig.from_flags(
+        cfg.score_args, corpus=cfg.corpus, queries=cfg.queries, output=scores_uri, top_k=cfg.top_k,
+        model=cfg.model, max_visual_tokens=cfg.max_visual_tokens, query_embeddings=cfg.query_embeddings,
+        endpoint_url=cfg.endpoint_url, ray_address=cfg.ray_address)
+    logger.info("scoring %s against %s into %s", cfg.queries, cfg.corpus, scores_uri)
+    return score_flow.run(score_cfg)
+
+
+def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_baseline: bool = False,
+                     now: datetime | None = None) -> tuple[int, dict]:
+    """The whole chain; returns (exit status, summary)."""
+    started = time.time()
+    run_time = now or datetime.now(timezone.utc)
+    run_id = history.validate_run_id(run_id or history.default_run_id(run_time))
+    out = storage.join_uri(cfg.output_root, run_id)
+    ep = cfg.endpoint_url
+    resolved = {**cfg.to_dict(), "run_id": run_id, "run_time": run_time.isoformat(), "output": out}
+    storage.write_bytes_atomic(storage.join_uri(out, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False).encode(), ep)
+
+    corpus = history.corpus_info(cfg.corpus, ep)
+    if cfg.max_visual_tokens is not None and corpus.max_visual_tokens not in (None, cfg.max_visual_tokens):
+        raise ValueError(
+            f"the corpus at {cfg.corpus} was embedded with max_visual_tokens={corpus.max_visual_tokens}, "
+            f"the config asks for {cfg.max_visual_tokens}: re-embed the corpus or change max_visual_tokens"
+        )
+    model = cfg.model or corpus.model
+    logger.info("run %s: corpus %s (%d pages, fingerprint %s), model %s", run_id, cfg.corpus, corpus.pages,
+                corpus.fingerprint, model)
+
+    scores_summary: dict = {}
+    if cfg.run:
+        run_uri = cfg.run
+    else:
+        scores_uri = storage.join_uri(out, "scores")
+        scores_summary = _score(cfg, scores_uri)
+        run_uri = storage.join_uri(scores_uri, "results.parquet")
+
+    qrels = runs.read_qrels(cfg.qrels, ep)
+    evaluation = run_evaluation(EvaluateConfig(run=run_uri, qrels=cfg.qrels, output=out, measures=cfg.measures,
+                                                corpus=cfg.corpus, endpoint_url=ep, ranking=cfg.ranking))
+    metrics = evaluation["metrics"]
+
+    commit = history.git_commit()
+    fields = dict(
+        model=model,
+        max_visual_tokens=corpus.max_visual_tokens if corpus.max_visual_tokens is not None else cfg.max_visual_tokens,
+        top_k=cfg.top_k,
+        corpus_uri=cfg.corpus,
+        corpus_fingerprint=corpus.fingerprint,
+        corpus_pages=corpus.pages,
+        queries_uri=cfg.queries,
+        qrels_uri=cfg.qrels,
+        qrels_fingerprint=history.qrels_fingerprint(qrels),
+        evaluated_queries=evaluation["counts"]["evaluated_queries"],
+        code_version=history.code_version(commit),
+        git_commit=commit,
+        output_uri=out,
+        report_uri=storage.join_uri(out, "report.md"),
+    )
+    past = history.read_history(cfg.history_uri, ep)
+    past_others = past[past["run_id"] != run_id] if not past.empty else past
+    previous = regression.previous_run(past_others, run_id, run_time)
+    baseline, baseline_problem = regression.resolve_baseline(cfg.baseline, past_others, cfg.history_uri, ep)
+    warnings = list(evaluation["warnings"])
+    if baseline_problem:
+        warnings.append(baseline_problem)
+
+    current_view = {**fields, "run_id": run_id}
+    comparisons = []
+    cmp_prev = regression.compare(metrics, history.row_metrics(previous) if previous else None, cfg.regression,
+                               "previous", previous["run_id"] if previous else None)
+    cmp_prev.changed_fields = regression.changed_fields(previous, current_view)
+    comparisons.append(cmp_prev)
+    if baseline is not None:
+        cmp_base = regression.compare(metrics, baseline.metrics, cfg.regression, "baseline", baseline.run_id)
+        cmp_base.changed_fields = regression.changed_fields(baseline.row, current_view)
+        comparisons.append(cmp_base)
+    regressions = regression.regression_lines(comparisons)
+    if cmp_prev.changed_fields.get("qrels_fingerprint"):
+        warnings.append("the qrels changed since the previous run: the change in metrics is not only the system's")
+
+    row = history.history_row(run_id, metrics, run_time=run_time, regression=bool(regressions),
+                              regressions="\n".join(regressions) or None, **fields)
+    row_uri = history.append_run(cfg.history_uri, row, ep)
+    if pin_baseline:
+        regression.pin_baseline(cfg.history_uri, run_id, ep)
+
+    full = history.read_history(cfg.history_uri, ep)
+    storage.write_bytes_atomic(storage.join_uri(out, report.PLOT_FILE),
+                         report.plot_history(full, baseline, measures=list(metrics)), ep)
+    text = report.render_markdown(row, metrics, comparisons, baseline, regressions, warnings, evaluation["counts"])
+    storage.write_bytes_atomic(storage.join_uri(out, "report.md"), text.encode(), ep)
+
+    failed = bool(regressions) and cfg.fail_on_regression
+    result_line = (
+        f"REGRESSION in run {run_id}: " + "; ".join(regressions) if regressions else f"run {run_id}: no regression"
+    )
+    summary = {
+        "job": "offline_eval",
+        "version": __version__,
+        "run_id": run_id,
+        "run_time": run_time.isoformat(),
+        "result": result_line,
+        "regression": bool(regressions),
+        "regressions": regressions,
+        "exit_status": EXIT_REGRESSION if failed else 0,
+        "metrics": metrics,
+        "previous_run_id": previous["run_id"] if previous else None,
+        "baseline": baseline.label if baseline else None,
+        "comparisons": {
+            c.label: {
+                "reference_run_id": c.reference_run_id,
+                "changes": {ch.measure: {"reference": ch.reference, "delta": ch.delta, "regressed": ch.regressed}
+                            for ch in c.changes},
+                "changed_fields": {k: list(v) for k, v in c.changed_fields.items()},
+            }
+            for c in comparisons
+        },
+        "corpus": {"uri": cfg.corpus, "fingerprint": corpus.fingerprint, "pages": corpus.pages,
+                   "files": corpus.files, "bytes": corpus.bytes},
+        "model": model,
+        "code_version": fields["code_version"],
+        "counts": evaluation["counts"],
+        "warnings": warnings,
+        "scoring": scores_summary,
+        "outputs": {"root": out, "report": fields["report_uri"], "history_row": row_uri,
+                    "history": cfg.history_uri, "run": run_uri},
+        "elapsed_s": round(time.time() - started, 3),
+    }
+    storage.write_json(storage.join_uri(out, "summary.json"), summary, ep)
+    return summary["exit_status"], summary
+
+
+
+
+def write_failure(cfg: OfflineEvalConfig, run_id: str, now: datetime, exc: BaseException) -> None:
+    """A scheduled run that dies still leaves a line where its results would be."""
+    failure = {"job": "offline_eval", "version": __version__, "run_id": run_id, "run_time": now.isoformat(),
+               "result": f"FAILED run {run_id}: {type(exc).__name__}: {exc}", "exit_status": 1}
+    try:
+        storage.write_json(storage.join_uri(cfg.output_root, run_id, "summary.json"), failure, cfg.endpoint_url)
+    except Exception:  # the original error matters more than this one
+        logger.exception("could not write the failure summary")

@@ -1,0 +1,243 @@
+"""Runs and qrels from any URI: TREC run files, the scoring job's results.parquet, TREC
+qrels and BEIR TSVs, as frames with ir_measures' column names (qrels ``query_id, doc_id,
+relevance``; runs ``query_id, doc_id, score``, where ``doc_id`` holds a *page_id*).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import re
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import schema, storage
+
+logger = logging.getLogger(__name__)
+
+IRM_QUERY = "query_id"
+IRM_DOC = "doc_id"
+IRM_RELEVANCE = "relevance"
+IRM_SCORE = "score"
+
+# A TREC qrels line: qid iteration page_id relevance. page_id is matched lazily between the
+# fixed fields so that a doc_id holding spaces ("annual report.pdf#3") survives.
+_TREC_QREL = re.compile(r"^\s*(\S+)\s+(\S+)\s+(.+?)\s+(-?\d+(?:\.\d+)?)\s*$")
+# A TREC run line: qid Q0 page_id rank score tag.
+_TREC_RUN = re.compile(r"^\s*(\S+)\s+(\S+)\s+(.+?)\s+(-?\d+)\s+(\S+)\s+(\S+)\s*$")
+
+_BEIR_QUERY_NAMES = ("query-id", "query_id", "qid")
+_BEIR_DOC_NAMES = ("corpus-id", "corpus_id", "doc-id", "doc_id", "docid", "page_id", "page-id")
+_BEIR_REL_NAMES = ("score", "relevance", "rel", "label")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
+    """Whole file at ``uri`` (any URI). Gzip is undone for ``.gz``."""
+    data = storage.read_bytes(uri, endpoint_url)
+    return gzip.decompress(data) if uri.endswith(".gz") else data
+
+
+def _text_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) for non-blank, non-comment lines."""
+    lines = []
+    for number, line in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            lines.append((number, line.rstrip("\r\n")))
+    return lines
+
+
+def _relevance(value: str, where: str) -> int:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{where}: relevance {value!r} is not a number") from None
+    if number != int(number):
+        raise ValueError(f"{where}: relevance {value!r} is not an integer grade")
+    return int(number)
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_qrels(text: str, source: str = "qrels") -> pd.DataFrame:
+    """TREC qrels (``qid 0 page_id rel``) or BEIR TSV (``query-id corpus-id score`` + header).
+
+    The format is told by the first line: a header (its last field is not a number) or
+    exactly three tab-separated fields mean BEIR; four whitespace-separated fields, TREC.
+    Duplicate judgements of one (query, page) keep the highest grade.
+
+    >>> parse_qrels("q1 0 a.pdf#1 2\\nq1 0 a.pdf#2 0\\n").to_dict("list")
+    {'query_id': ['q1', 'q1'], 'doc_id': ['a.pdf#1', 'a.pdf#2'], 'relevance': [2, 0]}
+    >>> parse_qrels("query-id\\tcorpus-id\\tscore\\nq1\\ta.pdf#1\\t1\\n").to_dict("list")
+    {'query_id': ['q1'], 'doc_id': ['a.pdf#1'], 'relevance': [1]}
+    """
+    lines = _text_lines(text)
+    if not lines:
+        raise ValueError(f"{source}: no judgements (the file is empty)")
+    first = lines[0][1]
+    tab_fields = first.split("\t")
+    is_header = not _is_number(first.split()[-1])
+    if is_header or len(tab_fields) == 3:
+        rows = _parse_beir_qrels(lines, source, header=is_header)
+    else:
+        rows = _parse_trec_qrels(lines, source)
+    frame = pd.DataFrame(rows, columns=[IRM_QUERY, IRM_DOC, IRM_RELEVANCE])
+    frame[IRM_RELEVANCE] = frame[IRM_RELEVANCE].astype(np.int64)
+    before = len(frame)
+    frame = (
+        frame.sort_values(IRM_RELEVANCE, ascending=False, kind="stable")
+        .drop_duplicates([IRM_QUERY, IRM_DOC], keep="first")
+        .sort_index()
+        .reset_index(drop=True)
+    )
+    if len(frame) < before:
+        logger.warning("%s: %d duplicate judgements; kept the highest grade", source, before - len(frame))
+    return frame
+
+
+def _parse_trec_qrels(lines, source) -> list[tuple[str, str, int]]:
+    rows = []
+    for number, line in lines:
+        match = _TREC_QREL.match(line)
+        if match is None:
+            raise ValueError(
+                f"{source}:{number}: expected TREC qrels 'qid 0 page_id relevance', got {line!r}"
+            )
+        qid, _iteration, doc, rel = match.groups()
+        rows.append((qid, doc, _relevance(rel, f"{source}:{number}")))
+    return rows
+
+
+def _parse_beir_qrels(lines, source, header: bool) -> list[tuple[str, str, int]]:
+    q_col, d_col, r_col = 0, 1, 2
+    if header:
+        names = [name.strip().lower() for name in lines[0][1].split("\t")]
+
+        def find(candidates, what):
+            for i, name in enumerate(names):
+                if name in candidates:
+                    return i
+            raise ValueError(
+                f"{source}: BEIR qrels header {lines[0][1]!r} has no {what} column "
+                f"(one of {', '.join(candidates)})"
+            )
+
+        q_col = find(_BEIR_QUERY_NAMES, "query")
+        d_col = find(_BEIR_DOC_NAMES, "corpus/page")
+        r_col = find(_BEIR_REL_NAMES, "score")
+        lines = lines[1:]
+    width = max(q_col, d_col, r_col) + 1
+    rows = []
+    for number, line in lines:
+        fields = line.split("\t")
+        if len(fields) < width:
+            raise ValueError(
+                f"{source}:{number}: expected {width} tab-separated fields "
+                f"(query-id, corpus-id, score), got {line!r}"
+            )
+        rows.append(
+            (fields[q_col].strip(), fields[d_col].strip(), _relevance(fields[r_col].strip(), f"{source}:{number}"))
+        )
+    return rows
+
+
+def parse_trec_run(text: str, source: str = "run") -> pd.DataFrame:
+    """TREC run text (``qid Q0 page_id rank score tag``) -> ``query_id, doc_id, score, rank``.
+
+    >>> parse_trec_run("q1 Q0 a.pdf#1 1 0.9 colqwen\\n").to_dict("list")
+    {'query_id': ['q1'], 'doc_id': ['a.pdf#1'], 'score': [0.9], 'rank': [1]}
+    """
+    rows = []
+    for number, line in _text_lines(text):
+        match = _TREC_RUN.match(line)
+        if match is None:
+            raise ValueError(
+                f"{source}:{number}: expected a TREC run line 'qid Q0 page_id rank score tag', got {line!r}"
+            )
+        qid, _q0, doc, rank, score, _tag = match.groups()
+        try:
+            value = float(score)
+        except ValueError:
+            raise ValueError(f"{source}:{number}: score {score!r} is not a number") from None
+        rows.append((qid, doc, value, int(rank)))
+    return _run_frame(rows)
+
+
+def _run_frame(rows) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=[IRM_QUERY, IRM_DOC, IRM_SCORE, schema.RANK])
+    return frame.astype({IRM_QUERY: str, IRM_DOC: str, IRM_SCORE: np.float64, schema.RANK: np.int64})
+
+
+def results_to_run(table: pa.Table) -> pd.DataFrame:
+    """The scoring job's ``results.parquet`` table -> run frame (``doc_id`` holds page_id)."""
+    missing = {schema.QUERY_ID, schema.PAGE_ID, schema.SCORE} - set(table.column_names)
+    if missing:
+        raise ValueError(f"results table lacks columns {sorted(missing)}; has {table.column_names}")
+    ranks = (
+        table.column(schema.RANK).to_numpy(zero_copy_only=False)
+        if schema.RANK in table.column_names
+        else np.zeros(table.num_rows, dtype=np.int64)
+    )
+    # float32 -> float64 is exact, so these are the scores the job computed, bit for bit.
+    frame = pd.DataFrame(
+        {
+            IRM_QUERY: table.column(schema.QUERY_ID).to_pylist(),
+            IRM_DOC: table.column(schema.PAGE_ID).to_pylist(),
+            IRM_SCORE: table.column(schema.SCORE).to_numpy(zero_copy_only=False).astype(np.float64),
+            schema.RANK: ranks.astype(np.int64),
+        }
+    )
+    return frame.astype({IRM_QUERY: str, IRM_DOC: str})
+
+
+def _is_parquet(uri: str) -> bool:
+    return uri.rstrip("/").endswith(".parquet")
+
+
+def read_run(uri: str, endpoint_url: str | None = None) -> pd.DataFrame:
+    """A run from any URI: ``results.parquet``, a scoring output folder, or a TREC run file."""
+    fs, path = storage.open_filesystem(uri, endpoint_url)
+    import pyarrow.fs as pafs
+
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"run not found: {uri}")
+    if info.type == pafs.FileType.Directory:
+        # A scoring job's output folder: prefer the exact scores over the text rendering.
+        for name in ("results.parquet", "run.trec"):
+            child = f"{path.rstrip('/')}/{name}"
+            if fs.get_file_info(child).type == pafs.FileType.File:
+                return read_run(f"{uri.rstrip('/')}/{name}", endpoint_url)
+        raise FileNotFoundError(f"{uri} is a folder without results.parquet or run.trec")
+    data = read_bytes(uri, endpoint_url)
+    if _is_parquet(uri) or data[:4] == b"PAR1":  # the Parquet magic, whatever the file's name
+        return results_to_run(pq.read_table(pa.BufferReader(data)))
+    return parse_trec_run(data.decode("utf-8"), source=uri)
+
+
+def read_qrels(uri: str, endpoint_url: str | None = None) -> pd.DataFrame:
+    """Qrels from any URI, TREC or BEIR TSV (see :func:`parse_qrels`)."""
+    return parse_qrels(read_bytes(uri, endpoint_url).decode("utf-8"), source=uri)
+
+
+def read_corpus_page_ids(corpus_uri: str, endpoint_url: str | None = None) -> set[str]:
+    """Every page_id under ``CORPUS/pages/`` (only that column is read)."""
+    fs, files = storage.list_files(schema.pages_folder(corpus_uri), endpoint_url, recursive=True)
+    ids: set[str] = set()
+    for info in files:
+        with fs.open_input_file(info.path) as f:
+            ids.update(pq.read_table(f, columns=[schema.PAGE_ID]).column(0).to_pylist())
+    return ids
+
+

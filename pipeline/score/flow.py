@@ -1,0 +1,203 @@
+"""The scoring job's Ray wiring: queries embedded once (a GPU task) or read back, the corpus
+cut into shards sized to one worker, a pool of :class:`~pipeline.score.scorer.ShardScorer`
+actors that each load a shard once and run every query batch against it, and the per-shard
+top-k lists merged into the exact global top-k as shards finish.
+
+Outputs under ``cfg.output``: results.parquet, run.trec, query_embeddings.parquet, summary.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from pipeline import schema, storage
+from pipeline.cluster import ensure_ray
+from pipeline.config import DEFAULT_MODEL, ScoreConfig
+from pipeline.score.corpus import check_compatibility, open_corpus, plan_shards, read_vector_counts
+from pipeline.score.maxsim import auto_pages_per_shard
+from pipeline.score.merge import QUERY_INDEX, merge_topk
+from pipeline.score.queries import read_queries, read_query_embeddings
+from pipeline.score.scorer import ShardScorer, empty_candidates
+
+log = logging.getLogger(__name__)
+
+
+def _embed_queries_remote(model_name: str, texts: list[str], batch_size: int, endpoint_url: str | None,
+                          num_gpus: float) -> list[np.ndarray]:
+    """Embed on a Ray worker with the actors' resources (the driver may have no GPU)."""
+    def embed(name, texts, batch_size, endpoint_url):
+        from pipeline.embed.model import embed_queries, load_model
+
+        lm = load_model(name, endpoint_url=endpoint_url)
+        return [np.asarray(v, dtype=np.float16) for v in embed_queries(lm, texts, batch_size=batch_size)]
+
+    task = ray.remote(num_gpus=num_gpus, num_cpus=1, max_retries=0)(embed)
+    return ray.get(task.remote(model_name, texts, batch_size, endpoint_url))
+
+
+def _cluster_defaults(cfg: ScoreConfig) -> tuple[int, float]:
+    res = ray.cluster_resources()
+    gpus = float(res.get("GPU", 0))
+    cpus = float(res.get("CPU", 1))
+    gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if cfg.num_actors:
+        n = cfg.num_actors
+    elif gpus_per_actor > 0:
+        n = max(1, int(gpus // gpus_per_actor))
+    else:
+        n = max(1, min(4, int(cpus // max(cfg.cpus_per_actor, 1e-9)) - 0))
+    return n, gpus_per_actor
+
+
+def _write_outputs(cfg: ScoreConfig, results: pa.Table, query_emb: pa.Table, summary: dict) -> None:
+    out = cfg.output
+    storage.write_parquet(storage.join_uri(out, schema.QUERY_EMBEDDINGS_FILE), query_emb, cfg.endpoint_url)
+    storage.write_parquet(storage.join_uri(out, schema.RESULTS_FILE), results, cfg.endpoint_url)
+    lines = [
+        f"{q} Q0 {schema.trec_id(p)} {r} {np.format_float_positional(np.float32(s), unique=True, trim='-')} {cfg.run_tag}\n"
+        for q, p, r, s in zip(
+            results.column(schema.QUERY_ID).to_pylist(), results.column(schema.PAGE_ID).to_pylist(),
+            results.column(schema.RANK).to_pylist(), results.column(schema.SCORE).to_pylist(),
+        )
+    ]
+    storage.write_bytes_atomic(storage.join_uri(out, schema.RUN_FILE), "".join(lines).encode("utf-8"), cfg.endpoint_url)
+    storage.write_json(storage.join_uri(out, schema.SUMMARY_FILE), summary, cfg.endpoint_url)
+
+
+def run(cfg: ScoreConfig) -> dict:
+    """Score ``cfg.queries`` against ``cfg.corpus`` on the connected (or an embedded) Ray
+    cluster; returns the summary it writes."""
+    t_start = time.perf_counter()
+
+    # Everything that can be wrong with the inputs fails here, before any heavy work.
+    corpus = open_corpus(cfg.corpus, cfg.endpoint_url)
+    queries = read_queries(cfg.queries, cfg.endpoint_url)
+    corpus_model = corpus.metadata.get(schema.META_MODEL.decode())
+    model_name = cfg.model or corpus_model or DEFAULT_MODEL
+    check_compatibility(
+        corpus,
+        model=None if cfg.query_embeddings else model_name,
+        query_prompt=None if cfg.query_embeddings else schema.QUERY_PROMPT,
+        max_visual_tokens=cfg.max_visual_tokens,
+        allow_mismatch=cfg.allow_model_mismatch,
+    )
+    log.info("corpus %s: %d file(s), %d page rows, model %s; %d queries", cfg.corpus, len(corpus.files),
+             corpus.num_rows, corpus_model, queries.num_rows)
+
+    ensure_ray(cfg.ray_address)
+
+    num_actors, gpus_per_actor = _cluster_defaults(cfg)
+
+    # Queries: embed once, store as float16 (the values every score uses, so a rescore from
+    # query_embeddings.parquet gives the same numbers).
+    t0 = time.perf_counter()
+    if cfg.query_embeddings:
+        query_emb = read_query_embeddings(cfg.query_embeddings, cfg.endpoint_url, queries)
+        log.info("reusing %d query embeddings from %s (no model loaded)", query_emb.num_rows, cfg.query_embeddings)
+    else:
+        texts = queries.column(schema.TEXT).to_pylist()
+        vectors = _embed_queries_remote(model_name, texts, cfg.embed_batch_size, cfg.endpoint_url,
+                                        gpus_per_actor if gpus_per_actor > 0 else 0) if texts else []
+        query_emb = pa.table({
+            schema.QUERY_ID: queries.column(schema.QUERY_ID), schema.TEXT: queries.column(schema.TEXT),
+            schema.N_VECTORS: pa.array([len(v) for v in vectors], pa.int32()),
+            schema.EMBEDDING: schema.embeddings_to_arrow(vectors),
+        }, schema=schema.QUERY_EMBEDDINGS_SCHEMA)
+        log.info("embedded %d queries with %s in %.1f s", len(vectors), model_name, time.perf_counter() - t0)
+    t_embed = time.perf_counter() - t0
+    emb_col = query_emb.column(schema.EMBEDDING).combine_chunks()
+    q_lengths = np.diff(emb_col.offsets.to_numpy()).astype(np.int64)
+    if (q_lengths == 0).any():
+        bad = query_emb.column(schema.QUERY_ID).filter(pa.array(q_lengths == 0)).to_pylist()
+        raise ValueError(f"queries {bad[:5]} have no vectors; their embeddings are empty")
+    q_flat = emb_col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, schema.EMBEDDING_DIM)
+
+    # Shards.
+    counts = read_vector_counts(corpus, cfg.endpoint_url)
+    total_vectors = int(sum(int(c.sum()) for c in counts))
+    mean_vectors = total_vectors / max(1, corpus.num_rows)
+    actor_options = {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus_per_actor, "max_restarts": 0}
+    Scorer = ray.remote(ShardScorer)
+    if cfg.shard_size_pages == "auto":
+        probe = Scorer.options(**actor_options).remote(
+            corpus.uri, cfg.endpoint_url, q_flat[:0], q_lengths[:0], cfg.top_k, device=None)
+        memory = ray.get(probe.memory_bytes.remote())
+        gpu = gpus_per_actor > 0
+        ray.kill(probe)
+        # CPU actors compute in float64 (8 bytes) and share the node's RAM with each other.
+        per_actor = memory if gpu else memory // max(1, num_actors)
+        # 0.3: packing holds the Arrow values, the padded copy and gather indices at once, and
+        # a query batch adds its (pages x query vectors) maxima.
+        pages_per_shard = auto_pages_per_shard(mean_vectors, per_actor, dtype_bytes=2 if gpu else 8, fraction=0.3)
+        pages_per_shard = min(pages_per_shard, max(1, -(-corpus.num_rows // num_actors)))
+    else:
+        pages_per_shard = cfg.shard_size_pages
+    shards = plan_shards(corpus, counts, pages_per_shard) if corpus.num_rows else []
+    num_actors = max(1, min(num_actors, len(shards))) if shards else 0
+    log.info("%d pages (%.0f vectors/page) in %d shard(s) of <= %d pages; %d actor(s), %s GPU each",
+             corpus.num_rows, mean_vectors, len(shards), pages_per_shard, num_actors, gpus_per_actor)
+
+    # Score: each actor takes the next shard when it is free; results merge as they arrive.
+    t0 = time.perf_counter()
+    merged = merge_topk([empty_candidates()], cfg.top_k)
+    shard_stats = []
+    if shards and queries.num_rows:
+        q_flat_ref, q_len_ref = ray.put(q_flat), ray.put(q_lengths)
+        cpu_threads = max(1, int(cfg.cpus_per_actor))
+        actors = [
+            Scorer.options(**actor_options).remote(
+                corpus.uri, cfg.endpoint_url, q_flat_ref, q_len_ref, cfg.top_k,
+                query_batch_size=cfg.query_batch_size, backend=cfg.backend, cpu_threads=cpu_threads)
+            for _ in range(num_actors)
+        ]
+        pool = ray.util.ActorPool(actors)
+        pages_done = 0
+        for candidates, stats in pool.map_unordered(lambda a, spec: a.score.remote(spec), shards):
+            merged = merge_topk([merged.drop_columns([schema.RANK]), candidates], cfg.top_k)
+            shard_stats.append(stats)
+            pages_done += stats["pages"]
+            elapsed = time.perf_counter() - t0
+            log.info("shard %d/%d done (%d pages, %.1f s on %s); %d/%d pages, %.0f pages/s",
+                     len(shard_stats), len(shards), stats["pages"], stats["total_s"], stats["device"],
+                     pages_done, corpus.num_rows, pages_done / max(elapsed, 1e-9))
+        for a in actors:
+            ray.kill(a)
+    t_score = time.perf_counter() - t0
+
+    qids = queries.column(schema.QUERY_ID)
+    results = pa.table({
+        schema.QUERY_ID: qids.take(merged.column(QUERY_INDEX)),
+        schema.RANK: merged.column(schema.RANK),
+        schema.PAGE_ID: merged.column(schema.PAGE_ID),
+        schema.DOC_ID: merged.column(schema.DOC_ID),
+        schema.PAGE_NUMBER: merged.column(schema.PAGE_NUMBER).cast(pa.int32()),
+        schema.SCORE: merged.column(schema.SCORE).cast(pa.float32()),
+    }, schema=schema.RESULTS_SCHEMA)
+    pages_scored = sum(s["pages"] for s in shard_stats)
+    summary = {
+        "corpus": cfg.corpus, "queries_file": cfg.queries, "output": cfg.output,
+        "model": None if cfg.query_embeddings else model_name, "corpus_model": corpus_model,
+        "query_embeddings_reused": cfg.query_embeddings,
+        "n_queries": queries.num_rows, "n_query_vectors": int(q_lengths.sum()),
+        "n_pages": pages_scored, "n_pages_dropped_empty": sum(s["dropped_empty_pages"] for s in shard_stats),
+        "n_corpus_files": len(corpus.files), "n_vectors": total_vectors,
+        "top_k": cfg.top_k, "n_results": results.num_rows,
+        "n_shards": len(shards), "shard_size_pages": pages_per_shard, "num_actors": num_actors,
+        "gpus_per_actor": gpus_per_actor, "query_batch_size": cfg.query_batch_size or "auto",
+        "backend": cfg.backend, "devices": sorted({s["device"] for s in shard_stats}),
+        "pages_scored_per_s": pages_scored / t_score if t_score > 0 and pages_scored else 0.0,
+        "query_page_pairs_per_s": pages_scored * queries.num_rows / t_score if t_score > 0 else 0.0,
+        "embed_queries_s": round(t_embed, 3), "scoring_s": round(t_score, 3),
+        "total_s": round(time.perf_counter() - t_start, 3),
+        "shards": sorted(shard_stats, key=lambda s: s["shard_id"]),
+    }
+    _write_outputs(cfg, results, query_emb, summary)
+    log.info("wrote %d results for %d queries to %s in %.1f s", results.num_rows, queries.num_rows,
+             cfg.output, summary["total_s"])
+    return summary
+

@@ -1,0 +1,143 @@
+"""One scoring worker: :class:`ShardScorer` loads one shard onto its device once, sorts its
+pages by ``page_id`` (the tie order of the top-k) and runs every query batch against it,
+returning the shard's exact top-k per query. Plain Python: the scoring flow places it as a
+Ray actor; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline import schema
+from pipeline.score.corpus import (  # noqa: F401  (triton_available: re-exported)
+    PackedPages,
+    ShardSpec,
+    pack_shard_table,
+    pad_queries,
+    read_shard_table,
+    triton_available,
+)
+from pipeline.score.maxsim import maxsim_scores, topk_desc
+from pipeline.score.merge import QUERY_INDEX
+
+log = logging.getLogger(__name__)
+
+
+def score_batch(Q: torch.Tensor, pages: PackedPages, backend: str = "auto") -> torch.Tensor:
+    """``(n_queries, n_pages)`` float32 MaxSim: the fused Triton kernel where it can run
+    (``backend`` "triton", or "auto" on CUDA with pages packed for it), else torch."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    use_triton = backend == "triton" or (
+        backend == "auto" and pages.device.type == "cuda" and pages.padded_length is None
+    )
+    if use_triton and pages.n_pages and Q.shape[0]:
+        from pipeline.score.triton_kernel import maxsim_scores_triton
+
+        return maxsim_scores_triton(Q, pages)
+    return maxsim_scores(Q, pages)
+
+
+class ShardScorer:
+    """Scores every query against one shard at a time; the shard is loaded once.
+
+    Args:
+        corpus_uri, endpoint_url: where the shard files are.
+        query_flat: ``(sum(query_lengths), 128)`` float16 query vectors (as stored).
+        query_lengths: ``(n_queries,)`` vectors per query.
+        k: results per query and shard.
+        query_batch_size: queries per batch; 0 picks one from the shard size.
+        device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when this process sees a GPU).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`score_batch`).
+    """
+
+    def __init__(self, corpus_uri: str, endpoint_url: str | None, query_flat: np.ndarray,
+                 query_lengths: np.ndarray, k: int, query_batch_size: int = 0,
+                 device: str | None = None, backend: str = "auto", cpu_threads: int | None = None):
+        self.corpus_uri, self.endpoint_url = corpus_uri, endpoint_url
+        self.k, self.query_batch_size, self.backend = k, query_batch_size, backend
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if cpu_threads and self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads)
+        # Ray sets OMP_NUM_THREADS to the actor's CPU request (1 by default) and Arrow sizes
+        # its decode pool from it, so a GPU actor would decode its shard on one core (seen on
+        # an H200 node: 67 M values/s for 16 cores). Loading a shard is a short burst: use the node.
+        decode_threads = cpu_threads if (cpu_threads and self.device.type == "cpu") else (os.cpu_count() or 1)
+        pa.set_cpu_count(max(1, int(decode_threads)))
+        offsets = np.zeros(len(query_lengths) + 1, dtype=np.int64)
+        np.cumsum(query_lengths, out=offsets[1:])
+        self.queries = [np.asarray(query_flat[offsets[i] : offsets[i + 1]]) for i in range(len(query_lengths))]
+        log.info("ShardScorer on %s (%s), %d queries, k=%d", self.device,
+                 torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                 len(self.queries), k)
+
+    def memory_bytes(self) -> int:
+        """Memory this worker can give a shard: free GPU memory, else available RAM."""
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free)
+        try:
+            import psutil
+
+            return int(psutil.virtual_memory().available)
+        except ImportError:  # pragma: no cover
+            import os
+
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+    def _batch_size(self, n_pages: int) -> int:
+        if self.query_batch_size:
+            return self.query_batch_size
+        if self.device.type == "cuda":
+            # The kernel writes (pages x query vectors) float32 maxima: keep that under 4 GiB.
+            longest = max((len(q) for q in self.queries), default=1)
+            return int(max(1, min(8192, (1 << 30) // max(1, n_pages * longest))))
+        return 256
+
+    @torch.inference_mode()
+    def score(self, spec: ShardSpec) -> tuple[pa.Table, dict]:
+        """Exact top-k of every query within this shard: (candidates table, stats)."""
+        t0 = time.perf_counter()
+        table = read_shard_table(spec, self.corpus_uri, self.endpoint_url)
+        t_read = time.perf_counter() - t0
+        packed, meta, dropped = pack_shard_table(table, self.device, self.backend)
+        del table
+        t_load = time.perf_counter() - t0
+        parts = []
+        if packed.n_pages and self.queries:
+            bs = self._batch_size(packed.n_pages)
+            for s in range(0, len(self.queries), bs):
+                Q, _ = pad_queries(self.queries[s : s + bs], device=self.device, dtype=packed.vectors.dtype)
+                backend = self.backend if packed.padded_length is None else "torch"
+                values, idx = topk_desc(score_batch(Q, packed, backend), self.k)
+                nq, kk = values.shape
+                rows = idx.reshape(-1).cpu().numpy()
+                parts.append(pa.table({
+                    QUERY_INDEX: pa.array(np.repeat(np.arange(s, s + nq, dtype=np.int64), kk)),
+                    schema.SCORE: pa.array(values.reshape(-1).cpu().numpy().astype(np.float32)),
+                }).append_column(schema.PAGE_ID, meta.column(schema.PAGE_ID).take(rows))
+                  .append_column(schema.DOC_ID, meta.column(schema.DOC_ID).take(rows))
+                  .append_column(schema.PAGE_NUMBER, meta.column(schema.PAGE_NUMBER).take(rows)))
+        del packed
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        out = pa.concat_tables(parts) if parts else empty_candidates()
+        stats = {"shard_id": spec.shard_id, "pages": spec.n_pages - dropped, "dropped_empty_pages": dropped,
+                 "read_s": t_read, "load_s": t_load, "total_s": time.perf_counter() - t0,
+                 "device": str(self.device)}
+        return out, stats
+
+
+def empty_candidates() -> pa.Table:
+    return pa.table({
+        QUERY_INDEX: pa.array([], pa.int64()), schema.SCORE: pa.array([], pa.float32()),
+        schema.PAGE_ID: pa.array([], pa.string()), schema.DOC_ID: pa.array([], pa.string()),
+        schema.PAGE_NUMBER: pa.array([], pa.int32()),
+    })
+

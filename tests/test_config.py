@@ -1,0 +1,35 @@
+"""pipeline.config: options from YAML and flags, validation that says what to change, no torch or Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs import embed_corpus
+from pipeline.config import EmbedConfig, ScoreConfig, embed_config
+
+
+def _config(args) -> EmbedConfig:
+    options = {k: v for k, v in vars(args).items() if k not in ("config", "verbose")}
+    return embed_config(options, args.config)
+
+
+def test_yaml_config_with_flags_winning(tmp_path):
+    cfg_file = tmp_path / "embed.yaml"
+    cfg_file.write_text("input: s3://b/docs\noutput: s3://b/emb\nbatch-size: 8\nmax_visual_tokens: 512\n")
+    args = embed_corpus.build_parser().parse_args(["--config", str(cfg_file), "--batch-size", "32"])
+    cfg = _config(args)
+    assert isinstance(cfg, EmbedConfig)
+    assert (cfg.input, cfg.batch_size, cfg.max_visual_tokens) == ("s3://b/docs", 32, 512)
+    cfg_file.write_text("input: a\noutput: b\nbatch_sise: 8\n")
+    with pytest.raises(ValueError, match="batch_sise"):
+        _config(embed_corpus.build_parser().parse_args(["--config", str(cfg_file)]))
+
+
+def test_score_flags_become_typed_options():
+    cfg = ScoreConfig.from_flags(["--num-actors", "4", "--shard-size-pages=500", "--allow-model-mismatch"],
+                                 corpus="c", queries="q.jsonl", output="o", top_k=10)
+    assert (cfg.num_actors, cfg.shard_size_pages, cfg.allow_model_mismatch) == (4, 500, True)
+    with pytest.raises(ValueError, match="--num-actorz"):
+        ScoreConfig.from_flags(["--num-actorz", "4"], corpus="c", queries="q", output="o", top_k=1)
+    with pytest.raises(ValueError, match="--top-k must be a positive integer"):
+        ScoreConfig(corpus="c", queries="q", output="o", top_k=0)

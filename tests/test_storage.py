@@ -1,0 +1,50 @@
+"""pipeline.storage: URIs, atomic writes, listings, retried reads (local and a real S3 endpoint)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from pipeline import storage
+
+
+def test_reads_retry_transient_errors_but_not_missing_objects(s3):
+    """A throttled or reset read is retried; a missing object fails at once with its name."""
+    bucket = s3.make_bucket()
+    s3.client().put_object(Bucket=bucket, Key="a.pdf", Body=b"%PDF-1.4 hello")
+    assert storage.read_bytes_with_retries(f"s3://{bucket}/a.pdf", s3.endpoint_url) == b"%PDF-1.4 hello"
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes_with_retries(f"s3://{bucket}/missing.pdf", s3.endpoint_url, backoff_s=0)
+    # a closed port: connection refused on every attempt -> OSError naming the attempts
+    with pytest.raises(OSError, match="after 2 attempts"):
+        storage.read_bytes_with_retries("s3://nobucket/x.pdf", "http://127.0.0.1:9", attempts=2, backoff_s=0)
+
+
+def test_atomic_parquet_and_listing_skip_hidden_files(tmp_path):
+    """Files are written whole under a temporary name and renamed; listings leave hidden
+    and temporary names out, so a reader never sees a half-written file."""
+    folder = tmp_path / "out"
+    t = pa.table({"a": [1, 2, 3]})
+    storage.write_parquet(str(folder / "b.parquet"), t)
+    storage.write_parquet(str(folder / "a.parquet"), t)
+    (folder / ".tmp-1-c.parquet").write_bytes(b"partial")
+    (folder / "_SUCCESS.parquet").write_bytes(b"")
+    _, files = storage.list_files(str(folder))
+    assert [f.base_name for f in files] == ["a.parquet", "b.parquet"]
+    assert storage.read_columns(str(folder), ["a", "missing"]).column("a").to_pylist() == [1, 2, 3, 1, 2, 3]
+    assert storage.read_columns(str(tmp_path / "nothing"), ["a"]) is None
+    assert storage.delete_files(str(folder)) == 2
+    assert not any(p.name.endswith(".parquet") and not p.name.startswith((".", "_")) for p in folder.iterdir())
+
+
+def test_json_and_footers_on_s3(s3):
+    bucket = s3.make_bucket()
+    storage.write_json(f"s3://{bucket}/x/summary.json", {"pages": 3}, s3.endpoint_url)
+    assert storage.read_json(f"s3://{bucket}/x/summary.json", s3.endpoint_url) == {"pages": 3}
+    for i in range(3):
+        storage.write_parquet(f"s3://{bucket}/x/p{i}.parquet", pa.table({"v": list(range(i + 1))}), s3.endpoint_url)
+    fs, files = storage.list_files(f"s3://{bucket}/x", s3.endpoint_url)
+    footers = storage.read_footers(fs, [f.path for f in files])
+    assert [m.num_rows for m in footers] == [1, 2, 3]
+    assert storage.exists(f"s3://{bucket}/x/p0.parquet", s3.endpoint_url)
+    assert not storage.exists(f"s3://{bucket}/x/nope.parquet", s3.endpoint_url)
