@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, help="pages per model call (default: 16)")
     a.add_argument("--min-actors", type=int, help="actors kept alive (default: one per GPU present at start, else 1)")
     a.add_argument("--max-actors", type=int, help="upper bound of the autoscaling pool (default: one per GPU)")
+    a.add_argument("--device", choices=["auto", "cuda", "cpu"],
+                   help="where the model runs (default auto: GPUs when the cluster has them now or its autoscaler "
+                   "can add GPU nodes; the log says what it chose and why)")
     a.add_argument("--gpus-per-actor", type=float, help="GPUs per model replica; 0 runs on CPU (default: 1 if the cluster has GPUs)")
     r = p.add_argument_group("rendering (CPU)")
     r.add_argument("--render-timeout-s", type=float, help="per page; a hung document becomes an error row (default: 120)")

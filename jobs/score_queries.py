@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "maxima under 4 GiB; CPU: 256)")
     s.add_argument("--num-actors", type=int, default=0, metavar="N",
                    help="scoring actors; 0 = one per GPU of the cluster, or min(4, CPUs) without GPUs")
+    s.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="where shards are scored (default auto: GPUs when the cluster has them now or its "
+                        "autoscaler can add GPU nodes)")
     s.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
                    help="GPUs per actor (default: 1 if the cluster has GPUs, else 0 = CPU scoring)")
     s.add_argument("--cpus-per-actor", type=float, default=1, metavar="C",

@@ -29,7 +29,8 @@ class EmbedConfig:
     batch_size: int = 16
     min_actors: int | None = None  # None: every GPU the cluster has now (1 on CPU or with none yet)
     max_actors: int | None = None  # None: one per GPU (or 1 on CPU)
-    gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0 (CPU)
+    gpus_per_actor: float | None = None  # None: 1 when the model runs on GPUs, else 0 (CPU)
+    device: str = "auto"  # auto: GPUs if the cluster has them now or its autoscaler can add them
     dtype: str = "auto"
     attn_implementation: str = "auto"
     load_in_4bit: bool = False
@@ -66,6 +67,10 @@ class EmbedConfig:
             problems.append(f"--max-actors ({self.max_actors}) must be >= --min-actors ({self.min_actors})")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             problems.append("--gpus-per-actor must be >= 0 (0 runs the model on CPU)")
+        if self.device not in ("auto", "cuda", "cpu"):
+            problems.append(f"--device must be auto, cuda or cpu, got {self.device!r}")
+        if self.device == "cpu" and self.gpus_per_actor:
+            problems.append("--device cpu runs the model on CPU actors: drop --gpus-per-actor")
         if self.compile not in ("auto", "on", "off"):
             problems.append(f"--compile must be auto, on or off, got {self.compile!r}")
         if self.render_timeout_s <= 0:
@@ -134,7 +139,8 @@ class ScoreConfig:
     shard_size_pages: int | str = "auto"
     query_batch_size: int = 0  # 0: auto
     num_actors: int = 0  # 0: one per GPU, or min(4, CPUs) without GPUs
-    gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    gpus_per_actor: float | None = None  # None: 1 when scoring on GPUs, else 0
+    device: str = "auto"  # auto: GPUs if the cluster has them now or its autoscaler can add them
     cpus_per_actor: float = 1
     backend: str = "auto"
     ray_address: str | None = None
@@ -154,6 +160,8 @@ class ScoreConfig:
             problems.append("--query-batch-size and --num-actors must be >= 0 (0 = automatic)")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             problems.append("--gpus-per-actor must be >= 0 (0 scores on CPU)")
+        if self.device not in ("auto", "cuda", "cpu"):
+            problems.append(f"--device must be auto, cuda or cpu, got {self.device!r}")
         if self.backend not in ("auto", "torch", "triton"):
             problems.append(f"--backend must be auto, torch or triton, got {self.backend!r}")
         if problems:

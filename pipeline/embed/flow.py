@@ -17,6 +17,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipeline import __version__, schema, storage
+from pipeline.cluster import choose_device, max_gpu_actors, read_capacity
 from pipeline.config import EmbedConfig
 from pipeline.embed import plan
 from pipeline.embed.rasterize import RenderSpec
@@ -30,26 +31,32 @@ log = logging.getLogger(__name__)
 MAX_INPUT_BLOCKS = 20_000
 
 
-def resolve_resources(cfg: EmbedConfig) -> tuple[float, int, int, str]:
-    """(GPUs per actor, min actors, max actors, device) from the options and the cluster.
+def resolve_resources(cfg: EmbedConfig, n_docs: int) -> tuple[float, int, int, str, str]:
+    """(GPUs per actor, min actors, max actors, device, why) from the options and the cluster.
 
-    By default every GPU present starts an actor at once: a pool that starts at one actor
-    grows only after its first actor is saturated, and each new actor then spends its
+    The device is "cuda" when the cluster has GPUs now *or its autoscaler can add them*
+    (:func:`pipeline.cluster.read_capacity`): asking Ray for GPU actors is what makes the
+    autoscaler start GPU nodes. The most actors default to what the cluster can grow to.
+    The pool starts with every GPU present (or, from zero GPU nodes, every GPU the
+    autoscaler can add), capped by the render tasks the job has: a pool that starts at one
+    actor grows only after its first actor is saturated, and each new actor then spends its
     model load and compilation while the others work (seen on 2 GPUs: the second idle for
     most of a 2,500-page job)."""
-    gpus = ray.cluster_resources().get("GPU", 0)
-    per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    if cfg.gpus_per_actor is None and not gpus:
-        log.warning("no GPU in the cluster now: the model runs on CPU (float32). On an autoscaling cluster "
-                    "whose GPU nodes start at zero, pass --gpus-per-actor 1 (and --max-actors N) so Ray "
-                    "requests them.")
-    if per_actor > 0:
-        present = int(gpus // per_actor)
-        max_actors = cfg.max_actors or max(cfg.min_actors or 1, present or 1)
-        min_actors = cfg.min_actors or max(1, min(present, max_actors))
-        return per_actor, min(min_actors, max_actors), max_actors, "cuda"
-    max_actors = cfg.max_actors or cfg.min_actors or 1
-    return 0.0, min(cfg.min_actors or 1, max_actors), max_actors, "cpu"
+    cap = read_capacity()
+    device, why = choose_device(cfg.device, cap, cfg.gpus_per_actor)
+    render_tasks = max(1, math.ceil(n_docs / cfg.docs_per_render_task))
+    if device == "cuda":
+        per_actor = cfg.gpus_per_actor or 1.0
+        present = int(cap.gpus_now // per_actor)
+        can_grow = max_gpu_actors(cap, per_actor)
+        max_actors = cfg.max_actors or max(cfg.min_actors or 1, present, can_grow or 0, 1)
+        start = present or can_grow or 1
+        min_actors = cfg.min_actors or max(1, min(start, max_actors, render_tasks))
+    else:
+        per_actor = 0.0
+        max_actors = cfg.max_actors or cfg.min_actors or 1
+        min_actors = cfg.min_actors or 1
+    return per_actor, min(min_actors, max_actors), max_actors, device, f"{why} [{cap.source}]"
 
 
 def output_metadata(cfg: EmbedConfig, device: str) -> dict[str, str]:
@@ -114,10 +121,11 @@ def run(cfg: EmbedConfig) -> dict:
         removed = plan.remove_error_files(cfg.output, cfg.endpoint_url)
         log.info("--retry-errors: removed %d error file(s); their documents are tried again", removed)
     todo, planned = plan.plan_documents(cfg)
-    gpus_per_actor, min_actors, max_actors, device = resolve_resources(cfg)
+    gpus_per_actor, min_actors, max_actors, device, why = resolve_resources(cfg, len(todo))
     storage.write_json(join_uri(cfg.output, schema.CONFIG_FILE), json.loads(cfg.to_json()), cfg.endpoint_url)
-    log.info("%d documents listed, %d already done, %d to do; %d-%d embedding actors on %s",
-             planned["documents_listed"], planned["documents_already_done"], len(todo), min_actors, max_actors, device)
+    log.info("%d documents listed, %d already done, %d to do", planned["documents_listed"],
+             planned["documents_already_done"], len(todo))
+    log.info("model on %s, %d-%d actor(s), %g GPU each: %s", device, min_actors, max_actors, gpus_per_actor, why)
     progress = _Progress(len(todo))
     if todo:
         # One block per render task's worth of documents, capped so that a corpus of millions
@@ -145,7 +153,9 @@ def run(cfg: EmbedConfig) -> dict:
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
             num_gpus=gpus_per_actor,
-            num_cpus=0 if gpus_per_actor else 1,
+            # The model's own CPU work (decoding the page bytes, building inputs) needs a core;
+            # asking for it keeps render tasks from crowding the GPU nodes' cores.
+            num_cpus=1,
             zero_copy_batch=True,
         )
         ds = ds.map_batches(
@@ -168,6 +178,7 @@ def run(cfg: EmbedConfig) -> dict:
         "model": cfg.model,
         "max_visual_tokens": cfg.max_visual_tokens,
         "device": device,
+        "device_reason": why,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         **planned,
         "documents_processed": len(todo),

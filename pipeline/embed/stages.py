@@ -24,6 +24,9 @@ from pipeline.embed.renderer import Renderer
 log = logging.getLogger(__name__)
 
 PIXELS = "pixels"
+# The dtype the actor really used (a GPU actor on a node without CUDA runs in float32 on CPU):
+# written to each file's metadata, then dropped.
+MODEL_DTYPE = "_model_dtype"
 
 STREAM_SCHEMA = pa.schema(
     [
@@ -110,10 +113,16 @@ class PageEmbedder:
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto",
                  attn_implementation: str = "auto", load_in_4bit: bool = False, endpoint_url: str | None = None,
                  compile_model: bool = False):
+        from pipeline.cluster import actor_device
         from pipeline.embed.model import load_model
 
+        device, warning = actor_device(device or "cpu")
+        if warning:
+            log.warning(warning)
+            compile_model = False
         self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
                              load_in_4bit=load_in_4bit, endpoint_url=endpoint_url, compile_model=compile_model)
+        self.dtype = str(self.lm.dtype).removeprefix("torch.")
         self.pages = 0
         self.seconds = 0.0
 
@@ -134,7 +143,7 @@ class PageEmbedder:
         for i, v in zip(page_idx, vectors):
             all_vectors[i] = v
             n_vectors[i] = len(v)
-        out = batch.drop_columns([PIXELS])
+        out = batch.drop_columns([PIXELS]).append_column(MODEL_DTYPE, pa.array([self.dtype] * batch.num_rows))
         out = out.append_column(schema.N_VECTORS, pa.array(n_vectors, type=pa.int32()))
         return out.append_column(schema.EMBEDDING, schema.embeddings_to_arrow(all_vectors))
 
@@ -163,6 +172,10 @@ def write_shard(batch: pa.Table, output: str, metadata: dict, endpoint_url: str 
     Returns one stats row for the driver's progress line and summary."""
     metadata = {k.encode() if isinstance(k, str) else k: v.encode() if isinstance(v, str) else v
                 for k, v in metadata.items()}
+    if MODEL_DTYPE in batch.column_names and batch.num_rows:
+        used = {d for d in batch.column(MODEL_DTYPE).to_pylist() if d}
+        if used:
+            metadata[schema.META_DTYPE] = ",".join(sorted(used)).encode()
     pages, errors = split_stream(batch)
     files = []
     if pages.num_rows:

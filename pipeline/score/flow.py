@@ -16,7 +16,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import schema, storage
-from pipeline.cluster import ensure_ray
+from pipeline.cluster import choose_device, ensure_ray, max_gpu_actors, read_capacity
 from pipeline.config import DEFAULT_MODEL, ScoreConfig
 from pipeline.score.corpus import check_compatibility, open_corpus, plan_shards, read_vector_counts
 from pipeline.score.maxsim import auto_pages_per_shard
@@ -40,18 +40,18 @@ def _embed_queries_remote(model_name: str, texts: list[str], batch_size: int, en
     return ray.get(task.remote(model_name, texts, batch_size, endpoint_url))
 
 
-def _cluster_defaults(cfg: ScoreConfig) -> tuple[int, float]:
-    res = ray.cluster_resources()
-    gpus = float(res.get("GPU", 0))
-    cpus = float(res.get("CPU", 1))
-    gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
-    if cfg.num_actors:
-        n = cfg.num_actors
-    elif gpus_per_actor > 0:
-        n = max(1, int(gpus // gpus_per_actor))
+def _cluster_defaults(cfg: ScoreConfig) -> tuple[int, float, str]:
+    """(actors, GPUs per actor, why): GPU actors when the cluster has GPUs now or its
+    autoscaler can add them; as many as the cluster can grow to (capped by the shards later)."""
+    cap = read_capacity()
+    device, why = choose_device(cfg.device, cap, cfg.gpus_per_actor)
+    if device == "cuda":
+        gpus_per_actor = cfg.gpus_per_actor or 1.0
+        n = cfg.num_actors or max(1, max_gpu_actors(cap, gpus_per_actor) or int(cap.gpus_now // gpus_per_actor))
     else:
-        n = max(1, min(4, int(cpus // max(cfg.cpus_per_actor, 1e-9)) - 0))
-    return n, gpus_per_actor
+        gpus_per_actor = 0.0
+        n = cfg.num_actors or max(1, min(4, int(cap.cpus_now // max(cfg.cpus_per_actor, 1e-9))))
+    return n, gpus_per_actor, f"{device}: {why} [{cap.source}]"
 
 
 def _write_outputs(cfg: ScoreConfig, results: pa.Table, query_emb: pa.Table, summary: dict) -> None:
@@ -91,7 +91,8 @@ def run(cfg: ScoreConfig) -> dict:
 
     ensure_ray(cfg.ray_address)
 
-    num_actors, gpus_per_actor = _cluster_defaults(cfg)
+    num_actors, gpus_per_actor, device_why = _cluster_defaults(cfg)
+    log.info("shard actors on %s", device_why)
 
     # Queries: embed once, store as float16 (the values every score uses, so a rescore from
     # query_embeddings.parquet gives the same numbers).
@@ -188,7 +189,7 @@ def run(cfg: ScoreConfig) -> dict:
         "n_corpus_files": len(corpus.files), "n_vectors": total_vectors,
         "top_k": cfg.top_k, "n_results": results.num_rows,
         "n_shards": len(shards), "shard_size_pages": pages_per_shard, "num_actors": num_actors,
-        "gpus_per_actor": gpus_per_actor, "query_batch_size": cfg.query_batch_size or "auto",
+        "gpus_per_actor": gpus_per_actor, "device_reason": device_why, "query_batch_size": cfg.query_batch_size or "auto",
         "backend": cfg.backend, "devices": sorted({s["device"] for s in shard_stats}),
         "pages_scored_per_s": pages_scored / t_score if t_score > 0 and pages_scored else 0.0,
         "query_page_pairs_per_s": pages_scored * queries.num_rows / t_score if t_score > 0 else 0.0,
