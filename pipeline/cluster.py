@@ -62,13 +62,27 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    # Our own modules must reach the workers: ship this checkout unless a job already did.
     runtime_env = init_kwargs.pop("runtime_env", None)
-    if runtime_env is None and not os.environ.get("RAY_JOB_ID") and os.environ.get("RAY_JOB_SUBMISSION_ID") is None:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        runtime_env = {"env_vars": {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}}
+    if runtime_env is None and not _in_submitted_job():
+        runtime_env = code_runtime_env()
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **init_kwargs)
     log.info("Ray resources: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
+
+
+def _in_submitted_job() -> bool:
+    """``ray job submit`` ships the working dir (or the image has the package) already."""
+    return bool(os.environ.get("RAY_JOB_SUBMISSION_ID"))
+
+
+def code_runtime_env() -> dict:
+    """How a driver started with ``python -m jobs.NAME`` gives its workers this code: Ray's
+    ``py_modules`` uploads the ``pipeline`` package once (cached by content hash), as Ray
+    Jobs users expect of a runtime environment. A submitted job (``--working-dir .``) or an
+    image with the package installed needs nothing; a ``py_modules`` copy is harmless there."""
+    import pipeline
+
+    return {"py_modules": [os.path.dirname(os.path.abspath(pipeline.__file__))],
+            "excludes": ["__pycache__", "*.pyc"]}
 
 
 def _use_ray_auth_token() -> None:

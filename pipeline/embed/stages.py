@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import os
+import sys
 import json
 import logging
 import time
@@ -116,6 +118,7 @@ class PageEmbedder:
         from pipeline.cluster import actor_device
         from pipeline.embed.model import load_model
 
+        self.started = time.time()
         device, warning = actor_device(device or "cpu")
         if warning:
             log.warning(warning)
@@ -123,6 +126,7 @@ class PageEmbedder:
         self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
                              load_in_4bit=load_in_4bit, endpoint_url=endpoint_url, compile_model=compile_model)
         self.dtype = str(self.lm.dtype).removeprefix("torch.")
+        self.loaded_s = time.time() - self.started
         self.pages = 0
         self.seconds = 0.0
 
@@ -137,6 +141,12 @@ class PageEmbedder:
         t0 = time.perf_counter()
         vectors = embed_pages(self.lm, images)
         self.seconds += time.perf_counter() - t0
+        if self.pages == 0:
+            # One line per actor (Ray forwards it to the driver's log with the actor's pid):
+            # when each node's GPU started working, from the actor's own clock.
+            print(f"[PageEmbedder] pid {os.getpid()}: model loaded in {self.loaded_s:.1f} s, first batch of "
+                  f"{len(images)} done at {time.time():.3f} ({time.time() - self.started:.1f} s after start)",
+                  file=sys.stderr, flush=True)
         self.pages += len(images)
         all_vectors: list = [np.zeros((0, schema.EMBEDDING_DIM), np.float16)] * batch.num_rows
         n_vectors: list = [None] * batch.num_rows
