@@ -30,8 +30,9 @@ Where the node types come from (Ray 2.60), first match wins:
 3. The autoscaler's status (v1: the ``__autoscaling_status`` internal KV key the monitor
    writes every update; v2: ``ray.autoscaler.v2.sdk.get_cluster_status``): proves that an
    autoscaler manages named node types, but carries no maximum counts. ``gpus_max`` is
-   then ``None`` (unknown). KubeRay on Ray 2.60 ends here: its autoscaler runs in a
-   sidecar container and reads the RayCluster resource from Kubernetes.
+   then ``None`` (unknown). Before this step, on KubeRay (``RAY_CLUSTER_NAME`` set), the
+   RayCluster resource is read the way its autoscaler sidecar reads it
+   (:func:`kuberay_node_types`).
 4. Otherwise the cluster is what it is now.
 
 Every step runs under a deadline; nothing here waits for long on a broken cluster.
@@ -399,6 +400,14 @@ def read_capacity(timeout_s: float = 15.0) -> ClusterCapacity:
             return _now(nodes, gpus_now, cpus_now,
                         f"no autoscaler (the {version} monitor runs without --autoscaling-config): resources now")
 
+    # 2b. KubeRay: the autoscaler is a sidecar of the head pod, reading the RayCluster resource.
+    #     A driver on the head pod reads the same resource with the same service account.
+    kuberay = _call(kuberay_node_types, left(10.0)) if os.environ.get("RAY_CLUSTER_NAME") else None
+    if isinstance(kuberay, tuple) and kuberay[0]:
+        types, global_max, where = kuberay
+        return capacity_from_node_types(types, gpus_now, cpus_now, f"KubeRay RayCluster {where}",
+                                        max_workers=global_max)
+
     # 3. The autoscaler's status: an autoscaler with named node types, limits unknown.
     status = _call(_autoscaler_status_types, left(5.0))
     if isinstance(status, tuple):
@@ -412,6 +421,28 @@ def read_capacity(timeout_s: float = 15.0) -> ClusterCapacity:
     problem = found is _TIMEOUT or isinstance(found, Exception) or (isinstance(found, dict) and found.get("error"))
     why = f"; autoscaling config lookup: {_why(found)}" if problem else ""
     return _now(nodes, gpus_now, cpus_now, f"no autoscaler: resources now{why}")
+
+
+def kuberay_node_types(ray_cr: dict | None = None) -> tuple[list[dict], int | None, str]:
+    """Node types of a KubeRay ``RayCluster``, converted by Ray's own KubeRay autoscaler code
+    (``ray.autoscaler._private.kuberay.autoscaling_config``), exactly as the autoscaler sees
+    them: worker groups with their ``minReplicas``/``maxReplicas`` and the CPUs and GPUs
+    (``nvidia.com/gpu`` limits, ``num-gpus``) of their pods. Without ``ray_cr`` the resource is
+    fetched from the Kubernetes API (the cluster named by ``RAY_CLUSTER_NAME``, which KubeRay
+    sets in every Ray container; the pod's namespace)."""
+    from ray.autoscaler._private.kuberay import autoscaling_config as kuberay
+
+    if ray_cr is None:
+        name = os.environ["RAY_CLUSTER_NAME"]
+        ns_file = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+        namespace = open(ns_file).read().strip() if os.path.exists(ns_file) else os.environ.get("POD_NAMESPACE", "default")
+        config = kuberay.AutoscalingConfigProducer(name, namespace)()
+        where = f"{namespace}/{name}"
+    else:
+        config = kuberay._derive_autoscaling_config_from_ray_cr(ray_cr)
+        where = ray_cr.get("metadata", {}).get("name", "?")
+    types, global_max = node_types_from_autoscaling_config(config)
+    return types, global_max, where
 
 
 def _now(nodes: list[dict], gpus_now: float, cpus_now: float, source: str) -> ClusterCapacity:

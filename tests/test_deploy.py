@@ -243,6 +243,27 @@ def test_ray_autoscaler_plans_gpu_pods_from_zero():
     assert set(plan([{"CPU": 1}] * 40)) == {cpu_group}
 
 
+
+def test_jobs_choose_gpus_on_this_raycluster_without_flags():
+    """What a job on the head pod reads (pipeline.cluster.kuberay_node_types, through Ray's own
+    KubeRay converter) makes the plain commands choose GPU actors, as many as the GPU group's
+    maxReplicas, before any GPU pod exists."""
+    from pipeline.cluster import capacity_from_node_types, choose_device, kuberay_node_types, max_gpu_actors
+
+    cr = copy.deepcopy(of_kind("RayCluster")[0])
+    cr["metadata"].setdefault("namespace", "default")
+    types, global_max, _ = kuberay_node_types(cr)
+    cap = capacity_from_node_types(types, gpus_now=0, cpus_now=0, source="KubeRay RayCluster", max_workers=global_max)
+    gpu_group = worker_group(cr["spec"], gpu=True)[0]
+    assert choose_device("auto", cap, None)[0] == "cuda"
+    assert max_gpu_actors(cap, 1) == gpu_group["maxReplicas"]
+    no_gpu = copy.deepcopy(cr)
+    no_gpu["spec"]["workerGroupSpecs"] = [g for g in no_gpu["spec"]["workerGroupSpecs"] if g is not None
+                                          and g["groupName"] != gpu_group["groupName"]]
+    types, global_max, _ = kuberay_node_types(no_gpu)
+    cap = capacity_from_node_types(types, 0, 0, "KubeRay RayCluster", max_workers=global_max)
+    assert choose_device("auto", cap, None)[0] == "cpu"
+
 # --- every Ray pod runs the project image with the S3 credentials ----------------------------
 
 def rayversion_of_images() -> set[str]:
