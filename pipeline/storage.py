@@ -84,38 +84,94 @@ def _is_hidden(rel: str) -> bool:
     return any(part.startswith((".", "_")) for part in rel.split("/"))
 
 
-def list_documents(
+DOCUMENT_LISTING_SCHEMA = pa.schema([
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("source_uri", pa.string(), nullable=False),
+    pa.field("size_bytes", pa.int64(), nullable=False),
+])
+_LISTING_CHUNK = 65_536
+
+
+def _listing_chunks(fs: pafs.FileSystem, root: str):
+    """FileInfo lists under a folder, one top-level subfolder at a time, so that the
+    driver never holds a FileInfo object for every file of a huge corpus at once."""
+    top = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    yield [e for e in top if e.type == pafs.FileType.File]
+    for d in sorted((e.path for e in top if e.type == pafs.FileType.Directory)):
+        if _is_hidden(posixpath.basename(d.rstrip("/"))):
+            continue  # everything under a hidden folder is skipped anyway
+        yield fs.get_file_info(pafs.FileSelector(d, recursive=True))
+
+
+def list_documents_table(
     input_uri: str, endpoint_url: str | None = None, extensions: tuple[str, ...] | None = DOCUMENT_EXTENSIONS
-) -> list[DocumentRef]:
-    """Every document under ``input_uri`` (a prefix or a single file), sorted by doc_id.
+) -> pa.Table:
+    """Every document under ``input_uri`` (a prefix or a single file) as an Arrow table
+    (doc_id, source_uri, size_bytes), sorted by doc_id.
 
     Hidden files and folders (``.x``, ``_x``) are skipped. ``extensions=None`` keeps every
     file: those that are neither PDFs nor images then end as error rows, not silently.
+    The listing is turned into Arrow chunk by chunk: no Python object per document stays.
     """
     fs, root = open_filesystem(input_uri, endpoint_url)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"--input {input_uri} does not exist (check the path, bucket and endpoint)")
-    if info.type == pafs.FileType.File:
-        entries, base = [info], posixpath.dirname(root)
-    else:
-        entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        base = root
     prefix = input_uri.rstrip("/")
-    docs = []
-    for e in entries:
-        if e.type != pafs.FileType.File:
-            continue
-        rel = posixpath.relpath(e.path, base) if base else e.path
-        rel = rel.replace(os.sep, "/")
-        if _is_hidden(rel):
-            continue
-        if extensions is not None and not rel.lower().endswith(extensions):
-            continue
-        source = prefix if info.type == pafs.FileType.File else f"{prefix}/{rel}"
-        docs.append(DocumentRef(rel, source, int(e.size or 0)))
-    docs.sort(key=lambda d: d.doc_id)
-    return docs
+    if info.type == pafs.FileType.File:
+        chunks, base, single = iter([[info]]), posixpath.dirname(root), True
+    else:
+        chunks, base, single = _listing_chunks(fs, root), root, False
+    batches: list[pa.RecordBatch] = []
+    ids: list[str] = []
+    sources: list[str] = []
+    sizes: list[int] = []
+
+    def flush() -> None:
+        if ids:
+            batches.append(pa.record_batch([pa.array(ids, pa.string()), pa.array(sources, pa.string()),
+                                            pa.array(sizes, pa.int64())], schema=DOCUMENT_LISTING_SCHEMA))
+            ids.clear()
+            sources.clear()
+            sizes.clear()
+
+    cut = len(base) + 1 if base else 0
+    for entries in chunks:
+        for e in entries:
+            if e.type != pafs.FileType.File:
+                continue
+            path = e.path
+            if base and path.startswith(base + "/"):
+                rel = path[cut:]
+            else:
+                rel = posixpath.relpath(path, base) if base else path
+            rel = rel.replace(os.sep, "/")
+            if _is_hidden(rel):
+                continue
+            if extensions is not None and not rel.lower().endswith(extensions):
+                continue
+            ids.append(rel)
+            sources.append(prefix if single else f"{prefix}/{rel}")
+            sizes.append(int(e.size or 0))
+            if len(ids) >= _LISTING_CHUNK:
+                flush()
+        del entries
+        flush()
+    table = pa.Table.from_batches(batches, schema=DOCUMENT_LISTING_SCHEMA)
+    if table.num_rows > 1:
+        table = table.sort_by("doc_id")
+    return table.combine_chunks()
+
+
+def list_documents(
+    input_uri: str, endpoint_url: str | None = None, extensions: tuple[str, ...] | None = DOCUMENT_EXTENSIONS
+) -> list[DocumentRef]:
+    """Every document under ``input_uri`` (a prefix or a single file), sorted by doc_id, as
+    Python objects: for small inputs and tests; the planner uses :func:`list_documents_table`."""
+    table = list_documents_table(input_uri, endpoint_url, extensions)
+    return [DocumentRef(d, s, n) for d, s, n in zip(table.column("doc_id").to_pylist(),
+                                                     table.column("source_uri").to_pylist(),
+                                                     table.column("size_bytes").to_pylist())]
 
 
 def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:

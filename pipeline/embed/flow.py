@@ -120,7 +120,7 @@ def run(cfg: EmbedConfig) -> dict:
     if cfg.retry_errors:
         removed = plan.remove_error_files(cfg.output, cfg.endpoint_url)
         log.info("--retry-errors: removed %d error file(s); their documents are tried again", removed)
-    todo, planned = plan.plan_documents(cfg)
+    todo, planned = plan.plan_documents(cfg)  # an Arrow table: len() is its row count
     gpus_per_actor, min_actors, max_actors, device, why = resolve_resources(cfg, len(todo))
     storage.write_json(join_uri(cfg.output, schema.CONFIG_FILE), json.loads(cfg.to_json()), cfg.endpoint_url)
     log.info("%d documents listed, %d already done, %d to do", planned["documents_listed"],
@@ -130,8 +130,9 @@ def run(cfg: EmbedConfig) -> dict:
     if todo:
         # One block per render task's worth of documents, capped so that a corpus of millions
         # of documents does not become millions of object refs in the driver.
-        n_blocks = max(1, min(MAX_INPUT_BLOCKS, math.ceil(len(todo) / cfg.docs_per_render_task)))
-        ds = ray.data.from_items(todo, override_num_blocks=n_blocks)
+        n_blocks = max(1, min(MAX_INPUT_BLOCKS, math.ceil(todo.num_rows / cfg.docs_per_render_task)))
+        step = math.ceil(todo.num_rows / n_blocks)
+        ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
         ds = ds.map_batches(
             render_documents,
             batch_size=cfg.docs_per_render_task,

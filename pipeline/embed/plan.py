@@ -10,56 +10,77 @@ done pages, so it never writes a row twice.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import schema
 from pipeline import storage
 from pipeline.config import EmbedConfig
-from pipeline.storage import DOCUMENT_EXTENSIONS, join_uri, list_documents
+from pipeline.storage import DOCUMENT_EXTENSIONS, join_uri, list_documents_table
 
 log = logging.getLogger(__name__)
 
-@dataclasses.dataclass
-class DocProgress:
-    done_pages: set
-    n_pages: int | None = None
-    finished: bool = False  # a document-level error, or a terminal page error
-
-    def complete(self) -> bool:
-        if self.finished:
-            return True
-        return self.n_pages is not None and len(self.done_pages) >= self.n_pages
+PROGRESS_SCHEMA = pa.schema([
+    pa.field(schema.DOC_ID, pa.string()),
+    pa.field("done_pages", pa.list_(pa.int32())),  # sorted, unique
+    pa.field("n_done", pa.int64()),
+    pa.field("n_pages", pa.int32()),
+    pa.field("finished", pa.bool_()),  # a document-level error, or a terminal page error
+])
 
 
-def load_progress(output_uri: str, endpoint_url: str | None = None) -> dict[str, DocProgress]:
-    """What earlier runs wrote, per doc_id (id columns only)."""
-    progress: dict[str, DocProgress] = {}
-    pages = storage.read_columns(join_uri(output_uri, schema.PAGES_DIR), [schema.DOC_ID, schema.PAGE_NUMBER, schema.DOC_PAGES],
-                         endpoint_url)
-    if pages is not None:
-        d = pages.to_pydict()
-        for doc, page, n in zip(d[schema.DOC_ID], d[schema.PAGE_NUMBER], d.get(schema.DOC_PAGES, [None] * len(d[schema.DOC_ID]))):
-            p = progress.setdefault(doc, DocProgress(set()))
-            p.done_pages.add(page)
-            p.n_pages = n if n is not None else p.n_pages
+def _column(table: pa.Table, name: str, type_: pa.DataType) -> pa.ChunkedArray | pa.Array:
+    if name in table.column_names:
+        return table.column(name).cast(type_)
+    return pa.nulls(table.num_rows, type_)
+
+
+def load_progress(output_uri: str, endpoint_url: str | None = None) -> pa.Table:
+    """What earlier runs wrote, one row per doc_id (id columns only, all in Arrow):
+    doc_id, done_pages (sorted list<int32>), n_done, n_pages (null when unknown), finished."""
+    pages = storage.read_columns(join_uri(output_uri, schema.PAGES_DIR),
+                                 [schema.DOC_ID, schema.PAGE_NUMBER, schema.DOC_PAGES], endpoint_url)
     errors = storage.read_columns(join_uri(output_uri, schema.ERRORS_DIR),
-                          [schema.DOC_ID, schema.PAGE_NUMBER, schema.ERROR_TYPE, schema.DOC_PAGES], endpoint_url)
-    if errors is not None:
-        d = errors.to_pydict()
-        n_rows = len(d[schema.DOC_ID])
-        for doc, page, etype, n in zip(d[schema.DOC_ID], d[schema.PAGE_NUMBER], d[schema.ERROR_TYPE],
-                                       d.get(schema.DOC_PAGES, [None] * n_rows)):
-            p = progress.setdefault(doc, DocProgress(set()))
-            if n is not None:
-                p.n_pages = n
-            if page is None or etype in schema.TERMINAL_PAGE_ERRORS:
-                p.finished = True
-            else:
-                p.done_pages.add(page)
-    return progress
+                                  [schema.DOC_ID, schema.PAGE_NUMBER, schema.ERROR_TYPE, schema.DOC_PAGES], endpoint_url)
+    done_parts, size_parts, finished_ids = [], [], []
+    for table in (pages, errors):
+        if table is None or table.num_rows == 0:
+            continue
+        ids = _column(table, schema.DOC_ID, pa.string())
+        page = _column(table, schema.PAGE_NUMBER, pa.int32())
+        size_parts.append(pa.table({schema.DOC_ID: ids, "n_pages": _column(table, schema.DOC_PAGES, pa.int32())}))
+        if table is pages:
+            done_parts.append(pa.table({schema.DOC_ID: ids, "page": page}))
+            continue
+        etype = _column(table, schema.ERROR_TYPE, pa.string())
+        terminal = pc.or_kleene(pc.is_null(page),
+                                pc.fill_null(pc.is_in(etype, value_set=pa.array(sorted(schema.TERMINAL_PAGE_ERRORS),
+                                                                                  pa.string())), False))
+        both = pa.table({schema.DOC_ID: ids, "page": page})
+        finished_ids.append(pc.unique(pc.filter(ids, terminal)))
+        done_parts.append(both.filter(pc.invert(terminal)))  # a page error that is not terminal counts as done
+    if not size_parts:
+        return PROGRESS_SCHEMA.empty_table()
+    # Unique (doc, page) pairs, sorted, then one sorted list per document.
+    done = pa.concat_tables(done_parts).group_by([schema.DOC_ID, "page"]).aggregate([])
+    done = done.sort_by([(schema.DOC_ID, "ascending"), ("page", "ascending")])
+    done = done.group_by(schema.DOC_ID, use_threads=False).aggregate([("page", "list"), ("page", "count")])
+    sizes = pa.concat_tables(size_parts).group_by(schema.DOC_ID).aggregate([("n_pages", "max")])
+    docs = pc.unique(pa.concat_arrays([c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
+                                       for c in [done[schema.DOC_ID], sizes[schema.DOC_ID], *finished_ids]]))
+    i_done = pc.index_in(docs, value_set=done[schema.DOC_ID])
+    i_size = pc.index_in(docs, value_set=sizes[schema.DOC_ID])
+    finished = (pc.is_in(docs, value_set=pa.concat_arrays(finished_ids)) if finished_ids
+                else pa.array([False] * len(docs), pa.bool_()))
+    return pa.table({
+        schema.DOC_ID: docs,
+        "done_pages": done["page_list"].take(i_done),
+        "n_done": done["page_count"].take(i_done),
+        "n_pages": sizes["n_pages_max"].take(i_size),
+        "finished": finished,
+    }, schema=PROGRESS_SCHEMA)
 
 
 def remove_error_files(output_uri: str, endpoint_url: str | None = None) -> int:
@@ -85,17 +106,42 @@ def output_totals(output_uri: str, endpoint_url: str | None = None) -> dict:
     return totals
 
 
-def plan_documents(cfg: EmbedConfig) -> tuple[list[dict], dict]:
-    """Documents to (re)do, with the pages of each that an earlier run already wrote."""
-    docs = list_documents(cfg.input, cfg.endpoint_url, None if cfg.all_files else DOCUMENT_EXTENSIONS)
+TODO_SCHEMA = pa.schema([
+    pa.field("doc_id", pa.string()),
+    pa.field("source_uri", pa.string()),
+    pa.field("size_bytes", pa.int64()),
+    pa.field("skip_pages", pa.list_(pa.int32())),
+])
+
+
+def plan_table(docs: pa.Table, progress: pa.Table) -> tuple[pa.Table, dict]:
+    """Listing (doc_id, source_uri, size_bytes) against the done-set (:func:`load_progress`)
+    -> the documents to (re)do, in listing order, with ``skip_pages``: the pages an earlier
+    run already wrote. Complete documents are dropped."""
+    listed = docs.num_rows
+    idx = pc.index_in(docs["doc_id"], value_set=progress[schema.DOC_ID].combine_chunks())
+    n_done = pc.fill_null(progress["n_done"].take(idx), 0)
+    n_pages = progress["n_pages"].take(idx)
+    finished = pc.fill_null(progress["finished"].take(idx), False)
+    complete = pc.or_(finished, pc.fill_null(pc.greater_equal(n_done, pc.cast(n_pages, pa.int64())), False))
+    keep = pc.invert(complete)
+    skip = pc.filter(progress["done_pages"].take(idx), keep)
+    skip = pc.if_else(pc.is_null(skip), pa.scalar([], pa.list_(pa.int32())), skip)
+    todo = pa.table({
+        "doc_id": pc.filter(docs["doc_id"], keep),
+        "source_uri": pc.filter(docs["source_uri"], keep),
+        "size_bytes": pc.filter(docs["size_bytes"], keep),
+        "skip_pages": skip,
+    }, schema=TODO_SCHEMA)
+    resumed = pc.sum(pc.greater(pc.filter(n_done, keep), 0)).as_py() or 0
+    already = pc.sum(complete).as_py() or 0
+    return todo, {"documents_listed": listed, "documents_already_done": int(already),
+                  "documents_resumed": int(resumed)}
+
+
+def plan_documents(cfg: EmbedConfig) -> tuple[pa.Table, dict]:
+    """Documents to (re)do as an Arrow table (doc_id, source_uri, size_bytes, skip_pages),
+    sorted by doc_id, with the pages of each that an earlier run already wrote."""
+    docs = list_documents_table(cfg.input, cfg.endpoint_url, None if cfg.all_files else DOCUMENT_EXTENSIONS)
     progress = load_progress(cfg.output, cfg.endpoint_url)
-    todo, complete, resumed = [], 0, 0
-    for d in docs:
-        p = progress.get(d.doc_id)
-        if p is not None and p.complete():
-            complete += 1
-            continue
-        skip = sorted(p.done_pages) if p else []
-        resumed += bool(skip)
-        todo.append({"doc_id": d.doc_id, "source_uri": d.source_uri, "size_bytes": d.size_bytes, "skip_pages": skip})
-    return todo, {"documents_listed": len(docs), "documents_already_done": complete, "documents_resumed": resumed}
+    return plan_table(docs, progress)
