@@ -2,7 +2,7 @@
 
 Question: does ``plan_documents`` (listing vs done-set) fit the driver at 1M documents
 (target: at most 2 GB peak RSS and 3 minutes)? Compares the Arrow planner of this tree
-("after") with the Python-object planner of ``git show HEAD`` ("before", optional).
+("after") with the Python-object planner of commit 70b6f7e ("before", optional).
 
 Setup (skipped when already there): N one-byte ``.pdf`` files in nested folders
 (``dNNN/sNNNNN/docNNNNNNN.pdf``, 1000 per folder) and an output folder whose
@@ -26,6 +26,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The last commit with the Python-object planner (pipeline/storage.py + pipeline/embed/plan.py).
+BEFORE_REV = "70b6f7e"
 PER_FOLDER = 1000
 
 
@@ -82,10 +84,10 @@ def make_output(folder: str, n: int, rows_per_file: int = 200_000) -> None:
 
 
 def old_modules(workdir: str):
-    """The planner and listing of ``git show HEAD``, importable as plan_old / storage_old."""
+    """The planner and listing of an older commit, importable as plan_old / storage_old."""
     os.makedirs(workdir, exist_ok=True)
-    storage_src = subprocess.check_output(["git", "show", "HEAD:pipeline/storage.py"], cwd=ROOT, text=True)
-    plan_src = subprocess.check_output(["git", "show", "HEAD:pipeline/embed/plan.py"], cwd=ROOT, text=True)
+    storage_src = subprocess.check_output(["git", "show", f"{BEFORE_REV}:pipeline/storage.py"], cwd=ROOT, text=True)
+    plan_src = subprocess.check_output(["git", "show", f"{BEFORE_REV}:pipeline/embed/plan.py"], cwd=ROOT, text=True)
     plan_src = plan_src.replace("from pipeline.storage import", "from storage_old import")
     with open(os.path.join(workdir, "storage_old.py"), "w") as f:
         f.write(storage_src)
@@ -143,7 +145,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--root", default="/tmp/bench_plan", help="where the synthetic input/output go")
     ap.add_argument("--input", help="an existing input folder (default ROOT/in-N)")
-    ap.add_argument("--before", action="store_true", help="also time the planner of git HEAD")
+    ap.add_argument("--before", action="store_true", help=f"also time the planner of commit {BEFORE_REV}")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     input_dir = args.input or os.path.join(args.root, f"in-{args.n}")
