@@ -10,6 +10,7 @@ import collections
 import json
 import logging
 import math
+import os
 import sys
 import time
 
@@ -57,6 +58,17 @@ def resolve_resources(cfg: EmbedConfig, n_docs: int) -> tuple[float, int, int, s
         max_actors = cfg.max_actors or cfg.min_actors or 1
         min_actors = cfg.min_actors or 1
     return per_actor, min(min_actors, max_actors), max_actors, device, f"{why} [{cap.source}]"
+
+
+def _warn_local_paths(cfg: EmbedConfig) -> None:
+    """On a cluster of several nodes, a local path must be on a filesystem every node shares."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    local = [f"--{k.replace('_', '-')} {v}" for k, v in (("input", cfg.input), ("output", cfg.output), ("model", cfg.model))
+             if v and "://" not in v and os.path.isabs(v)]
+    if local and len(nodes) > 1:
+        log.warning("%d Ray nodes, and %s %s local: every node must see the same files there (a shared "
+                    "filesystem), or use s3:// / gs:// URIs", len(nodes), ", ".join(local),
+                    "is" if len(local) == 1 else "are")
 
 
 def output_metadata(cfg: EmbedConfig, device: str) -> dict[str, str]:
@@ -126,6 +138,7 @@ def run(cfg: EmbedConfig) -> dict:
     log.info("%d documents listed, %d already done, %d to do", planned["documents_listed"],
              planned["documents_already_done"], len(todo))
     log.info("model on %s, %d-%d actor(s), %g GPU each: %s", device, min_actors, max_actors, gpus_per_actor, why)
+    _warn_local_paths(cfg)
     progress = _Progress(len(todo))
     if todo:
         # One block per render task's worth of documents, capped so that a corpus of millions

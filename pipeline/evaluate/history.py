@@ -147,10 +147,8 @@ def corpus_info(corpus_uri: str, endpoint_url: str | None = None) -> CorpusInfo:
     root = root.rstrip("/") + "/"
     digest = hashlib.sha256()
     pages, total, first_meta = 0, 0, None
-    for info in files:
+    for info, meta in zip(files, storage.read_footers(fs, [i.path for i in files])):
         relative = info.path[len(root):] if info.path.startswith(root) else info.base_name
-        with fs.open_input_file(info.path) as f:
-            meta = pq.read_metadata(f)
         kv = {
             k.decode(): v.decode(errors="replace")
             for k, v in (meta.metadata or {}).items()

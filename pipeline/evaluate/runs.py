@@ -233,11 +233,9 @@ def read_qrels(uri: str, endpoint_url: str | None = None) -> pd.DataFrame:
 
 def read_corpus_page_ids(corpus_uri: str, endpoint_url: str | None = None) -> set[str]:
     """Every page_id under ``CORPUS/pages/`` (only that column is read)."""
-    fs, files = storage.list_files(schema.pages_folder(corpus_uri), endpoint_url, recursive=True)
-    ids: set[str] = set()
-    for info in files:
-        with fs.open_input_file(info.path) as f:
-            ids.update(pq.read_table(f, columns=[schema.PAGE_ID]).column(0).to_pylist())
-    return ids
+    table = storage.read_columns(schema.pages_folder(corpus_uri), [schema.PAGE_ID], endpoint_url)
+    if table is None:
+        raise FileNotFoundError(f"no page files under {corpus_uri}")
+    return set(table.column(schema.PAGE_ID).to_pylist())
 
 
