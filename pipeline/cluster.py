@@ -71,8 +71,10 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
 
 
 def _in_submitted_job() -> bool:
-    """``ray job submit`` ships the working dir (or the image has the package) already."""
-    return bool(os.environ.get("RAY_JOB_SUBMISSION_ID"))
+    """A ``ray job submit`` entrypoint: its runtime env (``--working-dir .``, or the image's
+    installed package) already carries the code. The job supervisor hands that runtime env
+    to the driver in this variable (``ray/dashboard/modules/job/job_supervisor.py``)."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
 
 
 def code_runtime_env() -> dict:

@@ -9,6 +9,7 @@ Outputs under ``cfg.output``: results.parquet, run.trec, query_embeddings.parque
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -22,9 +23,39 @@ from pipeline.score.corpus import check_compatibility, open_corpus, plan_shards,
 from pipeline.score.maxsim import auto_pages_per_shard
 from pipeline.score.merge import QUERY_INDEX, merge_topk
 from pipeline.score.queries import read_queries, read_query_embeddings
-from pipeline.score.scorer import ShardScorer, empty_candidates
+from pipeline.score import scorer
+from pipeline.score.scorer import empty_candidates
 
 log = logging.getLogger(__name__)
+
+# Fault tolerance of the shard actors (Ray's own mechanism, no retry loop here): a scorer
+# whose process or node dies is restarted by Ray (``max_restarts``; on a new node when its
+# node is gone) and the ``score`` call it was running is re-run on the restarted actor
+# (``max_task_retries=-1``: retry for as long as the actor can still be restarted). The
+# call's ObjectRef resolves once, with the retried result, so each shard is merged exactly
+# once. Restarts caused by node preemption (spot, autoscaler drain) do not count against
+# ``max_restarts`` in Ray; the bound stops a shard that kills its worker every time (e.g.
+# out of memory) from looping forever: then ray.get raises ActorDiedError and the job fails.
+MAX_ACTOR_RESTARTS = 4
+
+
+class ShardScorer(scorer.ShardScorer):
+    """:class:`pipeline.score.scorer.ShardScorer` as the actor runs it (same class name in
+    the dashboard and state API), whose stats say which worker process scored the shard and whether
+    it ran on a restarted actor (with one call in flight per actor, the first call after a
+    restart is the retry of the call that was running when the actor died)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        self._calls = 0
+
+    def score(self, spec):
+        out, stats = super().score(spec)
+        self._calls += 1
+        stats["pid"] = os.getpid()
+        stats["after_actor_restart"] = self._restarted and self._calls == 1
+        return out, stats
 
 
 def _embed_queries_remote(model_name: str, texts: list[str], batch_size: int, endpoint_url: str | None,
@@ -122,10 +153,10 @@ def run(cfg: ScoreConfig) -> dict:
     counts = read_vector_counts(corpus, cfg.endpoint_url)
     total_vectors = int(sum(int(c.sum()) for c in counts))
     mean_vectors = total_vectors / max(1, corpus.num_rows)
-    actor_options = {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus_per_actor, "max_restarts": 0}
+    actor_options = {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus_per_actor}
     Scorer = ray.remote(ShardScorer)
     if cfg.shard_size_pages == "auto":
-        probe = Scorer.options(**actor_options).remote(
+        probe = Scorer.options(**actor_options, max_restarts=0).remote(
             corpus.uri, cfg.endpoint_url, q_flat[:0], q_lengths[:0], cfg.top_k, device=None)
         memory = ray.get(probe.memory_bytes.remote())
         gpu = gpus_per_actor > 0
@@ -151,23 +182,30 @@ def run(cfg: ScoreConfig) -> dict:
         q_flat_ref, q_len_ref = ray.put(q_flat), ray.put(q_lengths)
         cpu_threads = max(1, int(cfg.cpus_per_actor))
         actors = [
-            Scorer.options(**actor_options).remote(
+            Scorer.options(**actor_options, max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=-1).remote(
                 corpus.uri, cfg.endpoint_url, q_flat_ref, q_len_ref, cfg.top_k,
                 query_batch_size=cfg.query_batch_size, backend=cfg.backend, cpu_threads=cpu_threads)
             for _ in range(num_actors)
         ]
         pool = ray.util.ActorPool(actors)
         pages_done = 0
-        for candidates, stats in pool.map_unordered(lambda a, spec: a.score.remote(spec), shards):
-            merged = merge_topk([merged.drop_columns([schema.RANK]), candidates], cfg.top_k)
-            shard_stats.append(stats)
-            pages_done += stats["pages"]
-            elapsed = time.perf_counter() - t0
-            log.info("shard %d/%d done (%d pages, %.1f s on %s); %d/%d pages, %.0f pages/s",
-                     len(shard_stats), len(shards), stats["pages"], stats["total_s"], stats["device"],
-                     pages_done, corpus.num_rows, pages_done / max(elapsed, 1e-9))
-        for a in actors:
-            ray.kill(a)
+        try:
+            for candidates, stats in pool.map_unordered(lambda a, spec: a.score.remote(spec), shards):
+                merged = merge_topk([merged.drop_columns([schema.RANK]), candidates], cfg.top_k)
+                shard_stats.append(stats)
+                pages_done += stats["pages"]
+                elapsed = time.perf_counter() - t0
+                log.info("shard %d/%d done (%d pages, %.1f s on %s%s); %d/%d pages, %.0f pages/s",
+                         len(shard_stats), len(shards), stats["pages"], stats["total_s"], stats["device"],
+                         ", retried on a restarted actor" if stats["after_actor_restart"] else "",
+                         pages_done, corpus.num_rows, pages_done / max(elapsed, 1e-9))
+        except ray.exceptions.ActorDiedError as exc:
+            raise RuntimeError(
+                f"a scoring actor died more than {MAX_ACTOR_RESTARTS} times (not counting node preemptions); "
+                f"{len(shard_stats)}/{len(shards)} shards were scored: {exc}") from exc
+        finally:
+            for a in actors:
+                ray.kill(a)  # no_restart=True: the end of the job is not a failure to recover from
     t_score = time.perf_counter() - t0
 
     qids = queries.column(schema.QUERY_ID)
@@ -195,6 +233,8 @@ def run(cfg: ScoreConfig) -> dict:
         "query_page_pairs_per_s": pages_scored * queries.num_rows / t_score if t_score > 0 else 0.0,
         "embed_queries_s": round(t_embed, 3), "scoring_s": round(t_score, 3),
         "total_s": round(time.perf_counter() - t_start, 3),
+        "n_shards_after_actor_restart": sum(bool(s.get("after_actor_restart")) for s in shard_stats),
+        "max_actor_restarts": MAX_ACTOR_RESTARTS,
         "shards": sorted(shard_stats, key=lambda s: s["shard_id"]),
     }
     _write_outputs(cfg, results, query_emb, summary)
