@@ -92,11 +92,33 @@ DOCUMENT_LISTING_SCHEMA = pa.schema([
 _LISTING_CHUNK = 65_536
 
 
-def _listing_chunks(fs: pafs.FileSystem, root: str):
-    """FileInfo lists under a folder, one top-level subfolder at a time, so that the
-    driver never holds a FileInfo object for every file of a huge corpus at once."""
+def listing_units(input_uri: str, endpoint_url: str | None = None) -> list[str]:
+    """How a listing is cut into independent pieces: ``""`` for the files directly under the
+    input folder (or the input itself when it is one file), then each visible top-level
+    subfolder's name, sorted. Each piece is listed by :func:`list_documents_table` with
+    ``under=``; together they list exactly what the whole listing would."""
+    fs, root = open_filesystem(input_uri, endpoint_url)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"--input {input_uri} does not exist (check the path, bucket and endpoint)")
+    if info.type == pafs.FileType.File:
+        return [""]
+    top = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    folders = sorted(posixpath.basename(e.path.rstrip("/")) for e in top if e.type == pafs.FileType.Directory)
+    return [""] + [f for f in folders if not _is_hidden(f)]
+
+
+def _listing_chunks(fs: pafs.FileSystem, root: str, under: str | None = None):
+    """FileInfo lists under a folder, one top-level subfolder at a time, so that no process
+    holds a FileInfo object for every file of a huge corpus at once. ``under``: only the
+    files directly in ``root`` (``""``) or only one top-level subfolder."""
+    if under:
+        yield fs.get_file_info(pafs.FileSelector(f"{root.rstrip('/')}/{under}", recursive=True))
+        return
     top = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     yield [e for e in top if e.type == pafs.FileType.File]
+    if under == "":
+        return
     for d in sorted((e.path for e in top if e.type == pafs.FileType.Directory)):
         if _is_hidden(posixpath.basename(d.rstrip("/"))):
             continue  # everything under a hidden folder is skipped anyway
@@ -104,7 +126,8 @@ def _listing_chunks(fs: pafs.FileSystem, root: str):
 
 
 def list_documents_table(
-    input_uri: str, endpoint_url: str | None = None, extensions: tuple[str, ...] | None = DOCUMENT_EXTENSIONS
+    input_uri: str, endpoint_url: str | None = None, extensions: tuple[str, ...] | None = DOCUMENT_EXTENSIONS,
+    under: str | None = None,
 ) -> pa.Table:
     """Every document under ``input_uri`` (a prefix or a single file) as an Arrow table
     (doc_id, source_uri, size_bytes), sorted by doc_id.
@@ -112,6 +135,7 @@ def list_documents_table(
     Hidden files and folders (``.x``, ``_x``) are skipped. ``extensions=None`` keeps every
     file: those that are neither PDFs nor images then end as error rows, not silently.
     The listing is turned into Arrow chunk by chunk: no Python object per document stays.
+    ``under`` lists one piece of :func:`listing_units` only (doc ids stay relative to the input).
     """
     fs, root = open_filesystem(input_uri, endpoint_url)
     info = fs.get_file_info(root)
@@ -121,7 +145,7 @@ def list_documents_table(
     if info.type == pafs.FileType.File:
         chunks, base, single = iter([[info]]), posixpath.dirname(root), True
     else:
-        chunks, base, single = _listing_chunks(fs, root), root, False
+        chunks, base, single = _listing_chunks(fs, root, under), root, False
     batches: list[pa.RecordBatch] = []
     ids: list[str] = []
     sources: list[str] = []

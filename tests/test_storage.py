@@ -48,3 +48,34 @@ def test_json_and_footers_on_s3(s3):
     assert [m.num_rows for m in footers] == [1, 2, 3]
     assert storage.exists(f"s3://{bucket}/x/p0.parquet", s3.endpoint_url)
     assert not storage.exists(f"s3://{bucket}/x/nope.parquet", s3.endpoint_url)
+
+
+def _tree(root, files):
+    for rel in files:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"%PDF-1.4 x")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_listing_pieces_add_up_to_the_whole_listing(tmp_path, s3, where):
+    """The embedding job lists its input in pieces (files at the top, then each top-level
+    folder) in separate plan tasks; together they must be exactly the whole listing."""
+    files = ["a.pdf", "z.png", "notes.txt", ".hidden.pdf", "_tmp/x.pdf", "b/1.pdf", "b/c/2.pdf",
+             "b/.cache/3.pdf", "d/4.pdf", "d/e/f/5.tiff"]
+    _tree(tmp_path / "in", files)
+    uri, ep = str(tmp_path / "in"), None
+    if where == "s3":
+        bucket = s3.make_bucket()
+        s3.upload_folder(str(tmp_path / "in"), bucket, "in/")
+        uri, ep = f"s3://{bucket}/in", s3.endpoint_url
+    units = storage.listing_units(uri, ep)
+    assert units == ["", "b", "d"]
+    whole = storage.list_documents_table(uri, ep)
+    pieces = pa.concat_tables([storage.list_documents_table(uri, ep, under=u) for u in units])
+    assert pieces.sort_by("doc_id").to_pylist() == whole.to_pylist()
+    assert whole.column("doc_id").to_pylist() == ["a.pdf", "b/1.pdf", "b/c/2.pdf", "d/4.pdf", "d/e/f/5.tiff", "z.png"]
+    one = storage.list_documents_table(f"{uri}/b/c/2.pdf", ep, under="")  # a single file is its own piece
+    assert one.column("doc_id").to_pylist() == ["2.pdf"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        storage.listing_units(f"{uri}/missing", ep)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import math
 import os
 import sys
 import time
+from typing import Iterator
 
+import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
@@ -32,32 +33,56 @@ log = logging.getLogger(__name__)
 MAX_INPUT_BLOCKS = 20_000
 
 
-def resolve_resources(cfg: EmbedConfig, n_docs: int) -> tuple[float, int, int, str, str]:
+def resolve_resources(cfg: EmbedConfig) -> tuple[float, int, int, str, str]:
     """(GPUs per actor, min actors, max actors, device, why) from the options and the cluster.
 
     The device is "cuda" when the cluster has GPUs now *or its autoscaler can add them*
     (:func:`pipeline.cluster.read_capacity`): asking Ray for GPU actors is what makes the
     autoscaler start GPU nodes. The most actors default to what the cluster can grow to.
     The pool starts with every GPU present (or, from zero GPU nodes, every GPU the
-    autoscaler can add), capped by the render tasks the job has: a pool that starts at one
+    autoscaler can add): a pool that starts at one
     actor grows only after its first actor is saturated, and each new actor then spends its
     model load and compilation while the others work (seen on 2 GPUs: the second idle for
     most of a 2,500-page job)."""
     cap = read_capacity()
     device, why = choose_device(cfg.device, cap, cfg.gpus_per_actor)
-    render_tasks = max(1, math.ceil(n_docs / cfg.docs_per_render_task))
     if device == "cuda":
         per_actor = cfg.gpus_per_actor or 1.0
         present = int(cap.gpus_now // per_actor)
         can_grow = max_gpu_actors(cap, per_actor)
         max_actors = cfg.max_actors or max(cfg.min_actors or 1, present, can_grow or 0, 1)
         start = present or can_grow or 1
-        min_actors = cfg.min_actors or max(1, min(start, max_actors, render_tasks))
+        min_actors = cfg.min_actors or max(1, min(start, max_actors))
     else:
         per_actor = 0.0
         max_actors = cfg.max_actors or cfg.min_actors or 1
         min_actors = cfg.min_actors or 1
     return per_actor, min(min_actors, max_actors), max_actors, device, f"{why} [{cap.source}]"
+
+
+@ray.remote(num_cpus=0)
+class _PlanCounter:
+    """Totals of the plan tasks (documents listed, already done, resumed, to do)."""
+
+    def __init__(self):
+        self.totals_ = collections.Counter()
+
+    def add(self, stats: dict) -> None:
+        self.totals_.update(stats)
+
+    def totals(self) -> dict:
+        return dict(self.totals_)
+
+
+def _plan_units(batch: pa.Table, cfg: EmbedConfig, done: list, counter) -> Iterator[pa.Table]:
+    """Plan task: list each piece, match it against the done-set, emit its documents to do
+    in blocks of one render task each, and report its counts."""
+    progress = ray.get(done[0])
+    for unit in batch.column("unit").to_pylist():
+        todo, stats = plan.plan_unit(cfg, unit, progress)
+        ray.get(counter.add.remote({**stats, "documents_to_do": todo.num_rows}))
+        for i in range(0, todo.num_rows, cfg.docs_per_render_task):
+            yield todo.slice(i, cfg.docs_per_render_task)
 
 
 def _warn_local_paths(cfg: EmbedConfig) -> None:
@@ -132,20 +157,28 @@ def run(cfg: EmbedConfig) -> dict:
     if cfg.retry_errors:
         removed = plan.remove_error_files(cfg.output, cfg.endpoint_url)
         log.info("--retry-errors: removed %d error file(s); their documents are tried again", removed)
-    todo, planned = plan.plan_documents(cfg)  # an Arrow table: len() is its row count
-    gpus_per_actor, min_actors, max_actors, device, why = resolve_resources(cfg, len(todo))
+    # Planning streams: the done-set is read here (id columns, Arrow), the listing is cut into
+    # pieces (top-level folders) that plan tasks list and match against it, so the first pages
+    # reach the model while the rest of a large corpus is still being listed.
+    done = plan.load_progress(cfg.output, cfg.endpoint_url)
+    units = storage.listing_units(cfg.input, cfg.endpoint_url)
+    gpus_per_actor, min_actors, max_actors, device, why = resolve_resources(cfg)
     storage.write_json(join_uri(cfg.output, schema.CONFIG_FILE), json.loads(cfg.to_json()), cfg.endpoint_url)
-    log.info("%d documents listed, %d already done, %d to do", planned["documents_listed"],
-             planned["documents_already_done"], len(todo))
+    log.info("listing %d piece(s) of %s in plan tasks; %d document(s) already have rows in %s",
+             len(units), cfg.input, done.num_rows, cfg.output)
     log.info("model on %s, %d-%d actor(s), %g GPU each: %s", device, min_actors, max_actors, gpus_per_actor, why)
     _warn_local_paths(cfg)
-    progress = _Progress(len(todo))
-    if todo:
-        # One block per render task's worth of documents, capped so that a corpus of millions
-        # of documents does not become millions of object refs in the driver.
-        n_blocks = max(1, min(MAX_INPUT_BLOCKS, math.ceil(todo.num_rows / cfg.docs_per_render_task)))
-        step = math.ceil(todo.num_rows / n_blocks)
-        ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
+    progress = _Progress(0)
+    counter = _PlanCounter.remote()
+    if units:
+        ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=min(len(units), MAX_INPUT_BLOCKS))
+        ds = ds.map_batches(
+            _plan_units,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_kwargs={"cfg": cfg, "done": [ray.put(done)], "counter": counter},
+            num_cpus=0.25,  # listing is I/O
+        )
         ds = ds.map_batches(
             render_documents,
             batch_size=cfg.docs_per_render_task,
@@ -183,6 +216,11 @@ def run(cfg: EmbedConfig) -> dict:
         )
         for row in ds.iter_rows():
             progress.add(row)
+    planned = ray.get(counter.totals.remote())
+    planned = {k: int(planned.get(k, 0)) for k in ("documents_listed", "documents_already_done",
+                                                     "documents_resumed", "documents_to_do")}
+    log.info("%d documents listed, %d already done, %d done in this run", planned["documents_listed"],
+             planned["documents_already_done"], planned["documents_to_do"])
     elapsed = time.monotonic() - t0
     summary = {
         "job": "embed_corpus",
@@ -194,8 +232,8 @@ def run(cfg: EmbedConfig) -> dict:
         "device": device,
         "device_reason": why,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        **planned,
-        "documents_processed": len(todo),
+        **{k: v for k, v in planned.items() if k != "documents_to_do"},
+        "documents_processed": planned["documents_to_do"],
         "this_run": {
             "pages": progress.pages,
             "vectors": progress.vectors,

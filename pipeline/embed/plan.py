@@ -139,6 +139,15 @@ def plan_table(docs: pa.Table, progress: pa.Table) -> tuple[pa.Table, dict]:
                   "documents_resumed": int(resumed)}
 
 
+def plan_unit(cfg: EmbedConfig, unit: str, progress: pa.Table) -> tuple[pa.Table, dict]:
+    """One piece of the listing (:func:`pipeline.storage.listing_units`) against the
+    done-set: the documents of that piece to (re)do, and its counts. The flow runs one task
+    per piece, so the first pages reach the model while other pieces are still listed."""
+    docs = list_documents_table(cfg.input, cfg.endpoint_url, None if cfg.all_files else DOCUMENT_EXTENSIONS,
+                                under=unit)
+    return plan_table(docs, progress)
+
+
 def plan_documents(cfg: EmbedConfig) -> tuple[pa.Table, dict]:
     """Documents to (re)do as an Arrow table (doc_id, source_uri, size_bytes, skip_pages),
     sorted by doc_id, with the pages of each that an earlier run already wrote."""
