@@ -138,12 +138,12 @@ def run_driver(code: str, address: str | None, timeout: float = 180) -> dict:
 def fake_autoscaling_cluster():
     """``{"address", "gcs_port", "temp_dir", "config_path", "started_s"}`` of a running
     fake autoscaling cluster: head with ``{"CPU": 0}``, ``cpu_render`` ``{"CPU": 2}`` x 0..2,
-    ``gpu_embed`` ``{"CPU": 1, "GPU": 1}`` x 0..1."""
+    ``gpu_embed`` ``{"CPU": 1, "GPU": 1}`` x 0..1. The dashboard runs (the state API shows where tasks ran)."""
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     if not os.path.exists(ray_bin):
         pytest.skip("the ray CLI is not installed")
     temp_dir = tempfile.mkdtemp(prefix="rtas", dir="/tmp")  # short: Unix socket paths live under it
-    gcs_port = free_port()
+    gcs_port, dashboard_port = free_port(), free_port()
     config_path = os.path.join(temp_dir, "autoscaling.json")
     with open(config_path, "w") as f:
         json.dump(autoscaling_config(gcs_port), f, indent=1)
@@ -153,7 +153,7 @@ def fake_autoscaling_cluster():
                 "AUTOSCALER_METRIC_PORT": str(free_port())})
     cmd = [ray_bin, "start", "--head", f"--port={gcs_port}", "--num-cpus=0", "--num-gpus=0",
            "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", f"--autoscaling-config={config_path}",
-           "--include-dashboard=false", f"--dashboard-port={free_port()}",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
            f"--ray-client-server-port={free_port()}", "--disable-usage-stats"]
@@ -164,6 +164,7 @@ def fake_autoscaling_cluster():
         if proc.returncode != 0:
             raise RuntimeError(f"ray start failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         yield {"address": f"127.0.0.1:{gcs_port}", "gcs_port": gcs_port, "temp_dir": temp_dir,
+               "dashboard_url": f"http://127.0.0.1:{dashboard_port}",
                "config_path": config_path, "started_s": round(time.monotonic() - t0, 1)}
     finally:
         stop_cluster_processes(temp_dir, gcs_port)

@@ -49,6 +49,22 @@ def _alive_gpu_nodes(address: str) -> int:
     return out["gpu_nodes"]
 
 
+def _where_tasks_ran(dashboard_url: str, address: str) -> dict:
+    """Node kinds ("cpu"/"gpu") that ran the render tasks and the embedding actors, from Ray's
+    state API (task events of the finished job)."""
+    return run_driver(f"""
+        import ray
+        from ray.util.state import list_actors, list_tasks
+        ray.init(log_to_driver=False)
+        kind = {{n["NodeID"]: ("gpu" if n["Resources"].get("GPU") else "cpu") for n in ray.nodes()}}
+        tasks = list_tasks(address={dashboard_url!r}, filters=[("state", "=", "FINISHED")], limit=10000, detail=True)
+        render = [kind.get(t.node_id, "?") for t in tasks if "render_documents" in (t.name or "")]
+        actors = list_actors(address={dashboard_url!r}, limit=1000, detail=True)
+        embed = [kind.get(a.node_id, "?") for a in actors if "PageEmbedder" in (a.class_name or "")]
+        emit({{"render": sorted(set(render)), "n_render": len(render), "embed": sorted(set(embed))}})
+    """, address=address)
+
+
 def test_plain_commands_scale_up_a_gpu_node_and_match_one_node(fake_autoscaling_cluster, ray_session, tiny_model,
                                                                sample_corpus, tmp_path):
     address = fake_autoscaling_cluster["address"]
@@ -71,6 +87,11 @@ def test_plain_commands_scale_up_a_gpu_node_and_match_one_node(fake_autoscaling_
     assert summary["device"] == "cuda", summary.get("device_reason")
     assert "autoscaler can add" in summary["device_reason"]
     assert "CUDA is unavailable here" in proc.stderr  # the fake GPU node's actor said why it runs on CPU
+    placed = _where_tasks_ran(fake_autoscaling_cluster["dashboard_url"], address)
+    assert placed["embed"] == ["gpu"], placed  # the model ran on the GPU node the autoscaler added
+    # Where rendering ran is reported, not asserted: the autoscaler packs CPU work onto a GPU
+    # node's free CPUs before it starts CPU nodes, and that race is timing-dependent here.
+    print(f"\n[autoscaling] render tasks ran on {placed['render']} node(s) ({placed['n_render']} tasks)")
     _job("jobs.score_queries", ["--corpus", out, "--queries", str(queries), "--output", run, "--top-k", "3"], address)
     score_summary = json.load(open(os.path.join(run, "summary.json")))
     assert score_summary["gpus_per_actor"] == 1.0, score_summary["device_reason"]
