@@ -57,7 +57,8 @@ def resolve_resources(cfg: EmbedConfig) -> tuple[float, int, int, str, str]:
         per_actor = 0.0
         max_actors = cfg.max_actors or cfg.min_actors or 1
         min_actors = cfg.min_actors or 1
-    return per_actor, min(min_actors, max_actors), max_actors, device, f"{why} [{cap.source}]"
+    why = why if cap.source in why else f"{why} [{cap.source}]"
+    return per_actor, min(min_actors, max_actors), max_actors, device, why
 
 
 @ray.remote(num_cpus=0)

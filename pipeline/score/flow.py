@@ -82,7 +82,7 @@ def _cluster_defaults(cfg: ScoreConfig) -> tuple[int, float, str]:
     else:
         gpus_per_actor = 0.0
         n = cfg.num_actors or max(1, min(4, int(cap.cpus_now // max(cfg.cpus_per_actor, 1e-9))))
-    return n, gpus_per_actor, f"{device}: {why} [{cap.source}]"
+    return n, gpus_per_actor, f"{device}: " + (why if cap.source in why else f"{why} [{cap.source}]")
 
 
 def _write_outputs(cfg: ScoreConfig, results: pa.Table, query_emb: pa.Table, summary: dict) -> None:
