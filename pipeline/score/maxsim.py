@@ -66,12 +66,15 @@ def _maxsim_torch(Q: torch.Tensor, pages: PackedPages, block_elements: int) -> t
     nq, lq, dim = Q.shape
     n_pages, length = pages.n_pages, pages.padded_length
     D = pages.vectors.view(n_pages, length, dim)
-    Qflat = Q.reshape(nq * lq, dim).to(D.dtype)
+    # Similarities are float32 (float64 on CPU): a float16 or bfloat16 product would round
+    # every dot product to 3 digits before the max and the sum (scores off by ~1e-3).
+    sim_dtype = torch.float64 if D.dtype == torch.float64 else torch.float32
+    Qflat = Q.reshape(nq * lq, dim).to(sim_dtype)
     out = torch.empty((nq, n_pages), dtype=torch.float32, device=D.device)
     # Pages per block: one (nq*lq, chunk*length) similarity block at a time.
     chunk = max(1, block_elements // max(1, nq * lq * length))
     for start in range(0, n_pages, chunk):
-        block = D[start : start + chunk]  # (c, L, 128)
+        block = D[start : start + chunk].to(sim_dtype)  # (c, L, 128)
         sims = Qflat @ block.reshape(-1, dim).T  # (nq*lq, c*L)
         maxima = sims.view(nq, lq, block.shape[0], length).amax(dim=-1)  # (nq, lq, c)
         out[:, start : start + block.shape[0]] = sum_over_query_vectors(maxima.transpose(1, 2))

@@ -158,3 +158,18 @@ def test_triton_kernel_in_interpreter_equals_oracle():
     if "only 0-dimensional arrays can be converted" in proc.stderr:
         pytest.skip("Triton 3.6's interpreter breaks on numpy >= 2.4 (int() of a 1-element array)")
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_fp16_operands_give_float32_similarities():
+    """Stored float16 vectors in, exact float32 sums out: the torch path (the CUDA fallback)
+    must not round each dot product to float16 before the max (scores off by ~1e-3)."""
+    from pipeline.devtools.synthetic import oracle_scores, random_pages, random_queries
+
+    rng = np.random.default_rng(11)
+    pages = random_pages(40, rng, max_len=40)
+    queries = random_queries(6, rng)
+    pk = pack_pages([p[3] for p in pages], dtype=torch.float16)
+    Q, _ = pad_queries(queries, dtype=torch.float16)
+    got = maxsim_scores(Q, pk)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), oracle_scores(queries, pages), rtol=2e-6, atol=2e-5)
