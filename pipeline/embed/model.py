@@ -23,6 +23,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 from typing import Sequence
@@ -94,9 +95,15 @@ def fetch_model(name_or_path: str, endpoint_url: str | None = None, cache_dir: s
         files = [i for i in infos if i.type == pafs.FileType.File]
         if not files:
             raise FileNotFoundError(f"no model files under {name_or_path}: expected config.json and weights")
+        rels = [posixpath.relpath(info.path, root) for info in files]
+        bad = [info.path for info, rel in zip(files, rels)
+               if rel.startswith("/") or ".." in rel.split("/") or "\\" in rel]
+        if bad:
+            # An object key with ".." would be written outside the cache folder.
+            raise ValueError(f"refusing to copy model {name_or_path}: object key(s) {bad[:3]} point outside "
+                             "the model folder; remove them from the bucket")
         staging = tempfile.mkdtemp(dir=cache_dir, prefix=".partial-")
-        for info in files:
-            rel = os.path.relpath(info.path, root)
+        for info, rel in zip(files, rels):
             dst = os.path.join(staging, rel)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             with fs.open_input_stream(info.path) as src, open(dst, "wb") as out:

@@ -155,3 +155,16 @@ def test_colqwen25_checkpoints_load_and_match_training_code(tmp_path):
     pv = r["pixel_values"].reshape(-1, r["pixel_values"].shape[-1])
     want = colpali_reference(lm25, r["input_ids"], r["attention_mask"], pv, r["image_grid_thw"])[0]
     assert got.shape == want.shape and np.abs(got - want).max() < 1e-5
+
+
+def test_model_keys_that_climb_out_of_the_folder_are_refused(s3, tmp_path, monkeypatch):
+    """An object key with '..' under a model prefix must not write outside the model cache."""
+    bucket = s3.make_bucket()
+    c = s3.client()
+    c.put_object(Bucket=bucket, Key="models/evil/config.json", Body=b"{}")
+    c.put_object(Bucket=bucket, Key="models/evil/../../escaped.txt", Body=b"x")
+    c.put_object(Bucket=bucket, Key="models/evil/sub/../../../escaped2.txt", Body=b"x")
+    monkeypatch.setenv("VDR_MODEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="point outside the model folder"):
+        M.fetch_model(f"s3://{bucket}/models/evil")
+    assert not list(tmp_path.rglob("escaped*"))
