@@ -106,19 +106,58 @@ def page_id(doc_id: str, page_number: int) -> str:
     return f"{doc_id}#{page_number}"
 
 
-_WHITESPACE = re.compile(r"\s")
+# What trec_id escapes: "%" (so that escapes can be undone) and every character Python counts
+# as whitespace (str.split and str.splitlines break on all of them; trec_eval on the ASCII ones).
+_TREC_ESCAPED = re.compile(r"[%\s]")
 
 
 def trec_id(page_id: str) -> str:
-    """A page_id as a TREC run file can hold it: whitespace (paths with spaces) percent-encoded.
+    r"""A page_id as a TREC run or qrels file holds it: ``%`` and whitespace percent-encoded.
 
     TREC run and qrels lines are split on whitespace, so ``a b.pdf#1`` is written
-    ``a%20b.pdf#1``; results.parquet keeps the exact id.
+    ``a%20b.pdf#1``; ``%`` itself is written ``%25``, so a file really named ``a%20b.pdf``
+    becomes ``a%2520b.pdf#1`` and the two never collide. Each escaped character is written
+    as the ``%XX`` escapes of its UTF-8 bytes (``\u3000`` -> ``%E3%80%80``); nothing else is
+    touched, so ordinary ids (``/``, ``#``, non-ASCII letters) stay readable.
+    :func:`from_trec_id` undoes it exactly; results.parquet keeps the exact id.
 
-    >>> trec_id("reports/annual report.pdf#2")
-    'reports/annual%20report.pdf#2'
+    >>> trec_id("reports/annual report 100%.pdf#2")
+    'reports/annual%20report%20100%25.pdf#2'
+    >>> trec_id("a%20b.pdf#1"), trec_id("日本 語.pdf#3"), trec_id("x\ty.pdf#1")
+    ('a%2520b.pdf#1', '日本%20語.pdf#3', 'x%09y.pdf#1')
     """
-    return _WHITESPACE.sub(lambda m: "%" + format(ord(m.group()), "02X"), page_id)
+    return _TREC_ESCAPED.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode("utf-8")), page_id)
+
+
+_PERCENT_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+
+
+def from_trec_id(trec_page_id: str) -> str:
+    """The page_id that :func:`trec_id` encoded: every ``%XX`` escape decoded (UTF-8).
+
+    ``from_trec_id(trec_id(x)) == x`` for every string ``x``. Like
+    ``urllib.parse.unquote``, it decodes any ``%XX`` (so ``%23`` gives ``#``) and leaves a
+    ``%`` that starts no escape as it is (``100%.pdf`` stays ``100%.pdf``), and text that
+    holds no escapes (raw spaces included) comes back unchanged. Escapes that are not UTF-8
+    raise ``ValueError``.
+
+    >>> from_trec_id("reports/annual%20report%20100%25.pdf#2")
+    'reports/annual report 100%.pdf#2'
+    >>> from_trec_id("a%2520b.pdf#1"), from_trec_id("a%20b.pdf#1")
+    ('a%20b.pdf#1', 'a b.pdf#1')
+    """
+    if "%" not in trec_page_id:
+        return trec_page_id
+
+    def decode(match: re.Match) -> str:
+        try:
+            return bytes.fromhex(match.group().replace("%", "")).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"page id {trec_page_id!r}: escape {match.group()!r} is not UTF-8 percent-encoding"
+            ) from None
+
+    return _PERCENT_RUN.sub(decode, trec_page_id)
 
 
 def pages_folder(corpus_uri: str) -> str:

@@ -37,7 +37,7 @@ def random_qrels_and_run(seed: int, n_queries: int = 12, n_pages: int = 40, dept
 def write_trec_qrels(path, rows) -> str:
     with open(path, "w") as f:
         for qid, page, rel in rows:
-            f.write(f"{qid} 0 {page} {rel}\n")
+            f.write(f"{qid} 0 {schema.trec_id(page)} {rel}\n")
     return str(path)
 
 
@@ -52,7 +52,7 @@ def write_beir_qrels(path, rows) -> str:
 def write_trec_run(path, rows, tag: str = "test") -> str:
     with open(path, "w") as f:
         for qid, page, rank, score in rows:
-            f.write(f"{qid} Q0 {page} {rank} {score!r} {tag}\n")
+            f.write(f"{qid} Q0 {schema.trec_id(page)} {rank} {score!r} {tag}\n")
     return str(path)
 
 

@@ -1,6 +1,13 @@
 """Runs and qrels from any URI: TREC run files, the scoring job's results.parquet, TREC
 qrels and BEIR TSVs, as frames with ir_measures' column names (qrels ``query_id, doc_id,
 relevance``; runs ``query_id, doc_id, score``, where ``doc_id`` holds a *page_id*).
+
+Page ids in these frames are always the exact page_ids of the corpus (``doc#page``, spaces
+and all), whatever the file: TREC files (run.trec, TREC qrels) split lines on whitespace,
+so they hold ids as :func:`pipeline.schema.trec_id` writes them (``%`` and whitespace
+percent-encoded) and are decoded here with :func:`pipeline.schema.from_trec_id`; BEIR TSV
+qrels split on tabs and hold raw ids, read as they are; results.parquet holds raw ids. So
+a run and qrels from any pair of formats compare like with like.
 """
 
 from __future__ import annotations
@@ -77,10 +84,22 @@ def parse_qrels(text: str, source: str = "qrels") -> pd.DataFrame:
     exactly three tab-separated fields mean BEIR; four whitespace-separated fields, TREC.
     Duplicate judgements of one (query, page) keep the highest grade.
 
+    Page ids: a TREC qrels line is split on whitespace like a run line, so its page_id is
+    read in run.trec's encoding and decoded (:func:`pipeline.schema.from_trec_id`):
+    ``a%20b.pdf#1`` is the page ``a b.pdf#1``, and a file really named ``a%20b.pdf`` is
+    written ``a%2520b.pdf#1``. Write TREC qrels with :func:`pipeline.schema.trec_id`. A page
+    id with plain spaces (``reports/a b.pdf#3``) is still understood, as it holds no escape.
+    BEIR TSV qrels are split on tabs and hold *raw* page ids, read verbatim (a ``%`` there
+    is a ``%``).
+
     >>> parse_qrels("q1 0 a.pdf#1 2\\nq1 0 a.pdf#2 0\\n").to_dict("list")
     {'query_id': ['q1', 'q1'], 'doc_id': ['a.pdf#1', 'a.pdf#2'], 'relevance': [2, 0]}
     >>> parse_qrels("query-id\\tcorpus-id\\tscore\\nq1\\ta.pdf#1\\t1\\n").to_dict("list")
     {'query_id': ['q1'], 'doc_id': ['a.pdf#1'], 'relevance': [1]}
+    >>> parse_qrels("q1 0 a%20b.pdf#1 1\\nq1 0 a%2520b.pdf#1 0\\n").doc_id.tolist()
+    ['a b.pdf#1', 'a%20b.pdf#1']
+    >>> parse_qrels("query-id\\tcorpus-id\\tscore\\nq1\\ta%20b.pdf#1\\t1\\n").doc_id.tolist()
+    ['a%20b.pdf#1']
     """
     lines = _text_lines(text)
     if not lines:
@@ -115,7 +134,7 @@ def _parse_trec_qrels(lines, source) -> list[tuple[str, str, int]]:
                 f"{source}:{number}: expected TREC qrels 'qid 0 page_id relevance', got {line!r}"
             )
         qid, _iteration, doc, rel = match.groups()
-        rows.append((qid, doc, _relevance(rel, f"{source}:{number}")))
+        rows.append((qid, _page_id(doc, f"{source}:{number}"), _relevance(rel, f"{source}:{number}")))
     return rows
 
 
@@ -152,11 +171,24 @@ def _parse_beir_qrels(lines, source, header: bool) -> list[tuple[str, str, int]]
     return rows
 
 
+def _page_id(field: str, where: str) -> str:
+    """A page_id field of a TREC line, decoded from run.trec's encoding."""
+    try:
+        return schema.from_trec_id(field)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
 def parse_trec_run(text: str, source: str = "run") -> pd.DataFrame:
     """TREC run text (``qid Q0 page_id rank score tag``) -> ``query_id, doc_id, score, rank``.
 
+    The page_id field is decoded (:func:`pipeline.schema.from_trec_id`), undoing the
+    scoring job's :func:`pipeline.schema.trec_id`, so ``doc_id`` holds the exact page_id.
+
     >>> parse_trec_run("q1 Q0 a.pdf#1 1 0.9 colqwen\\n").to_dict("list")
     {'query_id': ['q1'], 'doc_id': ['a.pdf#1'], 'score': [0.9], 'rank': [1]}
+    >>> parse_trec_run("q1 Q0 a%20b%2525.pdf#1 1 0.9 colqwen\\n").doc_id.tolist()
+    ['a b%25.pdf#1']
     """
     rows = []
     for number, line in _text_lines(text):
@@ -170,7 +202,7 @@ def parse_trec_run(text: str, source: str = "run") -> pd.DataFrame:
             value = float(score)
         except ValueError:
             raise ValueError(f"{source}:{number}: score {score!r} is not a number") from None
-        rows.append((qid, doc, value, int(rank)))
+        rows.append((qid, _page_id(doc, f"{source}:{number}"), value, int(rank)))
     return _run_frame(rows)
 
 
@@ -206,7 +238,11 @@ def _is_parquet(uri: str) -> bool:
 
 
 def read_run(uri: str, endpoint_url: str | None = None) -> pd.DataFrame:
-    """A run from any URI: ``results.parquet``, a scoring output folder, or a TREC run file."""
+    """A run from any URI: ``results.parquet``, a scoring output folder, or a TREC run file.
+
+    Page ids come back exact either way: results.parquet holds them raw, and a TREC run's
+    encoded ids are decoded (:func:`parse_trec_run`).
+    """
     fs, path = storage.open_filesystem(uri, endpoint_url)
     import pyarrow.fs as pafs
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import itertools
 
 import numpy as np
 import pyarrow as pa
@@ -100,3 +101,79 @@ def test_page_id_order_is_code_point_order():
     ids = ["é#1", "z#1", "Z#1", "a#10", "a#2", "日本#1"]
     t = pa.table({QUERY_INDEX: [0] * 6, "page_id": ids, "score": pa.array([1.0] * 6, pa.float32())})
     assert merge_topk([t], 6).column("page_id").to_pylist() == sorted(ids)
+
+
+# ---------------------------------------------------------------- a page held by two parts
+
+
+def cands(q, pages, scores, **extra) -> pa.Table:
+    cols = {QUERY_INDEX: pa.array(q, pa.int64()), "page_id": pages, "score": pa.array(scores, pa.float32())}
+    cols.update(extra)
+    return pa.table(cols)
+
+
+def rows_of(table: pa.Table) -> list[tuple]:
+    d = table.to_pydict()
+    return list(zip(*(d[c] for c in table.column_names)))
+
+
+def test_a_page_in_two_parts_with_different_scores_appears_once_with_its_best_score():
+    # b#1 sits in two shards (or a rerun scored it again) with different scores.
+    a = cands([0, 0, 1], ["b#1", "c#1", "b#1"], [5.0, 1.0, 0.5])
+    b = cands([0, 0, 1, 1], ["a#1", "b#1", "b#1", "a#1"], [2.0, 3.0, 4.0, 1.0])
+    for parts in ([a, b], [b, a]):
+        got = merge_topk(parts, 3).to_pydict()
+        assert list(zip(got[QUERY_INDEX], got["page_id"], got["score"], got["rank"])) == [
+            (0, "b#1", 5.0, 1), (0, "a#1", 2.0, 2), (0, "c#1", 1.0, 3),
+            (1, "b#1", 4.0, 1), (1, "a#1", 1.0, 2),
+        ]
+    # k cuts distinct pages: a duplicate never takes the place of another page.
+    got = merge_topk([a, b], 2).to_pydict()
+    assert got["page_id"] == ["b#1", "a#1", "b#1", "a#1"]
+
+
+def test_a_page_in_two_parts_with_equal_scores_appears_once_whatever_the_part_order():
+    # Same page, same score, from two parts; the copies differ in a ride-along column (an
+    # older corpus file without doc_id): the row kept must not depend on the part order.
+    a = cands([0, 0], ["x y.pdf#1", "z.pdf#2"], [1.0, 1.0], doc_id=["x y.pdf", "z.pdf"], page_number=[1, 2])
+    b = cands([0, 0], ["x y.pdf#1", "a.pdf#9"], [1.0, 0.0], doc_id=[None, "a.pdf"], page_number=[1, 9])
+    c = cands([0], ["x y.pdf#1"], [1.0], doc_id=["x y.pdf"], page_number=[1])  # identical copy
+    tables = {tuple(rows_of(merge_topk(list(p), 5))) for p in itertools.permutations([a, b, c])}
+    assert len(tables) == 1
+    (rows,) = tables
+    assert [r[1] for r in rows] == ["x y.pdf#1", "z.pdf#2", "a.pdf#9"]
+    assert rows[0] == (0, "x y.pdf#1", 1.0, "x y.pdf", 1, 1)  # the non-null doc_id sorts first
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_merge_with_duplicate_pages_is_exact_and_associative(seed):
+    rng = np.random.default_rng(seed)
+    n_queries, k = 3, int(rng.integers(1, 8))
+    page_ids = [f"d{j}.pdf#{j % 3 + 1}" for j in range(int(rng.integers(1, 25)))]
+    # Several parts, each a random subset of the pages with a random score per copy:
+    # most pages appear in 2-3 parts, with equal or different scores (few values: ties).
+    parts = []
+    for _ in range(int(rng.integers(2, 6))):
+        chosen = [p for p in page_ids if rng.random() < 0.6]
+        q = np.repeat(np.arange(n_queries), len(chosen))
+        parts.append(cands(q, chosen * n_queries, rng.integers(-2, 3, len(q)).astype(np.float32)))
+    best: dict[tuple[int, str], float] = {}
+    for part in parts:
+        for qi, p, s in zip(*(part.column(c).to_pylist() for c in (QUERY_INDEX, "page_id", "score"))):
+            best[(qi, p)] = max(best.get((qi, p), -np.inf), s)
+    truth = []
+    for qi in range(n_queries):
+        pages = sorted((p for (q, p) in best if q == qi), key=lambda p: (-best[(qi, p)], p))[:k]
+        truth += [(qi, p, best[(qi, p)], r) for r, p in enumerate(pages, start=1)]
+
+    def merged_rows(table):
+        d = table.to_pydict()
+        return list(zip(d[QUERY_INDEX], d["page_id"], d["score"], d["rank"]))
+
+    assert merged_rows(merge_topk(parts, k)) == truth
+    for _ in range(4):  # shards finish in any order; the driver merges as they arrive
+        order = rng.permutation(len(parts))
+        running = merge_topk([parts[order[0]]], k)
+        for i in order[1:]:
+            running = merge_topk([running.drop_columns(["rank"]), parts[i]], k)
+        assert merged_rows(running) == truth
