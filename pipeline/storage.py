@@ -81,7 +81,29 @@ class DocumentRef:
 
 
 def _is_hidden(rel: str) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
+    """``.x`` files or folders (``.DS_Store``, ``.git/``, uploads in progress). Names that
+    begin with ``_`` are ordinary documents."""
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+# How many example names a listing keeps for each reason it skipped files.
+SKIPPED_EXAMPLES = 3
+
+
+def count_skipped(skipped: dict, reason: str, name: str) -> None:
+    """``skipped[reason] = {"count": n, "examples": [up to SKIPPED_EXAMPLES names]}``."""
+    entry = skipped.setdefault(reason, {"count": 0, "examples": []})
+    entry["count"] += 1
+    if len(entry["examples"]) < SKIPPED_EXAMPLES:
+        entry["examples"].append(name)
+
+
+def merge_skipped(total: dict, part: dict) -> dict:
+    for reason, entry in part.items():
+        t = total.setdefault(reason, {"count": 0, "examples": []})
+        t["count"] += entry["count"]
+        t["examples"] = sorted(t["examples"] + entry["examples"])[:SKIPPED_EXAMPLES]
+    return total
 
 
 DOCUMENT_LISTING_SCHEMA = pa.schema([
@@ -94,8 +116,8 @@ _LISTING_CHUNK = 65_536
 
 def listing_units(input_uri: str, endpoint_url: str | None = None) -> list[str]:
     """How a listing is cut into independent pieces: ``""`` for the files directly under the
-    input folder (or the input itself when it is one file), then each visible top-level
-    subfolder's name, sorted. Each piece is listed by :func:`list_documents_table` with
+    input folder (or the input itself when it is one file), then each top-level subfolder's
+    name, sorted (hidden ones too, so that what they hold is counted as skipped). Each piece is listed by :func:`list_documents_table` with
     ``under=``; together they list exactly what the whole listing would."""
     fs, root = open_filesystem(input_uri, endpoint_url)
     info = fs.get_file_info(root)
@@ -105,7 +127,7 @@ def listing_units(input_uri: str, endpoint_url: str | None = None) -> list[str]:
         return [""]
     top = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     folders = sorted(posixpath.basename(e.path.rstrip("/")) for e in top if e.type == pafs.FileType.Directory)
-    return [""] + [f for f in folders if not _is_hidden(f)]
+    return [""] + folders
 
 
 def _listing_chunks(fs: pafs.FileSystem, root: str, under: str | None = None):
@@ -120,20 +142,20 @@ def _listing_chunks(fs: pafs.FileSystem, root: str, under: str | None = None):
     if under == "":
         return
     for d in sorted((e.path for e in top if e.type == pafs.FileType.Directory)):
-        if _is_hidden(posixpath.basename(d.rstrip("/"))):
-            continue  # everything under a hidden folder is skipped anyway
         yield fs.get_file_info(pafs.FileSelector(d, recursive=True))
 
 
 def list_documents_table(
     input_uri: str, endpoint_url: str | None = None, extensions: tuple[str, ...] | None = DOCUMENT_EXTENSIONS,
-    under: str | None = None,
+    under: str | None = None, skipped: dict | None = None,
 ) -> pa.Table:
     """Every document under ``input_uri`` (a prefix or a single file) as an Arrow table
     (doc_id, source_uri, size_bytes), sorted by doc_id.
 
-    Hidden files and folders (``.x``, ``_x``) are skipped. ``extensions=None`` keeps every
-    file: those that are neither PDFs nor images then end as error rows, not silently.
+    Hidden files and folders (``.x``) and files without a document extension are skipped,
+    and counted by reason in ``skipped`` when given (:func:`count_skipped`).
+    ``extensions=None`` keeps every visible file: those that are neither PDFs nor images
+    then end as error rows, not silently.
     The listing is turned into Arrow chunk by chunk: no Python object per document stays.
     ``under`` lists one piece of :func:`listing_units` only (doc ids stay relative to the input).
     """
@@ -171,8 +193,12 @@ def list_documents_table(
                 rel = posixpath.relpath(path, base) if base else path
             rel = rel.replace(os.sep, "/")
             if _is_hidden(rel):
+                if skipped is not None:
+                    count_skipped(skipped, "hidden", rel)
                 continue
             if extensions is not None and not rel.lower().endswith(extensions):
+                if skipped is not None:
+                    count_skipped(skipped, "not_a_document", rel)
                 continue
             ids.append(rel)
             sources.append(prefix if single else f"{prefix}/{rel}")

@@ -60,9 +60,10 @@ def _tree(root, files):
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_listing_pieces_add_up_to_the_whole_listing(tmp_path, s3, where):
     """The embedding job lists its input in pieces (files at the top, then each top-level
-    folder) in separate plan tasks; together they must be exactly the whole listing."""
-    files = ["a.pdf", "z.png", "notes.txt", ".hidden.pdf", "_tmp/x.pdf", "b/1.pdf", "b/c/2.pdf",
-             "b/.cache/3.pdf", "d/4.pdf", "d/e/f/5.tiff"]
+    folder) in separate plan tasks; together they must be exactly the whole listing. Names
+    that begin with "_" are documents; hidden files and non-documents are counted by reason."""
+    files = ["a.pdf", "z.png", "notes.txt", ".hidden.pdf", "_drafts/x.pdf", "b/1.pdf", "b/c/2.pdf",
+             "b/.cache/3.pdf", "d/4.pdf", "d/e/f/5.tiff", ".git/objects/6.pdf"]
     _tree(tmp_path / "in", files)
     uri, ep = str(tmp_path / "in"), None
     if where == "s3":
@@ -70,11 +71,21 @@ def test_listing_pieces_add_up_to_the_whole_listing(tmp_path, s3, where):
         s3.upload_folder(str(tmp_path / "in"), bucket, "in/")
         uri, ep = f"s3://{bucket}/in", s3.endpoint_url
     units = storage.listing_units(uri, ep)
-    assert units == ["", "b", "d"]
-    whole = storage.list_documents_table(uri, ep)
-    pieces = pa.concat_tables([storage.list_documents_table(uri, ep, under=u) for u in units])
-    assert pieces.sort_by("doc_id").to_pylist() == whole.to_pylist()
-    assert whole.column("doc_id").to_pylist() == ["a.pdf", "b/1.pdf", "b/c/2.pdf", "d/4.pdf", "d/e/f/5.tiff", "z.png"]
+    assert units == ["", ".git", "_drafts", "b", "d"]
+    whole_skipped, piece_skipped = {}, {}
+    whole = storage.list_documents_table(uri, ep, skipped=whole_skipped)
+    parts = []
+    for u in units:
+        part_skipped: dict = {}
+        parts.append(storage.list_documents_table(uri, ep, under=u, skipped=part_skipped))
+        storage.merge_skipped(piece_skipped, part_skipped)
+    assert pa.concat_tables(parts).sort_by("doc_id").to_pylist() == whole.to_pylist()
+    assert whole.column("doc_id").to_pylist() == ["_drafts/x.pdf", "a.pdf", "b/1.pdf", "b/c/2.pdf", "d/4.pdf",
+                                                  "d/e/f/5.tiff", "z.png"]
+    norm = lambda s: {k: {"count": v["count"], "examples": sorted(v["examples"])} for k, v in s.items()}
+    assert norm(whole_skipped) == norm(piece_skipped) == {
+        "hidden": {"count": 3, "examples": [".git/objects/6.pdf", ".hidden.pdf", "b/.cache/3.pdf"]},
+        "not_a_document": {"count": 1, "examples": ["notes.txt"]}}
     one = storage.list_documents_table(f"{uri}/b/c/2.pdf", ep, under="")  # a single file is its own piece
     assert one.column("doc_id").to_pylist() == ["2.pdf"]
     with pytest.raises(FileNotFoundError, match="does not exist"):

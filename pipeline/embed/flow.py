@@ -67,12 +67,15 @@ class _PlanCounter:
 
     def __init__(self):
         self.totals_ = collections.Counter()
+        self.skipped: dict = {}
 
     def add(self, stats: dict) -> None:
+        stats = dict(stats)
+        storage.merge_skipped(self.skipped, stats.pop("documents_skipped", {}))
         self.totals_.update(stats)
 
     def totals(self) -> dict:
-        return dict(self.totals_)
+        return {**self.totals_, "documents_skipped": self.skipped}
 
 
 def _plan_units(batch: pa.Table, cfg: EmbedConfig, done: list, counter) -> Iterator[pa.Table]:
@@ -217,9 +220,13 @@ def run(cfg: EmbedConfig) -> dict:
         )
         for row in ds.iter_rows():
             progress.add(row)
-    planned = ray.get(counter.totals.remote())
-    planned = {k: int(planned.get(k, 0)) for k in ("documents_listed", "documents_already_done",
-                                                     "documents_resumed", "documents_to_do")}
+    totals = ray.get(counter.totals.remote())
+    planned = {k: int(totals.get(k, 0)) for k in ("documents_listed", "documents_already_done",
+                                                    "documents_resumed", "documents_to_do")}
+    planned["documents_skipped"] = totals["documents_skipped"]
+    for reason, entry in planned["documents_skipped"].items():
+        log.info("skipped %d %s file(s) of the input, e.g. %s", entry["count"], reason.replace("_", " "),
+                 ", ".join(entry["examples"]))
     log.info("%d documents listed, %d already done, %d done in this run", planned["documents_listed"],
              planned["documents_already_done"], planned["documents_to_do"])
     elapsed = time.monotonic() - t0

@@ -143,9 +143,11 @@ def plan_unit(cfg: EmbedConfig, unit: str, progress: pa.Table) -> tuple[pa.Table
     """One piece of the listing (:func:`pipeline.storage.listing_units`) against the
     done-set: the documents of that piece to (re)do, and its counts. The flow runs one task
     per piece, so the first pages reach the model while other pieces are still listed."""
+    skipped: dict = {}
     docs = list_documents_table(cfg.input, cfg.endpoint_url, None if cfg.all_files else DOCUMENT_EXTENSIONS,
-                                under=unit)
-    return plan_table(docs, progress)
+                                under=unit, skipped=skipped)
+    todo, stats = plan_table(docs, progress)
+    return todo, {**stats, "documents_skipped": skipped}
 
 
 def plan_documents(cfg: EmbedConfig) -> tuple[pa.Table, dict]:
