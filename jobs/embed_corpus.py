@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "can add GPU nodes; the log says what it chose and why)")
     a.add_argument("--gpus-per-actor", type=float, help="GPUs per model replica; 0 runs on CPU (default: 1 if the cluster has GPUs)")
     r = p.add_argument_group("rendering (CPU)")
-    r.add_argument("--render-timeout-s", type=float, help="per page; a hung document becomes an error row (default: 120)")
+    r.add_argument("--render-timeout-s", type=float, help="per document (the time spent waiting for its pages); a slow or hung document becomes an error row (default: 120)")
     r.add_argument("--max-dpi", type=float, help="cap on the PDF render scale (default: 300)")
     r.add_argument("--max-longest-side-px", type=int, help="cap on a rendered page's longest side (default: 8192)")
     r.add_argument("--max-image-pixels", type=int, help="images above half this are rejected as oversized (default: 178956970)")

@@ -48,12 +48,16 @@ STREAM_SCHEMA = pa.schema(
 _renderer: Renderer | None = None
 
 
-def _get_renderer(timeout_s: float) -> Renderer:
-    # One child renderer per Ray worker process, reused across tasks.
+def _get_renderer(timeout_s: float, memory_limit_bytes: int | None = None) -> Renderer:
+    # One renderer (a zygote child that forks a fresh process per document) per Ray worker
+    # process, reused across tasks. timeout_s is per document; memory_limit_bytes None keeps
+    # the default (8 GiB, or PIPELINE_RENDER_MEMORY_LIMIT_BYTES).
     global _renderer
     if _renderer is None:
-        _renderer = Renderer(timeout_s)
+        _renderer = Renderer(timeout_s, memory_limit_bytes)
     _renderer.timeout_s = timeout_s
+    if memory_limit_bytes is not None:
+        _renderer.memory_limit_bytes = memory_limit_bytes
     return _renderer
 
 
@@ -91,19 +95,23 @@ def render_documents(batch: pa.Table, spec: RenderSpec, render_timeout_s: float,
             rows.add(**base, stage="read", error_type=type(exc).__name__, message=f"could not read: {exc}")
             continue
         n_pages = None
-        for item in renderer.render(data, spec, frozenset(doc.get("skip_pages") or ())):
-            if isinstance(item, DocInfo):
-                n_pages = item.n_pages
-            elif isinstance(item, PageItem):
-                h, w, _ = item.image.shape
-                rows.add(**base, page_number=item.page_number, doc_pages=n_pages, width=w, height=h,
-                         pixels=np.ascontiguousarray(item.image).tobytes())
-            elif isinstance(item, ErrorItem):
-                rows.add(**base, page_number=item.page_number, doc_pages=n_pages, stage=item.stage,
-                         error_type=item.error_type, message=item.message)
-            if len(rows) >= pages_per_block:
-                yield rows.table()
-                rows = _Rows()
+        items = renderer.render(data, spec, frozenset(doc.get("skip_pages") or ()))
+        try:
+            for item in items:
+                if isinstance(item, DocInfo):
+                    n_pages = item.n_pages
+                elif isinstance(item, PageItem):
+                    h, w, _ = item.image.shape
+                    rows.add(**base, page_number=item.page_number, doc_pages=n_pages, width=w, height=h,
+                             pixels=np.ascontiguousarray(item.image).tobytes())
+                elif isinstance(item, ErrorItem):
+                    rows.add(**base, page_number=item.page_number, doc_pages=n_pages, stage=item.stage,
+                             error_type=item.error_type, message=item.message)
+                if len(rows) >= pages_per_block:
+                    yield rows.table()
+                    rows = _Rows()
+        finally:
+            items.close()  # a task stopped mid-document kills the document's renderer
     if len(rows):
         yield rows.table()
 
