@@ -20,6 +20,7 @@ import dataclasses
 import io
 import logging
 import math
+import re
 import warnings
 from typing import Iterator
 
@@ -156,6 +157,18 @@ def to_rgb(img):
     return img
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def stable_message(exc: BaseException | str) -> str:
+    """An error text that is the same on every run: object reprs lose their memory address.
+
+    >>> stable_message("cannot identify image file <_io.BytesIO object at 0x7f3a2c1b9e50>")
+    'cannot identify image file <_io.BytesIO object>'
+    """
+    return _ADDRESS.sub("", str(exc))
+
+
 def sniff_kind(data: bytes) -> str:
     if not data:
         raise RenderError("EmptyFile", "the file is empty (0 bytes)")
@@ -234,8 +247,14 @@ def iter_image_pages(data: bytes, spec: RenderSpec, skip: frozenset = frozenset(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RenderError("OversizedImage", f"image is over the cap of {cap} pixels (--max-image-pixels "
                           f"{spec.max_image_pixels} / 2): {exc}") from None
+    except Image.UnidentifiedImageError:
+        # Neither a PDF nor any image format Pillow knows (a text file named .pdf, say). The
+        # message names the first bytes, never Pillow's "<_io.BytesIO object at 0x...>".
+        raise RenderError("UnknownFormat", f"neither a PDF nor an image format (the file starts with "
+                          f"{data[:16]!r})") from None
     except Exception as exc:  # Pillow raises many types for bad input
-        raise RenderError("UnreadableImage", f"not a readable PDF or image: {type(exc).__name__}: {exc}") from None
+        raise RenderError("UnreadableImage", f"not a readable PDF or image: {type(exc).__name__}: "
+                          f"{stable_message(exc)}") from None
     if img.width * img.height > cap:
         raise RenderError("OversizedImage", f"{img.width}x{img.height} pixels is over the cap of {cap} "
                           f"(--max-image-pixels {spec.max_image_pixels} / 2)")
@@ -248,7 +267,8 @@ def iter_image_pages(data: bytes, spec: RenderSpec, skip: frozenset = frozenset(
         except RenderError:
             raise
         except Exception as exc:
-            raise RenderError("UnreadableImage", f"{fmt} image could not be decoded: {type(exc).__name__}: {exc}") from None
+            raise RenderError("UnreadableImage", f"{fmt} image could not be decoded: {type(exc).__name__}: "
+                              f"{stable_message(exc)}") from None
         yield DocInfo(1)
         if 1 not in skip:
             yield PageItem(1, page)

@@ -109,9 +109,9 @@ def test_max_pages_per_doc_is_one_error_row():
     "name,data,error_type",
     [
         ("empty", b"", "EmptyFile"),
-        ("garbage", b"this is not a document at all", "UnreadableImage"),
+        ("garbage", b"this is not a document at all", "UnknownFormat"),
         ("truncated pdf", make_pdf(1)[:300], "CorruptDocument"),
-        ("qpdf bad1", read("bad1.pdf"), "UnreadableImage"),
+        ("qpdf bad1", read("bad1.pdf"), "UnknownFormat"),
         ("encrypted", read("encrypted_hello_world_r2.pdf"), "EncryptedDocument"),
         ("zero pages", ZERO_PAGE_PDF, "EmptyDocument"),
         ("truncated png", encode(Image.new("RGB", (300, 300), "red"), "PNG")[:100], "UnreadableImage"),
@@ -123,6 +123,14 @@ def test_bad_documents_become_one_clear_error(name, data, error_type):
     assert len(errors) == 1, errors
     err = errors[0]
     assert err.error_type == error_type and err.page_number is None and err.message
+
+
+def test_error_rows_are_the_same_on_every_run():
+    """A text file named .pdf is an unknown format, and no message carries a memory address."""
+    runs = [items(b"hello, I am a text file named report.pdf")[2] for _ in range(2)]
+    assert [(e.error_type, e.message) for e in runs[0]] == [(e.error_type, e.message) for e in runs[1]]
+    assert runs[0][0].error_type == "UnknownFormat" and " at 0x" not in runs[0][0].message
+    assert "hello, I am a te" in runs[0][0].message
 
 
 def test_zero_size_page_is_a_page_error():
