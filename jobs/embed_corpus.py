@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.cluster import ensure_ray
     from pipeline.embed import flow
 
+    try:
+        flow.preflight(cfg)  # a wrong --model fails here, in seconds, before Ray starts
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     ensure_ray(cfg.ray_address)
     try:
         summary = flow.run(cfg)

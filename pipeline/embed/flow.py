@@ -151,6 +151,11 @@ class _Progress:
                   f"{len(self.files)} files", file=sys.stderr, flush=True)
 
 
+def preflight(cfg: EmbedConfig) -> None:
+    """What can be checked in seconds, before Ray starts and before any rendering."""
+    log.info("model %s", plan.check_model(cfg.model, cfg.endpoint_url))
+
+
 def run(cfg: EmbedConfig) -> dict:
     """Run the corpus job on the connected Ray cluster; returns the summary it writes."""
     started = time.time()

@@ -10,6 +10,7 @@ done pages, so it never writes a row twice.
 from __future__ import annotations
 
 import collections
+import os
 import logging
 
 import pyarrow as pa
@@ -156,3 +157,37 @@ def plan_documents(cfg: EmbedConfig) -> tuple[pa.Table, dict]:
     docs = list_documents_table(cfg.input, cfg.endpoint_url, None if cfg.all_files else DOCUMENT_EXTENSIONS)
     progress = load_progress(cfg.output, cfg.endpoint_url)
     return plan_table(docs, progress)
+
+
+def looks_local(name: str) -> bool:
+    """A model given as a local path (absolute, ./ or ../, or an existing folder), not a hub id."""
+    return name.startswith(("/", "./", "../", "~", "file://")) or os.path.exists(name)
+
+
+def check_model(name: str, endpoint_url: str | None = None) -> str:
+    """Fail in seconds, before any rendering, on a ``--model`` that cannot load: a local folder
+    or an object-store prefix must hold a ColQwen2 ``config.json`` and weights. Hub names are
+    left to the actors (they may be cached on the nodes, or downloaded there). Returns what
+    was checked, for the log."""
+    if not ("://" in name or looks_local(name)):
+        return f"{name} (a Hugging Face Hub name: each node loads it from its cache or the Hub)"
+    folder = name.removeprefix("file://")
+    try:
+        config = storage.read_json(join_uri(folder, "config.json"), endpoint_url)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise FileNotFoundError(
+            f"--model {name}: no config.json there. Pass a ColQwen2 checkpoint folder (local, s3:// or "
+            "gs://; `python -m jobs.build_tiny_model` writes a tiny one) or a hub name such as "
+            "vidore/colqwen2-v1.0-hf") from None
+    except ValueError as exc:
+        raise ValueError(f"--model {name}: config.json is not valid JSON ({exc})") from None
+    if config.get("model_type") != "colqwen2":
+        raise ValueError(f"--model {name} is not a ColQwen2 checkpoint: its config.json says model_type="
+                         f"{config.get('model_type')!r} (expected 'colqwen2', as vidore/colqwen2-v1.0-hf)")
+    try:
+        _, files = storage.list_files(folder, endpoint_url, suffix="", recursive=True)
+    except FileNotFoundError:
+        files = []
+    if not any(f.base_name.endswith((".safetensors", ".bin")) for f in files):
+        raise FileNotFoundError(f"--model {name}: config.json but no weights (*.safetensors) in that folder")
+    return f"{name} (ColQwen2 checkpoint, {len(files)} files)"

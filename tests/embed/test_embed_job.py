@@ -249,3 +249,26 @@ def test_retry_errors_redoes_only_failed_documents(ray_session, tiny_model, samp
     errors_after, _ = read_dir(os.path.join(out, "errors"))
     assert sorted(errors_after.column("doc_id").to_pylist()) == sorted(errors_before.column("doc_id").to_pylist())
     assert read_dir(os.path.join(out, "pages"))[1] == page_files
+
+
+def test_a_wrong_model_fails_in_seconds_before_any_rendering(tiny_model, sample_corpus, tmp_path, capsys):
+    """A typo, a folder without weights, or a checkpoint that is not ColQwen2: exit 2 with a
+    message that names the model, before Ray or any rendering starts, and nothing written."""
+    import time
+
+    not_colqwen = tmp_path / "bert"
+    not_colqwen.mkdir()
+    (not_colqwen / "config.json").write_text('{"model_type": "bert"}')
+    no_weights = tmp_path / "noweights"
+    no_weights.mkdir()
+    shutil.copy(os.path.join(tiny_model, "config.json"), no_weights / "config.json")
+    cases = [(str(tmp_path / "tiny-colqwen"), "no config.json"), (str(not_colqwen), "not a ColQwen2 checkpoint"),
+             (str(no_weights), "no weights")]
+    for model, why in cases:
+        out = tmp_path / "out"
+        t0 = time.monotonic()
+        assert embed_corpus.main(["--input", sample_corpus, "--output", str(out), "--model", model]) == 2
+        assert time.monotonic() - t0 < 10
+        err = capsys.readouterr().err
+        assert why in err and model in err, err
+        assert not out.exists()
