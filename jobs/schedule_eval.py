@@ -53,12 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     runtime_env = json.loads(args.runtime_env_json) if args.runtime_env_json else {}
     if args.working_dir:
         runtime_env["working_dir"] = args.working_dir
-    entrypoint = build_entrypoint(args.config, run_id=sub_id, python=args.python, extra_args=args.job_args)
     client = job_client(args.address)
-    submitted, message = submit_once(
+    submitted, message, sub_id = submit_once(
         client,
         sub_id,
-        entrypoint,
+        lambda run_id: build_entrypoint(args.config, run_id=run_id, python=args.python, extra_args=args.job_args),
         runtime_env=runtime_env,
         metadata={"period": args.period, "period_key": period_key(args.period, now), "job": "offline_eval"},
         entrypoint_num_cpus=args.entrypoint_num_cpus,

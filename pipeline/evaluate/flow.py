@@ -164,7 +164,7 @@ def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_base
         warnings.append("the qrels changed since the previous run: the change in metrics is not only the system's")
 
     row = history.history_row(run_id, metrics, run_time=run_time, regression=bool(regressions),
-                              regressions="\n".join(regressions) or None, **fields)
+                              regressions="\n".join(regressions) or None, status="ok", **fields)
     row_uri = history.append_run(cfg.history_uri, row, ep)
     if pin_baseline:
         regression.pin_baseline(cfg.history_uri, run_id, ep)
@@ -223,5 +223,12 @@ def write_failure(cfg: OfflineEvalConfig, run_id: str, now: datetime, exc: BaseE
                "result": f"FAILED run {run_id}: {type(exc).__name__}: {exc}", "exit_status": 1}
     try:
         storage.write_json(storage.join_uri(cfg.output_root, run_id, "summary.json"), failure, cfg.endpoint_url)
+        # The history records the failure too (no metrics; comparisons skip it), so a
+        # schedule's gaps are visible where its results are tracked.
+        row = history.history_row(run_id, {}, run_time=now, status="failed", error=failure["result"],
+                                  output_uri=storage.join_uri(cfg.output_root, run_id),
+                                  corpus_uri=cfg.corpus, queries_uri=cfg.queries, qrels_uri=cfg.qrels,
+                                  top_k=cfg.top_k, model=cfg.model)
+        history.append_run(cfg.history_uri, row, cfg.endpoint_url)
     except Exception:  # the original error matters more than this one
-        logger.exception("could not write the failure summary")
+        logger.exception("could not record the failure")

@@ -61,6 +61,10 @@ HISTORY_FIELDS = [
     pa.field("regression", pa.bool_()),
     pa.field("regressions", pa.string()),
     pa.field("metrics", pa.string()),
+    # "ok", or "failed" for a run that ended in an error (``error`` says which); rows written
+    # before this column existed read as null, i.e. ok.
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
 ]
 _FIXED = {f.name for f in HISTORY_FIELDS}
 

@@ -77,6 +77,8 @@ def previous_run(history: pd.DataFrame, run_id: str, run_time: datetime | None =
     if history.empty:
         return None
     others = history[history["run_id"] != run_id]
+    if "status" in others:  # a failed run has no metrics to compare with
+        others = others[others["status"].fillna("ok") != "failed"]
     if run_time is not None:
         others = others[others["run_time"] <= pd.Timestamp(run_time)]
     if others.empty:

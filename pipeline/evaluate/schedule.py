@@ -51,47 +51,76 @@ def build_entrypoint(config: str, run_id: str, python: str = "python", extra_arg
     return shlex.join(args)
 
 
+FAILED_STATUSES = ("FAILED", "STOPPED")
+# A period whose evaluation failed is tried again by the next trigger, under a new
+# submission id (``...-r2``, ``...-r3``): Ray refuses a used id, and a failed run must not
+# block its period for good. Bounded, so a broken config does not run on every tick forever.
+MAX_ATTEMPTS = 5
+
+
+def attempt_id(sub_id: str, attempt: int) -> str:
+    """``offline-eval-daily-2026-11-22`` for the first attempt, then ``...-r2``, ``...-r3``.
+
+    >>> [attempt_id("offline-eval-daily-2026-11-22", n) for n in (1, 2)]
+    ['offline-eval-daily-2026-11-22', 'offline-eval-daily-2026-11-22-r2']
+    """
+    return sub_id if attempt == 1 else f"{sub_id}-r{attempt}"
+
+
 def submit_once(
     client,
     sub_id: str,
-    entrypoint: str,
+    entrypoint,
     runtime_env: dict | None = None,
     metadata: dict | None = None,
     entrypoint_num_cpus: float | None = None,
     retry_s: float = 120.0,
-) -> tuple[bool, str]:
-    """(submitted, message). ``submitted`` is False when the id was already used.
+    max_attempts: int = MAX_ATTEMPTS,
+) -> tuple[bool, str, str]:
+    """(submitted, message, submission id used). ``submitted`` is False when the period
+    already has a job that is pending, running or succeeded.
 
     The check is the server's own: ``submit_job`` with a used ``submission_id`` raises
     (``RuntimeError: ... Job with submission_id X already exists``), so two triggers racing
-    each other still start one job. The message carries the existing job's status.
+    each other still start one job. When the period's job FAILED (or was STOPPED), the next
+    trigger submits the next attempt id (:func:`attempt_id`), with the same atomicity.
+    ``entrypoint`` is a string, or a function of the submission id (the run id).
     A cluster that is still starting ("No available agent to submit job") is retried for
     up to ``retry_s``; the submission id keeps a retry from running twice."""
     deadline = time.monotonic() + retry_s
-    delay = 1.0
-    while True:
+    failed: list[str] = []
+    for attempt in range(1, max_attempts + 1):
+        this_id = attempt_id(sub_id, attempt)
+        command = entrypoint(this_id) if callable(entrypoint) else entrypoint
+        delay = 1.0
+        while True:
+            try:
+                client.submit_job(
+                    entrypoint=command,
+                    submission_id=this_id,
+                    runtime_env=runtime_env or None,
+                    metadata=metadata or None,
+                    entrypoint_num_cpus=entrypoint_num_cpus,
+                )
+                after = f" (after failed {', '.join(failed)})" if failed else ""
+                return True, f"{this_id}: submitted{after}", this_id
+            except RuntimeError as exc:
+                if "already exists" in str(exc):
+                    break
+                if "No available agent" not in str(exc) or time.monotonic() + delay > deadline:
+                    raise
+                logger.info("the Ray cluster has no job agent yet; retrying in %.0f s", delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
         try:
-            client.submit_job(
-                entrypoint=entrypoint,
-                submission_id=sub_id,
-                runtime_env=runtime_env or None,
-                metadata=metadata or None,
-                entrypoint_num_cpus=entrypoint_num_cpus,
-            )
-            return True, f"{sub_id}: submitted"
-        except RuntimeError as exc:
-            if "already exists" in str(exc):
-                break
-            if "No available agent" not in str(exc) or time.monotonic() + delay > deadline:
-                raise
-            logger.info("the Ray cluster has no job agent yet; retrying in %.0f s", delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
-    try:
-        status = client.get_job_status(sub_id)
-    except Exception:  # the status is a courtesy; the refusal is what matters
-        status = "unknown"
-    return False, f"{sub_id}: {ALREADY_SUBMITTED} (status {status})"
+            status = str(client.get_job_status(this_id))
+        except Exception:  # the status is a courtesy; the refusal is what matters
+            status = "unknown"
+        if status not in FAILED_STATUSES:
+            return False, f"{this_id}: {ALREADY_SUBMITTED} (status {status})", this_id
+        failed.append(this_id)
+    return False, (f"{sub_id}: {len(failed)} attempts failed this period ({', '.join(failed)}); not trying again "
+                   "until the next period: see `ray job logs ID`"), failed[-1]
 
 
 def wait_for(client, sub_id: str, timeout_s: float, poll_s: float = 2.0) -> str:

@@ -208,10 +208,17 @@ def test_outputs_and_history_on_s3(setup, s3):
     assert summary["outputs"]["report"] == "s3://evalruns/runs/s2/report.md"
 
 
-def test_a_failed_run_leaves_a_summary_and_no_history_row(setup):
+def test_a_failed_run_leaves_a_summary_and_a_failed_history_row(setup):
+    """The history records the failure (no metrics), and the next run compares with the
+    last run that succeeded, not with the failed one."""
     tmp = setup["tmp"]
     with pytest.raises(FileNotFoundError):
         offline_eval.main(["--config", setup["config"], "--run-id", "broken", "--run", str(tmp / "missing.trec")])
     summary = _summary(tmp, "broken")
     assert summary["exit_status"] == 1 and summary["result"].startswith("FAILED run broken: FileNotFoundError")
-    assert history.read_history(str(tmp / "runs" / "history")).empty
+    table = history.read_history(str(tmp / "runs" / "history"))
+    assert list(table.run_id) == ["broken"] and list(table.status) == ["failed"]
+    assert table.iloc[0]["error"].startswith("FAILED run broken")
+    from pipeline.evaluate import regression
+
+    assert regression.previous_run(table, "next") is None

@@ -119,11 +119,29 @@ def test_racing_triggers_submit_one_job(ray_cluster, tmp_path):
 
     with ThreadPoolExecutor(4) as pool:
         outcomes = list(pool.map(trigger, range(4)))
-    assert sorted(submitted for submitted, _ in outcomes) == [False, False, False, True]
-    assert all(ALREADY in message for submitted, message in outcomes if not submitted)
+    assert sorted(submitted for submitted, _, _ in outcomes) == [False, False, False, True]
+    assert all(ALREADY in message for submitted, message, _ in outcomes if not submitted)
     client = job_client(ray_cluster["dashboard_url"])
     assert schedule.wait_for(client, sub_id, timeout_s=120, poll_s=0.5) == "SUCCEEDED"
     assert [j.submission_id for j in client.list_jobs()].count(sub_id) == 1
 
 
 ALREADY = schedule.ALREADY_SUBMITTED
+
+
+def test_a_failed_period_is_tried_again_by_the_next_trigger(ray_cluster, tmp_path):
+    """A period whose job FAILED does not stay blocked: the next trigger submits "<id>-r2"
+    (atomically, like the first), and once that one runs or succeeded, triggers stop."""
+    client = job_client(ray_cluster["dashboard_url"])
+    sub_id = f"retry-{os.getpid()}-{tmp_path.name}-daily-2026-11-22"
+    fail, ok = f"{sys.executable} -c 'import sys; sys.exit(1)'", f"{sys.executable} -c 'pass'"
+    entrypoint = lambda run_id: ok if run_id.endswith("-r2") else fail  # noqa: E731
+
+    submitted, message, used = schedule.submit_once(client, sub_id, entrypoint)
+    assert (submitted, used) == (True, sub_id)
+    assert schedule.wait_for(client, sub_id, timeout_s=120, poll_s=0.5) == "FAILED"
+    submitted, message, used = schedule.submit_once(client, sub_id, entrypoint)
+    assert (submitted, used) == (True, f"{sub_id}-r2") and "after failed" in message
+    assert schedule.wait_for(client, used, timeout_s=120, poll_s=0.5) == "SUCCEEDED"
+    submitted, message, used = schedule.submit_once(client, sub_id, entrypoint)
+    assert not submitted and used == f"{sub_id}-r2" and f"{ALREADY} (status SUCCEEDED)" in message
