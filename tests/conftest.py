@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,14 +16,10 @@ import uuid
 
 import pytest
 
+from pipeline.devtools.local_cluster import free_port, stop_cluster_processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CORPORA = os.path.join(os.path.dirname(ROOT), "shared", "corpora")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class S3Server:
@@ -77,19 +72,6 @@ def s3():
             os.environ[k] = v
 
 
-def _cluster_pids(marker: str) -> list[int]:
-    import psutil
-
-    pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(marker in part for part in (p.info["cmdline"] or [])):
-                pids.append(p.info["pid"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return pids
-
-
 @pytest.fixture(scope="session")
 def ray_cluster(s3):
     """A real local cluster, as users run one: ``ray start --head`` with the dashboard
@@ -127,14 +109,7 @@ def ray_cluster(s3):
                 break
             time.sleep(1)
     yield info
-    import psutil
-
-    for marker in (temp_dir, f"127.0.0.1:{gcs_port}", f"--gcs_server_port={gcs_port}"):
-        for pid in _cluster_pids(marker):
-            try:
-                psutil.Process(pid).kill()
-            except psutil.NoSuchProcess:
-                pass
+    stop_cluster_processes(temp_dir, gcs_port)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -8,16 +8,14 @@ own processes are stopped: those whose command line holds its temp dir or its GC
 (never ``ray stop``). A pytest process can hold one ``ray.init``, so drivers for this cluster
 run in subprocesses (:func:`run_driver`) that print one JSON line.
 
-``free_port`` is copied from ``tests/conftest.py``; ``stop_cluster_processes`` extends its
-``_cluster_pids`` (which misses Ray's self-renamed agents and addresses that Ray resolves
-from 127.0.0.1 to the host's IP)."""
+``free_port`` and ``stop_cluster_processes`` come from :mod:`pipeline.devtools.local_cluster`,
+shared with ``tests/conftest.py``."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,50 +24,13 @@ import time
 
 import pytest
 
+from pipeline.devtools.local_cluster import free_port, stop_cluster_processes  # noqa: F401
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULT_PREFIX = "RESULT_JSON "
 
 # Seconds; the v1 autoscaler accepts any number >= 0 here (ray-schema.json: "number").
 IDLE_TIMEOUT_MINUTES = 0.1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_cluster_processes(temp_dir: str, gcs_port: int | None = None) -> list[int]:
-    """Kill the processes of the cluster whose temp dir is ``temp_dir`` (and GCS port
-    ``gcs_port``), and nothing else: those whose command line names either, their
-    descendants, and Ray's agents that rename themselves (``ray::DashboardAgent``,
-    ``ray::RuntimeEnvAgent``, idle workers: setproctitle drops the arguments) but hold log
-    files under ``temp_dir``. Returns the pids killed."""
-    import psutil
-
-    def named(args: list[str]) -> bool:
-        return any(temp_dir in a or (gcs_port is not None and (
-            a == f"--gcs_server_port={gcs_port}" or (a.endswith(f":{gcs_port}") and "address" in a))) for a in args)
-
-    found: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            args = p.info["cmdline"] or []
-            if named(args) or (args and args[0].startswith("ray::")
-                               and any(f.path.startswith(temp_dir) for f in p.open_files())):
-                found[p.pid] = p
-                for child in p.children(recursive=True):
-                    found[child.pid] = child
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    found.pop(os.getpid(), None)
-    for p in found.values():
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(list(found.values()), timeout=5)
-    return sorted(found)
 
 
 def autoscaling_config(gcs_port: int) -> dict:
