@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = embed_config(options, args.config)
     except (ValueError, TypeError, OSError) as exc:
         parser.error(str(exc))
+    from pipeline import storage
     from pipeline.cluster import ensure_ray
     from pipeline.embed import flow
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_ray(cfg.ray_address)
     try:
         summary = flow.run(cfg)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, storage.OutputLockedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run = summary["this_run"]

@@ -361,3 +361,285 @@ def read_columns(folder_uri: str, columns: list[str], endpoint_url: str | None =
         return None
     ds = pads.dataset([f.path for f in files], format="parquet", filesystem=fs)
     return ds.to_table(columns=[c for c in columns if c in ds.schema.names])
+
+
+# ----------------------------------------------------------------------------- output lock
+
+LOCK_FILE = "_lock.json"
+# A short lease, renewed often: a run killed on another host blocks the folder for at most
+# this long; one killed on this host is seen dead at once (its pid is gone).
+LOCK_TTL_S = 3 * 60
+LOCK_RENEW_S = 30.0
+
+
+class OutputLockedError(RuntimeError):
+    """Another run holds the output folder's lock; the message names the holder and the
+    file to delete if it is stale. Raised before anything is written."""
+
+
+def _s3_bucket_key(path: str) -> tuple[str, str]:
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+@functools.lru_cache(maxsize=8)
+def _s3fs(endpoint: str | None):
+    import s3fs  # botocore's client through s3fs: conditional writes, multipart listing
+
+    kwargs = {"endpoint_url": endpoint} if endpoint else {}
+    return s3fs.S3FileSystem(client_kwargs=kwargs, skip_instance_cache=True)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """An S3 write refused by its If-None-Match / If-Match condition (412, or 409 when
+    another conditional write of the same key is in flight)."""
+    if isinstance(exc, FileExistsError):
+        return True
+    cause = exc.__cause__ or exc.__context__
+    resp = getattr(cause, "response", None) or getattr(exc, "response", None) or {}
+    code = str(resp.get("Error", {}).get("Code", ""))
+    status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status in (409, 412)
+
+
+class OutputLock:
+    """A lease on an output folder: ``OUT/_lock.json`` created only if absent (local
+    ``O_CREAT|O_EXCL``, S3 ``PutObject IfNoneMatch="*"``), rewritten with a later expiry by a
+    daemon thread while the job runs, deleted by :meth:`release`. A lock past its expiry was
+    left by a run that died: it is taken over with a warning."""
+
+    def __init__(self, output_uri: str, endpoint_url: str | None = None, ttl_s: float = LOCK_TTL_S,
+                 renew_s: float = LOCK_RENEW_S):
+        import socket
+        import uuid
+
+        self.output_uri = output_uri
+        self.uri = join_uri(output_uri, LOCK_FILE)
+        self.endpoint_url = endpoint_url
+        self.ttl_s = ttl_s
+        self.renew_s = renew_s
+        self.run_id = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.started = time.time()
+        self.fs, self.path = open_filesystem(self.uri, endpoint_url)
+        self.kind = ("local" if isinstance(self.fs, pafs.LocalFileSystem)
+                     else "s3" if isinstance(self.fs, pafs.S3FileSystem) else "other")
+        self._stop = None
+        self._thread = None
+        self.held = False
+
+    # -- content
+    def _body(self) -> bytes:
+        now = time.time()
+        fmt = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))  # noqa: E731
+        return (json.dumps({"run_id": self.run_id, "host": self.host, "pid": self.pid,
+                            "started_at": fmt(self.started), "renewed_at": fmt(now),
+                            "expires_at": fmt(now + self.ttl_s), "expires_at_unix": now + self.ttl_s},
+                           indent=2) + "\n").encode()
+
+    def _read(self) -> tuple[dict | None, str | None]:
+        """(lock content or None if absent, S3 ETag)."""
+        try:
+            if self.kind == "s3":
+                bucket, key = _s3_bucket_key(self.path)
+                resp = _s3fs(s3_endpoint(self.endpoint_url)).call_s3("get_object", Bucket=bucket, Key=key)
+                from fsspec.asyn import sync  # the body is an aiobotocore stream: read it on s3fs's loop
+
+                fs = _s3fs(s3_endpoint(self.endpoint_url))
+                data = sync(fs.loop, resp["Body"].read)
+                return self._parse(data), resp.get("ETag")
+            with self.fs.open_input_stream(self.path) as f:
+                return self._parse(f.read()), None
+        except FileNotFoundError:
+            return None, None
+
+    @staticmethod
+    def _parse(data: bytes) -> dict:
+        try:
+            value = json.loads(data)
+            return value if isinstance(value, dict) else {}
+        except ValueError:
+            return {}  # unreadable: treated as expired (a torn write of a dead run)
+
+    # -- create-only
+    def _create(self, if_match: str | None = None) -> bool:
+        """Write the lock if absent (or, S3, if still the object ``if_match``); False if held."""
+        body = self._body()
+        if self.kind == "local":
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        if self.kind == "s3":
+            bucket, key = _s3_bucket_key(self.path)
+            cond = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
+            try:
+                _s3fs(s3_endpoint(self.endpoint_url)).call_s3("put_object", Bucket=bucket, Key=key, Body=body,
+                                                               ContentType="application/json", **cond)
+            except Exception as exc:  # noqa: BLE001 - s3fs turns ClientError into OSError subclasses
+                if _precondition_failed(exc):
+                    return False
+                raise
+            return True
+        if self.fs.get_file_info(self.path).type != pafs.FileType.NotFound and not if_match:
+            return False
+        write_bytes_atomic(self.uri, body, self.endpoint_url)
+        return True
+
+    def _holder_is_dead(self, held: dict) -> bool:
+        """A holder on this host whose process is gone (killed, crashed): its lease is void."""
+        if held.get("host") != self.host or not isinstance(held.get("pid"), int):
+            return False
+        try:
+            os.kill(held["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _describe(self, held: dict) -> str:
+        return (f"{self.output_uri} is in use by another run: {self.uri} is held by run "
+                f"{held.get('run_id', '?')} on host {held.get('host', '?')} (pid {held.get('pid', '?')}) "
+                f"since {held.get('started_at', '?')}, lease renewed at {held.get('renewed_at', '?')} and "
+                f"valid until {held.get('expires_at', '?')}. Wait for it to finish; if that run is gone "
+                f"(killed, host lost), delete {self.uri} and start again, or wait until the lease expires "
+                f"and the next run takes it over.")
+
+    def acquire(self) -> "OutputLock":
+        if self.kind == "other":
+            log.warning("%s: this filesystem has no create-only write; the output lock is a check then a "
+                        "write, so two runs started at the same moment could both take it", self.uri)
+        for _ in range(5):
+            if self._create():
+                break
+            held, etag = self._read()
+            if held is None:
+                continue  # released between our write and our read: try again
+            expires = held.get("expires_at_unix")
+            if isinstance(expires, (int, float)) and expires > time.time() and not self._holder_is_dead(held):
+                raise OutputLockedError(self._describe(held))
+            log.warning("taking over an expired lock %s (run %s on host %s, pid %s, expired at %s): that run "
+                        "stopped without releasing it", self.uri, held.get("run_id", "?"), held.get("host", "?"),
+                        held.get("pid", "?"), held.get("expires_at", "?"))
+            if self._take_over(held, etag):
+                break
+        else:
+            held, _ = self._read()
+            raise OutputLockedError(self._describe(held or {}))
+        self.held = True
+        log.info("output lock %s taken (run %s, lease %ds)", self.uri, self.run_id, self.ttl_s)
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew_loop, name="output-lock-renewal", daemon=True)
+        self._thread.start()
+        return self
+
+    def _take_over(self, stale: dict, etag: str | None) -> bool:
+        """Replace the expired lock ``stale``, unless another run replaced it first."""
+        if self.kind == "s3" and etag:
+            return self._create(if_match=etag)
+        if self.kind == "local":
+            aside = f"{self.path}.stale-{self.run_id}"
+            try:
+                os.rename(self.path, aside)  # atomic: one taker moves a given file
+            except FileNotFoundError:
+                return self._create()
+            with open(aside, "rb") as f:
+                moved = self._parse(f.read())
+            if moved != stale:  # another run took it over first: put its lock back
+                try:
+                    os.link(aside, self.path)
+                except FileExistsError:
+                    pass
+                os.remove(aside)
+                return False
+            os.remove(aside)
+            return self._create()
+        self.fs.delete_file(self.path)
+        return self._create()
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.renew_s):
+            try:
+                held, _ = self._read()
+                if held is not None and held.get("run_id") not in (None, self.run_id):
+                    log.error("output lock %s was taken by run %s on %s: another run may be writing to %s",
+                              self.uri, held.get("run_id"), held.get("host"), self.output_uri)
+                    return
+                write_bytes_atomic(self.uri, self._body(), self.endpoint_url)  # ours: overwrite
+            except Exception as exc:  # noqa: BLE001 - a failed renewal is retried next time
+                log.warning("renewing output lock %s failed: %s", self.uri, exc)
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=30)
+        try:
+            held, _ = self._read()
+            if held is not None and held.get("run_id") == self.run_id:
+                self.fs.delete_file(self.path)
+                log.info("output lock %s released", self.uri)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not release output lock %s (%s): delete it by hand before the next run "
+                        "if it is still there", self.uri, exc)
+
+
+def acquire_output_lock(output_uri: str, endpoint_url: str | None = None, ttl_s: float = LOCK_TTL_S,
+                        renew_s: float = LOCK_RENEW_S) -> OutputLock:
+    """Take ``OUTPUT/_lock.json`` or raise :class:`OutputLockedError` naming its holder."""
+    return OutputLock(output_uri, endpoint_url, ttl_s, renew_s).acquire()
+
+
+def clean_output_leftovers(output_uri: str, endpoint_url: str | None = None,
+                           folders: tuple[str, ...] = ("", "pages", "errors")) -> dict:
+    """What a crashed run left under an output folder, removed (call it while holding the
+    lock): local hidden ``.tmp-*`` files of :func:`write_bytes_atomic` in OUT, OUT/pages and
+    OUT/errors; on S3, unfinished multipart uploads under the OUT prefix (aborted, so their
+    parts stop being billed). Returns ``{"temporary_files": n, "multipart_uploads": m}``."""
+    fs, root = open_filesystem(output_uri, endpoint_url)
+    cleaned = {"temporary_files": 0, "multipart_uploads": 0}
+    if isinstance(fs, pafs.LocalFileSystem):
+        for sub in folders:
+            folder = os.path.join(root, sub) if sub else root
+            try:
+                names = os.listdir(folder)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for name in names:
+                full = os.path.join(folder, name)
+                if name.startswith(".tmp-") and os.path.isfile(full):
+                    try:
+                        os.remove(full)
+                        cleaned["temporary_files"] += 1
+                    except FileNotFoundError:
+                        pass
+    elif isinstance(fs, pafs.S3FileSystem):
+        bucket, key = _s3_bucket_key(root.rstrip("/"))
+        prefix = key + "/" if key else ""
+        s3 = _s3fs(s3_endpoint(endpoint_url))
+        kwargs: dict = {"Bucket": bucket, "Prefix": prefix}
+        while True:
+            resp = s3.call_s3("list_multipart_uploads", **kwargs)
+            for up in resp.get("Uploads", []):
+                s3.call_s3("abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+                cleaned["multipart_uploads"] += 1
+            if not resp.get("IsTruncated"):
+                break
+            kwargs["KeyMarker"] = resp.get("NextKeyMarker")
+            kwargs["UploadIdMarker"] = resp.get("NextUploadIdMarker")
+    if any(cleaned.values()):
+        log.info("cleaned what an earlier run left in %s: %d temporary file(s), %d unfinished multipart "
+                 "upload(s)", output_uri, cleaned["temporary_files"], cleaned["multipart_uploads"])
+    return cleaned

@@ -157,7 +157,21 @@ def preflight(cfg: EmbedConfig) -> None:
 
 
 def run(cfg: EmbedConfig) -> dict:
-    """Run the corpus job on the connected Ray cluster; returns the summary it writes."""
+    """Run the corpus job on the connected Ray cluster; returns the summary it writes.
+
+    The output folder is locked for the whole run (``OUT/_lock.json``, a lease renewed while
+    the job runs): a second run on the same output is refused with the holder's name. Once
+    the lock is held, what a crashed run left (``.tmp-*`` files, unfinished multipart
+    uploads) is removed."""
+    lock = storage.acquire_output_lock(cfg.output, cfg.endpoint_url)
+    try:
+        cleaned = storage.clean_output_leftovers(cfg.output, cfg.endpoint_url)
+        return _run_locked(cfg, cleaned)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
     started = time.time()
     t0 = time.monotonic()
     spec = RenderSpec(max_visual_tokens=cfg.max_visual_tokens, max_dpi=cfg.max_dpi,
@@ -260,5 +274,6 @@ def run(cfg: EmbedConfig) -> dict:
         },
         "output_totals": plan.output_totals(cfg.output, cfg.endpoint_url),
     }
+    summary["cleaned"] = cleaned
     storage.write_json(join_uri(cfg.output, schema.SUMMARY_FILE), summary, cfg.endpoint_url)
     return summary
