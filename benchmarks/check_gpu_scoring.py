@@ -16,12 +16,12 @@ from pipeline.score.scorer import ShardScorer, empty_candidates
 from pipeline.devtools.synthetic import oracle_ranking, random_pages, random_queries, write_corpus
 
 
-def run(device, corpus, queries, k, shard_size, batch):
+def run(device, corpus, queries, k, shard_size, batch, backend="auto"):
     c = open_corpus(corpus)
     shards = plan_shards(c, read_vector_counts(c), shard_size)
     flat = np.concatenate(queries)
     scorer = ShardScorer(corpus, None, flat, np.array([len(q) for q in queries]), k, query_batch_size=batch,
-                         device=device)
+                         device=device, backend=backend)
     merged = merge_topk([empty_candidates()], k)
     for s in shards:
         cand, stats = scorer.score(s)
@@ -39,15 +39,19 @@ def main():
         corpus = write_corpus(d, pages, n_files=3)
         truth = oracle_ranking(queries, pages, k)
         tables = []
-        for device, shard, batch in [("cuda", 300, 0), ("cuda", 37, 7), ("cuda", 1, 40), ("cpu", 64, 0)]:
-            t = run(device, corpus, queries, k, shard, batch)
+        # The Triton kernel (auto on CUDA) at three shard/batch sizes, the torch fallback on CUDA
+        # (float16 operands, float32 similarities), and the CPU float64 path.
+        for device, shard, batch, backend in [("cuda", 300, 0, "auto"), ("cuda", 37, 7, "auto"), ("cuda", 1, 40, "auto"),
+                                              ("cuda", 64, 0, "torch"), ("cpu", 64, 0, "auto")]:
+            t = run(device, corpus, queries, k, shard, batch, backend)
             got = t.to_pydict()
             ids_ok = all(
                 [got["page_id"][r] for r, q in enumerate(got["query_index"]) if q == qi] == [p for p, _ in truth[qi]]
                 for qi in range(len(queries))
             )
             err = max(abs(s - dict(truth[q])[p]) for q, p, s in zip(got["query_index"], got["page_id"], got["score"]))
-            print(f"{device} shard={shard} batch={batch}: oracle ids equal {ids_ok}, max score err {err:.2e}")
+            print(f"{device} {backend} shard={shard} batch={batch}: oracle ids equal {ids_ok}, max score err {err:.2e}")
+            ok &= err < 1e-4
             ok &= ids_ok
             tables.append(t)
         same = all(t.select(["query_index", "page_id", "rank"]).equals(tables[0].select(["query_index", "page_id", "rank"]))
