@@ -240,6 +240,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
         for row in ds.iter_rows():
             progress.add(row)
     totals = ray.get(counter.totals.remote())
+    ray.kill(counter)  # a driver that runs several jobs (a notebook, tests) keeps no counters
     planned = {k: int(totals.get(k, 0)) for k in ("documents_listed", "documents_already_done",
                                                     "documents_resumed", "documents_to_do")}
     planned["documents_skipped"] = totals["documents_skipped"]
