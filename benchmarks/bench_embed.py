@@ -6,9 +6,9 @@ job vs the actor alone, and CPU cost per page. Real-size ColQwen2 with random we
 Questions, all answered in one run on the same GPU and the same pages:
 1. plain loop (``processor(images=batch)`` then ``model(**inputs).embeddings``, sdpa, bf16)
    vs ``PageEmbedder`` (the actor's __call__ on the rows the render stage emits), pages/s;
-2. the whole job (read -> render -> embed -> Parquet, Ray Data) vs the actor alone: the
-   steady rate is (pages2 - pages1) / (t2 - t1) over two corpus sizes, which cancels Ray
-   start-up and model loading;
+2. the whole job (read -> render -> embed -> Parquet, Ray Data) vs the actor alone: pages
+   over the whole job's wall time (Ray start, model load and compilation included), and
+   each actor's rate and GPU-busy fraction from its own counters in the job's summary;
 3. CPU milliseconds per page of rendering + preprocessing, one core;
 with FLOPs per page (torch's FlopCounterMode), the fraction of the chip, peak memory.
 """
@@ -100,7 +100,9 @@ def timed(fn, batches, warmup=2):
 
 
 def run_job_rates(args, res, work, model_dir, best_actor, flops_page):
-    """Whole-job steady rate: (pages2 - pages1) / (t2 - t1) over two corpus sizes."""
+    """The whole job, from its own summary: pages over the job's seconds (start-up included),
+    and each actor's pages, forward time and wall time from the actors' own counters
+    (pipeline/embed/counters.py). No figure here can exceed what the actors did."""
     from jobs import embed_corpus
 
     job = {}
@@ -120,22 +122,23 @@ def run_job_rates(args, res, work, model_dir, best_actor, flops_page):
         wall = time.perf_counter() - t
         with open(os.path.join(out, "summary.json")) as f:
             s = json.load(f)
-        job[n_pages] = {"rc": rc, "wall_s": round(wall, 2), "pages": s["this_run"]["pages"],
-                        "job_seconds": s["this_run"]["seconds"],
-                        "steady_pages_per_s": s["this_run"].get("steady_pages_per_second")}
-        print("job", n_pages, job[n_pages], flush=True)
+        run = s["this_run"]
+        entry = {"rc": rc, "wall_s_from_main": round(wall, 2), "pages": run["pages"], "job_seconds": run["seconds"],
+                 "job_pages_per_s_whole": round(run["pages"] / wall, 2),
+                 "actors_pages_per_s": run.get("actor_pages_per_second"),
+                 "gpu_busy_fraction": run.get("gpu_busy_fraction"), "actors": run.get("actors")}
+        if best_actor:
+            entry["job_whole_vs_actor_alone"] = round(entry["job_pages_per_s_whole"] / best_actor, 3)
+            if entry["actors_pages_per_s"]:
+                per_gpu = entry["actors_pages_per_s"] / max(1, len(run.get("actors") or []))
+                entry["actor_in_job_vs_actor_alone"] = round(per_gpu / best_actor, 3)
+                # An actor inside the job cannot be faster than the same actor alone.
+                entry["consistent"] = per_gpu <= 1.05 * best_actor
+        if flops_page:
+            entry["job_whole_chip_fraction"] = round(entry["job_pages_per_s_whole"] * flops_page / 1e12 / args.peak_tflops, 3)
+        job[n_pages] = entry
+        print("job", n_pages, {k: v for k, v in entry.items() if k != "actors"}, flush=True)
     res["job"] = job
-    # The job's own steady rate (pages after its first shard landed, over the time since) is
-    # the figure to use: a two-size difference is biased by torch.compile's on-disk cache,
-    # which makes the second run's warm-up shorter.
-    steady = max(v["steady_pages_per_s"] or 0 for v in job.values())
-    res["job_steady_pages_per_s"] = round(steady, 2)
-    if len(job) == 2:
-        (n1, a), (n2, b) = sorted(job.items())
-        res["job_two_size_difference_pages_per_s"] = round((b["pages"] - a["pages"]) / (b["job_seconds"] - a["job_seconds"]), 2)
-    if best_actor:
-        res["job_vs_actor"] = round(steady / best_actor, 3)
-        res["job_chip_fraction"] = round(steady * flops_page / 1e12 / args.peak_tflops, 3)
 
 
 def main():
@@ -144,7 +147,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=768)
     ap.add_argument("--batch-sizes", default="16,32")
     ap.add_argument("--pages", type=int, default=160, help="pages per timed variant")
-    ap.add_argument("--job-pages", default="320,1280", help="two corpus sizes for the whole-job rate")
+    ap.add_argument("--job-pages", default="3000", help="corpus size(s) for the whole-job run, comma-separated")
     ap.add_argument("--skip-job", action="store_true")
     ap.add_argument("--job-only", action="store_true", help="only the whole-job rate (e.g. on several GPUs)")
     ap.add_argument("--peak-tflops", type=float, default=770.0, help="measured bf16 matmul peak (FACTS.md)")
@@ -207,10 +210,10 @@ def main():
     for bs in [16]:
         pil_batches = [pil_pages[i : i + bs] for i in range(0, len(pil_pages) - bs + 1, bs)]
 
-        def plain(batch):
+        def plain(batch, model=lm_plain.model):
             with torch.no_grad():
                 x = proc(images=batch, return_tensors="pt").to("cuda")
-                return lm_plain.model(**x).embeddings
+                return model(**x).embeddings
 
         sec, mem = timed(plain, pil_batches)
         variants[f"plain_loop_bs{bs}"] = {**rate(sec, bs), "s_per_batch": round(sec, 4), "peak_gib": round(mem, 1)}

@@ -21,7 +21,7 @@ from ray.data import ActorPoolStrategy
 from pipeline import __version__, schema, storage
 from pipeline.cluster import choose_device, max_gpu_actors, read_capacity
 from pipeline.config import EmbedConfig
-from pipeline.embed import plan
+from pipeline.embed import counters, plan
 from pipeline.embed.rasterize import RenderSpec
 from pipeline.embed.stages import PageEmbedder, render_documents, write_shard
 from pipeline.schema import IMAGE_PROMPT, QUERY_PROMPT
@@ -125,14 +125,7 @@ class _Progress:
         self.pages = self.errors = self.vectors = 0
         self.by_type: collections.Counter = collections.Counter()
         self.files: list[str] = []
-        self.first: tuple[float, int] | None = None  # (time, pages) when the first shard landed
-        self.latest = self.t0
-
-    def steady_rate(self) -> float | None:
-        """Pages/s after the first shard was written: start-up, model load and compilation excluded."""
-        if self.first is None or self.latest <= self.first[0]:
-            return None
-        return (self.pages - self.first[1]) / (self.latest - self.first[0])
+        self.actors: dict[str, dict] = {}  # per-actor counters (pipeline.embed.counters)
 
     def add(self, row: dict) -> None:
         self.pages += row["pages"]
@@ -140,15 +133,16 @@ class _Progress:
         self.vectors += row["vectors"]
         self.by_type.update(json.loads(row["errors_by_type"]))
         self.files.extend(json.loads(row["files"]))
+        counters.merge_records(self.actors, json.loads(row["actors"]))
         now = time.monotonic()
-        self.latest = now
-        if self.first is None and row["pages"]:
-            self.first = (now, self.pages)
         if now - self.last >= self.every_s:
             self.last = now
             rate = self.pages / (now - self.t0)
-            print(f"[embed_corpus] {self.pages} pages written ({rate:.1f} pages/s), {self.errors} error rows, "
-                  f"{len(self.files)} files", file=sys.stderr, flush=True)
+            busy = counters.summarize(self.actors, 0.0)["gpu_busy_fraction"]
+            print(f"[embed_corpus] {self.pages} pages written ({rate:.1f} pages/s since start), {self.errors} error "
+                  f"rows, {len(self.files)} files, {len(self.actors)} actor(s) working"
+                  + (f", busy {100 * busy:.0f}% of their time in the model" if busy is not None else ""),
+                  file=sys.stderr, flush=True)
 
 
 def preflight(cfg: EmbedConfig) -> None:
@@ -270,8 +264,8 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
             "files_written": len(progress.files),
             "seconds": round(elapsed, 3),
             "pages_per_second": round(progress.pages / elapsed, 3) if elapsed > 0 else None,
-            "steady_pages_per_second": round(progress.steady_rate(), 3) if progress.steady_rate() else None,
             "embedding_actors": [min_actors, max_actors],
+            **counters.summarize(progress.actors, started),
         },
         "output_totals": plan.output_totals(cfg.output, cfg.endpoint_url),
     }

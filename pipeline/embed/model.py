@@ -17,6 +17,7 @@ on the actor's device (shipping float32 patches would be 8x the bytes of the ima
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -26,6 +27,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 from typing import Sequence
 
 import numpy as np
@@ -354,14 +356,42 @@ def build_query_inputs(texts: Sequence[str], lm: LoadedModel) -> dict:
     }
 
 
+class ForwardTimer:
+    """Seconds spent in the model's forward passes: CUDA events around each pass on a GPU
+    (the time the GPU spent from the pass's first kernel to its last), the host clock on CPU.
+    Input building and the copy back are outside, so ``busy_s`` over wall time is how busy
+    the GPU was kept."""
+
+    def __init__(self, device: str):
+        self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+        self.busy_s = 0.0
+        self.passes = 0
+
+    @contextlib.contextmanager
+    def measure(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            end.synchronize()
+            self.busy_s += start.elapsed_time(end) / 1000.0
+        else:
+            t = time.perf_counter()
+            yield
+            self.busy_s += time.perf_counter() - t
+        self.passes += 1
+
+
 @torch.inference_mode()
-def forward_embeddings(lm: LoadedModel, inputs: dict) -> list[np.ndarray]:
+def forward_embeddings(lm: LoadedModel, inputs: dict, timer: ForwardTimer | None = None) -> list[np.ndarray]:
     """Run the model; return each row's real vectors, (n_i, 128) float32, L2-normalised."""
     mask = inputs["attention_mask"].bool()
     if bool(mask.all()):
         # No padding (pages of one size): without a mask, SDPA takes its causal fast path.
         inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
-    out = lm.model(**inputs, use_cache=False).embeddings  # (B, L, 128)
+    with timer.measure() if timer is not None else contextlib.nullcontext():
+        out = lm.model(**inputs, use_cache=False).embeddings  # (B, L, 128)
     lengths = mask.sum(dim=1).tolist()
     flat = out[mask].float().cpu().numpy()  # right padding: real tokens come first in each row
     result, start = [], 0
@@ -371,7 +401,7 @@ def forward_embeddings(lm: LoadedModel, inputs: dict) -> list[np.ndarray]:
     return result
 
 
-def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTimer | None = None) -> list[np.ndarray]:
     """Page embeddings, each (n_i, 128) float32, in the order given. Pages are run sorted
     by size, so images of one size sit together for the batched vision attention."""
     if not images:
@@ -381,7 +411,7 @@ def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray]) -> list[np.ndarra
     p = lm.patch_size
     lm.vision_lengths.lengths = [(im.shape[0] // p) * (im.shape[1] // p) for im in ordered]
     try:
-        vectors = forward_embeddings(lm, build_page_inputs(ordered, lm))
+        vectors = forward_embeddings(lm, build_page_inputs(ordered, lm), timer)
     finally:
         lm.vision_lengths.lengths = None
     out: list = [None] * len(images)

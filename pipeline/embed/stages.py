@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import socket
 import sys
 import json
 import logging
@@ -20,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import schema, storage
+from pipeline.embed import counters
 from pipeline.embed.rasterize import DocInfo, ErrorItem, PageItem, RenderSpec
 from pipeline.embed.renderer import Renderer
 
@@ -124,7 +126,7 @@ class PageEmbedder:
                  attn_implementation: str = "auto", load_in_4bit: bool = False, endpoint_url: str | None = None,
                  compile_model: bool = False):
         from pipeline.cluster import actor_device
-        from pipeline.embed.model import load_model
+        from pipeline.embed.model import ForwardTimer, load_model
 
         self.started = time.time()
         device, warning = actor_device(device or "cpu")
@@ -135,21 +137,24 @@ class PageEmbedder:
                              load_in_4bit=load_in_4bit, endpoint_url=endpoint_url, compile_model=compile_model)
         self.dtype = str(self.lm.dtype).removeprefix("torch.")
         self.loaded_s = time.time() - self.started
+        self.actor = f"{socket.gethostname()}:{os.getpid()}"
+        self.timer = ForwardTimer(device)
+        self.first_batch_at: float | None = None
         self.pages = 0
-        self.seconds = 0.0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.embed.model import embed_pages
 
+        if self.first_batch_at is None:
+            self.first_batch_at = time.time()
         pixels = batch.column(PIXELS).to_pylist()
         widths = batch.column(schema.WIDTH).to_pylist()
         heights = batch.column(schema.HEIGHT).to_pylist()
         page_idx = [i for i, p in enumerate(pixels) if p is not None]
         images = [np.frombuffer(pixels[i], dtype=np.uint8).reshape(heights[i], widths[i], 3) for i in page_idx]
-        t0 = time.perf_counter()
-        vectors = embed_pages(self.lm, images)
-        self.seconds += time.perf_counter() - t0
-        if self.pages == 0:
+        busy_before = self.timer.busy_s
+        vectors = embed_pages(self.lm, images, self.timer)
+        if self.pages == 0 and images:
             # One line per actor (Ray forwards it to the driver's log with the actor's pid):
             # when each node's GPU started working, from the actor's own clock.
             print(f"[PageEmbedder] pid {os.getpid()}: model loaded in {self.loaded_s:.1f} s, first batch of "
@@ -163,7 +168,12 @@ class PageEmbedder:
             n_vectors[i] = len(v)
         out = batch.drop_columns([PIXELS]).append_column(MODEL_DTYPE, pa.array([self.dtype] * batch.num_rows))
         out = out.append_column(schema.N_VECTORS, pa.array(n_vectors, type=pa.int32()))
-        return out.append_column(schema.EMBEDDING, schema.embeddings_to_arrow(all_vectors))
+        out = out.append_column(schema.EMBEDDING, schema.embeddings_to_arrow(all_vectors))
+        hidden = counters.counter_columns(batch.num_rows, self.actor, self.timer.busy_s - busy_before,
+                                          self.first_batch_at, time.time(), self.loaded_s)
+        for name, column in hidden.items():
+            out = out.append_column(name, column)
+        return out
 
 
 def shard_name(keys: list[str]) -> str:
@@ -207,10 +217,12 @@ def write_shard(batch: pa.Table, output: str, metadata: dict, endpoint_url: str 
         storage.write_parquet(storage.join_uri(output, schema.ERRORS_DIR, name), errors, endpoint_url, metadata)
         files.append(f"{schema.ERRORS_DIR}/{name}")
     by_type = collections.Counter(errors.column(schema.ERROR_TYPE).to_pylist())
+    actors = counters.actor_records(batch, pa.compute.is_null(batch.column(schema.ERROR_TYPE)))
     return pa.table({
         "pages": [pages.num_rows],
         "error_rows": [errors.num_rows],
         "vectors": [int(pa.compute.sum(pages.column(schema.N_VECTORS)).as_py() or 0)],
         "errors_by_type": [json.dumps(by_type)],
         "files": [json.dumps(files)],
+        "actors": [json.dumps(actors)],
     })

@@ -62,6 +62,26 @@ def test_every_document_ends_as_pages_or_errors(first_run, sample_corpus):
     assert summary["output_totals"]["vectors"] == sum(pages.column("n_vectors").to_pylist())
 
 
+def test_summary_reports_each_actor_from_its_own_counters(first_run):
+    """Per actor: pages, forward time, wall time since its first batch; no figure above what
+    the actors did (the job's rate counts start-up, so it is below the actors' own)."""
+    out, summary = first_run
+    run = summary["this_run"]
+    actors = run["actors"]
+    assert actors and sum(a["pages"] for a in actors) == run["pages"]
+    for a in actors:
+        assert a["actor"].count(":") == 1 and a["model_load_s"] > 0
+        assert 0 < a["gpu_busy_s"] <= a["wall_s"] and 0 < a["gpu_busy_fraction"] <= 1
+        assert a["pages_per_second"] == pytest.approx(a["pages"] / a["wall_s"], rel=1e-2)
+        assert 0 <= a["first_batch_after_s"] <= run["seconds"]
+        assert a["first_batch_after_s"] + a["wall_s"] <= run["seconds"]
+    assert run["pages_per_second"] <= run["actor_pages_per_second"]
+    assert "steady_pages_per_second" not in run  # counted from when files landed: it could exceed the actors
+    # No counter column reaches the output files.
+    pages, _ = read_dir(os.path.join(out, "pages"))
+    assert not [c for c in pages.column_names if c.startswith("_")]
+
+
 def test_page_rows_follow_the_contract(first_run):
     out, _ = first_run
     t, files = read_dir(os.path.join(out, "pages"))

@@ -1,0 +1,96 @@
+"""How busy each embedding actor was, from the actor's own clocks (no Ray, no torch).
+
+Each ``PageEmbedder`` batch leaves the actor with five hidden columns: the actor's name
+(host:pid), this batch's forward time spread over its rows (CUDA events around the model's
+forward pass on a GPU, the host clock on CPU), the wall time of the actor's first batch
+start and of this batch's end, and the model's load time. ``write_shard`` folds its rows
+into one record per actor, and the driver folds those into the summary's ``actors``: per
+actor, pages, forward (GPU-busy) seconds, wall seconds from its first batch start to its
+last batch end, the busy fraction, and pages per second of its own wall time. None of these
+can exceed what the actor did: the job's rate is never computed from when files land.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ACTOR = "_actor"
+BUSY_S = "_busy_s"
+FIRST_BATCH_AT = "_first_batch_at"
+BATCH_END_AT = "_batch_end_at"
+MODEL_LOAD_S = "_model_load_s"
+COLUMNS = (ACTOR, BUSY_S, FIRST_BATCH_AT, BATCH_END_AT, MODEL_LOAD_S)
+
+
+def counter_columns(n_rows: int, actor: str, busy_s: float, first_batch_at: float, batch_end_at: float,
+                    model_load_s: float) -> dict[str, pa.Array]:
+    """The hidden columns of one actor batch of ``n_rows`` rows (busy time split evenly)."""
+    share = busy_s / n_rows if n_rows else 0.0
+    return {
+        ACTOR: pa.array([actor] * n_rows, pa.string()),
+        BUSY_S: pa.array([share] * n_rows, pa.float64()),
+        FIRST_BATCH_AT: pa.array([first_batch_at] * n_rows, pa.float64()),
+        BATCH_END_AT: pa.array([batch_end_at] * n_rows, pa.float64()),
+        MODEL_LOAD_S: pa.array([model_load_s] * n_rows, pa.float64()),
+    }
+
+
+def actor_records(table: pa.Table, is_page: pa.Array | pa.ChunkedArray) -> list[dict]:
+    """Rows of one write batch -> one record per actor: pages, busy_s, first_batch_at,
+    last_batch_end_at, model_load_s. Empty when the rows carry no counters."""
+    if table.num_rows == 0 or ACTOR not in table.column_names:
+        return []
+    t = pa.table({
+        "actor": table[ACTOR], "busy": table[BUSY_S], "first": table[FIRST_BATCH_AT], "end": table[BATCH_END_AT],
+        "load": table[MODEL_LOAD_S], "page": pc.cast(is_page, pa.int64()),
+    })
+    g = t.group_by("actor").aggregate([("page", "sum"), ("busy", "sum"), ("first", "min"), ("end", "max"),
+                                        ("load", "max")])
+    return [{"actor": r["actor"], "pages": int(r["page_sum"] or 0), "busy_s": float(r["busy_sum"] or 0.0),
+             "first_batch_at": r["first_min"], "last_batch_end_at": r["end_max"], "model_load_s": r["load_max"]}
+            for r in g.to_pylist() if r["actor"] is not None]
+
+
+def merge_records(into: dict[str, dict], records: list[dict]) -> dict[str, dict]:
+    """Fold per-file records into per-actor totals (keyed by actor)."""
+    for r in records:
+        a = into.get(r["actor"])
+        if a is None:
+            into[r["actor"]] = dict(r)
+            continue
+        a["pages"] += r["pages"]
+        a["busy_s"] += r["busy_s"]
+        a["first_batch_at"] = min(a["first_batch_at"], r["first_batch_at"])
+        a["last_batch_end_at"] = max(a["last_batch_end_at"], r["last_batch_end_at"])
+        a["model_load_s"] = max(a["model_load_s"] or 0.0, r["model_load_s"] or 0.0)
+    return into
+
+
+def summarize(actors: dict[str, dict], job_started_at: float) -> dict:
+    """The summary's view: one entry per actor, in order of first batch, and the totals.
+
+    ``gpu_busy_fraction`` is forward time over the actor's wall time since its first batch
+    started; ``pages_per_second`` is pages over that wall time, so the sum over actors is
+    what the pool did while it worked, and the whole job's rate (pages over the job's
+    seconds, start-up included) is below it."""
+    out = []
+    for a in sorted(actors.values(), key=lambda a: a["first_batch_at"]):
+        wall = max(a["last_batch_end_at"] - a["first_batch_at"], 1e-9)
+        out.append({
+            "actor": a["actor"],
+            "pages": a["pages"],
+            "model_load_s": round(a["model_load_s"] or 0.0, 3),
+            "first_batch_after_s": round(a["first_batch_at"] - job_started_at, 3),
+            "wall_s": round(wall, 3),
+            "gpu_busy_s": round(a["busy_s"], 3),
+            "gpu_busy_fraction": round(a["busy_s"] / wall, 4),
+            "pages_per_second": round(a["pages"] / wall, 3),
+        })
+    busy = sum(a["busy_s"] for a in actors.values())
+    wall = sum(e["wall_s"] for e in out)
+    return {
+        "actors": out,
+        "gpu_busy_fraction": round(busy / wall, 4) if wall else None,
+        "actor_pages_per_second": round(sum(e["pages_per_second"] for e in out), 3) if out else None,
+    }
