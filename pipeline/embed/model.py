@@ -166,8 +166,12 @@ def load_model(
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 
+        # The 128-d projection stays in the compute dtype: ColQwen2's forward casts the hidden
+        # states to that layer's weight dtype, which is uint8 for a 4-bit layer (measured on an
+        # H200, 2026-12-03: "linalg.vector_norm ... Got Byte" on the first batch).
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype, bnb_4bit_quant_type="nf4"
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype, bnb_4bit_quant_type="nf4",
+            llm_int8_skip_modules=["embedding_proj_layer"],
         )
         kwargs["device_map"] = device
     try:
