@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"visual tokens per page; pages are rendered to meet it (default: {DEFAULT_MAX_VISUAL_TOKENS}, as trained)")
     m.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="default auto: bf16 on GPU, fp32 on CPU")
     m.add_argument("--attn-implementation", help="default auto: flash_attention_2 if installed, else sdpa")
-    m.add_argument("--load-in-4bit", action="store_true", default=None, help="4-bit weights via bitsandbytes (GPU only)")
+    m.add_argument("--load-in-4bit", action="store_true", default=None, help=argparse.SUPPRESS)  # removed: says why
     m.add_argument("--compile", choices=["auto", "on", "off"],
                    help="torch.compile the vision and text blocks: about 1.3x the pages/s on a GPU after a "
                    "warm-up of a minute or two per actor (default: auto = on with GPUs, off on CPU)"),

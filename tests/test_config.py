@@ -33,3 +33,16 @@ def test_score_flags_become_typed_options():
         ScoreConfig.from_flags(["--num-actorz", "4"], corpus="c", queries="q", output="o", top_k=1)
     with pytest.raises(ValueError, match="--top-k must be a positive integer"):
         ScoreConfig(corpus="c", queries="q", output="o", top_k=0)
+
+
+def test_removed_4bit_option_says_why(tmp_path, capsys):
+    """--load-in-4bit ran no faster than bf16 on an H200 and moved the vectors (RESULTS.md):
+    a run that still asks for it is refused with the reason, not silently run in bf16."""
+    from jobs import embed_corpus
+    from pipeline.config import embed_config
+
+    with pytest.raises(ValueError, match="load-in-4bit was removed: .*no faster"):
+        embed_config({"input": "a", "output": "b", "load_in_4bit": True})
+    with pytest.raises(SystemExit) as e:
+        embed_corpus.main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--load-in-4bit"])
+    assert e.value.code == 2 and "--load-in-4bit was removed" in capsys.readouterr().err

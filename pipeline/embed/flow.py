@@ -211,7 +211,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
             PageEmbedder,
             fn_constructor_kwargs={"model": cfg.model, "device": device, "dtype": cfg.dtype,
                                    "attn_implementation": cfg.attn_implementation,
-                                   "load_in_4bit": cfg.load_in_4bit, "endpoint_url": cfg.endpoint_url,
+                                   "endpoint_url": cfg.endpoint_url,
                                    "compile_model": cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda")},
             compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             batch_size=cfg.batch_size,

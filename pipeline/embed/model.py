@@ -155,7 +155,9 @@ def load_model(
     batched_vision_attention: bool = True,
     compile_model: bool = False,
 ) -> LoadedModel:
-    """Load ``ColQwen2ForRetrieval`` + ``ColQwen2Processor`` (ColQwen2.5 ports too)."""
+    """Load ``ColQwen2ForRetrieval`` + ``ColQwen2Processor`` (ColQwen2.5 ports too).
+
+    ``load_in_4bit`` is kept for benchmarks/bench_4bit.py only (the jobs no longer offer it)."""
     from transformers import ColQwen2ForRetrieval, ColQwen2Processor
 
     device = resolve_device(device)

@@ -123,7 +123,7 @@ class PageEmbedder:
     the same rows with ``n_vectors`` and ``embedding`` out (pixels dropped)."""
 
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto",
-                 attn_implementation: str = "auto", load_in_4bit: bool = False, endpoint_url: str | None = None,
+                 attn_implementation: str = "auto", endpoint_url: str | None = None,
                  compile_model: bool = False):
         from pipeline.cluster import actor_device
         from pipeline.embed.model import ForwardTimer, load_model
@@ -134,7 +134,7 @@ class PageEmbedder:
             log.warning(warning)
             compile_model = False
         self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                             load_in_4bit=load_in_4bit, endpoint_url=endpoint_url, compile_model=compile_model)
+                             endpoint_url=endpoint_url, compile_model=compile_model)
         self.dtype = str(self.lm.dtype).removeprefix("torch.")
         self.loaded_s = time.time() - self.started
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
