@@ -103,8 +103,11 @@ def run_job_rates(args, res, work, model_dir, best_actor, flops_page):
     """The whole job, from its own summary: pages over the job's seconds (start-up included),
     and each actor's pages, forward time and wall time from the actors' own counters
     (pipeline/embed/counters.py). No figure here can exceed what the actors did."""
+    import logging
+
     from jobs import embed_corpus
 
+    logging.getLogger("pipeline.embed.flow").setLevel(logging.DEBUG)  # Ray Data's per-operator stats
     job = {}
     sizes = [int(x) for x in args.job_pages.split(",")]
     docs = [letter_pdf(8, d) for d in range(min(40, max(sizes) // 8))]

@@ -233,6 +233,8 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
         )
         for row in ds.iter_rows():
             progress.add(row)
+        if log.isEnabledFor(logging.DEBUG):  # -v: where each operator spent its time (Ray Data's own stats)
+            log.debug("Ray Data stats:\n%s", ds.stats())
     totals = ray.get(counter.totals.remote())
     ray.kill(counter)  # a driver that runs several jobs (a notebook, tests) keeps no counters
     planned = {k: int(totals.get(k, 0)) for k in ("documents_listed", "documents_already_done",
