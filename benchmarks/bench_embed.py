@@ -121,7 +121,8 @@ def run_job_rates(args, res, work, model_dir, best_actor, flops_page):
         t = time.perf_counter()
         rc = embed_corpus.main(["--input", corpus, "--output", out, "--model", model_dir, "--batch-size", os.environ.get("BENCH_JOB_BATCH", "32"),
                                 "--max-visual-tokens", str(args.tokens)]
-                               + ["--compile", os.environ.get("BENCH_COMPILE", "auto")])
+                               + ["--compile", os.environ.get("BENCH_COMPILE", "auto")]
+                               + os.environ.get("BENCH_JOB_EXTRA", "").split())
         wall = time.perf_counter() - t
         with open(os.path.join(out, "summary.json")) as f:
             s = json.load(f)
