@@ -25,6 +25,11 @@ outputs (DESIGN.md):
 reruns: files are named by content and written atomically; a rerun embeds only documents
 (and pages) that are missing, so it is safe to rerun after a crash or after adding files.
 Documents that ended as error rows are skipped by a rerun unless --retry-errors is given.
+Rows record their source's size and mtime: a rerun embeds changed files again (old rows
+removed) and removes the rows of deleted ones (a SourceDeleted error row each). A rerun with
+another --model, --max-visual-tokens, --dtype or prompt is refused (exit 2) unless
+--force-new-config starts OUTPUT/generations/<n>/ (named by OUTPUT/generation.json), which
+readers then use instead of OUTPUT/pages.
 
 examples:
   python -m jobs.embed_corpus --input ./docs --output ./emb --model models/tiny-colqwen2
@@ -79,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--retry-errors", action="store_true", default=None,
                    help="try documents that ended as error rows again (their error files are removed first; "
                    "a rerun without it skips them)")
+    o.add_argument("--force-new-config", action="store_true", default=None,
+                   help="OUTPUT holds vectors of other settings: start a new generation there instead of refusing")
     o.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, a local `ray start` cluster, or an embedded one)")
     o.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     from pipeline import storage
     from pipeline.cluster import ensure_ray
-    from pipeline.embed import flow
+    from pipeline.embed import flow, plan
 
     try:
         flow.preflight(cfg)  # a wrong --model fails here, in seconds, before Ray starts
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_ray(cfg.ray_address)
     try:
         summary = flow.run(cfg)
-    except (FileNotFoundError, storage.OutputLockedError) as exc:
+    except (FileNotFoundError, storage.OutputLockedError, plan.ConfigMismatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run = summary["this_run"]

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queries per model forward pass (default: %(default)s)")
     q.add_argument("--max-visual-tokens", type=int, default=None,
                    help="refuse a corpus embedded with another visual-token budget (default: not checked)")
+    io.add_argument("--generation", type=int, default=None, metavar="N", help="which generation of an output "
+                    "with several (embed_corpus --force-new-config) to score (default: its current one)")
     q.add_argument("--allow-model-mismatch", action="store_true",
                    help="score even if the corpus was embedded with another model, query prompt or token budget")
     s = p.add_argument_group("sharding and actors")

@@ -46,6 +46,9 @@ class EmbedConfig:
     # output
     rows_per_file: int = 256
     retry_errors: bool = False  # delete OUT/errors first, so failed documents are tried again
+    # OUT holds vectors of another model, token budget, dtype or prompt: start the next
+    # generation (OUT/generations/<n>) instead of refusing the run
+    force_new_config: bool = False
     ray_address: str | None = None
 
     def __post_init__(self):
@@ -145,6 +148,7 @@ class ScoreConfig:
     embed_batch_size: int = 32
     max_visual_tokens: int | None = None  # when set, the corpus must have been embedded with it
     allow_model_mismatch: bool = False
+    generation: int | None = None  # of an embeddings output; None: its current one (OUT/generation.json)
     # sharding and actors
     shard_size_pages: int | str = "auto"
     query_batch_size: int = 0  # 0: auto

@@ -160,10 +160,24 @@ def from_trec_id(trec_page_id: str) -> str:
     return _PERCENT_RUN.sub(decode, trec_page_id)
 
 
-def pages_folder(corpus_uri: str) -> str:
-    """``CORPUS`` or ``CORPUS/pages`` -> the folder that holds the page Parquet files."""
+def generation_root(output_uri: str, generation: int = 1) -> str:
+    """The folder of one generation of an embeddings output: ``OUT`` itself for generation 1
+    (the DESIGN.md layout), ``OUT/generations/<n>`` for the ones ``--force-new-config`` started."""
+    stripped = output_uri.rstrip("/") or output_uri
+    if generation is None or int(generation) <= 1:
+        return stripped
+    return f"{stripped}/{GENERATIONS_DIR}/{int(generation)}"
+
+
+def pages_folder(corpus_uri: str, generation: int = 1) -> str:
+    """``CORPUS`` or ``CORPUS/pages`` -> the folder that holds the page Parquet files (of
+    ``generation``: 1 is ``CORPUS/pages``, n > 1 ``CORPUS/generations/<n>/pages``; the
+    current one is named by ``CORPUS/generation.json``, see
+    :func:`pipeline.storage.current_generation`)."""
     stripped = corpus_uri.rstrip("/")
-    return stripped if stripped.endswith("/" + PAGES_DIR) or stripped == PAGES_DIR else f"{stripped}/{PAGES_DIR}"
+    if stripped.endswith("/" + PAGES_DIR) or stripped == PAGES_DIR:
+        return stripped
+    return f"{generation_root(stripped, generation)}/{PAGES_DIR}"
 
 
 def embeddings_to_arrow(vectors: list) -> pa.Array:
@@ -198,6 +212,26 @@ def arrow_to_embeddings(column) -> list:
 DOC_PAGES = "doc_pages"
 PAGES_FILE_SCHEMA = PAGES_SCHEMA.append(pa.field(DOC_PAGES, pa.int32()))
 ERRORS_FILE_SCHEMA = ERRORS_SCHEMA.append(pa.field(DOC_PAGES, pa.int32()))
+
+# The version of the source file a row was made from (listing size and modification time,
+# ns since the epoch; S3/GCS: LastModified). A rerun re-embeds a document whose listed version
+# differs. Null in files written before versions were recorded (such rows count as unchanged).
+SOURCE_SIZE = "source_size_bytes"
+SOURCE_MTIME = "source_mtime_ns"
+PAGES_FILE_SCHEMA = PAGES_FILE_SCHEMA.append(pa.field(SOURCE_SIZE, pa.int64())).append(pa.field(SOURCE_MTIME, pa.int64()))
+ERRORS_FILE_SCHEMA = ERRORS_FILE_SCHEMA.append(pa.field(SOURCE_SIZE, pa.int64())).append(pa.field(SOURCE_MTIME, pa.int64()))
+# The error row of a document whose source was deleted (its page rows are removed). Not a
+# finished state: if the file appears again it is embedded again.
+SOURCE_DELETED = "SourceDeleted"
+
+# Generations (``--force-new-config``): generation 1 is OUT itself; generation n > 1 lives in
+# OUT/generations/<n>/ with its own pages/, errors/, config.json and summary.json.
+# OUT/generation.json names the current one (absent: 1). Readers read only one generation.
+GENERATIONS_DIR = "generations"
+GENERATION_FILE = "generation.json"
+# A shard rewrite in progress (retiring the rows of changed or deleted documents), in the
+# generation's folder: the next run completes it (pipeline.embed.plan.finish_retirement).
+RETIRE_JOURNAL = "_retire.json"
 
 # Error types after which a document is finished even though some pages have no row.
 TERMINAL_PAGE_ERRORS = frozenset({"RenderTimeout", "RendererCrashed", "TooManyPages"})

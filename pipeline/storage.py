@@ -110,6 +110,7 @@ DOCUMENT_LISTING_SCHEMA = pa.schema([
     pa.field("doc_id", pa.string(), nullable=False),
     pa.field("source_uri", pa.string(), nullable=False),
     pa.field("size_bytes", pa.int64(), nullable=False),
+    pa.field("mtime_ns", pa.int64()),  # last modification (ns since the epoch), null if unknown
 ])
 _LISTING_CHUNK = 65_536
 
@@ -150,7 +151,8 @@ def list_documents_table(
     under: str | None = None, skipped: dict | None = None,
 ) -> pa.Table:
     """Every document under ``input_uri`` (a prefix or a single file) as an Arrow table
-    (doc_id, source_uri, size_bytes), sorted by doc_id.
+    (doc_id, source_uri, size_bytes, mtime_ns), sorted by doc_id. Size and modification time
+    are the source's version: a rerun re-embeds a document whose version changed.
 
     Hidden files and folders (``.x``) and files without a document extension are skipped,
     and counted by reason in ``skipped`` when given (:func:`count_skipped`).
@@ -172,14 +174,17 @@ def list_documents_table(
     ids: list[str] = []
     sources: list[str] = []
     sizes: list[int] = []
+    mtimes: list[int | None] = []
 
     def flush() -> None:
         if ids:
             batches.append(pa.record_batch([pa.array(ids, pa.string()), pa.array(sources, pa.string()),
-                                            pa.array(sizes, pa.int64())], schema=DOCUMENT_LISTING_SCHEMA))
+                                            pa.array(sizes, pa.int64()), pa.array(mtimes, pa.int64())],
+                                           schema=DOCUMENT_LISTING_SCHEMA))
             ids.clear()
             sources.clear()
             sizes.clear()
+            mtimes.clear()
 
     cut = len(base) + 1 if base else 0
     for entries in chunks:
@@ -203,6 +208,7 @@ def list_documents_table(
             ids.append(rel)
             sources.append(prefix if single else f"{prefix}/{rel}")
             sizes.append(int(e.size or 0))
+            mtimes.append(e.mtime_ns)
             if len(ids) >= _LISTING_CHUNK:
                 flush()
         del entries
@@ -350,17 +356,84 @@ def read_footers(fs: pafs.FileSystem, paths: list[str]) -> list[pq.FileMetaData]
         return list(pool.map(footer, paths))
 
 
-def read_columns(folder_uri: str, columns: list[str], endpoint_url: str | None = None) -> pa.Table | None:
+def read_columns(folder_uri: str, columns: list[str], endpoint_url: str | None = None,
+                 types: pa.Schema | None = None) -> pa.Table | None:
     """The named columns (those present) of every visible Parquet file in a folder, or None
-    when there is no such folder or file. Only those columns are read."""
+    when there is no such folder or file. Only those columns are read.
+
+    ``types``: the columns' types; then every named column of it is read from every file,
+    as nulls from files that lack it (files of an older version), whatever the first file holds."""
     try:
         fs, files = list_files(folder_uri, endpoint_url)
     except FileNotFoundError:
         return None
     if not files:
         return None
-    ds = pads.dataset([f.path for f in files], format="parquet", filesystem=fs)
+    if types is not None:
+        fields = [pa.field(f.name, f.type) for f in types if f.name in columns]
+        ds = pads.dataset([f.path for f in files], format="parquet", filesystem=fs, schema=pa.schema(fields))
+    else:
+        ds = pads.dataset([f.path for f in files], format="parquet", filesystem=fs)
     return ds.to_table(columns=[c for c in columns if c in ds.schema.names])
+
+
+FILE_COLUMN = "_file"
+
+
+def read_columns_per_file(folder_uri: str, types: pa.Schema, endpoint_url: str | None = None) -> pa.Table | None:
+    """Like :func:`read_columns` with ``types`` (its columns, nulls where a file lacks one),
+    plus ``_file``: the base name of the file each row is in. None when there is no file."""
+    try:
+        fs, files = list_files(folder_uri, endpoint_url)
+    except FileNotFoundError:
+        return None
+    if not files:
+        return None
+    types = pa.schema([pa.field(f.name, f.type) for f in types])
+    ds = pads.dataset([f.path for f in files], format="parquet", filesystem=fs, schema=types)
+
+    def read(fragment):
+        t = fragment.to_table(columns=types.names, schema=types)
+        return t.append_column(FILE_COLUMN, pa.array([posixpath.basename(fragment.path)] * t.num_rows, pa.string()))
+
+    fragments = list(ds.get_fragments())
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(fragments)))) as pool:
+        return pa.concat_tables(list(pool.map(read, fragments)))
+
+
+def delete_file(uri: str, endpoint_url: str | None = None) -> bool:
+    """Delete one object or file; False when it was already absent."""
+    fs, path = open_filesystem(uri, endpoint_url)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def current_generation(output_uri: str, endpoint_url: str | None = None) -> int:
+    """The generation an embeddings output's readers and reruns use: ``OUT/generation.json``'s
+    ``current`` (written by ``--force-new-config``), 1 when there is no such file."""
+    try:
+        value = read_json(join_uri(output_uri, schema.GENERATION_FILE), endpoint_url)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return 1
+    current = value.get("current") if isinstance(value, dict) else None
+    if not isinstance(current, int) or current < 1:
+        raise ValueError(f"{join_uri(output_uri, schema.GENERATION_FILE)}: expected {{\"current\": N >= 1}}, "
+                         f"got {value!r}")
+    return current
+
+
+def corpus_pages_folder(corpus_uri: str, endpoint_url: str | None = None, generation: int | None = None) -> str:
+    """The pages folder a reader of ``--corpus`` uses: the given ``generation``, by default the
+    current one (:func:`current_generation`). A ``.../pages`` URI is taken as it is."""
+    stripped = corpus_uri.rstrip("/")
+    if stripped.endswith("/" + schema.PAGES_DIR) or stripped == schema.PAGES_DIR:
+        return stripped
+    if generation is None:
+        generation = current_generation(corpus_uri, endpoint_url)
+    return schema.pages_folder(corpus_uri, generation)
 
 
 # ----------------------------------------------------------------------------- output lock

@@ -7,6 +7,7 @@ pool) -> write (CPU tasks), the stages being plain callables of :mod:`~pipeline.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -78,12 +79,19 @@ class _PlanCounter:
         return {**self.totals_, "documents_skipped": self.skipped}
 
 
-def _plan_units(batch: pa.Table, cfg: EmbedConfig, done: list, counter) -> Iterator[pa.Table]:
-    """Plan task: list each piece, match it against the done-set, emit its documents to do
-    in blocks of one render task each, and report its counts."""
+@ray.remote(num_cpus=0.25)
+def _list_unit(cfg: EmbedConfig, unit: str) -> tuple[pa.Table, dict]:
+    return plan.list_unit(cfg, unit)
+
+
+def _plan_units(batch: pa.Table, cfg: EmbedConfig, done: list, counter,
+                listings: dict | None = None) -> Iterator[pa.Table]:
+    """Plan task: list each piece (or take the run's listing of it), match it against the
+    done-set, emit its documents to do in blocks of one render task each, and report its counts."""
     progress = ray.get(done[0])
     for unit in batch.column("unit").to_pylist():
-        todo, stats = plan.plan_unit(cfg, unit, progress)
+        listing = ray.get(listings[unit]) if listings else None
+        todo, stats = plan.plan_unit(cfg, unit, progress, listing)
         ray.get(counter.add.remote({**stats, "documents_to_do": todo.num_rows}))
         for i in range(0, todo.num_rows, cfg.docs_per_render_task):
             yield todo.slice(i, cfg.docs_per_render_task)
@@ -171,16 +179,47 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
     spec = RenderSpec(max_visual_tokens=cfg.max_visual_tokens, max_dpi=cfg.max_dpi,
                       max_longest_side_px=cfg.max_longest_side_px, max_image_pixels=cfg.max_image_pixels,
                       max_pages_per_doc=cfg.max_pages_per_doc)
+    gpus_per_actor, min_actors, max_actors, device, why = resolve_resources(cfg)
+    metadata = output_metadata(cfg, device)
+    # Before any work: the output's settings against this run's (refused, or a new generation).
+    output_uri = cfg.output
+    generation, root, previous = plan.select_generation(cfg, metadata)
+    if root != output_uri:
+        cleaned = {k: v + storage.clean_output_leftovers(root, cfg.endpoint_url).get(k, 0) for k, v in cleaned.items()}
+    cfg = dataclasses.replace(cfg, output=root)  # from here on, OUT is this generation's folder
     if cfg.retry_errors:
         removed = plan.remove_error_files(cfg.output, cfg.endpoint_url)
         log.info("--retry-errors: removed %d error file(s); their documents are tried again", removed)
+    finished = plan.finish_retirement(cfg.output, cfg.endpoint_url)
+    if finished:
+        log.info("completed a shard rewrite an earlier run was stopped in: %d old file(s) removed", finished)
     # Planning streams: the done-set is read here (id columns, Arrow), the listing is cut into
     # pieces (top-level folders) that plan tasks list and match against it, so the first pages
     # reach the model while the rest of a large corpus is still being listed.
     done = plan.load_progress(cfg.output, cfg.endpoint_url)
     units = storage.listing_units(cfg.input, cfg.endpoint_url)
-    gpus_per_actor, min_actors, max_actors, device, why = resolve_resources(cfg)
-    storage.write_json(join_uri(cfg.output, schema.CONFIG_FILE), json.loads(cfg.to_json()), cfg.endpoint_url)
+    storage.write_json(join_uri(cfg.output, schema.CONFIG_FILE),
+                       {**json.loads(cfg.to_json()), "output": output_uri, "generation": generation,
+                        "settings": plan.settings_of(metadata)}, cfg.endpoint_url)
+    changes = {"documents_changed": 0, "documents_deleted": 0, "changed_examples": [], "deleted_examples": []}
+    listings = None
+    if done.num_rows and units:
+        # A rerun: list everything first (plan tasks reuse these listings), so that changed and
+        # deleted sources are known, and their rows retired, before anything is written. Any
+        # listing failure raises here: nothing is deleted on a partial listing.
+        listings = {u: _list_unit.remote(cfg, u) for u in units}
+        parts = [ray.get(ref)[0] for ref in listings.values()]
+        docs = pa.concat_tables(parts) if parts else storage.DOCUMENT_LISTING_SCHEMA.empty_table()
+        same_input = previous is None or str(previous.get("input", cfg.input)).rstrip("/") == cfg.input.rstrip("/")
+        if not same_input:
+            log.warning("%s was embedded from --input %s, this run lists %s: documents missing from this "
+                        "listing are not taken as deleted", output_uri, previous.get("input"), cfg.input)
+        elif docs.num_rows == 0:
+            log.warning("--input %s lists no document: nothing is taken as deleted (an empty listing is more "
+                        "often a wrong path or mount than a deleted corpus)", cfg.input)
+        changes = plan.reconcile(cfg, docs, done, metadata, look_for_deleted=same_input and docs.num_rows > 0)
+        if changes.get("files_rewritten") or changes.get("source_deleted_rows_written"):
+            done = plan.load_progress(cfg.output, cfg.endpoint_url)
     log.info("listing %d piece(s) of %s in plan tasks; %d document(s) already have rows in %s",
              len(units), cfg.input, done.num_rows, cfg.output)
     log.info("model on %s, %d-%d actor(s), %g GPU each: %s", device, min_actors, max_actors, gpus_per_actor, why)
@@ -193,7 +232,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
             _plan_units,
             batch_size=1,
             batch_format="pyarrow",
-            fn_kwargs={"cfg": cfg, "done": [ray.put(done)], "counter": counter},
+            fn_kwargs={"cfg": cfg, "done": [ray.put(done)], "counter": counter, "listings": listings},
             num_cpus=0.25,  # listing is I/O
         )
         ds = ds.map_batches(
@@ -224,7 +263,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
         )
         ds = ds.map_batches(
             write_shard,
-            fn_kwargs={"output": cfg.output, "metadata": output_metadata(cfg, device),
+            fn_kwargs={"output": cfg.output, "metadata": metadata,
                        "endpoint_url": cfg.endpoint_url},
             batch_size=cfg.rows_per_file,
             batch_format="pyarrow",
@@ -250,7 +289,8 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
         "job": "embed_corpus",
         "version": __version__,
         "input": cfg.input,
-        "output": cfg.output,
+        "output": output_uri,
+        "generation": generation,
         "model": cfg.model,
         "max_visual_tokens": cfg.max_visual_tokens,
         "device": device,
@@ -258,6 +298,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         **{k: v for k, v in planned.items() if k != "documents_to_do"},
         "documents_processed": planned["documents_to_do"],
+        **changes,
         "this_run": {
             "pages": progress.pages,
             "vectors": progress.vectors,

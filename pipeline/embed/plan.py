@@ -5,11 +5,24 @@ Files are named by a hash of the page keys they hold and written whole or not at
 (:func:`pipeline.embed.stages.write_shard`). A rerun reads only the id columns of what
 exists and renders again only documents that are missing or cut short, skipping their
 done pages, so it never writes a row twice.
+
+Source versions: every row records the size and modification time its source had when it
+was listed (``source_size_bytes``, ``source_mtime_ns``). At run start, under the output lock,
+:func:`reconcile` compares them with a full listing: a changed document's rows, and a deleted
+document's page rows, are retired by rewriting the shards that hold them (new file first,
+then the old one deleted, with a journal that the next run completes: :func:`finish_retirement`),
+deleted documents get a ``SourceDeleted`` error row, and changed ones are embedded again.
+Rows without a recorded version (outputs of older versions) count as unchanged.
+
+Generations (:func:`select_generation`): a run whose model, token budget, dtype or prompts
+differ from what the output holds is refused, unless ``--force-new-config`` starts the next
+generation (``OUT/generations/<n>/``) that readers and reruns then use instead.
 """
 
 from __future__ import annotations
 
 import collections
+import datetime
 import os
 import logging
 
@@ -29,6 +42,13 @@ PROGRESS_SCHEMA = pa.schema([
     pa.field("n_done", pa.int64()),
     pa.field("n_pages", pa.int32()),
     pa.field("finished", pa.bool_()),  # a document-level error, or a terminal page error
+    # The source versions its rows record (min and max over its rows; null: none recorded).
+    pa.field("size_min", pa.int64()),
+    pa.field("size_max", pa.int64()),
+    pa.field("mtime_min", pa.int64()),
+    pa.field("mtime_max", pa.int64()),
+    pa.field("deleted", pa.bool_()),  # has a SourceDeleted error row
+    pa.field("live", pa.bool_()),  # has rows other than SourceDeleted
 ])
 
 
@@ -40,18 +60,31 @@ def _column(table: pa.Table, name: str, type_: pa.DataType) -> pa.ChunkedArray |
 
 def load_progress(output_uri: str, endpoint_url: str | None = None) -> pa.Table:
     """What earlier runs wrote, one row per doc_id (id columns only, all in Arrow):
-    doc_id, done_pages (sorted list<int32>), n_done, n_pages (null when unknown), finished."""
+    doc_id, done_pages (sorted list<int32>), n_done, n_pages (null when unknown), finished,
+    and the recorded source versions (size_min/max, mtime_min/max), deleted (a SourceDeleted
+    row: not finished, the document is redone if listed again) and live (other rows)."""
+    version_columns = [schema.SOURCE_SIZE, schema.SOURCE_MTIME]
     pages = storage.read_columns(join_uri(output_uri, schema.PAGES_DIR),
-                                 [schema.DOC_ID, schema.PAGE_NUMBER, schema.DOC_PAGES], endpoint_url)
+                                 [schema.DOC_ID, schema.PAGE_NUMBER, schema.DOC_PAGES, *version_columns], endpoint_url,
+                                 types=schema.PAGES_FILE_SCHEMA)
     errors = storage.read_columns(join_uri(output_uri, schema.ERRORS_DIR),
-                                  [schema.DOC_ID, schema.PAGE_NUMBER, schema.ERROR_TYPE, schema.DOC_PAGES], endpoint_url)
-    done_parts, size_parts, finished_ids = [], [], []
+                                  [schema.DOC_ID, schema.PAGE_NUMBER, schema.ERROR_TYPE, schema.DOC_PAGES,
+                                   *version_columns], endpoint_url, types=schema.ERRORS_FILE_SCHEMA)
+    done_parts, size_parts, finished_ids, version_parts = [], [], [], []
     for table in (pages, errors):
         if table is None or table.num_rows == 0:
             continue
         ids = _column(table, schema.DOC_ID, pa.string())
         page = _column(table, schema.PAGE_NUMBER, pa.int32())
         size_parts.append(pa.table({schema.DOC_ID: ids, "n_pages": _column(table, schema.DOC_PAGES, pa.int32())}))
+        marker = (pc.fill_null(pc.equal(_column(table, schema.ERROR_TYPE, pa.string()), schema.SOURCE_DELETED), False)
+                  if table is errors else pa.array([False] * table.num_rows, pa.bool_()))
+        live = pc.invert(marker)
+        version_parts.append(pa.table({
+            schema.DOC_ID: ids, "marker": marker, "live": live,
+            "size": pc.if_else(live, _column(table, schema.SOURCE_SIZE, pa.int64()), pa.scalar(None, pa.int64())),
+            "mtime": pc.if_else(live, _column(table, schema.SOURCE_MTIME, pa.int64()), pa.scalar(None, pa.int64())),
+        }))
         if table is pages:
             done_parts.append(pa.table({schema.DOC_ID: ids, "page": page}))
             continue
@@ -59,9 +92,10 @@ def load_progress(output_uri: str, endpoint_url: str | None = None) -> pa.Table:
         terminal = pc.or_kleene(pc.is_null(page),
                                 pc.fill_null(pc.is_in(etype, value_set=pa.array(sorted(schema.TERMINAL_PAGE_ERRORS),
                                                                                   pa.string())), False))
+        terminal = pc.and_(terminal, live)  # a SourceDeleted row finishes nothing
         both = pa.table({schema.DOC_ID: ids, "page": page})
         finished_ids.append(pc.unique(pc.filter(ids, terminal)))
-        done_parts.append(both.filter(pc.invert(terminal)))  # a page error that is not terminal counts as done
+        done_parts.append(both.filter(pc.and_(pc.invert(terminal), live)))  # a page error that is not terminal counts as done
     if not size_parts:
         return PROGRESS_SCHEMA.empty_table()
     # Unique (doc, page) pairs, sorted, then one sorted list per document.
@@ -75,12 +109,21 @@ def load_progress(output_uri: str, endpoint_url: str | None = None) -> pa.Table:
     i_size = pc.index_in(docs, value_set=sizes[schema.DOC_ID])
     finished = (pc.is_in(docs, value_set=pa.concat_arrays(finished_ids)) if finished_ids
                 else pa.array([False] * len(docs), pa.bool_()))
+    versions = pa.concat_tables(version_parts).group_by(schema.DOC_ID).aggregate(
+        [("size", "min"), ("size", "max"), ("mtime", "min"), ("mtime", "max"), ("marker", "any"), ("live", "any")])
+    i_ver = pc.index_in(docs, value_set=versions[schema.DOC_ID])
     return pa.table({
         schema.DOC_ID: docs,
         "done_pages": done["page_list"].take(i_done),
         "n_done": done["page_count"].take(i_done),
         "n_pages": sizes["n_pages_max"].take(i_size),
         "finished": finished,
+        "size_min": versions["size_min"].take(i_ver),
+        "size_max": versions["size_max"].take(i_ver),
+        "mtime_min": versions["mtime_min"].take(i_ver),
+        "mtime_max": versions["mtime_max"].take(i_ver),
+        "deleted": versions["marker_any"].take(i_ver),
+        "live": versions["live_any"].take(i_ver),
     }, schema=PROGRESS_SCHEMA)
 
 
@@ -112,27 +155,44 @@ TODO_SCHEMA = pa.schema([
     pa.field("source_uri", pa.string()),
     pa.field("size_bytes", pa.int64()),
     pa.field("skip_pages", pa.list_(pa.int32())),
+    pa.field("mtime_ns", pa.int64()),
 ])
 
 
+def _source_changed(docs: pa.Table, progress: pa.Table, idx) -> pa.ChunkedArray | pa.Array:
+    """Per listed document: its rows record another source version than the listing's (or
+    its source was recorded as deleted). No recorded version (older outputs): unchanged.
+    An unknown listed mtime compares the size only."""
+    size = _column(docs, "size_bytes", pa.int64())
+    mtime = _column(docs, "mtime_ns", pa.int64())
+    differs = pc.fill_null(progress["deleted"].take(idx), False)
+    for col, listed in (("size_min", size), ("size_max", size), ("mtime_min", mtime), ("mtime_max", mtime)):
+        differs = pc.or_(differs, pc.fill_null(pc.not_equal(progress[col].take(idx), listed), False))
+    return differs
+
+
 def plan_table(docs: pa.Table, progress: pa.Table) -> tuple[pa.Table, dict]:
-    """Listing (doc_id, source_uri, size_bytes) against the done-set (:func:`load_progress`)
-    -> the documents to (re)do, in listing order, with ``skip_pages``: the pages an earlier
-    run already wrote. Complete documents are dropped."""
+    """Listing (doc_id, source_uri, size_bytes, mtime_ns) against the done-set
+    (:func:`load_progress`) -> the documents to (re)do, in listing order, with ``skip_pages``:
+    the pages an earlier run already wrote. Complete documents are dropped; a document whose
+    source version changed is redone whole (:func:`reconcile` has retired its old rows)."""
     listed = docs.num_rows
     idx = pc.index_in(docs["doc_id"], value_set=progress[schema.DOC_ID].combine_chunks())
-    n_done = pc.fill_null(progress["n_done"].take(idx), 0)
+    changed = _source_changed(docs, progress, idx)
+    n_done = pc.if_else(changed, 0, pc.fill_null(progress["n_done"].take(idx), 0))
     n_pages = progress["n_pages"].take(idx)
     finished = pc.fill_null(progress["finished"].take(idx), False)
     complete = pc.or_(finished, pc.fill_null(pc.greater_equal(n_done, pc.cast(n_pages, pa.int64())), False))
+    complete = pc.and_(complete, pc.invert(changed))
     keep = pc.invert(complete)
     skip = pc.filter(progress["done_pages"].take(idx), keep)
-    skip = pc.if_else(pc.is_null(skip), pa.scalar([], pa.list_(pa.int32())), skip)
+    skip = pc.if_else(pc.or_(pc.is_null(skip), pc.filter(changed, keep)), pa.scalar([], pa.list_(pa.int32())), skip)
     todo = pa.table({
         "doc_id": pc.filter(docs["doc_id"], keep),
         "source_uri": pc.filter(docs["source_uri"], keep),
         "size_bytes": pc.filter(docs["size_bytes"], keep),
         "skip_pages": skip,
+        "mtime_ns": pc.filter(_column(docs, "mtime_ns", pa.int64()), keep),
     }, schema=TODO_SCHEMA)
     resumed = pc.sum(pc.greater(pc.filter(n_done, keep), 0)).as_py() or 0
     already = pc.sum(complete).as_py() or 0
@@ -140,13 +200,21 @@ def plan_table(docs: pa.Table, progress: pa.Table) -> tuple[pa.Table, dict]:
                   "documents_resumed": int(resumed)}
 
 
-def plan_unit(cfg: EmbedConfig, unit: str, progress: pa.Table) -> tuple[pa.Table, dict]:
-    """One piece of the listing (:func:`pipeline.storage.listing_units`) against the
-    done-set: the documents of that piece to (re)do, and its counts. The flow runs one task
-    per piece, so the first pages reach the model while other pieces are still listed."""
+def list_unit(cfg: EmbedConfig, unit: str) -> tuple[pa.Table, dict]:
+    """One piece of the listing (:func:`pipeline.storage.listing_units`): (documents, skipped)."""
     skipped: dict = {}
     docs = list_documents_table(cfg.input, cfg.endpoint_url, None if cfg.all_files else DOCUMENT_EXTENSIONS,
                                 under=unit, skipped=skipped)
+    return docs, skipped
+
+
+def plan_unit(cfg: EmbedConfig, unit: str, progress: pa.Table,
+              listing: tuple[pa.Table, dict] | None = None) -> tuple[pa.Table, dict]:
+    """One piece of the listing (:func:`pipeline.storage.listing_units`) against the
+    done-set: the documents of that piece to (re)do, and its counts. The flow runs one task
+    per piece, so the first pages reach the model while other pieces are still listed.
+    ``listing``: that piece's :func:`list_unit`, when the run has listed it already."""
+    docs, skipped = listing if listing is not None else list_unit(cfg, unit)
     todo, stats = plan_table(docs, progress)
     return todo, {**stats, "documents_skipped": skipped}
 
@@ -191,3 +259,292 @@ def check_model(name: str, endpoint_url: str | None = None) -> str:
     if not any(f.base_name.endswith((".safetensors", ".bin")) for f in files):
         raise FileNotFoundError(f"--model {name}: config.json but no weights (*.safetensors) in that folder")
     return f"{name} (ColQwen2 checkpoint, {len(files)} files)"
+
+
+# ----------------------------------------------------------------------------- changed and deleted sources
+
+# How many example doc_ids the summary and the log give for changed and deleted documents.
+CHANGE_EXAMPLES = 5
+
+
+def _has_document_extension(ids) -> pa.Array:
+    lower = pc.utf8_lower(ids)
+    out = pa.array([False] * len(ids), pa.bool_())
+    for ext in DOCUMENT_EXTENSIONS:
+        out = pc.or_(out, pc.ends_with(lower, pattern=ext))
+    return out
+
+
+def source_changes(docs: pa.Table, progress: pa.Table, all_files: bool = False,
+                   look_for_deleted: bool = True) -> dict:
+    """The complete listing against what OUT holds: ``changed`` (doc_ids whose recorded source
+    version differs, or that were recorded as deleted and are back), ``deleted`` (doc_ids with
+    rows in OUT, other than SourceDeleted, that are no longer listed) and ``unversioned`` (how
+    many listed documents have rows without a recorded version: treated as unchanged).
+
+    ``docs`` must be the listing of the *whole* input: a document missing from it is taken as
+    deleted. Without ``all_files``, rows of files that have no document extension (written by
+    an ``--all-files`` run) are not taken as deleted."""
+    ids = progress[schema.DOC_ID].combine_chunks()
+    idx = pc.index_in(docs["doc_id"], value_set=ids)
+    changed = pc.filter(docs["doc_id"], _source_changed(docs, progress, idx))
+    matched = pc.is_valid(idx)
+    unversioned = pc.and_(pc.and_(matched, pc.is_null(progress["size_max"].take(idx))),
+                          pc.invert(pc.fill_null(progress["deleted"].take(idx), False)))
+    deleted = pa.array([], pa.string())
+    if look_for_deleted and docs.num_rows:
+        gone = pc.and_(pc.invert(pc.is_in(ids, value_set=docs["doc_id"].combine_chunks())),
+                       pc.fill_null(progress["live"].combine_chunks(), False))
+        if not all_files:
+            gone = pc.and_(gone, _has_document_extension(ids))
+        deleted = pc.filter(ids, gone)
+    return {"changed": changed.combine_chunks() if isinstance(changed, pa.ChunkedArray) else changed,
+            "deleted": deleted, "unversioned": int(pc.sum(unversioned).as_py() or 0)}
+
+
+def _retire_mask(table: pa.Table, changed: pa.Array, deleted: pa.Array) -> pa.Array:
+    """Rows to retire: every row of a changed document; every row of a deleted one except
+    its SourceDeleted row."""
+    ids = _column(table, schema.DOC_ID, pa.string())
+    marker = pc.fill_null(pc.equal(_column(table, schema.ERROR_TYPE, pa.string()), schema.SOURCE_DELETED), False)
+    return pc.or_(pc.is_in(ids, value_set=changed),
+                  pc.and_(pc.is_in(ids, value_set=deleted), pc.invert(marker)))
+
+
+def _row_keys(table: pa.Table) -> list[str]:
+    """The keys a shard's name is made of (:func:`pipeline.embed.stages.write_shard`)."""
+    return [f"{d}#{p}" for d, p in zip(table.column(schema.DOC_ID).to_pylist(),
+                                       table.column(schema.PAGE_NUMBER).to_pylist())]
+
+
+def finish_retirement(output_uri: str, endpoint_url: str | None = None) -> int:
+    """Complete the shard rewrites a run was killed in (``OUT/_retire.json``), under the lock.
+
+    The journal lists ``[old, new]`` file pairs and is written before any new file; a new file
+    is written whole before its old one is deleted. So for each pair: the new file exists (or
+    there is none: nothing of the old one was kept) -> delete the old one; the new file is
+    missing -> the old one is intact and is kept (the next reconciliation retires its rows
+    again). Idempotent; returns how many old files it deleted."""
+    uri = join_uri(output_uri, schema.RETIRE_JOURNAL)
+    try:
+        journal = storage.read_json(uri, endpoint_url)
+    except FileNotFoundError:
+        return 0
+    except ValueError:
+        journal = {"rewrites": []}  # a torn journal: written atomically, so never; keep the files
+    deleted = 0
+    for old, new in journal.get("rewrites", []):
+        if new is None or storage.exists(join_uri(output_uri, new), endpoint_url):
+            deleted += storage.delete_file(join_uri(output_uri, old), endpoint_url)
+    storage.delete_file(uri, endpoint_url)
+    return deleted
+
+
+def retire_documents(output_uri: str, changed: pa.Array, deleted: pa.Array, endpoint_url: str | None = None,
+                     after_write=None) -> dict:
+    """Remove the rows of ``changed`` documents and the page and error rows of ``deleted``
+    ones (not their SourceDeleted row) from OUT: each shard that holds some is rewritten
+    without them under its new content name, then deleted. Crash-safe: the journal
+    (:func:`finish_retirement`) is written first, each new file is written whole before any
+    old file is deleted, so a kill at any point leaves every kept row in at least one file, and
+    the next run removes the duplicates. ``after_write`` is called between the writes and the
+    deletions (tests use it to stop there)."""
+    from pipeline.embed.stages import shard_name
+
+    id_columns = {schema.PAGES_DIR: [schema.DOC_ID, schema.PAGE_NUMBER],
+                  schema.ERRORS_DIR: [schema.DOC_ID, schema.PAGE_NUMBER, schema.ERROR_TYPE]}
+    rewrites, removed = [], 0
+    if len(changed) == 0 and len(deleted) == 0:
+        return {"files_rewritten": 0, "rows_removed": 0}
+    for folder, columns in id_columns.items():
+        file_schema = schema.PAGES_FILE_SCHEMA if folder == schema.PAGES_DIR else schema.ERRORS_FILE_SCHEMA
+        t = storage.read_columns_per_file(join_uri(output_uri, folder),
+                                          pa.schema([file_schema.field(c) for c in columns]), endpoint_url)
+        if t is None:
+            continue
+        mask = _retire_mask(t, changed, deleted)
+        affected = pc.unique(pc.filter(t[storage.FILE_COLUMN], mask)).to_pylist()
+        removed += int(pc.sum(mask).as_py() or 0)
+        kept = t.filter(pc.and_(pc.is_in(t[storage.FILE_COLUMN], value_set=pa.array(affected, pa.string())),
+                                pc.invert(mask)))
+        keys: dict[str, list[str]] = {name: [] for name in affected}
+        for name, key in zip(kept[storage.FILE_COLUMN].to_pylist(), _row_keys(kept)):
+            keys[name].append(key)
+        for name in sorted(affected):
+            new = f"{folder}/{shard_name(keys[name])}" if keys[name] else None
+            rewrites.append([f"{folder}/{name}", new])
+    if not rewrites:
+        return {"files_rewritten": 0, "rows_removed": 0}
+    storage.write_json(join_uri(output_uri, schema.RETIRE_JOURNAL), {"rewrites": rewrites}, endpoint_url)
+    for old, new in rewrites:
+        if new is None or storage.exists(join_uri(output_uri, new), endpoint_url):
+            continue
+        table = storage.read_parquet(join_uri(output_uri, old), endpoint_url)
+        storage.write_parquet(join_uri(output_uri, new), table.filter(pc.invert(_retire_mask(table, changed, deleted))),
+                              endpoint_url)  # the file's key-value metadata travels with the table
+    if after_write is not None:
+        after_write()
+    finish_retirement(output_uri, endpoint_url)
+    return {"files_rewritten": len(rewrites), "rows_removed": removed}
+
+
+def record_deleted(output_uri: str, input_uri: str, deleted: pa.Array, progress: pa.Table, metadata: dict,
+                   endpoint_url: str | None = None) -> int:
+    """One ``SourceDeleted`` error row (stage ``list``) per deleted document that has none yet,
+    in one errors shard named by its keys (a rerun writes the same file). Written before the
+    document's other rows are retired, so a kill in between loses no record."""
+    from pipeline.embed.stages import shard_name
+
+    idx = pc.index_in(deleted, value_set=progress[schema.DOC_ID].combine_chunks())
+    new = pc.invert(pc.fill_null(progress["deleted"].take(idx), False))
+    ids, idx = pc.filter(deleted, new), pc.filter(idx, new)
+    n = len(ids)
+    if n == 0:
+        return 0
+    prefix = input_uri.rstrip("/") + "/"
+    table = pa.table({
+        schema.DOC_ID: ids,
+        schema.SOURCE_URI: pc.binary_join_element_wise(pa.array([prefix] * n, pa.string()), ids, ""),
+        schema.PAGE_NUMBER: pa.nulls(n, pa.int32()),
+        schema.STAGE: pa.array(["list"] * n, pa.string()),
+        schema.ERROR_TYPE: pa.array([schema.SOURCE_DELETED] * n, pa.string()),
+        schema.MESSAGE: pa.array(["the source file is no longer listed under --input; its page and error rows "
+                                  "were removed (embedded again if it comes back)"] * n, pa.string()),
+        schema.DOC_PAGES: pa.nulls(n, pa.int32()),
+        schema.SOURCE_SIZE: progress["size_max"].take(idx),
+        schema.SOURCE_MTIME: progress["mtime_max"].take(idx),
+    }, schema=schema.ERRORS_FILE_SCHEMA)
+    meta = {k.encode() if isinstance(k, str) else k: v.encode() if isinstance(v, str) else v
+            for k, v in (metadata or {}).items()}
+    name = shard_name([f"{d}#None" for d in ids.to_pylist()])
+    storage.write_parquet(join_uri(output_uri, schema.ERRORS_DIR, name), table, endpoint_url, meta)
+    return n
+
+
+def reconcile(cfg: EmbedConfig, docs: pa.Table, progress: pa.Table, metadata: dict,
+              look_for_deleted: bool = True, after_write=None) -> dict:
+    """At run start, under the output lock, with the listing of the whole input: record
+    deleted sources, retire the rows of changed and deleted ones (:func:`retire_documents`).
+    Changed documents then have no rows, and the plan embeds them whole. Returns the counts
+    and examples for the summary."""
+    changes = source_changes(docs, progress, cfg.all_files, look_for_deleted)
+    changed, deleted = changes["changed"], changes["deleted"]
+    if changes["unversioned"]:
+        log.info("%d document(s) in %s have rows without a recorded source version (written before versions "
+                 "were recorded): treated as unchanged, not re-embedded. Delete their rows (or use a new "
+                 "--output) to embed them again", changes["unversioned"], cfg.output)
+    markers = record_deleted(cfg.output, cfg.input, deleted, progress, metadata, cfg.endpoint_url) if len(deleted) else 0
+    retired = retire_documents(cfg.output, changed, deleted, cfg.endpoint_url, after_write)
+    out = {
+        "documents_changed": len(changed),
+        "documents_deleted": len(deleted),
+        "changed_examples": changed.slice(0, CHANGE_EXAMPLES).to_pylist(),
+        "deleted_examples": deleted.slice(0, CHANGE_EXAMPLES).to_pylist(),
+        "documents_unversioned": changes["unversioned"],
+        "source_deleted_rows_written": markers,
+        **retired,
+    }
+    if len(changed) or len(deleted):
+        log.info("sources since the last run: %d changed (e.g. %s): their old rows removed, embedded again; "
+                 "%d deleted (e.g. %s): their rows removed, recorded as %s error rows; %d file(s) rewritten, "
+                 "%d row(s) removed", len(changed), ", ".join(out["changed_examples"]) or "-", len(deleted),
+                 ", ".join(out["deleted_examples"]) or "-", schema.SOURCE_DELETED, retired["files_rewritten"],
+                 retired["rows_removed"])
+    return out
+
+
+# ----------------------------------------------------------------------------- generations
+
+
+class ConfigMismatchError(ValueError):
+    """The output holds vectors made with other settings; the message names the difference."""
+
+
+# Settings that make vectors comparable, as (summary key, metadata key, how the option is named).
+SETTINGS = (("model", schema.META_MODEL, "--model"),
+            ("max_visual_tokens", schema.META_MAX_VISUAL_TOKENS, "--max-visual-tokens"),
+            ("dtype", schema.META_DTYPE, "--dtype"),
+            ("image_prompt", schema.META_PROMPT, "image prompt"),
+            ("query_prompt", schema.META_QUERY_PROMPT, "query prompt"))
+
+
+def settings_of(metadata: dict) -> dict[str, str]:
+    """The comparable settings from a file's (or :func:`pipeline.embed.flow.output_metadata`'s)
+    key-value metadata."""
+    def get(key: bytes):
+        v = metadata.get(key, metadata.get(key.decode()))
+        return v.decode() if isinstance(v, bytes) else v
+
+    return {name: get(key) for name, key, _ in SETTINGS if get(key) is not None}
+
+
+def recorded_settings(root: str, endpoint_url: str | None = None) -> tuple[dict | None, dict | None, str]:
+    """(settings, config.json, where from) of what a generation folder already holds:
+    config.json's ``settings`` (written since generations exist), else the metadata of a pages
+    file, else config.json's plain options (older runs). (None, ..) when it holds nothing."""
+    try:
+        config = storage.read_json(join_uri(root, schema.CONFIG_FILE), endpoint_url)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        config = None
+    config = config if isinstance(config, dict) else None
+    if config and isinstance(config.get("settings"), dict):
+        return config["settings"], config, join_uri(root, schema.CONFIG_FILE)
+    try:
+        fs, files = storage.list_files(join_uri(root, schema.PAGES_DIR), endpoint_url)
+    except FileNotFoundError:
+        files = []
+    if files:
+        meta = storage.read_footers(fs, [files[0].path])[0].metadata or {}
+        return settings_of(meta), config, files[0].path
+    if config:
+        legacy = {"model": config.get("model"), "max_visual_tokens": config.get("max_visual_tokens")}
+        if config.get("dtype") not in (None, "auto"):
+            legacy["dtype"] = config["dtype"]
+        return {k: v for k, v in legacy.items() if v is not None}, config, join_uri(root, schema.CONFIG_FILE)
+    return None, None, ""
+
+
+def setting_differences(recorded: dict | None, wanted: dict) -> list[tuple[str, str, str]]:
+    """(option, recorded value, this run's value) for each comparable setting that differs. A
+    dtype recorded as several (a mixed pool of actors) is not compared."""
+    out = []
+    for name, _, option in SETTINGS:
+        old, new = (recorded or {}).get(name), wanted.get(name)
+        if old is None or new is None or (name == "dtype" and "," in str(old)):
+            continue
+        if str(old) != str(new):
+            out.append((option, str(old), str(new)))
+    return out
+
+
+def select_generation(cfg: EmbedConfig, metadata: dict) -> tuple[int, str, dict | None]:
+    """(generation, its folder, the config.json it held) for this run, checked before any work
+    (after the lock, before config.json is written). The current generation
+    (:func:`pipeline.storage.current_generation`) when its settings equal this run's (or it
+    holds none); otherwise :class:`ConfigMismatchError`, or with ``--force-new-config`` the
+    next generation, ``OUT/generations/<n>``, which ``OUT/generation.json`` then names."""
+    wanted = settings_of(metadata)
+    current = storage.current_generation(cfg.output, cfg.endpoint_url)
+    root = schema.generation_root(cfg.output, current)
+    recorded, config, where = recorded_settings(root, cfg.endpoint_url)
+    diffs = setting_differences(recorded, wanted)
+    if not diffs:
+        return current, root, config
+    held = (f"--model {recorded.get('model', '?')} (max_visual_tokens {recorded.get('max_visual_tokens', '?')}, "
+            f"{recorded.get('dtype', '?')})")
+    this = "; ".join(f"{opt} {new}" if opt.startswith("--") else f"{opt} {new!r}" for opt, _, new in diffs)
+    if not cfg.force_new_config:
+        raise ConfigMismatchError(
+            f"{cfg.output}{'' if current == 1 else f' (generation {current})'} already holds vectors of {held}, "
+            f"recorded in {where}; this run has {this}: vectors of different settings cannot be compared. Use "
+            f"a new --output, or --force-new-config to start generation {current + 1} there")
+    new_gen = current + 1
+    storage.write_json(join_uri(cfg.output, schema.GENERATION_FILE), {
+        "current": new_gen, "folder": f"{schema.GENERATIONS_DIR}/{new_gen}", "previous": current,
+        "started_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "differences": [{"setting": opt, "before": old, "now": new} for opt, old, new in diffs],
+    }, cfg.endpoint_url)
+    log.warning("--force-new-config: %s holds vectors of %s; this run has %s: generation %d starts in %s, "
+                "and readers use it from now on (generation %d stays where it is)", cfg.output, held, this,
+                new_gen, schema.generation_root(cfg.output, new_gen), current)
+    return new_gen, schema.generation_root(cfg.output, new_gen), None

@@ -44,6 +44,8 @@ STREAM_SCHEMA = pa.schema(
         pa.field(schema.STAGE, pa.string()),
         pa.field(schema.ERROR_TYPE, pa.string()),
         pa.field(schema.MESSAGE, pa.string()),
+        pa.field(schema.SOURCE_SIZE, pa.int64()),
+        pa.field(schema.SOURCE_MTIME, pa.int64()),
     ]
 )
 
@@ -80,13 +82,15 @@ class _Rows:
 
 def render_documents(batch: pa.Table, spec: RenderSpec, render_timeout_s: float, max_file_bytes: int,
                      endpoint_url: str | None = None, pages_per_block: int = 16):
-    """Documents (doc_id, source_uri, size_bytes, skip_pages) -> stream rows, yielded in
-    blocks of ``pages_per_block`` so a 500-page PDF never sits in one huge block."""
+    """Documents (doc_id, source_uri, size_bytes, mtime_ns, skip_pages) -> stream rows, yielded
+    in blocks of ``pages_per_block`` so a 500-page PDF never sits in one huge block. Every row
+    records the listed version of its source (size, modification time)."""
     renderer = _get_renderer(render_timeout_s)
     rows = _Rows()
     for doc in batch.to_pylist():
         doc_id, uri = doc["doc_id"], doc["source_uri"]
-        base = {schema.DOC_ID: doc_id, schema.SOURCE_URI: uri}
+        base = {schema.DOC_ID: doc_id, schema.SOURCE_URI: uri,
+                schema.SOURCE_SIZE: doc["size_bytes"], schema.SOURCE_MTIME: doc.get("mtime_ns")}
         if doc["size_bytes"] > max_file_bytes:
             rows.add(**base, stage="read", error_type="OversizedFile",
                      message=f"{doc['size_bytes']} bytes is over --max-file-bytes {max_file_bytes}")

@@ -145,7 +145,7 @@ class CorpusInfo:
 def corpus_info(corpus_uri: str, endpoint_url: str | None = None) -> CorpusInfo:
     """Fingerprint = sha256 over the sorted (relative name, size) of ``CORPUS/pages/*.parquet``
     and the vdr.* metadata of every file. Reads Parquet footers only, never the vectors."""
-    folder = schema.pages_folder(corpus_uri)
+    folder = storage.corpus_pages_folder(corpus_uri, endpoint_url)  # the current generation
     fs, files = storage.list_files(folder, endpoint_url, recursive=True)
     _, root = storage.open_filesystem(folder, endpoint_url)
     root = root.rstrip("/") + "/"

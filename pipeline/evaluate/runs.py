@@ -268,8 +268,8 @@ def read_qrels(uri: str, endpoint_url: str | None = None) -> pd.DataFrame:
 
 
 def read_corpus_page_ids(corpus_uri: str, endpoint_url: str | None = None) -> set[str]:
-    """Every page_id under ``CORPUS/pages/`` (only that column is read)."""
-    table = storage.read_columns(schema.pages_folder(corpus_uri), [schema.PAGE_ID], endpoint_url)
+    """Every page_id under ``CORPUS/pages/`` (of its current generation; only that column is read)."""
+    table = storage.read_columns(storage.corpus_pages_folder(corpus_uri, endpoint_url), [schema.PAGE_ID], endpoint_url)
     if table is None:
         raise FileNotFoundError(f"no page files under {corpus_uri}")
     return set(table.column(schema.PAGE_ID).to_pylist())

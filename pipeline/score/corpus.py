@@ -238,8 +238,10 @@ def _decode(meta: dict | None) -> dict[str, str]:
     return {k.decode(): v.decode("utf-8", "replace") for k, v in (meta or {}).items() if k.startswith(b"vdr.")}
 
 
-def open_corpus(corpus_uri: str, endpoint_url: str | None = None) -> Corpus:
+def open_corpus(corpus_uri: str, endpoint_url: str | None = None, generation: int | None = None) -> Corpus:
     """List ``CORPUS/pages/*.parquet`` (or ``CORPUS/*.parquet``) and read their metadata.
+    Of an output with several generations (``--force-new-config``), only ``generation``'s
+    pages are read: by default the current one (``CORPUS/generation.json``).
 
     Files whose vdr.* metadata disagree on model, query prompt or token budget are
     refused: their pages were embedded differently and must not be ranked together.
@@ -251,7 +253,7 @@ def open_corpus(corpus_uri: str, endpoint_url: str | None = None) -> Corpus:
     if info.type == pafs.FileType.File:
         paths = [root]
     else:
-        pages_dir = schema.pages_folder(corpus_uri)
+        pages_dir = storage.corpus_pages_folder(corpus_uri, endpoint_url, generation)
         folder = pages_dir if storage.exists(pages_dir, endpoint_url) else corpus_uri
         _, infos = storage.list_files(folder, endpoint_url)
         paths = [i.path for i in infos]

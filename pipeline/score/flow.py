@@ -106,7 +106,7 @@ def run(cfg: ScoreConfig) -> dict:
     t_start = time.perf_counter()
 
     # Everything that can be wrong with the inputs fails here, before any heavy work.
-    corpus = open_corpus(cfg.corpus, cfg.endpoint_url)
+    corpus = open_corpus(cfg.corpus, cfg.endpoint_url, cfg.generation)
     queries = read_queries(cfg.queries, cfg.endpoint_url)
     corpus_model = corpus.metadata.get(schema.META_MODEL.decode())
     model_name = cfg.model or corpus_model or DEFAULT_MODEL
