@@ -10,6 +10,7 @@ traceback goes to a log file named on that line, and to stderr with ``--debug`` 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -35,11 +36,28 @@ def innermost(exc: BaseException) -> BaseException:
     return exc
 
 
+_WRAPPERS = ("UserCodeException", "RayTaskError")
+_EXC_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Interrupt))(?:\([^)]*\))?: (.+)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message``, at most MAX_LINE characters."""
+    """``Type: first line of the message``, at most MAX_LINE characters. When Ray hands back
+    only a wrapper (the cause survives as text, not as an object), the last exception line
+    of that text that is not a wrapper is used."""
     inner = innermost(exc)
-    lines = [ln.strip() for ln in str(inner).strip().splitlines() if ln.strip()]
-    text = f"{type(inner).__name__}: {lines[0]}" if lines else type(inner).__name__
+    name = type(inner).__name__
+    if name.startswith(_WRAPPERS):
+        found = None
+        for line in _ANSI.sub("", str(exc)).splitlines():
+            m = _EXC_LINE.match(line.strip())
+            if m and not m.group(1).startswith(_WRAPPERS):
+                found = m
+        if found:
+            text = f"{found.group(1)}: {found.group(2).strip()}"
+            return text if len(text) <= MAX_LINE else text[: MAX_LINE - 3] + "..."
+    lines = [ln.strip() for ln in _ANSI.sub("", str(inner)).strip().splitlines() if ln.strip()]
+    text = f"{name}: {lines[0]}" if lines else name
     return text if len(text) <= MAX_LINE else text[: MAX_LINE - 3] + "..."
 
 
