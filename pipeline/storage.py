@@ -383,9 +383,17 @@ def check_access(input_uri: str, output_uri: str, endpoint_url: str | None = Non
             raise storage_unavailable(input_uri, endpoint_url, exc, "list --input") from None
         probe = join_uri(output_uri, f".probe-{uuid.uuid4().hex[:12]}")
         try:
-            write_bytes_atomic(probe, b"probe\n", endpoint_url)
             fs_out, path = open_filesystem(probe, endpoint_url)
-            fs_out.delete_file(path)
+            if isinstance(fs_out, pafs.S3FileSystem):
+                # Plain PutObject/DeleteObject (botocore, same timeouts): pyarrow's delete would
+                # leave a folder marker behind, and a refused run must leave nothing.
+                bucket, key = _s3_bucket_key(path)
+                s3 = _s3fs(s3_endpoint(endpoint_url))
+                s3.call_s3("put_object", Bucket=bucket, Key=key, Body=b"probe\n")
+                s3.call_s3("delete_object", Bucket=bucket, Key=key)
+            else:
+                write_bytes_atomic(probe, b"probe\n", endpoint_url)
+                fs_out.delete_file(path)
         except OSError as exc:
             if isinstance(exc, PermissionError) or "ACCESS_DENIED" in str(exc) or "AccessDenied" in str(exc):
                 raise StorageUnavailableError(f"cannot write to --output {_where(output_uri, endpoint_url)}: "

@@ -191,13 +191,13 @@ def run(cfg: EmbedConfig) -> dict:
     try:
         cleaned = storage.clean_output_leftovers(cfg.output, cfg.endpoint_url)
         # Rows of documents that storage failed to give us are dropped: they are redone now.
-        cleaned["retryable_error_rows"] = plan.drop_retryable_rows(cfg.output, cfg.endpoint_url)
-        return _run_locked(cfg, cleaned)
+        redo = plan.drop_retryable_rows(cfg.output, cfg.endpoint_url)
+        return _run_locked(cfg, cleaned, redo)
     finally:
         lock.release()
 
 
-def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
+def _run_locked(cfg: EmbedConfig, cleaned: dict, retryable_rows_dropped: int = 0) -> dict:
     started = time.time()
     t0 = time.monotonic()
     spec = RenderSpec(max_visual_tokens=cfg.max_visual_tokens, max_dpi=cfg.max_dpi,
@@ -308,5 +308,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
         "output_totals": plan.output_totals(cfg.output, cfg.endpoint_url),
     }
     summary["cleaned"] = cleaned
+    # StorageUnavailable rows of earlier runs, removed at the start: their documents were redone
+    summary["retryable_error_rows_redone"] = retryable_rows_dropped
     storage.write_json(join_uri(cfg.output, schema.SUMMARY_FILE), summary, cfg.endpoint_url)
     return summary

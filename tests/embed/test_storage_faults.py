@@ -345,7 +345,7 @@ def test_throttling_and_500s_are_retried_and_a_persistent_failure_is_redone_by_a
 
     proxy.clear()
     again = run(proxy, "flaky", tiny_model)  # plain rerun, no --retry-errors
-    assert again["documents_processed"] == 1 and again["cleaned"]["retryable_error_rows"] == 1
+    assert again["documents_processed"] == 1 and again["retryable_error_rows_redone"] == 1
     assert again["output_totals"]["error_rows_retryable"] == 0
     assert_same_rows(rows(proxy, "flaky"), clean)
 
