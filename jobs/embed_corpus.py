@@ -24,7 +24,9 @@ outputs (DESIGN.md):
 
 reruns: files are named by content and written atomically; a rerun embeds only documents
 (and pages) that are missing, so it is safe to rerun after a crash or after adding files.
-Documents that ended as error rows are skipped by a rerun unless --retry-errors is given.
+Documents that ended as error rows are skipped by a rerun unless --retry-errors is given,
+except StorageUnavailable rows (storage did not answer after the retries): a plain rerun
+tries those again. A storage endpoint that is down at the start fails the job in seconds.
 Rows record their source's size and mtime: a rerun embeds changed files again (old rows
 removed) and removes the rows of deleted ones (a SourceDeleted error row each). A rerun with
 another --model, --max-visual-tokens, --dtype or prompt is refused (exit 2) unless
@@ -87,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--force-new-config", action="store_true", default=None,
                    help="OUTPUT holds vectors of other settings: start a new generation there instead of refusing")
     o.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, a local `ray start` cluster, or an embedded one)")
+    o.add_argument("--storage-timeout-s", type=float, help="per object-storage request: connect and stall "
+                   "limit, retried by the client library (default: 20, or $PIPELINE_STORAGE_TIMEOUT_S)")
+    o.add_argument("--storage-attempts", type=int, help="tries per object-storage request, with the SDK's "
+                   "backoff (default: 6, or $PIPELINE_STORAGE_ATTEMPTS)")
     o.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    o.add_argument("--debug", action="store_true", default=None, help="print the traceback of an unexpected error")
     return p
 
 
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = {k: v for k, v in vars(args).items() if k not in ("config", "verbose")}
+    options = {k: v for k, v in vars(args).items() if k not in ("config", "verbose", "debug")}
     try:
         cfg = embed_config(options, args.config)
     except (ValueError, TypeError, OSError) as exc:
@@ -106,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.embed import flow, plan
 
     try:
-        flow.preflight(cfg)  # a wrong --model fails here, in seconds, before Ray starts
+        flow.preflight(cfg)  # a wrong --model or a dead endpoint fails here, in seconds, before Ray starts
+    except storage.StorageUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -119,10 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     run = summary["this_run"]
     print(json.dumps(summary, indent=2))
     print(f"[embed_corpus] done: {summary['documents_processed']} documents processed "
-          f"({summary['documents_already_done']} already done), {run['pages']} pages, {run['error_rows']} error rows, "
+          f"({summary['documents_already_done']} already done), {run['pages']} pages, {run['error_rows_final']} "
+          f"error rows, {run['error_rows_retryable']} retryable (storage unavailable: rerun to try them again), "
           f"{run['seconds']:.1f}s -> {cfg.output}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline import cli
+
+    sys.exit(cli.guarded(main, prog="embed_corpus"))

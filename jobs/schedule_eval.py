@@ -71,4 +71,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline import cli
+
+    sys.exit(cli.guarded(main, prog="schedule_eval"))

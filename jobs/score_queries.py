@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MaxSim implementation: the fused Triton kernel on CUDA, torch elsewhere (default: auto)")
     s.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start` cluster, or an embedded Ray)")
+    s.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     return p
 
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = ScoreConfig(**vars(args))
+        cfg = ScoreConfig(**{k: v for k, v in vars(args).items() if k != "debug"})
     except ValueError as exc:
         parser.error(str(exc))
     from pipeline.score import flow
@@ -132,4 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline import cli
+
+    sys.exit(cli.guarded(main, prog="score_queries"))

@@ -50,6 +50,10 @@ class EmbedConfig:
     # generation (OUT/generations/<n>) instead of refusing the run
     force_new_config: bool = False
     ray_address: str | None = None
+    # object storage: each request waits at most this long for the endpoint (connect, and
+    # between bytes), and is tried this many times by the client library (SDK backoff)
+    storage_timeout_s: float = float(os.environ.get("PIPELINE_STORAGE_TIMEOUT_S", "20"))
+    storage_attempts: int = int(os.environ.get("PIPELINE_STORAGE_ATTEMPTS", "6"))
 
     def __post_init__(self):
         problems = []
@@ -81,6 +85,10 @@ class EmbedConfig:
             problems.append("--rows-per-file must be >= 1")
         if self.docs_per_render_task < 1:
             problems.append("--docs-per-render-task must be >= 1")
+        if not self.storage_timeout_s > 0:
+            problems.append(f"--storage-timeout-s must be positive, got {self.storage_timeout_s}")
+        if self.storage_attempts < 1:
+            problems.append(f"--storage-attempts must be >= 1, got {self.storage_attempts}")
         if problems:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -235,3 +235,18 @@ RETIRE_JOURNAL = "_retire.json"
 
 # Error types after which a document is finished even though some pages have no row.
 TERMINAL_PAGE_ERRORS = frozenset({"RenderTimeout", "RendererCrashed", "TooManyPages"})
+
+# Error types that say "not done yet", not "this document is bad": object storage did not
+# answer while the document was read (after the client's retries). A rerun tries the
+# document again and replaces the row (pipeline.embed.plan); every other error row is final.
+STORAGE_UNAVAILABLE = "StorageUnavailable"
+RETRYABLE_ERRORS = frozenset({STORAGE_UNAVAILABLE})
+
+
+def shard_name(keys: list[str]) -> str:
+    """Deterministic file name for a set of row keys (page ids; ``doc#None`` for a document
+    error): the same rows always land in the same file name, so rewriting is idempotent."""
+    import hashlib
+
+    digest = hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:24]
+    return f"part-{digest}.parquet"

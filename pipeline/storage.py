@@ -34,9 +34,78 @@ def s3_endpoint(endpoint_url: str | None = None) -> str | None:
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+# ----------------------------------------------------------------------------- timeouts and retries
+# Every request to object storage is retried by the client library itself (pyarrow's AWS SDK
+# standard retry mode, botocore's "standard" mode for s3fs): throttling (503 SlowDown), 500s,
+# resets and timeouts, with the SDK's exponential backoff. These settings bound how long one
+# request may stall (timeout_s: connect, and no byte for that long) and how often it is tried.
+# Production defaults ride out a stall of a minute or two; tests set a second or two.
+DEFAULT_TIMEOUT_S = float(os.environ.get("PIPELINE_STORAGE_TIMEOUT_S", "20"))
+DEFAULT_ATTEMPTS = int(os.environ.get("PIPELINE_STORAGE_ATTEMPTS", "6"))
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageSettings:
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    attempts: int = DEFAULT_ATTEMPTS
+
+
+_settings = StorageSettings()
+
+
+def configure(timeout_s: float | None = None, attempts: int | None = None) -> StorageSettings:
+    """Set this process's storage timeouts and attempts (each Ray task calls it with the job's
+    values: workers outlive jobs). None keeps the current value. Returns the new settings."""
+    global _settings
+    _settings = StorageSettings(float(timeout_s) if timeout_s is not None else _settings.timeout_s,
+                                int(attempts) if attempts is not None else _settings.attempts)
+    return _settings
+
+
+def settings() -> StorageSettings:
+    return _settings
+
+
+class StorageUnavailableError(OSError):
+    """Object storage did not answer (network, endpoint down, throttled, 5xx) after the
+    client's own retries: not the object's fault, so worth trying again later."""
+
+
+# OSErrors that say something about the object itself: final, retrying changes nothing.
+_FINAL_OSERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_FINAL_MARKERS = ("ACCESS_DENIED", "AccessDenied", "NoSuchKey", "NoSuchBucket", "InvalidObjectState")
+
+
+def is_storage_failure(exc: BaseException) -> bool:
+    """True for an OSError of the storage service or the network (timeout, refused connection,
+    throttling, 5xx), False for a missing or forbidden object or a non-OSError."""
+    if isinstance(exc, StorageUnavailableError):
+        return True
+    if not isinstance(exc, OSError) or isinstance(exc, _FINAL_OSERRORS):
+        return False
+    return not any(m in str(exc) for m in _FINAL_MARKERS)
+
+
+def _where(uri: str, endpoint_url: str | None) -> str:
+    if "://" not in uri or urlparse(uri).scheme.lower() == "file":
+        return uri
+    scheme = urlparse(uri).scheme.lower()
+    if scheme in ("s3", "s3a"):
+        return f"{uri} (endpoint {s3_endpoint(endpoint_url) or 'AWS default'})"
+    return uri
+
+
+def storage_unavailable(uri: str, endpoint_url: str | None, exc: BaseException, what: str = "read") -> StorageUnavailableError:
+    """A StorageUnavailableError naming the URI, the endpoint, the attempts and the cause."""
+    cause = " ".join(str(exc).split()) or type(exc).__name__
+    return StorageUnavailableError(f"could not {what} {_where(uri, endpoint_url)} after {_settings.attempts} "
+                                   f"attempts (timeout {_settings.timeout_s:g} s each): {cause}")
+
+
 @functools.lru_cache(maxsize=16)
-def _s3(endpoint: str | None) -> pafs.S3FileSystem:
-    kwargs: dict = {}
+def _s3(endpoint: str | None, timeout_s: float = DEFAULT_TIMEOUT_S, attempts: int = DEFAULT_ATTEMPTS) -> pafs.S3FileSystem:
+    kwargs: dict = {"connect_timeout": timeout_s, "request_timeout": timeout_s,
+                    "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -57,7 +126,7 @@ def open_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.Fil
         path = parsed.path if scheme == "file" else uri
         return pafs.LocalFileSystem(), os.path.abspath(path)
     if scheme in ("s3", "s3a"):
-        return _s3(s3_endpoint(endpoint_url)), (parsed.netloc + parsed.path).rstrip("/")
+        return _s3(s3_endpoint(endpoint_url), _settings.timeout_s, _settings.attempts), (parsed.netloc + parsed.path).rstrip("/")
     if scheme in ("gs", "gcs"):
         return pafs.GcsFileSystem(), (parsed.netloc + parsed.path).rstrip("/")
     # Anything else fsspec knows (az://, hf://, http://...), wrapped for pyarrow.
@@ -259,21 +328,24 @@ def write_bytes_atomic(uri: str, data: bytes, endpoint_url: str | None = None) -
         f.write(data)
 
 
-def read_bytes_with_retries(uri: str, endpoint_url: str | None = None, attempts: int = 3,
-                            backoff_s: float = 1.0) -> bytes:
-    """Object reads fail transiently (throttling, resets): retry those, not missing or
-    forbidden objects, before a caller gives up on the object."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return read_bytes(uri, endpoint_url)
-        except (FileNotFoundError, PermissionError, IsADirectoryError):
-            raise
-        except OSError as exc:
-            if attempt == attempts:
-                raise OSError(f"{exc} (after {attempts} attempts)") from exc
-            log.warning("read of %s failed (%s), retrying", uri, type(exc).__name__)
-            time.sleep(backoff_s * 2 ** (attempt - 1))
-    raise AssertionError("unreachable")
+def read_bytes_with_retries(uri: str, endpoint_url: str | None = None, attempts: int | None = None,
+                            backoff_s: float | None = None) -> bytes:
+    """The whole object, read with the client library's retries (throttling, 5xx, resets,
+    timeouts: :func:`configure`; ``attempts`` overrides the attempts for this read, the SDK
+    chooses the backoff, ``backoff_s`` is ignored). A missing or forbidden object fails at
+    once with its own error; a storage failure that outlasts the retries raises
+    :class:`StorageUnavailableError` naming the URI, the endpoint and the cause."""
+    saved = _settings
+    if attempts is not None:
+        configure(attempts=attempts)
+    try:
+        return read_bytes(uri, endpoint_url)
+    except OSError as exc:
+        if is_storage_failure(exc):
+            raise storage_unavailable(uri, endpoint_url, exc) from exc
+        raise
+    finally:
+        configure(saved.timeout_s, saved.attempts)
 
 
 def read_json(uri: str, endpoint_url: str | None = None):
@@ -287,6 +359,57 @@ def write_json(uri: str, value, endpoint_url: str | None = None) -> None:
 def exists(uri: str, endpoint_url: str | None = None) -> bool:
     fs, path = open_filesystem(uri, endpoint_url)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def check_access(input_uri: str, output_uri: str, endpoint_url: str | None = None, timeout_s: float = 5.0,
+                 attempts: int = 2) -> dict:
+    """Before any work: the input can be listed (one listing call) and the output written (a
+    small hidden probe object written, then deleted), with short timeouts and few attempts.
+    Raises FileNotFoundError when the input does not exist, and
+    :class:`StorageUnavailableError` naming the URI and the endpoint when storage does not
+    answer or refuses. Returns what was seen (for the log)."""
+    import uuid
+
+    saved = _settings
+    configure(min(timeout_s, saved.timeout_s), min(attempts, saved.attempts))
+    try:
+        fs, root = open_filesystem(input_uri, endpoint_url)
+        try:
+            info = fs.get_file_info(root)
+            if info.type == pafs.FileType.Directory:
+                listed = len(fs.get_file_info(pafs.FileSelector(root, recursive=False)))
+            elif info.type == pafs.FileType.File:
+                listed = 1
+            else:
+                raise FileNotFoundError(f"--input {input_uri} does not exist (check the path, bucket and endpoint"
+                                        f"{'' if '://' not in input_uri else ': ' + _where(input_uri, endpoint_url)})")
+        except OSError as exc:
+            if not is_storage_failure(exc):
+                raise
+            raise storage_unavailable(input_uri, endpoint_url, exc, "list --input") from None
+        probe = join_uri(output_uri, f".probe-{uuid.uuid4().hex[:12]}")
+        try:
+            fs_out, path = open_filesystem(probe, endpoint_url)
+            if isinstance(fs_out, pafs.S3FileSystem):
+                # Plain PutObject/DeleteObject (botocore, same timeouts): pyarrow's delete would
+                # leave a folder marker behind, and a refused run must leave nothing.
+                bucket, key = _s3_bucket_key(path)
+                s3 = _s3fs(s3_endpoint(endpoint_url))
+                s3.call_s3("put_object", Bucket=bucket, Key=key, Body=b"probe\n")
+                s3.call_s3("delete_object", Bucket=bucket, Key=key)
+            else:
+                write_bytes_atomic(probe, b"probe\n", endpoint_url)
+                fs_out.delete_file(path)
+        except OSError as exc:
+            if isinstance(exc, PermissionError) or "ACCESS_DENIED" in str(exc) or "AccessDenied" in str(exc):
+                raise StorageUnavailableError(f"cannot write to --output {_where(output_uri, endpoint_url)}: "
+                                              f"{' '.join(str(exc).split())}") from None
+            if not is_storage_failure(exc):
+                raise
+            raise storage_unavailable(output_uri, endpoint_url, exc, "write a probe object to --output") from None
+        return {"input_entries": listed}
+    finally:
+        configure(saved.timeout_s, saved.attempts)
 
 
 # ----------------------------------------------------------------------------- Parquet
@@ -445,6 +568,10 @@ LOCK_TTL_S = 3 * 60
 LOCK_RENEW_S = 30.0
 
 
+# run_ids of the locks this process holds now (see OutputLock._holder_is_dead).
+_LOCKS_HELD_HERE: set[str] = set()
+
+
 class OutputLockedError(RuntimeError):
     """Another run holds the output folder's lock; the message names the holder and the
     file to delete if it is stale. Raised before anything is written."""
@@ -455,12 +582,19 @@ def _s3_bucket_key(path: str) -> tuple[str, str]:
     return bucket, key
 
 
-@functools.lru_cache(maxsize=8)
 def _s3fs(endpoint: str | None):
+    return _s3fs_cached(endpoint, _settings.timeout_s, _settings.attempts)
+
+
+@functools.lru_cache(maxsize=8)
+def _s3fs_cached(endpoint: str | None, timeout_s: float, attempts: int):
     import s3fs  # botocore's client through s3fs: conditional writes, multipart listing
 
     kwargs = {"endpoint_url": endpoint} if endpoint else {}
-    return s3fs.S3FileSystem(client_kwargs=kwargs, skip_instance_cache=True)
+    # botocore's own retries ("standard" mode: throttling, 5xx, connection errors, backoff).
+    config = {"connect_timeout": timeout_s, "read_timeout": timeout_s,
+              "retries": {"mode": "standard", "max_attempts": attempts}}
+    return s3fs.S3FileSystem(client_kwargs=kwargs, config_kwargs=config, skip_instance_cache=True)
 
 
 def _precondition_failed(exc: BaseException) -> bool:
@@ -567,9 +701,13 @@ class OutputLock:
         return True
 
     def _holder_is_dead(self, held: dict) -> bool:
-        """A holder on this host whose process is gone (killed, crashed): its lease is void."""
+        """A holder on this host whose process is gone (killed, crashed): its lease is void.
+        So is one of this very process that no longer holds it (an earlier job of the same
+        driver, a notebook or a test, that could not delete it, e.g. storage was down)."""
         if held.get("host") != self.host or not isinstance(held.get("pid"), int):
             return False
+        if held["pid"] == self.pid:
+            return held.get("run_id") not in _LOCKS_HELD_HERE
         try:
             os.kill(held["pid"], 0)
         except ProcessLookupError:
@@ -608,6 +746,7 @@ class OutputLock:
             held, _ = self._read()
             raise OutputLockedError(self._describe(held or {}))
         self.held = True
+        _LOCKS_HELD_HERE.add(self.run_id)
         log.info("output lock %s taken (run %s, lease %ds)", self.uri, self.run_id, self.ttl_s)
         import threading
 
@@ -656,6 +795,7 @@ class OutputLock:
         if not self.held:
             return
         self.held = False
+        _LOCKS_HELD_HERE.discard(self.run_id)
         if self._stop is not None:
             self._stop.set()
             self._thread.join(timeout=30)

@@ -124,13 +124,23 @@ def _bounded_retries() -> dict:
     return {"max_retries": 3}
 
 
+# A write task that fails on storage is run again by Ray (its files are named by content, so a
+# second run writes the same names and bytes); each request inside it is already retried by
+# the client library. A storage outage longer than all of that fails the job.
+WRITE_TASK_RETRIES = 3
+
+
+def _storage_settings(cfg: EmbedConfig) -> dict:
+    return {"timeout_s": cfg.storage_timeout_s, "attempts": cfg.storage_attempts}
+
+
 class _Progress:
     def __init__(self, total_docs: int, every_s: float = 10.0):
         self.t0 = time.monotonic()
         self.last = self.t0
         self.every_s = every_s
         self.total_docs = total_docs
-        self.pages = self.errors = self.vectors = 0
+        self.pages = self.errors = self.vectors = self.retryable = 0
         self.by_type: collections.Counter = collections.Counter()
         self.files: list[str] = []
         self.actors: dict[str, dict] = {}  # per-actor counters (pipeline.embed.counters)
@@ -140,6 +150,7 @@ class _Progress:
         self.errors += row["error_rows"]
         self.vectors += row["vectors"]
         self.by_type.update(json.loads(row["errors_by_type"]))
+        self.retryable += row.get("retryable_error_rows") or 0
         self.files.extend(json.loads(row["files"]))
         counters.merge_records(self.actors, json.loads(row["actors"]))
         now = time.monotonic()
@@ -153,9 +164,21 @@ class _Progress:
                   file=sys.stderr, flush=True)
 
 
+PREFLIGHT_TIMEOUT_S = 5.0
+PREFLIGHT_ATTEMPTS = 2
+
+
 def preflight(cfg: EmbedConfig) -> None:
-    """What can be checked in seconds, before Ray starts and before any rendering."""
+    """What can be checked in seconds, before Ray starts and before any rendering: the model,
+    then the storage: the input can be listed and the output written (short timeouts, few
+    attempts). A dead or wrong endpoint raises :class:`storage.StorageUnavailableError`
+    naming the URI and the endpoint; a missing input, FileNotFoundError."""
+    storage.configure(cfg.storage_timeout_s, cfg.storage_attempts)
     log.info("model %s", plan.check_model(cfg.model, cfg.endpoint_url))
+    seen = storage.check_access(cfg.input, cfg.output, cfg.endpoint_url,
+                                timeout_s=PREFLIGHT_TIMEOUT_S, attempts=PREFLIGHT_ATTEMPTS)
+    log.info("storage: --input %s lists (%d entries at its top), --output %s is writable", cfg.input,
+             seen["input_entries"], cfg.output)
 
 
 def run(cfg: EmbedConfig) -> dict:
@@ -165,6 +188,7 @@ def run(cfg: EmbedConfig) -> dict:
     the job runs): a second run on the same output is refused with the holder's name. Once
     the lock is held, what a crashed run left (``.tmp-*`` files, unfinished multipart
     uploads) is removed."""
+    storage.configure(cfg.storage_timeout_s, cfg.storage_attempts)
     lock = storage.acquire_output_lock(cfg.output, cfg.endpoint_url)
     try:
         cleaned = storage.clean_output_leftovers(cfg.output, cfg.endpoint_url)
@@ -190,6 +214,8 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
     if cfg.retry_errors:
         removed = plan.remove_error_files(cfg.output, cfg.endpoint_url)
         log.info("--retry-errors: removed %d error file(s); their documents are tried again", removed)
+    # Rows of documents that storage failed to give us are dropped: they are redone now.
+    retryable_rows_dropped = plan.drop_retryable_rows(cfg.output, cfg.endpoint_url)
     finished = plan.finish_retirement(cfg.output, cfg.endpoint_url)
     if finished:
         log.info("completed a shard rewrite an earlier run was stopped in: %d old file(s) removed", finished)
@@ -240,7 +266,8 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
             batch_size=cfg.docs_per_render_task,
             batch_format="pyarrow",
             fn_kwargs={"spec": spec, "render_timeout_s": cfg.render_timeout_s, "max_file_bytes": cfg.max_file_bytes,
-                       "endpoint_url": cfg.endpoint_url, "pages_per_block": cfg.batch_size},
+                       "endpoint_url": cfg.endpoint_url, "pages_per_block": cfg.batch_size,
+                       "storage_settings": _storage_settings(cfg)},
             num_cpus=1,
             # pdfium crashes kill only the renderer child (an error row); a Ray worker that dies
             # anyway is retried a bounded number of times, not forever (Ray's default).
@@ -264,9 +291,11 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
         ds = ds.map_batches(
             write_shard,
             fn_kwargs={"output": cfg.output, "metadata": metadata,
-                       "endpoint_url": cfg.endpoint_url},
+                       "endpoint_url": cfg.endpoint_url, "storage_settings": _storage_settings(cfg)},
             batch_size=cfg.rows_per_file,
             batch_format="pyarrow",
+            max_retries=WRITE_TASK_RETRIES,
+            retry_exceptions=[OSError],
             # Mostly I/O: a small CPU share keeps it schedulable beside long-lived actors.
             num_cpus=0.25,
         )
@@ -304,6 +333,9 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
             "vectors": progress.vectors,
             "error_rows": progress.errors,
             "errors_by_type": dict(progress.by_type.most_common()),
+            # final: the document's own fault; retryable: storage did not answer, a rerun tries again
+            "error_rows_final": progress.errors - progress.retryable,
+            "error_rows_retryable": progress.retryable,
             "files_written": len(progress.files),
             "seconds": round(elapsed, 3),
             "pages_per_second": round(progress.pages / elapsed, 3) if elapsed > 0 else None,
@@ -313,5 +345,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
         "output_totals": plan.output_totals(cfg.output, cfg.endpoint_url),
     }
     summary["cleaned"] = cleaned
+    # StorageUnavailable rows of earlier runs, removed at the start: their documents were redone
+    summary["retryable_error_rows_redone"] = retryable_rows_dropped
     storage.write_json(join_uri(cfg.output, schema.SUMMARY_FILE), summary, cfg.endpoint_url)
     return summary

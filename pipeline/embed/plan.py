@@ -70,6 +70,9 @@ def load_progress(output_uri: str, endpoint_url: str | None = None) -> pa.Table:
     errors = storage.read_columns(join_uri(output_uri, schema.ERRORS_DIR),
                                   [schema.DOC_ID, schema.PAGE_NUMBER, schema.ERROR_TYPE, schema.DOC_PAGES,
                                    *version_columns], endpoint_url, types=schema.ERRORS_FILE_SCHEMA)
+    if errors is not None and errors.num_rows:
+        # A retryable row (storage did not answer) is not progress: the document is redone.
+        errors = errors.filter(pc.invert(_retryable(errors)))
     done_parts, size_parts, finished_ids, version_parts = [], [], [], []
     for table in (pages, errors):
         if table is None or table.num_rows == 0:
@@ -127,6 +130,51 @@ def load_progress(output_uri: str, endpoint_url: str | None = None) -> pa.Table:
     }, schema=PROGRESS_SCHEMA)
 
 
+def _retryable(errors: pa.Table) -> pa.Array:
+    etype = _column(errors, schema.ERROR_TYPE, pa.string())
+    return pc.fill_null(pc.is_in(etype, value_set=pa.array(sorted(schema.RETRYABLE_ERRORS), pa.string())), False)
+
+
+def drop_retryable_rows(output_uri: str, endpoint_url: str | None = None) -> int:
+    """Rewrite each OUT/errors file that holds retryable rows (``StorageUnavailable``) without
+    them, so that the documents they name are redone and leave no stale row. Call it while
+    holding the output lock, before planning. Returns how many rows were dropped.
+
+    Crash-safe and idempotent: the remaining rows are written first, whole, to a new file
+    named by their keys (:func:`schema.shard_name`), and only then is the old file deleted.
+    A crash in between leaves the old file, whose final rows the new file repeats (the
+    planner counts a document once); the next run writes the same new name again (same
+    bytes) and deletes the old file."""
+    try:
+        fs, files = storage.list_files(join_uri(output_uri, schema.ERRORS_DIR), endpoint_url)
+    except FileNotFoundError:
+        return 0
+    if not files:
+        return 0
+    types = storage.read_columns(join_uri(output_uri, schema.ERRORS_DIR), [schema.ERROR_TYPE], endpoint_url)
+    if types is None or not (pc.sum(_retryable(types)).as_py() or 0):
+        return 0  # the common case costs one read of one column
+    dropped = 0
+    for f in files:
+        uri = join_uri(output_uri, schema.ERRORS_DIR, f.base_name)
+        table = storage.read_parquet(uri, endpoint_url)
+        retry = _retryable(table)
+        n = pc.sum(retry).as_py() or 0
+        if not n:
+            continue
+        keep = table.filter(pc.invert(retry))
+        if keep.num_rows:
+            keys = [f"{d}#{p}" for d, p in zip(keep.column(schema.DOC_ID).to_pylist(),
+                                               keep.column(schema.PAGE_NUMBER).to_pylist())]
+            name = schema.shard_name(keys)
+            storage.write_parquet(join_uri(output_uri, schema.ERRORS_DIR, name), keep, endpoint_url)
+        fs.delete_file(f.path)
+        dropped += n
+    log.info("%d retryable error row(s) (storage did not answer) removed from %s: those documents are tried "
+             "again", dropped, join_uri(output_uri, schema.ERRORS_DIR))
+    return dropped
+
+
 def remove_error_files(output_uri: str, endpoint_url: str | None = None) -> int:
     """Delete OUT/errors/*.parquet so a rerun tries those documents again.
 
@@ -143,10 +191,13 @@ def output_totals(output_uri: str, endpoint_url: str | None = None) -> dict:
         totals["pages"] = pages.num_rows
         totals["vectors"] = int(pa.compute.sum(pages[schema.N_VECTORS]).as_py() or 0)
         totals["documents_with_pages"] = len(pa.compute.unique(pages[schema.DOC_ID]))
+    totals["error_rows_final"] = totals["error_rows_retryable"] = 0
     errors = storage.read_columns(join_uri(output_uri, schema.ERRORS_DIR), [schema.ERROR_TYPE], endpoint_url)
     if errors is not None:
         totals["error_rows"] = errors.num_rows
         totals["errors_by_type"] = dict(collections.Counter(errors[schema.ERROR_TYPE].to_pylist()).most_common())
+        totals["error_rows_retryable"] = int(pc.sum(_retryable(errors)).as_py() or 0)
+        totals["error_rows_final"] = errors.num_rows - totals["error_rows_retryable"]
     return totals
 
 
@@ -203,6 +254,7 @@ def plan_table(docs: pa.Table, progress: pa.Table) -> tuple[pa.Table, dict]:
 def list_unit(cfg: EmbedConfig, unit: str) -> tuple[pa.Table, dict]:
     """One piece of the listing (:func:`pipeline.storage.listing_units`): (documents, skipped)."""
     skipped: dict = {}
+    storage.configure(cfg.storage_timeout_s, cfg.storage_attempts)
     docs = list_documents_table(cfg.input, cfg.endpoint_url, None if cfg.all_files else DOCUMENT_EXTENSIONS,
                                 under=unit, skipped=skipped)
     return docs, skipped

@@ -9,7 +9,6 @@ so every document ends as page rows or error rows in one stream.
 from __future__ import annotations
 
 import collections
-import hashlib
 import os
 import socket
 import sys
@@ -81,10 +80,16 @@ class _Rows:
 
 
 def render_documents(batch: pa.Table, spec: RenderSpec, render_timeout_s: float, max_file_bytes: int,
-                     endpoint_url: str | None = None, pages_per_block: int = 16):
+                     endpoint_url: str | None = None, pages_per_block: int = 16, storage_settings: dict | None = None):
     """Documents (doc_id, source_uri, size_bytes, mtime_ns, skip_pages) -> stream rows, yielded
     in blocks of ``pages_per_block`` so a 500-page PDF never sits in one huge block. Every row
-    records the listed version of its source (size, modification time)."""
+    records the listed version of its source (size, modification time).
+
+    A read that fails because of the document (missing, forbidden) is a final error row; one
+    that fails because storage did not answer, after the client's retries
+    (``storage_settings``: :func:`pipeline.storage.configure`), is a
+    ``StorageUnavailable`` row that a rerun tries again (:data:`schema.RETRYABLE_ERRORS`)."""
+    storage.configure(**(storage_settings or {}))
     renderer = _get_renderer(render_timeout_s)
     rows = _Rows()
     for doc in batch.to_pylist():
@@ -96,9 +101,14 @@ def render_documents(batch: pa.Table, spec: RenderSpec, render_timeout_s: float,
                      message=f"{doc['size_bytes']} bytes is over --max-file-bytes {max_file_bytes}")
             continue
         try:
-            data = storage.read_bytes_with_retries(uri, endpoint_url)
-        except Exception as exc:
-            rows.add(**base, stage="read", error_type=type(exc).__name__, message=f"could not read: {exc}")
+            data = storage.read_bytes(uri, endpoint_url)
+        except Exception as exc:  # noqa: BLE001 - every document ends as rows
+            if storage.is_storage_failure(exc):
+                log.warning("storage did not answer for %s: recorded as retryable (%s)", doc_id, exc)
+                rows.add(**base, stage="read", error_type=schema.STORAGE_UNAVAILABLE,
+                         message=str(storage.storage_unavailable(uri, endpoint_url, exc)))
+            else:
+                rows.add(**base, stage="read", error_type=type(exc).__name__, message=f"could not read: {exc}")
             continue
         n_pages = None
         items = renderer.render(data, spec, frozenset(doc.get("skip_pages") or ()))
@@ -180,10 +190,7 @@ class PageEmbedder:
         return out
 
 
-def shard_name(keys: list[str]) -> str:
-    """Deterministic file name for a set of row keys (page ids)."""
-    digest = hashlib.sha1("\n".join(sorted(keys)).encode()).hexdigest()[:24]
-    return f"part-{digest}.parquet"
+shard_name = schema.shard_name  # the file-name rule lives with the other names
 
 
 def split_stream(table: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -199,9 +206,14 @@ def split_stream(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     return pages, errors
 
 
-def write_shard(batch: pa.Table, output: str, metadata: dict, endpoint_url: str | None = None) -> pa.Table:
+def write_shard(batch: pa.Table, output: str, metadata: dict, endpoint_url: str | None = None,
+                storage_settings: dict | None = None) -> pa.Table:
     """Write a batch as one pages file and one errors file, named by content, atomically.
-    Returns one stats row for the driver's progress line and summary."""
+    Returns one stats row for the driver's progress line and summary.
+
+    Idempotent: the same rows give the same file names and bytes, so the flow lets Ray run
+    it again when storage fails (each request is already retried by the client library)."""
+    storage.configure(**(storage_settings or {}))
     metadata = {k.encode() if isinstance(k, str) else k: v.encode() if isinstance(v, str) else v
                 for k, v in metadata.items()}
     if MODEL_DTYPE in batch.column_names and batch.num_rows:
@@ -210,15 +222,24 @@ def write_shard(batch: pa.Table, output: str, metadata: dict, endpoint_url: str 
             metadata[schema.META_DTYPE] = ",".join(sorted(used)).encode()
     pages, errors = split_stream(batch)
     files = []
+
+    def write(uri: str, table: pa.Table) -> None:
+        try:
+            storage.write_parquet(uri, table, endpoint_url, metadata)
+        except OSError as exc:  # named, and left to Ray to retry (the flow's retry_exceptions)
+            if storage.is_storage_failure(exc):
+                raise storage.storage_unavailable(uri, endpoint_url, exc, "write") from exc
+            raise
+
     if pages.num_rows:
         name = shard_name(pages.column(schema.PAGE_ID).to_pylist())
-        storage.write_parquet(storage.join_uri(output, schema.PAGES_DIR, name), pages, endpoint_url, metadata)
+        write(storage.join_uri(output, schema.PAGES_DIR, name), pages)
         files.append(f"{schema.PAGES_DIR}/{name}")
     if errors.num_rows:
         keys = [f"{d}#{p}" for d, p in zip(errors.column(schema.DOC_ID).to_pylist(),
                                            errors.column(schema.PAGE_NUMBER).to_pylist())]
         name = shard_name(keys)
-        storage.write_parquet(storage.join_uri(output, schema.ERRORS_DIR, name), errors, endpoint_url, metadata)
+        write(storage.join_uri(output, schema.ERRORS_DIR, name), errors)
         files.append(f"{schema.ERRORS_DIR}/{name}")
     by_type = collections.Counter(errors.column(schema.ERROR_TYPE).to_pylist())
     actors = counters.actor_records(batch, pa.compute.is_null(batch.column(schema.ERROR_TYPE)))
@@ -227,6 +248,7 @@ def write_shard(batch: pa.Table, output: str, metadata: dict, endpoint_url: str 
         "error_rows": [errors.num_rows],
         "vectors": [int(pa.compute.sum(pages.column(schema.N_VECTORS)).as_py() or 0)],
         "errors_by_type": [json.dumps(by_type)],
+        "retryable_error_rows": [sum(n for t, n in by_type.items() if t in schema.RETRYABLE_ERRORS)],
         "files": [json.dumps(files)],
         "actors": [json.dumps(actors)],
     })
