@@ -114,12 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         flow.preflight(cfg)  # a wrong --model or a dead endpoint fails here, in seconds, before Ray starts
-    except storage.StorageUnavailableError as exc:
+    except (storage.StorageUnavailableError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, storage.StorageUnavailableError) else 2
     ensure_ray(cfg.ray_address)
     try:
         summary = flow.run(cfg)
