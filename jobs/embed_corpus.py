@@ -99,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.embed import flow
 
     try:
-        flow.preflight(cfg)  # a wrong --model fails here, in seconds, before Ray starts
-    except (FileNotFoundError, ValueError) as exc:
+        flow.preflight(cfg)  # a wrong --model or unreachable storage fails here, in seconds, before Ray starts
+    except (FileNotFoundError, ValueError, storage.StorageAccessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ensure_ray(cfg.ray_address)
     try:
         summary = flow.run(cfg)
-    except (FileNotFoundError, storage.OutputLockedError) as exc:
+    except (FileNotFoundError, storage.OutputLockedError, storage.StorageAccessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run = summary["this_run"]

@@ -123,8 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     from pipeline.score import flow
+    from pipeline.storage import StorageAccessError
 
-    summary = flow.run(cfg)
+    try:
+        summary = flow.run(cfg)
+    except StorageAccessError as exc:  # no credentials or no answer: said in seconds, before any work
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({k: summary[k] for k in ("n_queries", "n_pages", "n_shards", "n_results",
                                               "pages_scored_per_s", "total_s")}))
     return 0

@@ -154,6 +154,9 @@ class _Progress:
 def preflight(cfg: EmbedConfig) -> None:
     """What can be checked in seconds, before Ray starts and before any rendering."""
     log.info("model %s", plan.check_model(cfg.model, cfg.endpoint_url))
+    for uri in (cfg.input, cfg.output):
+        # gs://: credentials found and the bucket answered, or StorageAccessError in seconds
+        storage.open_filesystem(uri, cfg.endpoint_url)
 
 
 def run(cfg: EmbedConfig) -> dict:
