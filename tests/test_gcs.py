@@ -156,37 +156,41 @@ def test_output_lock_on_gcs_is_create_only(gcs):
     assert any("ifGenerationMatch=" in line and "DELETE" in line for line in gcs.log().splitlines())
 
 
-def _pdfs(tmp_path):
+def _pdfs(tmp_path, shared_corpora):
+    """Three real PDFs: four pages, one page, and one that is not a PDF inside."""
     folder = tmp_path / "docs"
     os.makedirs(folder / "reports")
     shutil.copy(os.path.join(DATA, "004-pdflatex-4-pages_pdflatex-4-pages.pdf"), folder / "reports" / "four.pdf")
-    shutil.copy(os.path.join(DATA, "cropped_no_overlap.pdf"), folder / "cropped.pdf")
+    shutil.copy(os.path.join(shared_corpora, "py-pdf-samples",
+                             "002-trivial-libre-office-writer_002-trivial-libre-office-writer.pdf"),
+                folder / "trivial.pdf")
     shutil.copy(os.path.join(DATA, "bad1.pdf"), folder / "bad1.pdf")
     return str(folder)
 
 
-def test_embed_and_score_jobs_on_gcs(ray_session, tiny_model, gcs, tmp_path):
+def test_embed_and_score_jobs_on_gcs(ray_session, tiny_model, gcs, tmp_path, shared_corpora):
     """Input, output, model and corpus on gs://: the embed job writes pages and error rows,
     a rerun writes nothing, the scoring job reads the gs:// corpus and writes its results."""
     from jobs import embed_corpus, score_queries
 
     bucket = gcs.make_bucket()
-    gcs.upload(_pdfs(tmp_path), f"gs://{bucket}/docs")
+    gcs.upload(_pdfs(tmp_path, shared_corpora), f"gs://{bucket}/docs")
     gcs.upload(tiny_model, f"gs://{bucket}/models/tiny")  # fetch_model copies it from gs://
     argv = ["--input", f"gs://{bucket}/docs", "--output", f"gs://{bucket}/emb", "--model",
-            f"gs://{bucket}/models/tiny", "--max-visual-tokens", TOKENS, "--batch-size", "4", "--max-pages-per-doc", "2"]
+            f"gs://{bucket}/models/tiny", "--max-visual-tokens", TOKENS, "--batch-size", "4"]
     assert embed_corpus.main(argv) == 0
     keys = gcs.keys(f"{bucket}/emb")
     assert f"{bucket}/emb/summary.json" in keys and f"{bucket}/emb/_lock.json" not in keys
     summary = storage.read_json(f"gs://{bucket}/emb/summary.json")
     pages = storage.read_columns(f"gs://{bucket}/emb/pages", ["page_id", "source_uri", "n_vectors"])
     errors = storage.read_columns(f"gs://{bucket}/emb/errors", ["doc_id", "source_uri", "error_type"])
-    assert sorted(pages.column("page_id").to_pylist()) == ["cropped.pdf#1", "reports/four.pdf#1",
-                                                           "reports/four.pdf#2"]
+    assert sorted(pages.column("page_id").to_pylist()) == [f"reports/four.pdf#{i}" for i in (1, 2, 3, 4)] + \
+        ["trivial.pdf#1"]
     assert f"gs://{bucket}/docs/reports/four.pdf" in pages.column("source_uri").to_pylist()
     assert errors.column("doc_id").to_pylist() == ["bad1.pdf"]
     assert errors.column("source_uri").to_pylist() == [f"gs://{bucket}/docs/bad1.pdf"]
-    assert summary["documents_listed"] == 3 and summary["this_run"]["pages"] == 3
+    assert errors.column("error_type").to_pylist() == ["UnknownFormat"]
+    assert summary["documents_listed"] == 3 and summary["this_run"]["pages"] == 5
     assert summary["this_run"]["error_rows"] == 1
 
     assert embed_corpus.main(argv) == 0  # a rerun: nothing new
@@ -197,7 +201,7 @@ def test_embed_and_score_jobs_on_gcs(ray_session, tiny_model, gcs, tmp_path):
         [k for k in keys if "/pages/" in k or "/errors/" in k]
 
     queries = tmp_path / "q.jsonl"
-    queries.write_text('{"query_id": "q1", "text": "four pages"}\n{"query_id": "q2", "text": "cropped"}\n')
+    queries.write_text('{"query_id": "q1", "text": "four pages"}\n{"query_id": "q2", "text": "a trivial letter"}\n')
     gcs.upload(str(queries), f"gs://{bucket}/q.jsonl")
     assert score_queries.main(["--corpus", f"gs://{bucket}/emb", "--queries", f"gs://{bucket}/q.jsonl",
                                "--output", f"gs://{bucket}/scores", "--top-k", "2",
