@@ -27,6 +27,16 @@ from pipeline import schema
 
 log = logging.getLogger(__name__)
 
+# Their DEBUG records carry credentials: botocore logs each request's headers and canonical
+# request, X-Amz-Security-Token (a session token) included. A job run with --verbose (root
+# logger at DEBUG) must not write them: unless a level was set for them on purpose, they log
+# from INFO up.
+CREDENTIAL_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3transfer", "s3fs", "gcsfs", "google.auth",
+                      "google_auth_httplib2", "urllib3", "requests_oauthlib")
+for _name in CREDENTIAL_LOGGERS:
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.INFO)
+
 DOCUMENT_EXTENSIONS = (".pdf", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif")
 
 
