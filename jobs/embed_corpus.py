@@ -113,14 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.embed import flow, plan
 
     try:
-        flow.preflight(cfg)  # a wrong --model or a dead endpoint fails here, in seconds, before Ray starts
-    except (storage.StorageUnavailableError, FileNotFoundError, ValueError) as exc:
+        flow.preflight(cfg)  # a wrong --model or unreachable storage fails here, in seconds, before Ray starts
+    except (storage.StorageUnavailableError, storage.StorageAccessError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1 if isinstance(exc, storage.StorageUnavailableError) else 2
     ensure_ray(cfg.ray_address)
     try:
         summary = flow.run(cfg)
-    except (FileNotFoundError, storage.OutputLockedError, plan.ConfigMismatchError) as exc:
+    except (FileNotFoundError, storage.OutputLockedError, storage.StorageAccessError, plan.ConfigMismatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run = summary["this_run"]

@@ -52,13 +52,9 @@ examples:
 def _shard_size(value: str) -> int | str:
     if value == "auto":
         return value
-    try:
-        n = int(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--shard-size-pages must be a positive integer or 'auto', got {value!r}") from exc
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--shard-size-pages must be >= 1, got {n}")
-    return n
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--shard-size-pages must be a positive integer or 'auto', got {value!r}")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,11 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     from pipeline.score import flow
+    from pipeline.storage import StorageAccessError
 
-    summary = flow.run(cfg)
+    try:  # no credentials or no answer: said in seconds, before any work
+        summary = flow.run(cfg)
+    except StorageAccessError as exc:
+        return print(f"error: {exc}", file=sys.stderr) or 2
     print(json.dumps({k: summary[k] for k in ("n_queries", "n_pages", "n_shards", "n_results",
                                               "pages_scored_per_s", "total_s")}))
     return 0
+
 
 if __name__ == "__main__":
     from pipeline import cli

@@ -27,6 +27,16 @@ from pipeline import schema
 
 log = logging.getLogger(__name__)
 
+# Their DEBUG records carry credentials: botocore logs each request's headers and canonical
+# request, X-Amz-Security-Token (a session token) included. A job run with --verbose (root
+# logger at DEBUG) must not write them: unless a level was set for them on purpose, they log
+# from INFO up.
+CREDENTIAL_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3transfer", "s3fs", "gcsfs", "google.auth",
+                      "google_auth_httplib2", "urllib3", "requests_oauthlib")
+for _name in CREDENTIAL_LOGGERS:
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.INFO)
+
 DOCUMENT_EXTENSIONS = (".pdf", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif")
 
 
@@ -118,6 +128,150 @@ def _s3(endpoint: str | None, timeout_s: float = DEFAULT_TIMEOUT_S, attempts: in
     return pafs.S3FileSystem(**kwargs)
 
 
+# ----------------------------------------------------------------------------- gs://
+#
+# gs:// goes through gcsfs (fsspec), wrapped for pyarrow, not pyarrow's GcsFileSystem: the C++
+# client's credential discovery cannot be bounded from Python (a run with no credentials
+# waited 12 minutes for a metadata server, silently), it does not read STORAGE_EMULATOR_HOST,
+# and it has no create-only write for the output lock. Here credentials are found once per
+# process, with a time limit, and each bucket is probed once, so that a run that cannot reach
+# its storage says so in seconds, naming the URI and what to set.
+
+GCS_CREDENTIALS_TIMEOUT_S = 12.0  # google.auth.default + one token refresh
+GCS_PROBE_TIMEOUT_S = 8.0  # one object listing of maxResults=1 per bucket and process
+GCS_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
+GCS_HOW_TO = ("set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, run on GKE with "
+              "workload identity (or on a VM with a service account), run `gcloud auth application-default "
+              "login`, or set STORAGE_EMULATOR_HOST=http://HOST:PORT for a GCS emulator")
+
+
+class StorageAccessError(RuntimeError):
+    """Object storage cannot be used at all: no credentials, or no answer from the endpoint.
+    The message names the URI and what to set; it never holds a credential."""
+
+
+def gcs_emulator() -> str | None:
+    """The GCS emulator endpoint from ``STORAGE_EMULATOR_HOST`` (as Google's own clients read
+    it), with a scheme; None for the real service."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "").strip()
+    if not host or host == "default":
+        return None
+    return host if "://" in host else f"http://{host}"
+
+
+def _gcs_credentials():
+    """(credentials, project) from Google's default chain, with a token already fetched, or
+    :class:`StorageAccessError` within ``GCS_CREDENTIALS_TIMEOUT_S``."""
+    import google.auth
+    import google.auth.exceptions
+    from google.auth.transport.requests import Request
+
+    def find():
+        creds, project = google.auth.default(scopes=[GCS_SCOPE])
+        creds.refresh(Request())  # a wrong key or an unreachable token endpoint fails here, not mid-run
+        return creds, project
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gcs-credentials")
+    future = pool.submit(find)
+    pool.shutdown(wait=False)  # a hung metadata lookup must not hold the process
+    try:
+        return future.result(timeout=GCS_CREDENTIALS_TIMEOUT_S)
+    except TimeoutError:
+        raise StorageAccessError(
+            f"no Google Cloud credentials within {GCS_CREDENTIALS_TIMEOUT_S:.0f} s (the metadata server "
+            f"did not answer); {GCS_HOW_TO}") from None
+    except google.auth.exceptions.DefaultCredentialsError as exc:
+        raise StorageAccessError(f"no Google Cloud credentials found ({type(exc).__name__}); "
+                                 f"{GCS_HOW_TO}") from None
+    except google.auth.exceptions.GoogleAuthError as exc:
+        # RefreshError / TransportError: credentials exist but give no token. The message
+        # names the failure (e.g. invalid_grant), not the key.
+        raise StorageAccessError(f"Google Cloud credentials were found but no access token could be "
+                                 f"obtained ({type(exc).__name__}: {str(exc)[:300]}); {GCS_HOW_TO}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _gcsfs(emulator: str | None):
+    """One gcsfs filesystem per process (and emulator setting); a failure is not cached."""
+    # gcsfs >= 2026.10 otherwise first asks a gRPC control API about each bucket (zonal /
+    # hierarchical namespace), which emulators cannot answer (60 s each); plain buckets do
+    # not need it. Read when gcsfs is imported.
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    import gcsfs
+
+    if emulator:
+        # An emulator takes no credentials: never look for any (and never for a metadata server).
+        return gcsfs.GCSFileSystem(token="anon", endpoint_url=emulator, use_listings_cache=False,
+                                   skip_instance_cache=True)
+    creds, project = _gcs_credentials()
+    # Listings are not cached: other processes (Ray workers) write the folders this one lists.
+    return gcsfs.GCSFileSystem(token=creds, project=project, use_listings_cache=False, skip_instance_cache=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _gcs_probe(emulator: str | None, bucket: str) -> None:
+    """One listing request on ``bucket`` (what every job needs anyway), bounded in time:
+    an endpoint that does not answer, or credentials that are refused, fail here in seconds
+    instead of in gcsfs's retries (up to about a minute per call). Cached on success only."""
+    from fsspec.asyn import sync
+    from fsspec.exceptions import FSTimeoutError
+
+    fs = _gcsfs(emulator)
+    where = emulator or "storage.googleapis.com"
+    try:
+        sync(fs.loop, fs._call, "GET", "b/{}/o", bucket, maxResults="1", fields="kind", json_out=True,
+             timeout=GCS_PROBE_TIMEOUT_S)
+    except FSTimeoutError:
+        if emulator:
+            raise StorageAccessError(
+                f"no answer from the GCS emulator at {emulator} (STORAGE_EMULATOR_HOST) for bucket {bucket} within "
+                f"{GCS_PROBE_TIMEOUT_S:.0f} s; start it, or unset STORAGE_EMULATOR_HOST to use Google Cloud "
+                "Storage") from None
+        raise StorageAccessError(
+            f"no answer from {where} for bucket {bucket} within {GCS_PROBE_TIMEOUT_S:.0f} s; check this "
+            f"machine's network access to it (firewall, proxy, private Google access)") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"bucket {bucket} does not exist at {where}") from None
+    except PermissionError as exc:
+        raise StorageAccessError(f"access to bucket {bucket} was refused ({type(exc).__name__}); "
+                                 "the credentials need storage.objects.list/get/create/delete on it") from None
+    except OSError as exc:
+        if "Forbidden" in str(exc):
+            raise StorageAccessError(f"access to bucket {bucket} was refused (403); the credentials need "
+                                     "storage.objects.list/get/create/delete on it") from None
+        raise StorageAccessError(f"bucket {bucket} at {where} cannot be listed "
+                                 f"({type(exc).__name__}: {str(exc)[:300]})") from None
+    except Exception as exc:  # noqa: BLE001 - gcsfs HttpError, aiohttp errors after its retries
+        raise StorageAccessError(f"bucket {bucket} at {where} cannot be listed "
+                                 f"({type(exc).__name__}: {str(exc)[:300]})") from None
+
+
+def _gcs(uri: str) -> pafs.FileSystem:
+    bucket = urlparse(uri).netloc
+    if not bucket:
+        raise ValueError(f"{uri}: a gs:// URI needs a bucket (gs://BUCKET/prefix)")
+    emulator = gcs_emulator()
+    try:
+        _gcs_probe(emulator, bucket)
+        return _gcs_pyfs(emulator)
+    except StorageAccessError as exc:
+        raise StorageAccessError(f"{uri}: {exc}") from None
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{uri}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _gcs_pyfs(emulator: str | None) -> pafs.FileSystem:
+    return pafs.PyFileSystem(pafs.FSSpecHandler(_gcsfs(emulator)))
+
+
+def _gcsfs_of(fs: pafs.FileSystem):
+    """The gcsfs filesystem behind a pyarrow filesystem of :func:`open_filesystem`, or None."""
+    inner = getattr(getattr(fs, "handler", None), "fs", None)
+    protocol = getattr(inner, "protocol", ())
+    return inner if "gs" in (protocol if isinstance(protocol, (tuple, list)) else (protocol,)) else None
+
+
 def open_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
     """``uri`` -> (pyarrow filesystem, path inside it). Local paths, file://, s3://, gs://."""
     parsed = urlparse(uri)
@@ -128,7 +282,7 @@ def open_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.Fil
     if scheme in ("s3", "s3a"):
         return _s3(s3_endpoint(endpoint_url), _settings.timeout_s, _settings.attempts), (parsed.netloc + parsed.path).rstrip("/")
     if scheme in ("gs", "gcs"):
-        return pafs.GcsFileSystem(), (parsed.netloc + parsed.path).rstrip("/")
+        return _gcs(uri), (parsed.netloc + parsed.path).rstrip("/")
     # Anything else fsspec knows (az://, hf://, http://...), wrapped for pyarrow.
     import fsspec
 
@@ -323,7 +477,8 @@ def write_bytes_atomic(uri: str, data: bytes, endpoint_url: str | None = None) -
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return
-    fs.create_dir(posixpath.dirname(path), recursive=True)
+    if _gcsfs_of(fs) is None:  # GCS has no folders; gcsfs would check (or create) the bucket each time
+        fs.create_dir(posixpath.dirname(path), recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
 
@@ -631,7 +786,8 @@ class OutputLock:
         self.started = time.time()
         self.fs, self.path = open_filesystem(self.uri, endpoint_url)
         self.kind = ("local" if isinstance(self.fs, pafs.LocalFileSystem)
-                     else "s3" if isinstance(self.fs, pafs.S3FileSystem) else "other")
+                     else "s3" if isinstance(self.fs, pafs.S3FileSystem)
+                     else "gcs" if _gcsfs_of(self.fs) is not None else "other")
         self._stop = None
         self._thread = None
         self.held = False
@@ -646,8 +802,20 @@ class OutputLock:
                            indent=2) + "\n").encode()
 
     def _read(self) -> tuple[dict | None, str | None]:
-        """(lock content or None if absent, S3 ETag)."""
+        """(lock content or None if absent, S3 ETag or GCS generation)."""
         try:
+            if self.kind == "gcs":
+                gfs = _gcsfs_of(self.fs)
+                bucket, key = _s3_bucket_key(self.path)
+                from fsspec.asyn import sync
+
+                # content and generation from one response, so they belong to the same object
+                headers, data = sync(gfs.loop, gfs._call, "GET", "b/{}/o/{}", bucket, key, alt="media")
+                generation = headers.get("x-goog-generation") or headers.get("X-Goog-Generation")
+                if not generation:  # emulators may leave the header out: ask the object's metadata
+                    meta = sync(gfs.loop, gfs._call, "GET", "b/{}/o/{}", bucket, key, json_out=True)
+                    generation = meta.get("generation")
+                return self._parse(data), generation
             if self.kind == "s3":
                 bucket, key = _s3_bucket_key(self.path)
                 resp = _s3fs(s3_endpoint(self.endpoint_url)).call_s3("get_object", Bucket=bucket, Key=key)
@@ -694,6 +862,17 @@ class OutputLock:
                 if _precondition_failed(exc):
                     return False
                 raise
+            return True
+        if self.kind == "gcs":
+            # GCS create-only: ifGenerationMatch=0 (412 -> FileExistsError when the object
+            # exists). The existence check before it costs one request; it also keeps the lock
+            # exclusive on emulators that ignore preconditions (gcp-storage-emulator does).
+            if self.fs.get_file_info(self.path).type != pafs.FileType.NotFound:
+                return False
+            try:
+                _gcsfs_of(self.fs).pipe_file(self.path, body, mode="create", content_type="application/json")
+            except FileExistsError:
+                return False
             return True
         if self.fs.get_file_info(self.path).type != pafs.FileType.NotFound and not if_match:
             return False
@@ -759,6 +938,20 @@ class OutputLock:
         """Replace the expired lock ``stale``, unless another run replaced it first."""
         if self.kind == "s3" and etag:
             return self._create(if_match=etag)
+        if self.kind == "gcs" and etag:
+            # Delete the stale lock only if it is still that generation (another taker that
+            # replaced it first makes this a 412), then create-only.
+            gfs = _gcsfs_of(self.fs)
+            bucket, key = _s3_bucket_key(self.path)
+            from fsspec.asyn import sync
+
+            try:
+                sync(gfs.loop, gfs._call, "DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=str(etag))
+            except FileExistsError:  # 412: not the generation we read any more
+                return False
+            except FileNotFoundError:
+                pass  # deleted by another taker: the create-only write decides
+            return self._create()
         if self.kind == "local":
             aside = f"{self.path}.stale-{self.run_id}"
             try:

@@ -21,6 +21,18 @@ from pipeline.devtools.local_cluster import free_port, stop_cluster_processes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CORPORA = os.path.join(os.path.dirname(ROOT), "shared", "corpora")
 
+# Google clients must never reach outside 127.0.0.0/8: with no other credentials, google-auth
+# and gcsfs ask the metadata server (169.254.169.254) and retry for minutes. A closed loopback
+# port answers at once. google-auth reads these when it is imported, and the session Ray
+# cluster copies this environment for its workers: so they are set here, at import.
+os.environ.update({"NO_GCE_CHECK": "True", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
+                   "GCE_METADATA_ROOT": "127.0.0.1:9", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"})
+# gs:// in tests means the GCS emulator (tests/test_gcs.py starts it on this port when needed).
+# Its address is fixed now because Ray workers read STORAGE_EMULATOR_HOST as the jobs'
+# drivers do, and they get the environment the cluster was started with.
+GCS_EMULATOR_PORT = free_port()
+os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{GCS_EMULATOR_PORT}"
+
 
 class S3Server:
     def __init__(self, endpoint_url: str):

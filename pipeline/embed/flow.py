@@ -175,6 +175,7 @@ def preflight(cfg: EmbedConfig) -> None:
     naming the URI and the endpoint; a missing input, FileNotFoundError."""
     storage.configure(cfg.storage_timeout_s, cfg.storage_attempts)
     log.info("model %s", plan.check_model(cfg.model, cfg.endpoint_url))
+    # gs://: credentials found and the bucket answered, or StorageAccessError in seconds.
     seen = storage.check_access(cfg.input, cfg.output, cfg.endpoint_url,
                                 timeout_s=PREFLIGHT_TIMEOUT_S, attempts=PREFLIGHT_ATTEMPTS)
     log.info("storage: --input %s lists (%d entries at its top), --output %s is writable", cfg.input,

@@ -107,6 +107,7 @@ def run(cfg: ScoreConfig) -> dict:
 
     # Everything that can be wrong with the inputs fails here, before any heavy work.
     corpus = open_corpus(cfg.corpus, cfg.endpoint_url, cfg.generation)
+    storage.open_filesystem(cfg.output, cfg.endpoint_url)  # gs://: credentials and bucket checked now
     queries = read_queries(cfg.queries, cfg.endpoint_url)
     corpus_model = corpus.metadata.get(schema.META_MODEL.decode())
     model_name = cfg.model or corpus_model or DEFAULT_MODEL
