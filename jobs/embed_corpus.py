@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--attn-implementation", help="default auto: flash_attention_2 if installed, else sdpa")
     m.add_argument("--load-in-4bit", action="store_true", default=None, help=argparse.SUPPRESS)  # removed: says why
     m.add_argument("--compile", choices=["auto", "on", "off"],
-                   help="torch.compile the vision and text blocks: about 1.3x the pages/s on a GPU after a "
-                   "warm-up of a minute or two per actor (default: auto = on with GPUs, off on CPU)"),
+                   help="torch.compile the vision and text blocks: 1.38x the pages/s of eager on an H200 (58.6 vs "
+                   "42.4, benchmarks/RESULTS.md) after a 10-17 s first batch per actor (default: auto = on with GPUs)"),
     a = p.add_argument_group("GPU actor pool")
     a.add_argument("--batch-size", type=int, help="pages per model call (default: 16)")
     a.add_argument("--min-actors", type=int, help="actors kept alive (default: one per GPU present at start, else 1)")
