@@ -30,6 +30,8 @@ PIXELS = "pixels"
 # The dtype the actor really used (a GPU actor on a node without CUDA runs in float32 on CPU):
 # written to each file's metadata, then dropped.
 MODEL_DTYPE = "_model_dtype"
+# host:pid of the worker that rendered the row: the summary counts how many rendered.
+RENDER_WORKER = "_render_worker"
 
 STREAM_SCHEMA = pa.schema(
     [
@@ -45,6 +47,7 @@ STREAM_SCHEMA = pa.schema(
         pa.field(schema.MESSAGE, pa.string()),
         pa.field(schema.SOURCE_SIZE, pa.int64()),
         pa.field(schema.SOURCE_MTIME, pa.int64()),
+        pa.field(RENDER_WORKER, pa.string()),
     ]
 )
 
@@ -92,9 +95,10 @@ def render_documents(batch: pa.Table, spec: RenderSpec, render_timeout_s: float,
     storage.configure(**(storage_settings or {}))
     renderer = _get_renderer(render_timeout_s)
     rows = _Rows()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
     for doc in batch.to_pylist():
         doc_id, uri = doc["doc_id"], doc["source_uri"]
-        base = {schema.DOC_ID: doc_id, schema.SOURCE_URI: uri,
+        base = {schema.DOC_ID: doc_id, schema.SOURCE_URI: uri, RENDER_WORKER: worker,
                 schema.SOURCE_SIZE: doc["size_bytes"], schema.SOURCE_MTIME: doc.get("mtime_ns")}
         if doc["size_bytes"] > max_file_bytes:
             rows.add(**base, stage="read", error_type="OversizedFile",
@@ -251,4 +255,6 @@ def write_shard(batch: pa.Table, output: str, metadata: dict, endpoint_url: str 
         "retryable_error_rows": [sum(n for t, n in by_type.items() if t in schema.RETRYABLE_ERRORS)],
         "files": [json.dumps(files)],
         "actors": [json.dumps(actors)],
+        "render_workers": [json.dumps(sorted({w for w in batch.column(RENDER_WORKER).to_pylist() if w})
+                                      if RENDER_WORKER in batch.column_names else [])],
     })

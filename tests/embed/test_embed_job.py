@@ -41,7 +41,7 @@ def read_dir(path):
 @pytest.fixture(scope="module")
 def first_run(ray_session, tiny_model, sample_corpus, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("emb") / "out")
-    summary = run_job(sample_corpus, out, tiny_model, "--rows-per-file", "3")
+    summary = run_job(sample_corpus, out, tiny_model, "--rows-per-file", "3", "--docs-per-render-task", "1")
     return out, summary
 
 
@@ -77,6 +77,10 @@ def test_summary_reports_each_actor_from_its_own_counters(first_run):
         assert a["first_batch_after_s"] + a["wall_s"] <= run["seconds"]
     assert run["pages_per_second"] <= run["actor_pages_per_second"]
     assert "steady_pages_per_second" not in run  # counted from when files landed: it could exceed the actors
+    # Rendering is spread over several CPU workers (4 CPUs here, one per render task of one
+    # document). Before, Ray Data packed the plan task's whole output into one block, so one
+    # render task rendered every document on one core and the GPU waited (RESULTS.md).
+    assert run["render_workers"] >= 2
     # No counter column reaches the output files.
     pages, _ = read_dir(os.path.join(out, "pages"))
     assert not [c for c in pages.column_names if c.startswith("_")]
