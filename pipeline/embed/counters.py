@@ -20,11 +20,16 @@ BUSY_S = "_busy_s"
 FIRST_BATCH_AT = "_first_batch_at"
 BATCH_END_AT = "_batch_end_at"
 MODEL_LOAD_S = "_model_load_s"
-COLUMNS = (ACTOR, BUSY_S, FIRST_BATCH_AT, BATCH_END_AT, MODEL_LOAD_S)
+# The actor's first batch (wall s, forward s, pages): it holds torch.compile's compilation,
+# during which the GPU idles inside the timed forward, so the summary also gives the
+# figures after it.
+FIRST_BATCH = "_first_batch"
+COLUMNS = (ACTOR, BUSY_S, FIRST_BATCH_AT, BATCH_END_AT, MODEL_LOAD_S, FIRST_BATCH)
+_FIRST_TYPE = pa.list_(pa.float64(), 3)
 
 
 def counter_columns(n_rows: int, actor: str, busy_s: float, first_batch_at: float, batch_end_at: float,
-                    model_load_s: float) -> dict[str, pa.Array]:
+                    model_load_s: float, first_batch: tuple[float, float, float] | None = None) -> dict[str, pa.Array]:
     """The hidden columns of one actor batch of ``n_rows`` rows (busy time split evenly)."""
     share = busy_s / n_rows if n_rows else 0.0
     return {
@@ -33,6 +38,7 @@ def counter_columns(n_rows: int, actor: str, busy_s: float, first_batch_at: floa
         FIRST_BATCH_AT: pa.array([first_batch_at] * n_rows, pa.float64()),
         BATCH_END_AT: pa.array([batch_end_at] * n_rows, pa.float64()),
         MODEL_LOAD_S: pa.array([model_load_s] * n_rows, pa.float64()),
+        FIRST_BATCH: pa.array([list(first_batch) if first_batch else None] * n_rows, _FIRST_TYPE),
     }
 
 
@@ -47,8 +53,14 @@ def actor_records(table: pa.Table, is_page: pa.Array | pa.ChunkedArray) -> list[
     })
     g = t.group_by("actor").aggregate([("page", "sum"), ("busy", "sum"), ("first", "min"), ("end", "max"),
                                         ("load", "max")])
+    firsts: dict[str, list] = {}
+    if FIRST_BATCH in table.column_names:
+        for actor, first in zip(table[ACTOR].to_pylist(), table[FIRST_BATCH].to_pylist()):
+            if first is not None:
+                firsts.setdefault(actor, first)
     return [{"actor": r["actor"], "pages": int(r["page_sum"] or 0), "busy_s": float(r["busy_sum"] or 0.0),
-             "first_batch_at": r["first_min"], "last_batch_end_at": r["end_max"], "model_load_s": r["load_max"]}
+             "first_batch_at": r["first_min"], "last_batch_end_at": r["end_max"], "model_load_s": r["load_max"],
+             "first_batch": firsts.get(r["actor"])}
             for r in g.to_pylist() if r["actor"] is not None]
 
 
@@ -64,6 +76,7 @@ def merge_records(into: dict[str, dict], records: list[dict]) -> dict[str, dict]
         a["first_batch_at"] = min(a["first_batch_at"], r["first_batch_at"])
         a["last_batch_end_at"] = max(a["last_batch_end_at"], r["last_batch_end_at"])
         a["model_load_s"] = max(a["model_load_s"] or 0.0, r["model_load_s"] or 0.0)
+        a["first_batch"] = a.get("first_batch") or r.get("first_batch")
     return into
 
 
@@ -87,6 +100,16 @@ def summarize(actors: dict[str, dict], job_started_at: float) -> dict:
             "gpu_busy_fraction": round(a["busy_s"] / wall, 4),
             "pages_per_second": round(a["pages"] / wall, 3),
         })
+        first = a.get("first_batch")
+        if first:
+            f_wall, f_busy, f_pages = first
+            rest = wall - f_wall
+            out[-1]["first_batch_s"] = round(f_wall, 3)
+            if rest > 0 and a["pages"] > f_pages:
+                out[-1]["after_first_batch"] = {
+                    "gpu_busy_fraction": round((a["busy_s"] - f_busy) / rest, 4),
+                    "pages_per_second": round((a["pages"] - f_pages) / rest, 3),
+                }
     busy = sum(a["busy_s"] for a in actors.values())
     wall = sum(e["wall_s"] for e in out)
     return {

@@ -158,13 +158,15 @@ class PageEmbedder:
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.timer = ForwardTimer(device)
         self.first_batch_at: float | None = None
+        self.first_batch: tuple[float, float, float] | None = None  # wall s, forward s, pages
         self.pages = 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.embed.model import embed_pages
 
+        call_start = time.time()
         if self.first_batch_at is None:
-            self.first_batch_at = time.time()
+            self.first_batch_at = call_start
         pixels = batch.column(PIXELS).to_pylist()
         widths = batch.column(schema.WIDTH).to_pylist()
         heights = batch.column(schema.HEIGHT).to_pylist()
@@ -172,7 +174,8 @@ class PageEmbedder:
         images = [np.frombuffer(pixels[i], dtype=np.uint8).reshape(heights[i], widths[i], 3) for i in page_idx]
         busy_before = self.timer.busy_s
         vectors = embed_pages(self.lm, images, self.timer)
-        if self.pages == 0 and images:
+        if self.first_batch is None and images:
+            self.first_batch = (time.time() - call_start, self.timer.busy_s - busy_before, float(len(images)))
             # One line per actor (Ray forwards it to the driver's log with the actor's pid):
             # when each node's GPU started working, from the actor's own clock.
             print(f"[PageEmbedder] pid {os.getpid()}: model loaded in {self.loaded_s:.1f} s, first batch of "
@@ -188,7 +191,7 @@ class PageEmbedder:
         out = out.append_column(schema.N_VECTORS, pa.array(n_vectors, type=pa.int32()))
         out = out.append_column(schema.EMBEDDING, schema.embeddings_to_arrow(all_vectors))
         hidden = counters.counter_columns(batch.num_rows, self.actor, self.timer.busy_s - busy_before,
-                                          self.first_batch_at, time.time(), self.loaded_s)
+                                          self.first_batch_at, time.time(), self.loaded_s, self.first_batch)
         for name, column in hidden.items():
             out = out.append_column(name, column)
         return out
