@@ -20,7 +20,8 @@ Paths, each over the same pages at the same output size (the model's grid):
   process's own (reading the pipe), zygote start-up excluded.
 
 Time is CPU time (``time.process_time``: user + system of this process), so a loaded machine
-inflates it less than wall time; every figure is the median of ``--repeats`` passes.
+inflates it less than wall time; the paths run interleaved, ``--repeats`` rounds, and each
+figure is the median (and the minimum) of its passes.
 Also prints how far ``after``'s pixels are from ``before``'s (same shapes), and how far each
 is from a reference: the page rendered at 4x the grid per axis, box-averaged down to it.
 """
@@ -150,16 +151,12 @@ def renderer_pass(renderer, docs: list[bytes], spec: RenderSpec) -> tuple[int, f
     return n, (time.process_time() - cpu0) + (renderer.cpu_s - child0)
 
 
-def timed(fn, repeats: int) -> tuple[float, int, float]:
-    """(median CPU ms per page, pages, median wall ms per page)."""
-    cpu, wall, pages = [], [], 0
-    for _ in range(repeats):
-        c0, w0 = time.process_time(), time.perf_counter()
-        out = fn()
-        pages, extra = (out, None) if isinstance(out, int) else out
-        cpu.append((extra if extra is not None else time.process_time() - c0) * 1000 / pages)
-        wall.append((time.perf_counter() - w0) * 1000 / pages)
-    return statistics.median(cpu), pages, statistics.median(wall)
+def measure(fn) -> tuple[float, int, float]:
+    """(CPU ms per page, pages, wall ms per page) of one pass."""
+    c0, w0 = time.process_time(), time.perf_counter()
+    out = fn()
+    pages, cpu_s = (out, time.process_time() - c0) if isinstance(out, int) else out
+    return cpu_s * 1000 / pages, pages, (time.perf_counter() - w0) * 1000 / pages
 
 
 def supersampled(data: bytes, shapes: list) -> list[np.ndarray]:
@@ -211,14 +208,20 @@ def main() -> None:
         try:
             list(renderer.render(kinds["scanned"][0], spec))  # the zygote's start-up is not per page
             for kind, docs in kinds.items():
-                row = {}
-                for name, fn in [("raw", lambda: raw_pass(docs, spec)),
-                                 ("before", lambda: module_pass(before, docs, before_spec)),
-                                 ("after", lambda: module_pass(rasterize, docs, spec)),
-                                 ("renderer", lambda: renderer_pass(renderer, docs, spec))]:
+                paths = {"raw": lambda: raw_pass(docs, spec),
+                         "before": lambda: module_pass(before, docs, before_spec),
+                         "after": lambda: module_pass(rasterize, docs, spec),
+                         "renderer": lambda: renderer_pass(renderer, docs, spec)}
+                for fn in paths.values():
                     fn()  # warm caches and imports
-                    cpu, pages, wall = timed(fn, args.repeats)
-                    row[name] = {"cpu_ms_per_page": round(cpu, 2), "wall_ms_per_page": round(wall, 2), "pages": pages}
+                runs = {name: [] for name in paths}
+                for _ in range(args.repeats):  # the paths interleaved, so a burst of load hits all of them
+                    for name, fn in paths.items():
+                        runs[name].append(measure(fn))
+                row = {name: {"cpu_ms_per_page": round(statistics.median(r[0] for r in rs), 2),
+                              "cpu_ms_per_page_min": round(min(r[0] for r in rs), 2),
+                              "wall_ms_per_page": round(statistics.median(r[2] for r in rs), 2),
+                              "pages": rs[0][1]} for name, rs in runs.items()}
                 row["after_vs_raw"] = round(row["after"]["cpu_ms_per_page"] / row["raw"]["cpu_ms_per_page"], 3)
                 row["renderer_vs_raw"] = round(row["renderer"]["cpu_ms_per_page"] / row["raw"]["cpu_ms_per_page"], 3)
                 row["before_vs_raw"] = round(row["before"]["cpu_ms_per_page"] / row["raw"]["cpu_ms_per_page"], 3)
@@ -226,12 +229,13 @@ def main() -> None:
                 results["kinds"][kind] = row
         finally:
             renderer.close()
-    print(f"{'pages':8} {'path':9} {'CPU ms/page':>12} {'wall ms/page':>13} {'x raw':>6}")
+    print(f"{'pages':8} {'path':9} {'CPU ms/page':>12} {'(min)':>7} {'wall ms/page':>13} {'x raw':>6}")
     for kind, row in results["kinds"].items():
         for name in ("raw", "before", "after", "renderer"):
             r = row[name]
             ratio = r["cpu_ms_per_page"] / row["raw"]["cpu_ms_per_page"]
-            print(f"{kind:8} {name:9} {r['cpu_ms_per_page']:12.2f} {r['wall_ms_per_page']:13.2f} {ratio:6.2f}  "
+            print(f"{kind:8} {name:9} {r['cpu_ms_per_page']:12.2f} {r['cpu_ms_per_page_min']:7.2f} "
+                  f"{r['wall_ms_per_page']:13.2f} {ratio:6.2f}  "
                   f"({r['pages']} pages)")
         print(f"{kind:8} pixels after vs before: {row['pixels_after_vs_before']}")
     if args.json:
