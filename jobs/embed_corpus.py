@@ -21,6 +21,7 @@ outputs (DESIGN.md):
   OUTPUT/errors/*.parquet  one row per document or page that failed: stage, error_type, message
   OUTPUT/summary.json      counts (documents, pages, vectors, errors by type) and time
   OUTPUT/config.json       the resolved options
+  OUTPUT/preflight.json    --preflight's report (documents, pages, error rows, CPU ms/page, GPU-hours)
 
 reruns: files are named by content and written atomically; a rerun embeds only documents
 (and pages) that are missing, so it is safe to rerun after a crash or after adding files.
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "limit, retried by the client library (default: 20, or $PIPELINE_STORAGE_TIMEOUT_S)")
     o.add_argument("--storage-attempts", type=int, help="tries per object-storage request, with the SDK's "
                    "backoff (default: 6, or $PIPELINE_STORAGE_ATTEMPTS)")
+    o.add_argument("--preflight", action="store_true", default=None, help="list and render with no model and no writes but OUTPUT/preflight.json: documents, pages, the error rows a run would write, CPU ms per page, GPU-hours")
+    o.add_argument("--gpu-pages-per-second", type=float, help="--preflight's rate per GPU (default: 58.6, measured on an H200 at 768 tokens, scaled by 768/--max-visual-tokens)")
     o.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     o.add_argument("--debug", action="store_true", default=None, help="print the traceback of an unexpected error")
     return p
@@ -119,16 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if isinstance(exc, storage.StorageUnavailableError) else 2
     ensure_ray(cfg.ray_address)
     try:
-        summary = flow.run(cfg)
+        summary = (flow.run_preflight if cfg.preflight else flow.run)(cfg)
     except (FileNotFoundError, storage.OutputLockedError, storage.StorageAccessError, plan.ConfigMismatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run = summary["this_run"]
     print(json.dumps(summary, indent=2))
-    print(f"[embed_corpus] done: {summary['documents_processed']} documents processed "
-          f"({summary['documents_already_done']} already done), {run['pages']} pages, {run['error_rows_final']} "
-          f"error rows, {run['error_rows_retryable']} retryable (storage unavailable: rerun to try them again), "
-          f"{run['seconds']:.1f}s -> {cfg.output}", file=sys.stderr)
+    print(flow.final_line(cfg, summary), file=sys.stderr)
     return 0
 
 

@@ -54,9 +54,14 @@ class EmbedConfig:
     # between bytes), and is tried this many times by the client library (SDK backoff)
     storage_timeout_s: float = float(os.environ.get("PIPELINE_STORAGE_TIMEOUT_S", "20"))
     storage_attempts: int = int(os.environ.get("PIPELINE_STORAGE_ATTEMPTS", "6"))
+    # --preflight: list and render without the model, report counts, CPU and GPU-hours
+    preflight: bool = False
+    gpu_pages_per_second: float | None = None  # None: the measured H200 rate, scaled by tokens
 
     def __post_init__(self):
         problems = []
+        if self.gpu_pages_per_second is not None and not self.gpu_pages_per_second > 0:
+            problems.append(f"--gpu-pages-per-second must be > 0, got {self.gpu_pages_per_second}")
         if not self.input:
             problems.append("--input is required (a local folder, file, s3:// or gs:// prefix)")
         if not self.output:

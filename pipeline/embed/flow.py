@@ -22,7 +22,7 @@ from ray.data import ActorPoolStrategy
 from pipeline import __version__, schema, storage
 from pipeline.cluster import choose_device, max_gpu_actors, read_capacity
 from pipeline.config import EmbedConfig
-from pipeline.embed import counters, plan
+from pipeline.embed import counters, plan, preflight as preflight_report
 from pipeline.embed.rasterize import RenderSpec
 from pipeline.embed.stages import PageEmbedder, render_documents, write_shard
 from pipeline.schema import IMAGE_PROMPT, QUERY_PROMPT
@@ -182,6 +182,74 @@ def preflight(cfg: EmbedConfig) -> None:
                                 timeout_s=PREFLIGHT_TIMEOUT_S, attempts=PREFLIGHT_ATTEMPTS)
     log.info("storage: --input %s lists (%d entries at its top), --output %s is writable", cfg.input,
              seen["input_entries"], cfg.output)
+
+
+def _render_spec(cfg: EmbedConfig) -> RenderSpec:
+    return RenderSpec(max_visual_tokens=cfg.max_visual_tokens, max_dpi=cfg.max_dpi,
+                      max_longest_side_px=cfg.max_longest_side_px, max_image_pixels=cfg.max_image_pixels,
+                      max_pages_per_doc=cfg.max_pages_per_doc)
+
+
+def _render_kwargs(cfg: EmbedConfig, spec: RenderSpec) -> dict:
+    return {"spec": spec, "render_timeout_s": cfg.render_timeout_s, "max_file_bytes": cfg.max_file_bytes,
+            "endpoint_url": cfg.endpoint_url, "pages_per_block": cfg.batch_size,
+            "storage_settings": _storage_settings(cfg)}
+
+
+def _preflight_progress(cfg: EmbedConfig) -> tuple[pa.Table, str | None]:
+    """What OUT already holds, read only, as the run would plan against it (and a note when
+    the run would be refused or start a new generation: then it redoes everything)."""
+    current = storage.current_generation(cfg.output, cfg.endpoint_url)
+    root = schema.generation_root(cfg.output, current)
+    recorded, _, where = plan.recorded_settings(root, cfg.endpoint_url)
+    device = resolve_resources(cfg)[3]  # the dtype "auto" stands for depends on it
+    diffs = plan.setting_differences(recorded, plan.settings_of(output_metadata(cfg, device)))
+    if not diffs:
+        return plan.load_progress(root, cfg.endpoint_url), None
+    what = "; ".join(f"{opt}: {old} -> {new}" for opt, old, new in diffs)
+    action = "starts a new generation (--force-new-config)" if cfg.force_new_config else "is refused (exit 2)"
+    return (plan.PROGRESS_SCHEMA.empty_table(),
+            f"{where} records other settings ({what}): the run {action}; counted as a new generation (all to do)")
+
+
+def run_preflight(cfg: EmbedConfig) -> dict:
+    """``--preflight``: list, plan and render as :func:`run` does, on Ray, with no model and no
+    writes but ``OUT/preflight.json``; returns that report (:mod:`pipeline.embed.preflight`)."""
+    storage.configure(cfg.storage_timeout_s, cfg.storage_attempts)
+    t0 = time.monotonic()
+    done, note = _preflight_progress(cfg)
+    if cfg.retry_errors and done.num_rows:
+        log.warning("--preflight with --retry-errors: documents that ended as error rows are counted as done")
+    units = storage.listing_units(cfg.input, cfg.endpoint_url)
+    counter = _PlanCounter.remote()
+    tally = preflight_report.Tally()
+    if units:
+        ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=min(len(units), MAX_INPUT_BLOCKS))
+        ds = ds.map_batches(_plan_units, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                            fn_kwargs={"cfg": cfg, "done": [ray.put(done)], "counter": counter})
+        ds = ds.map_batches(preflight_report.preflight_documents, batch_size=cfg.docs_per_render_task,
+                            batch_format="pyarrow", fn_kwargs=_render_kwargs(cfg, _render_spec(cfg)), num_cpus=1,
+                            ray_remote_args_fn=_bounded_retries)
+        for row in ds.iter_rows():
+            tally.add(row)
+    totals = ray.get(counter.totals.remote())
+    ray.kill(counter)
+    planned = {k: int(totals.get(k, 0)) for k in ("documents_listed", "documents_already_done", "documents_to_do")}
+    planned["documents_skipped"] = totals["documents_skipped"]
+    report = preflight_report.build_report(cfg, planned, tally, time.monotonic() - t0, note)
+    storage.write_json(join_uri(cfg.output, schema.PREFLIGHT_FILE), report, cfg.endpoint_url)
+    return report
+
+
+def final_line(cfg: EmbedConfig, summary: dict) -> str:
+    """What the job prints last (to stderr): the preflight's table, or a run's one line."""
+    if summary.get("job") == "embed_corpus --preflight":
+        return preflight_report.format_report(summary)
+    run = summary["this_run"]
+    return (f"[embed_corpus] done: {summary['documents_processed']} documents processed "
+            f"({summary['documents_already_done']} already done), {run['pages']} pages, {run['error_rows_final']} "
+            f"error rows, {run['error_rows_retryable']} retryable (storage unavailable: rerun to try them again), "
+            f"{run['seconds']:.1f}s -> {cfg.output}")
 
 
 def run(cfg: EmbedConfig) -> dict:

@@ -151,7 +151,10 @@ def _render_one(out_fd: int, rid: int, req: dict, data: bytes, memory_limit: int
                                               f"over the renderer's memory limit ({memory_limit} bytes): {exc}"))
         except Exception as exc:  # a bug, not bad input: still an error row
             _send_item(out_fd, rid, ErrorItem(None, "render", type(exc).__name__, f"unexpected: {exc}"))
-        _reply(out_fd, rid, K_DONE)
+        import resource
+
+        use = resource.getrusage(resource.RUSAGE_SELF)  # this process's own CPU: a forked child starts at zero
+        _reply(out_fd, rid, K_DONE, payload=json.dumps({"cpu_s": use.ru_utime + use.ru_stime}).encode())
     except BaseException:
         code = 1
     finally:
@@ -248,6 +251,15 @@ def child_environment(root: str, parent: dict | None = None) -> dict:
     return env
 
 
+def _done_cpu_s(payload: bytes) -> float:
+    """The CPU seconds a DONE reply reports (0.0 when absent or malformed)."""
+    try:
+        cpu = json.loads(payload.decode("utf-8")).get("cpu_s") if payload else None
+    except (ValueError, AttributeError):
+        return 0.0
+    return float(cpu) if isinstance(cpu, (int, float)) and 0 <= cpu < 1e9 else 0.0
+
+
 class Renderer:
     """Owns one zygote process, which forks a fresh renderer per document; restarts it after
     a crash, a timeout or an abandoned document."""
@@ -261,6 +273,10 @@ class Renderer:
         self._proc_limit: int | None = None
         self._next_id = 1
         self.last_pid: int | None = None
+        # CPU seconds that per-document processes reported for the documents they finished
+        # (user + system, their own: a forked child starts at zero). A document cut short by
+        # a timeout or a crash reports nothing.
+        self.cpu_s = 0.0
 
     def _start(self) -> None:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -369,6 +385,7 @@ class Renderer:
                         continue
                     if kind == K_DONE:
                         finished = True
+                        self.cpu_s += _done_cpu_s(payload)
                         return
                     item = self._decode(kind, number, h, w, payload)
                 except TimeoutError:

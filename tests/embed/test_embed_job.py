@@ -133,6 +133,46 @@ def test_stored_embeddings_equal_the_model_on_the_same_page(first_run, sample_co
     assert np.abs(got - want).max() < 1e-3  # float16 storage of values in [-1, 1]
 
 
+def test_preflight_counts_what_a_run_writes_and_writes_nothing_else(first_run, sample_corpus, tiny_model, tmp_path,
+                                                                    capsys):
+    """--preflight on a new output: the pages and error rows (by type) that the real run
+    wrote, with no model loaded and nothing in OUT/pages or OUT/errors; on the run's own
+    output: everything already done, and preflight.json does not count as progress."""
+    out, summary = first_run
+    fresh = str(tmp_path / "fresh")
+    argv = ["--input", sample_corpus, "--model", tiny_model, "--max-visual-tokens", TOKENS, "--preflight"]
+    assert embed_corpus.main([*argv, "--output", fresh]) == 0
+    assert sorted(os.listdir(fresh)) == ["preflight.json"]
+    with open(os.path.join(fresh, "preflight.json")) as f:
+        report = json.load(f)
+    errors, _ = read_dir(os.path.join(out, "errors"))
+    assert report["documents_listed"] == report["documents_to_do"] == summary["documents_listed"] == 7
+    assert report["pages"] == summary["this_run"]["pages"] == 8
+    assert report["errors_by_type"] == summary["this_run"]["errors_by_type"] == {"CorruptDocument": 1, "EmptyFile": 1}
+    assert report["error_rows"] == errors.num_rows == 2
+    assert report["error_examples"]["CorruptDocument"][0]["doc_id"] == "reports/truncated.pdf"
+    assert report["bytes_read"] == sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(sample_corpus)
+                                       for f in fs)
+    assert 0 < report["cpu_ms_per_page"] < 5000
+    # GPU-hours: the H200 rate scaled by the token budget, or the rate given
+    assert report["gpu_pages_per_second"] == pytest.approx(58.6 * 768 / int(TOKENS), rel=1e-3)
+    assert report["gpu_hours"] == pytest.approx(8 / report["gpu_pages_per_second"] / 3600, abs=1e-4)
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["pages"] == 8 and "GPU-hours" in printed.err and "truncated.pdf" in printed.err
+
+    listing = {d: sorted(os.listdir(os.path.join(out, d))) for d in ("pages", "errors")}
+    with open(os.path.join(out, "summary.json")) as f:
+        run_summary = f.read()
+    assert embed_corpus.main([*argv, "--output", out, "--gpu-pages-per-second", "2"]) == 0
+    with open(os.path.join(out, "preflight.json")) as f:
+        again = json.load(f)
+    assert again["documents_already_done"] == 7 and again["documents_to_do"] == again["pages"] == 0
+    assert again["gpu_pages_per_second"] == 2 and again["gpu_hours"] == 0
+    assert {d: sorted(os.listdir(os.path.join(out, d))) for d in ("pages", "errors")} == listing
+    with open(os.path.join(out, "summary.json")) as f:
+        assert f.read() == run_summary
+
+
 def test_rerun_writes_nothing_new(first_run, tiny_model, sample_corpus):
     out, _ = first_run
     before = sorted(os.listdir(os.path.join(out, "pages"))) + sorted(os.listdir(os.path.join(out, "errors")))

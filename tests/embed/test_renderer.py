@@ -8,6 +8,7 @@ import os
 import struct
 import time
 
+import numpy as np
 import pytest
 
 from pipeline.embed.rasterize import DocInfo, ErrorItem, PageItem, RenderSpec
@@ -78,9 +79,32 @@ def test_each_document_renders_in_a_fresh_process():
         r.close()
 
 
+def heavy_pdf(n_pages: int, n_paths: int) -> bytes:
+    """n_pages letter pages that each draw one shared form of n_paths long stroked curves:
+    slow to render at any budget (1,000 curves: about 0.2 s a page at 4096 tokens here)."""
+    rng = np.random.default_rng(0)
+    body = "".join(f"{a} {b} m {c} {d} {e} {f} {g} {h} c S\n"
+                   for a, b, c, d, e, f, g, h in rng.uniform(0, 600, (n_paths, 8)).round(1).tolist()).encode()
+    objs = [b"<</Type/Catalog/Pages 2 0 R>>",
+            b"<</Type/Pages/Kids[" + b" ".join(b"%d 0 R" % (5 + i) for i in range(n_pages)) + b"]/Count %d>>" % n_pages,
+            b"<</Type/XObject/Subtype/Form/BBox[0 0 612 792]/Length %d>>stream\n" % len(body) + body + b"\nendstream",
+            b"<</Length 11>>stream\nq /F0 Do Q\nendstream"]
+    objs += [b"<</Type/Page/Parent 2 0 R/MediaBox[0 0 612 792]/Resources<</XObject<</F0 3 0 R>>>>/Contents 4 0 R>>"
+             ] * n_pages
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for k, obj in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % k + obj + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1) + b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    return bytes(out + b"trailer\n<</Size %d/Root 1 0 R>>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref))
+
+
 def test_timeout_is_per_document_not_per_page():
-    """30 pages at 0.2-0.5 s each: every page comes well within 2.5 s, the document does not."""
-    data = corpus_file("qpdf/V4-aes-clearmeta.pdf")
+    """30 pages at about 0.2 s each: every page comes well within 2.5 s, the document does not.
+    (Rendered straight to the grid, qpdf/V4-aes-clearmeta.pdf's pages, used here before,
+    now take about 2 ms each: their cost was the resize.)"""
+    data = heavy_pdf(30, 1000)
     spec = RenderSpec(max_visual_tokens=4096)
     r = Renderer(timeout_s=2.5)
     try:
