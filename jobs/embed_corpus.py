@@ -30,7 +30,7 @@ except StorageUnavailable rows (storage did not answer after the retries): a pla
 tries those again. A storage endpoint that is down at the start fails the job in seconds.
 Rows record their source's size and mtime: a rerun embeds changed files again (old rows
 removed) and removes the rows of deleted ones (a SourceDeleted error row each). A rerun with
-another --model, --max-visual-tokens, --dtype or prompt is refused (exit 2) unless
+another --model, --max-visual-tokens, --dtype, --pool-factor or prompt is refused (exit 2) unless
 --force-new-config starts OUTPUT/generations/<n>/ (named by OUTPUT/generation.json), which
 readers then use instead of OUTPUT/pages.
 
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--compile", choices=["auto", "on", "off"],
                    help="torch.compile the vision and text blocks: 1.38x the pages/s of eager on an H200 (58.6 vs "
                    "42.4, benchmarks/RESULTS.md) after a 10-17 s first batch per actor (default: auto = on with GPUs)"),
+    m.add_argument("--pool-factor", type=int, help="hierarchical token pooling (colpali-engine's, on the actor's device): about 1/N of each page's vectors, storage and scoring cost; N=3 kept ~97.8%% of retrieval quality in the ColPali paper (default: 1 = off; queries are never pooled)")
     a = p.add_argument_group("GPU actor pool")
     a.add_argument("--batch-size", type=int, help="pages per model call (default: 16)")
     a.add_argument("--min-actors", type=int, help="actors kept alive (default: one per GPU present at start, else 1)")

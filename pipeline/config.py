@@ -34,6 +34,9 @@ class EmbedConfig:
     dtype: str = "auto"
     attn_implementation: str = "auto"
     compile: str = "auto"  # torch.compile the model's blocks; auto: on GPU
+    # hierarchical token pooling of each page's vectors in the actor (pipeline/embed/pooling.py);
+    # 1 = off. Queries are never pooled.
+    pool_factor: int = 1
     # CPU rendering
     docs_per_render_task: int = 4
     render_timeout_s: float = 120.0
@@ -70,6 +73,8 @@ class EmbedConfig:
             problems.append("--output must differ from --input (outputs would be read back as documents)")
         if self.max_visual_tokens < 4:
             problems.append(f"--max-visual-tokens must be >= 4 (ColQwen2 was trained with 768), got {self.max_visual_tokens}")
+        if not isinstance(self.pool_factor, int) or self.pool_factor < 1:
+            problems.append(f"--pool-factor must be an integer >= 1 (1 = no pooling), got {self.pool_factor!r}")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.min_actors is not None and self.min_actors < 1:

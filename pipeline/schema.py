@@ -100,6 +100,9 @@ META_QUERY_PROMPT = b"vdr.query_prompt"
 META_MAX_VISUAL_TOKENS = b"vdr.max_visual_tokens"
 META_DTYPE = b"vdr.dtype"
 META_VERSION = b"vdr.version"
+# Hierarchical token pooling factor of the page vectors (--pool-factor; 1 = not pooled).
+# Files written before it existed lack the key: read as 1.
+META_POOL_FACTOR = b"vdr.pool_factor"
 
 
 def page_id(doc_id: str, page_number: int) -> str:

@@ -117,6 +117,7 @@ def output_metadata(cfg: EmbedConfig, device: str) -> dict[str, str]:
         schema.META_MAX_VISUAL_TOKENS.decode(): str(cfg.max_visual_tokens),
         schema.META_DTYPE.decode(): dtype,
         schema.META_VERSION.decode(): __version__,
+        schema.META_POOL_FACTOR.decode(): str(cfg.pool_factor),
     }
 
 
@@ -354,7 +355,8 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
             fn_constructor_kwargs={"model": cfg.model, "device": device, "dtype": cfg.dtype,
                                    "attn_implementation": cfg.attn_implementation,
                                    "endpoint_url": cfg.endpoint_url,
-                                   "compile_model": cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda")},
+                                   "compile_model": cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda"),
+                                   "pool_factor": cfg.pool_factor},
             compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
@@ -398,6 +400,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
         "generation": generation,
         "model": cfg.model,
         "max_visual_tokens": cfg.max_visual_tokens,
+        "pool_factor": cfg.pool_factor,
         "device": device,
         "device_reason": why,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

@@ -390,8 +390,11 @@ class ForwardTimer:
 
 
 @torch.inference_mode()
-def forward_embeddings(lm: LoadedModel, inputs: dict, timer: ForwardTimer | None = None) -> list[np.ndarray]:
-    """Run the model; return each row's real vectors, (n_i, 128) float32, L2-normalised."""
+def forward_embeddings(lm: LoadedModel, inputs: dict, timer: ForwardTimer | None = None,
+                       pool_factor: int = 1) -> list[np.ndarray]:
+    """Run the model; return each row's real vectors, (n_i, 128) float32, L2-normalised;
+    with ``pool_factor`` > 1 each row's vectors pooled on the model's device first
+    (:func:`pipeline.embed.pooling.pool_embeddings`, in float32)."""
     mask = inputs["attention_mask"].bool()
     if bool(mask.all()):
         # No padding (pages of one size): without a mask, SDPA takes its causal fast path.
@@ -399,6 +402,10 @@ def forward_embeddings(lm: LoadedModel, inputs: dict, timer: ForwardTimer | None
     with timer.measure() if timer is not None else contextlib.nullcontext():
         out = lm.model(**inputs, use_cache=False).embeddings  # (B, L, 128)
     lengths = mask.sum(dim=1).tolist()
+    if pool_factor > 1:
+        from pipeline.embed.pooling import pool_embeddings
+
+        return [pool_embeddings(out[i, :n].float(), pool_factor).cpu().numpy() for i, n in enumerate(lengths)]
     flat = out[mask].float().cpu().numpy()  # right padding: real tokens come first in each row
     result, start = [], 0
     for n in lengths:
@@ -407,9 +414,11 @@ def forward_embeddings(lm: LoadedModel, inputs: dict, timer: ForwardTimer | None
     return result
 
 
-def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTimer | None = None) -> list[np.ndarray]:
-    """Page embeddings, each (n_i, 128) float32, in the order given. Pages are run sorted
-    by size, so images of one size sit together for the batched vision attention."""
+def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTimer | None = None,
+                pool_factor: int = 1) -> list[np.ndarray]:
+    """Page embeddings, each (n_i, 128) float32, in the order given (pooled by ``pool_factor``
+    when > 1). Pages are run sorted by size, so images of one size sit together for the
+    batched vision attention."""
     if not images:
         return []
     order = sorted(range(len(images)), key=lambda i: images[i].shape[:2])
@@ -417,7 +426,7 @@ def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTim
     p = lm.patch_size
     lm.vision_lengths.lengths = [(im.shape[0] // p) * (im.shape[1] // p) for im in ordered]
     try:
-        vectors = forward_embeddings(lm, build_page_inputs(ordered, lm), timer)
+        vectors = forward_embeddings(lm, build_page_inputs(ordered, lm), timer, pool_factor)
     finally:
         lm.vision_lengths.lengths = None
     out: list = [None] * len(images)

@@ -14,8 +14,8 @@ then the old one deleted, with a journal that the next run completes: :func:`fin
 deleted documents get a ``SourceDeleted`` error row, and changed ones are embedded again.
 Rows without a recorded version (outputs of older versions) count as unchanged.
 
-Generations (:func:`select_generation`): a run whose model, token budget, dtype or prompts
-differ from what the output holds is refused, unless ``--force-new-config`` starts the next
+Generations (:func:`select_generation`): a run whose model, token budget, dtype, prompts or
+pool factor differ from what the output holds is refused, unless ``--force-new-config`` starts the next
 generation (``OUT/generations/<n>/``) that readers and reruns then use instead.
 """
 
@@ -517,7 +517,8 @@ SETTINGS = (("model", schema.META_MODEL, "--model"),
             ("max_visual_tokens", schema.META_MAX_VISUAL_TOKENS, "--max-visual-tokens"),
             ("dtype", schema.META_DTYPE, "--dtype"),
             ("image_prompt", schema.META_PROMPT, "image prompt"),
-            ("query_prompt", schema.META_QUERY_PROMPT, "query prompt"))
+            ("query_prompt", schema.META_QUERY_PROMPT, "query prompt"),
+            ("pool_factor", schema.META_POOL_FACTOR, "--pool-factor"))
 
 
 def settings_of(metadata: dict) -> dict[str, str]:
@@ -558,10 +559,13 @@ def recorded_settings(root: str, endpoint_url: str | None = None) -> tuple[dict 
 
 def setting_differences(recorded: dict | None, wanted: dict) -> list[tuple[str, str, str]]:
     """(option, recorded value, this run's value) for each comparable setting that differs. A
-    dtype recorded as several (a mixed pool of actors) is not compared."""
+    dtype recorded as several (a mixed pool of actors) is not compared. An output that records
+    no pool factor (written before --pool-factor existed) holds unpooled vectors: factor 1."""
     out = []
     for name, _, option in SETTINGS:
         old, new = (recorded or {}).get(name), wanted.get(name)
+        if name == "pool_factor" and old is None and recorded:
+            old = "1"
         if old is None or new is None or (name == "dtype" and "," in str(old)):
             continue
         if str(old) != str(new):
@@ -583,7 +587,9 @@ def select_generation(cfg: EmbedConfig, metadata: dict) -> tuple[int, str, dict 
     if not diffs:
         return current, root, config
     held = (f"--model {recorded.get('model', '?')} (max_visual_tokens {recorded.get('max_visual_tokens', '?')}, "
-            f"{recorded.get('dtype', '?')})")
+            f"{recorded.get('dtype', '?')}"
+            + (f", pool factor {recorded.get('pool_factor', '1')}" if any(o == "--pool-factor" for o, _, _ in diffs) else "")
+            + ")")
     this = "; ".join(f"{opt} {new}" if opt.startswith("--") else f"{opt} {new!r}" for opt, _, new in diffs)
     if not cfg.force_new_config:
         raise ConfigMismatchError(

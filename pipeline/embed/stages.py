@@ -138,11 +138,12 @@ def render_documents(batch: pa.Table, spec: RenderSpec, render_timeout_s: float,
 
 class PageEmbedder:
     """GPU stage: one ColQwen2 per actor, loaded once; each batch of rendered pages in,
-    the same rows with ``n_vectors`` and ``embedding`` out (pixels dropped)."""
+    the same rows with ``n_vectors`` and ``embedding`` out (pixels dropped). With
+    ``pool_factor`` > 1 the vectors are hierarchically pooled (:mod:`pipeline.embed.pooling`)."""
 
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto",
                  attn_implementation: str = "auto", endpoint_url: str | None = None,
-                 compile_model: bool = False):
+                 compile_model: bool = False, pool_factor: int = 1):
         from pipeline.cluster import actor_device
         from pipeline.embed.model import ForwardTimer, load_model
 
@@ -160,6 +161,7 @@ class PageEmbedder:
         self.first_batch_at: float | None = None
         self.first_batch: tuple[float, float, float] | None = None  # wall s, forward s, pages
         self.pages = 0
+        self.pool_factor = pool_factor  # each page's vectors pooled after the forward, on the model's device
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.embed.model import embed_pages
@@ -173,7 +175,7 @@ class PageEmbedder:
         page_idx = [i for i, p in enumerate(pixels) if p is not None]
         images = [np.frombuffer(pixels[i], dtype=np.uint8).reshape(heights[i], widths[i], 3) for i in page_idx]
         busy_before = self.timer.busy_s
-        vectors = embed_pages(self.lm, images, self.timer)
+        vectors = embed_pages(self.lm, images, self.timer, self.pool_factor)
         if self.first_batch is None and images:
             self.first_batch = (time.time() - call_start, self.timer.busy_s - busy_before, float(len(images)))
             # One line per actor (Ray forwards it to the driver's log with the actor's pid):

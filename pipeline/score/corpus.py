@@ -218,6 +218,9 @@ class Corpus:
     uri: str
     files: list[CorpusFile]
     metadata: dict[str, str]  # decoded key-value metadata (vdr.* keys), equal in every file
+    # pool factor (vdr.pool_factor; absent = 1, unpooled) -> files: more than one key is a mix,
+    # refused by check_compatibility unless allowed
+    pool_factors: dict[int, int] = dataclasses.field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
@@ -244,7 +247,9 @@ def open_corpus(corpus_uri: str, endpoint_url: str | None = None, generation: in
     pages are read: by default the current one (``CORPUS/generation.json``).
 
     Files whose vdr.* metadata disagree on model, query prompt or token budget are
-    refused: their pages were embedded differently and must not be ranked together.
+    refused: their pages were embedded differently and must not be ranked together. Their
+    pool factors are counted (:attr:`Corpus.pool_factors`); a mix is for
+    :func:`check_compatibility` to refuse.
     """
     fs, root = open_filesystem(corpus_uri, endpoint_url)
     info = fs.get_file_info(root)
@@ -260,6 +265,7 @@ def open_corpus(corpus_uri: str, endpoint_url: str | None = None, generation: in
     files: list[CorpusFile] = []
     metadata: dict[str, str] | None = None
     first = None
+    pool_factors: dict[int, int] = {}
     for path, md in zip(paths, storage.read_footers(fs, paths)):
         names = md.schema.to_arrow_schema().names
         missing = [c for c in (schema.PAGE_ID, schema.DOC_ID, schema.PAGE_NUMBER, schema.EMBEDDING) if c not in names]
@@ -275,8 +281,19 @@ def open_corpus(corpus_uri: str, endpoint_url: str | None = None, generation: in
                         f"corpus files disagree on {key}: {first} has {metadata.get(key)!r}, {path} has "
                         f"{meta.get(key)!r}. Score each embedding run separately, or re-embed one of them."
                     )
+        factor = pool_factor_of(meta, path)
+        pool_factors[factor] = pool_factors.get(factor, 0) + 1
         files.append(CorpusFile(path, md.num_rows))
-    return Corpus(corpus_uri, files, metadata or {})
+    return Corpus(corpus_uri, files, metadata or {}, pool_factors)
+
+
+def pool_factor_of(meta: dict[str, str], path: str = "") -> int:
+    """A file's pool factor from its decoded metadata: 1 when it records none (unpooled)."""
+    value = meta.get(schema.META_POOL_FACTOR.decode(), "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise CorpusError(f"{path} records pool factor {value!r}, not an integer") from None
 
 
 def check_compatibility(
@@ -303,6 +320,11 @@ def check_compatibility(
     if max_visual_tokens is not None and meta.get(key) not in (None, str(max_visual_tokens)):
         problems.append(f"the corpus was embedded with a {meta[key]}-token visual budget, "
                         f"this run expects {max_visual_tokens}")
+    if len(corpus.pool_factors) > 1:
+        mix = ", ".join(f"{n} file(s) at pool factor {f}" for f, n in sorted(corpus.pool_factors.items()))
+        problems.append(f"the corpus mixes pooled and unpooled pages ({mix}; factor 1 = unpooled): pooled pages "
+                        "are scored against cluster centroids, unpooled ones against every token, so their "
+                        "scores are not on one scale. Re-embed one part with the other --pool-factor")
     if problems and not allow_mismatch:
         raise CorpusError(
             "; ".join(problems)

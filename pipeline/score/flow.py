@@ -222,6 +222,9 @@ def run(cfg: ScoreConfig) -> dict:
     summary = {
         "corpus": cfg.corpus, "queries_file": cfg.queries, "output": cfg.output,
         "model": None if cfg.query_embeddings else model_name, "corpus_model": corpus_model,
+        # the corpus's pool factor (1 = unpooled); a list when mixed (allowed by --allow-model-mismatch)
+        "corpus_pool_factor": (next(iter(corpus.pool_factors)) if len(corpus.pool_factors) == 1
+                               else sorted(corpus.pool_factors) or 1),
         "query_embeddings_reused": cfg.query_embeddings,
         "n_queries": queries.num_rows, "n_query_vectors": int(q_lengths.sum()),
         "n_pages": pages_scored, "n_pages_dropped_empty": sum(s["dropped_empty_pages"] for s in shard_stats),

@@ -1,0 +1,71 @@
+"""--pool-factor on a GPU: pool_embeddings on CUDA against colpali-engine's reference
+(tests/data/pooling_reference.npz, made on CPU), and its cost per 755-token page by step.
+
+    PYTHONPATH=$PWD python3 benchmarks/check_pooling_gpu.py [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.embed.pooling import cluster_labels, pool_embeddings  # noqa: E402
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "pooling_reference.npz")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    dev = "cuda"
+    out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "reference": {}}
+    ref = np.load(REFERENCE)
+    for case in ("random_96", "structured_420", "tiny_model_page"):
+        x = torch.from_numpy(ref[f"{case}/input"].astype(np.float32)).to(dev)
+        for f in (2, 3):
+            labels = cluster_labels(x, f)
+            pooled = pool_embeddings(x, f).cpu().numpy()
+            want = ref[f"{case}/f{f}/pooled"].astype(np.float32)
+            same = pooled.shape == want.shape
+            out["reference"][f"{case}/f{f}"] = {
+                "labels_equal": bool(np.array_equal(labels, ref[f"{case}/f{f}/labels"])),
+                "shape_equal": same, "max_abs_diff": float(np.abs(pooled - want).max()) if same else None}
+    g = torch.Generator(device=dev).manual_seed(0)
+    pages = [torch.nn.functional.normalize(torch.randn(755, 128, generator=g, device=dev), dim=-1) for _ in range(32)]
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    steps = {"gpu_similarity_pdist_copy": [], "cpu_ward_fcluster": [], "pool_embeddings": []}
+    for p in pages[:3]:
+        pool_embeddings(p, 3)  # warm-up
+    for p in pages:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        condensed = torch.nn.functional.pdist((1 - p @ p.T).double()).cpu().numpy()
+        t1 = time.perf_counter()
+        fcluster(linkage(condensed, method="ward"), t=755 // 3, criterion="maxclust")
+        t2 = time.perf_counter()
+        pool_embeddings(p, 3)
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        steps["gpu_similarity_pdist_copy"].append(t1 - t)
+        steps["cpu_ward_fcluster"].append(t2 - t1)
+        steps["pool_embeddings"].append(t3 - t2)
+    out["per_page_ms_median_755_tokens_f3"] = {k: round(1000 * statistics.median(v), 2) for k, v in steps.items()}
+    print(json.dumps(out, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

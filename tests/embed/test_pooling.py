@@ -1,0 +1,127 @@
+"""--pool-factor: colpali-engine 0.3.18's hierarchical token pooling, in the actor, recorded
+in the metadata, refused when mixed (an embeddings output, a scored corpus) unless allowed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import schema
+from pipeline.embed import plan
+from pipeline.embed.pooling import cluster_labels, pool_embeddings
+from pipeline.score.corpus import CorpusError, check_compatibility, open_corpus
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "data", "pooling_reference.npz")
+CASES = ("random_96", "structured_420", "tiny_model_page")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with np.load(REFERENCE) as data:
+        assert str(data["colpali_version"]) == "0.3.18"
+        return {k: data[k] for k in data.files}
+
+
+@pytest.mark.parametrize("factor", (2, 3))
+@pytest.mark.parametrize("case", CASES)
+def test_pooled_vectors_equal_colpali_engine_0_3_18(reference, case, factor):
+    """Made by tests/data/make_pooling_reference.py with colpali's own pooler code."""
+    x = torch.from_numpy(reference[f"{case}/input"].astype(np.float32))
+    np.testing.assert_array_equal(cluster_labels(x, factor), reference[f"{case}/f{factor}/labels"])
+    ours = pool_embeddings(x, factor)
+    ref = reference[f"{case}/f{factor}/pooled"]
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    assert ours.shape[0] <= len(x) // factor
+    # vector by vector, in colpali's cluster order, within float16 rounding (half a step near 1)
+    np.testing.assert_allclose(ours.numpy(), ref.astype(np.float32), rtol=0, atol=2.5e-4)
+    np.testing.assert_allclose(ours.norm(dim=1).numpy(), 1.0, atol=1e-6)
+
+
+def test_factor_one_and_single_vectors_are_left_alone_and_bad_factors_refused():
+    x = torch.nn.functional.normalize(torch.randn(10, 128), dim=-1)
+    assert pool_embeddings(x, 1) is x
+    assert pool_embeddings(x[:1], 3) is not None and pool_embeddings(x[:1], 3).shape == (1, 128)
+    assert pool_embeddings(x[:2], 3).shape == (1, 128)  # max(n // f, 1) clusters
+    with pytest.raises(ValueError, match="pool_factor"):
+        pool_embeddings(x, 0)
+
+
+def test_model_pools_each_page_after_the_forward_and_never_queries(tiny_model):
+    from pipeline.embed.model import embed_pages, embed_queries, load_model
+
+    lm = load_model(tiny_model, device="cpu")
+    rng = np.random.default_rng(0)
+    pages = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((112, 168), (224, 140))]
+    plain = embed_pages(lm, pages)
+    pooled = embed_pages(lm, pages, pool_factor=3)
+    for p, q in zip(plain, pooled):
+        assert len(q) == len(p) // 3
+        np.testing.assert_allclose(q, pool_embeddings(torch.from_numpy(p), 3).numpy(), atol=1e-5)
+    assert "pool_factor" not in embed_queries.__code__.co_varnames
+
+
+def test_an_output_of_another_pool_factor_is_another_setting():
+    old = plan.settings_of({schema.META_MODEL: b"m", schema.META_MAX_VISUAL_TOKENS: b"768"})  # before pooling
+    assert plan.setting_differences(old, {**old, "pool_factor": "1"}) == []
+    assert plan.setting_differences(old, {**old, "pool_factor": "3"}) == [("--pool-factor", "1", "3")]
+    assert plan.setting_differences({**old, "pool_factor": "2"}, {**old, "pool_factor": "3"}) == [
+        ("--pool-factor", "2", "3")]
+
+
+def _pages_file(path, pool_factor):
+    vectors = [np.eye(128, dtype=np.float16)[:3]]
+    table = pa.table({schema.DOC_ID: ["d"], schema.PAGE_NUMBER: pa.array([1], pa.int32()),
+                      schema.PAGE_ID: [f"d#{os.path.basename(path)}"],
+                      schema.EMBEDDING: schema.embeddings_to_arrow(vectors)})
+    meta = {schema.META_MODEL: b"m"}
+    if pool_factor is not None:
+        meta[schema.META_POOL_FACTOR] = str(pool_factor).encode()
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def test_scoring_refuses_a_corpus_that_mixes_pool_factors_unless_allowed(tmp_path):
+    (tmp_path / "pages").mkdir()
+    _pages_file(tmp_path / "pages" / "a.parquet", None)  # written before pooling existed: factor 1
+    _pages_file(tmp_path / "pages" / "b.parquet", 1)
+    corpus = open_corpus(str(tmp_path))
+    assert corpus.pool_factors == {1: 2}
+    assert check_compatibility(corpus, model="m", query_prompt=None, max_visual_tokens=None, allow_mismatch=False) == []
+    _pages_file(tmp_path / "pages" / "c.parquet", 3)
+    corpus = open_corpus(str(tmp_path))
+    assert corpus.pool_factors == {1: 2, 3: 1}
+    with pytest.raises(CorpusError, match=r"2 file\(s\) at pool factor 1, 1 file\(s\) at pool factor 3.*"
+                                          r"--allow-model-mismatch"):
+        check_compatibility(corpus, model="m", query_prompt=None, max_visual_tokens=None, allow_mismatch=False)
+    assert check_compatibility(corpus, model="m", query_prompt=None, max_visual_tokens=None, allow_mismatch=True)
+
+
+@pytest.mark.slow
+def test_embed_job_pools_records_the_factor_and_refuses_another(ray_session, tiny_model, sample_corpus, tmp_path,
+                                                               capsys):
+    from jobs import embed_corpus
+
+    out = str(tmp_path / "out")
+    args = ["--input", sample_corpus, "--output", out, "--model", tiny_model, "--max-visual-tokens", "64",
+            "--batch-size", "8"]
+    assert embed_corpus.main([*args, "--pool-factor", "3"]) == 0
+    pages = pq.read_table(os.path.join(out, "pages"))
+    assert pages.num_rows > 0
+    counts = pages.column(schema.N_VECTORS).to_pylist()
+    assert counts == [len(v) for v in schema.arrow_to_embeddings(pages.column(schema.EMBEDDING))]
+    # a page of the tiny model at 64 visual tokens has at most 64 + 11 prompt tokens: 25 after pooling
+    assert 0 < max(counts) <= (64 + 11) // 3
+    for name in os.listdir(os.path.join(out, "pages")):
+        assert pq.read_schema(os.path.join(out, "pages", name)).metadata[schema.META_POOL_FACTOR] == b"3"
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["pool_factor"] == 3 and config["settings"]["pool_factor"] == "3"
+    assert json.load(open(os.path.join(out, "summary.json")))["pool_factor"] == 3
+    capsys.readouterr()
+    assert embed_corpus.main(args) == 2  # unpooled into a pooled output: refused, nothing written
+    err = capsys.readouterr().err
+    assert "pool factor 3" in err and "--pool-factor 1" in err and "--force-new-config" in err, err
