@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--compile", choices=["auto", "on", "off"],
                    help="torch.compile the vision and text blocks: 1.38x the pages/s of eager on an H200 (58.6 vs "
                    "42.4, benchmarks/RESULTS.md) after a 10-17 s first batch per actor (default: auto = on with GPUs)"),
+    m.add_argument("--compile-cache", metavar="URI", help="shared place (s3://, gs://, a shared path) for compiled artefacts: new nodes load them instead of compiling (each node also keeps its own in $VDR_COMPILE_CACHE)")
     m.add_argument("--pool-factor", type=int, help="hierarchical token pooling (colpali-engine's, on the actor's device): about 1/N of each page's vectors, storage and scoring cost; N=3 kept ~97.8%% of retrieval quality in the ColPali paper (default: 1 = off; queries are never pooled)")
     a = p.add_argument_group("GPU actor pool")
     a.add_argument("--batch-size", type=int, help="pages per model call (default: 16)")

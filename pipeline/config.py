@@ -34,6 +34,9 @@ class EmbedConfig:
     dtype: str = "auto"
     attn_implementation: str = "auto"
     compile: str = "auto"  # torch.compile the model's blocks; auto: on GPU
+    # a shared place (s3://, gs://, a shared path) for compiled artefacts, read by new nodes
+    # before they compile; each node also keeps them in $VDR_COMPILE_CACHE (pipeline/embed/compile_cache.py)
+    compile_cache: str | None = None
     # hierarchical token pooling of each page's vectors in the actor (pipeline/embed/pooling.py);
     # 1 = off. Queries are never pooled.
     pool_factor: int = 1

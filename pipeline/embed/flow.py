@@ -356,7 +356,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
                                    "attn_implementation": cfg.attn_implementation,
                                    "endpoint_url": cfg.endpoint_url,
                                    "compile_model": cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda"),
-                                   "pool_factor": cfg.pool_factor},
+                                   "pool_factor": cfg.pool_factor, "compile_cache": cfg.compile_cache},
             compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             batch_size=cfg.batch_size,
             batch_format="pyarrow",

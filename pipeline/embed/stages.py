@@ -143,7 +143,7 @@ class PageEmbedder:
 
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto",
                  attn_implementation: str = "auto", endpoint_url: str | None = None,
-                 compile_model: bool = False, pool_factor: int = 1):
+                 compile_model: bool = False, pool_factor: int = 1, compile_cache: str | None = None):
         from pipeline.cluster import actor_device
         from pipeline.embed.model import ForwardTimer, load_model
 
@@ -162,6 +162,16 @@ class PageEmbedder:
         self.first_batch: tuple[float, float, float] | None = None  # wall s, forward s, pages
         self.pages = 0
         self.pool_factor = pool_factor  # each page's vectors pooled after the forward, on the model's device
+        # Warm starts: compiled artefacts of an earlier actor (this node's, or --compile-cache's)
+        # are loaded before the first batch compiles; this actor's are saved after it.
+        self.compile_cache = None
+        if compile_model:
+            from pipeline.embed import compile_cache as cc
+
+            self.compile_cache = (cc.cache_key(self.lm.model.config.to_dict(), self.dtype, device),
+                                  compile_cache, endpoint_url)
+            self.compile_cache_from = cc.load(*self.compile_cache)
+            self._graphs_saved = -1
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.embed.model import embed_pages
@@ -181,9 +191,14 @@ class PageEmbedder:
             # One line per actor (Ray forwards it to the driver's log with the actor's pid):
             # when each node's GPU started working, from the actor's own clock.
             print(f"[PageEmbedder] pid {os.getpid()}: model loaded in {self.loaded_s:.1f} s, first batch of "
-                  f"{len(images)} done at {time.time():.3f} ({time.time() - self.started:.1f} s after start)",
+                  f"{len(images)} done at {time.time():.3f} ({time.time() - self.started:.1f} s after start, "
+                  f"{self.first_batch[0]:.1f} s for the batch"
+                  + (f", compile cache {'warm from ' + self.compile_cache_from if self.compile_cache_from else 'cold'}"
+                     if self.compile_cache is not None else "") + ")",
                   file=sys.stderr, flush=True)
         self.pages += len(images)
+        if self.compile_cache is not None and images:
+            self._save_compiled()
         all_vectors: list = [np.zeros((0, schema.EMBEDDING_DIM), np.float16)] * batch.num_rows
         n_vectors: list = [None] * batch.num_rows
         for i, v in zip(page_idx, vectors):
@@ -197,6 +212,18 @@ class PageEmbedder:
         for name, column in hidden.items():
             out = out.append_column(name, column)
         return out
+
+    def _save_compiled(self) -> None:
+        """Save the compiled artefacts after the first batch, and again after any batch that
+        compiled something new (another page size or batch size)."""
+        from torch._dynamo.utils import counters as dynamo_counters
+
+        from pipeline.embed import compile_cache as cc
+
+        graphs = int(dynamo_counters["stats"]["unique_graphs"])
+        if graphs != self._graphs_saved:
+            self._graphs_saved = graphs
+            cc.save(*self.compile_cache)
 
 
 shard_name = schema.shard_name  # the file-name rule lives with the other names

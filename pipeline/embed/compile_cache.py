@@ -1,0 +1,114 @@
+"""Warm starts: torch.compile's artefacts kept between actors, per node and optionally in
+object storage, so that an actor on a node (or a cluster) that compiled this model before
+skips most of the compilation of its first batch.
+
+This is PyTorch's own portable cache (``torch.compiler.save_cache_artifacts`` /
+``load_cache_artifacts``: Inductor's FX-graph and autotuning caches, Triton kernels), stored
+as one file per key. The key covers everything the compiled code depends on: the model's
+config, the dtype, the device (GPU name and compute capability), torch and Triton versions,
+and how the blocks are compiled. A cache that does not fit is never loaded; a damaged or
+foreign file only costs a cold compile, never a wrong result (Inductor checks its own keys
+when it looks entries up).
+
+Locations: ``$VDR_COMPILE_CACHE`` (default ``/tmp/vdr-compile-cache``, one per node) and,
+with ``--compile-cache URI``, a shared prefix (``s3://``, ``gs://``, a shared filesystem)
+that new nodes read first. Writes are whole-object (:func:`pipeline.storage.write_bytes_atomic`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+
+import torch
+
+from pipeline import storage
+
+log = logging.getLogger(__name__)
+
+LOCAL_ENV = "VDR_COMPILE_CACHE"
+SCHEME = "blocks-dynamic-v1"  # how load_model compiles: each vision block and text layer, dynamic=True
+
+
+def local_dir() -> str:
+    return os.environ.get(LOCAL_ENV) or os.path.join(tempfile.gettempdir(), "vdr-compile-cache")
+
+
+def cache_key(model_config: dict, dtype: str, device: str) -> str:
+    """A name for the compiled artefacts of one model on one kind of device."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        hw = f"{torch.cuda.get_device_name(index)} sm{''.join(map(str, torch.cuda.get_device_capability(index)))}"
+    else:
+        import platform
+
+        hw = f"cpu {platform.machine()}"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    parts = {"config": model_config, "dtype": dtype, "hw": hw, "torch": torch.__version__,
+             "triton": triton_version, "scheme": SCHEME}
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return f"compile-{digest}.bin"
+
+
+def _locations(shared_uri: str | None) -> list[str]:
+    return [u for u in (shared_uri, local_dir()) if u]
+
+
+def load(key: str, shared_uri: str | None = None, endpoint_url: str | None = None) -> str | None:
+    """Load the first cache found (the shared one first, then this node's); returns where it
+    came from, or None (a cold start). Never raises: a cache is an optimisation."""
+    for base in _locations(shared_uri):
+        uri = storage.join_uri(base, key)
+        try:
+            data = storage.read_bytes(uri, endpoint_url)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except Exception as exc:  # noqa: BLE001 - unreadable cache: compile cold
+            log.warning("compile cache %s could not be read (%s): compiling cold", uri, type(exc).__name__)
+            continue
+        try:
+            # None when the bytes are not a cache of this torch (it logs why): compile cold.
+            loaded = torch.compiler.load_cache_artifacts(data)
+        except Exception as exc:  # noqa: BLE001 - foreign or damaged: compile cold
+            loaded, reason = None, type(exc).__name__
+        else:
+            reason = "not a compile cache of this torch"
+        if loaded is None:
+            log.warning("compile cache %s could not be loaded (%s): compiling cold", uri, reason)
+            continue
+        log.info("compile cache loaded from %s (%d bytes)", uri, len(data))
+        return uri
+    return None
+
+
+def save(key: str, shared_uri: str | None = None, endpoint_url: str | None = None) -> int:
+    """Write this process's compiled artefacts to this node's cache and the shared one.
+    Returns the bytes written per location (0 when there was nothing to save)."""
+    t = time.perf_counter()
+    try:
+        saved = torch.compiler.save_cache_artifacts()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("compile cache not saved (%s)", type(exc).__name__)
+        return 0
+    if not saved:
+        return 0
+    data = saved[0]
+    for base in _locations(shared_uri):
+        uri = storage.join_uri(base, key)
+        try:
+            if "://" not in base:
+                os.makedirs(base, exist_ok=True)
+            storage.write_bytes_atomic(uri, data, endpoint_url)
+        except Exception as exc:  # noqa: BLE001 - a read-only cache location must not fail the job
+            log.warning("compile cache not written to %s (%s)", uri, type(exc).__name__)
+    log.info("compile cache saved: %d bytes in %.1f s", len(data), time.perf_counter() - t)
+    return len(data)

@@ -1,0 +1,70 @@
+"""Warm starts: an actor loads the compiled artefacts an earlier actor saved (this node's
+cache or a shared --compile-cache), instead of compiling again, with the same embeddings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ACTOR = r"""
+import json, sys, time
+import numpy as np
+import pyarrow as pa
+from torch._dynamo.utils import counters
+from pipeline.embed.stages import PageEmbedder, PIXELS, STREAM_SCHEMA
+
+model, shared = sys.argv[1], sys.argv[2]
+rng = np.random.default_rng(0)
+images = [rng.integers(0, 255, (224, 168, 3), dtype=np.uint8) for _ in range(2)]
+cols = {f.name: [None] * 2 for f in STREAM_SCHEMA}
+cols.update(doc_id=["a.pdf", "b.pdf"], page_number=[1, 1], source_uri=["a.pdf", "b.pdf"], doc_pages=[1, 1],
+            height=[224, 224], width=[168, 168])
+cols[PIXELS] = [im.tobytes() for im in images]
+emb = PageEmbedder(model, device="cpu", compile_model=True, compile_cache=shared)
+t = time.perf_counter()
+out = emb(pa.table(cols, schema=STREAM_SCHEMA))
+print(json.dumps({"first_batch_s": time.perf_counter() - t, "loaded_from": emb.compile_cache_from,
+                  "fxgraph_hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "fxgraph_misses": counters["inductor"]["fxgraph_cache_miss"],
+                  "embedding": [np.asarray(v, np.float32).tolist() for v in out.column("embedding").to_pylist()]}))
+"""
+
+
+def run_actor(model, shared, local, inductor):
+    env = dict(os.environ, PYTHONPATH=ROOT, VDR_COMPILE_CACHE=str(local), TORCHINDUCTOR_CACHE_DIR=str(inductor))
+    proc = subprocess.run([sys.executable, "-c", ACTOR, model, str(shared)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_new_node_loads_compiled_artefacts_instead_of_compiling(tiny_model, tmp_path):
+    shared = tmp_path / "shared-cache"
+    # First actor: a node that never compiled this model (empty caches everywhere).
+    cold = run_actor(tiny_model, shared, tmp_path / "node1", tmp_path / "inductor1")
+    assert cold["loaded_from"] is None and cold["fxgraph_misses"] > 0
+    saved = sorted(os.listdir(shared))
+    assert len(saved) == 1 and saved[0].startswith("compile-") and os.listdir(tmp_path / "node1") == saved
+    # Second actor on another node: its own caches are empty, the shared one is not.
+    warm = run_actor(tiny_model, shared, tmp_path / "node2", tmp_path / "inductor2")
+    assert warm["loaded_from"] == os.path.join(str(shared), saved[0])
+    assert warm["fxgraph_hits"] > 0 and warm["fxgraph_misses"] == 0
+    # The same compiled code: the same embeddings, bit for bit.
+    for a, b in zip(cold["embedding"], warm["embedding"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_damaged_cache_means_a_cold_compile_not_a_failure(tmp_path, monkeypatch):
+    from pipeline.embed import compile_cache
+
+    monkeypatch.setenv(compile_cache.LOCAL_ENV, str(tmp_path / "node"))
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "compile-x.bin").write_bytes(b"not a cache")
+    assert compile_cache.load("compile-x.bin", str(tmp_path / "shared")) is None
+    assert compile_cache.load("compile-missing.bin", str(tmp_path / "shared")) is None
