@@ -81,6 +81,8 @@ def test_no_secret_in_outputs_summaries_or_logs(ray_session, ray_cluster, s3, ti
     searched["driver log records"] = caplog.text.encode()
     n_ray_files = 0
     for path in _files_under(ray_cluster["temp_dir"]):
+        if "/runtime_resources/" in path:
+            continue  # the project's own code that `ray job submit` uploaded (these tests hold the fake secrets)
         try:
             with open(path, "rb") as f:
                 searched[path] = f.read()

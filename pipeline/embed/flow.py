@@ -145,7 +145,7 @@ class _Progress:
         self.by_type: collections.Counter = collections.Counter()
         self.files: list[str] = []
         self.actors: dict[str, dict] = {}  # per-actor counters (pipeline.embed.counters)
-        self.render_workers: set[str] = set()
+        self.render_tasks: set[str] = set()  # host:pid:call of each render task
 
     def add(self, row: dict) -> None:
         self.pages += row["pages"]
@@ -155,7 +155,7 @@ class _Progress:
         self.retryable += row.get("retryable_error_rows") or 0
         self.files.extend(json.loads(row["files"]))
         counters.merge_records(self.actors, json.loads(row["actors"]))
-        self.render_workers.update(json.loads(row.get("render_workers") or "[]"))
+        self.render_tasks.update(json.loads(row.get("render_tasks") or "[]"))
         now = time.monotonic()
         if now - self.last >= self.every_s:
             self.last = now
@@ -419,7 +419,8 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
             "seconds": round(elapsed, 3),
             "pages_per_second": round(progress.pages / elapsed, 3) if elapsed > 0 else None,
             "embedding_actors": [min_actors, max_actors],
-            "render_workers": len(progress.render_workers),
+            "render_tasks": len(progress.render_tasks),
+            "render_workers": len({t.rsplit(":", 1)[0] for t in progress.render_tasks}),
             **counters.summarize(progress.actors, started),
         },
         "output_totals": plan.output_totals(cfg.output, cfg.endpoint_url),

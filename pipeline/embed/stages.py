@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import os
 import socket
+import uuid
 import sys
 import json
 import logging
@@ -30,7 +31,8 @@ PIXELS = "pixels"
 # The dtype the actor really used (a GPU actor on a node without CUDA runs in float32 on CPU):
 # written to each file's metadata, then dropped.
 MODEL_DTYPE = "_model_dtype"
-# host:pid of the worker that rendered the row: the summary counts how many rendered.
+# host:pid:call of the render task that rendered the row: the summary counts render tasks
+# and the worker processes they ran in.
 RENDER_WORKER = "_render_worker"
 
 STREAM_SCHEMA = pa.schema(
@@ -95,7 +97,7 @@ def render_documents(batch: pa.Table, spec: RenderSpec, render_timeout_s: float,
     storage.configure(**(storage_settings or {}))
     renderer = _get_renderer(render_timeout_s)
     rows = _Rows()
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
     for doc in batch.to_pylist():
         doc_id, uri = doc["doc_id"], doc["source_uri"]
         base = {schema.DOC_ID: doc_id, schema.SOURCE_URI: uri, RENDER_WORKER: worker,
@@ -287,6 +289,6 @@ def write_shard(batch: pa.Table, output: str, metadata: dict, endpoint_url: str 
         "retryable_error_rows": [sum(n for t, n in by_type.items() if t in schema.RETRYABLE_ERRORS)],
         "files": [json.dumps(files)],
         "actors": [json.dumps(actors)],
-        "render_workers": [json.dumps(sorted({w for w in batch.column(RENDER_WORKER).to_pylist() if w})
+        "render_tasks": [json.dumps(sorted({w for w in batch.column(RENDER_WORKER).to_pylist() if w})
                                       if RENDER_WORKER in batch.column_names else [])],
     })
