@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     samples.write_sample_queries(paths["queries"])
     samples.write_sample_qrels(paths["qrels"])
 
+    query_embeddings: list[str] = []  # queries do not depend on the pages' budget: embed them once
     for budget in budgets:
         run = paths["runs"][budget]
         _step(f"1/3 embed_corpus: sample corpus at {budget} visual tokens -> {run['corpus']}")
@@ -57,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             return rc
         _step(f"2/3 score_queries: {len(samples.SAMPLE_QUERIES)} queries, top {args.top_k} -> {run['scores']}")
         rc = score_queries.main(["--corpus", run["corpus"], "--queries", paths["queries"], "--output", run["scores"],
-                                 "--top-k", str(args.top_k), "--num-actors", "1"])
+                                 "--top-k", str(args.top_k), "--num-actors", "1", *query_embeddings])
         if rc != 0:
             return rc
+        query_embeddings = query_embeddings or ["--query-embeddings", os.path.join(run["scores"], "query_embeddings.parquet")]
         _step(f"3/3 offline_eval: metrics and history row {run['run_id']} -> {paths['eval']}")
         rc = offline_eval.main(["--run", os.path.join(run["scores"], "results.parquet"), "--corpus", run["corpus"],
                                 "--queries", paths["queries"], "--qrels", paths["qrels"], "--top-k", str(args.top_k),
