@@ -77,6 +77,7 @@ RESULTS_SCHEMA = pa.schema(
 PAGES_DIR = "pages"
 ERRORS_DIR = "errors"
 SUMMARY_FILE = "summary.json"
+SUMMARIES_DIR = "summaries"  # a copy of every run's summary.json: summaries/<UTC start>-<pid>.json
 PREFLIGHT_FILE = "preflight.json"  # --preflight's report: not progress, not the output lock
 CONFIG_FILE = "config.json"
 # Files of the scoring job's output.

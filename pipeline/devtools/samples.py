@@ -53,3 +53,45 @@ def make_sample_corpus(folder: str, with_broken: bool = True) -> list[str]:
         open(os.path.join(folder, "scans", "empty.png"), "wb").close()
         written.append("scans/empty.png")
     return written
+
+
+# Queries about the sample corpus and their judgements (2: the page answers it, 1: related),
+# naming pages by the page_ids the embedding job gives the files above. With the demo's tiny
+# random model the ranking is arbitrary: they exist to show the plumbing end to end.
+SAMPLE_QUERIES = {
+    "q-revenue": "How much did revenue grow in 2023?",
+    "q-invoice": "What is the total due on invoice 0042?",
+    "q-fax": "fax pages",
+    "q-receipt": "How much was the coffee?",
+    "q-letter": "letter to a customer",
+}
+SAMPLE_QRELS = [
+    ("q-revenue", "reports/2023/annual.pdf#1", 2),
+    ("q-revenue", "reports/2023/annual.pdf#2", 1),
+    ("q-revenue", "reports/2023/annual.pdf#3", 1),
+    ("q-invoice", "reports/invoice.pdf#1", 2),
+    ("q-fax", "scans/fax.tiff#1", 2),
+    ("q-fax", "scans/fax.tiff#2", 2),
+    ("q-receipt", "scans/receipt.jpg#1", 2),
+    ("q-letter", "scans/letter.png#1", 2),
+]
+
+
+def write_sample_queries(path: str) -> str:
+    """``SAMPLE_QUERIES`` as a queries file (.jsonl: query_id, text)."""
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for qid, text in SAMPLE_QUERIES.items():
+            f.write(json.dumps({"query_id": qid, "text": text}) + "\n")
+    return path
+
+
+def write_sample_qrels(path: str) -> str:
+    """``SAMPLE_QRELS`` as TREC qrels (``qid 0 page_id rel``)."""
+    from pipeline.schema import trec_id
+
+    with open(path, "w", encoding="utf-8") as f:
+        for qid, page, rel in SAMPLE_QRELS:
+            f.write(f"{qid} 0 {trec_id(page)} {rel}\n")
+    return path

@@ -429,4 +429,8 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
     # StorageUnavailable rows of earlier runs, removed at the start: their documents were redone
     summary["retryable_error_rows_redone"] = retryable_rows_dropped
     storage.write_json(join_uri(cfg.output, schema.SUMMARY_FILE), summary, cfg.endpoint_url)
+    # Every run's summary is kept too (summary.json is the latest), so runs can be compared over time.
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+    storage.write_json(join_uri(cfg.output, schema.SUMMARIES_DIR, f"{stamp}-{os.getpid()}.json"), summary,
+                       cfg.endpoint_url)
     return summary

@@ -293,19 +293,20 @@ def test_ray_job_submit_path(ray_cluster, tiny_model, sample_corpus, tmp_path):
         assert json.load(f)["this_run"]["pages"] == 8
 
 
-def test_notebook_runs_on_the_output(first_run, monkeypatch):
-    """The analysis notebook's code cells run against a real output folder."""
+def test_output_reads_back_for_analysis(first_run):
+    """pipeline.analysis (the notebooks' readers) on a real output: counts, error advice, and
+    the run's summary kept in summaries/ beside summary.json. The notebooks themselves run in
+    tests/analysis/test_notebooks.py."""
+    from pipeline.analysis import corpus, inputs
+
     out, _ = first_run
-    monkeypatch.setenv("VDR_EMB", out)
-    with open(os.path.join(ROOT, "notebooks", "explore_embeddings.ipynb")) as f:
-        nb = json.load(f)
-    scope: dict = {}
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code":
-            src = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
-            exec(compile(src, "notebook", "exec"), scope)
-    top = scope["top"]
-    assert len(top) == 5 and top[0][1] == pytest.approx(5.0, abs=0.02)  # a page's own vectors score |q| = 5
+    pages = inputs.read_pages(out, ["doc_id", "n_vectors"])
+    errors = inputs.read_errors(out)
+    assert corpus.overview(pages, errors)["pages"] == 8 and errors.num_rows == 2
+    assert all(r["what_to_do"] for r in corpus.error_summary(errors).to_pylist())
+    kept = inputs.read_summaries(out)
+    with open(os.path.join(out, "summary.json")) as f:
+        assert kept[-1] == json.load(f)
 
 
 def test_retry_errors_redoes_only_failed_documents(ray_session, tiny_model, sample_corpus, tmp_path):

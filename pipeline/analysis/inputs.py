@@ -1,0 +1,166 @@
+"""Where the outputs are, and reading them with pyarrow: embedding outputs (pages, errors,
+summaries, file footers), scoring runs (results, query embeddings) and evaluations.
+
+Every function takes URIs (local path, ``file://``, ``s3://``, ``gs://``) through
+:mod:`pipeline.storage`. The notebooks read the demo's outputs by default; environment
+variables name other ones (:func:`notebook_inputs`)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from pipeline import schema, storage
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_BUDGETS = (768, 256)
+
+
+def demo_paths(workdir: str, budgets=DEFAULT_BUDGETS) -> dict:
+    """The demo's layout under ``workdir``: one embedding, scoring run and history row per
+    visual-token budget, all evaluated into one history."""
+    runs = {}
+    for b in budgets:
+        run_id = f"tokens-{b}"
+        runs[b] = {"run_id": run_id, "corpus": os.path.join(workdir, f"embeddings-{b}"),
+                   "scores": os.path.join(workdir, "runs", run_id), "eval": os.path.join(workdir, "eval", run_id)}
+    return {"workdir": workdir, "model": os.path.join(workdir, "tiny-colqwen2"), "corpus": os.path.join(workdir, "corpus"),
+            "queries": os.path.join(workdir, "queries.jsonl"), "qrels": os.path.join(workdir, "qrels.txt"),
+            "eval": os.path.join(workdir, "eval"), "history": os.path.join(workdir, "eval", "history"), "runs": runs}
+
+
+def notebook_inputs(env=None) -> dict:
+    """What a notebook reads: the demo's outputs (``VDR_DEMO_DIR``, default ``<repo>/demo``)
+    unless a variable names another output (any URI):
+
+    ``VDR_CORPUS`` (an embed_corpus output), ``VDR_CORPUS_B``, ``VDR_RUN_A`` / ``VDR_RUN_B``
+    (score_queries outputs), ``VDR_HISTORY`` (an offline_eval history), ``VDR_EVAL_A`` /
+    ``VDR_EVAL_B`` (evaluation outputs holding per_query.parquet), ``VDR_THUMBS`` (thumbnail
+    cache folder), ``VDR_ENDPOINT_URL``."""
+    env = os.environ if env is None else env
+    demo = env.get("VDR_DEMO_DIR") or os.path.join(REPO_ROOT, "demo")
+    d = demo_paths(demo)
+    a, b = (d["runs"][x] for x in DEFAULT_BUDGETS)
+    return {
+        "demo": demo,
+        "corpus": env.get("VDR_CORPUS") or a["corpus"],
+        "corpus_b": env.get("VDR_CORPUS_B") or b["corpus"],
+        "run_a": env.get("VDR_RUN_A") or a["scores"],
+        "run_b": env.get("VDR_RUN_B") or b["scores"],
+        "history": env.get("VDR_HISTORY") or d["history"],
+        "eval_a": env.get("VDR_EVAL_A") or a["eval"],
+        "eval_b": env.get("VDR_EVAL_B") or b["eval"],
+        "qrels": env.get("VDR_QRELS") or d["qrels"],
+        "thumbs": env.get("VDR_THUMBS") or os.path.join(demo, "thumbnails"),
+        "endpoint_url": env.get("VDR_ENDPOINT_URL") or None,
+    }
+
+
+def pages_folder(corpus_uri: str, endpoint_url: str | None = None) -> str:
+    """The current generation's pages folder of an embed_corpus output."""
+    return storage.corpus_pages_folder(corpus_uri, endpoint_url)
+
+
+def _dataset(folder_uri: str, endpoint_url: str | None):
+    fs, files = storage.list_files(folder_uri, endpoint_url)
+    return pads.dataset([f.path for f in files], format="parquet", filesystem=fs)
+
+
+def read_pages(corpus_uri: str, columns: list[str] | None = None, endpoint_url: str | None = None,
+               filter=None) -> pa.Table:
+    """The page rows (``columns``, default all: the embedding column is the large one)."""
+    return _dataset(pages_folder(corpus_uri, endpoint_url), endpoint_url).to_table(columns=columns, filter=filter)
+
+
+def read_page(corpus_uri: str, page_id: str, endpoint_url: str | None = None) -> dict:
+    """One page row as a dict (embedding as an (n, 128) float16 array)."""
+    table = read_pages(corpus_uri, endpoint_url=endpoint_url, filter=pads.field(schema.PAGE_ID) == page_id)
+    if table.num_rows != 1:
+        raise KeyError(f"{corpus_uri} has {table.num_rows} rows for page {page_id!r}")
+    row = table.drop_columns([schema.EMBEDDING]).to_pylist()[0]
+    row["embedding"] = schema.arrow_to_embeddings(table.column(schema.EMBEDDING))[0]
+    return row
+
+
+def read_errors(corpus_uri: str, endpoint_url: str | None = None) -> pa.Table:
+    """The error rows; an empty table with the contract's columns when there are none."""
+    folder = pages_folder(corpus_uri, endpoint_url).rsplit("/", 1)[0]  # the generation's root
+    try:
+        return _dataset(storage.join_uri(folder, schema.ERRORS_DIR), endpoint_url).to_table()
+    except FileNotFoundError:
+        return schema.ERRORS_SCHEMA.empty_table()
+
+
+def pages_metadata(corpus_uri: str, endpoint_url: str | None = None) -> dict[str, str]:
+    """The key-value metadata of the first pages file (model, prompts, budget, dtype, pooling)."""
+    fs, files = storage.list_files(pages_folder(corpus_uri, endpoint_url), endpoint_url)
+    if not files:
+        raise FileNotFoundError(f"no pages files under {corpus_uri}")
+    meta = storage.read_footers(fs, [files[0].path])[0].metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"vdr.")}
+
+
+def file_stats(corpus_uri: str, endpoint_url: str | None = None) -> pa.Table:
+    """One row per pages file: ``file``, ``rows``, ``file_bytes`` and the compressed bytes of
+    the embedding column and of everything else (from the Parquet footers only)."""
+    fs, files = storage.list_files(pages_folder(corpus_uri, endpoint_url), endpoint_url)
+    footers = storage.read_footers(fs, [f.path for f in files])
+    rows = []
+    for info, meta in zip(files, footers):
+        emb = other = 0
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            for c in range(rg.num_columns):
+                col = rg.column(c)
+                if col.path_in_schema.split(".")[0] == schema.EMBEDDING:
+                    emb += col.total_compressed_size
+                else:
+                    other += col.total_compressed_size
+        rows.append({"file": info.base_name, "rows": meta.num_rows, "file_bytes": info.size,
+                     "embedding_bytes": emb, "other_bytes": other})
+    return pa.Table.from_pylist(rows, schema=pa.schema([("file", pa.string()), ("rows", pa.int64()),
+                                                        ("file_bytes", pa.int64()), ("embedding_bytes", pa.int64()),
+                                                        ("other_bytes", pa.int64())]))
+
+
+def read_summaries(corpus_uri: str, endpoint_url: str | None = None) -> list[dict]:
+    """Every embedding run's summary, oldest first: ``summaries/*.json`` (kept since this
+    version), else just ``summary.json``."""
+    root = corpus_uri.rstrip("/")
+    out = []
+    try:
+        fs, files = storage.list_files(storage.join_uri(root, schema.SUMMARIES_DIR), endpoint_url, suffix=".json")
+        for f in files:
+            with fs.open_input_file(f.path) as fh:
+                out.append(json.loads(fh.read()))
+    except FileNotFoundError:
+        pass
+    if not out:
+        try:
+            out.append(storage.read_json(storage.join_uri(root, schema.SUMMARY_FILE), endpoint_url))
+        except FileNotFoundError:
+            pass
+    return sorted(out, key=lambda s: s.get("started_at") or "")
+
+
+def run_file(run_uri: str, name: str) -> str:
+    return run_uri if run_uri.endswith(".parquet") else storage.join_uri(run_uri, name)
+
+
+def read_results(run_uri: str, endpoint_url: str | None = None) -> pa.Table:
+    """A scoring run's results.parquet (the run folder or the file)."""
+    return storage.read_parquet(run_file(run_uri, schema.RESULTS_FILE), endpoint_url)
+
+
+def read_query_embeddings(run_uri: str, endpoint_url: str | None = None) -> pa.Table:
+    folder = run_uri.rsplit("/", 1)[0] if run_uri.endswith(".parquet") else run_uri
+    return storage.read_parquet(storage.join_uri(folder, schema.QUERY_EMBEDDINGS_FILE), endpoint_url)
+
+
+def read_per_query(eval_uri: str, endpoint_url: str | None = None) -> pa.Table:
+    """An evaluation's per_query.parquet (query_id, measure, value)."""
+    return storage.read_parquet(run_file(eval_uri, "per_query.parquet"), endpoint_url)
