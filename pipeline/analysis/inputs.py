@@ -12,7 +12,6 @@ import os
 
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from pipeline import schema, storage
 
