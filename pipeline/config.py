@@ -179,6 +179,11 @@ class ScoreConfig:
     cpus_per_actor: float = 1
     backend: str = "auto"
     ray_address: str | None = None
+    # shard loading: keep a page-major float16 copy of each shard beside the corpus
+    # (CORPUS/_cache, rebuilt when missing or stale; the Parquet files stay the source), and
+    # read a worker's next shard while it scores this one
+    cache: bool = False
+    prefetch: bool = True
 
     def __post_init__(self):
         problems = []

@@ -483,6 +483,65 @@ def write_bytes_atomic(uri: str, data: bytes, endpoint_url: str | None = None) -
         f.write(data)
 
 
+def read_ranges_into(fs: pafs.FileSystem, path: str, ranges: list[tuple[int, int]], out) -> int:
+    """Copy byte ranges ``[start, stop)`` of a file into the same offsets of ``out`` (a writable
+    uint8 numpy array at least as long as the file); returns the bytes read. Local files are
+    read straight into ``out`` (``preadv``: no intermediate buffer), others by ``read_at``."""
+    view = memoryview(out).cast("B")
+    total = 0
+    if isinstance(fs, pafs.LocalFileSystem):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for start, stop in ranges:
+                pos = start
+                while pos < stop:
+                    n = os.preadv(fd, [view[pos:min(stop, pos + (256 << 20))]], pos)
+                    if n <= 0:
+                        raise EOFError(f"{path}: {stop - pos} bytes missing at offset {pos}")
+                    pos += n
+                total += stop - start
+        finally:
+            os.close(fd)
+        return total
+    with fs.open_input_file(path) as f:
+        for start, stop in ranges:
+            data = f.read_at(stop - start, start)
+            if len(data) != stop - start:
+                raise EOFError(f"{path}: read {len(data)} of {stop - start} bytes at offset {start}")
+            view[start:stop] = memoryview(data)
+            total += stop - start
+    return total
+
+
+def file_size(uri: str, endpoint_url: str | None = None) -> int | None:
+    """Size in bytes of the object at ``uri``, or None when there is none."""
+    fs, path = open_filesystem(uri, endpoint_url)
+    info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
+
+
+def write_buffers_atomic(uri: str, buffers: list, endpoint_url: str | None = None) -> None:
+    """:func:`write_bytes_atomic` of the concatenation of ``buffers`` (bytes-like, e.g. numpy
+    arrays), without concatenating them in memory."""
+    fs, path = open_filesystem(uri, endpoint_url)
+    if isinstance(fs, pafs.LocalFileSystem):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+        with open(tmp, "wb") as f:
+            for b in buffers:
+                f.write(memoryview(b).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    if _gcsfs_of(fs) is None:
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        for b in buffers:
+            f.write(memoryview(b).cast("B"))
+
+
 def read_bytes_with_retries(uri: str, endpoint_url: str | None = None, attempts: int | None = None,
                             backoff_s: float | None = None) -> bytes:
     """The whole object, read with the client library's retries (throttling, 5xx, resets,

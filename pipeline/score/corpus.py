@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 import logging
+import time
 import os
 import warnings
 
@@ -221,6 +222,8 @@ class Corpus:
     # pool factor (vdr.pool_factor; absent = 1, unpooled) -> files: more than one key is a mix,
     # refused by check_compatibility unless allowed
     pool_factors: dict[int, int] = dataclasses.field(default_factory=dict)
+    # path -> Parquet footer, as read by open_corpus (so planning does not read them again)
+    footers: dict[str, pq.FileMetaData] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def num_rows(self) -> int:
@@ -266,7 +269,8 @@ def open_corpus(corpus_uri: str, endpoint_url: str | None = None, generation: in
     metadata: dict[str, str] | None = None
     first = None
     pool_factors: dict[int, int] = {}
-    for path, md in zip(paths, storage.read_footers(fs, paths)):
+    footers = dict(zip(paths, storage.read_footers(fs, paths)))
+    for path, md in footers.items():
         names = md.schema.to_arrow_schema().names
         missing = [c for c in (schema.PAGE_ID, schema.DOC_ID, schema.PAGE_NUMBER, schema.EMBEDDING) if c not in names]
         if missing:
@@ -284,7 +288,7 @@ def open_corpus(corpus_uri: str, endpoint_url: str | None = None, generation: in
         factor = pool_factor_of(meta, path)
         pool_factors[factor] = pool_factors.get(factor, 0) + 1
         files.append(CorpusFile(path, md.num_rows))
-    return Corpus(corpus_uri, files, metadata or {}, pool_factors)
+    return Corpus(corpus_uri, files, metadata or {}, pool_factors, footers)
 
 
 def pool_factor_of(meta: dict[str, str], path: str = "") -> int:
@@ -342,7 +346,7 @@ def read_vector_counts(corpus: Corpus, endpoint_url: str | None = None) -> list[
     counts = []
     for f in corpus.files:
         with fs.open_input_file(f.path) as fh:
-            pf = pq.ParquetFile(fh)
+            pf = pq.ParquetFile(fh, metadata=corpus.footers.get(f.path))
             if schema.N_VECTORS in pf.schema_arrow.names:
                 col = pf.read(columns=[schema.N_VECTORS]).column(0)
                 counts.append(col.to_numpy().astype(np.int64))
@@ -438,3 +442,232 @@ def pack_shard_table(table: pa.Table, device: torch.device, backend: str) -> tup
     packed = pack_flat(flat_t, lengths, device=device, pad_multiple=CUDA_PAD_MULTIPLE if use_kernel else None)
     return packed, table.drop_columns([schema.EMBEDDING]), dropped
 
+
+
+# ----------------------------------------------------------------------------- shard loading
+#
+# A shard is loaded in two timed steps: *read* pulls the bytes of the row groups it needs
+# (and the footer) into host memory at storage speed, *decode* turns them into one
+# contiguous ``(n_vectors, 128)`` float16 array in page_id order. Optionally the decoded
+# shard is kept beside the corpus as a page-major cache (raw float16 + a small index):
+# read back at storage speed with no decode. The Parquet files stay the only source of
+# truth: a cache that is missing, stale (other file names, sizes or row ranges: another
+# key) or damaged is rebuilt from them.
+
+CACHE_FOLDER = "_cache"  # hidden from corpus listings (names starting with "_")
+CACHE_VERSION = "1"
+_CHECK_BYTES = 1 << 20  # crc32 of the cache file's first and last MiB, in its index
+
+
+@dataclass(eq=False)
+class LoadedShard:
+    """A shard in host memory: ``meta`` (page_id, doc_id, page_number, in page_id order),
+    ``flat`` ``(sum(lengths), 128)`` float16 values page after page, ``lengths`` per page,
+    ``stats`` the seconds it took (``read_s``, ``decode_s``, ``cache_write_s``) and its source."""
+
+    meta: pa.Table
+    flat: np.ndarray
+    lengths: np.ndarray
+    stats: dict
+
+
+def cache_uri_of(corpus_uri: str, endpoint_url: str | None = None) -> str:
+    """Where the page-major cache of a corpus lives: ``CORPUS/_cache`` (beside a single file)."""
+    fs, path = open_filesystem(corpus_uri, endpoint_url)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return storage.join_uri(corpus_uri.rsplit("/", 1)[0], CACHE_FOLDER)
+    return storage.join_uri(corpus_uri, CACHE_FOLDER)
+
+
+def shard_cache_key(spec: ShardSpec, sizes: dict[str, int]) -> str:
+    """Names, sizes and row ranges of the shard's files: a changed file gives another key."""
+    import hashlib
+    import json
+
+    parts = [(os.path.basename(p), sizes[p], a, b) for p, a, b in spec.parts]
+    return hashlib.sha1(json.dumps([CACHE_VERSION, parts]).encode()).hexdigest()[:20]
+
+
+def _crc_ends(raw: np.ndarray) -> str:
+    import zlib
+
+    b = raw.reshape(-1).view(np.uint8)
+    return f"{zlib.crc32(b[:_CHECK_BYTES]):08x}{zlib.crc32(b[-_CHECK_BYTES:]):08x}"
+
+
+def _row_group_ranges(md: pq.FileMetaData, groups: list[int]) -> list[tuple[int, int]]:
+    out = []
+    for g in groups:
+        rg = md.row_group(g)
+        starts, stops = [], []
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            start = col.data_page_offset
+            if col.has_dictionary_page and col.dictionary_page_offset is not None:
+                start = min(start, col.dictionary_page_offset)
+            starts.append(start)
+            stops.append(start + col.total_compressed_size)
+        out.append((min(starts), max(stops)))
+    # merge adjacent ranges: one read per run of row groups
+    merged: list[list[int]] = []
+    for a, b in sorted(out):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+def _host_array(n_vectors: int, pinned: bool) -> np.ndarray:
+    """``(n_vectors, 128)`` float16 host memory; page-locked when ``pinned`` (a GPU worker:
+    the copy to the device is then one DMA at full PCIe speed, no staging copy)."""
+    if pinned:
+        return torch.empty((n_vectors, EMBEDDING_DIM), dtype=torch.float16, pin_memory=True).numpy()
+    return np.empty((n_vectors, EMBEDDING_DIM), np.float16)
+
+
+def _read_parquet_shard(spec: ShardSpec, corpus_uri: str, endpoint_url: str | None,
+                        footers: dict | None = None, pinned: bool = False) -> LoadedShard:
+    fs, _ = open_filesystem(corpus_uri, endpoint_url)
+    columns = [schema.PAGE_ID, schema.DOC_ID, schema.PAGE_NUMBER, schema.EMBEDDING]
+    footers = footers if footers is not None else {}
+    t0 = time.perf_counter()
+    buffers, plans, nbytes = [], [], 0
+    for path, start, stop in spec.parts:
+        if path not in footers:
+            with fs.open_input_file(path) as fh:
+                footers[path] = (fh.size(), pq.read_metadata(fh))
+        size, md = footers[path]
+        groups, first_row, row = [], None, 0
+        for g in range(md.num_row_groups):
+            n = md.row_group(g).num_rows
+            if row + n > start and row < stop:
+                groups.append(g)
+                first_row = row if first_row is None else first_row
+            row += n
+        # A file-sized zeroed buffer (calloc: pages never written are never resident) with
+        # the needed row groups at their own offsets, so the footer's offsets hold as is.
+        buf = np.zeros(size, np.uint8)
+        nbytes += storage.read_ranges_into(fs, path, _row_group_ranges(md, groups), buf)
+        buffers.append(buf)
+        plans.append((md, groups, start - (first_row or 0), stop - start))
+    t_read = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    pieces = []
+    for buf, (md, groups, offset, n) in zip(buffers, plans):
+        pf = pq.ParquetFile(pa.BufferReader(pa.py_buffer(buf)), metadata=md)
+        t = pf.read_row_groups(groups, columns=columns) if groups else pf.schema_arrow.empty_table().select(columns)
+        pieces.append(t.slice(offset, n))
+    del buffers
+    table = pa.concat_tables(pieces) if pieces else pa.table({c: [] for c in columns})
+    del pieces
+    table = table.cast(pa.schema([pa.field(c, schema.PAGES_SCHEMA.field(c).type) for c in columns]))
+    emb = table.column(schema.EMBEDDING)
+    lengths = np.concatenate([np.diff(c.offsets.to_numpy()) for c in emb.chunks] or [np.zeros(0)]).astype(np.int64)
+    flat_parts = [c.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, EMBEDDING_DIM) for c in emb.chunks]
+    order = pc.sort_indices(table, sort_keys=[(schema.PAGE_ID, "ascending")]).to_numpy()
+    meta = table.select([schema.PAGE_ID, schema.DOC_ID, schema.PAGE_NUMBER]).take(order)
+    del table, emb
+    # Gather the vectors page by page in page_id order into one contiguous array.
+    src_start = np.zeros(len(lengths), np.int64)
+    np.cumsum(lengths[:-1], out=src_start[1:]) if len(lengths) else None
+    lengths = lengths[order]
+    total = int(lengths.sum())
+    flat = _host_array(total, pinned)
+    source = flat_parts[0] if len(flat_parts) == 1 else (np.concatenate(flat_parts) if flat_parts else flat)
+    del flat_parts
+    if total:
+        dst_start = np.zeros(len(lengths), np.int64)
+        np.cumsum(lengths[:-1], out=dst_start[1:])
+        rows = np.arange(total, dtype=np.int64) + np.repeat(src_start[order] - dst_start, lengths)
+        np.take(source, rows, axis=0, out=flat)
+    del source
+    t_decode = time.perf_counter() - t0
+    return LoadedShard(meta, flat, lengths, {"read_s": t_read, "decode_s": t_decode, "bytes_read": nbytes,
+                                             "source": "parquet"})
+
+
+def _read_cache(key: str, cache_uri: str, endpoint_url: str | None, pinned: bool = False) -> LoadedShard | None:
+    """The cached shard, or None when it is missing or does not check out."""
+    raw_uri = storage.join_uri(cache_uri, f"shard-{key}.f16")
+    idx_uri = storage.join_uri(cache_uri, f"shard-{key}.idx.parquet")
+    t0 = time.perf_counter()
+    try:
+        if not storage.exists(idx_uri, endpoint_url):
+            return None
+        idx = storage.read_parquet(idx_uri, endpoint_url)
+        info = {k.decode(): v.decode() for k, v in (idx.schema.metadata or {}).items()}
+        lengths = idx.column(schema.N_VECTORS).to_numpy().astype(np.int64)
+        want = int(lengths.sum()) * EMBEDDING_DIM * 2
+        size = storage.file_size(raw_uri, endpoint_url)
+        if info.get("vdr.cache.version") != CACHE_VERSION or size != want or int(info.get("vdr.cache.bytes", -1)) != want:
+            log.warning("page cache %s is stale or damaged (%s bytes, expected %d); rebuilding it", raw_uri, size, want)
+            return None
+        flat = _host_array(int(lengths.sum()), pinned)
+        fs, path = open_filesystem(raw_uri, endpoint_url)
+        storage.read_ranges_into(fs, path, [(0, want)] if want else [], flat.reshape(-1).view(np.uint8))
+        if want and _crc_ends(flat) != info.get("vdr.cache.crc_ends"):
+            log.warning("page cache %s fails its checksum; rebuilding it", raw_uri)
+            return None
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        log.warning("page cache %s unreadable (%s); rebuilding it", raw_uri, exc)
+        return None
+    meta = idx.select([schema.PAGE_ID, schema.DOC_ID, schema.PAGE_NUMBER])
+    return LoadedShard(meta, flat, lengths, {"read_s": time.perf_counter() - t0, "decode_s": 0.0,
+                                             "bytes_read": want, "source": "cache"})
+
+
+def _write_cache(key: str, cache_uri: str, endpoint_url: str | None, shard: LoadedShard) -> None:
+    raw_uri = storage.join_uri(cache_uri, f"shard-{key}.f16")
+    idx_uri = storage.join_uri(cache_uri, f"shard-{key}.idx.parquet")
+    nbytes = shard.flat.nbytes
+    idx = shard.meta.append_column(schema.N_VECTORS, pa.array(shard.lengths, pa.int32()))
+    # The values first, then the index that names their size and checksum: a reader that
+    # finds the index finds whole values (or a mismatch, and rebuilds).
+    storage.write_buffers_atomic(raw_uri, [shard.flat], endpoint_url)
+    storage.write_parquet(idx_uri, idx, endpoint_url, metadata={
+        b"vdr.cache.version": CACHE_VERSION.encode(), b"vdr.cache.bytes": str(nbytes).encode(),
+        b"vdr.cache.crc_ends": (_crc_ends(shard.flat) if nbytes else "").encode()})
+
+
+def load_shard(spec: ShardSpec, corpus_uri: str, endpoint_url: str | None = None, *,
+               cache_uri: str | None = None, footers: dict | None = None, pinned: bool = False) -> LoadedShard:
+    """The shard's pages in host memory, sorted by page_id (see :class:`LoadedShard`).
+
+    ``cache_uri``: read the page-major cache there when it is valid, else read the Parquet
+    files and (re)write it. ``footers``: a dict that keeps the files' footers between calls.
+    ``pinned``: decode into page-locked memory (GPU workers).
+    """
+    if cache_uri is None:
+        return _read_parquet_shard(spec, corpus_uri, endpoint_url, footers, pinned)
+    fs, _ = open_filesystem(corpus_uri, endpoint_url)
+    sizes = {p: fs.get_file_info(p).size for p, _, _ in spec.parts}
+    key = shard_cache_key(spec, sizes)
+    cached = _read_cache(key, cache_uri, endpoint_url, pinned)
+    if cached is not None:
+        return cached
+    shard = _read_parquet_shard(spec, corpus_uri, endpoint_url, footers, pinned)
+    t0 = time.perf_counter()
+    try:
+        _write_cache(key, cache_uri, endpoint_url, shard)
+    except (OSError, pa.ArrowException) as exc:  # a read-only corpus: score without a cache
+        log.warning("cannot write the page cache under %s: %s", cache_uri, exc)
+    shard.stats["cache_write_s"] = time.perf_counter() - t0
+    shard.stats["source"] = "parquet, cache written"
+    return shard
+
+
+def pack_loaded(shard: LoadedShard, device: torch.device, backend: str) -> tuple[PackedPages, pa.Table, int]:
+    """:func:`pack_shard_table` of a :class:`LoadedShard`: ``(packed, meta of kept pages, n_dropped)``."""
+    keep = shard.lengths > 0
+    dropped = int((~keep).sum())
+    meta, lengths = shard.meta, shard.lengths
+    if dropped:  # empty pages own no rows of flat: only the index changes
+        log.warning("dropping %d page(s) with no vectors: %s", dropped,
+                    meta.column(schema.PAGE_ID).filter(pa.array(~keep)).to_pylist()[:5])
+        meta, lengths = meta.filter(pa.array(keep)), lengths[keep]
+    use_kernel = device.type == "cuda" and (backend == "triton" or (backend == "auto" and triton_available()))
+    flat_t = torch.from_numpy(shard.flat)
+    packed = pack_flat(flat_t, lengths, device=device, pad_multiple=CUDA_PAD_MULTIPLE if use_kernel else None)
+    return packed, meta, dropped

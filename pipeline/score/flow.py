@@ -8,6 +8,7 @@ Outputs under ``cfg.output``: results.parquet, run.trec, query_embeddings.parque
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -19,7 +20,8 @@ import ray
 from pipeline import schema, storage
 from pipeline.cluster import choose_device, ensure_ray, max_gpu_actors, read_capacity
 from pipeline.config import DEFAULT_MODEL, ScoreConfig
-from pipeline.score.corpus import check_compatibility, open_corpus, plan_shards, read_vector_counts
+from pipeline.score.corpus import (cache_uri_of, check_compatibility, open_corpus, plan_shards,
+                                   read_vector_counts)
 from pipeline.score.maxsim import auto_pages_per_shard
 from pipeline.score.merge import QUERY_INDEX, merge_topk
 from pipeline.score.queries import read_queries, read_query_embeddings
@@ -50,25 +52,12 @@ class ShardScorer(scorer.ShardScorer):
         self._restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         self._calls = 0
 
-    def score(self, spec):
-        out, stats = super().score(spec)
+    def score(self, spec, next_spec=None):
+        out, stats = super().score(spec, next_spec)
         self._calls += 1
         stats["pid"] = os.getpid()
         stats["after_actor_restart"] = self._restarted and self._calls == 1
         return out, stats
-
-
-def _embed_queries_remote(model_name: str, texts: list[str], batch_size: int, endpoint_url: str | None,
-                          num_gpus: float) -> list[np.ndarray]:
-    """Embed on a Ray worker with the actors' resources (the driver may have no GPU)."""
-    def embed(name, texts, batch_size, endpoint_url):
-        from pipeline.embed.model import embed_queries, load_model
-
-        lm = load_model(name, endpoint_url=endpoint_url)
-        return [np.asarray(v, dtype=np.float16) for v in embed_queries(lm, texts, batch_size=batch_size)]
-
-    task = ray.remote(num_gpus=num_gpus, num_cpus=1, max_retries=0)(embed)
-    return ray.get(task.remote(model_name, texts, batch_size, endpoint_url))
 
 
 def _cluster_defaults(cfg: ScoreConfig) -> tuple[int, float, str]:
@@ -85,7 +74,19 @@ def _cluster_defaults(cfg: ScoreConfig) -> tuple[int, float, str]:
     return n, gpus_per_actor, f"{device}: " + (why if cap.source in why else f"{why} [{cap.source}]")
 
 
-def _write_outputs(cfg: ScoreConfig, results: pa.Table, query_emb: pa.Table, summary: dict) -> None:
+SHARD_PHASES = ("read_s", "decode_s", "cache_write_s", "wait_s", "pack_s", "score_s", "total_s")
+
+
+def _shard_phases(shard_stats: list[dict]) -> dict:
+    """Per-shard seconds from the actors' clocks: summed over shards, and the largest."""
+    out: dict = {k: round(sum(s[k] for s in shard_stats), 4) for k in SHARD_PHASES}
+    out.update({f"max_{k}": round(max((s[k] for s in shard_stats), default=0.0), 4) for k in SHARD_PHASES})
+    out["bytes_read"] = int(sum(s["bytes_read"] for s in shard_stats))
+    out["prefetched_shards"] = sum(bool(s["prefetched"]) for s in shard_stats)
+    return out
+
+
+def _write_outputs(cfg: ScoreConfig, results: pa.Table, query_emb: pa.Table, summary: dict | None) -> None:
     out = cfg.output
     storage.write_parquet(storage.join_uri(out, schema.QUERY_EMBEDDINGS_FILE), query_emb, cfg.endpoint_url)
     storage.write_parquet(storage.join_uri(out, schema.RESULTS_FILE), results, cfg.endpoint_url)
@@ -97,13 +98,52 @@ def _write_outputs(cfg: ScoreConfig, results: pa.Table, query_emb: pa.Table, sum
         )
     ]
     storage.write_bytes_atomic(storage.join_uri(out, schema.RUN_FILE), "".join(lines).encode("utf-8"), cfg.endpoint_url)
-    storage.write_json(storage.join_uri(out, schema.SUMMARY_FILE), summary, cfg.endpoint_url)
+    if summary is not None:
+        storage.write_json(storage.join_uri(out, schema.SUMMARY_FILE), summary, cfg.endpoint_url)
+
+
+def _embed_queries_async(model_name: str, texts: list[str], batch_size: int, endpoint_url: str | None,
+                         num_gpus: float):
+    """Start embedding on a Ray worker (the driver may have no GPU); returns its ObjectRef."""
+    def embed(name, texts, batch_size, endpoint_url):
+        from pipeline.embed.model import embed_queries, load_model
+
+        lm = load_model(name, endpoint_url=endpoint_url)
+        return [np.asarray(v, dtype=np.float16) for v in embed_queries(lm, texts, batch_size=batch_size)]
+
+    task = ray.remote(num_gpus=num_gpus, num_cpus=1, max_retries=0)(embed)
+    return task.remote(model_name, texts, batch_size, endpoint_url)
+
+
+def _host_bytes_per_actor(num_actors: int) -> int:
+    """Host memory one actor of this node may fill with shards (available RAM / actors)."""
+    try:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover
+        available = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return available // max(1, num_actors)
 
 
 def run(cfg: ScoreConfig) -> dict:
     """Score ``cfg.queries`` against ``cfg.corpus`` on the connected (or an embedded) Ray
-    cluster; returns the summary it writes."""
+    cluster; returns the summary it writes.
+
+    ``summary["phases"]``: the driver's wall time cut into consecutive phases (they add up to
+    at most ``total_s``); the work that overlaps them (query embedding while the corpus is
+    planned, actors starting meanwhile) counts only where the driver waited for it.
+    ``summary["shard_phases"]``: per-shard read, decode, pack and score seconds from the
+    actors' own clocks, summed over shards (actors run in parallel).
+    """
     t_start = time.perf_counter()
+    phases: dict[str, float] = {}
+    mark = [t_start]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = round(phases.get(name, 0.0) + now - mark[0], 4)
+        mark[0] = now
 
     # Everything that can be wrong with the inputs fails here, before any heavy work.
     corpus = open_corpus(cfg.corpus, cfg.endpoint_url, cfg.generation)
@@ -120,79 +160,147 @@ def run(cfg: ScoreConfig) -> dict:
     )
     log.info("corpus %s: %d file(s), %d page rows, model %s; %d queries", cfg.corpus, len(corpus.files),
              corpus.num_rows, corpus_model, queries.num_rows)
+    phase("open_inputs")
 
     ensure_ray(cfg.ray_address)
-
     num_actors, gpus_per_actor, device_why = _cluster_defaults(cfg)
     log.info("shard actors on %s", device_why)
+    phase("cluster_connect")
 
     # Queries: embed once, store as float16 (the values every score uses, so a rescore from
-    # query_embeddings.parquet gives the same numbers).
-    t0 = time.perf_counter()
+    # query_embeddings.parquet gives the same numbers). The embedding task runs while the
+    # corpus is planned below.
+    t_embed0 = time.perf_counter()
+    embed_ref, texts = None, []
     if cfg.query_embeddings:
         query_emb = read_query_embeddings(cfg.query_embeddings, cfg.endpoint_url, queries)
         log.info("reusing %d query embeddings from %s (no model loaded)", query_emb.num_rows, cfg.query_embeddings)
     else:
         texts = queries.column(schema.TEXT).to_pylist()
-        vectors = _embed_queries_remote(model_name, texts, cfg.embed_batch_size, cfg.endpoint_url,
-                                        gpus_per_actor if gpus_per_actor > 0 else 0) if texts else []
-        query_emb = pa.table({
-            schema.QUERY_ID: queries.column(schema.QUERY_ID), schema.TEXT: queries.column(schema.TEXT),
-            schema.N_VECTORS: pa.array([len(v) for v in vectors], pa.int32()),
-            schema.EMBEDDING: schema.embeddings_to_arrow(vectors),
-        }, schema=schema.QUERY_EMBEDDINGS_SCHEMA)
-        log.info("embedded %d queries with %s in %.1f s", len(vectors), model_name, time.perf_counter() - t0)
-    t_embed = time.perf_counter() - t0
-    emb_col = query_emb.column(schema.EMBEDDING).combine_chunks()
-    q_lengths = np.diff(emb_col.offsets.to_numpy()).astype(np.int64)
-    if (q_lengths == 0).any():
-        bad = query_emb.column(schema.QUERY_ID).filter(pa.array(q_lengths == 0)).to_pylist()
-        raise ValueError(f"queries {bad[:5]} have no vectors; their embeddings are empty")
-    q_flat = emb_col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, schema.EMBEDDING_DIM)
+        if texts:
+            embed_ref = _embed_queries_async(model_name, texts, cfg.embed_batch_size, cfg.endpoint_url,
+                                             gpus_per_actor if gpus_per_actor > 0 else 0)
+    phase("query_embedding")
 
-    # Shards.
+    # Actors start now when no embedding task needs the resources they take; their process
+    # start (seconds) overlaps planning. The first one also says how much memory it has.
+    actor_options = {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus_per_actor}
+    Scorer = ray.remote(ShardScorer)
+    cpu_threads = max(1, int(cfg.cpus_per_actor))
+    cache_uri = cache_uri_of(cfg.corpus, cfg.endpoint_url) if cfg.cache else None
+    actors: list = []
+    q_refs: list = []
+
+    def start_actors(n: int) -> None:
+        emb_col = query_emb.column(schema.EMBEDDING).combine_chunks()
+        q_lengths = np.diff(emb_col.offsets.to_numpy()).astype(np.int64)
+        if (q_lengths == 0).any():
+            bad = query_emb.column(schema.QUERY_ID).filter(pa.array(q_lengths == 0)).to_pylist()
+            raise ValueError(f"queries {bad[:5]} have no vectors; their embeddings are empty")
+        q_flat = emb_col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, schema.EMBEDDING_DIM)
+        q_refs[:] = [ray.put(q_flat), ray.put(q_lengths), int(q_lengths.sum())]
+        actors.extend(
+            Scorer.options(**actor_options, max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=-1).remote(
+                corpus.uri, cfg.endpoint_url, q_refs[0], q_refs[1], cfg.top_k,
+                query_batch_size=cfg.query_batch_size, backend=cfg.backend, cpu_threads=cpu_threads,
+                cache_uri=cache_uri)
+            for _ in range(n))
+
+    early = embed_ref is None and corpus.num_rows > 0 and queries.num_rows > 0
+    if early:
+        start_actors(num_actors)
+    phase("actor_start")
+
+    # Shards: sized to the worker's device memory and to its share of host memory (a worker
+    # holds the shard it scores and the next one it reads, as float16, plus decode buffers).
     counts = read_vector_counts(corpus, cfg.endpoint_url)
     total_vectors = int(sum(int(c.sum()) for c in counts))
     mean_vectors = total_vectors / max(1, corpus.num_rows)
-    actor_options = {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus_per_actor}
-    Scorer = ray.remote(ShardScorer)
+    memory = None
     if cfg.shard_size_pages == "auto":
-        probe = Scorer.options(**actor_options, max_restarts=0).remote(
-            corpus.uri, cfg.endpoint_url, q_flat[:0], q_lengths[:0], cfg.top_k, device=None)
-        memory = ray.get(probe.memory_bytes.remote())
+        phase("planning")
+        if actors:
+            memory = ray.get(actors[0].memory_bytes.remote())
+            phase("actor_start")
+        else:
+            probe = Scorer.options(**actor_options, max_restarts=0).remote(
+                corpus.uri, cfg.endpoint_url, np.zeros((0, schema.EMBEDDING_DIM), np.float16),
+                np.zeros(0, np.int64), cfg.top_k, device=None)
+            memory = ray.get(probe.memory_bytes.remote())
+            ray.kill(probe)
+            phase("actor_start")
         gpu = gpus_per_actor > 0
-        ray.kill(probe)
         # CPU actors compute in float64 (8 bytes) and share the node's RAM with each other.
         per_actor = memory if gpu else memory // max(1, num_actors)
         # 0.3: packing holds the Arrow values, the padded copy and gather indices at once, and
         # a query batch adds its (pages x query vectors) maxima.
         pages_per_shard = auto_pages_per_shard(mean_vectors, per_actor, dtype_bytes=2 if gpu else 8, fraction=0.3)
+        if gpu:  # host: this shard and the next in float16, plus the Parquet bytes read (~1x)
+            host = _host_bytes_per_actor(num_actors)
+            pages_per_shard = min(pages_per_shard, auto_pages_per_shard(
+                mean_vectors, host, dtype_bytes=2 * (3 if cfg.prefetch else 2), fraction=0.5))
         pages_per_shard = min(pages_per_shard, max(1, -(-corpus.num_rows // num_actors)))
     else:
         pages_per_shard = cfg.shard_size_pages
     shards = plan_shards(corpus, counts, pages_per_shard) if corpus.num_rows else []
-    num_actors = max(1, min(num_actors, len(shards))) if shards else 0
+    n_needed = max(1, min(num_actors, len(shards))) if shards else 0
+    for a in actors[n_needed:]:
+        ray.kill(a)  # more actors than shards
+    del actors[n_needed:]
+    num_actors = n_needed
     log.info("%d pages (%.0f vectors/page) in %d shard(s) of <= %d pages; %d actor(s), %s GPU each",
              corpus.num_rows, mean_vectors, len(shards), pages_per_shard, num_actors, gpus_per_actor)
+    phase("planning")
 
-    # Score: each actor takes the next shard when it is free; results merge as they arrive.
+    if embed_ref is not None:
+        vectors = ray.get(embed_ref)
+        query_emb = pa.table({
+            schema.QUERY_ID: queries.column(schema.QUERY_ID), schema.TEXT: queries.column(schema.TEXT),
+            schema.N_VECTORS: pa.array([len(v) for v in vectors], pa.int32()),
+            schema.EMBEDDING: schema.embeddings_to_arrow(vectors),
+        }, schema=schema.QUERY_EMBEDDINGS_SCHEMA)
+        log.info("embedded %d queries with %s in %.1f s", len(vectors), model_name, time.perf_counter() - t_embed0)
+    elif not cfg.query_embeddings:
+        query_emb = schema.QUERY_EMBEDDINGS_SCHEMA.empty_table()
+    phase("query_embedding")
+    t_embed = phases["query_embedding"]  # the driver's wait for it (it overlaps planning)
+    if not q_refs:  # the query check runs even when there is nothing to score
+        start_actors(num_actors if shards and queries.num_rows else 0)
+    if actors:
+        ray.get([a.ready.remote() for a in actors])
+    phase("actor_start")
+
+    # Score: each actor takes the next shard when it is free and is told the one after it
+    # (read in the background while it scores); results merge as they arrive.
     t0 = time.perf_counter()
     merged = merge_topk([empty_candidates()], cfg.top_k)
     shard_stats = []
+    t_merge = 0.0
     if shards and queries.num_rows:
-        q_flat_ref, q_len_ref = ray.put(q_flat), ray.put(q_lengths)
-        cpu_threads = max(1, int(cfg.cpus_per_actor))
-        actors = [
-            Scorer.options(**actor_options, max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=-1).remote(
-                corpus.uri, cfg.endpoint_url, q_flat_ref, q_len_ref, cfg.top_k,
-                query_batch_size=cfg.query_batch_size, backend=cfg.backend, cpu_threads=cpu_threads)
-            for _ in range(num_actors)
-        ]
-        pool = ray.util.ActorPool(actors)
+        pending = collections.deque(shards)
+        reserved: dict[int, object] = {}
+        inflight: dict = {}
+
+        def submit(i: int, spec, nxt) -> None:
+            reserved[i] = nxt
+            inflight[actors[i].score.remote(spec, nxt)] = i
+
+        first = [pending.popleft() for _ in range(min(len(actors), len(pending)))]
+        for i, spec in enumerate(first):
+            submit(i, spec, pending.popleft() if cfg.prefetch and pending else None)
         pages_done = 0
         try:
-            for candidates, stats in pool.map_unordered(lambda a, spec: a.score.remote(spec), shards):
+            while inflight:
+                done, _ = ray.wait(list(inflight), num_returns=1)
+                i = inflight.pop(done[0])
+                candidates, stats = ray.get(done[0])
+                nxt = reserved.pop(i, None) or (pending.popleft() if pending else None)
+                if nxt is not None:
+                    submit(i, nxt, pending.popleft() if cfg.prefetch and pending else None)
+                tm = time.perf_counter()
                 merged = merge_topk([merged.drop_columns([schema.RANK]), candidates], cfg.top_k)
+                t_merge += time.perf_counter() - tm
+                stats["actor"] = i
                 shard_stats.append(stats)
                 pages_done += stats["pages"]
                 elapsed = time.perf_counter() - t0
@@ -208,6 +316,10 @@ def run(cfg: ScoreConfig) -> dict:
             for a in actors:
                 ray.kill(a)  # no_restart=True: the end of the job is not a failure to recover from
     t_score = time.perf_counter() - t0
+    phase("scoring")
+    phases["scoring"] = round(phases["scoring"] - t_merge, 4)
+    phases["merge"] = round(t_merge, 4)
+    q_lengths_total = q_refs[2] if q_refs else 0
 
     qids = queries.column(schema.QUERY_ID)
     results = pa.table({
@@ -226,7 +338,7 @@ def run(cfg: ScoreConfig) -> dict:
         "corpus_pool_factor": (next(iter(corpus.pool_factors)) if len(corpus.pool_factors) == 1
                                else sorted(corpus.pool_factors) or 1),
         "query_embeddings_reused": cfg.query_embeddings,
-        "n_queries": queries.num_rows, "n_query_vectors": int(q_lengths.sum()),
+        "n_queries": queries.num_rows, "n_query_vectors": q_lengths_total,
         "n_pages": pages_scored, "n_pages_dropped_empty": sum(s["dropped_empty_pages"] for s in shard_stats),
         "n_corpus_files": len(corpus.files), "n_vectors": total_vectors,
         "top_k": cfg.top_k, "n_results": results.num_rows,
@@ -236,12 +348,19 @@ def run(cfg: ScoreConfig) -> dict:
         "pages_scored_per_s": pages_scored / t_score if t_score > 0 and pages_scored else 0.0,
         "query_page_pairs_per_s": pages_scored * queries.num_rows / t_score if t_score > 0 else 0.0,
         "embed_queries_s": round(t_embed, 3), "scoring_s": round(t_score, 3),
-        "total_s": round(time.perf_counter() - t_start, 3),
+        "cache": cache_uri, "prefetch": cfg.prefetch,
         "n_shards_after_actor_restart": sum(bool(s.get("after_actor_restart")) for s in shard_stats),
         "max_actor_restarts": MAX_ACTOR_RESTARTS,
         "shards": sorted(shard_stats, key=lambda s: s["shard_id"]),
     }
-    _write_outputs(cfg, results, query_emb, summary)
+    phase("merge")  # building the results table: the last of the merge
+    _write_outputs(cfg, results, query_emb, None)
+    phase("write")
+    summary["phases"] = phases
+    summary["shard_phases"] = _shard_phases(shard_stats)
+    summary["total_s"] = round(time.perf_counter() - t_start, 3)
+    storage.write_json(storage.join_uri(cfg.output, schema.SUMMARY_FILE), summary, cfg.endpoint_url)
+    log.info("phases (s): %s; in the actors: %s", phases, summary["shard_phases"])
     log.info("wrote %d results for %d queries to %s in %.1f s", results.num_rows, queries.num_rows,
              cfg.output, summary["total_s"])
     return summary

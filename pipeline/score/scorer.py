@@ -16,11 +16,12 @@ import torch
 
 from pipeline import schema
 from pipeline.score.corpus import (  # noqa: F401  (triton_available: re-exported)
+    LoadedShard,
     PackedPages,
     ShardSpec,
-    pack_shard_table,
+    load_shard,
+    pack_loaded,
     pad_queries,
-    read_shard_table,
     triton_available,
 )
 from pipeline.score.maxsim import maxsim_scores, topk_desc
@@ -55,12 +56,23 @@ class ShardScorer:
         query_batch_size: queries per batch; 0 picks one from the shard size.
         device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when this process sees a GPU).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`score_batch`).
+        cache_uri: keep and read the page-major cache of each shard there (see
+            :func:`pipeline.score.corpus.load_shard`); None reads Parquet only.
+
+    :meth:`score` takes the shard to score and, optionally, the shard this worker will be
+    given next: that one is read and decoded by a background thread while this one scores
+    (reading releases the GIL), so a worker holds at most two shards in host memory.
     """
 
     def __init__(self, corpus_uri: str, endpoint_url: str | None, query_flat: np.ndarray,
                  query_lengths: np.ndarray, k: int, query_batch_size: int = 0,
-                 device: str | None = None, backend: str = "auto", cpu_threads: int | None = None):
-        self.corpus_uri, self.endpoint_url = corpus_uri, endpoint_url
+                 device: str | None = None, backend: str = "auto", cpu_threads: int | None = None,
+                 cache_uri: str | None = None):
+        self.t_init = time.time()
+        self.corpus_uri, self.endpoint_url, self.cache_uri = corpus_uri, endpoint_url, cache_uri
+        self._footers: dict = {}
+        self._next: tuple[ShardSpec, object] | None = None  # (spec, Future of LoadedShard)
+        self._reader = None
         self.k, self.query_batch_size, self.backend = k, query_batch_size, backend
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if cpu_threads and self.device.type == "cpu":
@@ -100,15 +112,52 @@ class ShardScorer:
             return int(max(1, min(8192, (1 << 30) // max(1, n_pages * longest))))
         return 256
 
+    def ready(self) -> float:
+        """Wall-clock time (``time.time()``) this worker's constructor started."""
+        return self.t_init
+
+    def _load(self, spec: ShardSpec) -> LoadedShard:
+        return load_shard(spec, self.corpus_uri, self.endpoint_url, cache_uri=self.cache_uri,
+                          footers=self._footers, pinned=self.device.type == "cuda")
+
+    def _prefetch(self, spec: ShardSpec) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader")
+        self._next = (spec, self._reader.submit(self._load, spec))
+
     @torch.inference_mode()
-    def score(self, spec: ShardSpec) -> tuple[pa.Table, dict]:
-        """Exact top-k of every query within this shard: (candidates table, stats)."""
+    def score(self, spec: ShardSpec, next_spec: ShardSpec | None = None) -> tuple[pa.Table, dict]:
+        """Exact top-k of every query within this shard: (candidates table, stats).
+
+        ``next_spec``: the shard this worker scores next, read in the background meanwhile.
+        Stats hold this worker's own clock: ``read_s``/``decode_s`` (wherever the load ran),
+        ``wait_s`` (how long scoring waited for the load: all of it unless prefetched),
+        ``pack_s``, ``score_s``, ``total_s``.
+        """
         t0 = time.perf_counter()
-        table = read_shard_table(spec, self.corpus_uri, self.endpoint_url)
-        t_read = time.perf_counter() - t0
-        packed, meta, dropped = pack_shard_table(table, self.device, self.backend)
-        del table
-        t_load = time.perf_counter() - t0
+        prefetched = False
+        if self._next is not None:
+            pending_spec, future = self._next
+            self._next = None
+            if pending_spec == spec:
+                loaded, prefetched = future.result(), True
+            else:  # not the shard announced (e.g. a retry): drop it
+                future.result()
+        if not prefetched:
+            loaded = self._load(spec)
+        t_wait = time.perf_counter() - t0
+        if next_spec is not None:
+            self._prefetch(next_spec)
+        t1 = time.perf_counter()
+        packed, meta, dropped = pack_loaded(loaded, self.device, self.backend)
+        load_stats = loaded.stats
+        del loaded
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t_pack = time.perf_counter() - t1
+        t1 = time.perf_counter()
         parts = []
         if packed.n_pages and self.queries:
             bs = self._batch_size(packed.n_pages)
@@ -128,9 +177,13 @@ class ShardScorer:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         out = pa.concat_tables(parts) if parts else empty_candidates()
+        t_score = time.perf_counter() - t1
         stats = {"shard_id": spec.shard_id, "pages": spec.n_pages - dropped, "dropped_empty_pages": dropped,
-                 "read_s": t_read, "load_s": t_load, "total_s": time.perf_counter() - t0,
-                 "device": str(self.device)}
+                 "read_s": load_stats["read_s"], "decode_s": load_stats["decode_s"],
+                 "cache_write_s": load_stats.get("cache_write_s", 0.0), "source": load_stats["source"],
+                 "bytes_read": load_stats["bytes_read"], "prefetched": prefetched, "wait_s": t_wait,
+                 "pack_s": t_pack, "score_s": t_score, "load_s": t_wait + t_pack,
+                 "total_s": time.perf_counter() - t0, "device": str(self.device)}
         return out, stats
 
 

@@ -74,7 +74,9 @@ def _maxsim_pagemax_kernel(
         acc = tl.maximum(acc, tl.max(s, axis=1))
         page = tl.load(chunk_page_ptr + c)
         last = page != tl.load(chunk_page_ptr + c + 1)
-        tl.store(out_ptr + page.to(tl.int64) * stride_out + rows, acc, mask=row_ok & last)
+        # "!= 0": Triton 3.9's interpreter types a vector & scalar of booleans as int32,
+        # which its masked store refuses; compiled, this is the same i1 mask.
+        tl.store(out_ptr + page.to(tl.int64) * stride_out + rows, acc, mask=(row_ok & last) != 0)
         acc = tl.where(last, float("-inf"), acc)
 
 

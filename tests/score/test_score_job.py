@@ -216,3 +216,72 @@ def test_ray_job_submit(ray_cluster, data, tmp_path):
     results = pq.read_table(out / "results.parquet")
     truth = oracle_ranking(data["queries"], data["pages"], 3)
     assert results.column("page_id").to_pylist() == [p for t in truth for p, _ in t]
+
+
+DRIVER_PHASES = ("open_inputs", "cluster_connect", "query_embedding", "actor_start", "planning", "scoring",
+                 "merge", "write")
+SHARD_PHASES = ("read_s", "decode_s", "wait_s", "pack_s", "score_s", "total_s")
+
+
+def test_summary_times_every_phase(ray_session, data, tmp_path):
+    out = tmp_path / "run"
+    run_job(data, out, "--shard-size-pages", "7", "--num-actors", "2")
+    summary = json.loads((out / "summary.json").read_text())
+    phases = summary["phases"]
+    assert set(phases) == set(DRIVER_PHASES)
+    assert all(v >= 0 for v in phases.values())
+    # consecutive phases of the driver's clock: together no more than the job's total
+    assert sum(phases.values()) <= summary["total_s"] + 1e-3
+    assert summary["total_s"] >= phases["scoring"] + phases["merge"] + phases["write"]
+    # the actors' own clocks, per shard and summed
+    shards = summary["shards"]
+    assert len(shards) == summary["n_shards"] == 5
+    for s in shards:
+        assert all(s[k] >= 0 for k in SHARD_PHASES)
+        assert s["wait_s"] + s["pack_s"] + s["score_s"] <= s["total_s"] + 1e-6
+        assert s["bytes_read"] > 0 and s["source"] == "parquet"
+    agg = summary["shard_phases"]
+    for k in SHARD_PHASES:
+        assert agg[k] == pytest.approx(sum(s[k] for s in shards), abs=1e-3)
+    # each actor works one shard at a time inside the driver's scoring phase
+    for actor in {s["actor"] for s in shards}:
+        busy = sum(s["total_s"] for s in shards if s["actor"] == actor)
+        assert busy <= phases["scoring"] + phases["merge"] + 1e-3
+    # two actors, five shards: actors after their first shard had the next one read ahead
+    assert agg["prefetched_shards"] >= 1
+
+
+def test_page_cache_and_read_ahead_change_no_result(ray_session, data, tmp_path):
+    """The page-major cache is built on first read, read back after, rebuilt when deleted,
+    truncated or damaged; reading the next shard ahead changes nothing either."""
+    import shutil
+
+    from pipeline.config import ScoreConfig
+    from pipeline.score import flow
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(data["corpus"], corpus)
+
+    def run(name, **kw):
+        cfg = ScoreConfig(corpus=str(corpus), queries=data["queries_file"], output=str(tmp_path / name), top_k=6,
+                          query_embeddings=data["qemb"], shard_size_pages=6, num_actors=1, **kw)
+        summary = flow.run(cfg)
+        return pq.read_table(tmp_path / name / "results.parquet"), [s["source"] for s in summary["shards"]]
+
+    plain, sources = run("plain", prefetch=False)
+    assert sources == ["parquet"] * 5
+    built, sources = run("built", cache=True)
+    assert built.equals(plain) and sources == ["parquet, cache written"] * 5
+    cache = corpus / "_cache"
+    raws = sorted(cache.glob("shard-*.f16"))
+    assert len(raws) == 5 and len(list(cache.glob("shard-*.idx.parquet"))) == 5
+    assert pq.read_table(corpus / "pages").num_rows == 29  # the cache is not part of the corpus
+    # damage three of the five: delete an index, truncate values, flip bytes
+    raws[0].with_name(raws[0].name.replace(".f16", ".idx.parquet")).unlink()
+    raws[1].write_bytes(raws[1].read_bytes()[:-256])
+    blob = bytearray(raws[2].read_bytes())
+    blob[:8] = bytes(8 * [0x7B])
+    raws[2].write_bytes(bytes(blob))
+    again, sources = run("again", cache=True)
+    assert again.equals(plain)
+    assert sorted(sources) == ["cache", "cache"] + ["parquet, cache written"] * 3
