@@ -19,7 +19,8 @@ import ray
 from pipeline import schema, storage
 from pipeline.cluster import choose_device, ensure_ray, max_gpu_actors, read_capacity
 from pipeline.config import DEFAULT_MODEL, ScoreConfig
-from pipeline.score.corpus import check_compatibility, open_corpus, plan_shards, read_vector_counts
+from pipeline.score.corpus import (check_compatibility, corpus_precision, open_corpus, plan_shards,
+                                   read_vector_counts)
 from pipeline.score.maxsim import auto_pages_per_shard
 from pipeline.score.merge import QUERY_INDEX, merge_topk
 from pipeline.score.queries import read_queries, read_query_embeddings
@@ -27,6 +28,10 @@ from pipeline.score import scorer
 from pipeline.score.scorer import empty_candidates
 
 log = logging.getLogger(__name__)
+
+# What the job prints of the summary (one JSON line).
+PRINTED_SUMMARY_KEYS = ("n_queries", "n_pages", "n_shards", "n_results", "pages_scored_per_s", "total_s",
+                        "precision", "corpus_dtype")
 
 # Fault tolerance of the shard actors (Ray's own mechanism, no retry loop here): a scorer
 # whose process or node dies is restarted by Ray (``max_restarts``; on a new node when its
@@ -100,6 +105,21 @@ def _write_outputs(cfg: ScoreConfig, results: pa.Table, query_emb: pa.Table, sum
     storage.write_json(storage.join_uri(out, schema.SUMMARY_FILE), summary, cfg.endpoint_url)
 
 
+def _fp8_summary(shard_stats: list[dict], candidates: np.ndarray, pages_scored: int) -> dict:
+    """fp8-exact-topk: pages whose FP8 bound reached the top-k threshold (needed), pages
+    actually re-scored (the union of a query group's candidates, or whole shards), times."""
+    nq = max(1, len(candidates))
+    rescored = sum(s.get("fp8_rescored_pairs", 0) for s in shard_stats) / nq
+    return {
+        "candidate_pages_per_query_mean": float(candidates.mean()) if len(candidates) else 0.0,
+        "candidate_pages_per_query_max": int(candidates.max()) if len(candidates) else 0,
+        "rescored_pages_per_query_mean": rescored,
+        "rescored_fraction": rescored / pages_scored if pages_scored else 0.0,
+        **{k: round(sum(s.get(f"fp8_{k}", 0.0) for s in shard_stats), 3)
+           for k in ("quantize_s", "candidate_s", "rescore_s")},
+    }
+
+
 def run(cfg: ScoreConfig) -> dict:
     """Score ``cfg.queries`` against ``cfg.corpus`` on the connected (or an embedded) Ray
     cluster; returns the summary it writes."""
@@ -166,7 +186,10 @@ def run(cfg: ScoreConfig) -> dict:
         per_actor = memory if gpu else memory // max(1, num_actors)
         # 0.3: packing holds the Arrow values, the padded copy and gather indices at once, and
         # a query batch adds its (pages x query vectors) maxima.
-        pages_per_shard = auto_pages_per_shard(mean_vectors, per_actor, dtype_bytes=2 if gpu else 8, fraction=0.3)
+        # fp8-exact-topk keeps an FP8 copy beside the exact operands (CPU: its float32 emulation).
+        extra = (1.2 if gpu else 5.2) if cfg.precision == "fp8-exact-topk" else 0
+        pages_per_shard = auto_pages_per_shard(mean_vectors, per_actor, dtype_bytes=(2 if gpu else 8) + extra,
+                                               fraction=0.3)
         pages_per_shard = min(pages_per_shard, max(1, -(-corpus.num_rows // num_actors)))
     else:
         pages_per_shard = cfg.shard_size_pages
@@ -179,19 +202,24 @@ def run(cfg: ScoreConfig) -> dict:
     t0 = time.perf_counter()
     merged = merge_topk([empty_candidates()], cfg.top_k)
     shard_stats = []
+    fp8_candidates = np.zeros(queries.num_rows, dtype=np.int64)  # pages within the FP8 bound, per query
     if shards and queries.num_rows:
         q_flat_ref, q_len_ref = ray.put(q_flat), ray.put(q_lengths)
         cpu_threads = max(1, int(cfg.cpus_per_actor))
         actors = [
             Scorer.options(**actor_options, max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=-1).remote(
                 corpus.uri, cfg.endpoint_url, q_flat_ref, q_len_ref, cfg.top_k,
-                query_batch_size=cfg.query_batch_size, backend=cfg.backend, cpu_threads=cpu_threads)
+                query_batch_size=cfg.query_batch_size, backend=cfg.backend, cpu_threads=cpu_threads,
+                precision=cfg.precision)
             for _ in range(num_actors)
         ]
         pool = ray.util.ActorPool(actors)
         pages_done = 0
         try:
             for candidates, stats in pool.map_unordered(lambda a, spec: a.score.remote(spec), shards):
+                per_query = stats.pop("fp8_candidates_per_query", None)
+                if per_query:
+                    fp8_candidates += np.asarray(per_query, dtype=np.int64)
                 merged = merge_topk([merged.drop_columns([schema.RANK]), candidates], cfg.top_k)
                 shard_stats.append(stats)
                 pages_done += stats["pages"]
@@ -233,6 +261,7 @@ def run(cfg: ScoreConfig) -> dict:
         "n_shards": len(shards), "shard_size_pages": pages_per_shard, "num_actors": num_actors,
         "gpus_per_actor": gpus_per_actor, "device_reason": device_why, "query_batch_size": cfg.query_batch_size or "auto",
         "backend": cfg.backend, "devices": sorted({s["device"] for s in shard_stats}),
+        "precision": cfg.precision, "corpus_dtype": corpus_precision(corpus), "corpus_dtype_files": corpus.dtypes,
         "pages_scored_per_s": pages_scored / t_score if t_score > 0 and pages_scored else 0.0,
         "query_page_pairs_per_s": pages_scored * queries.num_rows / t_score if t_score > 0 else 0.0,
         "embed_queries_s": round(t_embed, 3), "scoring_s": round(t_score, 3),
@@ -241,6 +270,8 @@ def run(cfg: ScoreConfig) -> dict:
         "max_actor_restarts": MAX_ACTOR_RESTARTS,
         "shards": sorted(shard_stats, key=lambda s: s["shard_id"]),
     }
+    if cfg.precision == "fp8-exact-topk":
+        summary["fp8"] = _fp8_summary(shard_stats, fp8_candidates, pages_scored)
     _write_outputs(cfg, results, query_emb, summary)
     log.info("wrote %d results for %d queries to %s in %.1f s", results.num_rows, queries.num_rows,
              cfg.output, summary["total_s"])

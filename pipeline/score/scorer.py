@@ -23,6 +23,7 @@ from pipeline.score.corpus import (  # noqa: F401  (triton_available: re-exporte
     read_shard_table,
     triton_available,
 )
+from pipeline.score.fp8 import Fp8Pages, fp8_topk
 from pipeline.score.maxsim import maxsim_scores, topk_desc
 from pipeline.score.merge import QUERY_INDEX
 
@@ -55,12 +56,16 @@ class ShardScorer:
         query_batch_size: queries per batch; 0 picks one from the shard size.
         device: ``"cuda"``, ``"cpu"`` or ``None`` (CUDA when this process sees a GPU).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`score_batch`).
+        precision: ``"exact"``, or ``"fp8-exact-topk"`` (:mod:`pipeline.score.fp8`: FP8
+            candidates, exact re-scoring; the same top-k, and stats on the re-scored pages).
     """
 
     def __init__(self, corpus_uri: str, endpoint_url: str | None, query_flat: np.ndarray,
                  query_lengths: np.ndarray, k: int, query_batch_size: int = 0,
-                 device: str | None = None, backend: str = "auto", cpu_threads: int | None = None):
+                 device: str | None = None, backend: str = "auto", cpu_threads: int | None = None,
+                 precision: str = "exact"):
         self.corpus_uri, self.endpoint_url = corpus_uri, endpoint_url
+        self.precision = precision
         self.k, self.query_batch_size, self.backend = k, query_batch_size, backend
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if cpu_threads and self.device.type == "cpu":
@@ -110,12 +115,24 @@ class ShardScorer:
         del table
         t_load = time.perf_counter() - t0
         parts = []
+        fp8_stats = None
         if packed.n_pages and self.queries:
             bs = self._batch_size(packed.n_pages)
+            backend = self.backend if packed.padded_length is None else "torch"
+            if self.precision == "fp8-exact-topk":
+                shard8 = Fp8Pages.from_packed(packed)
+                fp8_stats = {"fp8_quantize_s": shard8.quantize_s, "fp8_candidate_s": 0.0, "fp8_rescore_s": 0.0,
+                             "fp8_rescored_pairs": 0, "fp8_candidates_per_query": []}
             for s in range(0, len(self.queries), bs):
                 Q, _ = pad_queries(self.queries[s : s + bs], device=self.device, dtype=packed.vectors.dtype)
-                backend = self.backend if packed.padded_length is None else "torch"
-                values, idx = topk_desc(score_batch(Q, packed, backend), self.k)
+                if fp8_stats is None:
+                    values, idx = topk_desc(score_batch(Q, packed, backend), self.k)
+                else:
+                    values, idx, st = fp8_topk(Q, shard8, self.k, lambda q, p: score_batch(q, p, backend))
+                    fp8_stats["fp8_candidate_s"] += st["candidate_s"]
+                    fp8_stats["fp8_rescore_s"] += st["rescore_s"]
+                    fp8_stats["fp8_rescored_pairs"] += st["rescored_pairs"]
+                    fp8_stats["fp8_candidates_per_query"] += st["candidates"].tolist()
                 nq, kk = values.shape
                 rows = idx.reshape(-1).cpu().numpy()
                 parts.append(pa.table({
@@ -125,12 +142,15 @@ class ShardScorer:
                   .append_column(schema.DOC_ID, meta.column(schema.DOC_ID).take(rows))
                   .append_column(schema.PAGE_NUMBER, meta.column(schema.PAGE_NUMBER).take(rows)))
         del packed
+        shard8 = None  # the FP8 copy goes with the shard
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         out = pa.concat_tables(parts) if parts else empty_candidates()
         stats = {"shard_id": spec.shard_id, "pages": spec.n_pages - dropped, "dropped_empty_pages": dropped,
                  "read_s": t_read, "load_s": t_load, "total_s": time.perf_counter() - t0,
-                 "device": str(self.device)}
+                 "device": str(self.device), "precision": self.precision}
+        if fp8_stats is not None:  # fp8_candidates_per_query: one count per query, summed over shards by the flow
+            stats.update(fp8_stats)
         return out, stats
 
 
