@@ -241,11 +241,13 @@ def _candidate_scores_scaled_mm(qq: Quantized, shard: Fp8Pages, nq: int, lq: int
     return sum_over_query_vectors(maxima).T.contiguous()
 
 
-def score_bounds(qq: Quantized, nq: int, lq: int, shard: Fp8Pages, candidate_u: float) -> torch.Tensor:
-    """B(q, p) ``(n_queries, n_pages)`` float64: |exact path score - candidate score| <= B."""
+def score_bounds(qq: Quantized, nq: int, lq: int, shard: Fp8Pages, candidate_u: float,
+                 exact_device: str | None = None) -> torch.Tensor:
+    """B(q, p) ``(n_queries, n_pages)`` float64: |exact path score - candidate score| <= B.
+    ``exact_device``: where the exact path runs (default: the shard's device)."""
     eq = qq.err.view(nq, lq).sum(dim=1)  # float64 sums of nonnegative terms: rel. error < lq * 2^-53
     qn = qq.norm.view(nq, lq).sum(dim=1)
-    c = rounding_constant(lq, candidate_u, shard.pages.device.type)
+    c = rounding_constant(lq, candidate_u, exact_device or shard.pages.device.type)
     pn, pe = shard.page_norm, shard.page_err
     b = eq[:, None] * pn[None, :] + qn[:, None] * pe[None, :] + c * qn[:, None] * pn[None, :]
     return b * (1 + 1e-12)  # the float64 evaluation above: a few roundings of 2^-53 each
