@@ -235,7 +235,7 @@ def _candidate_scores_scaled_mm(qq: Quantized, shard: Fp8Pages, nq: int, lq: int
             b = torch.cat([b, torch.zeros((pad, EMBEDDING_DIM), dtype=b.dtype, device=dev)])
         raw = torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)[:, : r1 - r0]
         sims = raw.mul_(sa[:, None]).mul_(shard.q.scales[None, r0:r1])  # (m_pad, rows)
-        cmax = sims.view(m_pad, (r1 - r0) // mult, mult).amax(dim=2).T  # (chunks, m_pad)
+        cmax = sims.reshape(m_pad, (r1 - r0) // mult, mult).amax(dim=2).T  # (chunks, m_pad)
         maxima.index_reduce_(0, chunk_page[r0 // mult : r1 // mult], cmax, "amax")
     maxima = maxima[:, :m].reshape(pages.n_pages, nq, lq)
     return sum_over_query_vectors(maxima).T.contiguous()

@@ -159,15 +159,16 @@ def test_shard_scorer_fp8_equals_exact(tmp_path):
     rng = np.random.default_rng(11)
     page_vecs, queries = _planted(rng, 50, 6)
     pages = [(f"d{i // 3}", i % 3 + 1, schema.page_id(f"d{i // 3}", i % 3 + 1), v) for i, v in enumerate(page_vecs)]
+    pages.insert(7, ("empty", 1, "empty#1", np.zeros((0, 128), np.float16)))  # dropped by both paths
     corpus = write_corpus(tmp_path / "emb", pages, n_files=2)
     c = open_corpus(corpus)
-    spec = ShardSpec(0, tuple((f.path, 0, f.num_rows) for f in c.files), 50, sum(len(v) for v in page_vecs))
+    spec = ShardSpec(0, tuple((f.path, 0, f.num_rows) for f in c.files), 51, sum(len(v) for v in page_vecs))
     flat, lengths = np.concatenate(queries), np.array([len(q) for q in queries])
     exact, s0 = ShardScorer(corpus, None, flat, lengths, 4, device="cpu").score(spec)
     got, s1 = ShardScorer(corpus, None, flat, lengths, 4, device="cpu", precision="fp8-exact-topk",
                           query_batch_size=4).score(spec)
     assert got.equals(exact)
-    assert s0["precision"] == "exact" and s1["precision"] == "fp8-exact-topk"
+    assert s0["precision"] == "exact" and s1["precision"] == "fp8-exact-topk" and s1["dropped_empty_pages"] == 1
     assert len(s1["fp8_candidates_per_query"]) == 6 and s1["fp8_rescored_pairs"] < 6 * 50
     assert min(s1["fp8_candidates_per_query"]) >= 4
 
