@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 
-from pipeline.config import ScoreConfig
+from pipeline.config import PRECISION_HELP, SCORE_PRECISIONS, ScoreConfig
 
 DESCRIPTION = """\
 Score queries against a corpus embedded by jobs.embed_corpus, with exact MaxSim:
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs per actor; CPU actors use that many torch threads (default: %(default)s)")
     s.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                    help="MaxSim implementation: the fused Triton kernel on CUDA, torch elsewhere (default: auto)")
+    s.add_argument("--precision", choices=SCORE_PRECISIONS, default="exact", help=PRECISION_HELP)
     s.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start` cluster, or an embedded Ray)")
     s.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
@@ -129,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = flow.run(cfg)
     except StorageAccessError as exc:
         return print(f"error: {exc}", file=sys.stderr) or 2
-    print(json.dumps({k: summary[k] for k in ("n_queries", "n_pages", "n_shards", "n_results",
-                                              "pages_scored_per_s", "total_s")}))
+    print(json.dumps({k: summary[k] for k in flow.PRINTED_SUMMARY_KEYS if k in summary}))
     return 0
 
 

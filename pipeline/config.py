@@ -153,6 +153,12 @@ def load_yaml(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+# Scoring precisions (pipeline.score.fp8): both give the exact top-k, bit for bit.
+SCORE_PRECISIONS = ("exact", "fp8-exact-topk")
+PRECISION_HELP = ("exact (default), or fp8-exact-topk: score every page in FP8, then re-score exactly every page "
+                  "whose FP8 error bound lets it reach the top-k; same results, the summary counts the re-scored pages")
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     """``jobs.score_queries``: exact MaxSim of a query set against an embedded corpus."""
@@ -178,6 +184,7 @@ class ScoreConfig:
     device: str = "auto"  # auto: GPUs if the cluster has them now or its autoscaler can add them
     cpus_per_actor: float = 1
     backend: str = "auto"
+    precision: str = "exact"  # or "fp8-exact-topk": FP8 candidates, exact re-scoring (same results)
     ray_address: str | None = None
     # shard loading: keep a page-major float16 copy of each shard beside the corpus
     # (CORPUS/_cache, rebuilt when missing or stale; the Parquet files stay the source), and
@@ -204,6 +211,8 @@ class ScoreConfig:
             problems.append(f"--device must be auto, cuda or cpu, got {self.device!r}")
         if self.backend not in ("auto", "torch", "triton"):
             problems.append(f"--backend must be auto, torch or triton, got {self.backend!r}")
+        if self.precision not in SCORE_PRECISIONS:
+            problems.append(f"--precision must be one of {', '.join(SCORE_PRECISIONS)}, got {self.precision!r}")
         if problems:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -224,6 +224,9 @@ class Corpus:
     pool_factors: dict[int, int] = dataclasses.field(default_factory=dict)
     # path -> Parquet footer, as read by open_corpus (so planning does not read them again)
     footers: dict[str, pq.FileMetaData] = dataclasses.field(default_factory=dict, repr=False)
+    # precision the pages were embedded in (vdr.dtype; absent = "unrecorded") -> files: more
+    # than one key is a mix, refused by check_compatibility unless allowed
+    dtypes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
@@ -269,6 +272,7 @@ def open_corpus(corpus_uri: str, endpoint_url: str | None = None, generation: in
     metadata: dict[str, str] | None = None
     first = None
     pool_factors: dict[int, int] = {}
+    dtypes: dict[str, int] = {}
     footers = dict(zip(paths, storage.read_footers(fs, paths)))
     for path, md in footers.items():
         names = md.schema.to_arrow_schema().names
@@ -287,8 +291,19 @@ def open_corpus(corpus_uri: str, endpoint_url: str | None = None, generation: in
                     )
         factor = pool_factor_of(meta, path)
         pool_factors[factor] = pool_factors.get(factor, 0) + 1
+        dtype = meta.get(schema.META_DTYPE.decode(), UNRECORDED_DTYPE)
+        dtypes[dtype] = dtypes.get(dtype, 0) + 1
         files.append(CorpusFile(path, md.num_rows))
-    return Corpus(corpus_uri, files, metadata or {}, pool_factors, footers)
+    return Corpus(corpus_uri, files, metadata or {}, pool_factors, footers=footers, dtypes=dtypes)
+
+
+UNRECORDED_DTYPE = "unrecorded"
+
+
+def corpus_precision(corpus: Corpus) -> str | list[str] | None:
+    """The corpus's embedding precision for the summary: one name, or the sorted names of a mix."""
+    names = sorted({d for key in corpus.dtypes for d in key.split(",")})
+    return names[0] if len(names) == 1 else (names or None)
 
 
 def pool_factor_of(meta: dict[str, str], path: str = "") -> int:
@@ -329,6 +344,11 @@ def check_compatibility(
         problems.append(f"the corpus mixes pooled and unpooled pages ({mix}; factor 1 = unpooled): pooled pages "
                         "are scored against cluster centroids, unpooled ones against every token, so their "
                         "scores are not on one scale. Re-embed one part with the other --pool-factor")
+    if len({d for key in corpus.dtypes for d in key.split(",")}) > 1:
+        mix = ", ".join(f"{n} file(s) in {d}" for d, n in sorted(corpus.dtypes.items()))
+        problems.append(f"the corpus mixes embedding precisions (vdr.dtype: {mix}): the same page embedded in "
+                        "bfloat16 and in float32 gets different vectors, so scores from the two parts are not "
+                        "strictly comparable. Re-embed one part with the other --dtype")
     if problems and not allow_mismatch:
         raise CorpusError(
             "; ".join(problems)

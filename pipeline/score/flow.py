@@ -20,8 +20,8 @@ import ray
 from pipeline import schema, storage
 from pipeline.cluster import choose_device, ensure_ray, max_gpu_actors, read_capacity
 from pipeline.config import DEFAULT_MODEL, ScoreConfig
-from pipeline.score.corpus import (cache_uri_of, check_compatibility, open_corpus, plan_shards,
-                                   read_vector_counts)
+from pipeline.score.corpus import (cache_uri_of, check_compatibility, corpus_precision, open_corpus,
+                                   plan_shards, read_vector_counts)
 from pipeline.score.maxsim import auto_pages_per_shard
 from pipeline.score.merge import QUERY_INDEX, merge_topk
 from pipeline.score.queries import read_queries, read_query_embeddings
@@ -29,6 +29,10 @@ from pipeline.score import scorer
 from pipeline.score.scorer import empty_candidates
 
 log = logging.getLogger(__name__)
+
+# What the job prints of the summary (one JSON line).
+PRINTED_SUMMARY_KEYS = ("n_queries", "n_pages", "n_shards", "n_results", "pages_scored_per_s", "total_s",
+                        "precision", "corpus_dtype")
 
 # Fault tolerance of the shard actors (Ray's own mechanism, no retry loop here): a scorer
 # whose process or node dies is restarted by Ray (``max_restarts``; on a new node when its
@@ -126,6 +130,21 @@ def _host_bytes_per_actor(num_actors: int) -> int:
     return available // max(1, num_actors)
 
 
+def _fp8_summary(shard_stats: list[dict], candidates: np.ndarray, pages_scored: int) -> dict:
+    """fp8-exact-topk: pages whose FP8 bound reached the top-k threshold (needed), pages
+    actually re-scored (the union of a query group's candidates, or whole shards), times."""
+    nq = max(1, len(candidates))
+    rescored = sum(s.get("fp8_rescored_pairs", 0) for s in shard_stats) / nq
+    return {
+        "candidate_pages_per_query_mean": float(candidates.mean()) if len(candidates) else 0.0,
+        "candidate_pages_per_query_max": int(candidates.max()) if len(candidates) else 0,
+        "rescored_pages_per_query_mean": rescored,
+        "rescored_fraction": rescored / pages_scored if pages_scored else 0.0,
+        **{k: round(sum(s.get(f"fp8_{k}", 0.0) for s in shard_stats), 3)
+           for k in ("quantize_s", "candidate_s", "rescore_s")},
+    }
+
+
 def run(cfg: ScoreConfig) -> dict:
     """Score ``cfg.queries`` against ``cfg.corpus`` on the connected (or an embedded) Ray
     cluster; returns the summary it writes.
@@ -203,7 +222,7 @@ def run(cfg: ScoreConfig) -> dict:
             Scorer.options(**actor_options, max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=-1).remote(
                 corpus.uri, cfg.endpoint_url, q_refs[0], q_refs[1], cfg.top_k,
                 query_batch_size=cfg.query_batch_size, backend=cfg.backend, cpu_threads=cpu_threads,
-                cache_uri=cache_uri)
+                cache_uri=cache_uri, precision=cfg.precision)
             for _ in range(n))
 
     early = embed_ref is None and corpus.num_rows > 0 and queries.num_rows > 0
@@ -234,7 +253,10 @@ def run(cfg: ScoreConfig) -> dict:
         per_actor = memory if gpu else memory // max(1, num_actors)
         # 0.3: packing holds the Arrow values, the padded copy and gather indices at once, and
         # a query batch adds its (pages x query vectors) maxima.
-        pages_per_shard = auto_pages_per_shard(mean_vectors, per_actor, dtype_bytes=2 if gpu else 8, fraction=0.3)
+        # fp8-exact-topk keeps an FP8 copy beside the exact operands (CPU: its float32 emulation).
+        extra = (1.2 if gpu else 5.2) if cfg.precision == "fp8-exact-topk" else 0
+        pages_per_shard = auto_pages_per_shard(mean_vectors, per_actor, dtype_bytes=(2 if gpu else 8) + extra,
+                                               fraction=0.3)
         if gpu:  # host: this shard and the next in float16, plus the Parquet bytes read (~1x)
             host = _host_bytes_per_actor(num_actors)
             pages_per_shard = min(pages_per_shard, auto_pages_per_shard(
@@ -276,6 +298,7 @@ def run(cfg: ScoreConfig) -> dict:
     merged = merge_topk([empty_candidates()], cfg.top_k)
     shard_stats = []
     t_merge = 0.0
+    fp8_candidates = np.zeros(queries.num_rows, dtype=np.int64)  # pages within the FP8 bound, per query
     if shards and queries.num_rows:
         pending = collections.deque(shards)
         reserved: dict[int, object] = {}
@@ -294,6 +317,9 @@ def run(cfg: ScoreConfig) -> dict:
                 done, _ = ray.wait(list(inflight), num_returns=1)
                 i = inflight.pop(done[0])
                 candidates, stats = ray.get(done[0])
+                per_query = stats.pop("fp8_candidates_per_query", None)
+                if per_query:
+                    fp8_candidates += np.asarray(per_query, dtype=np.int64)
                 nxt = reserved.pop(i, None) or (pending.popleft() if pending else None)
                 if nxt is not None:
                     submit(i, nxt, pending.popleft() if cfg.prefetch and pending else None)
@@ -345,6 +371,7 @@ def run(cfg: ScoreConfig) -> dict:
         "n_shards": len(shards), "shard_size_pages": pages_per_shard, "num_actors": num_actors,
         "gpus_per_actor": gpus_per_actor, "device_reason": device_why, "query_batch_size": cfg.query_batch_size or "auto",
         "backend": cfg.backend, "devices": sorted({s["device"] for s in shard_stats}),
+        "precision": cfg.precision, "corpus_dtype": corpus_precision(corpus), "corpus_dtype_files": corpus.dtypes,
         "pages_scored_per_s": pages_scored / t_score if t_score > 0 and pages_scored else 0.0,
         "query_page_pairs_per_s": pages_scored * queries.num_rows / t_score if t_score > 0 else 0.0,
         "embed_queries_s": round(t_embed, 3), "scoring_s": round(t_score, 3),
@@ -353,6 +380,8 @@ def run(cfg: ScoreConfig) -> dict:
         "max_actor_restarts": MAX_ACTOR_RESTARTS,
         "shards": sorted(shard_stats, key=lambda s: s["shard_id"]),
     }
+    if cfg.precision == "fp8-exact-topk":
+        summary["fp8"] = _fp8_summary(shard_stats, fp8_candidates, pages_scored)
     phase("merge")  # building the results table: the last of the merge
     _write_outputs(cfg, results, query_emb, None)
     phase("write")

@@ -24,6 +24,7 @@ from pipeline.score.corpus import (  # noqa: F401  (triton_available: re-exporte
     pad_queries,
     triton_available,
 )
+from pipeline.score.fp8 import Fp8Pages, fp8_topk
 from pipeline.score.maxsim import maxsim_scores, topk_desc
 from pipeline.score.merge import QUERY_INDEX
 
@@ -58,6 +59,8 @@ class ShardScorer:
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :func:`score_batch`).
         cache_uri: keep and read the page-major cache of each shard there (see
             :func:`pipeline.score.corpus.load_shard`); None reads Parquet only.
+        precision: ``"exact"``, or ``"fp8-exact-topk"`` (:mod:`pipeline.score.fp8`: FP8
+            candidates, exact re-scoring; the same top-k, and stats on the re-scored pages).
 
     :meth:`score` takes the shard to score and, optionally, the shard this worker will be
     given next: that one is read and decoded by a background thread while this one scores
@@ -67,12 +70,13 @@ class ShardScorer:
     def __init__(self, corpus_uri: str, endpoint_url: str | None, query_flat: np.ndarray,
                  query_lengths: np.ndarray, k: int, query_batch_size: int = 0,
                  device: str | None = None, backend: str = "auto", cpu_threads: int | None = None,
-                 cache_uri: str | None = None):
+                 cache_uri: str | None = None, precision: str = "exact"):
         self.t_init = time.time()
         self.corpus_uri, self.endpoint_url, self.cache_uri = corpus_uri, endpoint_url, cache_uri
         self._footers: dict = {}
         self._next: tuple[ShardSpec, object] | None = None  # (spec, Future of LoadedShard)
         self._reader = None
+        self.precision = precision
         self.k, self.query_batch_size, self.backend = k, query_batch_size, backend
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if cpu_threads and self.device.type == "cpu":
@@ -159,12 +163,24 @@ class ShardScorer:
         t_pack = time.perf_counter() - t1
         t1 = time.perf_counter()
         parts = []
+        fp8_stats = None
         if packed.n_pages and self.queries:
             bs = self._batch_size(packed.n_pages)
+            backend = self.backend if packed.padded_length is None else "torch"
+            if self.precision == "fp8-exact-topk":
+                shard8 = Fp8Pages.from_packed(packed)
+                fp8_stats = {"fp8_quantize_s": shard8.quantize_s, "fp8_candidate_s": 0.0, "fp8_rescore_s": 0.0,
+                             "fp8_rescored_pairs": 0, "fp8_candidates_per_query": []}
             for s in range(0, len(self.queries), bs):
                 Q, _ = pad_queries(self.queries[s : s + bs], device=self.device, dtype=packed.vectors.dtype)
-                backend = self.backend if packed.padded_length is None else "torch"
-                values, idx = topk_desc(score_batch(Q, packed, backend), self.k)
+                if fp8_stats is None:
+                    values, idx = topk_desc(score_batch(Q, packed, backend), self.k)
+                else:
+                    values, idx, st = fp8_topk(Q, shard8, self.k, lambda q, p: score_batch(q, p, backend))
+                    fp8_stats["fp8_candidate_s"] += st["candidate_s"]
+                    fp8_stats["fp8_rescore_s"] += st["rescore_s"]
+                    fp8_stats["fp8_rescored_pairs"] += st["rescored_pairs"]
+                    fp8_stats["fp8_candidates_per_query"] += st["candidates"].tolist()
                 nq, kk = values.shape
                 rows = idx.reshape(-1).cpu().numpy()
                 parts.append(pa.table({
@@ -174,6 +190,7 @@ class ShardScorer:
                   .append_column(schema.DOC_ID, meta.column(schema.DOC_ID).take(rows))
                   .append_column(schema.PAGE_NUMBER, meta.column(schema.PAGE_NUMBER).take(rows)))
         del packed
+        shard8 = None  # the FP8 copy goes with the shard
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         out = pa.concat_tables(parts) if parts else empty_candidates()
@@ -183,7 +200,9 @@ class ShardScorer:
                  "cache_write_s": load_stats.get("cache_write_s", 0.0), "source": load_stats["source"],
                  "bytes_read": load_stats["bytes_read"], "prefetched": prefetched, "wait_s": t_wait,
                  "pack_s": t_pack, "score_s": t_score, "load_s": t_wait + t_pack,
-                 "total_s": time.perf_counter() - t0, "device": str(self.device)}
+                 "total_s": time.perf_counter() - t0, "device": str(self.device), "precision": self.precision}
+        if fp8_stats is not None:  # fp8_candidates_per_query: one count per query, summed over shards by the flow
+            stats.update(fp8_stats)
         return out, stats
 
 

@@ -1,0 +1,205 @@
+"""fp8-exact-topk (pipeline.score.fp8): how many pages the FP8 error bound makes us re-score,
+and (on a GPU) what the FP8 candidate pass + exact re-scoring costs against the exact kernel.
+
+CPU mode (default): synthetic pages of 600-768 unit vectors, queries of 25 unit vectors,
+k=10, two data models:
+  * random - i.i.d. unit vectors (no page stands out: the worst case for pruning);
+  * topics - pages in topics of 20 (half of a page's vectors are noisy copies of its
+             topic's 32 vectors, half random), each query noisy copies of one topic's
+             vectors: ~20 pages clearly above the rest, as relevant pages are.
+Pages are generated and scored in chunks (the FP8 candidate pass is emulated in float32,
+exactly as pipeline.score.fp8 does on CPU); the candidate set per query is the one
+fp8_topk would re-score. Reported per query: candidates (mean, max) and fraction of
+pages, with the bound of the CPU path and with the bound the GPU path would use (FP8
+accumulation assumed at 2^-13, exact path fp16 -> fp32). With --verify, fp8_topk's top-k is
+also compared with the exact path's at the smallest size.
+
+    PYTHONPATH=$PWD python benchmarks/bench_fp8_topk.py [--pages 2000 20000] [--queries 8] [--json OUT]
+
+GPU mode (--gpu, next session on an H200): 20,000 pages x 1,000 queries, the layout of the
+Triton kernel. Times (median of 5, synchronized): exact = score_batch (Triton, fp16) +
+topk_desc; fp8 = quantize queries + torch._scaled_mm candidate pass + bounds + exact
+re-scoring with the Triton kernel; checks that both top-k are equal bit for bit; and
+measures the FP8 accumulation error of torch._scaled_mm against float64 dots of the same
+FP8 values, relative to ||a|| ||b||, next to the gamma_128 the bound assumes.
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_fp8_topk.py --gpu [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipeline.score import fp8  # noqa: E402
+from pipeline.score.corpus import CUDA_PAD_MULTIPLE, pack_flat, pad_queries  # noqa: E402
+from pipeline.score.maxsim import maxsim_scores, topk_desc  # noqa: E402
+
+DIM, LQ, K = 128, 25, 10
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+
+
+def make_queries(model: str, n: int, n_topics: int, gen: torch.Generator) -> list[torch.Tensor]:
+    if model == "random":
+        return [unit(torch.randn(LQ, DIM, generator=gen)).half() for _ in range(n)]
+    out = []
+    for i in range(n):
+        base = topic_base(i % n_topics)
+        out.append(unit(base[torch.randint(32, (LQ,), generator=gen)] + 0.3 * torch.randn(LQ, DIM, generator=gen)
+                        / math.sqrt(DIM)).half())
+    return out
+
+
+def topic_base(t: int) -> torch.Tensor:
+    return unit(torch.randn(32, DIM, generator=torch.Generator().manual_seed(10_000 + t)))
+
+
+def make_pages(model: str, first: int, n: int, n_topics: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pages ``first .. first+n``: (flat float16 vectors, lengths). Deterministic per page range."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + first)
+    lengths = torch.randint(600, 769, (n,), generator=gen)
+    flat = unit(torch.randn(int(lengths.sum()), DIM, generator=gen))
+    if model == "topics":
+        start = 0
+        for i, n_vec in enumerate(lengths.tolist()):
+            half = n_vec // 2
+            base = topic_base((first + i) % n_topics)
+            rows = base[torch.randint(32, (half,), generator=gen)]
+            flat[start : start + half] = unit(rows + 0.5 * torch.randn(half, DIM, generator=gen) / math.sqrt(DIM))
+            start += n_vec
+    return flat.half(), lengths
+
+
+def cpu_fractions(model: str, n_pages: int, n_queries: int, chunk: int, verify: bool) -> dict:
+    n_topics = max(1, n_pages // 20)
+    gen = torch.Generator().manual_seed(7)
+    queries = make_queries(model, n_queries, n_topics, gen)
+    Q, _ = pad_queries(queries, dtype=torch.float64)
+    qq = fp8.quantize_rows(Q.reshape(-1, DIM))
+    approx, b_cpu, b_gpu = [], [], []
+    t_cand = 0.0
+    for first in range(0, n_pages, chunk):
+        flat, lengths = make_pages(model, first, min(chunk, n_pages - first), n_topics, seed=1)
+        shard = fp8.Fp8Pages.from_packed(pack_flat(flat, lengths))
+        t0 = time.perf_counter()
+        a, u = fp8.candidate_scores(Q, qq, shard)
+        t_cand += time.perf_counter() - t0
+        approx.append(a)
+        b_cpu.append(fp8.score_bounds(qq, n_queries, LQ, shard, u))
+        b_gpu.append(fp8.score_bounds(qq, n_queries, LQ, shard, fp8.FP8_ACCUM_UNIT_ROUNDOFF + 2 * fp8.U32, "cuda"))
+        del shard, flat
+    approx = torch.cat(approx, 1)
+    row = {"model": model, "pages": n_pages, "queries": n_queries, "k": K, "candidate_pass_cpu_s": round(t_cand, 2)}
+    for name, bound in (("cpu", torch.cat(b_cpu, 1)), ("gpu_bound", torch.cat(b_gpu, 1))):
+        cand = fp8.select_candidates(approx, bound, K).sum(1).double()
+        row[f"{name}_candidates_mean"] = round(cand.mean().item(), 1)
+        row[f"{name}_candidates_max"] = int(cand.max().item())
+        row[f"{name}_fraction"] = round(cand.mean().item() / n_pages, 4)
+        row[f"{name}_bound_mean"] = round(bound.mean().item(), 4)
+    top = torch.topk(approx, K + 1, dim=1).values
+    row["score_kth"] = round(top[:, K - 1].mean().item(), 3)
+    row["score_median"] = round(approx.median(dim=1).values.mean().item(), 3)
+    if verify:
+        flat, lengths = torch.cat([make_pages(model, f, min(chunk, n_pages - f), n_topics, 1)[0]
+                                   for f in range(0, n_pages, chunk)]), None
+        lengths = torch.cat([make_pages(model, f, min(chunk, n_pages - f), n_topics, 1)[1]
+                             for f in range(0, n_pages, chunk)])
+        pages = pack_flat(flat, lengths)
+        t0 = time.perf_counter()
+        ev, ei = topk_desc(maxsim_scores(Q, pages), K)
+        t_exact = time.perf_counter() - t0
+        v, i, st = fp8.fp8_topk(Q, fp8.Fp8Pages.from_packed(pages), K, maxsim_scores)
+        row["verified_equal_to_exact"] = bool(torch.equal(v, ev) and torch.equal(i, ei))
+        row["exact_cpu_s"] = round(t_exact, 2)
+        row["fp8_cpu_candidate_s"], row["fp8_cpu_rescore_s"] = round(st["candidate_s"], 2), round(st["rescore_s"], 2)
+        row["fp8_rescored_pairs_per_query"] = st["rescored_pairs"] / n_queries
+    return row
+
+
+def gpu_bench(n_pages: int, n_queries: int, model: str) -> dict:
+    from pipeline.score.scorer import score_batch
+
+    dev = torch.device("cuda")
+    assert fp8.fp8_supported(dev), "needs CUDA sm89+ with float8"
+    n_topics = max(1, n_pages // 20)
+    flat, lengths = make_pages(model, 0, n_pages, n_topics, seed=1)
+    pages = pack_flat(flat, lengths, device=dev, pad_multiple=CUDA_PAD_MULTIPLE)
+    Q, _ = pad_queries(make_queries(model, n_queries, n_topics, torch.Generator().manual_seed(7)),
+                       device=dev, dtype=torch.float16)
+    useful = 2.0 * n_queries * LQ * int(lengths.sum()) * DIM
+
+    def med(fn, reps=5):
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts), out
+
+    t_exact, (ev, ei) = med(lambda: topk_desc(score_batch(Q, pages, "triton"), K))
+    t_quant, shard = med(lambda: fp8.Fp8Pages.from_packed(pages), reps=1)
+    t_fp8, (v, i, st) = med(lambda: fp8.fp8_topk(Q, shard, K, lambda q, p: score_batch(q, p, "triton")))
+    # FP8 accumulation error of _scaled_mm on these operands, against float64 dots of the FP8 values.
+    qq = fp8.quantize_rows(Q.reshape(-1, DIM)[:4096])
+    b = shard.q.values[:65536]
+    one = torch.ones((), device=dev)
+    raw = torch._scaled_mm(qq.values, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32).double()
+    ref = qq.values.double() @ b.double().T
+    norms = torch.linalg.vector_norm(qq.values.double(), dim=1)[:, None] * torch.linalg.vector_norm(b.double(), dim=1)[None]
+    rel = ((raw - ref).abs() / norms.clamp_min(1e-30)).max().item()
+    return {
+        "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "model": model,
+        "pages": n_pages, "queries": n_queries, "k": K,
+        "exact_s": t_exact, "exact_tflops": useful / t_exact / 1e12,
+        "fp8_s": t_fp8, "fp8_candidate_s": st["candidate_s"], "fp8_rescore_s": st["rescore_s"],
+        "fp8_quantize_shard_s": t_quant, "speedup": t_exact / t_fp8,
+        "candidates_mean": float(st["candidates"].mean()), "candidates_max": int(st["candidates"].max()),
+        "rescored_pairs_per_query": st["rescored_pairs"] / n_queries,
+        "equal_to_exact": bool(torch.equal(v, ev) and torch.equal(i, ei)),
+        "scaled_mm_max_rel_accum_error": rel, "assumed_gamma_128": fp8.gamma(DIM, fp8.FP8_ACCUM_UNIT_ROUNDOFF),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pages", type=int, nargs="+", default=[2000, 20000])
+    ap.add_argument("--queries", type=int, default=8)
+    ap.add_argument("--models", nargs="+", default=["random", "topics"])
+    ap.add_argument("--chunk", type=int, default=500)
+    ap.add_argument("--verify", action="store_true", help="compare with the exact path at the smallest size")
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = []
+    if args.gpu:
+        for model in args.models:
+            rows.append(gpu_bench(20000, 1000, model))
+            print(json.dumps(rows[-1]), flush=True)
+    else:
+        for model in args.models:
+            for n in args.pages:
+                rows.append(cpu_fractions(model, n, args.queries, args.chunk, args.verify and n == min(args.pages)))
+                print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "threads": torch.get_num_threads()}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
