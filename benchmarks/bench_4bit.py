@@ -18,7 +18,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -30,21 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench_embed import letter_pdf, render_pages  # noqa: E402
-
-
-def timed(fn, batches, warmup=2):
-    for b in batches[:warmup]:
-        fn(b)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    per = []
-    for b in batches:
-        t = time.perf_counter()
-        fn(b)
-        torch.cuda.synchronize()
-        per.append(time.perf_counter() - t)
-    return statistics.median(per), torch.cuda.max_memory_allocated() / 2**30
+from bench_embed import letter_pdf, render_pages, timed  # noqa: E402
 
 
 def maxsim(qs, ps):

@@ -461,26 +461,9 @@ def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
 
 
 def write_bytes_atomic(uri: str, data: bytes, endpoint_url: str | None = None) -> None:
-    """Write a whole object so that readers see all of it or nothing.
-
-    S3/GCS objects appear only when the upload completes; local files are written to a
-    hidden temporary name in the same folder and renamed.
-    """
-    fs, path = open_filesystem(uri, endpoint_url)
-    if isinstance(fs, pafs.LocalFileSystem):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return
-    if _gcsfs_of(fs) is None:  # GCS has no folders; gcsfs would check (or create) the bucket each time
-        fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    """Write a whole object so that readers see all of it or nothing (see
+    :func:`write_buffers_atomic`)."""
+    write_buffers_atomic(uri, [data], endpoint_url)
 
 
 def read_ranges_into(fs: pafs.FileSystem, path: str, ranges: list[tuple[int, int]], out) -> int:
@@ -521,8 +504,12 @@ def file_size(uri: str, endpoint_url: str | None = None) -> int | None:
 
 
 def write_buffers_atomic(uri: str, buffers: list, endpoint_url: str | None = None) -> None:
-    """:func:`write_bytes_atomic` of the concatenation of ``buffers`` (bytes-like, e.g. numpy
-    arrays), without concatenating them in memory."""
+    """Write the concatenation of ``buffers`` (bytes-like, e.g. numpy arrays) as one whole
+    object, without concatenating them in memory, so that readers see all of it or nothing.
+
+    S3/GCS objects appear only when the upload completes; local files are written to a
+    hidden temporary name in the same folder and renamed.
+    """
     fs, path = open_filesystem(uri, endpoint_url)
     if isinstance(fs, pafs.LocalFileSystem):
         folder = os.path.dirname(path)
@@ -535,7 +522,7 @@ def write_buffers_atomic(uri: str, buffers: list, endpoint_url: str | None = Non
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return
-    if _gcsfs_of(fs) is None:
+    if _gcsfs_of(fs) is None:  # GCS has no folders; gcsfs would check (or create) the bucket each time
         fs.create_dir(posixpath.dirname(path), recursive=True)
     with fs.open_output_stream(path) as f:
         for b in buffers:
