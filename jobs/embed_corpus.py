@@ -30,7 +30,7 @@ except StorageUnavailable rows (storage did not answer after the retries): a pla
 tries those again. A storage endpoint that is down at the start fails the job in seconds.
 Rows record their source's size and mtime: a rerun embeds changed files again (old rows
 removed) and removes the rows of deleted ones (a SourceDeleted error row each). A rerun with
-another --model, --max-visual-tokens, --dtype, --pool-factor or prompt is refused (exit 2) unless
+another --model, --max-visual-tokens, --dtype, --pool-factor, --precision or prompt is refused (exit 2) unless
 --force-new-config starts OUTPUT/generations/<n>/ (named by OUTPUT/generation.json), which
 readers then use instead of OUTPUT/pages.
 
@@ -63,9 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="default auto: bf16 on GPU, fp32 on CPU")
     m.add_argument("--attn-implementation", help="default auto: flash_attention_2 if installed, else sdpa")
     m.add_argument("--load-in-4bit", action="store_true", default=None, help=argparse.SUPPRESS)  # removed: says why
-    m.add_argument("--compile", choices=["auto", "on", "off"],
-                   help="torch.compile the vision and text blocks: 1.38x the pages/s of eager on an H200 (58.6 vs "
-                   "42.4, benchmarks/RESULTS.md) after a 10-17 s first batch per actor (default: auto = on with GPUs)"),
+    m.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile the vision and text blocks: 1.38x the pages/s of eager on an H200 (58.6 vs 42.4, benchmarks/RESULTS.md) after a 10-17 s first batch per actor (default: auto = on with GPUs)"),
+    m.add_argument("--precision", choices=["default", "fp8"], help="fp8: the large matmuls in FP8 (GPUs of compute capability 8.9+; speed and fidelity against bf16 in benchmarks/RESULTS.md; recorded as vdr.precision, and scoring refuses a corpus that mixes precisions) (default: every matmul in --dtype)")
     m.add_argument("--compile-cache", metavar="URI", help="shared place (s3://, gs://, a shared path) for compiled artefacts: new nodes load them instead of compiling (each node also keeps its own in $VDR_COMPILE_CACHE)")
     m.add_argument("--pool-factor", type=int, help="hierarchical token pooling (colpali-engine's, on the actor's device): about 1/N of each page's vectors, storage and scoring cost; N=3 kept ~97.8%% of retrieval quality in the ColPali paper (default: 1 = off; queries are never pooled)")
     a = p.add_argument_group("GPU actor pool")

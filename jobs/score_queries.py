@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "with several (embed_corpus --force-new-config) to score (default: its current one)")
     q.add_argument("--allow-model-mismatch", action="store_true",
                    help="score even if the corpus was embedded with another model, query prompt or token budget, "
-                        "or mixes pool factors (pooled and unpooled files)")
+                        "or mixes pool factors (pooled and unpooled files) or precisions (--precision fp8 and default)")
     s = p.add_argument_group("sharding and actors")
     s.add_argument("--shard-size-pages", type=_shard_size, default="auto", metavar="N|auto",
                    help="pages per corpus shard; 'auto' sizes a shard to 30%% of the free memory of one worker "

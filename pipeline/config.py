@@ -40,6 +40,8 @@ class EmbedConfig:
     # hierarchical token pooling of each page's vectors in the actor (pipeline/embed/pooling.py);
     # 1 = off. Queries are never pooled.
     pool_factor: int = 1
+    # "default": every matmul in --dtype; "fp8": the large ones in FP8 (pipeline/embed/fp8.py)
+    precision: str = "default"
     # CPU rendering
     docs_per_render_task: int = 4
     render_timeout_s: float = 120.0
@@ -78,6 +80,8 @@ class EmbedConfig:
             problems.append(f"--max-visual-tokens must be >= 4 (ColQwen2 was trained with 768), got {self.max_visual_tokens}")
         if not isinstance(self.pool_factor, int) or self.pool_factor < 1:
             problems.append(f"--pool-factor must be an integer >= 1 (1 = no pooling), got {self.pool_factor!r}")
+        if self.precision not in ("default", "fp8"):
+            problems.append(f"--precision must be default or fp8, got {self.precision!r}")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.min_actors is not None and self.min_actors < 1:

@@ -104,6 +104,9 @@ META_VERSION = b"vdr.version"
 # Hierarchical token pooling factor of the page vectors (--pool-factor; 1 = not pooled).
 # Files written before it existed lack the key: read as 1.
 META_POOL_FACTOR = b"vdr.pool_factor"
+# Matmul precision of the page vectors (--precision): "default" (the --dtype) or "fp8"
+# (pipeline/embed/fp8.py). Files written before it existed lack the key: read as "default".
+META_PRECISION = b"vdr.precision"
 
 
 def page_id(doc_id: str, page_number: int) -> str:

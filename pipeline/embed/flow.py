@@ -118,6 +118,7 @@ def output_metadata(cfg: EmbedConfig, device: str) -> dict[str, str]:
         schema.META_DTYPE.decode(): dtype,
         schema.META_VERSION.decode(): __version__,
         schema.META_POOL_FACTOR.decode(): str(cfg.pool_factor),
+        schema.META_PRECISION.decode(): cfg.precision,
     }
 
 
@@ -356,7 +357,8 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
                                    "attn_implementation": cfg.attn_implementation,
                                    "endpoint_url": cfg.endpoint_url,
                                    "compile_model": cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda"),
-                                   "pool_factor": cfg.pool_factor, "compile_cache": cfg.compile_cache},
+                                   "pool_factor": cfg.pool_factor, "compile_cache": cfg.compile_cache,
+                                   "precision": cfg.precision},
             compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
@@ -401,6 +403,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
         "model": cfg.model,
         "max_visual_tokens": cfg.max_visual_tokens,
         "pool_factor": cfg.pool_factor,
+        "precision": cfg.precision,
         "device": device,
         "device_reason": why,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

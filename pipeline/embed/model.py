@@ -139,6 +139,7 @@ class LoadedModel:
     image_std: torch.Tensor
     rescale_factor: float
     vision_lengths: _VisionLengths = dataclasses.field(default_factory=_VisionLengths)
+    precision: str = "default"  # or "fp8": the large matmuls in FP8 (pipeline.embed.fp8)
 
     @property
     def dtype_name(self) -> str:
@@ -154,13 +155,23 @@ def load_model(
     endpoint_url: str | None = None,
     batched_vision_attention: bool = True,
     compile_model: bool = False,
+    precision: str = "default",
 ) -> LoadedModel:
     """Load ``ColQwen2ForRetrieval`` + ``ColQwen2Processor`` (ColQwen2.5 ports too).
 
-    ``load_in_4bit`` is kept for benchmarks/bench_4bit.py only (the jobs no longer offer it)."""
+    ``load_in_4bit`` is kept for benchmarks/bench_4bit.py only (the jobs no longer offer it).
+    ``precision="fp8"`` runs the large matmuls in FP8 (:mod:`pipeline.embed.fp8`)."""
     from transformers import ColQwen2ForRetrieval, ColQwen2Processor
 
+    from pipeline.embed import fp8
+
     device = resolve_device(device)
+    if precision not in fp8.PRECISIONS:
+        raise ValueError(f"--precision must be one of {fp8.PRECISIONS}, got {precision!r}")
+    if precision == "fp8" and device.startswith("cuda") and not fp8.fp8_matmul_supported(device):
+        raise ValueError(f"--precision fp8 needs FP8 tensor cores (CUDA compute capability 8.9+: L4, L40S, H100, "
+                         f"H200); {torch.cuda.get_device_name(device)} has "
+                         f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}. Drop --precision fp8")
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else dtype_from_name(dtype, device)
     attn = pick_attn_implementation(device, attn_implementation)
     path = fetch_model(name_or_path, endpoint_url)
@@ -211,6 +222,11 @@ def load_model(
     )
     # Qwen2.5-VL's vision tower attends within windows (cu_seqlens are not per image), so
     # the per-image batching applies to Qwen2-VL only.
+    if precision == "fp8":
+        n = fp8.convert_to_fp8(model)
+        log.info("--precision fp8: %d linear layers run as FP8 matmuls%s", n,
+                 "" if device.startswith("cuda") else " (emulated in float32 on CPU: slow, for tests)")
+    lm.precision = precision
     if batched_vision_attention and attn == "sdpa" and model.config.vlm_config.model_type == "qwen2_vl":
         enable_batched_vision_attention(model, lm.vision_lengths)
     if compile_model:
@@ -221,8 +237,8 @@ def load_model(
         text = getattr(model.vlm, "language_model", None) or model.vlm.model.language_model
         for blk in list(visual.blocks) + list(text.layers):
             blk.compile(dynamic=True)
-    log.info("loaded %s on %s (%s, attn=%s, 4bit=%s, batched vision attention=%s, compiled=%s)",
-             name_or_path, device, lm.dtype_name, attn, load_in_4bit, batched_vision_attention, compile_model)
+    log.info("loaded %s on %s (%s, precision=%s, attn=%s, 4bit=%s, batched vision attention=%s, compiled=%s)",
+             name_or_path, device, lm.dtype_name, precision, attn, load_in_4bit, batched_vision_attention, compile_model)
     return lm
 
 

@@ -518,7 +518,8 @@ SETTINGS = (("model", schema.META_MODEL, "--model"),
             ("dtype", schema.META_DTYPE, "--dtype"),
             ("image_prompt", schema.META_PROMPT, "image prompt"),
             ("query_prompt", schema.META_QUERY_PROMPT, "query prompt"),
-            ("pool_factor", schema.META_POOL_FACTOR, "--pool-factor"))
+            ("pool_factor", schema.META_POOL_FACTOR, "--pool-factor"),
+            ("precision", schema.META_PRECISION, "--precision"))
 
 
 def settings_of(metadata: dict) -> dict[str, str]:
@@ -566,6 +567,8 @@ def setting_differences(recorded: dict | None, wanted: dict) -> list[tuple[str, 
         old, new = (recorded or {}).get(name), wanted.get(name)
         if name == "pool_factor" and old is None and recorded:
             old = "1"
+        if name == "precision" and old is None and recorded:
+            old = "default"
         if old is None or new is None or (name == "dtype" and "," in str(old)):
             continue
         if str(old) != str(new):

@@ -145,7 +145,8 @@ class PageEmbedder:
 
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto",
                  attn_implementation: str = "auto", endpoint_url: str | None = None,
-                 compile_model: bool = False, pool_factor: int = 1, compile_cache: str | None = None):
+                 compile_model: bool = False, pool_factor: int = 1, compile_cache: str | None = None,
+                 precision: str = "default"):
         from pipeline.cluster import actor_device
         from pipeline.embed.model import ForwardTimer, load_model
 
@@ -155,7 +156,7 @@ class PageEmbedder:
             log.warning(warning)
             compile_model = False
         self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                             endpoint_url=endpoint_url, compile_model=compile_model)
+                             endpoint_url=endpoint_url, compile_model=compile_model, precision=precision)
         self.dtype = str(self.lm.dtype).removeprefix("torch.")
         self.loaded_s = time.time() - self.started
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
@@ -170,7 +171,8 @@ class PageEmbedder:
         if compile_model:
             from pipeline.embed import compile_cache as cc
 
-            self.compile_cache = (cc.cache_key(self.lm.model.config.to_dict(), self.dtype, device),
+            self.compile_cache = (cc.cache_key(self.lm.model.config.to_dict(),
+                                                 self.dtype if precision == "default" else f"{self.dtype}+{precision}", device),
                                   compile_cache, endpoint_url)
             self.compile_cache_from = cc.load(*self.compile_cache)
             self._graphs_saved = -1

@@ -227,6 +227,9 @@ class Corpus:
     # precision the pages were embedded in (vdr.dtype; absent = "unrecorded") -> files: more
     # than one key is a mix, refused by check_compatibility unless allowed
     dtypes: dict[str, int] = dataclasses.field(default_factory=dict)
+    # matmul precision (vdr.precision: "default" or "fp8"; absent = "default") -> files: a mix
+    # is refused like a dtype mix
+    precisions: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
@@ -273,6 +276,7 @@ def open_corpus(corpus_uri: str, endpoint_url: str | None = None, generation: in
     first = None
     pool_factors: dict[int, int] = {}
     dtypes: dict[str, int] = {}
+    precisions: dict[str, int] = {}
     footers = dict(zip(paths, storage.read_footers(fs, paths)))
     for path, md in footers.items():
         names = md.schema.to_arrow_schema().names
@@ -293,8 +297,11 @@ def open_corpus(corpus_uri: str, endpoint_url: str | None = None, generation: in
         pool_factors[factor] = pool_factors.get(factor, 0) + 1
         dtype = meta.get(schema.META_DTYPE.decode(), UNRECORDED_DTYPE)
         dtypes[dtype] = dtypes.get(dtype, 0) + 1
+        precision = meta.get(schema.META_PRECISION.decode(), "default")
+        precisions[precision] = precisions.get(precision, 0) + 1
         files.append(CorpusFile(path, md.num_rows))
-    return Corpus(corpus_uri, files, metadata or {}, pool_factors, footers=footers, dtypes=dtypes)
+    return Corpus(corpus_uri, files, metadata or {}, pool_factors, footers=footers, dtypes=dtypes,
+                  precisions=precisions)
 
 
 UNRECORDED_DTYPE = "unrecorded"
@@ -349,6 +356,11 @@ def check_compatibility(
         problems.append(f"the corpus mixes embedding precisions (vdr.dtype: {mix}): the same page embedded in "
                         "bfloat16 and in float32 gets different vectors, so scores from the two parts are not "
                         "strictly comparable. Re-embed one part with the other --dtype")
+    if len(corpus.precisions) > 1:
+        mix = ", ".join(f"{n} file(s) at precision {p}" for p, n in sorted(corpus.precisions.items()))
+        problems.append(f"the corpus mixes matmul precisions (vdr.precision: {mix}): FP8 pages get vectors "
+                        "that differ from bf16 ones by more than rounding, so their scores are not on one "
+                        "scale. Re-embed one part with the other --precision")
     if problems and not allow_mismatch:
         raise CorpusError(
             "; ".join(problems)

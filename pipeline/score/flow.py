@@ -363,6 +363,8 @@ def run(cfg: ScoreConfig) -> dict:
         # the corpus's pool factor (1 = unpooled); a list when mixed (allowed by --allow-model-mismatch)
         "corpus_pool_factor": (next(iter(corpus.pool_factors)) if len(corpus.pool_factors) == 1
                                else sorted(corpus.pool_factors) or 1),
+        "corpus_precision": (next(iter(corpus.precisions)) if len(corpus.precisions) == 1
+                             else sorted(corpus.precisions) or "default"),
         "query_embeddings_reused": cfg.query_embeddings,
         "n_queries": queries.num_rows, "n_query_vectors": q_lengths_total,
         "n_pages": pages_scored, "n_pages_dropped_empty": sum(s["dropped_empty_pages"] for s in shard_stats),

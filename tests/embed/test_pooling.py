@@ -109,7 +109,8 @@ def test_embed_job_pools_records_the_factor_and_refuses_another(ray_session, tin
     out = str(tmp_path / "out")
     args = ["--input", sample_corpus, "--output", out, "--model", tiny_model, "--max-visual-tokens", "64",
             "--batch-size", "8"]
-    assert embed_corpus.main([*args, "--pool-factor", "3"]) == 0
+    # --precision fp8 rides along (emulated on CPU): one job run checks both settings
+    assert embed_corpus.main([*args, "--pool-factor", "3", "--precision", "fp8"]) == 0
     pages = pq.read_table(os.path.join(out, "pages"))
     assert pages.num_rows > 0
     counts = pages.column(schema.N_VECTORS).to_pylist()
@@ -117,11 +118,15 @@ def test_embed_job_pools_records_the_factor_and_refuses_another(ray_session, tin
     # a page of the tiny model at 64 visual tokens has at most 64 + 11 prompt tokens: 25 after pooling
     assert 0 < max(counts) <= (64 + 11) // 3
     for name in os.listdir(os.path.join(out, "pages")):
-        assert pq.read_schema(os.path.join(out, "pages", name)).metadata[schema.META_POOL_FACTOR] == b"3"
+        meta = pq.read_schema(os.path.join(out, "pages", name)).metadata
+        assert meta[schema.META_POOL_FACTOR] == b"3" and meta[schema.META_PRECISION] == b"fp8"
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["pool_factor"] == 3 and config["settings"]["pool_factor"] == "3"
-    assert json.load(open(os.path.join(out, "summary.json")))["pool_factor"] == 3
+    assert config["settings"]["precision"] == "fp8"
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["pool_factor"] == 3 and summary["precision"] == "fp8"
     capsys.readouterr()
     assert embed_corpus.main(args) == 2  # unpooled into a pooled output: refused, nothing written
     err = capsys.readouterr().err
     assert "pool factor 3" in err and "--pool-factor 1" in err and "--force-new-config" in err, err
+    assert "--precision default" in err, err
