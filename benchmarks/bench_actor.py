@@ -1,0 +1,319 @@
+"""The embedding actor on one GPU: where its time goes, what makes it faster, and what FP8
+costs in fidelity. Real-size ColQwen2 with random weights, one run, the same pages for all.
+
+    PYTHONPATH=$PWD python benchmarks/bench_actor.py --out bench_actor.json   # on the GPU machine
+
+1. Variants of the actor (``PageEmbedder.__call__`` on the rows the render stage emits, so
+   input building and the copy back are included), each over the same pages and batch size:
+   * ``eager``            load_model without compile: the seed's forward (sdpa, bf16);
+   * ``compiled``         the job's default (per-block torch.compile);
+   * ``compiled_cudnn``   the same with SDPA's cuDNN attention backend first;
+   * ``fp8`` / ``fp8_cudnn``  --precision fp8 (pipeline/embed/fp8.py), compiled.
+   pages/s, fraction of the chip (FLOPs per page counted from the architecture, at the
+   measured bf16 peak), the forward's GPU-busy fraction of the actor's wall time.
+2. Profile of the compiled bf16 actor (torch.profiler, CUDA kernels): GPU time by kernel
+   class (GEMM, attention, Inductor's fused kernels split by what they fuse: norms, rotary,
+   activations, FP8 quantization; copies), the host gap (wall minus kernel time), and the
+   vision tower vs the language model (CUDA events on their forward hooks).
+3. Fidelity on ``--fid-pages`` pages and ``--queries`` queries: each variant's page vectors
+   against the compiled bf16 actor's (cosine per vector), and the MaxSim top-10 of every
+   query (queries embedded once, bf16) against the bf16 corpus's top-10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench_embed import letter_pdf, page_flops, render_pages, rows_table  # noqa: E402
+
+DEV = "cuda"  # --smoke: "cpu" (the tiny model, to check this script end to end without a GPU)
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def _render_doc(args):
+    seed, tokens = args
+    return render_pages(letter_pdf(8, seed), tokens)
+
+
+def make_pages(n: int, tokens: int) -> list[np.ndarray]:
+    with mp.get_context("spawn").Pool(min(16, os.cpu_count() or 1)) as pool:
+        docs = pool.map(_render_doc, [(s, tokens) for s in range((n + 7) // 8)])
+    return [p for d in docs for p in d][:n]
+
+
+@contextlib.contextmanager
+def cudnn_first(on: bool):
+    if not on:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        yield
+
+
+def embed_all(emb, pages, bs, cudnn):
+    out = []
+    with cudnn_first(cudnn):
+        for i in range(0, len(pages), bs):
+            t = emb(rows_table(pages[i : i + bs]))
+            out.extend(np.asarray(v, dtype=np.float32) for v in t.column("embedding").to_pylist())
+    return out
+
+
+def timed_rate(emb, pages, bs, cudnn, repeats=1):
+    """Median seconds per batch over the given pages (after one warm-up batch), and the
+    forward's share of that wall time from the actor's own CUDA-event timer."""
+    tables = [rows_table(pages[i : i + bs]) for i in range(0, len(pages) - bs + 1, bs)]
+    with cudnn_first(cudnn):
+        emb(tables[0])
+        sync()
+        if DEV == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        per, busy0, t0 = [], emb.timer.busy_s, time.perf_counter()
+        for _ in range(repeats):
+            for tb in tables:
+                t = time.perf_counter()
+                emb(tb)
+                sync()
+                per.append(time.perf_counter() - t)
+        wall = time.perf_counter() - t0
+    mem = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+    return statistics.median(per), (emb.timer.busy_s - busy0) / wall, mem
+
+
+KERNEL_CLASSES = (
+    ("attention", re.compile(r"flash|fmha|attention|cudnn|sdpa|mha", re.I)),
+    ("gemm", re.compile(r"gemm|gemv|cutlass|nvjet|xmma|cublas|scaled_mm|f8f8|wgmma|sm90_", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy_kernel|CatArrayBatched", re.I)),
+    ("fused: fp8 quantize", re.compile(r"^triton.*(amax|clamp).*", re.I)),
+    ("fused: norm", re.compile(r"^triton.*(rsqrt|var_mean|native_layer_norm)", re.I)),
+    ("fused: rotary", re.compile(r"^triton.*(neg|cat).*", re.I)),
+    ("fused: activation", re.compile(r"^triton.*(sigmoid|silu|gelu|mul)", re.I)),
+    ("fused: other", re.compile(r"^triton", re.I)),
+    ("other", re.compile(r".")),
+)
+
+
+def profile_actor(emb, pages, bs, cudnn):
+    """GPU time by kernel class over 3 batches, the host gap, and vision vs language model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = [rows_table(pages[i : i + bs]) for i in range(0, 3 * bs, bs)]
+    model = emb.lm.model
+    visual = getattr(model.vlm, "visual", None) or model.vlm.model.visual
+    text = getattr(model.vlm, "language_model", None) or model.vlm.model.language_model
+    events: dict[str, list] = {"vision": [], "language_model": []}
+
+    def hooks(module, name):
+        def pre(*_):
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            events[name].append([e, None])
+
+        def post(*_):
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            events[name][-1][1] = e
+        return module.register_forward_pre_hook(pre), module.register_forward_hook(post)
+
+    handles = [*hooks(visual, "vision"), *hooks(text, "language_model")] if DEV == "cuda" else []
+    with cudnn_first(cudnn):
+        emb(tables[0])
+        sync()
+        for v in events.values():
+            v.clear()
+        busy0 = emb.timer.busy_s
+        with profile(activities=[ProfilerActivity.CUDA if DEV == "cuda" else ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            for tb in tables:
+                emb(tb)
+            sync()
+            wall = time.perf_counter() - t
+    for h in handles:
+        h.remove()
+    forward = emb.timer.busy_s - busy0
+    classes: dict[str, float] = {}
+    top = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
+        if us <= 0 or ev.key.startswith("ProfilerStep"):
+            continue
+        name = next(c for c, rx in KERNEL_CLASSES if rx.search(ev.key))
+        classes[name] = classes.get(name, 0.0) + us / 1e6
+        top.append((us / 1e6, ev.key[:120], ev.count))
+    kernel_s = sum(classes.values())
+    towers = {k: sum(a.elapsed_time(b) for a, b in v if b is not None) / 1000 for k, v in events.items()}
+    top.sort(reverse=True)
+    return {
+        "batches": len(tables), "batch_size": bs, "wall_s": round(wall, 4), "forward_s_cuda_events": round(forward, 4),
+        "kernel_s": round(kernel_s, 4), "host_gap_s": round(wall - kernel_s, 4),
+        "by_class_s": {k: round(v, 4) for k, v in sorted(classes.items(), key=lambda x: -x[1])},
+        "by_class_fraction_of_wall": {k: round(v / wall, 3) for k, v in sorted(classes.items(), key=lambda x: -x[1])},
+        "towers_s": {k: round(v, 4) for k, v in towers.items()},
+        "top_kernels": [{"s": round(s, 4), "name": n, "calls": c} for s, n, c in top[:25]],
+    }
+
+
+def maxsim_top(queries, pages, k=10):
+    """Top-k page indices of every query, exact MaxSim on the GPU in float32."""
+    lengths = [len(p) for p in pages]
+    P = torch.zeros(len(pages), max(lengths), 128, device=DEV)
+    mask = torch.zeros(len(pages), max(lengths), dtype=torch.bool, device=DEV)
+    for i, p in enumerate(pages):
+        P[i, : len(p)] = torch.from_numpy(p).to(DEV)
+        mask[i, : len(p)] = True
+    tops = []
+    for q in queries:
+        s = torch.einsum("qd,pnd->pqn", torch.from_numpy(q).to(DEV), P)
+        s = s.masked_fill(~mask[:, None, :], float("-inf")).amax(dim=2).sum(dim=1)
+        tops.append(torch.topk(s, k).indices.cpu().numpy())
+    return tops
+
+
+def fidelity(ref_pages, pages, ref_top, queries, k=10):
+    """Cosine per vector over the pages both embedded; the rankings when both embedded all."""
+    full = len(ref_pages)
+    ref_pages = ref_pages[: len(pages)]
+    cos = np.concatenate([(a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+                          for a, b in zip(ref_pages, pages)])
+    out = {"pages": len(pages), "cosine_mean": round(float(cos.mean()), 5), "cosine_p01": round(float(np.quantile(cos, 0.01)), 5),
+            "cosine_min": round(float(cos.min()), 5),
+            "max_abs_diff": float(max(np.abs(a - b).max() for a, b in zip(ref_pages, pages)))}
+    if ref_top is not None and len(pages) == full:
+        top = maxsim_top(queries, pages, k)
+        out.update({"queries": len(queries), f"top{k}_overlap_mean": round(float(np.mean(
+            [len(set(a) & set(b)) / k for a, b in zip(ref_top, top)])), 4),
+            "top1_agreement": round(float(np.mean([a[0] == b[0] for a, b in zip(ref_top, top)])), 4)})
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench_actor.json")
+    ap.add_argument("--tokens", type=int, default=768)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--pages", type=int, default=256, help="pages per timed variant")
+    ap.add_argument("--fid-pages", type=int, default=2000)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--variants", default="compiled,eager,compiled_cudnn,fp8,fp8_cudnn",
+                    help="compiled first: the others are compared with it")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, few pages: checks the script runs")
+    ap.add_argument("--peak-tflops", type=float, default=770.0, help="measured bf16 matmul peak (FACTS.md)")
+    args = ap.parse_args()
+    global DEV
+    if args.smoke:
+        DEV = "cpu"
+        args.tokens, args.batch_size, args.pages, args.fid_pages, args.queries = 64, 4, 8, 16, 5
+        args.variants = args.variants.replace(",compiled_cudnn", "").replace(",fp8_cudnn", "")
+    from pipeline.devtools.tiny import build_tiny_model
+    from pipeline.embed.model import embed_queries
+    from pipeline.embed.stages import PageEmbedder
+
+    res: dict = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)", "torch": torch.__version__,
+                 "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+                 "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(
+                     ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()}
+    work = tempfile.mkdtemp(prefix="bench-actor-")
+    model_dir = os.path.join(work, "colqwen2-real-random")
+    t = time.perf_counter()
+    build_tiny_model(model_dir, max_visual_tokens=args.tokens, real_size=not args.smoke, device=DEV)
+    res["build_model_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    pages = make_pages(max(args.fid_pages, args.pages), args.tokens)
+    res["render_s"] = round(time.perf_counter() - t, 1)
+    h, w = pages[0].shape[:2]
+    n_patches = (h // 14) * (w // 14)
+    rng = np.random.default_rng(0)
+    words = "invoice total revenue chart table figure section energy policy climate report quarter".split()
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 9)))) + f" {i}" for i in range(args.queries)]
+    res.update(pages=len(pages), page_pixels=[h, w], visual_tokens=n_patches // 4, batch_size=args.batch_size)
+    print({k: v for k, v in res.items()}, flush=True)
+
+    variants, fid, vectors = {}, {}, {}
+    flops_page = None
+    queries = ref_top = None
+    for name in args.variants.split(","):
+        cudnn = name.endswith("_cudnn")
+        precision = "fp8" if name.startswith("fp8") else "default"
+        t = time.perf_counter()
+        try:
+            emb = PageEmbedder(model_dir, device=DEV, compile_model=name != "eager" and not args.smoke,
+                               precision=precision)
+            load_s = time.perf_counter() - t
+            with cudnn_first(cudnn):
+                t = time.perf_counter()
+                emb(rows_table(pages[: args.batch_size]))
+                sync()
+                first = time.perf_counter() - t
+            if flops_page is None:
+                seq = n_patches // 4 + len(emb.lm.image_prefix_ids) + len(emb.lm.image_suffix_ids)
+                flops_page = page_flops(emb.lm.model.config, n_patches, seq)
+                res["tflop_per_page"] = round(flops_page / 1e12, 3)
+            sec, busy, mem = timed_rate(emb, pages[: args.pages], args.batch_size, cudnn)
+            pps = args.batch_size / sec
+            variants[name] = {"pages_per_s": round(pps, 2), "s_per_batch": round(sec, 4),
+                              "chip_fraction_bf16_peak": round(pps * flops_page / 1e12 / args.peak_tflops, 3),
+                              "forward_busy_fraction": round(busy, 3), "peak_gib": round(mem, 1),
+                              "load_s": round(load_s, 1), "first_batch_s": round(first, 1)}
+            print(name, variants[name], flush=True)
+            if name in ("compiled", "fp8"):
+                res[f"profile_{name}"] = profile_actor(emb, pages, args.batch_size, cudnn)
+                print(name, "profile", json.dumps({k: v for k, v in res[f"profile_{name}"].items() if k != "top_kernels"}),
+                      flush=True)
+            # the full fidelity set for bf16 and fp8; the other variants only need the
+            # rounding check, on the timed pages
+            n_fid = args.fid_pages if name in ("compiled", "fp8") else args.pages
+            t = time.perf_counter()
+            vectors[name] = embed_all(emb, pages[:n_fid], args.batch_size, cudnn)
+            sync()
+            variants[name]["long_run"] = {"pages": n_fid, "s": round(time.perf_counter() - t, 2),
+                                          "pages_per_s": round(n_fid / (time.perf_counter() - t), 2)}
+            if name == "compiled":
+                queries = embed_queries(emb.lm, texts)
+                ref_top = maxsim_top(queries, vectors[name])
+        except Exception as exc:  # a variant that fails is reported, the others still run
+            variants[name] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+            print(name, variants[name], flush=True)
+        finally:
+            emb = None
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
+        if "compiled" in vectors and name in vectors and name != "compiled":
+            fid[name] = fidelity(vectors["compiled"], vectors[name], ref_top, queries)
+            print(name, "fidelity vs compiled bf16", fid[name], flush=True)
+        res["variants"], res["fidelity_vs_compiled_bf16"] = variants, fid
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+    base = variants.get("eager", {}).get("pages_per_s")
+    if base:
+        res["vs_eager"] = {k: round(v["pages_per_s"] / base, 3) for k, v in variants.items() if "pages_per_s" in v}
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=2)
+    print(json.dumps({k: v for k, v in res.items() if not k.startswith("profile")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
