@@ -43,6 +43,8 @@ import torch  # noqa: E402
 
 from bench_embed import letter_pdf, page_flops, render_pages, rows_table  # noqa: E402
 
+from pipeline import schema  # noqa: E402
+
 DEV = "cuda"  # --smoke: "cpu" (the tiny model, to check this script end to end without a GPU)
 
 
@@ -63,15 +65,59 @@ def make_pages(n: int, tokens: int) -> list[np.ndarray]:
 
 
 @contextlib.contextmanager
-def cudnn_first(on: bool):
-    if not on:
+def cudnn_first(first: str | bool):
+    """SDPA's backends with ``first`` ("cudnn" or "flash") tried first; False: torch's order."""
+    if not first:
         yield
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if first == "flash":
+        order[:2] = order[1::-1]
     with sdpa_kernel(order, set_priority=True):
         yield
+
+
+@contextlib.contextmanager
+def old_host_path(on: bool):
+    """The actor's host side before 2026-12-03's changes, for a side-by-side baseline: float32
+    vectors copied back and rounded on the CPU, ``pa.array`` over float16, pixels copied to
+    Python bytes, M-RoPE positions computed for every batch."""
+    if not on:
+        yield
+        return
+    import pyarrow as pa
+
+    from pipeline.embed import model as M, stages
+
+    saved = schema.embeddings_to_arrow, stages.pixel_views, M.embed_pages, M.LoadedModel.__init__
+
+    def to_arrow(vectors):
+        lengths = np.fromiter((len(v) for v in vectors), dtype=np.int64, count=len(vectors))
+        offsets = np.zeros(len(vectors) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.concatenate([np.asarray(v, dtype=np.float16).reshape(-1) for v in vectors])
+        inner = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float16()), 128)
+        return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), inner)
+
+    def views(column):
+        return [None if b is None else np.frombuffer(b, dtype=np.uint8) for b in column.to_pylist()]
+
+    class NoCache(dict):
+        def __setitem__(self, k, v):
+            pass
+
+    def embed_pages(lm, images, timer=None, pool_factor=1, out_dtype=None):
+        if not isinstance(lm.rope_cache, NoCache):
+            lm.rope_cache = NoCache()
+        return saved[2](lm, images, timer, pool_factor)  # float32 back to the host
+
+    schema.embeddings_to_arrow, stages.pixel_views, M.embed_pages = to_arrow, views, embed_pages
+    try:
+        yield
+    finally:
+        schema.embeddings_to_arrow, stages.pixel_views, M.embed_pages = saved[:3]
 
 
 def embed_all(emb, pages, bs, cudnn):
@@ -79,7 +125,7 @@ def embed_all(emb, pages, bs, cudnn):
     with cudnn_first(cudnn):
         for i in range(0, len(pages), bs):
             t = emb(rows_table(pages[i : i + bs]))
-            out.extend(np.asarray(v, dtype=np.float32) for v in t.column("embedding").to_pylist())
+            out.extend(v.astype(np.float32) for v in schema.arrow_to_embeddings(t.column("embedding")))
     return out
 
 
@@ -218,7 +264,7 @@ def main():
     ap.add_argument("--pages", type=int, default=256, help="pages per timed variant")
     ap.add_argument("--fid-pages", type=int, default=2000)
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--variants", default="compiled,eager,compiled_cudnn,fp8,fp8_cudnn",
+    ap.add_argument("--variants", default="compiled,compiled_oldhost,compiled_flash,eager,fp8",
                     help="compiled first: the others are compared with it")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, few pages: checks the script runs")
     ap.add_argument("--peak-tflops", type=float, default=770.0, help="measured bf16 matmul peak (FACTS.md)")
@@ -256,7 +302,7 @@ def main():
     flops_page = None
     queries = ref_top = None
     for name in args.variants.split(","):
-        cudnn = name.endswith("_cudnn")
+        cudnn = "cudnn" if name.endswith("_cudnn") else "flash" if name.endswith("_flash") else False
         precision = "fp8" if name.startswith("fp8") else "default"
         t = time.perf_counter()
         try:

@@ -191,7 +191,10 @@ def pages_folder(corpus_uri: str, generation: int = 1) -> str:
 def embeddings_to_arrow(vectors: list) -> pa.Array:
     """Ragged list of (n_i, 128) float arrays -> ``list<fixed_size_list<float16,128>>``.
 
-    Built from flat buffers (no Python loop over vectors), so it costs one copy.
+    Built from flat buffers (no Python loop over vectors), so it costs one copy. The float16
+    values are wrapped, not converted: ``pa.array(ndarray, pa.float16())`` goes value by value
+    (310 ms for one batch of 32 pages of 780 vectors, on this project's CPU machine; the
+    wrap takes 0.1 ms).
     """
     import numpy as np
 
@@ -202,7 +205,8 @@ def embeddings_to_arrow(vectors: list) -> pa.Array:
         flat = np.concatenate([np.asarray(v, dtype=np.float16).reshape(-1) for v in vectors])
     else:
         flat = np.zeros(0, dtype=np.float16)
-    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float16()), EMBEDDING_DIM)
+    values = pa.Array.from_buffers(pa.float16(), len(flat), [None, pa.py_buffer(np.ascontiguousarray(flat))])
+    inner = pa.FixedSizeListArray.from_arrays(values, EMBEDDING_DIM)
     return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), inner)
 
 

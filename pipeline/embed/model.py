@@ -140,6 +140,7 @@ class LoadedModel:
     rescale_factor: float
     vision_lengths: _VisionLengths = dataclasses.field(default_factory=_VisionLengths)
     precision: str = "default"  # or "fp8": the large matmuls in FP8 (pipeline.embed.fp8)
+    rope_cache: dict = dataclasses.field(default_factory=dict)  # (grids, length) -> position ids
 
     @property
     def dtype_name(self) -> str:
@@ -343,8 +344,16 @@ def build_page_inputs(images: Sequence[np.ndarray], lm: LoadedModel) -> dict:
         input_ids[i, : len(s)] = torch.tensor(s)
         attention_mask[i, : len(s)] = 1
     image_grid_thw = torch.tensor(grids, dtype=torch.long)
-    mm = (input_ids == lm.image_token_id).int()
-    position_ids = _rope_index(lm.model.vlm, input_ids, mm, image_grid_thw, attention_mask)
+    # M-RoPE positions depend only on the pages' grids (and the padded length): the job's
+    # batches repeat a few page sizes, so they are computed once per batch shape.
+    key = (tuple(grids), length)
+    position_ids = lm.rope_cache.get(key)
+    if position_ids is None:
+        mm = (input_ids == lm.image_token_id).int()
+        position_ids = _rope_index(lm.model.vlm, input_ids, mm, image_grid_thw, attention_mask)
+        if len(lm.rope_cache) >= 256:
+            lm.rope_cache.clear()
+        lm.rope_cache[key] = position_ids
 
     max_patches = max(g[1] * g[2] for g in grids)
     dim = 3 * lm.temporal_patch_size * p * p
@@ -407,10 +416,12 @@ class ForwardTimer:
 
 @torch.inference_mode()
 def forward_embeddings(lm: LoadedModel, inputs: dict, timer: ForwardTimer | None = None,
-                       pool_factor: int = 1) -> list[np.ndarray]:
-    """Run the model; return each row's real vectors, (n_i, 128) float32, L2-normalised;
+                       pool_factor: int = 1, out_dtype: torch.dtype = torch.float32) -> list[np.ndarray]:
+    """Run the model; return each row's real vectors, (n_i, 128) ``out_dtype``, L2-normalised;
     with ``pool_factor`` > 1 each row's vectors pooled on the model's device first
-    (:func:`pipeline.embed.pooling.pool_embeddings`, in float32)."""
+    (:func:`pipeline.embed.pooling.pool_embeddings`, in float32). ``out_dtype`` float16 (what
+    the actor stores) is converted on the device: half the bytes to copy back, and no CPU
+    conversion; the values equal float32's converted on the host (both round to nearest even)."""
     mask = inputs["attention_mask"].bool()
     if bool(mask.all()):
         # No padding (pages of one size): without a mask, SDPA takes its causal fast path.
@@ -421,8 +432,9 @@ def forward_embeddings(lm: LoadedModel, inputs: dict, timer: ForwardTimer | None
     if pool_factor > 1:
         from pipeline.embed.pooling import pool_embeddings
 
-        return [pool_embeddings(out[i, :n].float(), pool_factor).cpu().numpy() for i, n in enumerate(lengths)]
-    flat = out[mask].float().cpu().numpy()  # right padding: real tokens come first in each row
+        return [pool_embeddings(out[i, :n].float(), pool_factor).to(out_dtype).cpu().numpy()
+                for i, n in enumerate(lengths)]
+    flat = out[mask].to(out_dtype).cpu().numpy()  # right padding: real tokens come first in each row
     result, start = [], 0
     for n in lengths:
         result.append(flat[start : start + n])
@@ -431,8 +443,8 @@ def forward_embeddings(lm: LoadedModel, inputs: dict, timer: ForwardTimer | None
 
 
 def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTimer | None = None,
-                pool_factor: int = 1) -> list[np.ndarray]:
-    """Page embeddings, each (n_i, 128) float32, in the order given (pooled by ``pool_factor``
+                pool_factor: int = 1, out_dtype: torch.dtype = torch.float32) -> list[np.ndarray]:
+    """Page embeddings, each (n_i, 128) ``out_dtype``, in the order given (pooled by ``pool_factor``
     when > 1). Pages are run sorted by size, so images of one size sit together for the
     batched vision attention."""
     if not images:
@@ -442,7 +454,7 @@ def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTim
     p = lm.patch_size
     lm.vision_lengths.lengths = [(im.shape[0] // p) * (im.shape[1] // p) for im in ordered]
     try:
-        vectors = forward_embeddings(lm, build_page_inputs(ordered, lm), timer, pool_factor)
+        vectors = forward_embeddings(lm, build_page_inputs(ordered, lm), timer, pool_factor, out_dtype)
     finally:
         lm.vision_lengths.lengths = None
     out: list = [None] * len(images)

@@ -138,6 +138,21 @@ def render_documents(batch: pa.Table, spec: RenderSpec, render_timeout_s: float,
         yield rows.table()
 
 
+def pixel_views(column) -> list:
+    """A binary column of page pixels -> a uint8 array per row (None for null rows), viewing
+    Arrow's buffer instead of copying each value into Python bytes."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.type != pa.large_binary():
+        arr = arr.cast(pa.large_binary())
+    if len(arr) == 0:
+        return []
+    _, offsets_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    return [data[offsets[i] : offsets[i + 1]] if valid[i] else None for i in range(len(arr))]
+
+
 class PageEmbedder:
     """GPU stage: one ColQwen2 per actor, loaded once; each batch of rendered pages in,
     the same rows with ``n_vectors`` and ``embedding`` out (pixels dropped). With
@@ -178,18 +193,21 @@ class PageEmbedder:
             self._graphs_saved = -1
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
         from pipeline.embed.model import embed_pages
 
         call_start = time.time()
         if self.first_batch_at is None:
             self.first_batch_at = call_start
-        pixels = batch.column(PIXELS).to_pylist()
         widths = batch.column(schema.WIDTH).to_pylist()
         heights = batch.column(schema.HEIGHT).to_pylist()
+        pixels = pixel_views(batch.column(PIXELS))
         page_idx = [i for i, p in enumerate(pixels) if p is not None]
-        images = [np.frombuffer(pixels[i], dtype=np.uint8).reshape(heights[i], widths[i], 3) for i in page_idx]
+        images = [pixels[i].reshape(heights[i], widths[i], 3) for i in page_idx]
         busy_before = self.timer.busy_s
-        vectors = embed_pages(self.lm, images, self.timer, self.pool_factor)
+        # float16, what is stored, converted on the device (pipeline.embed.model.forward_embeddings)
+        vectors = embed_pages(self.lm, images, self.timer, self.pool_factor, out_dtype=torch.float16)
         if self.first_batch is None and images:
             self.first_batch = (time.time() - call_start, self.timer.busy_s - busy_before, float(len(images)))
             # One line per actor (Ray forwards it to the driver's log with the actor's pid):

@@ -168,3 +168,37 @@ def test_model_keys_that_climb_out_of_the_folder_are_refused(s3, tmp_path, monke
     with pytest.raises(ValueError, match="point outside the model folder"):
         M.fetch_model(f"s3://{bucket}/models/evil")
     assert not list(tmp_path.rglob("escaped*"))
+
+
+def test_cached_rope_positions_equal_fresh_ones_for_every_batch_shape(lm):
+    lm.rope_cache.clear()
+    batches = [page_images(0), page_images(0)[:2], page_images(1), page_images(0)[::-1]]
+    for images in batches:
+        got = M.build_page_inputs(images, lm)["position_ids"]
+        ids, mask = M.build_page_inputs(images, lm)["input_ids"], M.build_page_inputs(images, lm)["attention_mask"]
+        fresh = M._rope_index(lm.model.vlm, ids, (ids == lm.image_token_id).int(),
+                              M.build_page_inputs(images, lm)["image_grid_thw"], mask)
+        assert torch.equal(got, fresh)
+    assert 0 < len(lm.rope_cache) < len(batches)  # equal shapes share an entry
+
+
+def test_float16_output_is_the_float32_output_rounded(lm):
+    images = page_images(2)
+    f32 = M.embed_pages(lm, images)
+    f16 = M.embed_pages(lm, images, out_dtype=torch.float16)
+    for a, b in zip(f32, f16):
+        assert b.dtype == np.float16 and np.array_equal(a.astype(np.float16), b)
+
+
+def test_pixel_views_read_arrow_buffers_without_copies():
+    import pyarrow as pa
+
+    from pipeline.embed.stages import pixel_views
+
+    rows = [bytes([1, 2, 3]), None, bytes(range(6)), b""]
+    col = pa.chunked_array([pa.array(rows[:2], pa.large_binary()), pa.array(rows[2:], pa.large_binary())])
+    views = pixel_views(col)
+    assert views[1] is None and [bytes(v) for i, v in enumerate(views) if i != 1] == [rows[0], rows[2], rows[3]]
+    sliced = pixel_views(pa.array(rows, pa.binary()).slice(2, 2))  # an offset, and 32-bit offsets
+    assert [bytes(v) for v in sliced] == [rows[2], b""]
+    assert pixel_views(pa.array([], pa.large_binary())) == []
