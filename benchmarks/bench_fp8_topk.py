@@ -18,12 +18,14 @@ also compared with the exact path's at the smallest size.
 
 GPU mode (--gpu, next session on an H200): 20,000 pages x 1,000 queries, the layout of the
 Triton kernel. Times (median of 5, synchronized): exact = score_batch (Triton, fp16) +
-topk_desc; fp8 = quantize queries + torch._scaled_mm candidate pass + bounds + exact
-re-scoring with the Triton kernel; checks that both top-k are equal bit for bit; and
-measures the FP8 accumulation error of torch._scaled_mm against float64 dots of the same
-FP8 values, relative to ||a|| ||b||, next to the gamma_128 the bound assumes.
+topk_desc; for each FP8 candidate pass, "scaled_mm" (torch._scaled_mm blocks) and "fused"
+(the Triton kernel on FP8 operands, no similarity matrix): the candidate pass alone, and
+fp8_topk = quantize queries + candidate pass + bounds + exact re-scoring with the Triton
+kernel; checks that each top-k equals the exact one bit for bit; and measures the FP8
+accumulation error of both passes against float64 on the same FP8 values (scaled_mm per dot
+/ ||a|| ||b||; fused per page maximum / ||a|| max ||b||), next to the gamma_128 the bound assumes.
 
-    PYTHONPATH=$PWD python3 benchmarks/bench_fp8_topk.py --gpu [--json OUT.json]
+    PYTHONPATH=$PWD python3 benchmarks/bench_fp8_topk.py --gpu [--gpu-pages 20000 --gpu-queries 1000] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -129,51 +130,108 @@ def cpu_fractions(model: str, n_pages: int, n_queries: int, chunk: int, verify: 
     return row
 
 
-def gpu_bench(n_pages: int, n_queries: int, model: str) -> dict:
+def gpu_bench(n_pages: int, n_queries: int, model: str, reps: int = 5) -> dict:
     from pipeline.score.scorer import score_batch
 
-    dev = torch.device("cuda")
-    assert fp8.fp8_supported(dev), "needs CUDA sm89+ with float8"
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--gpu without a GPU: only as a dry run, TRITON_INTERPRET=1 ... --gpu --tiny")
+    assert dev.type == "cpu" or fp8.fp8_supported(dev), "needs CUDA sm89+ with float8"
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     n_topics = max(1, n_pages // 20)
+    t0 = time.perf_counter()
     flat, lengths = make_pages(model, 0, n_pages, n_topics, seed=1)
-    pages = pack_flat(flat, lengths, device=dev, pad_multiple=CUDA_PAD_MULTIPLE)
+    pages = pack_flat(flat, lengths, device=dev, dtype=torch.float16, pad_multiple=CUDA_PAD_MULTIPLE)
     Q, _ = pad_queries(make_queries(model, n_queries, n_topics, torch.Generator().manual_seed(7)),
                        device=dev, dtype=torch.float16)
+    t_make = time.perf_counter() - t0
     useful = 2.0 * n_queries * LQ * int(lengths.sum()) * DIM
 
-    def med(fn, reps=5):
-        fn()
-        torch.cuda.synchronize()
+    def med(fn, reps=reps):
+        out = fn()
+        sync()
         ts = []
         for _ in range(reps):
+            out = None
             t0 = time.perf_counter()
             out = fn()
-            torch.cuda.synchronize()
+            sync()
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts), out
 
+    def exact_fn(q, p):
+        return score_batch(q, p, "triton")
+
     t_exact, (ev, ei) = med(lambda: topk_desc(score_batch(Q, pages, "triton"), K))
     t_quant, shard = med(lambda: fp8.Fp8Pages.from_packed(pages), reps=1)
-    t_fp8, (v, i, st) = med(lambda: fp8.fp8_topk(Q, shard, K, lambda q, p: score_batch(q, p, "triton")))
-    # FP8 accumulation error of _scaled_mm on these operands, against float64 dots of the FP8 values.
-    qq = fp8.quantize_rows(Q.reshape(-1, DIM)[:4096])
-    b = shard.q.values[:65536]
-    one = torch.ones((), device=dev)
-    raw = torch._scaled_mm(qq.values, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32).double()
-    ref = qq.values.double() @ b.double().T
-    norms = torch.linalg.vector_norm(qq.values.double(), dim=1)[:, None] * torch.linalg.vector_norm(b.double(), dim=1)[None]
-    rel = ((raw - ref).abs() / norms.clamp_min(1e-30)).max().item()
-    return {
-        "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "model": model,
-        "pages": n_pages, "queries": n_queries, "k": K,
-        "exact_s": t_exact, "exact_tflops": useful / t_exact / 1e12,
-        "fp8_s": t_fp8, "fp8_candidate_s": st["candidate_s"], "fp8_rescore_s": st["rescore_s"],
-        "fp8_quantize_shard_s": t_quant, "speedup": t_exact / t_fp8,
-        "candidates_mean": float(st["candidates"].mean()), "candidates_max": int(st["candidates"].max()),
-        "rescored_pairs_per_query": st["rescored_pairs"] / n_queries,
-        "equal_to_exact": bool(torch.equal(v, ev) and torch.equal(i, ei)),
-        "scaled_mm_max_rel_accum_error": rel, "assumed_gamma_128": fp8.gamma(DIM, fp8.FP8_ACCUM_UNIT_ROUNDOFF),
-    }
+    qq = fp8.quantize_rows(Q.reshape(-1, DIM))
+    row = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)", "torch": torch.__version__, "model": model,
+           "pages": n_pages, "queries": n_queries, "k": K, "data_make_s": round(t_make, 2),
+           "exact_s": t_exact, "exact_tflops": useful / t_exact / 1e12, "fp8_quantize_shard_s": t_quant}
+    approx = {}
+    for cand in ("scaled_mm", "fused"):
+        try:
+            t_c, (a, _) = med(lambda: fp8.candidate_scores(Q, qq, shard, cand))
+            t_f, (v, i, st) = med(lambda: fp8.fp8_topk(Q, shard, K, exact_fn, candidate=cand))
+        except Exception as exc:  # noqa: BLE001 - report a pass that does not compile/run, keep the other
+            row[f"{cand}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(f"{cand}: FAILED {row[f'{cand}_error']}", flush=True)
+            continue
+        approx[cand] = a
+        row.update({
+            f"{cand}_candidate_pass_s": t_c, f"{cand}_candidate_tflops": useful / t_c / 1e12,
+            f"{cand}_candidate_frac_1447": useful / t_c / 1e12 / 1447.0,
+            f"{cand}_fp8_topk_s": t_f, f"{cand}_candidate_s": st["candidate_s"], f"{cand}_rescore_s": st["rescore_s"],
+            f"{cand}_speedup_vs_exact": t_exact / t_f,
+            f"{cand}_candidates_mean": float(st["candidates"].mean()), f"{cand}_candidates_max": int(st["candidates"].max()),
+            f"{cand}_rescored_pairs_per_query": st["rescored_pairs"] / n_queries,
+            f"{cand}_equal_to_exact": bool(torch.equal(v, ev) and torch.equal(i, ei)),
+        })
+        del v, i
+    if len(approx) == 2:
+        row["fused_vs_scaled_mm_max_abs_diff"] = float((approx["fused"] - approx["scaled_mm"]).abs().max())
+    del approx
+    row.update(accumulation_errors(Q, pages, shard))
+    row["assumed_gamma_128"] = fp8.gamma(DIM, fp8.FP8_ACCUM_UNIT_ROUNDOFF)
+    return row
+
+
+def accumulation_errors(Q: torch.Tensor, pages, shard, n_rows: int = 4096, n_pages: int = 500) -> dict:
+    """Measured FP8 accumulation error against float64 on the same FP8 values, relative to the
+    norms the bound uses: ``torch._scaled_mm`` raw dots (per dot, / ||a|| ||b||), and the fused
+    kernel's per-page maxima (per query row and page, / ||a|| max_j ||b_j||; the scales are
+    applied as in the kernel), each to compare with gamma_128(FP8_ACCUM_UNIT_ROUNDOFF)."""
+    from pipeline.score.triton_kernel import page_maxima_fp8_triton
+
+    dev = Q.device
+    out = {}
+    qq = fp8.quantize_rows(Q.reshape(-1, DIM)[:n_rows])
+    try:
+        b = shard.q.values[:65536]
+        one = torch.ones((), device=dev)
+        raw = torch._scaled_mm(qq.values, b.t(), scale_a=one, scale_b=one, out_dtype=torch.float32).double()
+        ref = qq.values.double() @ b.double().T
+        norms = (torch.linalg.vector_norm(qq.values.double(), dim=1)[:, None]
+                 * torch.linalg.vector_norm(b.double(), dim=1)[None])
+        out["scaled_mm_max_rel_accum_error"] = ((raw - ref).abs() / norms.clamp_min(1e-30)).max().item()
+        del raw, ref, norms
+    except Exception as exc:  # noqa: BLE001
+        out["scaled_mm_accum_error_failed"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    try:
+        sub = fp8.Fp8Pages.from_packed(fp8.subset_pages(pages, torch.arange(min(n_pages, pages.n_pages))))
+        got = page_maxima_fp8_triton(qq.values, qq.scales, sub.pages, sub.q.values, sub.q.scales).double()
+        qd = qq.values.double() * qq.scales.double()[:, None]
+        pd = sub.q.values.double() * sub.q.scales.double()[:, None]
+        sims = qd @ pd.T  # (rows, packed page rows), padding rows are copies
+        row_page = torch.repeat_interleave(torch.arange(sub.pages.n_pages, device=dev),
+                                           (sub.pages.offsets[1:] - sub.pages.offsets[:-1]).to(dev))
+        want = torch.full((qd.shape[0], sub.pages.n_pages), float("-inf"), dtype=torch.float64, device=dev)
+        want.scatter_reduce_(1, row_page.expand(qd.shape[0], -1), sims, "amax")
+        scale = torch.linalg.vector_norm(qd, dim=1)[:, None] * sub.page_norm[None, :]
+        out["fused_max_rel_accum_error"] = ((got.T - want).abs() / scale.clamp_min(1e-30)).max().item()
+    except Exception as exc:  # noqa: BLE001
+        out["fused_accum_error_failed"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return out
 
 
 def main() -> None:
@@ -184,12 +242,16 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=500)
     ap.add_argument("--verify", action="store_true", help="compare with the exact path at the smallest size")
     ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--gpu-pages", type=int, default=20000)
+    ap.add_argument("--gpu-queries", type=int, default=1000)
+    ap.add_argument("--reps", type=int, default=5, help="--gpu: timed runs per variant (median)")
+    ap.add_argument("--tiny", action="store_true", help="with --gpu: CPU dry run (TRITON_INTERPRET=1), 30 pages x 3 queries")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
     if args.gpu:
         for model in args.models:
-            rows.append(gpu_bench(20000, 1000, model))
+            rows.append(gpu_bench(30, 3, model, reps=1) if args.tiny else gpu_bench(args.gpu_pages, args.gpu_queries, model, args.reps))
             print(json.dumps(rows[-1]), flush=True)
     else:
         for model in args.models:

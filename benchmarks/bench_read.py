@@ -41,7 +41,11 @@ EMB_LEAF = f"{schema.EMBEDDING}.list.element.list.element"  # the float16 leaf c
 def make_pages(n_pages: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(600, 769, n_pages)
-    flat = (rng.standard_normal((int(lengths.sum()), DIM), dtype=np.float32) / 11).astype(np.float16)
+    # The values of a numpy draw (standard normal / 11, float16), drawn by torch on every core.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_score_job import pool_vectors
+
+    flat = pool_vectors(int(lengths.sum()), seed)
     offs = np.concatenate([[0], np.cumsum(lengths)])
     pages = [(f"doc-{i // 10:05d}.pdf", i % 10 + 1, schema.page_id(f"doc-{i // 10:05d}.pdf", i % 10 + 1),
               flat[offs[i]:offs[i + 1]]) for i in range(n_pages)]

@@ -59,6 +59,17 @@ tested for that; on CUDA the Triton kernel is deterministic per (query row, page
 check script ``benchmarks/bench_fp8_topk.py --gpu`` compares fp8-exact-topk with the exact
 path bit for bit. The GPU candidate pass's accumulation precision (``FP8_ACCUM_UNIT_ROUNDOFF``)
 is an assumption until measured there (same script).
+
+Candidate pass on CUDA (``FP8_CANDIDATE_BACKEND``, or ``candidate=`` of :func:`fp8_topk`):
+``"scaled_mm"`` (``torch._scaled_mm`` blocks, the similarity matrix written to device memory
+block by block) or ``"fused"`` (:func:`pipeline.score.triton_kernel.page_maxima_fp8_triton`:
+the exact kernel's tiling on the FP8 operands, only per-page maxima leave the chip). Both
+compute the same real number per (query row, page row), (v_q . v_p) * s_q * s_p, as a float32
+dot of the raw FP8 values followed by two float32 multiplications by the scales, so the same
+``candidate_u`` covers both: gamma_128(FP8_ACCUM_UNIT_ROUNDOFF) for the dot (Triton's FP8
+``tl.dot`` on sm90 accumulates in the tensor cores' reduced-precision accumulator by default,
+``max_num_imprecise_acc`` = 2^30: the case the 2^-13 assumption is for) and 2 x 2^-24 for the
+two scalings. The CPU emulation (``"emulated"``) multiplies the dequantized float32 values.
 """
 
 from __future__ import annotations
@@ -84,6 +95,10 @@ FP8_ACCUM_UNIT_ROUNDOFF = 2.0**-13
 # float16 products accumulated in float32 by the exact Triton kernel: one float32 ulp per
 # addition (covers truncation as well as rounding).
 FP16_ACCUM_UNIT_ROUNDOFF = 2.0**-23
+# Candidate pass on CUDA: "scaled_mm" (measured path) or "fused" (Triton, no similarity
+# matrix in device memory). Switch once benchmarks/bench_fp8_topk.py --gpu has timed both.
+FP8_CANDIDATE_BACKEND = "scaled_mm"
+CANDIDATE_BACKENDS = ("scaled_mm", "fused", "emulated")
 
 
 def gamma(n: int, u: float) -> float:
@@ -192,17 +207,38 @@ class Fp8Pages:
         return self._emulated
 
 
-def candidate_scores(Q: torch.Tensor, qq: Quantized, shard: Fp8Pages) -> tuple[torch.Tensor, float]:
+def candidate_scores(Q: torch.Tensor, qq: Quantized, shard: Fp8Pages,
+                     candidate: str | None = None) -> tuple[torch.Tensor, float]:
     """Approximate scores ``(n_queries, n_pages)`` float32 from the FP8 operands, and the unit
-    roundoff of their dot products. ``qq``: the quantized rows of ``Q.reshape(-1, 128)``."""
+    roundoff of their dot products. ``qq``: the quantized rows of ``Q.reshape(-1, 128)``.
+    ``candidate``: ``"scaled_mm"``, ``"fused"`` or ``"emulated"``; default
+    ``FP8_CANDIDATE_BACKEND`` where FP8 tensor cores exist, else the emulation."""
     nq, lq, dim = Q.shape
-    if fp8_supported(shard.pages.device):
+    if candidate is None:
+        candidate = FP8_CANDIDATE_BACKEND if fp8_supported(shard.pages.device) else "emulated"
+    if candidate not in CANDIDATE_BACKENDS:
+        raise ValueError(f"candidate must be one of {CANDIDATE_BACKENDS}, got {candidate!r}")
+    if candidate == "scaled_mm":
         return _candidate_scores_scaled_mm(qq, shard, nq, lq), FP8_ACCUM_UNIT_ROUNDOFF + 2 * U32
+    if candidate == "fused":
+        return _candidate_scores_fused(qq, shard, nq, lq), FP8_ACCUM_UNIT_ROUNDOFF + 2 * U32
     # Emulation: float32 matmul of the dequantized values (exactly representable in float32).
     if torch.get_float32_matmul_precision() != "highest":
         raise RuntimeError("fp8 emulation needs torch.get_float32_matmul_precision() == 'highest'")
     Qe = qq.dequantized().view(nq, lq, dim)
     return maxsim_scores(Qe, shard.emulated()), U32
+
+
+def _candidate_scores_fused(qq: Quantized, shard: Fp8Pages, nq: int, lq: int) -> torch.Tensor:
+    """The fused Triton kernel on the FP8 operands (CUDA sm89+, or Triton's interpreter on
+    CPU): per-page maxima of the scaled dots, then the in-order float32 sum over query rows.
+    Nothing of size (query rows x page rows) is written."""
+    from pipeline.score.maxsim import sum_over_query_vectors
+    from pipeline.score.triton_kernel import page_maxima_fp8_triton
+
+    pages = shard.pages
+    maxima = page_maxima_fp8_triton(qq.values, qq.scales, pages, shard.q.values, shard.q.scales)
+    return sum_over_query_vectors(maxima.view(pages.n_pages, nq, lq)).T.contiguous()
 
 
 def _candidate_scores_scaled_mm(qq: Quantized, shard: Fp8Pages, nq: int, lq: int,
@@ -282,12 +318,13 @@ ExactFn = Callable[[torch.Tensor, PackedPages], torch.Tensor]
 
 
 def fp8_topk(Q: torch.Tensor, shard: Fp8Pages, k: int, exact: ExactFn, *, group: int = 8,
-             full_fraction: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, dict]:
+             full_fraction: float = 0.5, candidate: str | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Exact top-k of ``Q`` (``(nq, Lq, 128)``, zero-padded) against ``shard``, FP8 first.
 
     ``exact(Q_part, pages_part)`` is the exact path (:func:`pipeline.score.scorer.score_batch`).
     Queries are re-scored ``group`` at a time against the union of their candidates, or
-    against the whole shard when that union exceeds ``full_fraction`` of it.
+    against the whole shard when that union exceeds ``full_fraction`` of it. ``candidate``:
+    the candidate pass (:func:`candidate_scores`).
 
     Returns ``(values, indices, stats)`` as :func:`topk_desc` would on the exact scores;
     stats: ``candidates`` (per query, ``|C|``), ``rescored_pairs``, ``candidate_s``, ``rescore_s``.
@@ -296,7 +333,7 @@ def fp8_topk(Q: torch.Tensor, shard: Fp8Pages, k: int, exact: ExactFn, *, group:
     pages = shard.pages
     t0 = time.perf_counter()
     qq = quantize_rows(Q.reshape(nq * lq, dim))
-    approx, u = candidate_scores(Q, qq, shard)
+    approx, u = candidate_scores(Q, qq, shard, candidate)
     bound = score_bounds(qq, nq, lq, shard, u)
     cand = select_candidates(approx, bound, k)
     if pages.device.type == "cuda":

@@ -17,13 +17,27 @@ axis. The first grid axis runs over query tiles and varies fastest, so all query
 of one page group run together and the group is read from device memory once, then
 served from L2.
 
+Small query sets (a few query tiles) leave most of the chip idle with 16-page groups, so
+the config (:class:`KernelConfig`, chosen by :func:`choose_config` from ``CONFIG_TABLE`` by
+the number of query rows) also sets ``pages_per_group``: at 1 each program owns one page
+and stores its maxima once, after the loop; with ``split`` > 1 the chunks of a page are
+cut into ``split`` consecutive runs, each program writes the max of its run to its own
+slice of a ``(split, n_pages, n_rows)`` buffer, and ``amax`` over the slices (exact, as
+every max) gives the same float32 maxima. The grid is one axis (query tile fastest, then
+split, then page group), so no grid dimension limits the number of pages.
+
 Operands float16 (the stored values exactly) or bfloat16; products accumulate in float32.
 For float32 operands (tests in Triton's interpreter) the dot is IEEE float32, not TF32.
+With ``SCALED`` the operands are float8_e4m3fn values with one float32 scale per row (the
+FP8 candidate pass of :mod:`pipeline.score.fp8`): the float32 dot of the raw FP8 values is
+multiplied by the query row's scale, then by the page row's (two float32 roundings, as in
+fp8.py's ``torch._scaled_mm`` path), before the max.
 """
 
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import triton
@@ -32,10 +46,56 @@ import triton.language as tl
 from pipeline.score.corpus import PackedPages
 from pipeline.score.maxsim import sum_over_query_vectors
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): BLOCK_M query vectors x BLOCK_N page vectors.
-DEFAULT_CONFIG = (256, 64, 8, 3)  # best of 8 on an H200 (benchmarks/RESULTS.md)
-SMALL_BATCH_CONFIG = (64, 64, 4, 4)
 PAGES_PER_GROUP = 16
+
+
+class KernelConfig(NamedTuple):
+    """Tile shape of the kernel: ``block_m`` query vectors x ``block_n`` page vectors per dot,
+    Triton's ``num_warps``/``num_stages``, pages per program group, and programs per page
+    (``split`` > 1 needs ``pages_per_group`` == 1). A plain 4-tuple means 16-page groups."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    pages_per_group: int = PAGES_PER_GROUP
+    split: int = 1
+
+
+DEFAULT_CONFIG = KernelConfig(256, 64, 8, 3)  # best of 8 on an H200 at 25,000 rows (benchmarks/RESULTS.md)
+SMALL_BATCH_CONFIG = KernelConfig(64, 64, 4, 4)
+
+# The config by number of query rows (queries x vectors per query, zero rows included): the
+# first row whose bound is >= n_rows; None = no bound. ONE PLACE TO EDIT after a GPU sweep:
+# benchmarks/bench_small_queries.py prints a replacement table from its measurements.
+# Until then these are the configs measured so far (<= 64 rows: the small tile; else default).
+CONFIG_TABLE: tuple[tuple[int | None, KernelConfig], ...] = (
+    (64, SMALL_BATCH_CONFIG),
+    (None, DEFAULT_CONFIG),
+)
+# The same for the FP8 candidate pass (float8 operands; not measured on a GPU yet).
+FP8_CONFIG_TABLE: tuple[tuple[int | None, KernelConfig], ...] = (
+    (64, SMALL_BATCH_CONFIG),
+    (None, DEFAULT_CONFIG),
+)
+
+
+def choose_config(n_rows: int, table=CONFIG_TABLE) -> KernelConfig:
+    """The config of ``table`` for ``n_rows`` query rows (see ``CONFIG_TABLE``)."""
+    for bound, cfg in table:
+        if bound is None or n_rows <= bound:
+            return cfg
+    return table[-1][1]
+
+
+def as_config(config) -> KernelConfig:
+    """A :class:`KernelConfig` from one, or from a 4- to 6-tuple; checks the combination."""
+    cfg = config if isinstance(config, KernelConfig) else KernelConfig(*config)
+    if cfg.split < 1 or cfg.pages_per_group < 1:
+        raise ValueError(f"split and pages_per_group must be >= 1: {cfg}")
+    if cfg.split > 1 and cfg.pages_per_group != 1:
+        raise ValueError(f"split > 1 needs pages_per_group == 1 (a run must not cut a page group): {cfg}")
+    return cfg
 
 
 @triton.jit
@@ -44,25 +104,42 @@ def _maxsim_pagemax_kernel(
     d_ptr,  # (n_chunks * BLOCK_N, DIM) page vectors
     chunk_page_ptr,  # (n_chunks + 1,) int32 page of each chunk, -1 sentinel at the end
     group_chunk_ptr,  # (n_groups + 1,) int64 first chunk of each page group
-    out_ptr,  # (n_pages, n_rows) float32: max over the page's vectors, per query row
+    out_ptr,  # (SPLIT, n_pages, n_rows) float32: max over the page's vectors, per query row
+    q_scale_ptr,  # SCALED: (n_rows,) float32 scale per query row (else unused)
+    d_scale_ptr,  # SCALED: (n_chunks * BLOCK_N,) float32 scale per page row (else unused)
     n_rows,
+    n_m_tiles,
     stride_q,
     stride_d,
     stride_out,
+    stride_split,
     DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
+    ONE_PAGE: tl.constexpr,  # pages_per_group == 1: group g is page g, one store at the end
+    SPLIT: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_g = tl.program_id(1)
+    pid = tl.program_id(0)
+    pid_m = pid % n_m_tiles  # query tiles vary fastest: a page group is read once, then from L2
+    rest = pid // n_m_tiles
+    pid_s = rest % SPLIT
+    pid_g = rest // SPLIT
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     dims = tl.arange(0, DIM)
     cols = tl.arange(0, BLOCK_N)
     q = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_q + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if SCALED:
+        q_scale = tl.load(q_scale_ptr + rows, mask=row_ok, other=0.0)
     c_start = tl.load(group_chunk_ptr + pid_g)
     c_end = tl.load(group_chunk_ptr + pid_g + 1)
+    if SPLIT > 1:  # this program's run of the page's chunks (possibly empty)
+        per = (c_end - c_start + SPLIT - 1) // SPLIT
+        c_start = c_start + pid_s * per
+        c_end = tl.minimum(c_end, c_start + per)
+    out_base = out_ptr + pid_s.to(tl.int64) * stride_split
     acc = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     for c in range(c_start, c_end):
         base = c * BLOCK_N  # int64: the group table is int64, rows exceed 2**31 / 128
@@ -71,13 +148,19 @@ def _maxsim_pagemax_kernel(
             s = tl.dot(q, tl.trans(d), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(d))
+        if SCALED:
+            s = s * q_scale[:, None]
+            s = s * tl.load(d_scale_ptr + base + cols)[None, :]
         acc = tl.maximum(acc, tl.max(s, axis=1))
-        page = tl.load(chunk_page_ptr + c)
-        last = page != tl.load(chunk_page_ptr + c + 1)
-        # "!= 0": Triton 3.9's interpreter types a vector & scalar of booleans as int32,
-        # which its masked store refuses; compiled, this is the same i1 mask.
-        tl.store(out_ptr + page.to(tl.int64) * stride_out + rows, acc, mask=(row_ok & last) != 0)
-        acc = tl.where(last, float("-inf"), acc)
+        if not ONE_PAGE:
+            page = tl.load(chunk_page_ptr + c)
+            last = page != tl.load(chunk_page_ptr + c + 1)
+            # "!= 0": Triton 3.9's interpreter types a vector & scalar of booleans as int32,
+            # which its masked store refuses; compiled, this is the same i1 mask.
+            tl.store(out_base + page.to(tl.int64) * stride_out + rows, acc, mask=(row_ok & last) != 0)
+            acc = tl.where(last, float("-inf"), acc)
+    if ONE_PAGE:
+        tl.store(out_base + pid_g.to(tl.int64) * stride_out + rows, acc, mask=row_ok)
 
 
 class TritonShard:
@@ -97,57 +180,102 @@ class TritonShard:
         bounds = first_chunk[::pages_per_group]
         if bounds[-1] != first_chunk[-1]:
             bounds = torch.cat([bounds, first_chunk[-1:]])
-        self.group_chunk = bounds.to(torch.int64).to(device)
+        self.group_chunk = bounds.to(torch.int64).contiguous().to(device)  # [::ppg] is a strided view
         self.n_groups = len(bounds) - 1
         self.block_n = block_n
+        self.pages_per_group = pages_per_group
 
 
-# Tables per packed shard and BLOCK_N, dropped with the shard.
-_TABLES: "weakref.WeakKeyDictionary[PackedPages, dict[int, TritonShard]]" = weakref.WeakKeyDictionary()
+# Tables per packed shard and (BLOCK_N, pages per group), dropped with the shard.
+_TABLES: "weakref.WeakKeyDictionary[PackedPages, dict[tuple[int, int], TritonShard]]" = weakref.WeakKeyDictionary()
+
+
+def shard_tables(pages: PackedPages, block_n: int, pages_per_group: int) -> TritonShard:
+    """The :class:`TritonShard` of ``pages`` for this chunk size and grouping (cached)."""
+    tables = _TABLES.setdefault(pages, {})
+    key = (block_n, pages_per_group)
+    if key not in tables:
+        tables[key] = TritonShard(pages, block_n, pages_per_group)
+    return tables[key]
+
+
+def _launch(Qflat, q_scales, pages: PackedPages, d_values, d_scales, cfg: KernelConfig) -> torch.Tensor:
+    """Run the kernel over every page of ``pages`` (tables from its layout, operands
+    ``d_values``); returns ``(n_pages, n_rows)`` float32 maxima."""
+    n_rows = Qflat.shape[0]
+    shard = shard_tables(pages, cfg.block_n, cfg.pages_per_group)
+    n_m_tiles = triton.cdiv(n_rows, cfg.block_m)
+    out = torch.empty((cfg.split, pages.n_pages, n_rows), dtype=torch.float32, device=Qflat.device)
+    if cfg.split > 1:  # a run can be empty (pages shorter than split chunks): -inf there
+        out.fill_(float("-inf"))
+    scaled = q_scales is not None
+    grid = (n_m_tiles * cfg.split * shard.n_groups,)
+    _maxsim_pagemax_kernel[grid](
+        Qflat,
+        d_values,
+        shard.chunk_page,
+        shard.group_chunk,
+        out,
+        q_scales if scaled else Qflat,
+        d_scales if scaled else Qflat,
+        n_rows,
+        n_m_tiles,
+        Qflat.stride(0),
+        d_values.stride(0),
+        out.stride(1),
+        out.stride(0),
+        DIM=Qflat.shape[1],
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        IEEE=d_values.dtype == torch.float32,
+        ONE_PAGE=cfg.pages_per_group == 1,
+        SPLIT=cfg.split,
+        SCALED=scaled,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out[0] if cfg.split == 1 else out.amax(dim=0)
 
 
 def page_maxima_triton(
     Qflat: torch.Tensor,
     pages: PackedPages,
     *,
-    config: tuple[int, int, int, int] | None = None,
+    config: KernelConfig | tuple | None = None,
     shard: TritonShard | None = None,
 ) -> torch.Tensor:
-    """``(n_rows, 128)`` query vectors -> ``(n_pages, n_rows)`` float32 per-page maxima."""
-    n_rows = Qflat.shape[0]
-    block_m, block_n, num_warps, num_stages = config or (
-        SMALL_BATCH_CONFIG if n_rows <= 64 else DEFAULT_CONFIG
-    )
-    if shard is None or shard.block_n != block_n:
-        tables = _TABLES.setdefault(pages, {})
-        if block_n not in tables:
-            tables[block_n] = TritonShard(pages, block_n)
-        shard = tables[block_n]
+    """``(n_rows, 128)`` query vectors -> ``(n_pages, n_rows)`` float32 per-page maxima.
+
+    ``config``: a :class:`KernelConfig` (or tuple); default :func:`choose_config` of n_rows.
+    ``shard``: tables built beforehand (used when they match the config's chunking)."""
+    cfg = as_config(config or choose_config(Qflat.shape[0]))
+    if shard is not None and (shard.block_n, shard.pages_per_group) == (cfg.block_n, cfg.pages_per_group):
+        _TABLES.setdefault(pages, {})[(cfg.block_n, cfg.pages_per_group)] = shard
     Qflat = Qflat.to(pages.vectors.dtype).contiguous()
-    out = torch.empty((pages.n_pages, n_rows), dtype=torch.float32, device=Qflat.device)
-    grid = (triton.cdiv(n_rows, block_m), shard.n_groups)
-    _maxsim_pagemax_kernel[grid](
-        Qflat,
-        pages.vectors,
-        shard.chunk_page,
-        shard.group_chunk,
-        out,
-        n_rows,
-        Qflat.stride(0),
-        pages.vectors.stride(0),
-        out.stride(0),
-        DIM=Qflat.shape[1],
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        IEEE=pages.vectors.dtype == torch.float32,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
-    return out
+    return _launch(Qflat, None, pages, pages.vectors, None, cfg)
+
+
+def page_maxima_fp8_triton(
+    q_values: torch.Tensor,
+    q_scales: torch.Tensor,
+    pages: PackedPages,
+    d_values: torch.Tensor,
+    d_scales: torch.Tensor,
+    *,
+    config: KernelConfig | tuple | None = None,
+) -> torch.Tensor:
+    """FP8 candidate maxima: ``(n_rows, 128)`` float8_e4m3fn query rows with float32 scales
+    against ``d_values`` (float8 rows in the layout of ``pages``) with ``d_scales``; returns
+    ``(n_pages, n_rows)`` float32 max over each page of ``(dot(q, d) * q_scale) * d_scale``."""
+    cfg = as_config(config or choose_config(q_values.shape[0], FP8_CONFIG_TABLE))
+    if d_values.shape != pages.vectors.shape:
+        raise ValueError(f"FP8 rows {tuple(d_values.shape)} do not match the packed layout {tuple(pages.vectors.shape)}")
+    return _launch(q_values.contiguous(), q_scales.to(torch.float32).contiguous(), pages, d_values.contiguous(),
+                   d_scales.to(torch.float32).contiguous(), cfg)
 
 
 def maxsim_scores_triton(
-    Q: torch.Tensor, pages: PackedPages, *, config: tuple[int, int, int, int] | None = None
+    Q: torch.Tensor, pages: PackedPages, *, config: KernelConfig | tuple | None = None
 ) -> torch.Tensor:
     """``(n_queries, Lq, 128)`` zero-padded queries -> ``(n_queries, n_pages)`` float32 MaxSim."""
     nq, lq, dim = Q.shape

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One H200 session for the scoring-scale issue (parts 3, 4, 5): every step has its own
+# timeout and the script goes on when one fails or times out. Run from the repo root with
+# PYTHONPATH set (repo root; Ray from the bundle: /tmp/site) and $OUT an existing folder:
+#
+#     bash benchmarks/gpu_scoring_session.sh
+#
+# TINY=1 runs every step at dry-run sizes on a CPU (TRITON_INTERPRET=1), to check the wiring.
+#
+# Budgets (timeout per step; expected run time in brackets, estimated from CPU runs and the
+# H200 figures in shared/docs/FACTS.md, not measured yet):
+#   1. bench_small_queries.py              110 s  [~90 s: sweep stops at --budget-s 70]
+#   2. bench_fp8_topk.py --gpu --reps 3     85 s  [~60 s: 2 data models, 20k x 1,000]
+#   3. bench_score_scale.py (40k, 8 shards) 160 s [~120 s: generation ~15 s, 3 job runs]
+#   4. bench_score_job.py 20k x 1,000, 2 runs     70 s  [~55 s]
+#   5. the same with --cache (same corpus)        65 s  [~50 s]
+#   6. bench_read.py, 5,000 pages (one shard)     35 s  [~25 s]
+#   total of timeouts 525 s (8.75 min); expected ~400 s.
+# Scratch data goes to $SCRATCH (default /tmp/gpu_scoring; ~7 GB Parquet + ~7 GB cache for
+# step 3, deleted after it; ~3.5 GB + cache for steps 4-5), never under $OUT.
+set -u
+: "${OUT:?set OUT to an existing folder}"
+SCRATCH="${SCRATCH:-/tmp/gpu_scoring}"
+PY="${PYTHON:-python3}"
+mkdir -p "$SCRATCH"
+export PYTHONPATH="${PYTHONPATH:-$PWD}"
+
+# Ray is not installed on the GPU machines: unpack the bundle if it came along.
+if ! "$PY" -c "import ray" 2>/dev/null && [ -f .device/site.tar.xz ]; then
+  mkdir -p /tmp/site && tar xJf .device/site.tar.xz -C /tmp/site && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+"$PY" -c "import ray; print('ray', ray.__version__)" > "$OUT/env.txt" 2>&1 || echo "no ray: steps 3-5 will fail" >> "$OUT/env.txt"
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; nproc; free -g; df -h "$SCRATCH";
+  git rev-parse --short HEAD; "$PY" -c "import torch, triton; print(torch.__version__, triton.__version__)"; } >> "$OUT/env.txt" 2>&1
+
+T0=$(date +%s)
+step() {  # step NAME TIMEOUT_S COMMAND...: log to $OUT/NAME.log, record rc and seconds
+  local name=$1 limit=$2; shift 2
+  local t=$(date +%s)
+  echo "== $name (timeout ${limit}s) at +$((t - T0))s: $*" | tee -a "$OUT/session.log"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "   $name rc=$rc in $(( $(date +%s) - t ))s" | tee -a "$OUT/session.log"
+  tail -n 3 "$OUT/$name.log" | sed 's/^/   | /' | cut -c1-300 | tee -a "$OUT/session.log"
+}
+
+if [ "${TINY:-0}" = 1 ]; then  # CPU dry run of every step (Triton interpreter, small sizes)
+  export TRITON_INTERPRET=1
+  SQ=(--tiny); FP=(--gpu --tiny); SC=(--tiny); JOB=(--pages 200 --queries 4 --files 2 --runs 2); RD=(--pages 200 --files 2)
+else
+  SQ=(--budget-s 70); FP=(--gpu --reps 3)
+  SC=(--pages 40000 --files 40 --shard-size-pages 5000 --queries 1000)
+  JOB=(--pages 20000 --queries 1000 --files 40 --runs 2); RD=(--pages 5000 --files 5)
+fi
+step small_queries 110 "$PY" benchmarks/bench_small_queries.py "${SQ[@]}" --out "$OUT/small_queries.json"
+step fp8_topk 85 "$PY" benchmarks/bench_fp8_topk.py "${FP[@]}" --json "$OUT/fp8_topk.json"
+step score_scale 160 "$PY" benchmarks/bench_score_scale.py "${SC[@]}" --dir "$SCRATCH/scale" --out "$OUT/score_scale.json"
+rm -rf "$SCRATCH/scale"
+step score_job 70 "$PY" benchmarks/bench_score_job.py "${JOB[@]}" --gen pool --dir "$SCRATCH/job" --out "$OUT/score_job.json"
+step score_job_cache 65 "$PY" benchmarks/bench_score_job.py "${JOB[@]}" --gen pool --cache --dir "$SCRATCH/job" \
+  --out "$OUT/score_job_cache.json"
+rm -rf "$SCRATCH/job"
+step read 35 "$PY" benchmarks/bench_read.py "${RD[@]}" --reps 1 --only "job default" --dir "$SCRATCH/read" --out "$OUT/read.json"
+rm -rf "$SCRATCH"
+echo "session done in $(( $(date +%s) - T0 ))s" | tee -a "$OUT/session.log"
