@@ -36,6 +36,8 @@ fi
 T0=$(date +%s)
 step() {  # step NAME TIMEOUT_S COMMAND...: log to $OUT/NAME.log, record rc and seconds
   local name=$1 limit=$2; shift 2
+  # STEPS="small_queries score_job" runs only those (default: all)
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then echo "-- $name skipped (STEPS)" >> "$OUT/session.log"; return; fi
   local t=$(date +%s)
   echo "== $name (timeout ${limit}s) at +$((t - T0))s: $*" | tee -a "$OUT/session.log"
   timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
