@@ -558,6 +558,35 @@ def _host_array(n_vectors: int, pinned: bool) -> np.ndarray:
     return np.empty((n_vectors, EMBEDDING_DIM), np.float16)
 
 
+def _decode_row_groups(buffers: list, plans: list, columns: list[str]) -> list[pa.Table]:
+    """Decode every needed row group of every file, in parallel threads (pyarrow releases the
+    GIL; one row group's nested float16 lists decode at ~0.1 GB/s on one core, measured on the
+    H200 host, so a shard decoded file after file ran at that speed), then each file's rows
+    ``[offset, offset + n)`` in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tasks = [(i, g) for i, (_, groups, _, _) in enumerate(plans) for g in groups]
+
+    def open_file(i):  # one reader per task: a ParquetFile is not shared between threads
+        return pq.ParquetFile(pa.BufferReader(pa.py_buffer(buffers[i])), metadata=plans[i][0])
+
+    def one(task):
+        i, g = task
+        return open_file(i).read_row_group(g, columns=columns, use_threads=False)
+
+    workers = max(1, min(len(tasks), os.cpu_count() or 1, 32))
+    with ThreadPoolExecutor(workers) as pool:
+        decoded = iter(pool.map(one, tasks))
+    pieces = []
+    for i, (md, groups, offset, n) in enumerate(plans):
+        if groups:
+            t = pa.concat_tables([next(decoded) for _ in groups])
+        else:
+            t = open_file(i).schema_arrow.empty_table().select(columns)
+        pieces.append(t.slice(offset, n))
+    return pieces
+
+
 def _read_parquet_shard(spec: ShardSpec, corpus_uri: str, endpoint_url: str | None,
                         footers: dict | None = None, pinned: bool = False) -> LoadedShard:
     fs, _ = open_filesystem(corpus_uri, endpoint_url)
@@ -586,11 +615,7 @@ def _read_parquet_shard(spec: ShardSpec, corpus_uri: str, endpoint_url: str | No
     t_read = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    pieces = []
-    for buf, (md, groups, offset, n) in zip(buffers, plans):
-        pf = pq.ParquetFile(pa.BufferReader(pa.py_buffer(buf)), metadata=md)
-        t = pf.read_row_groups(groups, columns=columns) if groups else pf.schema_arrow.empty_table().select(columns)
-        pieces.append(t.slice(offset, n))
+    pieces = _decode_row_groups(buffers, plans, columns)
     del buffers
     table = pa.concat_tables(pieces) if pieces else pa.table({c: [] for c in columns})
     del pieces

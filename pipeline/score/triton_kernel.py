@@ -68,9 +68,17 @@ SMALL_BATCH_CONFIG = KernelConfig(64, 64, 4, 4)
 # The config by number of query rows (queries x vectors per query, zero rows included): the
 # first row whose bound is >= n_rows; None = no bound. ONE PLACE TO EDIT after a GPU sweep:
 # benchmarks/bench_small_queries.py prints a replacement table from its measurements.
-# Until then these are the configs measured so far (<= 64 rows: the small tile; else default).
+# Measured on an H200 (2026-12-03, commit b2227cb, bench_small_queries.py --budget-s 70;
+# 20,000 pages of 600-768 vectors, queries of 25 vectors, kernel alone, benchmarks/RESULTS.md):
+# 1 query 0.835 ms (4.37 TB/s; the 16-page default 0.882), 10 queries 1.587 ms (70% of
+# 792 TFLOP/s; default 1.629), 100 and 1,000 queries: the 16-page default was best.
+# Bounds between the measured sizes are a choice.
+SINGLE_QUERY_CONFIG = KernelConfig(32, 64, 4, 5, pages_per_group=1)
+FEW_QUERIES_CONFIG = KernelConfig(256, 64, 8, 3, pages_per_group=1)
 CONFIG_TABLE: tuple[tuple[int | None, KernelConfig], ...] = (
-    (64, SMALL_BATCH_CONFIG),
+    (32, SINGLE_QUERY_CONFIG),
+    (64, KernelConfig(64, 64, 4, 4, pages_per_group=1)),  # 2 queries: not measured, between the two
+    (250, FEW_QUERIES_CONFIG),
     (None, DEFAULT_CONFIG),
 )
 # The same for the FP8 candidate pass (float8 operands; not measured on a GPU yet).

@@ -39,8 +39,10 @@ def _interpret(code: str) -> None:
 def test_choose_config_table_and_checks():
     from pipeline.score import triton_kernel as tk
 
-    assert tk.choose_config(25) == tk.SMALL_BATCH_CONFIG and tk.choose_config(64) == tk.SMALL_BATCH_CONFIG
-    assert tk.choose_config(65) == tk.DEFAULT_CONFIG and tk.choose_config(25_000) == tk.DEFAULT_CONFIG
+    # measured on an H200: one page per program for 1 and 10 queries, 16-page groups from 100
+    assert tk.choose_config(25) == tk.SINGLE_QUERY_CONFIG and tk.choose_config(25).pages_per_group == 1
+    assert tk.choose_config(64).block_m == 64 and tk.choose_config(250) == tk.FEW_QUERIES_CONFIG
+    assert tk.choose_config(251) == tk.DEFAULT_CONFIG and tk.choose_config(25_000) == tk.DEFAULT_CONFIG
     table = ((32, tk.KernelConfig(16, 64, 4, 4, 1, 2)), (300, tk.KernelConfig(64, 64, 4, 3, 1)),
              (None, tk.DEFAULT_CONFIG))
     assert tk.choose_config(25, table).split == 2
