@@ -587,6 +587,25 @@ def _decode_row_groups(buffers: list, plans: list, columns: list[str]) -> list[p
     return pieces
 
 
+def _gather_pages(source: np.ndarray, starts: np.ndarray, lengths: np.ndarray, out: np.ndarray) -> None:
+    """``out`` = the pages ``source[starts[i] : starts[i] + lengths[i]]`` one after another.
+
+    Block copies of runs of pages that are consecutive in ``source`` too (a sorted file is one
+    run): ``np.take`` over row indices moved 0.2 GB/s on this project's CPU machine, a block
+    copy moves memory at memcpy speed."""
+    n = len(lengths)
+    ends = starts + lengths
+    # a run breaks where a page does not start where the previous one ended
+    breaks = np.flatnonzero(starts[1:] != ends[:-1]) + 1
+    run_first = np.concatenate([[0], breaks]).astype(np.int64)
+    run_last = np.concatenate([breaks, [n]]).astype(np.int64)
+    dst = 0
+    for a, b in zip(run_first.tolist(), run_last.tolist()):
+        src0, src1 = int(starts[a]), int(ends[b - 1])
+        out[dst : dst + src1 - src0] = source[src0:src1]
+        dst += src1 - src0
+
+
 def _read_parquet_shard(spec: ShardSpec, corpus_uri: str, endpoint_url: str | None,
                         footers: dict | None = None, pinned: bool = False) -> LoadedShard:
     fs, _ = open_filesystem(corpus_uri, endpoint_url)
@@ -635,10 +654,7 @@ def _read_parquet_shard(spec: ShardSpec, corpus_uri: str, endpoint_url: str | No
     source = flat_parts[0] if len(flat_parts) == 1 else (np.concatenate(flat_parts) if flat_parts else flat)
     del flat_parts
     if total:
-        dst_start = np.zeros(len(lengths), np.int64)
-        np.cumsum(lengths[:-1], out=dst_start[1:])
-        rows = np.arange(total, dtype=np.int64) + np.repeat(src_start[order] - dst_start, lengths)
-        np.take(source, rows, axis=0, out=flat)
+        _gather_pages(source, src_start[order], lengths, flat)
     del source
     t_decode = time.perf_counter() - t0
     return LoadedShard(meta, flat, lengths, {"read_s": t_read, "decode_s": t_decode, "bytes_read": nbytes,
