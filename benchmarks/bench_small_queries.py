@@ -163,8 +163,16 @@ def sweep(nq: int, candidates, pk, real_vectors: int, timer: Timer, deadline: fl
     for name, cfg in (("default", default), ("best", best[1])):
         t, _ = timer(lambda: topk_desc(tk.maxsim_scores_triton(Q, pk, config=cfg), K))
         res[f"end_to_end_{name}_ms"] = round(t * 1e3, 4)
+    # the same with the in-order sum as one Triton launch (must give the same scores)
+    t, fused = timer(lambda: tk.maxsim_scores_triton(Q, pk, config=best[1], fused_sum=True))
+    plain = tk.maxsim_scores_triton(Q, pk, config=best[1])
+    res["fused_sum_equal"] = bool(torch.equal(fused, plain))
+    t, _ = timer(lambda: topk_desc(tk.maxsim_scores_triton(Q, pk, config=best[1], fused_sum=True), K))
+    res["end_to_end_best_fused_sum_ms"] = round(t * 1e3, 4)
+    del fused, plain
     log(f"nq={nq:5d} BEST {tuple(best[1])}: {res['best']['ms']:.3f} ms ({res['speedup_vs_default']}x default); "
-        f"end to end {res['end_to_end_best_ms']:.3f} ms vs default {res['end_to_end_default_ms']:.3f} ms")
+        f"end to end {res['end_to_end_best_ms']:.3f} ms vs default {res['end_to_end_default_ms']:.3f} ms; with the "
+        f"fused sum {res['end_to_end_best_fused_sum_ms']:.3f} ms (equal: {res['fused_sum_equal']})")
     return res
 
 

@@ -282,11 +282,47 @@ def page_maxima_fp8_triton(
                    d_scales.to(torch.float32).contiguous(), cfg)
 
 
+@triton.jit
+def _sum_in_order_kernel(m_ptr, out_ptr, n_pages, n_queries, stride_m, LQ: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """out[q, p] = ((m[p, q*LQ] + m[p, q*LQ+1]) + ...) + m[p, q*LQ+LQ-1], in float32, left to
+    right: the same additions in the same order as :func:`sum_over_query_vectors`."""
+    pid_p = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    ok = (p[:, None] < n_pages) & (q[None, :] < n_queries)
+    base = m_ptr + p[:, None].to(tl.int64) * stride_m + q[None, :] * LQ
+    acc = tl.load(base, mask=ok, other=0.0)
+    for j in range(1, LQ):
+        acc = acc + tl.load(base + j, mask=ok, other=0.0)
+    tl.store(out_ptr + q[None, :].to(tl.int64) * n_pages + p[:, None], acc, mask=ok)
+
+
+def sum_over_query_vectors_triton(maxima: torch.Tensor, n_queries: int, lq: int) -> torch.Tensor:
+    """``(n_pages, n_queries * lq)`` float32 maxima -> ``(n_queries, n_pages)`` float32 scores,
+    bit-identical to ``sum_over_query_vectors(maxima.view(P, nq, lq)).T``, in one launch (the
+    torch loop is lq - 1 launches over strided columns, then a transpose copy)."""
+    n_pages = maxima.shape[0]
+    out = torch.empty((n_queries, n_pages), dtype=torch.float32, device=maxima.device)
+    if n_pages == 0 or n_queries == 0:
+        return out
+    grid = (triton.cdiv(n_pages, 64), triton.cdiv(n_queries, 16))
+    _sum_in_order_kernel[grid](maxima, out, n_pages, n_queries, maxima.stride(0), LQ=lq, BLOCK_P=64, BLOCK_Q=16)
+    return out
+
+
 def maxsim_scores_triton(
-    Q: torch.Tensor, pages: PackedPages, *, config: KernelConfig | tuple | None = None
+    Q: torch.Tensor, pages: PackedPages, *, config: KernelConfig | tuple | None = None, fused_sum: bool = False
 ) -> torch.Tensor:
-    """``(n_queries, Lq, 128)`` zero-padded queries -> ``(n_queries, n_pages)`` float32 MaxSim."""
+    """``(n_queries, Lq, 128)`` zero-padded queries -> ``(n_queries, n_pages)`` float32 MaxSim.
+
+    ``fused_sum``: add the query positions with :func:`sum_over_query_vectors_triton` (same
+    bits, one launch). Off by default until measured on a GPU (benchmarks/bench_small_queries.py
+    times both)."""
     nq, lq, dim = Q.shape
     maxima = page_maxima_triton(Q.reshape(nq * lq, dim), pages, config=config)  # (P, nq*lq)
+    if fused_sum:
+        return sum_over_query_vectors_triton(maxima, nq, lq)
     scores = sum_over_query_vectors(maxima.view(pages.n_pages, nq, lq))  # (P, nq)
     return scores.T.contiguous()

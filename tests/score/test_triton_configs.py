@@ -126,3 +126,25 @@ def test_fused_fp8_candidates_in_interpreter():
         "assert torch.equal(v, ev) and torch.equal(i, ei)\n"
         "print('OK')\n"
     )
+
+
+def test_fused_in_order_sum_equals_the_torch_loop_bit_for_bit():
+    """One launch instead of Lq - 1: the same float32 additions, in the same order."""
+    _interpret("""
+import torch
+from pipeline.score import triton_kernel as tk
+from pipeline.score.maxsim import sum_over_query_vectors
+g = torch.Generator().manual_seed(0)
+for n_pages, nq, lq in ((1, 1, 1), (70, 1, 25), (130, 17, 25), (5, 33, 3), (0, 2, 4), (3, 0, 4)):
+    m = torch.randn(n_pages, nq * lq, generator=g) * torch.logspace(-6, 6, nq * lq)  # cancellations
+    want = sum_over_query_vectors(m.view(n_pages, nq, lq)).T.contiguous() if n_pages and nq else torch.empty(nq, n_pages)
+    got = tk.sum_over_query_vectors_triton(m, nq, lq)
+    assert got.shape == (nq, n_pages) and torch.equal(got, want), (n_pages, nq, lq)
+    # a strided view of a wider buffer (as a padded maxima block) too
+    wide = torch.randn(n_pages, nq * lq + 3, generator=g)
+    view = wide[:, : nq * lq]
+    if n_pages and nq:
+        assert torch.equal(tk.sum_over_query_vectors_triton(view, nq, lq),
+                           sum_over_query_vectors(view.reshape(n_pages, nq, lq)).T)
+print("OK")
+""")
