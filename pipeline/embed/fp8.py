@@ -4,8 +4,8 @@ Every ``nn.Linear`` inside the vision blocks, the patch merger and the language-
 layers becomes an :class:`Fp8Linear`: its weight is quantized once, per output channel
 (scale = the row's max |w| / 448), and each input row is quantized on the fly with its own
 scale (max |x| / 448). The product runs as ``torch._scaled_mm`` with those row-wise scales,
-float32 accumulation and a bfloat16 result (CUDA compute capability 8.9+: L4, L40S, H100,
-H200). Everything else (patch embedding, norms, rotary, attention, the 128-d projection
+float32 accumulation and a bfloat16 result, cast to the model's dtype (CUDA compute
+capability 8.9+: L4, L40S, H100, H200). Everything else (patch embedding, norms, rotary, attention, the 128-d projection
 that makes the stored vectors, the L2 normalisation) stays in the model's dtype.
 
 On a CPU (tests) the same FP8 values are multiplied in float32 (dequantize, then matmul):
@@ -36,10 +36,9 @@ def fp8_matmul_supported(device: str | torch.device) -> bool:
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) -> FP8 values (M, K) and float32 scales (M, 1), x ~= values * scales.
     An all-zero row gets scale 1 (its values are zeros)."""
-    x = x.float()
-    amax = x.abs().amax(dim=1, keepdim=True)
+    amax = x.abs().amax(dim=1, keepdim=True).float()  # exact in x's own dtype
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 class Fp8Linear(nn.Module):
@@ -62,8 +61,10 @@ class Fp8Linear(nn.Module):
         shape = x.shape
         xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
         if xq.is_cuda:
+            # Row-wise scaling gives a bfloat16 result on every FP8 GPU (float32 and float16
+            # outputs depend on the chip and the cuBLAS version): cast to the model's dtype after.
             y = torch._scaled_mm(xq, self.weight_t, scale_a=x_scale, scale_b=self.weight_scale,
-                                 out_dtype=self.out_dtype)
+                                 out_dtype=torch.bfloat16).to(self.out_dtype)
         else:  # the same FP8 values and scales, multiplied in float32
             y = ((xq.float() * x_scale) @ (self.weight_t.float() * self.weight_scale)).to(self.out_dtype)
         if self.bias is not None:

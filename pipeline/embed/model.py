@@ -351,7 +351,7 @@ def build_page_inputs(images: Sequence[np.ndarray], lm: LoadedModel) -> dict:
     if position_ids is None:
         mm = (input_ids == lm.image_token_id).int()
         position_ids = _rope_index(lm.model.vlm, input_ids, mm, image_grid_thw, attention_mask)
-        if len(lm.rope_cache) >= 256:
+        if len(lm.rope_cache) >= 64:  # each entry (3, B, L) int64: ~300 KB at B=16, L=790
             lm.rope_cache.clear()
         lm.rope_cache[key] = position_ids
 

@@ -574,7 +574,9 @@ def _decode_row_groups(buffers: list, plans: list, columns: list[str]) -> list[p
         i, g = task
         return open_file(i).read_row_group(g, columns=columns, use_threads=False)
 
-    workers = max(1, min(len(tasks), os.cpu_count() or 1, 32))
+    # Arrow's CPU count: the scorer sets it to the node's cores on GPU actors and to
+    # --cpus-per-actor's threads on CPU actors
+    workers = max(1, min(len(tasks), pa.cpu_count(), 32))
     with ThreadPoolExecutor(workers) as pool:
         decoded = iter(pool.map(one, tasks))
     pieces = []
