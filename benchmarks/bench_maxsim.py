@@ -63,14 +63,17 @@ def bench(fn, reps=5, warmup=1):
     return statistics.median(times), min(times), out
 
 
-def make_corpus(n_pages, lo=600, hi=768, seed=0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    lengths = torch.randint(lo, hi + 1, (n_pages,), generator=g, device=DEV).cpu()
+def make_corpus(n_pages, lo=600, hi=768, seed=0, device=None):
+    """(flat float16 (n_vectors, 128), lengths): lo-hi vectors per page (also used by
+    bench_small_queries.py)."""
+    device = device or DEV
+    g = torch.Generator(device=device).manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (n_pages,), generator=g, device=device).cpu()
     total = int(lengths.sum())
-    flat = torch.empty((total, DIM), dtype=torch.float16, device=DEV)
+    flat = torch.empty((total, DIM), dtype=torch.float16, device=device)
     step = 1 << 22
     for s in range(0, total, step):
-        x = torch.randn((min(step, total - s), DIM), generator=g, device=DEV)
+        x = torch.randn((min(step, total - s), DIM), generator=g, device=device)
         # A shared direction makes scores realistic (positive, spread) rather than ~0.
         x[:, 0] += 2.0
         flat[s : s + len(x)] = torch.nn.functional.normalize(x, dim=-1).half()

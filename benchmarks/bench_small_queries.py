@@ -92,17 +92,11 @@ class Timer:
 
 def make_corpus(n_pages: int, device: torch.device, seed: int = 0):
     """(flat float16 (n_vectors, 128), lengths): 600-768 vectors per page, a shared direction
-    plus noise, normalized (positive, spread scores as in bench_maxsim.py)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    lengths = torch.randint(600, 769, (n_pages,), generator=g, device=device).cpu()
-    total = int(lengths.sum())
-    flat = torch.empty((total, DIM), dtype=torch.float16, device=device)
-    step = 1 << 22
-    for s in range(0, total, step):
-        x = torch.randn((min(step, total - s), DIM), generator=g, device=device)
-        x[:, 0] += 2.0
-        flat[s : s + len(x)] = torch.nn.functional.normalize(x, dim=-1).half()
-    return flat, lengths
+    plus noise, normalized: bench_maxsim.py's corpus."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_maxsim import make_corpus as maxsim_corpus
+
+    return maxsim_corpus(n_pages, seed=seed, device=device)
 
 
 def make_queries(nq: int, device: torch.device, seed: int = 1) -> torch.Tensor:
