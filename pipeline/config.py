@@ -42,6 +42,9 @@ class EmbedConfig:
     pool_factor: int = 1
     # "default": every matmul in --dtype; "fp8": the large ones in FP8 (pipeline/embed/fp8.py)
     precision: str = "default"
+    # batches each actor holds at once: 2 = one on the GPU while the host prepares the next
+    # (threads of one actor, device work queued one batch at a time; pipeline/embed/model.py)
+    batches_in_flight: int = 1
     # CPU rendering
     docs_per_render_task: int = 4
     render_timeout_s: float = 120.0
@@ -84,6 +87,8 @@ class EmbedConfig:
             problems.append(f"--precision must be default or fp8, got {self.precision!r}")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.batches_in_flight not in (1, 2):
+            problems.append(f"--batches-in-flight must be 1 or 2, got {self.batches_in_flight!r}")
         if self.min_actors is not None and self.min_actors < 1:
             problems.append(f"--min-actors must be >= 1, got {self.min_actors}")
         if self.max_actors is not None and self.min_actors is not None and self.max_actors < self.min_actors:

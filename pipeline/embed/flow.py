@@ -358,8 +358,12 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
                                    "endpoint_url": cfg.endpoint_url,
                                    "compile_model": cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda"),
                                    "pool_factor": cfg.pool_factor, "compile_cache": cfg.compile_cache,
-                                   "precision": cfg.precision},
-            compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+                                   "precision": cfg.precision, "batches_in_flight": cfg.batches_in_flight},
+            # --batches-in-flight 2: two calls run at once in each actor, on two threads
+            # (PageEmbedder queues their device work one at a time).
+            compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors,
+                                      max_concurrent_calls_per_actor=cfg.batches_in_flight,
+                                      enable_true_multi_threading=cfg.batches_in_flight > 1),
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
             num_gpus=gpus_per_actor,
@@ -404,6 +408,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
         "max_visual_tokens": cfg.max_visual_tokens,
         "pool_factor": cfg.pool_factor,
         "precision": cfg.precision,
+        "batches_in_flight": cfg.batches_in_flight,
         "device": device,
         "device_reason": why,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

@@ -27,6 +27,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 import time
 from typing import Sequence
 
@@ -325,13 +326,11 @@ def patchify(images: torch.Tensor, lm: LoadedModel) -> torch.Tensor:
     return x.reshape(n, gh * gw, 3 * t * p * p)
 
 
-def build_page_inputs(images: Sequence[np.ndarray], lm: LoadedModel) -> dict:
-    """Model inputs for page images already on the model's grid (H, W multiples of 28).
-
-    Pages are grouped by size so each group is patchified in one tensor op; sequences are
-    right-padded to the longest page of the batch (attention mask and explicit positions
-    make padding inert). Returns tensors on ``lm.device``.
-    """
+def prepare_page_inputs(images: Sequence[np.ndarray], lm: LoadedModel, pin: bool = False) -> dict:
+    """The host half of :func:`build_page_inputs`: token ids, mask, M-RoPE positions and the
+    images stacked by size, all CPU tensors (``pin``: in pinned memory, so the copies to the
+    device do not block the host). Touches no device: it can run while another batch's
+    forward pass is on the GPU. ``"lengths"`` holds each row's real length (a list)."""
     p, m = lm.patch_size, lm.merge_size
     sizes = [tuple(im.shape[:2]) for im in images]
     grids = [(1, h // p, w // p) for h, w in sizes]
@@ -354,24 +353,47 @@ def build_page_inputs(images: Sequence[np.ndarray], lm: LoadedModel) -> dict:
         if len(lm.rope_cache) >= 64:  # each entry (3, B, L) int64: ~300 KB at B=16, L=790
             lm.rope_cache.clear()
         lm.rope_cache[key] = position_ids
-
-    max_patches = max(g[1] * g[2] for g in grids)
-    dim = 3 * lm.temporal_patch_size * p * p
-    pixel_values = torch.zeros((len(images), max_patches, dim), dtype=torch.float32, device=lm.device)
     by_size: dict[tuple, list[int]] = {}
     for i, s in enumerate(sizes):
         by_size.setdefault(s, []).append(i)
+    stacks = []
     for (h, w), idx in by_size.items():
-        batch = torch.from_numpy(np.stack([np.asarray(images[i]) for i in idx])).to(lm.device, non_blocking=True)
-        patches = patchify(batch, lm)
+        stack = torch.empty((len(idx), h, w, 3), dtype=torch.uint8, pin_memory=pin)
+        np.stack([np.asarray(images[i]) for i in idx], out=stack.numpy())
+        stacks.append((idx, stack))
+    host = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "image_grid_thw": image_grid_thw}
+    if pin:
+        host = {k: v.pin_memory() for k, v in host.items()}
+    return {**host, "stacks": stacks, "lengths": [len(s) for s in seqs],
+            "max_patches": max(g[1] * g[2] for g in grids)}
+
+
+def page_inputs_to_device(host: dict, lm: LoadedModel) -> dict:
+    """The device half of :func:`build_page_inputs`: copies (asynchronous from pinned memory)
+    and patchify, queued on the current stream; no host sync."""
+    dim = 3 * lm.temporal_patch_size * lm.patch_size * lm.patch_size
+    pixel_values = torch.zeros((len(host["lengths"]), host["max_patches"], dim), dtype=torch.float32, device=lm.device)
+    for idx, stack in host["stacks"]:
+        patches = patchify(stack.to(lm.device, non_blocking=True), lm)
         pixel_values[idx, : patches.shape[1]] = patches
     return {
-        "input_ids": input_ids.to(lm.device),
-        "attention_mask": attention_mask.to(lm.device),
-        "position_ids": position_ids.to(lm.device),
+        "input_ids": host["input_ids"].to(lm.device, non_blocking=True),
+        "attention_mask": host["attention_mask"].to(lm.device, non_blocking=True),
+        "position_ids": host["position_ids"].to(lm.device, non_blocking=True),
         "pixel_values": pixel_values.to(lm.dtype),
-        "image_grid_thw": image_grid_thw.to(lm.device),
+        "image_grid_thw": host["image_grid_thw"].to(lm.device, non_blocking=True),
     }
+
+
+def build_page_inputs(images: Sequence[np.ndarray], lm: LoadedModel) -> dict:
+    """Model inputs for page images already on the model's grid (H, W multiples of 28).
+
+    Pages are grouped by size so each group is patchified in one tensor op; sequences are
+    right-padded to the longest page of the batch (attention mask and explicit positions
+    make padding inert). Returns tensors on ``lm.device``.
+    """
+    return page_inputs_to_device(prepare_page_inputs(images, lm), lm)
 
 
 def build_query_inputs(texts: Sequence[str], lm: LoadedModel) -> dict:
@@ -391,12 +413,25 @@ class ForwardTimer:
     """Seconds spent in the model's forward passes: CUDA events around each pass on a GPU
     (the time the GPU spent from the pass's first kernel to its last), the host clock on CPU.
     Input building and the copy back are outside, so ``busy_s`` over wall time is how busy
-    the GPU was kept."""
+    the GPU was kept. Thread-safe: with two batches in flight each thread also keeps its own
+    total (``thread_busy_s``), so a batch's share is read in the thread that ran it."""
 
     def __init__(self, device: str):
         self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
         self.busy_s = 0.0
         self.passes = 0
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    @property
+    def thread_busy_s(self) -> float:
+        return getattr(self._local, "busy_s", 0.0)
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self.busy_s += seconds
+            self.passes += 1
+        self._local.busy_s = self.thread_busy_s + seconds
 
     @contextlib.contextmanager
     def measure(self):
@@ -406,12 +441,87 @@ class ForwardTimer:
             yield
             end.record()
             end.synchronize()
-            self.busy_s += start.elapsed_time(end) / 1000.0
+            self.add(start.elapsed_time(end) / 1000.0)
         else:
             t = time.perf_counter()
             yield
-            self.busy_s += time.perf_counter() - t
-        self.passes += 1
+            self.add(time.perf_counter() - t)
+
+
+class TurnLock:
+    """A lock taken in the order asked for (tickets). ``threading.Lock`` is not fair: a thread
+    that releases it and asks again at once usually wins, so with two batches in flight one
+    thread could queue batch after batch while the other, already prepared, waits (seen in
+    the CPU test). Here the waiting thread goes next."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0
+        self._serving = 0
+
+    def __enter__(self):
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+        return self
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+        return False
+
+
+class PendingEmbeddings:
+    """A forward pass and its copy back, queued on the device (:func:`launch_embeddings`);
+    :meth:`result` waits for them and splits the rows."""
+
+    def __init__(self, flat: torch.Tensor, lengths: list[int], done, events, timer: ForwardTimer | None):
+        self.flat, self.lengths, self.done, self.events, self.timer = flat, lengths, done, events, timer
+
+    def result(self) -> list[np.ndarray]:
+        if self.done is not None:
+            self.done.synchronize()
+            if self.timer is not None:
+                start, end = self.events
+                self.timer.add(start.elapsed_time(end) / 1000.0)
+        flat = self.flat.numpy()
+        out, start = [], 0
+        for n in self.lengths:
+            out.append(flat[start : start + n])
+            start += n
+        return out
+
+
+def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: ForwardTimer | None = None,
+                      out_dtype: torch.dtype = torch.float32) -> PendingEmbeddings:
+    """Queue the forward pass, the gather of each row's ``lengths[i]`` real vectors (right
+    padding: they come first) and their copy to pinned host memory, with no host sync of
+    its own (the model's forward still has a few); L2-normalised, ``out_dtype`` converted on
+    the device. On CPU everything has run when it returns."""
+    batch, length = inputs["input_ids"].shape
+    if all(n == length for n in lengths):
+        # No padding (pages of one size): without a mask, SDPA takes its causal fast path.
+        inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    cuda = timer.cuda if timer is not None else (str(lm.device).startswith("cuda") and torch.cuda.is_available())
+    index = torch.cat([torch.arange(n, dtype=torch.long) + i * length for i, n in enumerate(lengths)])
+    with torch.inference_mode():
+        if cuda:
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+            out = lm.model(**inputs, use_cache=False).embeddings  # (B, L, 128)
+            events[1].record()
+            dev = out.reshape(batch * length, -1).index_select(0, index.pin_memory().to(out.device, non_blocking=True))
+            flat = torch.empty(dev.shape, dtype=out_dtype, pin_memory=True)
+            flat.copy_(dev.to(out_dtype), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return PendingEmbeddings(flat, lengths, done, events, timer)
+        with timer.measure() if timer is not None else contextlib.nullcontext():
+            out = lm.model(**inputs, use_cache=False).embeddings
+        flat = out.reshape(batch * length, -1).index_select(0, index.to(out.device)).to(out_dtype).cpu()
+        return PendingEmbeddings(flat, lengths, None, None, timer)
 
 
 @torch.inference_mode()
@@ -422,41 +532,50 @@ def forward_embeddings(lm: LoadedModel, inputs: dict, timer: ForwardTimer | None
     (:func:`pipeline.embed.pooling.pool_embeddings`, in float32). ``out_dtype`` float16 (what
     the actor stores) is converted on the device: half the bytes to copy back, and no CPU
     conversion; the values equal float32's converted on the host (both round to nearest even)."""
-    mask = inputs["attention_mask"].bool()
-    if bool(mask.all()):
-        # No padding (pages of one size): without a mask, SDPA takes its causal fast path.
+    lengths = inputs["attention_mask"].sum(dim=1).tolist()
+    if pool_factor == 1:
+        return launch_embeddings(lm, inputs, lengths, timer, out_dtype).result()
+    from pipeline.embed.pooling import pool_embeddings
+
+    if all(n == inputs["input_ids"].shape[1] for n in lengths):
         inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
     with timer.measure() if timer is not None else contextlib.nullcontext():
         out = lm.model(**inputs, use_cache=False).embeddings  # (B, L, 128)
-    lengths = mask.sum(dim=1).tolist()
-    if pool_factor > 1:
-        from pipeline.embed.pooling import pool_embeddings
-
-        return [pool_embeddings(out[i, :n].float(), pool_factor).to(out_dtype).cpu().numpy()
-                for i, n in enumerate(lengths)]
-    flat = out[mask].to(out_dtype).cpu().numpy()  # right padding: real tokens come first in each row
-    result, start = [], 0
-    for n in lengths:
-        result.append(flat[start : start + n])
-        start += n
-    return result
+    return [pool_embeddings(out[i, :n].float(), pool_factor).to(out_dtype).cpu().numpy()
+            for i, n in enumerate(lengths)]
 
 
 def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTimer | None = None,
-                pool_factor: int = 1, out_dtype: torch.dtype = torch.float32) -> list[np.ndarray]:
+                pool_factor: int = 1, out_dtype: torch.dtype = torch.float32,
+                device_lock: TurnLock | None = None) -> list[np.ndarray]:
     """Page embeddings, each (n_i, 128) ``out_dtype``, in the order given (pooled by ``pool_factor``
     when > 1). Pages are run sorted by size, so images of one size sit together for the
-    batched vision attention."""
+    batched vision attention.
+
+    ``device_lock``: two batches in flight (threads of one actor). The host work (stacking
+    pixels into pinned memory, token ids, positions) and the wait for the copy back run
+    outside it; the device work is queued under it, one batch at a time, so the GPU runs
+    one batch while the host prepares the next and passes never interleave (each pass's
+    CUDA events enclose its own kernels only)."""
     if not images:
         return []
     order = sorted(range(len(images)), key=lambda i: images[i].shape[:2])
     ordered = [images[i] for i in order]
     p = lm.patch_size
-    lm.vision_lengths.lengths = [(im.shape[0] // p) * (im.shape[1] // p) for im in ordered]
-    try:
-        vectors = forward_embeddings(lm, build_page_inputs(ordered, lm), timer, pool_factor, out_dtype)
-    finally:
-        lm.vision_lengths.lengths = None
+    cuda = str(lm.device).startswith("cuda") and torch.cuda.is_available()
+    host = prepare_page_inputs(ordered, lm, pin=cuda)
+    with device_lock if device_lock is not None else contextlib.nullcontext():
+        lm.vision_lengths.lengths = [(im.shape[0] // p) * (im.shape[1] // p) for im in ordered]
+        try:
+            inputs = page_inputs_to_device(host, lm)
+            if pool_factor == 1:
+                pending = launch_embeddings(lm, inputs, host["lengths"], timer, out_dtype)
+            else:
+                vectors = forward_embeddings(lm, inputs, timer, pool_factor, out_dtype)
+        finally:
+            lm.vision_lengths.lengths = None
+    if pool_factor == 1:
+        vectors = pending.result()
     out: list = [None] * len(images)
     for pos, i in enumerate(order):
         out[i] = vectors[pos]

@@ -13,6 +13,7 @@ import os
 import socket
 import uuid
 import sys
+import threading
 import json
 import logging
 import time
@@ -161,9 +162,9 @@ class PageEmbedder:
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto",
                  attn_implementation: str = "auto", endpoint_url: str | None = None,
                  compile_model: bool = False, pool_factor: int = 1, compile_cache: str | None = None,
-                 precision: str = "default"):
+                 precision: str = "default", batches_in_flight: int = 1):
         from pipeline.cluster import actor_device
-        from pipeline.embed.model import ForwardTimer, load_model
+        from pipeline.embed.model import ForwardTimer, TurnLock, load_model
 
         self.started = time.time()
         device, warning = actor_device(device or "cpu")
@@ -180,6 +181,11 @@ class PageEmbedder:
         self.first_batch: tuple[float, float, float] | None = None  # wall s, forward s, pages
         self.pages = 0
         self.pool_factor = pool_factor  # each page's vectors pooled after the forward, on the model's device
+        # --batches-in-flight 2: Ray Data calls this from two threads (ActorPoolStrategy's
+        # enable_true_multi_threading); the device work of one batch is queued at a time,
+        # under this lock, while the other thread prepares its batch on the host.
+        self.device_lock = TurnLock() if batches_in_flight > 1 else None
+        self._state_lock = threading.Lock()
         # Warm starts: compiled artefacts of an earlier actor (this node's, or --compile-cache's)
         # are loaded before the first batch compiles; this actor's are saved after it.
         self.compile_cache = None
@@ -198,29 +204,34 @@ class PageEmbedder:
         from pipeline.embed.model import embed_pages
 
         call_start = time.time()
-        if self.first_batch_at is None:
-            self.first_batch_at = call_start
+        with self._state_lock:
+            if self.first_batch_at is None:
+                self.first_batch_at = call_start
         widths = batch.column(schema.WIDTH).to_pylist()
         heights = batch.column(schema.HEIGHT).to_pylist()
         pixels = pixel_views(batch.column(PIXELS))
         page_idx = [i for i, p in enumerate(pixels) if p is not None]
         images = [pixels[i].reshape(heights[i], widths[i], 3) for i in page_idx]
-        busy_before = self.timer.busy_s
+        busy_before = self.timer.thread_busy_s
         # float16, what is stored, converted on the device (pipeline.embed.model.forward_embeddings)
-        vectors = embed_pages(self.lm, images, self.timer, self.pool_factor, out_dtype=torch.float16)
-        if self.first_batch is None and images:
-            self.first_batch = (time.time() - call_start, self.timer.busy_s - busy_before, float(len(images)))
-            # One line per actor (Ray forwards it to the driver's log with the actor's pid):
-            # when each node's GPU started working, from the actor's own clock.
-            print(f"[PageEmbedder] pid {os.getpid()}: model loaded in {self.loaded_s:.1f} s, first batch of "
-                  f"{len(images)} done at {time.time():.3f} ({time.time() - self.started:.1f} s after start, "
-                  f"{self.first_batch[0]:.1f} s for the batch"
-                  + (f", compile cache {'warm from ' + self.compile_cache_from if self.compile_cache_from else 'cold'}"
-                     if self.compile_cache is not None else "") + ")",
-                  file=sys.stderr, flush=True)
-        self.pages += len(images)
-        if self.compile_cache is not None and images:
-            self._save_compiled()
+        vectors = embed_pages(self.lm, images, self.timer, self.pool_factor, out_dtype=torch.float16,
+                              device_lock=self.device_lock)
+        busy = self.timer.thread_busy_s - busy_before
+        with self._state_lock:
+            if self.first_batch is None and images:
+                self.first_batch = (time.time() - call_start, busy, float(len(images)))
+                # One line per actor (Ray forwards it to the driver's log with the actor's pid):
+                # when each node's GPU started working, from the actor's own clock.
+                print(f"[PageEmbedder] pid {os.getpid()}: model loaded in {self.loaded_s:.1f} s, first batch of "
+                      f"{len(images)} done at {time.time():.3f} ({time.time() - self.started:.1f} s after start, "
+                      f"{self.first_batch[0]:.1f} s for the batch"
+                      + (f", compile cache {'warm from ' + self.compile_cache_from if self.compile_cache_from else 'cold'}"
+                         if self.compile_cache is not None else "") + ")",
+                      file=sys.stderr, flush=True)
+            self.pages += len(images)
+            if self.compile_cache is not None and images:
+                self._save_compiled()
+            first_batch = self.first_batch
         all_vectors: list = [np.zeros((0, schema.EMBEDDING_DIM), np.float16)] * batch.num_rows
         n_vectors: list = [None] * batch.num_rows
         for i, v in zip(page_idx, vectors):
@@ -229,8 +240,8 @@ class PageEmbedder:
         out = batch.drop_columns([PIXELS]).append_column(MODEL_DTYPE, pa.array([self.dtype] * batch.num_rows))
         out = out.append_column(schema.N_VECTORS, pa.array(n_vectors, type=pa.int32()))
         out = out.append_column(schema.EMBEDDING, schema.embeddings_to_arrow(all_vectors))
-        hidden = counters.counter_columns(batch.num_rows, self.actor, self.timer.busy_s - busy_before,
-                                          self.first_batch_at, time.time(), self.loaded_s, self.first_batch)
+        hidden = counters.counter_columns(batch.num_rows, self.actor, busy, self.first_batch_at, time.time(),
+                                          self.loaded_s, first_batch)
         for name, column in hidden.items():
             out = out.append_column(name, column)
         return out

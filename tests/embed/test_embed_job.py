@@ -41,7 +41,11 @@ def read_dir(path):
 @pytest.fixture(scope="module")
 def first_run(ray_session, tiny_model, sample_corpus, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("emb") / "out")
-    summary = run_job(sample_corpus, out, tiny_model, "--rows-per-file", "3", "--docs-per-render-task", "1")
+    # Two batches in flight per actor (two threads): the later tests check its embeddings
+    # against the model and its counters; the reruns below use the default of one.
+    summary = run_job(sample_corpus, out, tiny_model, "--rows-per-file", "3", "--docs-per-render-task", "1",
+                      "--batches-in-flight", "2")
+    assert summary["batches_in_flight"] == 2
     return out, summary
 
 

@@ -202,3 +202,81 @@ def test_pixel_views_read_arrow_buffers_without_copies():
     sliced = pixel_views(pa.array(rows, pa.binary()).slice(2, 2))  # an offset, and 32-bit offsets
     assert [bytes(v) for v in sliced] == [rows[2], b""]
     assert pixel_views(pa.array([], pa.large_binary())) == []
+
+
+def _stream_batch(images, first):
+    import pyarrow as pa
+
+    from pipeline.embed.stages import PIXELS, STREAM_SCHEMA
+
+    n = len(images)
+    cols = {f.name: [None] * n for f in STREAM_SCHEMA}
+    names = [f"d{first + i}.pdf" for i in range(n)]
+    cols.update(doc_id=names, page_number=[1] * n, source_uri=names, doc_pages=[1] * n,
+                height=[im.shape[0] for im in images], width=[im.shape[1] for im in images])
+    cols[PIXELS] = [im.tobytes() for im in images]
+    return pa.table(cols, schema=STREAM_SCHEMA)
+
+
+def test_two_batches_in_flight_give_the_embeddings_of_one_at_a_time(tiny_model, monkeypatch):
+    """--batches-in-flight 2: Ray Data calls the actor from two threads. Their forward passes
+    never overlap (the device lock), the next batch is prepared on the host meanwhile, the
+    embeddings are bit for bit those of one batch at a time, and each batch's forward time
+    is its own (the counters add up to the timer's total)."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.embed import counters
+    from pipeline.embed.stages import PageEmbedder
+
+    batches = [_stream_batch(page_images(seed)[: 2 + seed % 2], 10 * seed) for seed in range(6)]
+    one = PageEmbedder(tiny_model, device="cpu")
+    want = [one(b) for b in batches]
+
+    two = PageEmbedder(tiny_model, device="cpu", batches_in_flight=2)
+    lock, active, most, prepared_during_forward = threading.Lock(), [0], [0], []
+    forward = two.lm.model.forward
+
+    to_device = M.page_inputs_to_device
+
+    def device_section_starts(*args, **kwargs):  # under the device lock, up to the forward's end
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        return to_device(*args, **kwargs)
+
+    def slow_forward(*args, **kwargs):
+        try:
+            time.sleep(0.05)  # widens the window in which a second batch could start
+            return forward(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    prepare = M.prepare_page_inputs
+
+    def watched_prepare(*args, **kwargs):
+        prepared_during_forward.append(active[0] > 0)
+        return prepare(*args, **kwargs)
+
+    two.lm.model.forward = slow_forward
+    monkeypatch.setattr(M, "prepare_page_inputs", watched_prepare)
+    monkeypatch.setattr(M, "page_inputs_to_device", device_section_starts)
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(two, batches))
+    assert most[0] == 1  # one batch's device work at a time
+    assert any(prepared_during_forward)  # while the other thread's batch ran
+    for a, b in zip(want, got):
+        assert a.column("embedding").equals(b.column("embedding"))
+        assert a.column("n_vectors").equals(b.column("n_vectors"))
+    busy = [sum(t.column(counters.BUSY_S).to_pylist()) for t in got]
+    assert all(s >= 0.05 for s in busy)
+    assert sum(busy) == pytest.approx(two.timer.busy_s, rel=1e-9)
+
+
+def test_two_batches_in_flight_is_refused_unless_one_or_two():
+    from pipeline.config import EmbedConfig
+
+    with pytest.raises(ValueError, match="--batches-in-flight must be 1 or 2"):
+        EmbedConfig(input="in", output="out", batches_in_flight=3)
