@@ -35,7 +35,7 @@ t3 = time.perf_counter()
 emb(table); torch.cuda.synchronize()
 t4 = time.perf_counter()
 print(json.dumps({"imports_and_pages_s": round(t1 - t0, 2), "actor_init_s": round(t2 - t1, 2),
-                  "model_load_s": round(emb.loaded_s, 2), "first_batch_s": round(t3 - t2, 2),
+                  "model_load_s": round(emb.loaded_s, 2), "load_phases": emb.lm.load_phases, "first_batch_s": round(t3 - t2, 2),
                   "second_batch_s": round(t4 - t3, 3), "loaded_from": emb.compile_cache_from}))
 """
 

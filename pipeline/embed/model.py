@@ -142,6 +142,9 @@ class LoadedModel:
     vision_lengths: _VisionLengths = dataclasses.field(default_factory=_VisionLengths)
     precision: str = "default"  # or "fp8": the large matmuls in FP8 (pipeline.embed.fp8)
     rope_cache: dict = dataclasses.field(default_factory=dict)  # (grids, length) -> position ids
+    # seconds of each step of load_model (import, fetch, from_pretrained, to_device, processor,
+    # setup): where an actor's start-up goes
+    load_phases: dict = dataclasses.field(default_factory=dict)
 
     @property
     def dtype_name(self) -> str:
@@ -163,10 +166,19 @@ def load_model(
 
     ``load_in_4bit`` is kept for benchmarks/bench_4bit.py only (the jobs no longer offer it).
     ``precision="fp8"`` runs the large matmuls in FP8 (:mod:`pipeline.embed.fp8`)."""
+    phases: dict[str, float] = {}
+    mark = [time.perf_counter()]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = round(now - mark[0], 3)
+        mark[0] = now
+
     from transformers import ColQwen2ForRetrieval, ColQwen2Processor
 
     from pipeline.embed import fp8
 
+    phase("import")
     device = resolve_device(device)
     if precision not in fp8.PRECISIONS:
         raise ValueError(f"--precision must be one of {fp8.PRECISIONS}, got {precision!r}")
@@ -177,6 +189,7 @@ def load_model(
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else dtype_from_name(dtype, device)
     attn = pick_attn_implementation(device, attn_implementation)
     path = fetch_model(name_or_path, endpoint_url)
+    phase("fetch")
     kwargs: dict = {"dtype": torch_dtype, "attn_implementation": attn}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -197,10 +210,15 @@ def load_model(
             "name (needs network), a local directory with config.json + weights, or an s3:// / gs:// "
             "prefix holding them; `python -m jobs.build_tiny_model` writes a tiny offline one."
         ) from exc
+    phase("from_pretrained")
     if not load_in_4bit:
         model = model.to(device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+    phase("to_device")
     model.eval()
     processor = ColQwen2Processor.from_pretrained(path)
+    phase("processor")
     tok = processor.tokenizer
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     before, after = IMAGE_PROMPT.split(IMAGE_TOKEN)
@@ -239,8 +257,11 @@ def load_model(
         text = getattr(model.vlm, "language_model", None) or model.vlm.model.language_model
         for blk in list(visual.blocks) + list(text.layers):
             blk.compile(dynamic=True)
-    log.info("loaded %s on %s (%s, precision=%s, attn=%s, 4bit=%s, batched vision attention=%s, compiled=%s)",
-             name_or_path, device, lm.dtype_name, precision, attn, load_in_4bit, batched_vision_attention, compile_model)
+    phase("setup")
+    lm.load_phases = phases
+    log.info("loaded %s on %s (%s, precision=%s, attn=%s, 4bit=%s, batched vision attention=%s, compiled=%s); "
+             "seconds: %s", name_or_path, device, lm.dtype_name, precision, attn, load_in_4bit,
+             batched_vision_attention, compile_model, phases)
     return lm
 
 
