@@ -242,7 +242,9 @@ def run(cfg: ScoreConfig) -> dict:
             memory = ray.get(actors[0].memory_bytes.remote())
             phase("actor_start")
         else:
-            probe = Scorer.options(**actor_options, max_restarts=0).remote(
+            # Restarted elsewhere if its node goes away: an autoscaler may remove an idle GPU
+            # node just as the job starts (seen in CI: "Terminated by autoscaler").
+            probe = Scorer.options(**actor_options, max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=-1).remote(
                 corpus.uri, cfg.endpoint_url, np.zeros((0, schema.EMBEDDING_DIM), np.float16),
                 np.zeros(0, np.int64), cfg.top_k, device=None)
             memory = ray.get(probe.memory_bytes.remote())

@@ -173,6 +173,31 @@ def test_shard_scorer_fp8_equals_exact(tmp_path):
     assert min(s1["fp8_candidates_per_query"]) >= 4
 
 
+def test_shard_scorer_warms_up_while_the_first_shard_loads(tmp_path):
+    """The scoring path's first use runs on a made-up shard while the first real one loads;
+    only the first shard's stats carry it, and it changes no result."""
+    rng = np.random.default_rng(12)
+    page_vecs, queries = _planted(rng, 30, 5)
+    pages = [(f"d{i}", 1, schema.page_id(f"d{i}", 1), v) for i, v in enumerate(page_vecs)]
+    corpus = write_corpus(tmp_path / "emb", pages, n_files=1)
+    c = open_corpus(corpus)
+    spec = ShardSpec(0, tuple((f.path, 0, f.num_rows) for f in c.files), 30, sum(len(v) for v in page_vecs))
+    flat, lengths = np.concatenate(queries), np.array([len(q) for q in queries])
+    scorer = ShardScorer(corpus, None, flat, lengths, 3, device="cpu")
+    first, s0 = scorer.score(spec)
+    again, s1 = scorer.score(spec)
+    assert s0["warm_up_s"] > 0 and s0["warm_up_wait_s"] >= 0
+    assert "warm_up_s" not in s1 and s1["warm_up_wait_s"] == 0
+    assert first.equals(again)
+    scores = np.array([[(q.astype(np.float64) @ p.astype(np.float64).T).max(axis=1).sum() for p in page_vecs]
+                       for q in queries])  # float64 MaxSim oracle (no ties among random pages)
+    top = first.to_pydict()
+    for qi in range(len(queries)):
+        got = [pid for q, pid in zip(top["query_index"], top["page_id"]) if q == qi]
+        want = [f"d{j}#1" for j in np.argsort(-scores[qi], kind="stable")[:3]]
+        assert got == want
+
+
 def test_precision_option():
     base = dict(corpus="c", queries="q", output="o", top_k=3)
     assert ScoreConfig.from_flags(["--precision", "fp8-exact-topk"], **base).precision == "fp8-exact-topk"
