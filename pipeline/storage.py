@@ -466,23 +466,42 @@ def write_bytes_atomic(uri: str, data: bytes, endpoint_url: str | None = None) -
     write_buffers_atomic(uri, [data], endpoint_url)
 
 
-def read_ranges_into(fs: pafs.FileSystem, path: str, ranges: list[tuple[int, int]], out) -> int:
+READ_CHUNK_BYTES = 64 << 20
+READ_THREADS = 8
+
+
+def read_ranges_into(fs: pafs.FileSystem, path: str, ranges: list[tuple[int, int]], out,
+                     threads: int | None = None) -> int:
     """Copy byte ranges ``[start, stop)`` of a file into the same offsets of ``out`` (a writable
     uint8 numpy array at least as long as the file); returns the bytes read. Local files are
-    read straight into ``out`` (``preadv``: no intermediate buffer), others by ``read_at``."""
+    read straight into ``out`` (``preadv``: no intermediate buffer), in 64 MiB pieces on up to
+    ``threads`` threads (default: 8, at most the CPU count): one thread copied a page-cached
+    7 GB cache file at 2.6 GB/s on the H200 host (RESULTS.md). Others are read by ``read_at``."""
     view = memoryview(out).cast("B")
-    total = 0
+    total = sum(stop - start for start, stop in ranges)
     if isinstance(fs, pafs.LocalFileSystem):
+        pieces = [(a, min(stop, a + READ_CHUNK_BYTES)) for start, stop in ranges
+                  for a in range(start, stop, READ_CHUNK_BYTES)]
         fd = os.open(path, os.O_RDONLY)
+
+        def read(piece):
+            pos, stop = piece
+            while pos < stop:
+                n = os.preadv(fd, [view[pos:stop]], pos)  # releases the GIL
+                if n <= 0:
+                    raise EOFError(f"{path}: {stop - pos} bytes missing at offset {pos}")
+                pos += n
+
         try:
-            for start, stop in ranges:
-                pos = start
-                while pos < stop:
-                    n = os.preadv(fd, [view[pos:min(stop, pos + (256 << 20))]], pos)
-                    if n <= 0:
-                        raise EOFError(f"{path}: {stop - pos} bytes missing at offset {pos}")
-                    pos += n
-                total += stop - start
+            workers = min(threads or READ_THREADS, os.cpu_count() or 1, len(pieces))
+            if workers > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(workers, thread_name_prefix="read-ranges") as pool:
+                    list(pool.map(read, pieces))
+            else:
+                for piece in pieces:
+                    read(piece)
         finally:
             os.close(fd)
         return total
@@ -492,7 +511,6 @@ def read_ranges_into(fs: pafs.FileSystem, path: str, ranges: list[tuple[int, int
             if len(data) != stop - start:
                 raise EOFError(f"{path}: read {len(data)} of {stop - start} bytes at offset {start}")
             view[start:stop] = memoryview(data)
-            total += stop - start
     return total
 
 

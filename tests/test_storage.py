@@ -90,3 +90,35 @@ def test_listing_pieces_add_up_to_the_whole_listing(tmp_path, s3, where):
     assert one.column("doc_id").to_pylist() == ["2.pdf"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         storage.listing_units(f"{uri}/missing", ep)
+
+
+def test_read_ranges_into_local_pieces_on_threads_and_s3(tmp_path, s3, monkeypatch):
+    """Byte ranges land at their own offsets, read in pieces on several threads from local
+    disk (the page cache's read path) and by read_at from S3; a short file is an error."""
+    import numpy as np
+    import pyarrow.fs as pafs
+
+    data = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8)
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data.tobytes())
+    ranges = [(0, 1000), (4096, 300_000), (300_001, 1 << 20)]
+    monkeypatch.setattr(storage, "READ_CHUNK_BYTES", 4096 * 7)  # ~40 pieces
+    for threads in (1, 4):
+        out = np.zeros_like(data)
+        assert storage.read_ranges_into(pafs.LocalFileSystem(), str(path), ranges, out, threads=threads) == \
+            sum(b - a for a, b in ranges)
+        want = np.zeros_like(data)
+        for a, b in ranges:
+            want[a:b] = data[a:b]
+        assert np.array_equal(out, want)
+    with pytest.raises(EOFError, match="missing"):
+        storage.read_ranges_into(pafs.LocalFileSystem(), str(path), [(0, (1 << 20) + 10)],
+                                 np.zeros((1 << 20) + 10, np.uint8), threads=4)
+    bucket = s3.make_bucket()
+    uri = f"s3://{bucket}/blob.bin"
+    fs, key = storage.open_filesystem(uri, s3.endpoint_url)
+    with fs.open_output_stream(key) as f:
+        f.write(data.tobytes())
+    out = np.zeros_like(data)
+    storage.read_ranges_into(fs, key, ranges, out)
+    assert np.array_equal(out, want)
