@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One H200 session for the embedding-cost issue: the changes made without a GPU on
+# 2026-12-03 (fourth session), each measured beside its baseline in one run. Every step has
+# its own timeout and the script goes on when one fails. Run from the repo root with $OUT an
+# existing folder (Ray from the bundle .device/site.tar.xz when it is not installed):
+#
+#     STEPS="actor warm_start" bash benchmarks/gpu_embedding_session.sh      # one device call
+#     STEPS="job_1 job_2" bash benchmarks/gpu_embedding_session.sh           # another
+#
+# TINY=1 runs the actor step at smoke size on the CPU, to check the wiring.
+#
+# Steps (timeout; expected run time in brackets, from earlier H200 runs of the same scripts):
+#   actor       bench_actor.py: compiled vs compiled_inflight2 (--batches-in-flight 2) vs
+#               compiled_oldhost (6a80843's host path), 256 pages, batch 32   300 s [~200 s]
+#   warm_start  bench_warm_start.py: cold/warm first batch, model load by step   180 s [~120 s]
+#   job_1       bench_embed.py --job-only, 3,000 pages, --batches-in-flight 1    200 s [~105 s]
+#   job_2       the same with --batches-in-flight 2                              200 s [~100 s]
+set -u
+: "${OUT:?set OUT to an existing folder}"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="${PYTHONPATH:-$PWD}"
+if ! "$PY" -c "import ray" 2>/dev/null && [ -f .device/site.tar.xz ]; then
+  mkdir -p /tmp/site && ([ -d /tmp/site/ray ] || tar xJf .device/site.tar.xz -C /tmp/site)
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; nproc; free -g;
+  "$PY" -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$OUT/env_embed.txt" 2>&1
+
+T0=$(date +%s)
+step() {  # step NAME TIMEOUT_S COMMAND...: log to $OUT/NAME.log, record rc and seconds
+  local name=$1 limit=$2; shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
+  local t=$(date +%s)
+  echo "== $name (timeout ${limit}s) at +$((t - T0))s: $*" | tee -a "$OUT/session_embed.log"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "   $name rc=$? in $(( $(date +%s) - t ))s" | tee -a "$OUT/session_embed.log"
+  tail -n 3 "$OUT/$name.log" | cut -c1-300 | sed 's/^/   | /' | tee -a "$OUT/session_embed.log"
+}
+
+if [ "${TINY:-0}" = 1 ]; then
+  step actor 300 "$PY" benchmarks/bench_actor.py --smoke --variants compiled,compiled_inflight2,compiled_oldhost \
+    --out "$OUT/actor.json"
+  exit 0
+fi
+step actor 300 "$PY" benchmarks/bench_actor.py --pages 256 --fid-pages 256 --queries 50 \
+  --variants compiled,compiled_inflight2,compiled_oldhost --out "$OUT/actor.json"
+step warm_start 180 "$PY" benchmarks/bench_warm_start.py --out "$OUT/warm_start.json"
+step job_1 200 env BENCH_JOB_EXTRA="--batches-in-flight 1" "$PY" benchmarks/bench_embed.py --job-only \
+  --job-pages 3000 --out "$OUT/job_inflight1.json"
+step job_2 200 env BENCH_JOB_EXTRA="--batches-in-flight 2" "$PY" benchmarks/bench_embed.py --job-only \
+  --job-pages 3000 --out "$OUT/job_inflight2.json"
+echo "done in $(( $(date +%s) - T0 ))s" | tee -a "$OUT/session_embed.log"
