@@ -394,10 +394,19 @@ def page_inputs_to_device(host: dict, lm: LoadedModel) -> dict:
     """The device half of :func:`build_page_inputs`: copies (asynchronous from pinned memory)
     and patchify, queued on the current stream; no host sync."""
     dim = 3 * lm.temporal_patch_size * lm.patch_size * lm.patch_size
-    pixel_values = torch.zeros((len(host["lengths"]), host["max_patches"], dim), dtype=torch.float32, device=lm.device)
-    for idx, stack in host["stacks"]:
-        patches = patchify(stack.to(lm.device, non_blocking=True), lm)
-        pixel_values[idx, : patches.shape[1]] = patches
+    stacks = host["stacks"]
+    if len(stacks) == 1:  # pages of one size (the usual batch): no scatter, no padding
+        pixel_values = patchify(stacks[0][1].to(lm.device, non_blocking=True), lm)
+    else:
+        pixel_values = torch.zeros((len(host["lengths"]), host["max_patches"], dim), dtype=torch.float32,
+                                   device=lm.device)
+        for idx, stack in stacks:
+            patches = patchify(stack.to(lm.device, non_blocking=True), lm)
+            # a device index: a Python list would be copied to the device with a stream sync,
+            # waiting for the other batch's forward pass
+            rows = torch.tensor(idx, dtype=torch.long)
+            rows = (rows.pin_memory() if stack.is_pinned() else rows).to(lm.device, non_blocking=True)
+            pixel_values[rows, : patches.shape[1]] = patches
     return {
         "input_ids": host["input_ids"].to(lm.device, non_blocking=True),
         "attention_mask": host["attention_mask"].to(lm.device, non_blocking=True),
