@@ -7,7 +7,18 @@ costs in fidelity. Real-size ColQwen2 with random weights, one run, the same pag
    input building and the copy back are included), each over the same pages and batch size:
    * ``eager``            load_model without compile: the seed's forward (sdpa, bf16);
    * ``compiled``         the job's default (per-block torch.compile);
-   * ``compiled_cudnn``   the same with SDPA's cuDNN attention backend first;
+   * ``compiled_cudnn`` / ``compiled_flash``  the same with SDPA's cuDNN (flash) attention
+                          backend first. torch.compile picks the attention op when it compiles,
+                          so such a variant is built, compiled and run entirely under the
+                          preference, after ``torch._dynamo.reset()`` and with Inductor's caches
+                          (and the node's compile cache) off; the attention kernel that ran is
+                          recorded (``attention_kernel``). Before 2026-12-03's fourth session the
+                          preference only wrapped already-compiled blocks and had no effect;
+   * ``compiled_oldhost`` the same with the host side of commit 6a80843 undone (float32 copied
+                          back and rounded on the CPU, ``pa.array`` over float16, pixels copied
+                          to bytes, M-RoPE recomputed); e66a721's later host changes (pixels
+                          staged in pinned memory, non-blocking copies, ``index_select`` gather,
+                          pinned copy back) stay in, so it is not the whole pre-2026-12-03 path;
    * ``compiled_inflight2``  the same with --batches-in-flight 2: two threads call the actor
                           (as Ray Data does), one batch prepared on the host while the other
                           runs; timed as wall time over batches;
@@ -69,24 +80,51 @@ def make_pages(n: int, tokens: int) -> list[np.ndarray]:
 
 @contextlib.contextmanager
 def cudnn_first(first: str | bool):
-    """SDPA's backends with ``first`` ("cudnn" or "flash") tried first; False: torch's order."""
+    """SDPA's backends with ``first`` ("cudnn" or "flash") tried first; False: torch's order.
+
+    With torch.compile the attention op is chosen when a block compiles, not when it runs, and
+    Dynamo's in-memory code, Inductor's on-disk FX graph cache and the node's compile cache
+    (pipeline/embed/compile_cache.py) do not key on this preference. So the preference is
+    entered for the whole variant (construction, first batch, every call), Dynamo is reset
+    before and after, and Inductor's caches and the node's compile cache are off inside it."""
     if not first:
         yield
         return
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pipeline.embed import compile_cache
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     if first == "flash":
         order[:2] = order[1::-1]
-    with sdpa_kernel(order, set_priority=True):
-        yield
+    saved_caches = inductor_config.force_disable_caches
+    saved_env = os.environ.get(compile_cache.LOCAL_ENV)
+    torch._dynamo.reset()
+    inductor_config.force_disable_caches = True
+    os.environ[compile_cache.LOCAL_ENV] = tempfile.mkdtemp(prefix="bench-actor-nocache-")  # nothing loaded or saved
+    try:
+        with sdpa_kernel(order, set_priority=True):
+            yield
+    finally:
+        torch._dynamo.reset()  # later variants compile under torch's own order again
+        inductor_config.force_disable_caches = saved_caches
+        if saved_env is None:
+            os.environ.pop(compile_cache.LOCAL_ENV, None)
+        else:
+            os.environ[compile_cache.LOCAL_ENV] = saved_env
 
 
 @contextlib.contextmanager
 def old_host_path(on: bool):
-    """The actor's host side before 2026-12-03's changes, for a side-by-side baseline: float32
-    vectors copied back and rounded on the CPU, ``pa.array`` over float16, pixels copied to
-    Python bytes, M-RoPE positions computed for every batch."""
+    """Commit 6a80843's host changes undone, for a side-by-side baseline: float32 vectors copied
+    back and rounded on the CPU, ``pa.array`` over float16, pixels copied to Python bytes,
+    M-RoPE positions computed for every batch. Only those: the later changes of commit e66a721
+    (pixels stacked into pinned memory, non-blocking copies to the device, the ``index_select``
+    gather of real vectors, the copy back into pinned memory) stay in, because the float32 copy
+    back goes through today's ``embed_pages``. It is not the whole host path of before
+    2026-12-03."""
     if not on:
         yield
         return
@@ -134,38 +172,36 @@ def _calls(emb, tables):
         return list(pool.map(emb, tables))
 
 
-def embed_all(emb, pages, bs, cudnn):
+def embed_all(emb, pages, bs):
     out = []
-    with cudnn_first(cudnn):
-        tables = [rows_table(pages[i : i + bs]) for i in range(0, len(pages), bs)]
-        for t in _calls(emb, tables):
-            out.extend(v.astype(np.float32) for v in schema.arrow_to_embeddings(t.column("embedding")))
+    tables = [rows_table(pages[i : i + bs]) for i in range(0, len(pages), bs)]
+    for t in _calls(emb, tables):
+        out.extend(v.astype(np.float32) for v in schema.arrow_to_embeddings(t.column("embedding")))
     return out
 
 
-def timed_rate(emb, pages, bs, cudnn, repeats=1):
+def timed_rate(emb, pages, bs, repeats=1):
     """Median seconds per batch over the given pages (after one warm-up batch), and the
     forward's share of that wall time from the actor's own CUDA-event timer."""
     tables = [rows_table(pages[i : i + bs]) for i in range(0, len(pages) - bs + 1, bs)]
-    with cudnn_first(cudnn):
-        emb(tables[0])
-        sync()
-        if DEV == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        per, busy0, t0 = [], emb.timer.busy_s, time.perf_counter()
-        for _ in range(repeats):
-            if getattr(emb, "device_lock", None) is not None:  # two in flight: wall time per batch
-                t = time.perf_counter()
-                _calls(emb, tables)
-                sync()
-                per.append((time.perf_counter() - t) / len(tables))
-                continue
-            for tb in tables:
-                t = time.perf_counter()
-                emb(tb)
-                sync()
-                per.append(time.perf_counter() - t)
-        wall = time.perf_counter() - t0
+    emb(tables[0])
+    sync()
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    per, busy0, t0 = [], emb.timer.busy_s, time.perf_counter()
+    for _ in range(repeats):
+        if getattr(emb, "device_lock", None) is not None:  # two in flight: wall time per batch
+            t = time.perf_counter()
+            _calls(emb, tables)
+            sync()
+            per.append((time.perf_counter() - t) / len(tables))
+            continue
+        for tb in tables:
+            t = time.perf_counter()
+            emb(tb)
+            sync()
+            per.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
     mem = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
     return statistics.median(per), (emb.timer.busy_s - busy0) / wall, mem
 
@@ -183,7 +219,27 @@ KERNEL_CLASSES = (
 )
 
 
-def profile_actor(emb, pages, bs, cudnn):
+def attention_kernel(emb, table):
+    """The attention kernels that ran in one call of the actor (torch.profiler): on CUDA the
+    GPU kernels, on CPU (--smoke) the aten ops; the top one by self time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = DEV == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        emb(table)
+        sync()
+    found = []
+    for ev in prof.key_averages():
+        us = (getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)) if cuda \
+            else ev.self_cpu_time_total
+        if us > 0 and KERNEL_CLASSES[0][1].search(ev.key) and not ev.key.startswith("ProfilerStep"):
+            found.append((us / 1e6, ev.key[:160], ev.count))
+    found.sort(reverse=True)
+    return {"activity": "cuda kernels" if cuda else "cpu ops", "top": found[0][1] if found else None,
+            "kernels": [{"s": round(s, 5), "name": n, "calls": c} for s, n, c in found[:5]]}
+
+
+def profile_actor(emb, pages, bs):
     """GPU time by kernel class over 3 batches, the host gap, and vision vs language model."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -206,18 +262,17 @@ def profile_actor(emb, pages, bs, cudnn):
         return module.register_forward_pre_hook(pre), module.register_forward_hook(post)
 
     handles = [*hooks(visual, "vision"), *hooks(text, "language_model")] if DEV == "cuda" else []
-    with cudnn_first(cudnn):
-        emb(tables[0])
+    emb(tables[0])
+    sync()
+    for v in events.values():
+        v.clear()
+    busy0 = emb.timer.busy_s
+    with profile(activities=[ProfilerActivity.CUDA if DEV == "cuda" else ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        for tb in tables:
+            emb(tb)
         sync()
-        for v in events.values():
-            v.clear()
-        busy0 = emb.timer.busy_s
-        with profile(activities=[ProfilerActivity.CUDA if DEV == "cuda" else ProfilerActivity.CPU]) as prof:
-            t = time.perf_counter()
-            for tb in tables:
-                emb(tb)
-            sync()
-            wall = time.perf_counter() - t
+        wall = time.perf_counter() - t
     for h in handles:
         h.remove()
     forward = emb.timer.busy_s - busy0
@@ -285,7 +340,10 @@ def main():
     ap.add_argument("--fid-pages", type=int, default=2000)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--variants", default="compiled,compiled_inflight2,compiled_oldhost,compiled_flash,eager,fp8",
-                    help="compiled first: the others are compared with it")
+                    help="compiled first: the others are compared with it. *_cudnn / *_flash: compiled "
+                         "under that SDPA preference (Dynamo reset, caches off); *_oldhost: commit "
+                         "6a80843's host changes undone, e66a721's (pinned staging, non-blocking "
+                         "copies, index_select gather, pinned copy back) kept")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, few pages: checks the script runs")
     ap.add_argument("--peak-tflops", type=float, default=770.0, help="measured bf16 matmul peak (FACTS.md)")
     args = ap.parse_args()
@@ -330,35 +388,39 @@ def main():
         # "compiled_oldhost" ran the same code as "compiled": RESULTS.md says so.)
         host = contextlib.ExitStack()
         host.enter_context(old_host_path(name.endswith("_oldhost")))
+        # *_cudnn / *_flash: the SDPA preference holds for the whole variant, from before the
+        # model is built and compiled to its last call (see cudnn_first).
+        host.enter_context(cudnn_first(cudnn))
         try:
             emb = PageEmbedder(model_dir, device=DEV, compile_model=name != "eager" and not args.smoke,
                                precision=precision, batches_in_flight=2 if "inflight2" in name else 1)
             load_s = time.perf_counter() - t
-            with cudnn_first(cudnn):
-                t = time.perf_counter()
-                emb(rows_table(pages[: args.batch_size]))
-                sync()
-                first = time.perf_counter() - t
+            t = time.perf_counter()
+            emb(rows_table(pages[: args.batch_size]))
+            sync()
+            first = time.perf_counter() - t
             if flops_page is None:
                 seq = n_patches // 4 + len(emb.lm.image_prefix_ids) + len(emb.lm.image_suffix_ids)
                 flops_page = page_flops(emb.lm.model.config, n_patches, seq)
                 res["tflop_per_page"] = round(flops_page / 1e12, 3)
-            sec, busy, mem = timed_rate(emb, pages[: args.pages], args.batch_size, cudnn)
+            sec, busy, mem = timed_rate(emb, pages[: args.pages], args.batch_size)
             pps = args.batch_size / sec
             variants[name] = {"pages_per_s": round(pps, 2), "s_per_batch": round(sec, 4),
                               "chip_fraction_bf16_peak": round(pps * flops_page / 1e12 / args.peak_tflops, 3),
                               "forward_busy_fraction": round(busy, 3), "peak_gib": round(mem, 1),
-                              "load_s": round(load_s, 1), "first_batch_s": round(first, 1)}
+                              "load_s": round(load_s, 1), "first_batch_s": round(first, 1),
+                              "sdpa_first": cudnn or None,
+                              "attention_kernel": attention_kernel(emb, rows_table(pages[: args.batch_size]))}
             print(name, variants[name], flush=True)
             if name in ("compiled", "fp8"):
-                res[f"profile_{name}"] = profile_actor(emb, pages, args.batch_size, cudnn)
+                res[f"profile_{name}"] = profile_actor(emb, pages, args.batch_size)
                 print(name, "profile", json.dumps({k: v for k, v in res[f"profile_{name}"].items() if k != "top_kernels"}),
                       flush=True)
             # the full fidelity set for bf16 and fp8; the other variants only need the
             # rounding check, on the timed pages
             n_fid = args.fid_pages if name in ("compiled", "fp8") else args.pages
             t = time.perf_counter()
-            vectors[name] = embed_all(emb, pages[:n_fid], args.batch_size, cudnn)
+            vectors[name] = embed_all(emb, pages[:n_fid], args.batch_size)
             sync()
             variants[name]["long_run"] = {"pages": n_fid, "s": round(time.perf_counter() - t, 2),
                                           "pages_per_s": round(n_fid / (time.perf_counter() - t), 2)}

@@ -9,8 +9,12 @@ Questions, all answered in one run on the same GPU and the same pages:
 2. the whole job (read -> render -> embed -> Parquet, Ray Data) vs the actor alone: pages
    over the whole job's wall time (Ray start, model load and compilation included), and
    each actor's rate and GPU-busy fraction from its own counters in the job's summary;
-3. CPU milliseconds per page of rendering + preprocessing, one core;
+3. CPU milliseconds per page of rendering + preprocessing, one core, on image-only pages
+   (see ``letter_pdf``: a picture of text, like a scan; no text objects). Vector-text pages
+   cost far less: ``benchmarks/bench_render.py``, RESULTS.md "CPU cost of rendering";
 with FLOPs per page (torch's FlopCounterMode), the fraction of the chip, peak memory.
+The actor's model load and its first call (compilation inside, for the compiled actor) are
+timed apart, the first call on a batch of the first timed size.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ import torch  # noqa: E402
 
 
 def letter_pdf(n_pages: int, seed: int) -> bytes:
+    """An image-only ("scanned") US-letter PDF: each page is one 1275x1650 picture of lines of
+    digits and a rectangle, drawn with Pillow and saved as PDF, so each page holds one image
+    object and no text. Rendering it decodes and downsamples that image; it is not what a
+    vector-text page costs (bench_render.py measures both kinds)."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
@@ -181,7 +189,7 @@ def main():
             json.dump(res, f, indent=2)
         return
 
-    # 3. CPU cost per page (one core): render + resize to the model grid
+    # 3. CPU cost per page (one core): render + resize to the model grid, image-only pages
     pdf = letter_pdf(8, 0)
     t = time.process_time()
     images = render_pages(pdf, args.tokens)
@@ -225,18 +233,25 @@ def main():
     del lm_plain
     torch.cuda.empty_cache()
 
-    check_tables = [rows_table(pages[:8])]
     reference = None
     for compile_model, sizes in ((False, [16]), (True, [int(x) for x in args.batch_sizes.split(",")])):
+        tag = "_compiled" if compile_model else ""
+        # Model load and the first call timed apart (until 2026-12-03's fourth session one
+        # timer covered both, on an 8-page batch: "first_batch_s" in older JSON).
         t = time.perf_counter()
         emb = PageEmbedder(model_dir, device="cuda", compile_model=compile_model)
-        out = emb(check_tables[0])  # the first call compiles
         torch.cuda.synchronize()
-        res[f"first_batch_s{'_compiled' if compile_model else ''}"] = round(time.perf_counter() - t, 1)
+        res[f"model_load_s{tag}"] = round(time.perf_counter() - t, 1)
+        first_table = rows_table(pages[: sizes[0]])  # a batch of the (first) timed size
+        t = time.perf_counter()
+        out = emb(first_table)  # the first call compiles
+        torch.cuda.synchronize()
+        res[f"first_call_s{tag}"] = round(time.perf_counter() - t, 1)
+        res[f"first_call_pages{tag}"] = first_table.num_rows
         vecs = [np.asarray(x, dtype=np.float32) for x in out.column("embedding").to_pylist()]
         if reference is None:
             reference = vecs
-        else:
+        else:  # the pages both first calls embedded (the same pages, in the same order)
             res["compiled_vs_eager_max_abs_diff"] = float(max(np.abs(a - b).max() for a, b in zip(vecs, reference)))
         for bs in sizes:
             tables = [rows_table(pages[i : i + bs]) for i in range(0, len(pages) - bs + 1, bs)]

@@ -4,7 +4,8 @@ Shape of FACTS.md: 20,000 pages of 600-768 vectors x 1,000 queries of 25 vectors
 In one run, on data resident on the GPU:
   * ours      - pipeline.score.triton_kernel (fused kernel, float16 = the stored values; bf16 too)
                 + in-order float32 sum over query vectors + exact tie-broken top-k;
-  * torch-pm  - plain torch page-major (pipeline.score.maxsim torch path, bf16 similarity matrix);
+  * torch-pm  - plain torch page-major (pipeline.score.maxsim torch path, bf16 operands;
+                float32 similarities since commit df1231c, bf16 similarity blocks before);
   * hf        - transformers ColQwen2Processor.score_retrieval (+ torch.topk on the GPU);
   * lik       - late_interaction_kernels.retrieve (if importable), normalize=False, d_mask.
 Then 1 query (memory bound; compared with the measured copy bandwidth), and scaling over
@@ -240,7 +241,7 @@ def main():
         del packed128
     t_ours = min(rr["median_s"] for rr in RESULTS["rows"] if rr["variant"].startswith("ours fp16"))
 
-    # --- plain torch page-major (bf16 similarity blocks)
+    # --- plain torch page-major (bf16 operands, float32 similarities since df1231c)
     try:
         dense_bf = pack_flat(flat, lengths, device=DEV, dtype=torch.bfloat16, pad_multiple=None)
         Qb = Q.bfloat16()
@@ -249,7 +250,7 @@ def main():
             return topk_desc(maxsim_scores(Qb, dense_bf, backend="torch", block_elements=NQ * 25 * 768 * 128), k)
 
         t, _, (v, i) = bench(torch_pm, reps=3)
-        r = row("torch page-major bf16", t)
+        r = row("torch page-major bf16 operands fp32 sim", t)
         r.update(check("torch-pm", v, i, ref_v, ref_i, ref_scores, n_check))
         del dense_bf
     except Exception as e:  # noqa: BLE001

@@ -3,6 +3,12 @@
 Question: does ``plan_documents`` (listing vs done-set) fit the driver at 1M documents
 (target: at most 2 GB peak RSS and 3 minutes)? Compares the Arrow planner of this tree
 ("after") with the Python-object planner of commit 70b6f7e ("before", optional).
+Caveat on "before": only the names its plan.py imports ``from pipeline.storage import``
+(``list_documents``, ``join_uri``, ...) come from 70b6f7e's storage.py; its calls through
+``storage.`` (``storage.read_columns`` for the done-set) and ``schema`` / ``config`` use this
+tree's code. And the job no longer runs ``plan_documents`` in the driver (since 9b57e73: the
+driver reads the done-set and the top-level folder names; plan tasks list and plan a folder
+each), so "after" is an upper bound for today's driver, not its cost.
 
 Setup (skipped when already there): N one-byte ``.pdf`` files in nested folders
 (``dNNN/sNNNNN/docNNNNNNN.pdf``, 1000 per folder) and an output folder whose

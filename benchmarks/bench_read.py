@@ -5,10 +5,17 @@ files from it (``posix_fadvise(DONTNEED)``, no root needed; "evicted" = read fro
 One synthetic corpus (ColQwen2-shaped: 600-768 vectors x 128 float16 per page, random
 values, which compress about as badly as real embeddings) is written several ways:
 Parquet with the embedding job's settings and variations of them (compression, dictionary,
-row-group and data-page sizes, BYTE_STREAM_SPLIT, non-nullable list items), and the
-page-major raw float16 cache of :mod:`pipeline.score.cache`. Each is read the way the
-scoring job reads (``embedding`` column, all files, flattened to ``(n_vectors, 128)``),
-with pyarrow's ``pre_buffer`` / ``use_threads`` on and off for the job's layout.
+row-group and data-page sizes, BYTE_STREAM_SPLIT, non-nullable list items), and a raw
+page-major float16 file. Each Parquet layout is read the way the scoring job reads
+(``embedding`` column, all files, flattened to ``(n_vectors, 128)``), with pyarrow's
+``pre_buffer`` / ``use_threads`` on and off for the job's layout.
+
+The "cache" row is **not** the pipeline's cache reader: it times one file written here with
+``ndarray.tofile`` and read back with ``readinto`` in 64 MiB pieces on one thread. The
+scoring job's page-major cache is ``_write_cache`` / ``_read_cache`` in
+pipeline/score/corpus.py (a ``.f16`` values file plus an index Parquet with size and
+checksum, read through ``pipeline.storage.read_ranges_into``); the row is the raw read that
+reader is built on, without its index read, checks or threads.
 
     python benchmarks/bench_read.py --pages 6000 --files 4 --dir /tmp/bench_read \
         --out benchmarks/results/bench_read_cpu_2026-12-03.json
@@ -195,7 +202,8 @@ def main() -> None:
             for pb, ut in ((False, True), (True, False), (False, False)):
                 record(f"{name}, pre_buffer={pb}, use_threads={ut}", paths,
                        lambda pb=pb, ut=ut: read_parquet_flat(paths, total, pre_buffer=pb, use_threads=ut))
-            # The page-major cache: the same values, raw, one file (+ offsets, not timed).
+            # A raw page-major float16 file: the same values, one file (+ offsets, not timed);
+            # not the pipeline's cache reader (see the docstring).
             raw = os.path.join(args.dir, "cache.f16")
             flat.tofile(raw)
             record("page-major raw float16 (cache)", [raw], lambda: read_raw_flat(raw, total))

@@ -15,6 +15,12 @@ shard: the part of its load that overlapped the previous shard's work. Also per 
 read+decoded per shard, and the kernel's TFLOP/s over ``score_s`` (2 x query rows x page
 vectors x 128; score_s also holds the top-k and result table).
 
+``same_results_all_runs`` compares the runs of one invocation only. To compare invocations
+(before / after a change, on the same corpus: it is seeded, so the same arguments and torch
+give the same corpus), each run also records ``results_sha256``, a hash of its results sorted
+by (query_id, rank), one line per row: query_id, rank, page_id, score (float32's exact bits);
+see ``results_hash``.
+
 GPU (one H200; about 7 GB of Parquet + 7 GB of cache on local disk, about 2-3 minutes):
     PYTHONPATH=$PWD python3 benchmarks/bench_score_scale.py --dir /tmp/scale --out scale.json
 CPU dry run (float64 scoring, a few hundred pages):
@@ -67,6 +73,7 @@ def run_mode(flow, ScoreConfig, work: str, corpus: str, name: str, r: int, args,
     t0 = time.perf_counter()
     summary = flow.run(cfg)
     wall = time.perf_counter() - t0
+    results_sha256 = results_hash(os.path.join(cfg.output, "results.parquet"))
     shards = shard_rows(summary["shards"], vectors_per_page, args.queries * args.query_vectors)
     out = {"mode": name, "run": r, "wall_s": round(wall, 3),
            **{k: summary.get(k) for k in ("total_s", "scoring_s", "n_shards", "shard_size_pages", "num_actors",
@@ -74,8 +81,26 @@ def run_mode(flow, ScoreConfig, work: str, corpus: str, name: str, r: int, args,
            "shards": shards,
            "hidden_load_s": round(sum(s["hidden_load_s"] for s in shards), 3),
            "wait_s": round(sum(s["wait_s"] for s in shards), 3),
-           "sources": sorted({s["source"] for s in shards})}
+           "sources": sorted({s["source"] for s in shards}),
+           "results_sha256": results_sha256}
     return out
+
+
+def results_hash(path: str) -> str:
+    """sha256 of a results table's (query_id, rank, page_id, score) rows sorted by
+    (query_id, rank); the score as the hex of its float32 bits, so equal hashes mean equal
+    ids, ranks and scores bit for bit."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path, columns=["query_id", "rank", "page_id", "score"]).to_pydict()
+    scores = np.asarray(t["score"], dtype=np.float32).view(np.uint32)
+    rows = sorted(zip(t["query_id"], t["rank"], t["page_id"], (f"{int(b):08x}" for b in scores)))
+    h = hashlib.sha256()
+    for q, rank, page, score in rows:
+        h.update(f"{q}\t{rank}\t{page}\t{score}\n".encode())
+    return h.hexdigest()
 
 
 def check_same_results(work: str, names: list[str]) -> bool:
@@ -146,7 +171,9 @@ def main() -> None:
             for s in row["shards"]:
                 print("   ", json.dumps(s), flush=True)
         result["runs"] = runs
+        # within this invocation only; compare results_sha256 across invocations
         result["same_results_all_runs"] = check_same_results(work, [f"out_{r['mode']}{r['run']}" for r in runs])
+        result["results_sha256"] = sorted({r["results_sha256"] for r in runs})
         cache_dir = os.path.join(corpus, "_cache")
         if os.path.isdir(cache_dir):
             result["cache_bytes"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache_dir) for f in fs)
