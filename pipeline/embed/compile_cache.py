@@ -17,6 +17,7 @@ that new nodes read first. Writes are whole-object (:func:`pipeline.storage.writ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -94,8 +95,12 @@ def save(key: str, shared_uri: str | None = None, endpoint_url: str | None = Non
     """Write this process's compiled artefacts to this node's cache and the shared one.
     Returns the bytes written per location (0 when there was nothing to save)."""
     t = time.perf_counter()
+    # Dynamo records new artefacts under its compile lock; serializing takes and clears that
+    # list, so with two batches in flight (another thread may be compiling) it is taken too.
+    lock = getattr(getattr(torch._dynamo, "convert_frame", None), "compile_lock", None)
     try:
-        saved = torch.compiler.save_cache_artifacts()
+        with lock if lock is not None else contextlib.nullcontext():
+            saved = torch.compiler.save_cache_artifacts()
     except Exception as exc:  # noqa: BLE001
         log.warning("compile cache not saved (%s)", type(exc).__name__)
         return 0

@@ -545,7 +545,7 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
             dev = out.reshape(batch * length, -1).index_select(0, index.pin_memory().to(out.device, non_blocking=True))
             flat = torch.empty(dev.shape, dtype=out_dtype, pin_memory=True)
             flat.copy_(dev.to(out_dtype), non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(blocking=True)  # waiting on it sleeps instead of spinning a core
             done.record()
             return PendingEmbeddings(flat, lengths, done, events, timer)
         with timer.measure() if timer is not None else contextlib.nullcontext():

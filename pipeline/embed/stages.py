@@ -197,6 +197,7 @@ class PageEmbedder:
                                   compile_cache, endpoint_url)
             self.compile_cache_from = cc.load(*self.compile_cache)
             self._graphs_saved = -1
+            self._saving = False
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
@@ -230,9 +231,9 @@ class PageEmbedder:
                          if self.compile_cache is not None else "") + ")",
                       file=sys.stderr, flush=True)
             self.pages += len(images)
-            if self.compile_cache is not None and images:
-                self._save_compiled()
             first_batch = self.first_batch
+        if self.compile_cache is not None and images:
+            self._save_compiled()
         all_vectors: list = [np.zeros((0, schema.EMBEDDING_DIM), np.float16)] * batch.num_rows
         n_vectors: list = [None] * batch.num_rows
         for i, v in zip(page_idx, vectors):
@@ -254,10 +255,16 @@ class PageEmbedder:
 
         from pipeline.embed import compile_cache as cc
 
-        graphs = int(dynamo_counters["stats"]["unique_graphs"])
-        if graphs != self._graphs_saved:
-            self._graphs_saved = graphs
-            cc.save(*self.compile_cache)
+        with self._state_lock:  # one thread saves a given set of graphs
+            graphs = int(dynamo_counters["stats"]["unique_graphs"])
+            if graphs == self._graphs_saved or self._saving:
+                return
+            self._saving = True
+        try:
+            if cc.save(*self.compile_cache) > 0:
+                self._graphs_saved = graphs  # a failed save is tried again after the next batch
+        finally:
+            self._saving = False
 
 
 shard_name = schema.shard_name  # the file-name rule lives with the other names

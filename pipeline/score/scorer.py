@@ -32,6 +32,8 @@ from pipeline.score.merge import QUERY_INDEX
 
 log = logging.getLogger(__name__)
 
+WARM_UP_TIMEOUT_S = 300  # a hung compile must not hold the first shard forever
+
 
 def score_batch(Q: torch.Tensor, pages: PackedPages, backend: str = "auto") -> torch.Tensor:
     """``(n_queries, n_pages)`` float32 MaxSim: the fused Triton kernel where it can run
@@ -192,7 +194,10 @@ class ShardScorer:
         warm_wait = 0.0
         if self._warm is not None:  # first shard: the warm-up ran while it loaded
             t1 = time.perf_counter()
-            self._warm.join()
+            self._warm.join(timeout=WARM_UP_TIMEOUT_S)
+            if self._warm.is_alive():
+                log.warning("scoring warm-up still running after %d s; scoring without waiting for it",
+                            WARM_UP_TIMEOUT_S)
             self._warm, warm_wait = None, time.perf_counter() - t1
         t1 = time.perf_counter()
         packed, meta, dropped = pack_loaded(loaded, self.device, self.backend)
