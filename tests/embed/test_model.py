@@ -280,3 +280,9 @@ def test_two_batches_in_flight_is_refused_unless_one_or_two():
 
     with pytest.raises(ValueError, match="--batches-in-flight must be 1 or 2"):
         EmbedConfig(input="in", output="out", batches_in_flight=3)
+
+
+def test_load_model_reports_where_its_time_went(lm):
+    """Each step of the load is timed (the actor prints them with its first batch)."""
+    assert list(lm.load_phases) == ["import", "fetch", "from_pretrained", "to_device", "processor", "setup"]
+    assert all(v >= 0 for v in lm.load_phases.values()) and lm.load_phases["from_pretrained"] > 0
