@@ -39,8 +39,22 @@ def local_dir() -> str:
     return os.environ.get(LOCAL_ENV) or os.path.join(tempfile.gettempdir(), "vdr-compile-cache")
 
 
+# Config entries that say where a checkpoint was loaded from, not what it computes: a model
+# copied to another folder (each job's fetch of an s3:// model, a benchmark's temporary
+# directory) compiles to the same code. Keyed on them, every such copy compiled cold (measured
+# on an H200, 2026-12-03: "compile cache cold" in a second job on the same node).
+_LOCATION_KEYS = frozenset({"_name_or_path", "name_or_path", "_commit_hash"})
+
+
+def architecture(config: dict) -> dict:
+    """``config`` without the entries that name the checkpoint's location (nested configs too)."""
+    return {k: architecture(v) if isinstance(v, dict) else v
+            for k, v in config.items() if k not in _LOCATION_KEYS}
+
+
 def cache_key(model_config: dict, dtype: str, device: str) -> str:
-    """A name for the compiled artefacts of one model on one kind of device."""
+    """A name for the compiled artefacts of one model on one kind of device. The same
+    architecture loaded from two places gets the same name (:func:`architecture`)."""
     if device.startswith("cuda") and torch.cuda.is_available():
         index = torch.device(device).index or 0
         hw = f"{torch.cuda.get_device_name(index)} sm{''.join(map(str, torch.cuda.get_device_capability(index)))}"
@@ -54,7 +68,7 @@ def cache_key(model_config: dict, dtype: str, device: str) -> str:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    parts = {"config": model_config, "dtype": dtype, "hw": hw, "torch": torch.__version__,
+    parts = {"config": architecture(model_config), "dtype": dtype, "hw": hw, "torch": torch.__version__,
              "triton": triton_version, "scheme": SCHEME}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return f"compile-{digest}.bin"

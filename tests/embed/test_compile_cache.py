@@ -68,3 +68,25 @@ def test_a_damaged_cache_means_a_cold_compile_not_a_failure(tmp_path, monkeypatc
     (tmp_path / "shared" / "compile-x.bin").write_bytes(b"not a cache")
     assert compile_cache.load("compile-x.bin", str(tmp_path / "shared")) is None
     assert compile_cache.load("compile-missing.bin", str(tmp_path / "shared")) is None
+
+
+def test_the_same_model_in_another_folder_has_the_same_cache_key(tiny_model, tmp_path):
+    """A checkpoint copied elsewhere (a fetched s3:// model, another job's temporary folder)
+    compiles to the same code, so it must find the artefacts the first copy saved; a model
+    with another architecture must not."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    from pipeline.embed.compile_cache import cache_key
+
+    copy = tmp_path / "copy-of-model"
+    shutil.copytree(tiny_model, copy)
+    a = AutoConfig.from_pretrained(tiny_model).to_dict()
+    b = AutoConfig.from_pretrained(str(copy)).to_dict()
+    assert a.get("_name_or_path") != b.get("_name_or_path")  # the configs do name their folders
+    assert cache_key(a, "float32", "cpu") == cache_key(b, "float32", "cpu")
+    other = json.loads(json.dumps(b))
+    other["vlm_config"]["text_config"]["num_hidden_layers"] += 1
+    assert cache_key(other, "float32", "cpu") != cache_key(a, "float32", "cpu")
+    assert cache_key(a, "bfloat16", "cpu") != cache_key(a, "float32", "cpu")
