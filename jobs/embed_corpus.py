@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pool-factor", type=int, help="hierarchical token pooling (colpali-engine's, on the actor's device): about 1/N of each page's vectors, storage and scoring cost; N=3 kept ~97.8%% of retrieval quality in the ColPali paper (default: 1 = off; queries are never pooled)")
     a = p.add_argument_group("GPU actor pool")
     a.add_argument("--batch-size", type=int, help="pages per model call (default: 16)")
-    a.add_argument("--batches-in-flight", type=int, choices=[1, 2], help="2: each actor prepares the next batch on the host while the GPU runs this one (two threads; not yet timed on a GPU, see benchmarks/RESULTS.md) (default: 1)")
+    a.add_argument("--batches-in-flight", type=int, choices=[1, 2], help="2: each actor prepares the next batch on the host while the GPU runs this one (two threads): GPU busy 99%% against 92%% at 1 in the 3,000-page job on an H200 (benchmarks/RESULTS.md) (default: 2 on GPUs, 1 on CPUs)")
     a.add_argument("--min-actors", type=int, help="actors kept alive (default: one per GPU present at start, else 1)")
     a.add_argument("--max-actors", type=int, help="upper bound of the autoscaling pool (default: one per GPU)")
     a.add_argument("--device", choices=["auto", "cuda", "cpu"],

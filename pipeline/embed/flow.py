@@ -21,7 +21,7 @@ from ray.data import ActorPoolStrategy
 
 from pipeline import __version__, schema, storage
 from pipeline.cluster import choose_device, max_gpu_actors, read_capacity
-from pipeline.config import EmbedConfig
+from pipeline.config import EmbedConfig, resolve_batches_in_flight
 from pipeline.embed import counters, plan, preflight as preflight_report
 from pipeline.embed.rasterize import RenderSpec
 from pipeline.embed.stages import PageEmbedder, render_documents, write_shard
@@ -277,6 +277,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
                       max_longest_side_px=cfg.max_longest_side_px, max_image_pixels=cfg.max_image_pixels,
                       max_pages_per_doc=cfg.max_pages_per_doc)
     gpus_per_actor, min_actors, max_actors, device, why = resolve_resources(cfg)
+    in_flight = resolve_batches_in_flight(cfg.batches_in_flight, device)
     metadata = output_metadata(cfg, device)
     # Before any work: the output's settings against this run's (refused, or a new generation).
     output_uri = cfg.output
@@ -358,12 +359,12 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
                                    "endpoint_url": cfg.endpoint_url,
                                    "compile_model": cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda"),
                                    "pool_factor": cfg.pool_factor, "compile_cache": cfg.compile_cache,
-                                   "precision": cfg.precision, "batches_in_flight": cfg.batches_in_flight},
+                                   "precision": cfg.precision, "batches_in_flight": in_flight},
             # --batches-in-flight 2: two calls run at once in each actor, on two threads
             # (PageEmbedder queues their device work one at a time).
             compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors,
-                                      max_concurrent_calls_per_actor=cfg.batches_in_flight,
-                                      enable_true_multi_threading=cfg.batches_in_flight > 1),
+                                      max_concurrent_calls_per_actor=in_flight,
+                                      enable_true_multi_threading=in_flight > 1),
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
             num_gpus=gpus_per_actor,
@@ -408,7 +409,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
         "max_visual_tokens": cfg.max_visual_tokens,
         "pool_factor": cfg.pool_factor,
         "precision": cfg.precision,
-        "batches_in_flight": cfg.batches_in_flight,
+        "batches_in_flight": in_flight,
         "device": device,
         "device_reason": why,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
