@@ -180,7 +180,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "host": platform.node(), "cpus": os.cpu_count(),
         "pages": args.pages, "files": args.files, "vectors": n_vectors, "queries": args.queries,
         "query_vectors": args.query_vectors, "cache": args.cache, "prefetch": not args.no_prefetch,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
         "code": os.path.dirname(os.path.abspath(flow.__file__)),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "runs": runs,

@@ -139,7 +139,7 @@ def main() -> None:
               "pages": args.pages, "files": args.files, "shard_size_pages": args.shard_size_pages,
               "queries": args.queries, "query_vectors": args.query_vectors, "top_k": args.top_k,
               "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+              "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()}
     t0 = time.perf_counter()
     if not os.path.isdir(os.path.join(corpus, "pages")):

@@ -17,6 +17,10 @@
 #   job_2       the same with --batches-in-flight 2                              200 s [~100 s]
 #   job_1b      job_1 again, with caches as warm as job_2 had them               200 s [~100 s]
 # ACTOR_VARIANTS overrides the actor step's variants.
+# Each job step also builds the real-size model (12-17 s) and writes its corpus first, and a
+# fresh machine's first Python imports are slow: job_1 needed ~200 s on one (2026-12-03).
+# Do not wrap this script in a shorter `timeout`: that stops bash but not the running step,
+# whose Ray then shares the machine with the next command.
 set -u
 : "${OUT:?set OUT to an existing folder}"
 PY="${PYTHON:-python3}"
@@ -47,11 +51,11 @@ fi
 step actor 300 "$PY" benchmarks/bench_actor.py --pages 256 --fid-pages 256 --queries 50 \
   --variants "${ACTOR_VARIANTS:-compiled,compiled_inflight2,compiled_oldhost}" --out "$OUT/actor.json"
 step warm_start 180 "$PY" benchmarks/bench_warm_start.py --out "$OUT/warm_start.json"
-step job_1 200 env BENCH_JOB_EXTRA="--batches-in-flight 1" "$PY" benchmarks/bench_embed.py --job-only \
+step job_1 260 env BENCH_JOB_EXTRA="--batches-in-flight 1" "$PY" benchmarks/bench_embed.py --job-only \
   --job-pages 3000 --out "$OUT/job_inflight1.json"
-step job_2 200 env BENCH_JOB_EXTRA="--batches-in-flight 2" "$PY" benchmarks/bench_embed.py --job-only \
+step job_2 260 env BENCH_JOB_EXTRA="--batches-in-flight 2" "$PY" benchmarks/bench_embed.py --job-only \
   --job-pages 3000 --out "$OUT/job_inflight2.json"
 # job_1 again, after job_2: the compile caches are then as warm for it as they were for job_2
-step job_1b 200 env BENCH_JOB_EXTRA="--batches-in-flight 1" "$PY" benchmarks/bench_embed.py --job-only \
+step job_1b 260 env BENCH_JOB_EXTRA="--batches-in-flight 1" "$PY" benchmarks/bench_embed.py --job-only \
   --job-pages 3000 --out "$OUT/job_inflight1b.json"
 echo "done in $(( $(date +%s) - T0 ))s" | tee -a "$OUT/session_embed.log"

@@ -14,10 +14,13 @@
 #   3. bench_score_scale.py (40k, 8 shards) 160 s [~120 s: generation ~15 s, 3 job runs]
 #   4. bench_score_job.py 20k x 1,000, 2 runs     70 s  [~55 s]
 #   5. the same with --cache (same corpus)        65 s  [~50 s]
+#   5b. the same, pinned memory through cudaHostRegister  65 s  [~40 s]
 #   6. bench_read.py, 5,000 pages (one shard)     35 s  [~25 s]
 #   total of timeouts 525 s (8.75 min); expected ~400 s.
 # Scratch data goes to $SCRATCH (default /tmp/gpu_scoring; ~7 GB Parquet + ~7 GB cache for
 # step 3, deleted after it; ~3.5 GB + cache for steps 4-5), never under $OUT.
+# Do not wrap this script in a shorter `timeout`: that stops bash but not the running step,
+# whose Ray then shares the machine with the next command (2026-12-03, fifth session).
 set -u
 : "${OUT:?set OUT to an existing folder}"
 SCRATCH="${SCRATCH:-/tmp/gpu_scoring}"
@@ -61,6 +64,12 @@ rm -rf "$SCRATCH/scale"
 step score_job 70 "$PY" benchmarks/bench_score_job.py "${JOB[@]}" --gen pool --dir "$SCRATCH/job" --out "$OUT/score_job.json"
 step score_job_cache 65 "$PY" benchmarks/bench_score_job.py "${JOB[@]}" --gen pool --cache --dir "$SCRATCH/job" \
   --out "$OUT/score_job_cache.json"
+# The same cache read with torch's pinned host memory from malloc + cudaHostRegister on 8
+# threads instead of one cudaHostAlloc: the 3.5 GB shard's pinned buffer took 2.0-2.4 s to
+# allocate on the H200 host (2026-12-03, fifth session; summary field host_alloc_s)
+step score_job_cache_hostreg 65 env PYTORCH_CUDA_ALLOC_CONF=pinned_use_cuda_host_register:True,pinned_num_register_threads:8 \
+  "$PY" benchmarks/bench_score_job.py "${JOB[@]}" --gen pool --cache --dir "$SCRATCH/job" \
+  --out "$OUT/score_job_cache_hostreg.json"
 rm -rf "$SCRATCH/job"
 step read 35 "$PY" benchmarks/bench_read.py "${RD[@]}" --reps 1 --only "job default" --dir "$SCRATCH/read" --out "$OUT/read.json"
 rm -rf "$SCRATCH"
