@@ -78,10 +78,11 @@ def _cluster_defaults(cfg: ScoreConfig) -> tuple[int, float, str]:
     return n, gpus_per_actor, f"{device}: " + (why if cap.source in why else f"{why} [{cap.source}]")
 
 
-# decode_s holds parquet_decode_s (Arrow), host_alloc_s (the page-locked buffer) and gather_s
-# (pages into it in page_id order); a cache read's read_s holds its host_alloc_s
-SHARD_PHASES = ("read_s", "decode_s", "parquet_decode_s", "host_alloc_s", "gather_s", "cache_write_s", "wait_s",
-                "pack_s", "score_s", "total_s")
+# decode_s holds parquet_decode_s (Arrow), host_alloc_wait_s (what was left of allocating the
+# page-locked buffer, host_alloc_s, which runs beside the read and decode) and gather_s (pages
+# into it in page_id order); a cache read's read_s holds its host_alloc_s
+SHARD_PHASES = ("read_s", "decode_s", "parquet_decode_s", "host_alloc_s", "host_alloc_wait_s", "gather_s",
+                "cache_write_s", "wait_s", "pack_s", "score_s", "total_s")
 
 
 def _shard_phases(shard_stats: list[dict]) -> dict:

@@ -243,7 +243,7 @@ class ShardScorer:
         stats = {"shard_id": spec.shard_id, "pages": spec.n_pages - dropped, "dropped_empty_pages": dropped,
                  "read_s": load_stats["read_s"], "decode_s": load_stats["decode_s"],
                  "cache_write_s": load_stats.get("cache_write_s", 0.0), "source": load_stats["source"],
-                 **{k: load_stats.get(k, 0.0) for k in ("parquet_decode_s", "host_alloc_s", "gather_s")},
+                 **{k: load_stats.get(k, 0.0) for k in ("parquet_decode_s", "host_alloc_s", "host_alloc_wait_s", "gather_s")},
                  "bytes_read": load_stats["bytes_read"], "prefetched": prefetched, "wait_s": t_wait,
                  "pack_s": t_pack, "score_s": t_score, "load_s": t_wait + t_pack,
                  "total_s": time.perf_counter() - t0, "device": str(self.device), "precision": self.precision,

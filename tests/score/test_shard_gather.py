@@ -33,3 +33,30 @@ def test_gather_from_chunks_equals_page_by_page_copy(monkeypatch, threads):
 def test_gather_of_no_pages_writes_nothing():
     out = np.zeros((0, corpus.EMBEDDING_DIM), np.float16)
     corpus._gather_pages([], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), out)
+
+
+def _shard(tmp_path):
+    from pipeline.devtools.synthetic import random_pages, write_corpus
+
+    pages = random_pages(23, np.random.default_rng(5), max_len=30)
+    uri = write_corpus(tmp_path / "emb", pages, n_files=3)
+    c = corpus.open_corpus(uri)
+    spec = corpus.plan_shards(c, corpus.read_vector_counts(c), 1000)[0]
+    return pages, uri, spec
+
+
+def test_a_loaded_shard_holds_every_page_in_page_id_order(tmp_path):
+    """Three files, pages in page_id order: the vectors of each page where the index says,
+    and the stats that the job's summary sums (the host buffer allocated beside the read)."""
+    import dataclasses
+
+    pages, uri, spec = _shard(tmp_path)
+    expected = sorted(pages, key=lambda p: p[2])
+    for plan in (spec, dataclasses.replace(spec, n_vectors=spec.n_vectors + 7)):  # a count that is off: allocated again
+        shard = corpus.load_shard(plan, uri)
+        assert shard.meta.column("page_id").to_pylist() == [p[2] for p in expected]
+        assert shard.lengths.tolist() == [len(p[3]) for p in expected]
+        np.testing.assert_array_equal(shard.flat, np.concatenate([p[3] for p in expected]))
+        assert len(shard.flat) == spec.n_vectors
+        for k in ("read_s", "decode_s", "parquet_decode_s", "host_alloc_s", "host_alloc_wait_s", "gather_s"):
+            assert shard.stats[k] >= 0, k
