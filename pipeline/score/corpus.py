@@ -679,16 +679,14 @@ def _read_parquet_shard(spec: ShardSpec, corpus_uri: str, endpoint_url: str | No
     del pieces
     table = table.cast(pa.schema([pa.field(c, schema.PAGES_SCHEMA.field(c).type) for c in columns]))
     emb = table.column(schema.EMBEDDING)
-    lengths = np.concatenate([np.diff(c.offsets.to_numpy()) for c in emb.chunks] or [np.zeros(0)]).astype(np.int64)
+    offsets = [c.offsets.to_numpy().astype(np.int64) for c in emb.chunks]
+    lengths = np.concatenate([np.diff(o) for o in offsets] or [np.zeros(0, np.int64)])
     flat_parts = [c.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, EMBEDDING_DIM) for c in emb.chunks]
-    # each page's chunk, and where its vectors start within that chunk
+    # each page's chunk, and where its vectors start within that chunk (flatten() of a sliced
+    # chunk starts at its first offset). Straight from each chunk's own offsets: a chunk may be
+    # empty, the last one too (a part of no rows), and have no first page to look up.
     part_of = np.repeat(np.arange(len(emb.chunks), dtype=np.int64), [len(c) for c in emb.chunks])
-    src_start = np.zeros(len(lengths), np.int64)
-    np.cumsum(lengths[:-1], out=src_start[1:]) if len(lengths) else None
-    chunk_first = np.zeros(len(emb.chunks) + 1, np.int64)
-    np.cumsum([len(c) for c in emb.chunks], out=chunk_first[1:])
-    if len(lengths):
-        src_start -= src_start[chunk_first[:-1]][part_of]
+    src_start = np.concatenate([o[:-1] - o[0] for o in offsets if len(o)] or [np.zeros(0, np.int64)])
     order = pc.sort_indices(table, sort_keys=[(schema.PAGE_ID, "ascending")]).to_numpy()
     meta = table.select([schema.PAGE_ID, schema.DOC_ID, schema.PAGE_NUMBER]).take(order)
     del table, emb

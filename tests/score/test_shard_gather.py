@@ -60,3 +60,46 @@ def test_a_loaded_shard_holds_every_page_in_page_id_order(tmp_path):
         assert len(shard.flat) == spec.n_vectors
         for k in ("read_s", "decode_s", "parquet_decode_s", "host_alloc_s", "host_alloc_wait_s", "gather_s"):
             assert shard.stats[k] >= 0, k
+
+
+def test_a_shard_whose_last_part_has_no_rows_loads(tmp_path):
+    """A part of no rows after the others (a hand-built plan, an empty file listed last) decodes
+    to a table whose last chunk is empty: each page's start within its chunk must not be looked
+    up at that chunk's first page (there is none)."""
+    pages, uri, _ = _shard(tmp_path)
+    c = corpus.open_corpus(uri)
+    counts = corpus.read_vector_counts(c)
+    f0, f1 = c.files[0], c.files[1]
+    spec = corpus.ShardSpec(0, ((f0.path, 1, f0.num_rows), (f1.path, 0, 0)), f0.num_rows - 1, int(counts[0][1:].sum()))
+    shard = corpus.load_shard(spec, uri)
+    expected = sorted(_file_rows(f0.path)[1:], key=lambda p: p[0])
+    assert shard.meta.column("page_id").to_pylist() == [p[0] for p in expected]
+    np.testing.assert_array_equal(shard.flat, np.concatenate([p[1] for p in expected]))
+
+
+def _file_rows(path):
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path, columns=["page_id", "embedding"])
+    return [(pid, e.values.flatten().to_numpy(zero_copy_only=False).reshape(-1, corpus.EMBEDDING_DIM))
+            for pid, e in zip(t.column("page_id").to_pylist(), t.column("embedding"))]
+
+
+@pytest.mark.parametrize("pages_per_shard", [3, 7, 19])
+def test_shards_cut_inside_row_groups_hold_their_own_pages(tmp_path, pages_per_shard):
+    """Shards that start and stop inside row groups (4 rows each here) and files: each decoded
+    chunk is a slice, whose flattened values start at its first offset; empty pages included."""
+    from pipeline.devtools.synthetic import random_pages, write_corpus
+
+    pages = random_pages(41, np.random.default_rng(7), min_len=0, max_len=20)
+    uri = write_corpus(tmp_path / "emb", pages, n_files=3)
+    by_id = {p[2]: p[3] for p in pages}
+    c = corpus.open_corpus(uri)
+    seen = []
+    for spec in corpus.plan_shards(c, corpus.read_vector_counts(c), pages_per_shard):
+        shard = corpus.load_shard(spec, uri)
+        ids = shard.meta.column("page_id").to_pylist()
+        assert ids == sorted(ids) and shard.lengths.tolist() == [len(by_id[i]) for i in ids]
+        np.testing.assert_array_equal(shard.flat, np.concatenate([by_id[i] for i in ids]).reshape(-1, corpus.EMBEDDING_DIM))
+        seen += ids
+    assert sorted(seen) == sorted(by_id)
