@@ -52,9 +52,13 @@ def architecture(config: dict) -> dict:
             for k, v in config.items() if k not in _LOCATION_KEYS}
 
 
-def cache_key(model_config: dict, dtype: str, device: str) -> str:
+def cache_key(model_config: dict, dtype: str, device: str, attn_implementation: str | None = None) -> str:
     """A name for the compiled artefacts of one model on one kind of device. The same
-    architecture loaded from two places gets the same name (:func:`architecture`)."""
+    architecture loaded from two places gets the same name (:func:`architecture`).
+    ``attn_implementation`` (the loaded model's ``config._attn_implementation``: sdpa, eager,
+    flash_attention_2) is part of it: ``config.to_dict()`` leaves it out, yet each compiles
+    to other code, so runs with another --attn-implementation would load, then overwrite,
+    each other's artefacts and compile cold every time."""
     if device.startswith("cuda") and torch.cuda.is_available():
         index = torch.device(device).index or 0
         hw = f"{torch.cuda.get_device_name(index)} sm{''.join(map(str, torch.cuda.get_device_capability(index)))}"
@@ -69,7 +73,7 @@ def cache_key(model_config: dict, dtype: str, device: str) -> str:
     except ImportError:
         triton_version = None
     parts = {"config": architecture(model_config), "dtype": dtype, "hw": hw, "torch": torch.__version__,
-             "triton": triton_version, "scheme": SCHEME}
+             "triton": triton_version, "scheme": SCHEME, "attn": attn_implementation}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return f"compile-{digest}.bin"
 

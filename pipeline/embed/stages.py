@@ -193,7 +193,8 @@ class PageEmbedder:
             from pipeline.embed import compile_cache as cc
 
             self.compile_cache = (cc.cache_key(self.lm.model.config.to_dict(),
-                                                 self.dtype if precision == "default" else f"{self.dtype}+{precision}", device),
+                                                 self.dtype if precision == "default" else f"{self.dtype}+{precision}", device,
+                                                 getattr(self.lm.model.config, "_attn_implementation", None)),
                                   compile_cache, endpoint_url)
             self.compile_cache_from = cc.load(*self.compile_cache)
             self._graphs_saved = -1

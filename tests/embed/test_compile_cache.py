@@ -90,3 +90,15 @@ def test_the_same_model_in_another_folder_has_the_same_cache_key(tiny_model, tmp
     other["vlm_config"]["text_config"]["num_hidden_layers"] += 1
     assert cache_key(other, "float32", "cpu") != cache_key(a, "float32", "cpu")
     assert cache_key(a, "bfloat16", "cpu") != cache_key(a, "float32", "cpu")
+
+
+def test_another_attention_implementation_has_another_cache_key(tiny_model, tmp_path, monkeypatch):
+    """config.to_dict() leaves the attention implementation out, yet sdpa and eager compile to
+    other code: with one key, runs that differ in --attn-implementation would load each other's
+    artefacts for nothing (a cold compile, logged as a warm one) and overwrite them."""
+    from pipeline.embed.stages import PageEmbedder
+
+    monkeypatch.setenv("VDR_COMPILE_CACHE", str(tmp_path / "local"))
+    keys = {attn: PageEmbedder(tiny_model, device="cpu", compile_model=True, attn_implementation=attn).compile_cache[0]
+            for attn in ("sdpa", "eager")}
+    assert keys["sdpa"] != keys["eager"]
