@@ -605,7 +605,8 @@ def _gather_pages(parts: list[np.ndarray], part_of: np.ndarray, starts: np.ndarr
     copies of runs of pages that are consecutive in their chunk too (a sorted file is one run:
     ``np.take`` over row indices moved 0.2 GB/s on this project's CPU machine), cut into
     64 MiB pieces that up to ``threads`` threads copy at once (numpy releases the GIL for
-    large copies; one thread moved ~4 GB/s on the H200 host, for a shard of 3.5 GB)."""
+    large copies). Threads: by default Arrow's CPU count, which the scorer sets to the node's
+    cores on GPU actors and to --cpus-per-actor's on CPU actors, at most 8."""
     n = len(lengths)
     if n == 0:
         return
@@ -626,7 +627,7 @@ def _gather_pages(parts: list[np.ndarray], part_of: np.ndarray, starts: np.ndarr
         src, p0, p1, d = piece
         out[d : d + p1 - p0] = src[p0:p1]
 
-    workers = max(1, min(threads or storage.READ_THREADS, os.cpu_count() or 1, len(pieces)))
+    workers = max(1, min(threads or min(pa.cpu_count(), storage.READ_THREADS), len(pieces)))
     if workers == 1:
         for piece in pieces:
             copy(piece)
@@ -644,8 +645,9 @@ def _read_parquet_shard(spec: ShardSpec, corpus_uri: str, endpoint_url: str | No
     footers = footers if footers is not None else {}
     t0 = time.perf_counter()
     # The host buffer the pages end in is allocated on a thread while the shard is read and
-    # decoded: page-locking 3.5 GB took 2.0-2.4 s on the H200 host (one cudaHostAlloc, which
-    # releases the GIL), as long as reading and decoding the shard's Parquet together.
+    # decoded: allocating 3.5 GB of page-locked memory took 2.0-2.4 s on the H200 host (in a run
+    # beside another job; RESULTS "Fifth session"), about as long as reading and decoding the
+    # shard; torch releases the GIL while it allocates.
     from concurrent.futures import ThreadPoolExecutor
 
     alloc_pool = ThreadPoolExecutor(1, thread_name_prefix="shard-host-alloc")
