@@ -130,8 +130,9 @@ def cpu_fractions(model: str, n_pages: int, n_queries: int, chunk: int, verify: 
     return row
 
 
-def gpu_bench(n_pages: int, n_queries: int, model: str, reps: int = 5) -> dict:
-    from pipeline.score.scorer import score_batch
+def gpu_bench(n_pages: int, n_queries: int, model: str, reps: int = 5, fp8_configs=()) -> dict:
+    from pipeline.score.scorer import exact_subset, score_batch
+    from pipeline.score.triton_kernel import page_maxima_fp8_triton
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -162,6 +163,8 @@ def gpu_bench(n_pages: int, n_queries: int, model: str, reps: int = 5) -> dict:
     def exact_fn(q, p):
         return score_batch(q, p, "triton")
 
+    inplace_fn = exact_subset(pages, "triton")
+
     t_exact, (ev, ei) = med(lambda: topk_desc(score_batch(Q, pages, "triton"), K))
     t_quant, shard = med(lambda: fp8.Fp8Pages.from_packed(pages), reps=1)
     qq = fp8.quantize_rows(Q.reshape(-1, DIM))
@@ -172,7 +175,9 @@ def gpu_bench(n_pages: int, n_queries: int, model: str, reps: int = 5) -> dict:
     for cand in ("scaled_mm", "fused"):
         try:
             t_c, (a, _) = med(lambda: fp8.candidate_scores(Q, qq, shard, cand))
-            t_f, (v, i, st) = med(lambda: fp8.fp8_topk(Q, shard, K, exact_fn, candidate=cand))
+            t_f, (v, i, st) = med(lambda: fp8.fp8_topk(Q, shard, K, exact_fn, candidate=cand, exact_subset=inplace_fn))
+            # the same with the candidates copied out (the re-scoring before page_index), side by side
+            t_copy, (vc, ic, stc) = med(lambda: fp8.fp8_topk(Q, shard, K, exact_fn, candidate=cand))
         except Exception as exc:  # noqa: BLE001 - report a pass that does not compile/run, keep the other
             row[f"{cand}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             print(f"{cand}: FAILED {row[f'{cand}_error']}", flush=True)
@@ -183,11 +188,21 @@ def gpu_bench(n_pages: int, n_queries: int, model: str, reps: int = 5) -> dict:
             f"{cand}_candidate_frac_1447": useful / t_c / 1e12 / 1447.0,
             f"{cand}_fp8_topk_s": t_f, f"{cand}_candidate_s": st["candidate_s"], f"{cand}_rescore_s": st["rescore_s"],
             f"{cand}_speedup_vs_exact": t_exact / t_f,
+            f"{cand}_fp8_topk_copied_s": t_copy, f"{cand}_rescore_copied_s": stc["rescore_s"],
+            f"{cand}_copied_equal": bool(torch.equal(vc, ev) and torch.equal(ic, ei)),
             f"{cand}_candidates_mean": float(st["candidates"].mean()), f"{cand}_candidates_max": int(st["candidates"].max()),
             f"{cand}_rescored_pairs_per_query": st["rescored_pairs"] / n_queries,
             f"{cand}_equal_to_exact": bool(torch.equal(v, ev) and torch.equal(i, ei)),
         })
         del v, i
+    for cfg in fp8_configs:  # the fused candidate kernel alone, by tile (FP8_CONFIG_TABLE)
+        try:
+            t_k, _ = med(lambda: page_maxima_fp8_triton(qq.values, qq.scales, pages, shard.q.values,
+                                                        shard.page_scale, config=cfg))
+            row[f"fused_kernel_{'_'.join(map(str, cfg))}_s"] = t_k
+            row[f"fused_kernel_{'_'.join(map(str, cfg))}_tflops"] = useful / t_k / 1e12
+        except Exception as exc:  # noqa: BLE001
+            row[f"fused_kernel_{'_'.join(map(str, cfg))}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     if len(approx) == 2:
         row["fused_vs_scaled_mm_max_abs_diff"] = float((approx["fused"] - approx["scaled_mm"]).abs().max())
     del approx
@@ -219,7 +234,7 @@ def accumulation_errors(Q: torch.Tensor, pages, shard, n_rows: int = 4096, n_pag
         out["scaled_mm_accum_error_failed"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     try:
         sub = fp8.Fp8Pages.from_packed(fp8.subset_pages(pages, torch.arange(min(n_pages, pages.n_pages))))
-        got = page_maxima_fp8_triton(qq.values, qq.scales, sub.pages, sub.q.values, sub.q.scales).double()
+        got = page_maxima_fp8_triton(qq.values, qq.scales, sub.pages, sub.q.values, sub.page_scale).double()
         qd = qq.values.double() * qq.scales.double()[:, None]
         pd = sub.q.values.double() * sub.q.scales.double()[:, None]
         sims = qd @ pd.T  # (rows, packed page rows), padding rows are copies
@@ -245,13 +260,18 @@ def main() -> None:
     ap.add_argument("--gpu-pages", type=int, default=20000)
     ap.add_argument("--gpu-queries", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=5, help="--gpu: timed runs per variant (median)")
+    ap.add_argument("--fp8-configs", default="",
+                    help="--gpu: also time the fused FP8 kernel alone for these tiles, e.g. "
+                         "'256,64,8,3;128,64,4,4;256,64,8,4,32' (BLOCK_M,BLOCK_N,warps,stages[,pages per group])")
     ap.add_argument("--tiny", action="store_true", help="with --gpu: CPU dry run (TRITON_INTERPRET=1), 30 pages x 3 queries")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
     if args.gpu:
         for model in args.models:
-            rows.append(gpu_bench(30, 3, model, reps=1) if args.tiny else gpu_bench(args.gpu_pages, args.gpu_queries, model, args.reps))
+            cfgs = [tuple(int(x) for x in c.split(",")) for c in args.fp8_configs.split(";") if c.strip()]
+            rows.append(gpu_bench(30, 3, model, reps=1, fp8_configs=cfgs) if args.tiny
+                        else gpu_bench(args.gpu_pages, args.gpu_queries, model, args.reps, cfgs))
             print(json.dumps(rows[-1]), flush=True)
     else:
         for model in args.models:

@@ -129,20 +129,31 @@ class Quantized:
         return self.values.to(torch.float32) * self.scales[:, None]
 
 
-def quantize_rows(x: torch.Tensor, block_rows: int = 1 << 16) -> Quantized:
-    """``(n, 128)`` float16/bfloat16/float32/float64 -> per-row float8_e4m3fn with measured errors."""
+def quantize_rows(x: torch.Tensor, block_rows: int = 1 << 16, groups: torch.Tensor | None = None) -> Quantized:
+    """``(n, 128)`` float16/bfloat16/float32/float64 -> float8_e4m3fn with measured errors.
+
+    One scale per row, ``max|x| / 448``; with ``groups`` (``(n,)`` int64, a group id per
+    row, e.g. its page), every row of a group takes the largest scale of the group, so the
+    fused candidate kernel can scale a page's maximum once instead of every dot product.
+    The bound is unaffected: ``err`` and ``norm`` are measured per row whatever the scale."""
     if x.ndim != 2:
         raise ValueError(f"expected (n, {EMBEDDING_DIM}), got {tuple(x.shape)}")
     n = x.shape[0]
     values = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scales = torch.empty(n, dtype=torch.float32, device=x.device)
     err = torch.empty(n, dtype=torch.float64, device=x.device)
     norm = torch.empty(n, dtype=torch.float64, device=x.device)
+    amax = torch.empty(n, dtype=torch.float32, device=x.device)
+    for a in range(0, n, block_rows):
+        amax[a : min(n, a + block_rows)] = x[a : a + block_rows].to(torch.float32).abs().amax(dim=1)
+    if groups is not None and n:
+        groups = groups.to(device=x.device, dtype=torch.int64)
+        gmax = torch.zeros(int(groups.max()) + 1, dtype=torch.float32, device=x.device)
+        amax = gmax.scatter_reduce_(0, groups, amax, "amax")[groups]
+    scales = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
     for a in range(0, n, block_rows):
         b = min(n, a + block_rows)
         xf = x[a:b].to(torch.float32)
-        amax = xf.abs().amax(dim=1)
-        s = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+        s = scales[a:b]
         v = (xf / s[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         x64 = x[a:b].to(torch.float64)
         deq64 = v.to(torch.float64) * s.to(torch.float64)[:, None]  # exact: 4 x 24 bits
@@ -152,7 +163,7 @@ def quantize_rows(x: torch.Tensor, block_rows: int = 1 << 16) -> Quantized:
         nm = torch.maximum(nm, torch.linalg.vector_norm(deq32, dim=1))
         if not (torch.isfinite(e).all() and torch.isfinite(nm).all()):
             raise ValueError("NaN or Inf in the embeddings: FP8 scoring needs finite vectors")
-        values[a:b], scales[a:b], err[a:b], norm[a:b] = v, s, e, nm
+        values[a:b], err[a:b], norm[a:b] = v, e, nm
     # Norms are float64 sums of squares: relative error ~1e-15; widen by 1e-12.
     return Quantized(values, scales, err * (1 + 1e-12), norm * (1 + 1e-12))
 
@@ -180,24 +191,27 @@ class Fp8Pages:
     """A packed shard's FP8 copy (same row layout) and its per-page bound terms."""
 
     pages: PackedPages  # the exact operands, for re-scoring
-    q: Quantized  # one row per packed row (padding rows are copies: same bounds)
+    q: Quantized  # one row per packed row (padding rows are copies: same bounds); one scale per page
     page_norm: torch.Tensor  # (n_pages,) float64 Pn(p)
     page_err: torch.Tensor  # (n_pages,) float64 Pe(p)
+    page_scale: torch.Tensor  # (n_pages,) float32: the scale of every row of the page
     quantize_s: float = 0.0
     _emulated: PackedPages | None = None
 
     @classmethod
     def from_packed(cls, pages: PackedPages) -> "Fp8Pages":
         t0 = time.perf_counter()
-        q = quantize_rows(pages.vectors)
         row_page = torch.repeat_interleave(
             torch.arange(pages.n_pages, device=pages.device),
             (pages.offsets[1:] - pages.offsets[:-1]).to(pages.device))
+        q = quantize_rows(pages.vectors, groups=row_page)
+        page_scale = torch.ones(pages.n_pages, dtype=torch.float32, device=pages.device)
+        page_scale[row_page] = q.scales  # every row of a page has the page's scale
         page_norm = torch.zeros(pages.n_pages, dtype=torch.float64, device=pages.device)
         page_err = torch.zeros(pages.n_pages, dtype=torch.float64, device=pages.device)
         page_norm.scatter_reduce_(0, row_page, q.norm, "amax")
         page_err.scatter_reduce_(0, row_page, q.err, "amax")
-        return cls(pages, q, page_norm, page_err, time.perf_counter() - t0)
+        return cls(pages, q, page_norm, page_err, page_scale, time.perf_counter() - t0)
 
     def emulated(self) -> PackedPages:
         """The dequantized float32 pages in the packed layout (CPU emulation of FP8 matmul)."""
@@ -237,7 +251,7 @@ def _candidate_scores_fused(qq: Quantized, shard: Fp8Pages, nq: int, lq: int) ->
     from pipeline.score.triton_kernel import page_maxima_fp8_triton
 
     pages = shard.pages
-    maxima = page_maxima_fp8_triton(qq.values, qq.scales, pages, shard.q.values, shard.q.scales)
+    maxima = page_maxima_fp8_triton(qq.values, qq.scales, pages, shard.q.values, shard.page_scale)
     return sum_over_query_vectors(maxima.view(pages.n_pages, nq, lq)).T.contiguous()
 
 
@@ -315,24 +329,30 @@ def subset_pages(pages: PackedPages, index: torch.Tensor) -> PackedPages:
 
 
 ExactFn = Callable[[torch.Tensor, PackedPages], torch.Tensor]
+SubsetFn = Callable[[torch.Tensor, PackedPages, torch.Tensor], torch.Tensor]
 
 
 # Queries re-scored together against the union of their candidates. 8 made the re-scoring
 # launch-bound on an H200 (2026-12-03, 20k pages x 1,000 queries, topic data, 20 candidates
-# per query: 125 groups, 0.39 s, against 0.123 s for the FP8 pass over every page); 64 makes
-# 16 groups whose unions (at most 64 x the candidates) still cost a few percent of a full pass.
-# Not yet timed on a GPU at 64.
+# per query: 125 groups, 0.39 s, against 0.123 s for the FP8 pass over every page, each group
+# copying its pages with index tables built on the CPU); 64 makes 16 groups whose unions (at
+# most 64 x the candidates) cost a few percent of a full pass, and ``exact_subset`` scores
+# them in place. Not yet timed on a GPU at 64.
 RESCORE_GROUP = 64
 
 
 def fp8_topk(Q: torch.Tensor, shard: Fp8Pages, k: int, exact: ExactFn, *, group: int = RESCORE_GROUP,
-             full_fraction: float = 0.5, candidate: str | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+             full_fraction: float = 0.5, candidate: str | None = None,
+             exact_subset: SubsetFn | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Exact top-k of ``Q`` (``(nq, Lq, 128)``, zero-padded) against ``shard``, FP8 first.
 
     ``exact(Q_part, pages_part)`` is the exact path (:func:`pipeline.score.scorer.score_batch`).
     Queries are re-scored ``group`` at a time against the union of their candidates, or
     against the whole shard when that union exceeds ``full_fraction`` of it. ``candidate``:
-    the candidate pass (:func:`candidate_scores`).
+    the candidate pass (:func:`candidate_scores`). ``exact_subset(Q_part, pages, index)``:
+    the exact path's scores of the pages ``index`` (ascending), ``(n, len(index))``, computed
+    in place (the Triton kernel's ``page_index``); without it the pages are copied
+    (:func:`subset_pages`) and passed to ``exact``.
 
     Returns ``(values, indices, stats)`` as :func:`topk_desc` would on the exact scores;
     stats: ``candidates`` (per query, ``|C|``), ``rescored_pairs``, ``candidate_s``, ``rescore_s``.
@@ -358,7 +378,8 @@ def fp8_topk(Q: torch.Tensor, shard: Fp8Pages, k: int, exact: ExactFn, *, group:
             v, i = topk_desc(exact(Q[a:b], pages), kk)
             pairs += (b - a) * pages.n_pages
         else:
-            v, j = topk_desc(exact(Q[a:b], subset_pages(pages, union)), kk)
+            sub = exact_subset(Q[a:b], pages, union) if exact_subset else exact(Q[a:b], subset_pages(pages, union))
+            v, j = topk_desc(sub, kk)
             i = union.to(j.device)[j]  # union is ascending: column order is page order
             pairs += (b - a) * int(union.numel())
         values[a:b], indices[a:b] = v, i

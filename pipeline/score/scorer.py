@@ -35,19 +35,31 @@ log = logging.getLogger(__name__)
 WARM_UP_TIMEOUT_S = 300  # a hung compile must not hold the first shard forever
 
 
+def _uses_triton(pages: PackedPages, backend: str) -> bool:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    return backend == "triton" or (backend == "auto" and pages.device.type == "cuda" and pages.padded_length is None)
+
+
 def score_batch(Q: torch.Tensor, pages: PackedPages, backend: str = "auto") -> torch.Tensor:
     """``(n_queries, n_pages)`` float32 MaxSim: the fused Triton kernel where it can run
     (``backend`` "triton", or "auto" on CUDA with pages packed for it), else torch."""
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    use_triton = backend == "triton" or (
-        backend == "auto" and pages.device.type == "cuda" and pages.padded_length is None
-    )
-    if use_triton and pages.n_pages and Q.shape[0]:
+    if _uses_triton(pages, backend) and pages.n_pages and Q.shape[0]:
         from pipeline.score.triton_kernel import maxsim_scores_triton
 
         return maxsim_scores_triton(Q, pages)
     return maxsim_scores(Q, pages)
+
+
+def exact_subset(pages: PackedPages, backend: str = "auto"):
+    """For fp8.fp8_topk: the exact scores of a list of pages in place, where
+    :func:`score_batch` runs the Triton kernel on ``pages`` (None elsewhere: the pages are
+    copied and scored by ``score_batch``)."""
+    if not _uses_triton(pages, backend):
+        return None
+    from pipeline.score.triton_kernel import maxsim_scores_triton
+
+    return lambda q, p, index: maxsim_scores_triton(q, p, page_index=index)
 
 
 class ShardScorer:
@@ -221,7 +233,8 @@ class ShardScorer:
                 if fp8_stats is None:
                     values, idx = topk_desc(score_batch(Q, packed, backend), self.k)
                 else:
-                    values, idx, st = fp8_topk(Q, shard8, self.k, lambda q, p: score_batch(q, p, backend))
+                    values, idx, st = fp8_topk(Q, shard8, self.k, lambda q, p: score_batch(q, p, backend),
+                                               exact_subset=exact_subset(packed, backend))
                     fp8_stats["fp8_candidate_s"] += st["candidate_s"]
                     fp8_stats["fp8_rescore_s"] += st["rescore_s"]
                     fp8_stats["fp8_rescored_pairs"] += st["rescored_pairs"]

@@ -28,10 +28,17 @@ split, then page group), so no grid dimension limits the number of pages.
 
 Operands float16 (the stored values exactly) or bfloat16; products accumulate in float32.
 For float32 operands (tests in Triton's interpreter) the dot is IEEE float32, not TF32.
-With ``SCALED`` the operands are float8_e4m3fn values with one float32 scale per row (the
-FP8 candidate pass of :mod:`pipeline.score.fp8`): the float32 dot of the raw FP8 values is
-multiplied by the query row's scale, then by the page row's (two float32 roundings, as in
-fp8.py's ``torch._scaled_mm`` path), before the max.
+With ``SCALED`` the operands are float8_e4m3fn values with one float32 scale per query row
+and one per page (the FP8 candidate pass of :mod:`pipeline.score.fp8`): the max over the
+page's rows of the float32 dots of the raw FP8 values is multiplied by the query row's scale,
+then by the page's (two float32 roundings). Scales are positive and rounding is monotone, so
+this equals the max of the scaled dots, as fp8.py's ``torch._scaled_mm`` path computes them,
+without two multiplications per element in the loop.
+
+Subsets (``page_index`` of :func:`page_maxima_triton`): with one page per program, the
+program's chunk range comes from two tables, starts and ends, so the kernel can run over any
+list of pages of a packed shard in place (the exact re-scoring of fp8.py's candidates)
+without copying them: the same tile, the same float32 maxima.
 """
 
 from __future__ import annotations
@@ -111,10 +118,11 @@ def _maxsim_pagemax_kernel(
     q_ptr,  # (n_rows, DIM) query vectors, zero rows for padding
     d_ptr,  # (n_chunks * BLOCK_N, DIM) page vectors
     chunk_page_ptr,  # (n_chunks + 1,) int32 page of each chunk, -1 sentinel at the end
-    group_chunk_ptr,  # (n_groups + 1,) int64 first chunk of each page group
-    out_ptr,  # (SPLIT, n_pages, n_rows) float32: max over the page's vectors, per query row
+    group_chunk_ptr,  # (n_groups,) int64 first chunk of each page group
+    group_end_ptr,  # (n_groups,) int64 one past its last chunk (group_chunk[1:], or a subset's ends)
+    out_ptr,  # (SPLIT, n_groups or n_pages, n_rows) float32: max over the page's vectors, per query row
     q_scale_ptr,  # SCALED: (n_rows,) float32 scale per query row (else unused)
-    d_scale_ptr,  # SCALED: (n_chunks * BLOCK_N,) float32 scale per page row (else unused)
+    d_scale_ptr,  # SCALED: float32 scale per page (n_pages,), or per group when ONE_PAGE (else unused)
     n_rows,
     n_m_tiles,
     stride_q,
@@ -142,7 +150,7 @@ def _maxsim_pagemax_kernel(
     if SCALED:
         q_scale = tl.load(q_scale_ptr + rows, mask=row_ok, other=0.0)
     c_start = tl.load(group_chunk_ptr + pid_g)
-    c_end = tl.load(group_chunk_ptr + pid_g + 1)
+    c_end = tl.load(group_end_ptr + pid_g)
     if SPLIT > 1:  # this program's run of the page's chunks (possibly empty)
         per = (c_end - c_start + SPLIT - 1) // SPLIT
         c_start = c_start + pid_s * per
@@ -156,18 +164,20 @@ def _maxsim_pagemax_kernel(
             s = tl.dot(q, tl.trans(d), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(d))
-        if SCALED:
-            s = s * q_scale[:, None]
-            s = s * tl.load(d_scale_ptr + base + cols)[None, :]
         acc = tl.maximum(acc, tl.max(s, axis=1))
         if not ONE_PAGE:
             page = tl.load(chunk_page_ptr + c)
             last = page != tl.load(chunk_page_ptr + c + 1)
+            val = acc
+            if SCALED:  # the scales are positive: scaling the max = the max of the scaled
+                val = (val * q_scale) * tl.load(d_scale_ptr + page)
             # "!= 0": Triton 3.9's interpreter types a vector & scalar of booleans as int32,
             # which its masked store refuses; compiled, this is the same i1 mask.
-            tl.store(out_base + page.to(tl.int64) * stride_out + rows, acc, mask=(row_ok & last) != 0)
+            tl.store(out_base + page.to(tl.int64) * stride_out + rows, val, mask=(row_ok & last) != 0)
             acc = tl.where(last, float("-inf"), acc)
     if ONE_PAGE:
+        if SCALED:
+            acc = (acc * q_scale) * tl.load(d_scale_ptr + pid_g)
         tl.store(out_base + pid_g.to(tl.int64) * stride_out + rows, acc, mask=row_ok)
 
 
@@ -207,22 +217,39 @@ def shard_tables(pages: PackedPages, block_n: int, pages_per_group: int) -> Trit
     return tables[key]
 
 
-def _launch(Qflat, q_scales, pages: PackedPages, d_values, d_scales, cfg: KernelConfig) -> torch.Tensor:
+def _launch(Qflat, q_scales, pages: PackedPages, d_values, d_scales, cfg: KernelConfig,
+            page_index: torch.Tensor | None = None) -> torch.Tensor:
     """Run the kernel over every page of ``pages`` (tables from its layout, operands
-    ``d_values``); returns ``(n_pages, n_rows)`` float32 maxima."""
+    ``d_values``), or over the pages ``page_index`` only (one page per program); returns
+    ``(n_pages or len(page_index), n_rows)`` float32 maxima."""
     n_rows = Qflat.shape[0]
-    shard = shard_tables(pages, cfg.block_n, cfg.pages_per_group)
+    if page_index is not None:
+        if cfg.pages_per_group != 1:
+            cfg = cfg._replace(pages_per_group=1)  # same tile: the same maxima (one page per program)
+        first = shard_tables(pages, cfg.block_n, 1).group_chunk  # (n_pages + 1,) first chunk per page
+        index = page_index.to(device=first.device, dtype=torch.int64)
+        starts, ends = first[index].contiguous(), first[index + 1].contiguous()
+        chunk_page, n_groups = starts, int(index.numel())  # chunk_page: unused with one page per program
+        if d_scales is not None:
+            d_scales = d_scales[index.to(d_scales.device)].contiguous()
+    else:
+        shard = shard_tables(pages, cfg.block_n, cfg.pages_per_group)
+        starts, ends, chunk_page, n_groups = shard.group_chunk[:-1], shard.group_chunk[1:], shard.chunk_page, shard.n_groups
     n_m_tiles = triton.cdiv(n_rows, cfg.block_m)
-    out = torch.empty((cfg.split, pages.n_pages, n_rows), dtype=torch.float32, device=Qflat.device)
+    out = torch.empty((cfg.split, n_groups if page_index is not None else pages.n_pages, n_rows),
+                      dtype=torch.float32, device=Qflat.device)
     if cfg.split > 1:  # a run can be empty (pages shorter than split chunks): -inf there
         out.fill_(float("-inf"))
+    if out.numel() == 0:
+        return out[0]
     scaled = q_scales is not None
-    grid = (n_m_tiles * cfg.split * shard.n_groups,)
+    grid = (n_m_tiles * cfg.split * n_groups,)
     _maxsim_pagemax_kernel[grid](
         Qflat,
         d_values,
-        shard.chunk_page,
-        shard.group_chunk,
+        chunk_page,
+        starts,
+        ends,
         out,
         q_scales if scaled else Qflat,
         d_scales if scaled else Qflat,
@@ -251,16 +278,20 @@ def page_maxima_triton(
     *,
     config: KernelConfig | tuple | None = None,
     shard: TritonShard | None = None,
+    page_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(n_rows, 128)`` query vectors -> ``(n_pages, n_rows)`` float32 per-page maxima.
 
     ``config``: a :class:`KernelConfig` (or tuple); default :func:`choose_config` of n_rows.
-    ``shard``: tables built beforehand (used when they match the config's chunking)."""
+    ``shard``: tables built beforehand (used when they match the config's chunking).
+    ``page_index``: only these pages (int64, any order), in place: ``(len(page_index),
+    n_rows)``, each row equal to the full call's row of that page (the config's tile with
+    one page per program)."""
     cfg = as_config(config or choose_config(Qflat.shape[0]))
     if shard is not None and (shard.block_n, shard.pages_per_group) == (cfg.block_n, cfg.pages_per_group):
         _TABLES.setdefault(pages, {})[(cfg.block_n, cfg.pages_per_group)] = shard
     Qflat = Qflat.to(pages.vectors.dtype).contiguous()
-    return _launch(Qflat, None, pages, pages.vectors, None, cfg)
+    return _launch(Qflat, None, pages, pages.vectors, None, cfg, page_index)
 
 
 def page_maxima_fp8_triton(
@@ -268,18 +299,22 @@ def page_maxima_fp8_triton(
     q_scales: torch.Tensor,
     pages: PackedPages,
     d_values: torch.Tensor,
-    d_scales: torch.Tensor,
+    page_scales: torch.Tensor,
     *,
     config: KernelConfig | tuple | None = None,
 ) -> torch.Tensor:
     """FP8 candidate maxima: ``(n_rows, 128)`` float8_e4m3fn query rows with float32 scales
-    against ``d_values`` (float8 rows in the layout of ``pages``) with ``d_scales``; returns
-    ``(n_pages, n_rows)`` float32 max over each page of ``(dot(q, d) * q_scale) * d_scale``."""
+    against ``d_values`` (float8 rows in the layout of ``pages``) with one float32 scale per
+    page, ``page_scales`` ``(n_pages,)``; returns ``(n_pages, n_rows)`` float32
+    ``(max_j dot(q, d_j) * q_scale) * page_scale`` (= the max of the scaled dots: the scales
+    are positive)."""
     cfg = as_config(config or choose_config(q_values.shape[0], FP8_CONFIG_TABLE))
     if d_values.shape != pages.vectors.shape:
         raise ValueError(f"FP8 rows {tuple(d_values.shape)} do not match the packed layout {tuple(pages.vectors.shape)}")
+    if page_scales.shape != (pages.n_pages,):
+        raise ValueError(f"expected one scale per page ({pages.n_pages},), got {tuple(page_scales.shape)}")
     return _launch(q_values.contiguous(), q_scales.to(torch.float32).contiguous(), pages, d_values.contiguous(),
-                   d_scales.to(torch.float32).contiguous(), cfg)
+                   page_scales.to(torch.float32).contiguous(), cfg)
 
 
 @triton.jit
@@ -313,16 +348,19 @@ def sum_over_query_vectors_triton(maxima: torch.Tensor, n_queries: int, lq: int)
 
 
 def maxsim_scores_triton(
-    Q: torch.Tensor, pages: PackedPages, *, config: KernelConfig | tuple | None = None, fused_sum: bool = False
+    Q: torch.Tensor, pages: PackedPages, *, config: KernelConfig | tuple | None = None, fused_sum: bool = False,
+    page_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(n_queries, Lq, 128)`` zero-padded queries -> ``(n_queries, n_pages)`` float32 MaxSim.
 
     ``fused_sum``: add the query positions with :func:`sum_over_query_vectors_triton` (same
     bits, one launch). Off by default until measured on a GPU (benchmarks/bench_small_queries.py
-    times both)."""
+    times both). ``page_index``: score these pages only, in place (``(n_queries,
+    len(page_index))``; see :func:`page_maxima_triton`)."""
     nq, lq, dim = Q.shape
-    maxima = page_maxima_triton(Q.reshape(nq * lq, dim), pages, config=config)  # (P, nq*lq)
+    maxima = page_maxima_triton(Q.reshape(nq * lq, dim), pages, config=config, page_index=page_index)
+    n_cols = maxima.shape[0]  # (P or len(page_index), nq*lq)
     if fused_sum:
         return sum_over_query_vectors_triton(maxima, nq, lq)
-    scores = sum_over_query_vectors(maxima.view(pages.n_pages, nq, lq))  # (P, nq)
+    scores = sum_over_query_vectors(maxima.view(n_cols, nq, lq))  # (P, nq)
     return scores.T.contiguous()

@@ -148,3 +148,53 @@ for n_pages, nq, lq in ((1, 1, 1), (70, 1, 25), (130, 17, 25), (5, 33, 3), (0, 2
                            sum_over_query_vectors(view.reshape(n_pages, nq, lq)).T)
 print("OK")
 """)
+
+
+def test_pages_scored_in_place_equal_the_full_call():
+    """``page_index`` (the exact re-scoring of FP8 candidates): any list of pages (unsorted,
+    repeated, empty, one) scored in place gives the full call's rows for those pages, bit for
+    bit on dyadic data, for each config (16-page groups and split runs included); and fp8_topk
+    re-scoring in place returns what re-scoring copies returns."""
+    _interpret(
+        "import numpy as np, torch\n"
+        "from pipeline.score import fp8\n"
+        "from pipeline.score.corpus import pack_pages, pad_queries\n"
+        "from pipeline.score.maxsim import topk_desc\n"
+        "from pipeline.score.triton_kernel import maxsim_scores_triton, page_maxima_triton\n"
+        "from pipeline.devtools.synthetic import random_pages\n"
+        f"configs = {CONFIGS}\n"
+        "rng = np.random.default_rng(11)\n"
+        "pages = random_pages(17, rng, max_len=150)\n"
+        "flat = [rng.integers(-4, 5, (len(p[3]), 128)).astype(np.float16) / 8 for p in pages]\n"
+        "qs = [rng.integers(-4, 5, (int(n), 128)).astype(np.float16) / 8 for n in (25, 7, 1)]\n"
+        "pk = pack_pages(flat, dtype=torch.float16, pad_multiple=64)\n"
+        "Q, _ = pad_queries(qs, dtype=torch.float16)\n"
+        "Qf = Q.reshape(-1, 128)\n"
+        "indexes = [torch.tensor([3, 0, 16, 3]), torch.tensor([], dtype=torch.int64), torch.tensor([9]),"
+        " torch.arange(17)]\n"
+        "for cfg in configs:\n"
+        "    full = page_maxima_triton(Qf, pk, config=cfg)\n"
+        "    for idx in indexes:\n"
+        "        got = page_maxima_triton(Qf, pk, config=cfg, page_index=idx)\n"
+        "        assert got.shape == (len(idx), Qf.shape[0]) and torch.equal(got, full[idx]), (cfg, idx)\n"
+        "scores = maxsim_scores_triton(Q, pk)\n"
+        "idx = torch.tensor([1, 5, 6, 12])\n"
+        "assert torch.equal(maxsim_scores_triton(Q, pk, page_index=idx), scores[:, idx])\n"
+        # fp8_topk: re-scoring in place against copies, on random unit vectors (many candidates)
+        "def unit(n):\n"
+        "    x = rng.standard_normal((n, 128)); return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)\n"
+        "pages = [unit(int(n)) for n in rng.integers(3, 90, 30)]\n"
+        "Q, _ = pad_queries([unit(int(n)) for n in rng.integers(2, 9, 5)], dtype=torch.float16)\n"
+        "PK = pack_pages(pages, dtype=torch.float16, pad_multiple=64)\n"
+        "sh = fp8.Fp8Pages.from_packed(PK)\n"
+        "exact = lambda q, p: maxsim_scores_triton(q, p)\n"
+        "inplace = lambda q, p, i: maxsim_scores_triton(q, p, page_index=i)\n"
+        "ev, ei = topk_desc(exact(Q, PK), 4)\n"
+        "for group in (1, 2, 5):\n"
+        "    v1, i1, s1 = fp8.fp8_topk(Q, sh, 4, exact, group=group, candidate='fused', full_fraction=1.0)\n"
+        "    v2, i2, s2 = fp8.fp8_topk(Q, sh, 4, exact, group=group, candidate='fused', full_fraction=1.0,"
+        " exact_subset=inplace)\n"
+        "    assert torch.equal(v1, v2) and torch.equal(i1, i2) and s1['rescored_pairs'] == s2['rescored_pairs']\n"
+        "    assert torch.equal(i2, ei) and torch.equal(v2, ev), group\n"
+        "print('OK')\n"
+    )
