@@ -10,13 +10,14 @@
 # Budgets (timeout per step; expected run time in brackets, estimated from CPU runs and the
 # H200 figures in shared/docs/FACTS.md, not measured yet):
 #   1. bench_small_queries.py              110 s  [~90 s: sweep stops at --budget-s 70]
-#   2. bench_fp8_topk.py --gpu --reps 3     85 s  [~60 s: 2 data models, 20k x 1,000]
+#   2. bench_fp8_topk.py --gpu --reps 3    120 s  [~80 s: 2 data models, 20k x 1,000, each
+#      fp8_topk twice: re-scoring in place and on copies]
 #   3. bench_score_scale.py (40k, 8 shards) 160 s [~120 s: generation ~15 s, 3 job runs]
 #   4. bench_score_job.py 20k x 1,000, 2 runs     70 s  [~55 s]
 #   5. the same with --cache (same corpus)        65 s  [~50 s]
 #   5b. the same, pinned memory through cudaHostRegister  65 s  [~40 s]
 #   6. bench_read.py, 5,000 pages (one shard)     35 s  [~25 s]
-#   total of timeouts 525 s (8.75 min); expected ~400 s.
+#   total of timeouts 560 s (9.3 min); expected ~420 s.
 # Scratch data goes to $SCRATCH (default /tmp/gpu_scoring; ~7 GB Parquet + ~7 GB cache for
 # step 3, deleted after it; ~3.5 GB + cache for steps 4-5), never under $OUT.
 # Do not wrap this script in a shorter `timeout`: that stops bash but not the running step,
@@ -58,7 +59,9 @@ else
   JOB=(--pages 20000 --queries 1000 --files 40 --runs 2); RD=(--pages 5000 --files 5)
 fi
 step small_queries 110 "$PY" benchmarks/bench_small_queries.py "${SQ[@]}" --out "$OUT/small_queries.json"
-step fp8_topk 85 "$PY" benchmarks/bench_fp8_topk.py "${FP[@]}" --json "$OUT/fp8_topk.json"
+# FP8_MODELS="topics" and FP8_CONFIGS="256,64,8,3;128,64,4,4" narrow or widen this step
+step fp8_topk 120 "$PY" benchmarks/bench_fp8_topk.py "${FP[@]}" --models ${FP8_MODELS:-random topics} \
+  --fp8-configs "${FP8_CONFIGS:-}" --json "$OUT/fp8_topk.json"
 step score_scale 160 "$PY" benchmarks/bench_score_scale.py "${SC[@]}" --dir "$SCRATCH/scale" --out "$OUT/score_scale.json"
 rm -rf "$SCRATCH/scale"
 step score_job 70 "$PY" benchmarks/bench_score_job.py "${JOB[@]}" --gen pool --dir "$SCRATCH/job" --out "$OUT/score_job.json"
