@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--shard-size-pages", default="auto")
     ap.add_argument("--cache", action="store_true", help="ScoreConfig(cache=True): page-major cache")
     ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--precision", default="exact", help="ScoreConfig.precision: exact or fp8-exact-topk")
     ap.add_argument("--dir", default="")
     ap.add_argument("--num-cpus", type=int, default=0, help="CPUs of the embedded Ray (0: all)")
     ap.add_argument("--gen", choices=("normal", "pool"), default="normal",
@@ -158,6 +159,8 @@ def main() -> None:
     extra = {}
     if args.cache:
         extra["cache"] = True
+    if args.precision != "exact":
+        extra["precision"] = args.precision
     if args.no_prefetch:
         extra["prefetch"] = False
     shard = args.shard_size_pages if args.shard_size_pages == "auto" else int(args.shard_size_pages)
@@ -170,7 +173,7 @@ def main() -> None:
         summary = flow.run(cfg)
         wall = time.perf_counter() - t0
         keep = {k: summary.get(k) for k in ("total_s", "scoring_s", "embed_queries_s", "phases", "shard_phases",
-                                            "n_shards", "shard_size_pages", "num_actors", "devices")}
+                                            "n_shards", "shard_size_pages", "num_actors", "devices", "fp8")}
         keep["wall_s"] = round(wall, 3)
         keep["shards"] = [{k: v for k, v in s.items() if k.endswith("_s") or k in ("source", "prefetched")}
                           for s in summary["shards"]]
@@ -179,7 +182,7 @@ def main() -> None:
     result = {
         "date": time.strftime("%Y-%m-%d"), "host": platform.node(), "cpus": os.cpu_count(),
         "pages": args.pages, "files": args.files, "vectors": n_vectors, "queries": args.queries,
-        "query_vectors": args.query_vectors, "cache": args.cache, "prefetch": not args.no_prefetch,
+        "query_vectors": args.query_vectors, "cache": args.cache, "precision": args.precision, "prefetch": not args.no_prefetch,
         "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
         "code": os.path.dirname(os.path.abspath(flow.__file__)),

@@ -54,7 +54,7 @@ if [ "${TINY:-0}" = 1 ]; then  # CPU dry run of every step (Triton interpreter, 
   export TRITON_INTERPRET=1
   SQ=(--tiny); FP=(--gpu --tiny); SC=(--tiny); JOB=(--pages 200 --queries 4 --files 2 --runs 2); RD=(--pages 200 --files 2)
 else
-  SQ=(--budget-s 70); FP=(--gpu --reps 3)
+  SQ=(--budget-s 70); FP=(--gpu --reps ${FP8_REPS:-3})
   SC=(--pages 40000 --files 40 --shard-size-pages 5000 --queries 1000)
   JOB=(--pages 20000 --queries 1000 --files 40 --runs 2); RD=(--pages 5000 --files 5)
 fi

@@ -61,9 +61,10 @@ path bit for bit. The GPU candidate pass's accumulation precision (``FP8_ACCUM_U
 is an assumption until measured there (same script).
 
 Candidate pass on CUDA (``FP8_CANDIDATE_BACKEND``, or ``candidate=`` of :func:`fp8_topk`):
+``"fused"`` (the default: :func:`pipeline.score.triton_kernel.page_maxima_fp8_triton`, the
+exact kernel's tiling on the FP8 operands, only per-page maxima leave the chip) or
 ``"scaled_mm"`` (``torch._scaled_mm`` blocks, the similarity matrix written to device memory
-block by block) or ``"fused"`` (:func:`pipeline.score.triton_kernel.page_maxima_fp8_triton`:
-the exact kernel's tiling on the FP8 operands, only per-page maxima leave the chip). Both
+block by block; 40x slower on an H200). Both
 compute the same real number per (query row, page row), (v_q . v_p) * s_q * s_p, as a float32
 dot of the raw FP8 values followed by two float32 multiplications by the scales, so the same
 ``candidate_u`` covers both: gamma_128(FP8_ACCUM_UNIT_ROUNDOFF) for the dot (Triton's FP8
@@ -90,14 +91,18 @@ U32 = 2.0**-24
 U64 = 2.0**-53
 # Unit roundoff assumed for the accumulation of FP8 products on NVIDIA tensor cores.
 # Hopper's FP8 MMA keeps about 14 bits in its accumulator (DeepSeek-V3 technical report,
-# section 3.3.2): 2^-13 covers that. To be checked on the GPU (bench_fp8_topk.py --gpu).
+# section 3.3.2): 2^-13 covers that. Measured on an H200 (bench_fp8_topk.py --gpu): the largest
+# accumulation error relative to ||a|| ||b|| was 8.8e-4 (fused) and 1.0e-3 (scaled_mm), within
+# gamma_128(2^-13) = 0.0159.
 FP8_ACCUM_UNIT_ROUNDOFF = 2.0**-13
 # float16 products accumulated in float32 by the exact Triton kernel: one float32 ulp per
 # addition (covers truncation as well as rounding).
 FP16_ACCUM_UNIT_ROUNDOFF = 2.0**-23
-# Candidate pass on CUDA: "scaled_mm" (measured path) or "fused" (Triton, no similarity
-# matrix in device memory). Switch once benchmarks/bench_fp8_topk.py --gpu has timed both.
-FP8_CANDIDATE_BACKEND = "scaled_mm"
+# Candidate pass on CUDA: "fused" (Triton, no similarity matrix in device memory) or
+# "scaled_mm". On an H200, 20k pages x 1,000 queries (2026-12-04, bench_fp8_topk.py --gpu,
+# benchmarks/RESULTS.md): fused 0.100 s, scaled_mm 3.98 s (its index_reduce_ per block), same
+# scores bit for bit.
+FP8_CANDIDATE_BACKEND = "fused"
 CANDIDATE_BACKENDS = ("scaled_mm", "fused", "emulated")
 
 

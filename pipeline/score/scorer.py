@@ -62,6 +62,34 @@ def exact_subset(pages: PackedPages, backend: str = "auto"):
     return lambda q, p, index: maxsim_scores_triton(q, p, page_index=index)
 
 
+# Page-locked host buffers from malloc + cudaHostRegister on 8 threads instead of one
+# cudaHostAlloc: a shard's 3.5 GB buffer took 1.9 s with cudaHostAlloc and 0.48-0.53 s
+# registered (H200 host, 2026-12-04, bench_score_job.py --cache, benchmarks/RESULTS.md).
+PINNED_HOST_REGISTER = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
+
+
+def use_registered_pinned_memory(environ=os.environ) -> str | None:
+    """Make this process's pinned host memory registered malloc memory (torch's allocator
+    settings, ``PINNED_HOST_REGISTER``), unless the user's ``PYTORCH_CUDA_ALLOC_CONF`` /
+    ``PYTORCH_ALLOC_CONF`` already chooses. Call before the process first uses CUDA (the
+    environment is read then); the settings are also applied to a running allocator.
+    Returns the settings applied, or None when the user's stand."""
+    user = ",".join(filter(None, (environ.get("PYTORCH_CUDA_ALLOC_CONF"), environ.get("PYTORCH_ALLOC_CONF"))))
+    if "pinned_use_cuda_host_register" in user:
+        return None
+    key = "PYTORCH_ALLOC_CONF" if environ.get("PYTORCH_ALLOC_CONF") else "PYTORCH_CUDA_ALLOC_CONF"
+    environ[key] = ",".join(filter(None, (environ.get(key), PINNED_HOST_REGISTER)))
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    try:
+        if setter is not None:
+            setter(PINNED_HOST_REGISTER)
+        else:
+            torch.cuda.memory._set_allocator_settings(PINNED_HOST_REGISTER)
+    except Exception as exc:  # an older torch without these keys: plain cudaHostAlloc, slower, correct
+        log.warning("could not set %s (%s): pinned buffers use cudaHostAlloc", PINNED_HOST_REGISTER, exc)
+    return PINNED_HOST_REGISTER
+
+
 class ShardScorer:
     """Scores every query against one shard at a time; the shard is loaded once.
 
@@ -95,6 +123,8 @@ class ShardScorer:
         self.precision = precision
         self.k, self.query_batch_size, self.backend = k, query_batch_size, backend
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            use_registered_pinned_memory()
         if cpu_threads and self.device.type == "cpu":
             torch.set_num_threads(cpu_threads)
         # Ray sets OMP_NUM_THREADS to the actor's CPU request (1 by default) and Arrow sizes
