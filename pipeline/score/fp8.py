@@ -6,8 +6,9 @@ that could still be in the top-k. The final top-k is then *the same* as the exac
 same page ids, same float32 scores, same tie rule (lower page index first).
 
 Quantization (:func:`quantize_rows`). Every vector x (a page vector or a query vector) is
-stored as float8_e4m3fn values v with one float32 scale s per vector (``s = max|x| / 448``,
-so no value saturates): x~ = s * v. At quantization time we compute, in float64,
+stored as float8_e4m3fn values v with a float32 scale s (``s = max|x| / 448`` per query vector;
+for page vectors the largest of the page's, so the fused kernel scales a page's maximum once;
+no value saturates): x~ = s * v. At quantization time we compute, in float64,
 
     err(x)  >= ||x - x~||_2         (for x~ taken exactly and rounded to float32: both)
     norm(x) >= max(||x||_2, ||x~||_2)
