@@ -121,18 +121,33 @@ def run_job_rates(args, res, work, model_dir, best_actor, flops_page):
     # 8 distinct documents, repeated under other names (the job renders every file): 40 took
     # ~45 s of the GPU machine's time per run to generate (2026-12-03), before the job started
     docs = [letter_pdf(8, d) for d in range(min(int(os.environ.get("BENCH_DISTINCT_DOCS", "8")), max(sizes) // 8))]
-    for n_pages in sizes:
+    # BENCH_JOB_ENVS="A=1;A=0,B=2": one job per setting, one after another on the same corpus
+    # (each starts its own local Ray, whose workers inherit the setting); default: one job.
+    settings = [dict(kv.split("=", 1) for kv in e.split(",") if kv) for e in os.environ.get("BENCH_JOB_ENVS", "").split(";")]
+    runs = [(n, env) for n in sizes for env in settings]
+    for i, (n_pages, env) in enumerate(runs):
         corpus = os.path.join(work, f"corpus{n_pages}")
-        os.makedirs(corpus)
-        for d in range(n_pages // 8):
-            with open(os.path.join(corpus, f"doc{d:05d}.pdf"), "wb") as f:
-                f.write(docs[d % len(docs)])
-        out = os.path.join(work, f"out{n_pages}")
+        if not os.path.isdir(corpus):
+            os.makedirs(corpus)
+            for d in range(n_pages // 8):
+                with open(os.path.join(corpus, f"doc{d:05d}.pdf"), "wb") as f:
+                    f.write(docs[d % len(docs)])
+        out = os.path.join(work, f"out{n_pages}_{i}")
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         t = time.perf_counter()
-        rc = embed_corpus.main(["--input", corpus, "--output", out, "--model", model_dir, "--batch-size", os.environ.get("BENCH_JOB_BATCH", "32"),
-                                "--max-visual-tokens", str(args.tokens)]
-                               + ["--compile", os.environ.get("BENCH_COMPILE", "auto")]
-                               + os.environ.get("BENCH_JOB_EXTRA", "").split())
+        try:
+            rc = embed_corpus.main(["--input", corpus, "--output", out, "--model", model_dir,
+                                    "--batch-size", os.environ.get("BENCH_JOB_BATCH", "32"),
+                                    "--max-visual-tokens", str(args.tokens)]
+                                   + ["--compile", os.environ.get("BENCH_COMPILE", "auto")]
+                                   + os.environ.get("BENCH_JOB_EXTRA", "").split())
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         wall = time.perf_counter() - t
         with open(os.path.join(out, "summary.json")) as f:
             s = json.load(f)
@@ -150,7 +165,9 @@ def run_job_rates(args, res, work, model_dir, best_actor, flops_page):
                 entry["consistent"] = per_gpu <= 1.05 * best_actor
         if flops_page:
             entry["job_whole_chip_fraction"] = round(entry["job_pages_per_s_whole"] * flops_page / 1e12 / args.peak_tflops, 3)
-        job[n_pages] = entry
+        if env:
+            entry["env"] = env
+        job[n_pages if len(settings) == 1 else f"{n_pages}#{i}"] = entry
         print("job", n_pages, {k: v for k, v in entry.items() if k != "actors"}, flush=True)
     res["job"] = job
 

@@ -16,6 +16,7 @@
 #   job_1       bench_embed.py --job-only, 3,000 pages, --batches-in-flight 1    200 s [~105 s]
 #   job_2       the same with --batches-in-flight 2                              200 s [~100 s]
 #   job_1b      job_1 again, with caches as warm as job_2 had them               200 s [~100 s]
+#   job_nice    three 3,000-page jobs in one process: renderers at nice 10, 0, 10 560 s [~330 s]
 # ACTOR_VARIANTS overrides the actor step's variants.
 # Each job step also builds the real-size model (12-17 s) and writes its corpus first, and a
 # fresh machine's first Python imports are slow: job_1 needed ~200 s on one (2026-12-03).
@@ -58,4 +59,10 @@ step job_2 260 env BENCH_JOB_EXTRA="--batches-in-flight 2" "$PY" benchmarks/benc
 # job_1 again, after job_2: the compile caches are then as warm for it as they were for job_2
 step job_1b 260 env BENCH_JOB_EXTRA="--batches-in-flight 1" "$PY" benchmarks/bench_embed.py --job-only \
   --job-pages 3000 --out "$OUT/job_inflight1b.json"
+# Renderers at nice +10 (the default since 2026-12-04) against nice 0, both at 2 batches in
+# flight, after a first job that fills the compile caches for both: one process, one model
+# build, one corpus.
+step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
+  BENCH_JOB_ENVS="PIPELINE_RENDER_NICENESS=10;PIPELINE_RENDER_NICENESS=0;PIPELINE_RENDER_NICENESS=10" \
+  "$PY" benchmarks/bench_embed.py --job-only --job-pages 3000 --out "$OUT/job_nice.json"
 echo "done in $(( $(date +%s) - T0 ))s" | tee -a "$OUT/session_embed.log"

@@ -17,6 +17,11 @@ Limits, per document:
   for the document's results, start-up included. Time the caller spends between items (for
   example a Ray generator held back by a slow downstream stage) does not count. On expiry
   the children are killed and the document ends with a ``RenderTimeout`` error row.
+* **CPU priority** (``niceness``, default 10, or the environment variable
+  ``PIPELINE_RENDER_NICENESS``; 0 = as the worker): the zygote and every per-document process
+  run at this many nice levels below the Ray worker, so where renderers and a GPU actor share
+  a node's cores, the actor's host work (model start-up, compile, building each batch's
+  inputs) runs first and the GPU does not wait for pages it has already been sent.
 * **memory** (``memory_limit_bytes``, default 8 GiB of address space, or the environment
   variable ``PIPELINE_RENDER_MEMORY_LIMIT_BYTES``; 0 = none): ``RLIMIT_AS`` of the
   per-document process, so a decompression bomb ends as an error row (``MemoryError``,
@@ -52,6 +57,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_LIMIT_BYTES = 8 << 30
 MEMORY_LIMIT_ENV = "PIPELINE_RENDER_MEMORY_LIMIT_BYTES"
+DEFAULT_NICENESS = 10
+NICENESS_ENV = "PIPELINE_RENDER_NICENESS"
 
 # The child's environment: only what an interpreter, pypdfium2 and Pillow need. Cloud
 # credentials, tokens and the rest of the parent's environment stay out.
@@ -212,6 +219,9 @@ def _child_main() -> None:
     in_fd, out_fd = sys.stdin.buffer.fileno(), sys.stdout.buffer.fileno()
     sys.stdout = sys.stderr  # stray prints must not corrupt the message stream
     memory_limit = int(os.environ.get(MEMORY_LIMIT_ENV) or 0)
+    niceness = int(os.environ.get(NICENESS_ENV) or 0)
+    if niceness > 0:
+        os.nice(niceness)  # inherited by every per-document process
     _warm_up()
 
     while True:
@@ -264,11 +274,18 @@ class Renderer:
     """Owns one zygote process, which forks a fresh renderer per document; restarts it after
     a crash, a timeout or an abandoned document."""
 
-    def __init__(self, timeout_s: float = 60.0, memory_limit_bytes: int | None = None):
+    def __init__(self, timeout_s: float = 60.0, memory_limit_bytes: int | None = None,
+                 niceness: int | None = None):
         self.timeout_s = timeout_s
         if memory_limit_bytes is None:
             memory_limit_bytes = int(os.environ.get(MEMORY_LIMIT_ENV) or DEFAULT_MEMORY_LIMIT_BYTES)
         self.memory_limit_bytes = memory_limit_bytes
+        if niceness is None:
+            value = os.environ.get(NICENESS_ENV)
+            niceness = DEFAULT_NICENESS if value is None or not value.strip() else int(value)
+        if not 0 <= niceness <= 19:
+            raise ValueError(f"{NICENESS_ENV} / niceness must be 0-19, got {niceness}")
+        self.niceness = niceness
         self._proc: subprocess.Popen | None = None
         self._proc_limit: int | None = None
         self._next_id = 1
@@ -282,6 +299,7 @@ class Renderer:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = child_environment(root)
         env[MEMORY_LIMIT_ENV] = str(max(0, int(self.memory_limit_bytes or 0)))
+        env[NICENESS_ENV] = str(self.niceness)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.embed.renderer"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=root, close_fds=True,

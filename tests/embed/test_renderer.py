@@ -224,3 +224,25 @@ def test_default_memory_limit_is_set_and_configurable(monkeypatch):
     monkeypatch.setenv("PIPELINE_RENDER_MEMORY_LIMIT_BYTES", str(3 << 30))
     assert Renderer().memory_limit_bytes == 3 << 30
     assert Renderer(memory_limit_bytes=0).memory_limit_bytes == 0
+
+
+def test_renderers_run_below_the_worker_cpu_priority(monkeypatch):
+    """Renderers share a GPU node's cores with the GPU actor: they run at nice +10 (the
+    per-document processes inherit it from the zygote), so the actor's host work comes first;
+    PIPELINE_RENDER_NICENESS=0 keeps the worker's priority; out-of-range values are refused."""
+    data = corpus_file("qpdf/reuse-xref-stream.pdf")
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    for env, want in ((None, min(19, base + 10)), ("0", base), ("3", min(19, base + 3))):
+        if env is None:
+            monkeypatch.delenv("PIPELINE_RENDER_NICENESS", raising=False)
+        else:
+            monkeypatch.setenv("PIPELINE_RENDER_NICENESS", env)
+        r = Renderer(timeout_s=120)
+        try:
+            assert len(pages(r.render(data, SPEC))) == 1
+            assert os.getpriority(os.PRIO_PROCESS, r._proc.pid) == want, env
+        finally:
+            r.close()
+    monkeypatch.setenv("PIPELINE_RENDER_NICENESS", "25")
+    with pytest.raises(ValueError, match="0-19"):
+        Renderer()
