@@ -143,6 +143,9 @@ def run_job_rates(args, res, work, model_dir, best_actor, flops_page):
                                    + ["--compile", os.environ.get("BENCH_COMPILE", "auto")]
                                    + os.environ.get("BENCH_JOB_EXTRA", "").split())
         finally:
+            import ray
+
+            ray.shutdown()  # the next job starts its own local Ray, whose workers see its setting
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
