@@ -72,19 +72,21 @@ def use_registered_pinned_memory(environ=os.environ) -> str | None:
     """Make this process's pinned host memory registered malloc memory (torch's allocator
     settings, ``PINNED_HOST_REGISTER``), unless the user's ``PYTORCH_CUDA_ALLOC_CONF`` /
     ``PYTORCH_ALLOC_CONF`` already chooses. Call before the process first uses CUDA (the
-    environment is read then); the settings are also applied to a running allocator.
+    environment is read then); the settings are also applied to a running allocator, with
+    the user's own (torch resets max_split_size_mb, roundup_power2_divisions and
+    garbage_collection_threshold to their defaults where a settings string leaves them out).
     Returns the settings applied, or None when the user's stand."""
     user = ",".join(filter(None, (environ.get("PYTORCH_CUDA_ALLOC_CONF"), environ.get("PYTORCH_ALLOC_CONF"))))
     if "pinned_use_cuda_host_register" in user:
         return None
     key = "PYTORCH_ALLOC_CONF" if environ.get("PYTORCH_ALLOC_CONF") else "PYTORCH_CUDA_ALLOC_CONF"
-    environ[key] = ",".join(filter(None, (environ.get(key), PINNED_HOST_REGISTER)))
+    settings = environ[key] = ",".join(filter(None, (environ.get(key), PINNED_HOST_REGISTER)))
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
     try:
         if setter is not None:
-            setter(PINNED_HOST_REGISTER)
+            setter(settings)
         else:
-            torch.cuda.memory._set_allocator_settings(PINNED_HOST_REGISTER)
+            torch.cuda.memory._set_allocator_settings(settings)
     except Exception as exc:  # an older torch without these keys: plain cudaHostAlloc, slower, correct
         log.warning("could not set %s (%s): pinned buffers use cudaHostAlloc", PINNED_HOST_REGISTER, exc)
     return PINNED_HOST_REGISTER

@@ -105,21 +105,30 @@ def test_shards_cut_inside_row_groups_hold_their_own_pages(tmp_path, pages_per_s
     assert sorted(seen) == sorted(by_id)
 
 
-def test_registered_pinned_memory_unless_the_user_chose():
+def test_registered_pinned_memory_unless_the_user_chose(monkeypatch):
     """GPU scorers page-lock shard buffers by malloc + cudaHostRegister (4x faster to allocate
     on an H200 host); a user's own pinned setting in PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF
-    stands, and their other settings are kept."""
+    stands, and their other settings are kept, in the environment and in what is applied to the
+    running allocator (torch resets max_split_size_mb and others that a settings string omits)."""
+    import torch
+
     from pipeline.score.scorer import PINNED_HOST_REGISTER, use_registered_pinned_memory
 
+    applied = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", applied.append, raising=False)
     env = {}
     assert use_registered_pinned_memory(env) == PINNED_HOST_REGISTER
     assert env == {"PYTORCH_CUDA_ALLOC_CONF": PINNED_HOST_REGISTER}
-    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert applied == [PINNED_HOST_REGISTER]
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512,expandable_segments:True"}
     use_registered_pinned_memory(env)
-    assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True," + PINNED_HOST_REGISTER
+    want = "max_split_size_mb:512,expandable_segments:True," + PINNED_HOST_REGISTER
+    assert env["PYTORCH_CUDA_ALLOC_CONF"] == want and applied[-1] == want
     env = {"PYTORCH_ALLOC_CONF": "expandable_segments:True"}  # torch's newer name is kept in use
     use_registered_pinned_memory(env)
     assert env == {"PYTORCH_ALLOC_CONF": "expandable_segments:True," + PINNED_HOST_REGISTER}
+    assert applied[-1] == "expandable_segments:True," + PINNED_HOST_REGISTER
     env = {"PYTORCH_CUDA_ALLOC_CONF": "pinned_use_cuda_host_register:False"}
     assert use_registered_pinned_memory(env) is None
     assert env == {"PYTORCH_CUDA_ALLOC_CONF": "pinned_use_cuda_host_register:False"}
+    assert len(applied) == 3
