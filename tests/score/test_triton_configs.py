@@ -198,3 +198,33 @@ def test_pages_scored_in_place_equal_the_full_call():
         "    assert torch.equal(i2, ei) and torch.equal(v2, ev), group\n"
         "print('OK')\n"
     )
+
+
+def test_fp8_page_scales_in_every_mode():
+    """The FP8 kernel scales each page's maximum by its query row's scale, then by the page's
+    own scale: in 16-page groups (the scale looked up by the chunk's page), one page per
+    program (by the program's page) and split runs alike, bit for bit against float32 torch,
+    on FP8 values whose dots are exact and a different scale for every page."""
+    _interpret(
+        "import numpy as np, torch\n"
+        "from pipeline.score.corpus import pack_pages\n"
+        "from pipeline.score.triton_kernel import page_maxima_fp8_triton\n"
+        "from pipeline.devtools.synthetic import random_pages\n"
+        f"configs = {CONFIGS}\n"
+        "rng = np.random.default_rng(12)\n"
+        "pages = random_pages(19, rng, max_len=150)\n"
+        "flat = [rng.integers(-4, 5, (len(p[3]), 128)).astype(np.float16) / 8 for p in pages]\n"
+        "pk = pack_pages(flat, dtype=torch.float16, pad_multiple=64)\n"
+        "dv = pk.vectors.to(torch.float8_e4m3fn)\n"
+        "assert torch.equal(dv.to(torch.float16), pk.vectors)\n"
+        "qv = torch.tensor(rng.integers(-4, 5, (37, 128)) / 8, dtype=torch.float16).to(torch.float8_e4m3fn)\n"
+        "qs = torch.tensor(rng.uniform(0.5, 2, 37) * 2.0 ** rng.integers(-8, 8, 37), dtype=torch.float32)\n"
+        "ps = torch.tensor(rng.uniform(0.5, 2, 19) * 2.0 ** rng.integers(-8, 8, 19), dtype=torch.float32)\n"
+        "dots = dv.float() @ qv.float().T\n"  # exact: small dyadic values
+        "m = torch.stack([dots[int(pk.offsets[j]):int(pk.offsets[j + 1])].amax(0) for j in range(19)])\n"
+        "want = (m * qs[None, :]) * ps[:, None]\n"
+        "for cfg in configs:\n"
+        "    got = page_maxima_fp8_triton(qv, qs, pk, dv, ps, config=cfg)\n"
+        "    assert torch.equal(got, want), (cfg, (got - want).abs().max())\n"
+        "print('OK')\n"
+    )
