@@ -281,8 +281,11 @@ class Renderer:
             memory_limit_bytes = int(os.environ.get(MEMORY_LIMIT_ENV) or DEFAULT_MEMORY_LIMIT_BYTES)
         self.memory_limit_bytes = memory_limit_bytes
         if niceness is None:
-            value = os.environ.get(NICENESS_ENV)
-            niceness = DEFAULT_NICENESS if value is None or not value.strip() else int(value)
+            value = (os.environ.get(NICENESS_ENV) or "").strip()
+            try:
+                niceness = int(value) if value else DEFAULT_NICENESS
+            except ValueError:
+                raise ValueError(f"{NICENESS_ENV} must be an integer 0-19, got {value!r}") from None
         if not 0 <= niceness <= 19:
             raise ValueError(f"{NICENESS_ENV} / niceness must be 0-19, got {niceness}")
         self.niceness = niceness

@@ -243,6 +243,7 @@ def test_renderers_run_below_the_worker_cpu_priority(monkeypatch):
             assert os.getpriority(os.PRIO_PROCESS, r._proc.pid) == want, env
         finally:
             r.close()
-    monkeypatch.setenv("PIPELINE_RENDER_NICENESS", "25")
-    with pytest.raises(ValueError, match="0-19"):
-        Renderer()
+    for bad in ("25", "-1", "high"):
+        monkeypatch.setenv("PIPELINE_RENDER_NICENESS", bad)
+        with pytest.raises(ValueError, match="PIPELINE_RENDER_NICENESS.*0-19"):
+            Renderer()
