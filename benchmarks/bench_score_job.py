@@ -70,6 +70,26 @@ def pool_vectors(n: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+def _write_pages_file(folder: str, i: int, idx: np.ndarray, n: np.ndarray, flat: np.ndarray) -> None:
+    """Part file ``i``: pages ``idx`` with ``n`` vectors each, ``flat`` their float16 values."""
+    offsets = np.zeros(len(idx) + 1, dtype=np.int32)
+    np.cumsum(n, out=offsets[1:])
+    docs = [f"doc-{j // 10:06d}.pdf" for j in idx]
+    numbers = (idx % 10 + 1).astype(np.int32)
+    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.float16()), 128)
+    table = pa.table({
+        schema.DOC_ID: docs, schema.PAGE_NUMBER: pa.array(numbers, pa.int32()),
+        schema.PAGE_ID: [schema.page_id(d, int(k)) for d, k in zip(docs, numbers)],
+        schema.SOURCE_URI: [f"file:///in/{d}" for d in docs],
+        schema.WIDTH: pa.array(np.full(len(idx), 100, np.int32)),
+        schema.HEIGHT: pa.array(np.full(len(idx), 100, np.int32)),
+        schema.N_VECTORS: pa.array(np.asarray(n).astype(np.int32)),
+        schema.EMBEDDING: pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), inner),
+    }, schema=schema.PAGES_SCHEMA)
+    storage.write_parquet(os.path.join(folder, "pages", f"part-{i:05d}.parquet"), table,
+                          metadata=corpus_metadata())
+
+
 def write_corpus_pool(folder: str, n_pages: int, n_files: int, seed: int = 0, threads: int = 0) -> int:
     """The same corpus shape, fast: one pool of float16 vectors (:func:`pool_vectors`) drawn once, each file a contiguous slice of it at a random offset
     (no per-page draws, no copies before Arrow), files written in parallel threads (Parquet
@@ -88,27 +108,27 @@ def write_corpus_pool(folder: str, n_pages: int, n_files: int, seed: int = 0, th
     def write(i: int) -> None:
         idx = per_file[i]
         n = lengths[idx]
-        offsets = np.zeros(len(idx) + 1, dtype=np.int32)
-        np.cumsum(n, out=offsets[1:])
-        flat = pool[starts[i] : starts[i] + int(offsets[-1])].reshape(-1)
-        docs = [f"doc-{j // 10:06d}.pdf" for j in idx]
-        numbers = (idx % 10 + 1).astype(np.int32)
-        inner = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float16()), 128)
-        table = pa.table({
-            schema.DOC_ID: docs, schema.PAGE_NUMBER: pa.array(numbers, pa.int32()),
-            schema.PAGE_ID: [schema.page_id(d, int(k)) for d, k in zip(docs, numbers)],
-            schema.SOURCE_URI: [f"file:///in/{d}" for d in docs],
-            schema.WIDTH: pa.array(np.full(len(idx), 100, np.int32)),
-            schema.HEIGHT: pa.array(np.full(len(idx), 100, np.int32)),
-            schema.N_VECTORS: pa.array(n.astype(np.int32)),
-            schema.EMBEDDING: pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), inner),
-        }, schema=schema.PAGES_SCHEMA)
-        storage.write_parquet(os.path.join(folder, "pages", f"part-{i:05d}.parquet"), table,
-                              metadata=corpus_metadata())
+        _write_pages_file(folder, i, idx, n, pool[starts[i] : starts[i] + int(n.sum())])
 
     with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as ex:
         list(ex.map(write, range(n_files)))
     return int(lengths.sum())
+
+
+def write_corpus_topics(folder: str, n_pages: int, n_files: int, seed: int = 1) -> int:
+    """Topic-structured pages (bench_fp8_topk.py's "topics" model: half of each page's vectors
+    near one of n_pages / 20 topics, the rest random unit vectors), for the FP8 path's
+    candidates to be few, as when relevant pages stand out."""
+    from bench_fp8_topk import make_pages
+
+    n_topics = max(1, n_pages // 20)
+    os.makedirs(os.path.join(folder, "pages"), exist_ok=True)
+    total = 0
+    for i, idx in enumerate(np.array_split(np.arange(n_pages), n_files)):
+        flat, lengths = make_pages("topics", int(idx[0]), len(idx), n_topics, seed)
+        _write_pages_file(folder, i, idx, lengths.numpy(), flat.numpy())
+        total += int(lengths.sum())
+    return total
 
 
 def main() -> None:
@@ -126,8 +146,8 @@ def main() -> None:
     ap.add_argument("--precision", default="exact", help="ScoreConfig.precision: exact or fp8-exact-topk")
     ap.add_argument("--dir", default="")
     ap.add_argument("--num-cpus", type=int, default=0, help="CPUs of the embedded Ray (0: all)")
-    ap.add_argument("--gen", choices=("normal", "pool"), default="normal",
-                    help="corpus values: a draw per page (normal) or slices of one pool, written in parallel (fast)")
+    ap.add_argument("--gen", choices=("normal", "pool", "topics"), default="normal",
+                    help="corpus values: a draw per page (normal), slices of one pool written in parallel (pool, fast), or topic-structured pages and queries (topics: the FP8 path's candidates are few)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
 
@@ -140,13 +160,20 @@ def main() -> None:
     corpus = os.path.join(work, "corpus")
     t0 = time.perf_counter()
     if not os.path.isdir(os.path.join(corpus, "pages")):
-        writer = write_corpus_pool if args.gen == "pool" else write_corpus
+        writer = {"pool": write_corpus_pool, "topics": write_corpus_topics}.get(args.gen, write_corpus)
         n_vectors = writer(corpus, args.pages, args.files)
     else:
         n_vectors = None
     rng = np.random.default_rng(1)
     ids = [f"q{i}" for i in range(args.queries)]
-    qs = [(rng.standard_normal((args.query_vectors, 128)) / 11).astype(np.float16) for _ in ids]
+    if args.gen == "topics":  # queries near the topics of the pages (bench_fp8_topk.py)
+        import torch
+        from bench_fp8_topk import make_queries
+
+        qs = [q.numpy() for q in make_queries("topics", args.queries, max(1, args.pages // 20),
+                                               torch.Generator().manual_seed(7))]
+    else:
+        qs = [(rng.standard_normal((args.query_vectors, 128)) / 11).astype(np.float16) for _ in ids]
     write_queries_jsonl(os.path.join(work, "q.jsonl"), ids)
     write_query_embeddings(os.path.join(work, "qemb.parquet"), ids, qs)
     print(f"corpus {corpus}: {args.pages} pages in {args.files} files "
