@@ -53,6 +53,7 @@ def main() -> None:
         for mode in ("default", "env", "scorer"):
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
             env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+            env.pop("PYTORCH_ALLOC_CONF", None)  # torch's newer name: either would change the default row
             if mode == "env":
                 env["PYTORCH_CUDA_ALLOC_CONF"] = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
             p = subprocess.run([sys.executable, "-c", CHILD, mode, str(n)], env=env, capture_output=True, text=True)
