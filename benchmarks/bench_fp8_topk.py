@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.score import fp8  # noqa: E402
-from pipeline.score.corpus import CUDA_PAD_MULTIPLE, pack_flat, pad_queries  # noqa: E402
+from pipeline.score.packing import CUDA_PAD_MULTIPLE, pack_flat, pad_queries  # noqa: E402
 from pipeline.score.maxsim import maxsim_scores, topk_desc  # noqa: E402
 
 DIM, LQ, K = 128, 25, 10

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.score.corpus import PackedPages, pack_flat  # noqa: E402
+from pipeline.score.packing import PackedPages, pack_flat  # noqa: E402
 from pipeline.score.maxsim import maxsim_scores, sum_over_query_vectors, topk_desc  # noqa: E402
 
 DIM = 128

@@ -202,7 +202,7 @@ def main() -> None:
         keep = {k: summary.get(k) for k in ("total_s", "scoring_s", "embed_queries_s", "phases", "shard_phases",
                                             "n_shards", "shard_size_pages", "num_actors", "devices", "fp8")}
         keep["wall_s"] = round(wall, 3)
-        keep["shards"] = [{k: v for k, v in s.items() if k.endswith("_s") or k in ("source", "prefetched")}
+        keep["shards"] = [{k: v for k, v in s.items() if k.endswith("_s") or k in ("source", "prefetched", "read_during_start")}
                           for s in summary["shards"]]
         runs.append(keep)
         print(json.dumps(keep), flush=True)

@@ -47,8 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_score_job import write_corpus_pool  # noqa: E402
 from pipeline.devtools.synthetic import write_queries_jsonl, write_query_embeddings  # noqa: E402
 
-SHARD_KEYS = ("shard_id", "pages", "source", "prefetched", "bytes_read", "read_s", "decode_s", "cache_write_s",
-              "wait_s", "pack_s", "score_s", "total_s")
+SHARD_KEYS = ("shard_id", "pages", "source", "prefetched", "read_during_start", "bytes_read", "start_wait_s",
+              "scorer_start_s", "read_s", "decode_s", "cache_write_s", "wait_s", "pack_s", "score_s", "total_s")
 
 
 def shard_rows(shards: list[dict], vectors_per_page: float, query_rows: int) -> list[dict]:
@@ -58,7 +58,8 @@ def shard_rows(shards: list[dict], vectors_per_page: float, query_rows: int) -> 
         r = {k: s.get(k) for k in SHARD_KEYS}
         load = s["read_s"] + s["decode_s"] + s.get("cache_write_s", 0.0)
         r["load_s"] = round(load, 4)
-        r["hidden_load_s"] = round(max(0.0, load - s["wait_s"]), 4) if s["prefetched"] else 0.0
+        r["hidden_load_s"] = (round(max(0.0, load - s["wait_s"]), 4)
+                              if s["prefetched"] or s.get("read_during_start") else 0.0)
         r["pages_per_s_read_decode"] = round(s["pages"] / max(s["read_s"] + s["decode_s"], 1e-9), 1)
         flops = 2.0 * query_rows * vectors_per_page * s["pages"] * 128
         r["score_tflops"] = round(flops / max(s["score_s"], 1e-9) / 1e12, 2)

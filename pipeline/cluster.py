@@ -271,6 +271,66 @@ def actor_device(device: str) -> tuple[str, str | None]:
                    "running on CPU")
 
 
+def available_host_bytes() -> int:
+    """Host memory available to new allocations on this node (psutil, else sysconf)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+# Kept free of a GPU's memory when it is read through NVML, before this process has a CUDA
+# context (a context takes ~0.5 GiB on an H200; torch's own figure comes after it).
+NVML_CONTEXT_RESERVE_BYTES = 1 << 30
+
+
+def visible_gpu_free_bytes(environ=os.environ) -> int | None:
+    """Free memory of the GPUs this process may use (``CUDA_VISIBLE_DEVICES``, as Ray sets it
+    for a GPU actor), the smallest of them, through NVML: no torch and no CUDA context needed,
+    so an actor can answer while torch is still importing. ``NVML_CONTEXT_RESERVE_BYTES`` is
+    taken off for the context this process will create. None where NVML is unavailable (no
+    NVIDIA driver, no NVML binding), for MIG devices, or when nothing is visible: callers
+    then ask torch (:func:`torch.cuda.mem_get_info`).
+
+    Which NVML device an index names: NVML counts in PCI bus order, CUDA by default fastest
+    first, so on a node with mixed GPUs an index may name another one; taking the smallest
+    of the visible devices keeps the answer safe for shard sizing, not exact."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and not visible.strip():
+        return None
+    try:
+        try:
+            import pynvml  # nvidia-ml-py, where installed
+        except ImportError:
+            import ray._private.thirdparty.pynvml as pynvml  # the copy Ray uses to count GPUs
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver / library: the caller asks torch
+        return None
+    try:
+        if visible is None:
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        else:
+            handles = []
+            for d in (x.strip() for x in visible.split(",")):
+                if d.startswith("MIG-"):
+                    return None
+                handles.append(pynvml.nvmlDeviceGetHandleByUUID(d) if d.startswith("GPU-")
+                               else pynvml.nvmlDeviceGetHandleByIndex(int(d)))
+        if not handles:
+            return None
+        free = min(int(pynvml.nvmlDeviceGetMemoryInfo(h).free) for h in handles)
+        return max(0, free - NVML_CONTEXT_RESERVE_BYTES)
+    except Exception:  # noqa: BLE001 - an index NVML does not know, an old driver: ask torch
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 

@@ -1,28 +1,28 @@
-"""The corpus as shards for scoring: list, check metadata, plan, read and pack one shard.
+"""The corpus as shards for scoring: list, check metadata, plan, read and cache one shard.
 
 A shard is a contiguous run of rows of the embedding job's ``OUT/pages/*.parquet``
-(file order, then row order), sized to one worker's memory. :class:`ShardScorer` loads
-one shard onto its device once, sorts its pages by ``page_id`` (the tie order of the
-top-k) and runs every query batch against it, returning the shard's exact top-k per
-query. Plain Python: the job wraps it in Ray actors; tests call it directly.
+(file order, then row order), sized to one worker's memory. :func:`load_shard` reads one
+into host memory in page_id order; :mod:`pipeline.score.packing` puts it on a device and
+:class:`~pipeline.score.scorer.ShardScorer` scores it. This module does not import
+torch (only a page-locked buffer does, lazily), so the driver plans and a scoring actor
+reads its first shard while torch is still importing (:mod:`pipeline.score.actor`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 import logging
+import math
 import time
 import os
-import warnings
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import torch
 
 from pipeline import schema
 from pipeline import storage
@@ -34,174 +34,7 @@ log = logging.getLogger(__name__)
 CHECKED_KEYS = (schema.META_MODEL, schema.META_QUERY_PROMPT, schema.META_MAX_VISUAL_TOKENS)
 # Kernel block along page vectors: pages are padded to a multiple of it on CUDA.
 CUDA_PAD_MULTIPLE = 64
-
-
 EMBEDDING_DIM = 128
-
-
-
-@dataclass(frozen=True, eq=False)
-class PackedPages:
-    """A shard of pages packed for scoring, resident on one device.
-
-    Attributes:
-        vectors: ``(n_rows, 128)``: pages one after another; page ``p`` owns rows
-            ``offsets[p]:offsets[p+1]``, its real vectors first, then copies of its first
-            vector up to its padded length.
-        offsets: ``(n_pages + 1,)`` int64 row offsets (on CPU).
-        lengths: ``(n_pages,)`` int64 real vector counts (on CPU).
-        padded_length: the common padded length of every page, or ``None`` when pages
-            are padded to a multiple of ``pad_multiple`` only (the layout of the Triton
-            kernel).
-        pad_multiple: every page's padded length is a multiple of this.
-    """
-
-    vectors: torch.Tensor
-    offsets: torch.Tensor
-    lengths: torch.Tensor
-    padded_length: int | None
-    pad_multiple: int
-
-    @property
-    def n_pages(self) -> int:
-        return int(self.lengths.numel())
-
-    @property
-    def device(self) -> torch.device:
-        return self.vectors.device
-
-    def nbytes(self) -> int:
-        return self.vectors.numel() * self.vectors.element_size()
-
-
-def default_compute_dtype(device: torch.device | str) -> torch.dtype:
-    """float16 operands on CUDA (the stored values exactly), float64 on CPU (see module doc)."""
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float64
-
-
-def pack_flat(
-    flat: np.ndarray | torch.Tensor,
-    lengths: Sequence[int] | np.ndarray | torch.Tensor,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    pad_multiple: int | None = None,
-) -> PackedPages:
-    """Pack pages given as one flat array of real vectors, padding each with its own vector.
-
-    Args:
-        flat: ``(sum(lengths), 128)``: the pages' real vectors one after another (what a
-            Parquet ``embedding`` column flattens to, without a copy).
-        lengths: ``(n_pages,)`` real vectors per page, each ``>= 1``.
-        device: where the packed shard lives. ``flat`` is copied there once, in its own
-            dtype, and padded there by one gather (no per-page Python loop).
-        dtype: operand dtype; default :func:`default_compute_dtype` of ``device``.
-        pad_multiple: ``None`` pads every page to one common length (the longest page,
-            rounded up to a multiple of 8): the dense ``(n_pages, L, 128)`` layout of the
-            torch path. An int pads each page only to a multiple of it (the Triton
-            kernel's layout, less padding when lengths vary).
-
-    Returns:
-        :class:`PackedPages`.
-    """
-    device = torch.device(device)
-    dtype = dtype or default_compute_dtype(device)
-    lengths = torch.as_tensor(np.asarray(lengths) if not isinstance(lengths, torch.Tensor) else lengths)
-    lengths = lengths.to(torch.int64).cpu()
-    n_pages = int(lengths.numel())
-    if n_pages and int(lengths.min()) < 1:
-        bad = int(torch.nonzero(lengths < 1)[0, 0])
-        raise ValueError(
-            f"page {bad} has no vectors; MaxSim is undefined for an empty page. "
-            "Drop pages with n_vectors == 0 before packing."
-        )
-    flat_t = torch.as_tensor(flat) if not isinstance(flat, torch.Tensor) else flat
-    if flat_t.ndim != 2 or flat_t.shape[1] != EMBEDDING_DIM:
-        raise ValueError(f"flat must be (n, {EMBEDDING_DIM}), got {tuple(flat_t.shape)}")
-    if int(lengths.sum()) != flat_t.shape[0]:
-        raise ValueError(f"lengths add up to {int(lengths.sum())} vectors but flat has {flat_t.shape[0]}")
-    if pad_multiple is None:
-        longest = int(lengths.max()) if n_pages else 0
-        padded_length = max(8, -(-longest // 8) * 8)
-        padded = torch.full_like(lengths, padded_length)
-        multiple = padded_length
-    else:
-        if pad_multiple < 1:
-            raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
-        padded_length = None
-        padded = -(-lengths // pad_multiple) * pad_multiple
-        multiple = pad_multiple
-    offsets = torch.zeros(n_pages + 1, dtype=torch.int64)
-    torch.cumsum(padded, 0, out=offsets[1:])
-    real_offsets = torch.zeros(n_pages + 1, dtype=torch.int64)
-    torch.cumsum(lengths, 0, out=real_offsets[1:])
-
-    # Source row of every packed row: the page's j-th real vector, or its first one where
-    # j runs past the real length.
-    row_page = torch.repeat_interleave(torch.arange(n_pages, device=device), padded.to(device))
-    j = torch.arange(int(offsets[-1]), device=device) - offsets.to(device)[row_page]
-    src = real_offsets.to(device)[row_page] + torch.where(j < lengths.to(device)[row_page], j, 0)
-    del row_page, j
-    on_device = flat_t.to(device)
-    vectors = on_device[src].to(dtype)
-    del on_device, src
-    return PackedPages(vectors, offsets, lengths, padded_length, multiple)
-
-
-def pack_pages(
-    pages: Sequence[np.ndarray | torch.Tensor],
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    pad_multiple: int | None = None,
-) -> PackedPages:
-    """Pack ragged pages (``n_pages`` arrays of shape ``(n_i, 128)``); see :func:`pack_flat`.
-
-    >>> p = pack_pages([np.ones((1, 128)), np.arange(256.).reshape(2, 128)])
-    >>> p.padded_length, p.vectors.shape, p.lengths.tolist()
-    (8, torch.Size([16, 128]), [1, 2])
-    >>> bool((p.vectors[8:16][2:] == p.vectors[8]).all())  # padding repeats the page's own first vector
-    True
-    """
-    for i, page in enumerate(pages):
-        if np.ndim(page) != 2 or np.shape(page)[1] != EMBEDDING_DIM:
-            raise ValueError(f"page {i}: expected shape (n, {EMBEDDING_DIM}), got {tuple(np.shape(page))}")
-    lengths = [len(p) for p in pages]
-    tensors = [torch.as_tensor(np.asarray(p)) if not isinstance(p, torch.Tensor) else p for p in pages]
-    flat = torch.cat(tensors) if tensors else torch.zeros((0, EMBEDDING_DIM))
-    return pack_flat(flat, lengths, device=device, dtype=dtype, pad_multiple=pad_multiple)
-
-
-def pad_queries(
-    queries: Sequence[np.ndarray | torch.Tensor],
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    length: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ragged queries into ``(n_queries, Lq, 128)``, zero vectors at the end.
-
-    Zero query vectors add exactly 0 to every score (see the module doc), so no mask is
-    needed on the query side. ``length`` fixes ``Lq`` (default: the longest query).
-
-    Returns:
-        ``(Q, lengths)``: ``Q`` of shape ``(n_queries, Lq, 128)``, ``lengths`` ``(n_queries,)``.
-    """
-    device = torch.device(device)
-    dtype = dtype or default_compute_dtype(device)
-    lengths = torch.tensor([len(q) for q in queries], dtype=torch.int64)
-    lq = length if length is not None else (int(lengths.max()) if len(queries) else 1)
-    lq = max(lq, 1)
-    if len(queries) and int(lengths.max()) > lq:
-        raise ValueError(f"a query has {int(lengths.max())} vectors, more than length={lq}")
-    out = torch.zeros((len(queries), lq, EMBEDDING_DIM), dtype=torch.float32)
-    for i, q in enumerate(queries):
-        t = torch.as_tensor(np.asarray(q) if not isinstance(q, torch.Tensor) else q)
-        if t.ndim != 2 or t.shape[1] != EMBEDDING_DIM:
-            raise ValueError(f"query {i}: expected shape (n, {EMBEDDING_DIM}), got {tuple(t.shape)}")
-        out[i, : len(t)] = t.float()
-    return out.to(device=device, dtype=dtype), lengths
-
 
 
 class CorpusError(ValueError):
@@ -372,6 +205,18 @@ def check_compatibility(
     return problems
 
 
+def auto_pages_per_shard(
+    mean_vectors_per_page: float,
+    memory_bytes: int,
+    *,
+    dtype_bytes: int,
+    fraction: float = 0.5,
+) -> int:
+    """Pages that fit in ``fraction`` of ``memory_bytes`` as packed operands (at least 1)."""
+    per_page = max(1.0, mean_vectors_per_page) * EMBEDDING_DIM * dtype_bytes * 1.15  # + padding
+    return max(1, int(math.floor(memory_bytes * fraction / per_page)))
+
+
 def read_vector_counts(corpus: Corpus, endpoint_url: str | None = None) -> list[np.ndarray]:
     """``n_vectors`` of every row, per file (a small column read; no embeddings)."""
     fs, _ = open_filesystem(corpus.uri, endpoint_url)
@@ -409,71 +254,6 @@ def plan_shards(corpus: Corpus, counts: list[np.ndarray], pages_per_shard: int) 
     if parts:
         shards.append(ShardSpec(len(shards), tuple(parts), n_pages, n_vectors))
     return shards
-
-
-def read_shard_table(spec: ShardSpec, corpus_uri: str, endpoint_url: str | None = None) -> pa.Table:
-    """The shard's rows (page_id, doc_id, page_number, embedding), sorted by page_id."""
-    fs, _ = open_filesystem(corpus_uri, endpoint_url)
-    columns = [schema.PAGE_ID, schema.DOC_ID, schema.PAGE_NUMBER, schema.EMBEDDING]
-    def read_part(part):
-        path, start, stop = part
-        with fs.open_input_file(path) as fh:
-            pf = pq.ParquetFile(fh)
-            # Read only the row groups that hold [start, stop).
-            groups, first_row, row = [], None, 0
-            for g in range(pf.metadata.num_row_groups):
-                n = pf.metadata.row_group(g).num_rows
-                if row + n > start and row < stop:
-                    groups.append(g)
-                    first_row = row if first_row is None else first_row
-                row += n
-            t = pf.read_row_groups(groups, columns=columns) if groups else pf.schema_arrow.empty_table().select(columns)
-            return t.slice(start - (first_row or 0), stop - start)
-
-    # Files are decoded in parallel (pyarrow releases the GIL): one thread decodes nested
-    # float16 lists at ~20-100 M values/s, far below disk or network speed.
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=max(1, min(len(spec.parts), os.cpu_count() or 1))) as pool:
-        pieces = list(pool.map(read_part, spec.parts))
-    table = pa.concat_tables(pieces) if pieces else pa.table({c: [] for c in columns})
-    table = table.cast(pa.schema([pa.field(c, schema.PAGES_SCHEMA.field(c).type) for c in columns]))
-    return table.take(pc.sort_indices(table, sort_keys=[(schema.PAGE_ID, "ascending")]))
-
-
-def triton_available() -> bool:
-    """Whether the fused CUDA kernel can run here (Triton importable and a GPU visible)."""
-    import importlib.util
-
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
-
-
-def pack_shard_table(table: pa.Table, device: torch.device, backend: str) -> tuple[PackedPages, pa.Table, int]:
-    """Arrow shard -> packed pages on ``device`` (one copy of the float16 values).
-
-    Pages without vectors are dropped (MaxSim is undefined for them) and counted.
-    Returns ``(packed, meta table of the kept pages, n_dropped)``.
-    """
-    emb = table.column(schema.EMBEDDING).combine_chunks()
-    lengths = np.diff(emb.offsets.to_numpy()).astype(np.int64)
-    keep = lengths > 0
-    dropped = int((~keep).sum())
-    if dropped:
-        log.warning("dropping %d page(s) with no vectors: %s", dropped,
-                    table.column(schema.PAGE_ID).filter(pa.array(~keep)).to_pylist()[:5])
-        table = table.filter(pa.array(keep))
-        emb = table.column(schema.EMBEDDING).combine_chunks()
-        lengths = lengths[keep]
-    flat = emb.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, EMBEDDING_DIM)
-    # Without Triton on a CUDA node, "auto" falls back to the torch path (one common padded length).
-    use_kernel = device.type == "cuda" and (backend == "triton" or (backend == "auto" and triton_available()))
-    with warnings.catch_warnings():
-        # Arrow buffers are read-only; the tensor is only read (copied to the device / gathered).
-        warnings.simplefilter("ignore", UserWarning)
-        flat_t = torch.from_numpy(np.ascontiguousarray(flat))
-    packed = pack_flat(flat_t, lengths, device=device, pad_multiple=CUDA_PAD_MULTIPLE if use_kernel else None)
-    return packed, table.drop_columns([schema.EMBEDDING]), dropped
-
 
 
 # ----------------------------------------------------------------------------- shard loading
@@ -550,15 +330,31 @@ def _row_group_ranges(md: pq.FileMetaData, groups: list[int]) -> list[tuple[int,
     return [(a, b) for a, b in merged]
 
 
-def _host_array(n_vectors: int, pinned: bool) -> np.ndarray:
+def set_decode_threads(cpu_threads: int | None, on_gpu: bool) -> None:
+    """Arrow's thread count for decoding shards in this process. Ray sets OMP_NUM_THREADS to
+    an actor's CPU request (1 by default) and Arrow sizes its decode pool from it, so a GPU
+    actor would decode its shard on one core (seen on an H200 node: 67 M values/s for 16
+    cores). Loading a shard is a short burst: a GPU actor uses the node, a CPU actor the
+    ``cpu_threads`` it asked for."""
+    threads = cpu_threads if (cpu_threads and not on_gpu) else (os.cpu_count() or 1)
+    pa.set_cpu_count(max(1, int(threads)))
+
+
+def _host_array(n_vectors: int, pinned) -> np.ndarray:
     """``(n_vectors, 128)`` float16 host memory; page-locked when ``pinned`` (a GPU worker:
-    the copy to the device is then one DMA at full PCIe speed, no staging copy)."""
+    the copy to the device is then one DMA at full PCIe speed, no staging copy). ``pinned``
+    may be a function that says so when called (a scoring actor that is still importing
+    torch: the read goes on meanwhile, and only the buffer waits)."""
+    if callable(pinned):
+        pinned = pinned()
     if pinned:
+        import torch
+
         return torch.empty((n_vectors, EMBEDDING_DIM), dtype=torch.float16, pin_memory=True).numpy()
     return np.empty((n_vectors, EMBEDDING_DIM), np.float16)
 
 
-def _timed_host_array(n_vectors: int, pinned: bool) -> tuple[np.ndarray, float]:
+def _timed_host_array(n_vectors: int, pinned) -> tuple[np.ndarray, float]:
     t = time.perf_counter()
     return _host_array(n_vectors, pinned), time.perf_counter() - t
 
@@ -639,7 +435,7 @@ def _gather_pages(parts: list[np.ndarray], part_of: np.ndarray, starts: np.ndarr
 
 
 def _read_parquet_shard(spec: ShardSpec, corpus_uri: str, endpoint_url: str | None,
-                        footers: dict | None = None, pinned: bool = False) -> LoadedShard:
+                        footers: dict | None = None, pinned=False) -> LoadedShard:
     fs, _ = open_filesystem(corpus_uri, endpoint_url)
     columns = [schema.PAGE_ID, schema.DOC_ID, schema.PAGE_NUMBER, schema.EMBEDDING]
     footers = footers if footers is not None else {}
@@ -712,7 +508,7 @@ def _read_parquet_shard(spec: ShardSpec, corpus_uri: str, endpoint_url: str | No
                                              "gather_s": t_gather})
 
 
-def _read_cache(key: str, cache_uri: str, endpoint_url: str | None, pinned: bool = False) -> LoadedShard | None:
+def _read_cache(key: str, cache_uri: str, endpoint_url: str | None, pinned=False) -> LoadedShard | None:
     """The cached shard, or None when it is missing or does not check out."""
     raw_uri = storage.join_uri(cache_uri, f"shard-{key}.f16")
     idx_uri = storage.join_uri(cache_uri, f"shard-{key}.idx.parquet")
@@ -758,12 +554,14 @@ def _write_cache(key: str, cache_uri: str, endpoint_url: str | None, shard: Load
 
 
 def load_shard(spec: ShardSpec, corpus_uri: str, endpoint_url: str | None = None, *,
-               cache_uri: str | None = None, footers: dict | None = None, pinned: bool = False) -> LoadedShard:
+               cache_uri: str | None = None, footers: dict | None = None,
+               pinned: bool | Callable[[], bool] = False) -> LoadedShard:
     """The shard's pages in host memory, sorted by page_id (see :class:`LoadedShard`).
 
     ``cache_uri``: read the page-major cache there when it is valid, else read the Parquet
     files and (re)write it. ``footers``: a dict that keeps the files' footers between calls.
-    ``pinned``: decode into page-locked memory (GPU workers).
+    ``pinned``: decode into page-locked memory (GPU workers); or a function that says so when
+    the buffer is allocated (see :func:`_host_array`).
     """
     if cache_uri is None:
         return _read_parquet_shard(spec, corpus_uri, endpoint_url, footers, pinned)
@@ -782,18 +580,3 @@ def load_shard(spec: ShardSpec, corpus_uri: str, endpoint_url: str | None = None
     shard.stats["cache_write_s"] = time.perf_counter() - t0
     shard.stats["source"] = "parquet, cache written"
     return shard
-
-
-def pack_loaded(shard: LoadedShard, device: torch.device, backend: str) -> tuple[PackedPages, pa.Table, int]:
-    """:func:`pack_shard_table` of a :class:`LoadedShard`: ``(packed, meta of kept pages, n_dropped)``."""
-    keep = shard.lengths > 0
-    dropped = int((~keep).sum())
-    meta, lengths = shard.meta, shard.lengths
-    if dropped:  # empty pages own no rows of flat: only the index changes
-        log.warning("dropping %d page(s) with no vectors: %s", dropped,
-                    meta.column(schema.PAGE_ID).filter(pa.array(~keep)).to_pylist()[:5])
-        meta, lengths = meta.filter(pa.array(keep)), lengths[keep]
-    use_kernel = device.type == "cuda" and (backend == "triton" or (backend == "auto" and triton_available()))
-    flat_t = torch.from_numpy(shard.flat)
-    packed = pack_flat(flat_t, lengths, device=device, pad_multiple=CUDA_PAD_MULTIPLE if use_kernel else None)
-    return packed, meta, dropped

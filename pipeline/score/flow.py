@@ -1,6 +1,6 @@
 """The scoring job's Ray wiring: queries embedded once (a GPU task) or read back, the corpus
-cut into shards sized to one worker, a pool of :class:`~pipeline.score.scorer.ShardScorer`
-actors that each load a shard once and run every query batch against it, and the per-shard
+cut into shards sized to one worker, a pool of :class:`~pipeline.score.actor.ShardScorer`
+actors (fronts of :class:`~pipeline.score.scorer.ShardScorer`) that each load a shard once and run every query batch against it, and the per-shard
 top-k lists merged into the exact global top-k as shards finish.
 
 Outputs under ``cfg.output``: results.parquet, run.trec, query_embeddings.parquet, summary.json.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import time
 
 import numpy as np
@@ -18,15 +17,13 @@ import pyarrow as pa
 import ray
 
 from pipeline import schema, storage
-from pipeline.cluster import choose_device, ensure_ray, max_gpu_actors, read_capacity
+from pipeline.cluster import available_host_bytes, choose_device, ensure_ray, max_gpu_actors, read_capacity
 from pipeline.config import DEFAULT_MODEL, ScoreConfig
-from pipeline.score.corpus import (cache_uri_of, check_compatibility, corpus_precision, open_corpus,
-                                   plan_shards, read_vector_counts)
-from pipeline.score.maxsim import auto_pages_per_shard
-from pipeline.score.merge import QUERY_INDEX, merge_topk
+from pipeline.score.corpus import (auto_pages_per_shard, cache_uri_of, check_compatibility, corpus_precision,
+                                   open_corpus, plan_shards, read_vector_counts)
+from pipeline.score.merge import QUERY_INDEX, empty_candidates, merge_topk
 from pipeline.score.queries import read_queries, read_query_embeddings
-from pipeline.score import scorer
-from pipeline.score.scorer import empty_candidates
+from pipeline.score.actor import ShardScorer
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +42,6 @@ PRINTED_SUMMARY_KEYS = ("n_queries", "n_pages", "n_shards", "n_results", "pages_
 MAX_ACTOR_RESTARTS = 4
 
 
-class ShardScorer(scorer.ShardScorer):
-    """:class:`pipeline.score.scorer.ShardScorer` as the actor runs it (same class name in
-    the dashboard and state API), whose stats say which worker process scored the shard and whether
-    it ran on a restarted actor (with one call in flight per actor, the first call after a
-    restart is the retry of the call that was running when the actor died)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
-        self._calls = 0
-
-    def score(self, spec, next_spec=None):
-        out, stats = super().score(spec, next_spec)
-        self._calls += 1
-        stats["pid"] = os.getpid()
-        stats["after_actor_restart"] = self._restarted and self._calls == 1
-        return out, stats
-
-
 def _cluster_defaults(cfg: ScoreConfig) -> tuple[int, float, str]:
     """(actors, GPUs per actor, why): GPU actors when the cluster has GPUs now or its
     autoscaler can add them; as many as the cluster can grow to (capped by the shards later)."""
@@ -78,11 +56,14 @@ def _cluster_defaults(cfg: ScoreConfig) -> tuple[int, float, str]:
     return n, gpus_per_actor, f"{device}: " + (why if cap.source in why else f"{why} [{cap.source}]")
 
 
-# decode_s holds parquet_decode_s (Arrow), host_alloc_wait_s (what was left of allocating the
-# page-locked buffer, host_alloc_s, which runs beside the read and decode) and gather_s (pages
-# into it in page_id order); a cache read's read_s holds its host_alloc_s
-SHARD_PHASES = ("read_s", "decode_s", "parquet_decode_s", "host_alloc_s", "host_alloc_wait_s", "gather_s",
-                "cache_write_s", "wait_s", "pack_s", "score_s", "total_s")
+# start_wait_s: how long an actor's first call waited for its scorer to be built (torch's import,
+# CUDA's start), while that shard was read and decoded; wait_s: how long scoring then waited for
+# the load (all of it unless prefetched or read during the start). decode_s holds
+# parquet_decode_s (Arrow), host_alloc_wait_s (what was left of allocating the page-locked
+# buffer, host_alloc_s, which runs beside the read and decode) and gather_s (pages into it in
+# page_id order); a cache read's read_s holds its host_alloc_s
+SHARD_PHASES = ("start_wait_s", "read_s", "decode_s", "parquet_decode_s", "host_alloc_s", "host_alloc_wait_s",
+                "gather_s", "cache_write_s", "wait_s", "pack_s", "score_s", "total_s")
 
 
 def _shard_phases(shard_stats: list[dict]) -> dict:
@@ -91,6 +72,9 @@ def _shard_phases(shard_stats: list[dict]) -> dict:
     out.update({f"max_{k}": round(max((s[k] for s in shard_stats), default=0.0), 4) for k in SHARD_PHASES})
     out["bytes_read"] = int(sum(s["bytes_read"] for s in shard_stats))
     out["prefetched_shards"] = sum(bool(s["prefetched"]) for s in shard_stats)
+    out["read_during_start_shards"] = sum(bool(s.get("read_during_start")) for s in shard_stats)
+    starts = [s["scorer_start_s"] for s in shard_stats if s.get("scorer_start_s") is not None]
+    out["max_scorer_start_s"] = round(max(starts, default=0.0), 4)
     return out
 
 
@@ -125,13 +109,7 @@ def _embed_queries_async(model_name: str, texts: list[str], batch_size: int, end
 
 def _host_bytes_per_actor(num_actors: int) -> int:
     """Host memory one actor of this node may fill with shards (available RAM / actors)."""
-    try:
-        import psutil
-
-        available = int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover
-        available = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    return available // max(1, num_actors)
+    return available_host_bytes() // max(1, num_actors)
 
 
 def _fp8_summary(shard_stats: list[dict], candidates: np.ndarray, pages_scored: int) -> dict:
@@ -206,7 +184,9 @@ def run(cfg: ScoreConfig) -> dict:
     phase("query_embedding")
 
     # Actors start now when no embedding task needs the resources they take; their process
-    # start (seconds) overlaps planning. The first one also says how much memory it has.
+    # start overlaps planning. The first one also says how much memory it has: a front that
+    # imports no torch (pipeline.score.actor) answers as soon as its process is up, and reads
+    # its first shard while its scorer imports torch and starts CUDA.
     actor_options = {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus_per_actor}
     Scorer = ray.remote(ShardScorer)
     cpu_threads = max(1, int(cfg.cpus_per_actor))

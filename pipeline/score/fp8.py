@@ -84,7 +84,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pipeline.score.corpus import EMBEDDING_DIM, PackedPages, pack_flat
+from pipeline.score.corpus import EMBEDDING_DIM
+from pipeline.score.packing import PackedPages, pack_flat
 from pipeline.score.maxsim import maxsim_scores, topk_desc
 
 E4M3_MAX = 448.0

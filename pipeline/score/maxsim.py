@@ -35,12 +35,12 @@ which torch's ``topk`` visits equal values.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 
-from pipeline.score.corpus import EMBEDDING_DIM, PackedPages, pack_pages  # noqa: F401  (pack_pages: doctests)
+from pipeline.score.corpus import EMBEDDING_DIM
+from pipeline.score.packing import PackedPages, pack_pages  # noqa: F401  (pack_pages: doctests)
 
 # Elements of one similarity block (query vectors x page vectors) on the torch path.
 # 2**25 float64 = 256 MiB; bounded so that CPU workers with a few GiB never swap.
@@ -171,15 +171,3 @@ def maxsim_reference(query: np.ndarray, page: np.ndarray) -> float:
     """
     sims = np.asarray(query, dtype=np.float64) @ np.asarray(page, dtype=np.float64).T
     return float(sims.max(axis=1).sum())
-
-
-def auto_pages_per_shard(
-    mean_vectors_per_page: float,
-    memory_bytes: int,
-    *,
-    dtype_bytes: int,
-    fraction: float = 0.5,
-) -> int:
-    """Pages that fit in ``fraction`` of ``memory_bytes`` as packed operands (at least 1)."""
-    per_page = max(1.0, mean_vectors_per_page) * EMBEDDING_DIM * dtype_bytes * 1.15  # + padding
-    return max(1, int(math.floor(memory_bytes * fraction / per_page)))

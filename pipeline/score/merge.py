@@ -120,3 +120,11 @@ def _sortable(type_: pa.DataType) -> bool:
         or pa.types.is_binary(type_) or pa.types.is_large_binary(type_)
         or pa.types.is_temporal(type_) or pa.types.is_decimal(type_)
     )
+
+
+def empty_candidates() -> pa.Table:
+    return pa.table({
+        QUERY_INDEX: pa.array([], pa.int64()), schema.SCORE: pa.array([], pa.float32()),
+        schema.PAGE_ID: pa.array([], pa.string()), schema.DOC_ID: pa.array([], pa.string()),
+        schema.PAGE_NUMBER: pa.array([], pa.int32()),
+    })

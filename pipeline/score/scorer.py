@@ -15,12 +15,10 @@ import pyarrow as pa
 import torch
 
 from pipeline import schema
-from pipeline.score.corpus import (  # noqa: F401  (triton_available: re-exported)
-    CUDA_PAD_MULTIPLE,
-    LoadedShard,
+from pipeline.cluster import available_host_bytes
+from pipeline.score.corpus import CUDA_PAD_MULTIPLE, LoadedShard, ShardSpec, load_shard, set_decode_threads
+from pipeline.score.packing import (  # noqa: F401  (triton_available: re-exported)
     PackedPages,
-    ShardSpec,
-    load_shard,
     pack_flat,
     pack_loaded,
     pad_queries,
@@ -28,7 +26,7 @@ from pipeline.score.corpus import (  # noqa: F401  (triton_available: re-exporte
 )
 from pipeline.score.fp8 import Fp8Pages, fp8_topk
 from pipeline.score.maxsim import maxsim_scores, topk_desc
-from pipeline.score.merge import QUERY_INDEX
+from pipeline.score.merge import QUERY_INDEX, empty_candidates  # noqa: F401  (empty_candidates: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +118,9 @@ class ShardScorer:
         self.t_init = time.time()
         self.corpus_uri, self.endpoint_url, self.cache_uri = corpus_uri, endpoint_url, cache_uri
         self._footers: dict = {}
-        self._next: tuple[ShardSpec, object] | None = None  # (spec, Future of LoadedShard)
+        # (spec, Future of LoadedShard, how it started: "prefetch" beside the previous shard,
+        # "start" while this scorer was being built: pipeline.score.actor)
+        self._next: tuple[ShardSpec, object, str] | None = None
         self._reader = None
         self.precision = precision
         self.k, self.query_batch_size, self.backend = k, query_batch_size, backend
@@ -129,11 +129,7 @@ class ShardScorer:
             use_registered_pinned_memory()
         if cpu_threads and self.device.type == "cpu":
             torch.set_num_threads(cpu_threads)
-        # Ray sets OMP_NUM_THREADS to the actor's CPU request (1 by default) and Arrow sizes
-        # its decode pool from it, so a GPU actor would decode its shard on one core (seen on
-        # an H200 node: 67 M values/s for 16 cores). Loading a shard is a short burst: use the node.
-        decode_threads = cpu_threads if (cpu_threads and self.device.type == "cpu") else (os.cpu_count() or 1)
-        pa.set_cpu_count(max(1, int(decode_threads)))
+        set_decode_threads(cpu_threads, on_gpu=self.device.type == "cuda")
         offsets = np.zeros(len(query_lengths) + 1, dtype=np.int64)
         np.cumsum(query_lengths, out=offsets[1:])
         self.queries = [np.asarray(query_flat[offsets[i] : offsets[i + 1]]) for i in range(len(query_lengths))]
@@ -179,14 +175,7 @@ class ShardScorer:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return int(free)
-        try:
-            import psutil
-
-            return int(psutil.virtual_memory().available)
-        except ImportError:  # pragma: no cover
-            import os
-
-            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        return available_host_bytes()
 
     def _batch_size(self, n_pages: int) -> int:
         if self.query_batch_size:
@@ -210,7 +199,12 @@ class ShardScorer:
 
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader")
-        self._next = (spec, self._reader.submit(self._load, spec))
+        self._next = (spec, self._reader.submit(self._load, spec), "prefetch")
+
+    def preload(self, spec: ShardSpec, future) -> None:
+        """The load of ``spec`` that the actor front started before this scorer existed (a
+        Future of :class:`LoadedShard`): :meth:`score` of ``spec`` takes it."""
+        self._next = (spec, future, "start")
 
     @torch.inference_mode()
     def score(self, spec: ShardSpec, next_spec: ShardSpec | None = None) -> tuple[pa.Table, dict]:
@@ -222,15 +216,16 @@ class ShardScorer:
         ``pack_s``, ``score_s``, ``total_s``.
         """
         t0 = time.perf_counter()
-        prefetched = False
+        loaded, how = None, None
         if self._next is not None:
-            pending_spec, future = self._next
+            pending_spec, future, how = self._next
             self._next = None
             if pending_spec == spec:
-                loaded, prefetched = future.result(), True
+                loaded = future.result()
             else:  # not the shard announced (e.g. a retry): drop it
                 future.result()
-        if not prefetched:
+                how = None
+        if loaded is None:
             loaded = self._load(spec)
         t_wait = time.perf_counter() - t0
         if next_spec is not None:
@@ -289,7 +284,8 @@ class ShardScorer:
                  "read_s": load_stats["read_s"], "decode_s": load_stats["decode_s"],
                  "cache_write_s": load_stats.get("cache_write_s", 0.0), "source": load_stats["source"],
                  **{k: load_stats.get(k, 0.0) for k in ("parquet_decode_s", "host_alloc_s", "host_alloc_wait_s", "gather_s")},
-                 "bytes_read": load_stats["bytes_read"], "prefetched": prefetched, "wait_s": t_wait,
+                 "bytes_read": load_stats["bytes_read"], "prefetched": how == "prefetch",
+                 "read_during_start": how == "start", "wait_s": t_wait,
                  "pack_s": t_pack, "score_s": t_score, "load_s": t_wait + t_pack,
                  "total_s": time.perf_counter() - t0, "device": str(self.device), "precision": self.precision,
                  "warm_up_wait_s": warm_wait}
@@ -298,12 +294,3 @@ class ShardScorer:
         if fp8_stats is not None:  # fp8_candidates_per_query: one count per query, summed over shards by the flow
             stats.update(fp8_stats)
         return out, stats
-
-
-def empty_candidates() -> pa.Table:
-    return pa.table({
-        QUERY_INDEX: pa.array([], pa.int64()), schema.SCORE: pa.array([], pa.float32()),
-        schema.PAGE_ID: pa.array([], pa.string()), schema.DOC_ID: pa.array([], pa.string()),
-        schema.PAGE_NUMBER: pa.array([], pa.int32()),
-    })
-

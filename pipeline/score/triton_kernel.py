@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline.score.corpus import PackedPages
+from pipeline.score.packing import PackedPages
 from pipeline.score.maxsim import sum_over_query_vectors
 
 PAGES_PER_GROUP = 16

@@ -17,7 +17,7 @@ from pipeline.config import ScoreConfig
 from pipeline.devtools.synthetic import corpus_metadata, random_pages, write_corpus
 from pipeline.score import fp8
 from pipeline.score.corpus import CorpusError, ShardSpec, check_compatibility, corpus_precision, open_corpus
-from pipeline.score.corpus import pack_pages, pad_queries
+from pipeline.score.packing import pack_pages, pad_queries
 from pipeline.score.maxsim import maxsim_reference, maxsim_scores, topk_desc
 from pipeline.score.scorer import ShardScorer
 

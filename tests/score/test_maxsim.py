@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.score import maxsim as score
-from pipeline.score.corpus import pack_pages, pad_queries
+from pipeline.score.packing import pack_pages, pad_queries
 from pipeline.score.maxsim import maxsim_scores, topk_desc
 from pipeline.devtools.synthetic import oracle_scores, random_pages, random_queries
 
@@ -143,7 +143,7 @@ def test_triton_kernel_in_interpreter_equals_oracle():
     the scorer's layout (pad 64, float32 sums). triton is in the dev extra, so CI runs it."""
     code = (
         "import numpy as np, torch\n"
-        "from pipeline.score.corpus import pack_pages, pad_queries\n"
+        "from pipeline.score.packing import pack_pages, pad_queries\n"
         "from pipeline.score.triton_kernel import maxsim_scores_triton\n"
         "from pipeline.devtools.synthetic import random_pages, random_queries, oracle_scores\n"
         "rng = np.random.default_rng(5)\n"

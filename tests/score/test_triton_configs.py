@@ -63,7 +63,7 @@ def test_small_query_configs_equal_oracle_and_each_other():
     on dyadic data."""
     _interpret(
         "import numpy as np, torch\n"
-        "from pipeline.score.corpus import pack_pages, pad_queries\n"
+        "from pipeline.score.packing import pack_pages, pad_queries\n"
         "from pipeline.score.triton_kernel import maxsim_scores_triton, page_maxima_triton\n"
         "from pipeline.devtools.synthetic import random_pages, random_queries, oracle_scores\n"
         f"configs = {CONFIGS}\n"
@@ -99,7 +99,7 @@ def test_fused_fp8_candidates_in_interpreter():
     _interpret(
         "import numpy as np, torch\n"
         "from pipeline.score import fp8\n"
-        "from pipeline.score.corpus import pack_pages, pad_queries\n"
+        "from pipeline.score.packing import pack_pages, pad_queries\n"
         "from pipeline.score.maxsim import maxsim_scores, topk_desc\n"
         "rng = np.random.default_rng(3)\n"
         "def unit(n):\n"
@@ -158,7 +158,7 @@ def test_pages_scored_in_place_equal_the_full_call():
     _interpret(
         "import numpy as np, torch\n"
         "from pipeline.score import fp8\n"
-        "from pipeline.score.corpus import pack_pages, pad_queries\n"
+        "from pipeline.score.packing import pack_pages, pad_queries\n"
         "from pipeline.score.maxsim import topk_desc\n"
         "from pipeline.score.triton_kernel import maxsim_scores_triton, page_maxima_triton\n"
         "from pipeline.devtools.synthetic import random_pages\n"
@@ -207,7 +207,7 @@ def test_fp8_page_scales_in_every_mode():
     on FP8 values whose dots are exact and a different scale for every page."""
     _interpret(
         "import numpy as np, torch\n"
-        "from pipeline.score.corpus import pack_pages\n"
+        "from pipeline.score.packing import pack_pages\n"
         "from pipeline.score.triton_kernel import page_maxima_fp8_triton\n"
         "from pipeline.devtools.synthetic import random_pages\n"
         f"configs = {CONFIGS}\n"

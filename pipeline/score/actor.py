@@ -1,0 +1,141 @@
+"""The scoring job's Ray actor, :class:`ShardScorer`: a front for
+:class:`pipeline.score.scorer.ShardScorer` that does not import torch.
+
+A new scoring actor spends seconds importing torch and starting CUDA (3.3-5.9 s on an
+H200 node, benchmarks/RESULTS.md) and, until now, read nothing meanwhile: the first shard's
+read and decode (1-2.7 s for 20,000 pages) came after it. This front's constructor returns
+at once and builds the real scorer on a thread. The driver's question "how much memory
+have you" is answered through NVML (:func:`pipeline.cluster.visible_gpu_free_bytes`), and
+the first shard is read and decoded (:func:`pipeline.score.corpus.load_shard`, Arrow,
+which releases the GIL) while torch imports; only its page-locked buffer waits for torch.
+Everything else is the real scorer's.
+
+This module imports Ray, numpy and pyarrow only: Ray imports it in the actor's process
+to find the class, before the constructor runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+
+from pipeline.cluster import available_host_bytes, visible_gpu_free_bytes
+from pipeline.score.corpus import ShardSpec, load_shard, set_decode_threads
+
+log = logging.getLogger(__name__)
+
+
+def _granted_gpu(device: str | None) -> bool:
+    """Whether this actor will score on a GPU, as far as can be told without torch: asked
+    for ``"cuda"``, or (``device`` None: CUDA when the process sees one) Ray granted it a GPU."""
+    if device is not None:
+        return device.startswith("cuda")
+    try:
+        return bool(ray.get_gpu_ids()) if ray.is_initialized() else bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        return False
+
+
+class ShardScorer:
+    """The Ray actor of the scoring job (same name as the scorer it fronts, in the dashboard
+    and the state API). Takes :class:`pipeline.score.scorer.ShardScorer`'s arguments.
+
+    Its stats add ``pid``, ``after_actor_restart`` (with one call in flight per actor, the
+    first call after a restart is the retry of the call that was running when the actor
+    died), ``start_wait_s`` (how long the call waited for the real scorer: torch's import,
+    CUDA's start) and, on its first shard, ``scorer_start_s`` (constructor to scorer built).
+    """
+
+    def __init__(self, corpus_uri: str, endpoint_url: str | None, query_flat, query_lengths, k: int,
+                 **options):
+        self.t_init = time.time()
+        t0 = time.perf_counter()
+        self.corpus_uri, self.endpoint_url = corpus_uri, endpoint_url
+        self.cache_uri = options.get("cache_uri")
+        self._gpu = _granted_gpu(options.get("device"))
+        set_decode_threads(options.get("cpu_threads"), on_gpu=self._gpu)
+        # (ray.get_runtime_context() would start a local Ray where none is connected: tests)
+        self._restarted = ray.is_initialized() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        self._calls = 0
+        self._footers: dict = {}
+        self._scorer = None
+        self._error: BaseException | None = None
+        self._built = threading.Event()
+        self.scorer_start_s: float | None = None
+        self._reported_start = False
+        self._reader: ThreadPoolExecutor | None = None
+        threading.Thread(target=self._build, args=(t0, query_flat, query_lengths, k, options),
+                         name="scorer-start", daemon=True).start()
+
+    def _build(self, t0, query_flat, query_lengths, k, options) -> None:
+        try:
+            from pipeline.score import scorer
+
+            self._scorer = scorer.ShardScorer(self.corpus_uri, self.endpoint_url, query_flat, query_lengths, k,
+                                              **options)
+        except BaseException as exc:  # noqa: BLE001 - raised again by the call that needs the scorer
+            self._error = exc
+        self.scorer_start_s = time.perf_counter() - t0
+        self._built.set()
+
+    def _wait(self):
+        self._built.wait()
+        if self._error is not None:
+            raise RuntimeError(f"the shard scorer could not start: {type(self._error).__name__}: {self._error}") \
+                from self._error
+        return self._scorer
+
+    def ready(self) -> float:
+        """Wall-clock time (``time.time()``) this actor's constructor started."""
+        return self.t_init
+
+    def memory_bytes(self) -> int:
+        """Memory this worker can give a shard: free GPU memory (through NVML while torch is
+        still importing, less a context's reserve), else available RAM."""
+        if not self._gpu:
+            return available_host_bytes()
+        if not self._built.is_set():
+            free = visible_gpu_free_bytes()
+            if free is not None:
+                return free
+        return self._wait().memory_bytes()
+
+    def _pinned(self) -> bool:
+        """Page-locked buffers when the scorer, once built, is on a GPU (waits for it: the
+        scorer sets how torch page-locks memory before anything is allocated)."""
+        return self._wait().device.type == "cuda"
+
+    def score(self, spec: ShardSpec, next_spec: ShardSpec | None = None):
+        """:meth:`pipeline.score.scorer.ShardScorer.score`; the first call reads ``spec``
+        while the scorer is still being built."""
+        t0 = time.perf_counter()
+        early = None
+        if not self._built.is_set():
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="first-shard")
+            early = self._reader.submit(load_shard, spec, self.corpus_uri, self.endpoint_url,
+                                        cache_uri=self.cache_uri, footers=self._footers,
+                                        pinned=self._pinned if self._gpu else False)
+        try:
+            scorer = self._wait()
+        except BaseException:
+            if early is not None:
+                early.cancel()
+            raise
+        start_wait = time.perf_counter() - t0
+        if early is not None:
+            scorer._footers.update(self._footers)
+            scorer.preload(spec, early)
+        out, stats = scorer.score(spec, next_spec)
+        self._calls += 1
+        stats["pid"] = os.getpid()
+        stats["after_actor_restart"] = self._restarted and self._calls == 1
+        stats["start_wait_s"] = start_wait
+        if not self._reported_start:
+            stats["scorer_start_s"], self._reported_start = self.scorer_start_s, True
+        return out, stats

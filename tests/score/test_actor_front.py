@@ -1,0 +1,112 @@
+"""pipeline.score.actor: the scoring job's actor front imports no torch, answers the memory
+question and reads its first shard while the real scorer is still being built (torch's
+import and CUDA's start, seconds on a GPU node), with the same results as the scorer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+from pipeline import schema
+from pipeline.cluster import available_host_bytes, visible_gpu_free_bytes
+from pipeline.devtools.synthetic import write_corpus
+from pipeline.score import actor
+from pipeline.score.corpus import ShardSpec, open_corpus
+from pipeline.score.scorer import ShardScorer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_driver_and_actor_modules_import_no_torch():
+    """Ray imports the actor's module in the actor's process before its constructor runs,
+    and the driver imports the flow: neither may pull in torch (seconds of the job's start)."""
+    code = ("import sys\nimport pipeline.score.actor, pipeline.score.flow, jobs.score_queries\n"
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\nassert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+class _SlowStart(actor.ShardScorer):
+    """The front with a scorer that takes until ``release`` is set to build (as torch's
+    import does on a GPU node)."""
+
+    def __init__(self, *args, release: threading.Event, **kwargs):
+        self.release = release
+        super().__init__(*args, **kwargs)
+
+    def _build(self, *args):
+        self.release.wait(60)
+        super()._build(*args)
+
+
+def _corpus(tmp_path):
+    rng = np.random.default_rng(5)
+    pages = []
+    for i in range(40):
+        v = rng.standard_normal((int(rng.integers(3, 20)), 128))
+        pages.append((f"d{i // 4}", i % 4 + 1, schema.page_id(f"d{i // 4}", i % 4 + 1),
+                      (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float16)))
+    uri = write_corpus(tmp_path / "emb", pages, n_files=3)
+    c = open_corpus(uri)
+    spec = ShardSpec(0, tuple((f.path, 0, f.num_rows) for f in c.files), 40, sum(len(p[3]) for p in pages))
+    q = [(x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+         for x in (rng.standard_normal((5, 128)) for _ in range(6))]
+    return uri, spec, np.concatenate(q), np.array([len(x) for x in q])
+
+
+def test_first_shard_is_read_while_the_scorer_starts(tmp_path):
+    uri, spec, qflat, qlen = _corpus(tmp_path)
+    want, _ = ShardScorer(uri, None, qflat, qlen, 3, device="cpu").score(spec)
+
+    release = threading.Event()
+    front = _SlowStart(uri, None, qflat, qlen, 3, device="cpu", release=release)
+    assert front.memory_bytes() > 0  # answered without the scorer (host memory on CPU)
+    result = {}
+    call = threading.Thread(target=lambda: result.update(out=front.score(spec)))
+    call.start()
+    deadline = time.monotonic() + 30
+    while front._reader is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # the shard's Parquet rows are read and decoded while the scorer still is not built
+    first = front._reader.submit(lambda: None)
+    first.result(timeout=30)  # the reader is free again: the first shard's load has finished
+    assert not front._built.is_set() and "out" not in result
+    time.sleep(0.2)
+    release.set()
+    call.join(60)
+    got, stats = result["out"]
+    assert got.equals(want)
+    assert stats["read_during_start"] and not stats["prefetched"]
+    assert stats["start_wait_s"] >= 0.2 and stats["scorer_start_s"] >= 0.2
+    assert stats["wait_s"] < stats["start_wait_s"]  # the load was done before the scorer was
+    again, stats2 = front.score(spec)
+    assert again.equals(want) and not stats2["read_during_start"] and "scorer_start_s" not in stats2
+
+
+def test_a_scorer_that_cannot_start_fails_the_call_with_its_reason(tmp_path):
+    """Asked for a GPU where CUDA cannot start (this CPU machine): the call fails and says why."""
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    uri, spec, qflat, qlen = _corpus(tmp_path)
+    front = actor.ShardScorer(uri, None, qflat, qlen, 3, device="cuda")
+    with pytest.raises(RuntimeError, match="the shard scorer could not start"):
+        front.score(spec)
+    with pytest.raises(RuntimeError, match="the shard scorer could not start"):
+        front.memory_bytes()  # no NVML here: the scorer's own answer, which failed
+
+
+def test_gpu_memory_without_torch():
+    """NVML answers for the visible GPUs, less a context's reserve; nothing visible or a MIG
+    slice (not mapped here) leaves the answer to torch."""
+    assert visible_gpu_free_bytes({"CUDA_VISIBLE_DEVICES": ""}) is None
+    assert visible_gpu_free_bytes({"CUDA_VISIBLE_DEVICES": "MIG-1234"}) is None
+    free = visible_gpu_free_bytes({"CUDA_VISIBLE_DEVICES": "0"})
+    assert free is None or free >= 0  # None on this CPU machine (no driver)
+    assert available_host_bytes() > 0
