@@ -48,7 +48,8 @@ class ShardScorer:
     Its stats add ``pid``, ``after_actor_restart`` (with one call in flight per actor, the
     first call after a restart is the retry of the call that was running when the actor
     died), ``start_wait_s`` (how long the call waited for the real scorer: torch's import,
-    CUDA's start) and, on its first shard, ``scorer_start_s`` (constructor to scorer built).
+    CUDA's start) and, on its first shard, ``scorer_start_s`` (constructor to scorer built)
+    and ``scorer_import_s`` (of which importing it: torch).
     """
 
     def __init__(self, corpus_uri: str, endpoint_url: str | None, query_flat, query_lengths, k: int,
@@ -66,7 +67,8 @@ class ShardScorer:
         self._scorer = None
         self._error: BaseException | None = None
         self._built = threading.Event()
-        self.scorer_start_s: float | None = None
+        self.scorer_start_s: float | None = None  # constructor to scorer built
+        self.scorer_import_s: float | None = None  # of which importing the scorer's module (torch)
         self._reported_start = False
         self._reader: ThreadPoolExecutor | None = None
         threading.Thread(target=self._build, args=(t0, query_flat, query_lengths, k, options),
@@ -74,8 +76,9 @@ class ShardScorer:
 
     def _build(self, t0, query_flat, query_lengths, k, options) -> None:
         try:
-            from pipeline.score import scorer
+            from pipeline.score import scorer  # torch, and CUDA's libraries
 
+            self.scorer_import_s = time.perf_counter() - t0
             self._scorer = scorer.ShardScorer(self.corpus_uri, self.endpoint_url, query_flat, query_lengths, k,
                                               **options)
         except BaseException as exc:  # noqa: BLE001 - raised again by the call that needs the scorer
@@ -138,4 +141,5 @@ class ShardScorer:
         stats["start_wait_s"] = start_wait
         if not self._reported_start:
             stats["scorer_start_s"], self._reported_start = self.scorer_start_s, True
+            stats["scorer_import_s"] = self.scorer_import_s
         return out, stats

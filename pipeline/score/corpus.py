@@ -335,8 +335,14 @@ def set_decode_threads(cpu_threads: int | None, on_gpu: bool) -> None:
     an actor's CPU request (1 by default) and Arrow sizes its decode pool from it, so a GPU
     actor would decode its shard on one core (seen on an H200 node: 67 M values/s for 16
     cores). Loading a shard is a short burst: a GPU actor uses the node, a CPU actor the
-    ``cpu_threads`` it asked for."""
+    ``cpu_threads`` it asked for. ``PIPELINE_SCORER_DECODE_THREADS`` sets a GPU actor's count
+    (a node shared with other work)."""
     threads = cpu_threads if (cpu_threads and not on_gpu) else (os.cpu_count() or 1)
+    if on_gpu and os.environ.get("PIPELINE_SCORER_DECODE_THREADS"):
+        raw = os.environ["PIPELINE_SCORER_DECODE_THREADS"]
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"PIPELINE_SCORER_DECODE_THREADS must be a whole number >= 1, got {raw!r}")
+        threads = int(raw)
     pa.set_cpu_count(max(1, int(threads)))
 
 

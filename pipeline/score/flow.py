@@ -193,6 +193,7 @@ def run(cfg: ScoreConfig) -> dict:
     cache_uri = cache_uri_of(cfg.corpus, cfg.endpoint_url) if cfg.cache else None
     actors: list = []
     q_refs: list = []
+    created_at: list[float] = []  # time.time() each actor was asked for
 
     def start_actors(n: int) -> None:
         emb_col = query_emb.column(schema.EMBEDDING).combine_chunks()
@@ -202,6 +203,7 @@ def run(cfg: ScoreConfig) -> dict:
             raise ValueError(f"queries {bad[:5]} have no vectors; their embeddings are empty")
         q_flat = emb_col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, schema.EMBEDDING_DIM)
         q_refs[:] = [ray.put(q_flat), ray.put(q_lengths), int(q_lengths.sum())]
+        created_at.extend([time.time()] * n)
         actors.extend(
             Scorer.options(**actor_options, max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=-1).remote(
                 corpus.uri, cfg.endpoint_url, q_refs[0], q_refs[1], cfg.top_k,
@@ -275,7 +277,11 @@ def run(cfg: ScoreConfig) -> dict:
     if not q_refs:  # the query check runs even when there is nothing to score
         start_actors(num_actors if shards and queries.num_rows else 0)
     if actors:
-        ray.get([a.ready.remote() for a in actors])
+        # how long Ray took to give each actor a process (its constructor's start; same node clock
+        # when the driver runs on the head node, as ray job submit and local runs do)
+        actor_spawn_s = [round(t - c, 3) for t, c in zip(ray.get([a.ready.remote() for a in actors]), created_at)]
+    else:
+        actor_spawn_s = []
     phase("actor_start")
 
     # Score: each actor takes the next shard when it is free and is told the one after it
@@ -374,6 +380,7 @@ def run(cfg: ScoreConfig) -> dict:
     _write_outputs(cfg, results, query_emb, None)
     phase("write")
     summary["phases"] = phases
+    summary["actor_spawn_s"] = actor_spawn_s
     summary["shard_phases"] = _shard_phases(shard_stats)
     summary["total_s"] = round(time.perf_counter() - t_start, 3)
     storage.write_json(storage.join_uri(cfg.output, schema.SUMMARY_FILE), summary, cfg.endpoint_url)

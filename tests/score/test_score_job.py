@@ -249,6 +249,16 @@ def test_summary_times_every_phase(ray_session, data, tmp_path):
         assert busy <= phases["scoring"] + phases["merge"] + 1e-3
     # two actors, five shards: actors after their first shard had the next one read ahead
     assert agg["prefetched_shards"] >= 1
+    # each actor's process start, and its first shard read while its scorer was being built
+    assert len(summary["actor_spawn_s"]) == 2 and all(t >= 0 for t in summary["actor_spawn_s"])
+    # (whether the read started before the scorer was built depends on whether this Ray worker
+    # had imported torch for an earlier task: test_actor_front.py tests the overlap itself)
+    firsts = [s for s in shards if "scorer_start_s" in s]
+    assert len(firsts) == 2 and not any(s["prefetched"] for s in firsts)
+    assert all(0 <= s["scorer_import_s"] <= s["scorer_start_s"] for s in firsts)
+    assert agg["read_during_start_shards"] == sum(s["read_during_start"] for s in shards)
+    assert agg["max_scorer_start_s"] > 0
+    assert agg["start_wait_s"] == pytest.approx(sum(s["start_wait_s"] for s in shards), abs=1e-3)
 
 
 def test_page_cache_and_read_ahead_change_no_result(ray_session, data, tmp_path):
