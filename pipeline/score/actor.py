@@ -132,7 +132,7 @@ class ShardScorer:
             raise
         start_wait = time.perf_counter() - t0
         if early is not None:
-            scorer._footers.update(self._footers)
+            scorer._footers = self._footers  # the same dict: the load may still be adding to it
             scorer.preload(spec, early)
         out, stats = scorer.score(spec, next_spec)
         self._calls += 1
