@@ -159,7 +159,9 @@ def quantize_rows(x: torch.Tensor, block_rows: int = 1 << 16, groups: torch.Tens
     path and the reference) or ``"triton"`` (one pass of a fused kernel after a pass for
     the row maxima: the same FP8 values bit for bit, ``err``/``norm`` the same float64
     formulas summed in another order); default :func:`quantize_backend`. Under Triton's
-    interpreter (``TRITON_INTERPRET=1``) ``"triton"`` runs on CPU tensors too."""
+    interpreter (``TRITON_INTERPRET=1``) ``"triton"`` runs on CPU tensors too. On an H200, a
+    20,000-page shard (14.3M rows): 8.0 ms with the kernel, 173 ms with torch, same bits
+    (pipeline/score/triton_kernel.py, "FP8 quantization")."""
     if x.ndim != 2:
         raise ValueError(f"expected (n, {EMBEDDING_DIM}), got {tuple(x.shape)}")
     backend = backend or quantize_backend(x)
