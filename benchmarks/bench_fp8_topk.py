@@ -26,6 +26,16 @@ accumulation error of both passes against float64 on the same FP8 values (scaled
 / ||a|| ||b||; fused per page maximum / ||a|| max ||b||), next to the gamma_128 the bound assumes.
 
     PYTHONPATH=$PWD python3 benchmarks/bench_fp8_topk.py --gpu [--gpu-pages 20000 --gpu-queries 1000] [--json OUT.json]
+
+Shard quantization (in --gpu, or alone with --quant-only): fp8.quantize_rows on the shard's
+rows (one scale per page), its torch path (blocks of float64 temporaries) and the fused
+Triton kernel side by side on the same shard, median times (synchronized), Fp8Pages.from_packed
+with each (what the scoring job pays per shard), the kernel's passes alone; checks that the
+FP8 values and scales are equal bit for bit, err/norm within 1e-9 of each other and never
+below the float64 values recomputed from the kernel's FP8 values. --exhaustive-rounding
+also runs the kernel on every float32 in [-512, 512] (scale 1) against torch's conversion.
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_fp8_topk.py --gpu --quant-only [--exhaustive-rounding] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -130,7 +140,8 @@ def cpu_fractions(model: str, n_pages: int, n_queries: int, chunk: int, verify: 
     return row
 
 
-def gpu_bench(n_pages: int, n_queries: int, model: str, reps: int = 5, fp8_configs=()) -> dict:
+def gpu_bench(n_pages: int, n_queries: int, model: str, reps: int = 5, fp8_configs=(), quant_only: bool = False,
+              exhaustive: bool = False) -> dict:
     from pipeline.score.scorer import exact_subset, score_batch
     from pipeline.score.triton_kernel import page_maxima_fp8_triton
 
@@ -165,12 +176,15 @@ def gpu_bench(n_pages: int, n_queries: int, model: str, reps: int = 5, fp8_confi
 
     inplace_fn = exact_subset(pages, "triton")
 
-    t_exact, (ev, ei) = med(lambda: topk_desc(score_batch(Q, pages, "triton"), K))
-    t_quant, shard = med(lambda: fp8.Fp8Pages.from_packed(pages), reps=1)
-    qq = fp8.quantize_rows(Q.reshape(-1, DIM))
     row = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)", "torch": torch.__version__, "model": model,
-           "pages": n_pages, "queries": n_queries, "k": K, "data_make_s": round(t_make, 2),
-           "exact_s": t_exact, "exact_tflops": useful / t_exact / 1e12, "fp8_quantize_shard_s": t_quant}
+           "pages": n_pages, "queries": n_queries, "k": K, "data_make_s": round(t_make, 2)}
+    quant, shard = quantization_compare(pages, reps, sync, exhaustive)
+    row.update(quant)
+    if quant_only:
+        return row
+    t_exact, (ev, ei) = med(lambda: topk_desc(score_batch(Q, pages, "triton"), K))
+    qq = fp8.quantize_rows(Q.reshape(-1, DIM))
+    row.update({"exact_s": t_exact, "exact_tflops": useful / t_exact / 1e12})
     approx = {}
     for cand in ("scaled_mm", "fused"):
         try:
@@ -209,6 +223,102 @@ def gpu_bench(n_pages: int, n_queries: int, model: str, reps: int = 5, fp8_confi
     row.update(accumulation_errors(Q, pages, shard))
     row["assumed_gamma_128"] = fp8.gamma(DIM, fp8.FP8_ACCUM_UNIT_ROUNDOFF)
     return row
+
+
+def _median_time(fn, reps: int, sync):
+    out = fn()  # warm-up (compiles the kernels)
+    sync()
+    ts = []
+    for _ in range(reps):
+        out = None
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), out
+
+
+def quantization_compare(pages, reps: int, sync, exhaustive: bool = False) -> tuple[dict, "fp8.Fp8Pages"]:
+    """The shard's quantization by fp8.quantize_rows' torch path and by the fused Triton kernel,
+    on the same rows: times and checks (see the module docstring). Returns (row entries, the
+    Fp8Pages built with the kernel). ``fp8_quantize_shard_s``: Fp8Pages.from_packed as the job
+    calls it (the kernel where it runs)."""
+    from pipeline.score.triton_kernel import quantize_rows_triton, row_absmax_triton
+
+    x = pages.vectors
+    dev = x.device
+    row_page = torch.repeat_interleave(torch.arange(pages.n_pages, device=dev),
+                                       (pages.offsets[1:] - pages.offsets[:-1]).to(dev))
+    out = {"quant_rows": int(x.shape[0]), "quant_bytes_in": x.numel() * x.element_size(),
+           "quant_default_backend": fp8.quantize_backend(x)}
+    t_torch, qt = _median_time(lambda: fp8.quantize_rows(x, groups=row_page, backend="torch"), min(reps, 3), sync)
+    qt = fp8.Quantized(qt.values.clone(), qt.scales, qt.err, qt.norm)
+    t_tri, qk = _median_time(lambda: fp8.quantize_rows(x, groups=row_page, backend="triton"), reps, sync)
+    t_absmax, amax = _median_time(lambda: row_absmax_triton(x), reps, sync)
+    scales = qk.scales
+    t_kernel, _ = _median_time(lambda: quantize_rows_triton(x, scales), reps, sync)
+    t_fp_torch, shard_t = _median_time(lambda: fp8.Fp8Pages.from_packed(pages, backend="torch"), min(reps, 3), sync)
+    t_fp_tri, shard = _median_time(lambda: fp8.Fp8Pages.from_packed(pages), reps, sync)
+    out.update({
+        "quantize_rows_torch_s": t_torch, "quantize_rows_triton_s": t_tri,
+        "quantize_rows_speedup": t_torch / t_tri,
+        "quant_absmax_kernel_s": t_absmax, "quant_kernel_s": t_kernel,
+        "quant_kernel_gb_s": (x.numel() * (x.element_size() + 1) + x.shape[0] * 20) / t_kernel / 1e9,
+        "fp8_quantize_shard_torch_s": t_fp_torch, "fp8_quantize_shard_s": t_fp_tri,
+        "fp8_quantize_shard_default_backend": fp8.quantize_backend(x),
+    })
+    u8t, u8k = qt.values.view(torch.uint8), qk.values.view(torch.uint8)
+    out["quant_values_equal"] = bool(torch.equal(u8t, u8k))
+    out["quant_values_differing"] = int((u8t != u8k).sum())
+    out["quant_scales_equal"] = bool(torch.equal(qt.scales, qk.scales))
+    out["quant_absmax_equal"] = all(bool(torch.equal(amax[a : a + (1 << 16)], x[a : a + (1 << 16)].float().abs().amax(dim=1)))
+                                    for a in range(0, x.shape[0], 1 << 16))
+    tiny = torch.finfo(torch.float64).tiny
+    out["quant_err_max_rel_diff"] = ((qk.err - qt.err).abs() / qt.err.clamp_min(tiny)).max().item()
+    out["quant_norm_max_rel_diff"] = ((qk.norm - qt.norm).abs() / qt.norm.clamp_min(tiny)).max().item()
+    ok_e = ok_n = True
+    for a in range(0, x.shape[0], 1 << 16):  # the bound's premise, recomputed in float64 from the kernel's values
+        b = min(x.shape[0], a + (1 << 16))
+        s = qk.scales[a:b]
+        x64 = x[a:b].double()
+        deq64 = qk.values[a:b].double() * s.double()[:, None]
+        deq32 = (qk.values[a:b].float() * s[:, None]).double()
+        e = torch.linalg.vector_norm(x64 - deq64, dim=1) + torch.linalg.vector_norm(deq64 - deq32, dim=1)
+        nm = torch.stack([torch.linalg.vector_norm(t, dim=1) for t in (x64, deq64, deq32)]).amax(0)
+        ok_e &= bool((qk.err[a:b] >= e).all())
+        ok_n &= bool((qk.norm[a:b] >= nm).all())
+    out["quant_err_bounds_recomputed"], out["quant_norm_bounds_recomputed"] = ok_e, ok_n
+    out["quant_page_scales_equal"] = bool(torch.equal(shard.page_scale, shard_t.page_scale))
+    out["quant_page_bounds_max_rel_diff"] = max(
+        ((a - b).abs() / b.clamp_min(tiny)).max().item() if b.numel() else 0.0
+        for a, b in ((shard.page_norm, shard_t.page_norm), (shard.page_err, shard_t.page_err)))
+    del qt, qk, shard_t
+    if exhaustive and dev.type == "cuda":
+        out.update(exhaustive_rounding(dev))
+    print(json.dumps(out), flush=True)
+    return out, shard
+
+
+def exhaustive_rounding(dev, chunk: int = 1 << 28) -> dict:
+    """The kernel's float32 -> e4m3 rounding (scale 1) on every float32 of magnitude <= 512
+    (bits 0 .. 0x44000000, both signs: denormals, every e4m3 tie, saturation above 448)
+    against torch's ``clamp(-448, 448).to(float8_e4m3fn)`` on the same device."""
+    from pipeline.score.triton_kernel import quantize_rows_triton
+
+    t0 = time.perf_counter()
+    top = 0x44000000
+    bad = 0
+    for sign in (0, -(1 << 31)):
+        for a in range(0, top, chunk):
+            bits = torch.arange(a, min(top, a + chunk), dtype=torch.int64, device=dev) + sign
+            n = bits.numel() // DIM * DIM
+            x = bits.to(torch.int32)[:n].view(torch.float32).view(-1, DIM)
+            v, _, _ = quantize_rows_triton(x, torch.ones(x.shape[0], dtype=torch.float32, device=dev))
+            want = x.clamp(-448, 448).to(torch.float8_e4m3fn)
+            bad += int((v.view(torch.uint8) != want.view(torch.uint8)).sum())
+            del bits, x, v, want
+    return {"exhaustive_rounding_mismatches": bad, "exhaustive_rounding_values": 2 * (top // DIM * DIM),
+            "exhaustive_rounding_s": time.perf_counter() - t0}
 
 
 def accumulation_errors(Q: torch.Tensor, pages, shard, n_rows: int = 4096, n_pages: int = 500) -> dict:
@@ -264,14 +374,18 @@ def main() -> None:
                     help="--gpu: also time the fused FP8 kernel alone for these tiles, e.g. "
                          "'256,64,8,3;128,64,4,4;256,64,8,4,32' (BLOCK_M,BLOCK_N,warps,stages[,pages per group])")
     ap.add_argument("--tiny", action="store_true", help="with --gpu: CPU dry run (TRITON_INTERPRET=1), 30 pages x 3 queries")
+    ap.add_argument("--quant-only", action="store_true", help="with --gpu: the shard quantization comparison only")
+    ap.add_argument("--exhaustive-rounding", action="store_true",
+                    help="with --gpu: also check the kernel's rounding on every float32 of magnitude <= 512")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows = []
     if args.gpu:
         for model in args.models:
             cfgs = [tuple(int(x) for x in c.split(",")) for c in args.fp8_configs.split(";") if c.strip()]
-            rows.append(gpu_bench(30, 3, model, reps=1, fp8_configs=cfgs) if args.tiny
-                        else gpu_bench(args.gpu_pages, args.gpu_queries, model, args.reps, cfgs))
+            kw = {"quant_only": args.quant_only, "exhaustive": args.exhaustive_rounding}
+            rows.append(gpu_bench(30, 3, model, reps=1, fp8_configs=cfgs, **kw) if args.tiny
+                        else gpu_bench(args.gpu_pages, args.gpu_queries, model, args.reps, cfgs, **kw))
             print(json.dumps(rows[-1]), flush=True)
     else:
         for model in args.models:

@@ -85,7 +85,7 @@ import numpy as np
 import torch
 
 from pipeline.score.corpus import EMBEDDING_DIM
-from pipeline.score.packing import PackedPages, pack_flat
+from pipeline.score.packing import PackedPages, pack_flat, triton_available
 from pipeline.score.maxsim import maxsim_scores, topk_desc
 
 E4M3_MAX = 448.0
@@ -136,41 +136,74 @@ class Quantized:
         return self.values.to(torch.float32) * self.scales[:, None]
 
 
-def quantize_rows(x: torch.Tensor, block_rows: int = 1 << 16, groups: torch.Tensor | None = None) -> Quantized:
+QUANTIZE_BACKENDS = ("triton", "torch")
+
+
+def quantize_backend(x: torch.Tensor) -> str:
+    """``"triton"`` (the fused kernel of :func:`pipeline.score.triton_kernel.quantize_rows_triton`)
+    for CUDA rows of a dtype and width it takes when Triton is importable, else ``"torch"``."""
+    ok = (x.is_cuda and x.ndim == 2 and x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+          and x.shape[1] > 0 and not x.shape[1] & (x.shape[1] - 1) and hasattr(torch, "float8_e4m3fn"))
+    return "triton" if ok and triton_available() else "torch"
+
+
+def quantize_rows(x: torch.Tensor, block_rows: int = 1 << 16, groups: torch.Tensor | None = None,
+                  backend: str | None = None) -> Quantized:
     """``(n, 128)`` float16/bfloat16/float32/float64 -> float8_e4m3fn with measured errors.
 
     One scale per row, ``max|x| / 448``; with ``groups`` (``(n,)`` int64, a group id per
     row, e.g. its page), every row of a group takes the largest scale of the group, so the
     fused candidate kernel can scale a page's maximum once instead of every dot product.
-    The bound is unaffected: ``err`` and ``norm`` are measured per row whatever the scale."""
+    The bound is unaffected: ``err`` and ``norm`` are measured per row whatever the scale.
+
+    ``backend``: ``"torch"`` (blocks of ``block_rows`` rows, float64 temporaries; the CPU
+    path and the reference) or ``"triton"`` (one pass of a fused kernel after a pass for
+    the row maxima: the same FP8 values bit for bit, ``err``/``norm`` the same float64
+    formulas summed in another order); default :func:`quantize_backend`. Under Triton's
+    interpreter (``TRITON_INTERPRET=1``) ``"triton"`` runs on CPU tensors too. On an H200, a
+    20,000-page shard (14.3M rows): 8.0 ms with the kernel, 173 ms with torch, same bits
+    (pipeline/score/triton_kernel.py, "FP8 quantization")."""
     if x.ndim != 2:
         raise ValueError(f"expected (n, {EMBEDDING_DIM}), got {tuple(x.shape)}")
+    backend = backend or quantize_backend(x)
+    if backend not in QUANTIZE_BACKENDS:
+        raise ValueError(f"backend must be one of {QUANTIZE_BACKENDS}, got {backend!r}")
     n = x.shape[0]
-    values = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    err = torch.empty(n, dtype=torch.float64, device=x.device)
-    norm = torch.empty(n, dtype=torch.float64, device=x.device)
-    amax = torch.empty(n, dtype=torch.float32, device=x.device)
-    for a in range(0, n, block_rows):
-        amax[a : min(n, a + block_rows)] = x[a : a + block_rows].to(torch.float32).abs().amax(dim=1)
+    if backend == "triton":
+        from pipeline.score.triton_kernel import quantize_rows_triton, row_absmax_triton
+
+        amax = row_absmax_triton(x)
+    else:
+        amax = torch.empty(n, dtype=torch.float32, device=x.device)
+        for a in range(0, n, block_rows):
+            amax[a : min(n, a + block_rows)] = x[a : a + block_rows].to(torch.float32).abs().amax(dim=1)
     if groups is not None and n:
         groups = groups.to(device=x.device, dtype=torch.int64)
         gmax = torch.zeros(int(groups.max()) + 1, dtype=torch.float32, device=x.device)
         amax = gmax.scatter_reduce_(0, groups, amax, "amax")[groups]
     scales = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    for a in range(0, n, block_rows):
-        b = min(n, a + block_rows)
-        xf = x[a:b].to(torch.float32)
-        s = scales[a:b]
-        v = (xf / s[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-        x64 = x[a:b].to(torch.float64)
-        deq64 = v.to(torch.float64) * s.to(torch.float64)[:, None]  # exact: 4 x 24 bits
-        deq32 = (v.to(torch.float32) * s[:, None]).to(torch.float64)
-        e = torch.linalg.vector_norm(x64 - deq64, dim=1) + torch.linalg.vector_norm(deq64 - deq32, dim=1)
-        nm = torch.maximum(torch.linalg.vector_norm(x64, dim=1), torch.linalg.vector_norm(deq64, dim=1))
-        nm = torch.maximum(nm, torch.linalg.vector_norm(deq32, dim=1))
-        if not (torch.isfinite(e).all() and torch.isfinite(nm).all()):
+    if backend == "triton":
+        values, err, norm = quantize_rows_triton(x, scales)
+        if not bool(torch.isfinite(err).all() & torch.isfinite(norm).all()):  # one check, one sync
             raise ValueError("NaN or Inf in the embeddings: FP8 scoring needs finite vectors")
-        values[a:b], err[a:b], norm[a:b] = v, e, nm
+    else:
+        values = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        err = torch.empty(n, dtype=torch.float64, device=x.device)
+        norm = torch.empty(n, dtype=torch.float64, device=x.device)
+        for a in range(0, n, block_rows):
+            b = min(n, a + block_rows)
+            xf = x[a:b].to(torch.float32)
+            s = scales[a:b]
+            v = (xf / s[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+            x64 = x[a:b].to(torch.float64)
+            deq64 = v.to(torch.float64) * s.to(torch.float64)[:, None]  # exact: 4 x 24 bits
+            deq32 = (v.to(torch.float32) * s[:, None]).to(torch.float64)
+            e = torch.linalg.vector_norm(x64 - deq64, dim=1) + torch.linalg.vector_norm(deq64 - deq32, dim=1)
+            nm = torch.maximum(torch.linalg.vector_norm(x64, dim=1), torch.linalg.vector_norm(deq64, dim=1))
+            nm = torch.maximum(nm, torch.linalg.vector_norm(deq32, dim=1))
+            if not (torch.isfinite(e).all() and torch.isfinite(nm).all()):
+                raise ValueError("NaN or Inf in the embeddings: FP8 scoring needs finite vectors")
+            values[a:b], err[a:b], norm[a:b] = v, e, nm
     # Norms are float64 sums of squares: relative error ~1e-15; widen by 1e-12.
     return Quantized(values, scales, err * (1 + 1e-12), norm * (1 + 1e-12))
 
@@ -206,12 +239,13 @@ class Fp8Pages:
     _emulated: PackedPages | None = None
 
     @classmethod
-    def from_packed(cls, pages: PackedPages) -> "Fp8Pages":
+    def from_packed(cls, pages: PackedPages, backend: str | None = None) -> "Fp8Pages":
+        """Quantize a packed shard (one scale per page); ``backend``: of :func:`quantize_rows`."""
         t0 = time.perf_counter()
         row_page = torch.repeat_interleave(
             torch.arange(pages.n_pages, device=pages.device),
             (pages.offsets[1:] - pages.offsets[:-1]).to(pages.device))
-        q = quantize_rows(pages.vectors, groups=row_page)
+        q = quantize_rows(pages.vectors, groups=row_page, backend=backend)
         page_scale = torch.ones(pages.n_pages, dtype=torch.float32, device=pages.device)
         page_scale[row_page] = q.scales  # every row of a page has the page's scale
         page_norm = torch.zeros(pages.n_pages, dtype=torch.float64, device=pages.device)

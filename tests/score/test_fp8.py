@@ -257,3 +257,18 @@ def test_one_fp8_scale_per_page():
     per_row = fp8.quantize_rows(P.vectors)  # without groups: each row its own scale
     rows2 = slice(int(P.offsets[2]), int(P.offsets[3]))
     assert len(set(per_row.scales[rows2].tolist())) > 1
+
+
+def test_quantize_backends_on_cpu():
+    """On CPU the default is the torch path; the Triton kernel is chosen only for CUDA rows
+    (its equality with the torch path is tested in Triton's interpreter:
+    tests/score/test_triton_configs.py); an unknown backend is refused."""
+    x = torch.randn(10, 128, dtype=torch.float16)
+    assert fp8.quantize_backend(x) == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        fp8.quantize_rows(x, backend="cuda")
+    a, b = fp8.quantize_rows(x), fp8.quantize_rows(x, backend="torch")
+    assert torch.equal(a.values.view(torch.uint8), b.values.view(torch.uint8)) and torch.equal(a.err, b.err)
+    P = pack_pages([x[:4].numpy(), x[4:].numpy()])
+    s1, s2 = fp8.Fp8Pages.from_packed(P), fp8.Fp8Pages.from_packed(P, backend="torch")
+    assert torch.equal(s1.page_err, s2.page_err) and torch.equal(s1.page_scale, s2.page_scale)

@@ -228,3 +228,97 @@ def test_fp8_page_scales_in_every_mode():
         "    assert torch.equal(got, want), (cfg, (got - want).abs().max())\n"
         "print('OK')\n"
     )
+
+
+def test_fp8_quantization_kernel_equals_torch_in_interpreter():
+    """quantize_rows' fused kernel (backend="triton") against its torch path (the reference):
+    the same float8_e4m3fn bits, the same scales, err/norm within 1e-9 of torch's and never
+    below the float64 values recomputed from the kernel's own FP8 values (the bound's
+    premise), on float16/bfloat16/float32/float64 rows with zeros, a huge value, values in
+    e4m3's subnormal range and pages of several rows (groups); rounding checked directly on
+    every e4m3 tie, its float32 neighbours, saturation and float32 denormals; NaN/Inf refused.
+    One interpreter process for all of it (a few seconds)."""
+    _interpret("""
+import numpy as np, torch
+from pipeline.score import fp8
+from pipeline.score.triton_kernel import quantize_rows_triton, row_absmax_triton
+
+def recomputed(x, q):
+    x64 = x.double(); s = q.scales
+    deq64 = q.values.double() * s.double()[:, None]
+    deq32 = (q.values.float() * s[:, None]).double()
+    e = torch.linalg.vector_norm(x64 - deq64, dim=1) + torch.linalg.vector_norm(deq64 - deq32, dim=1)
+    n = torch.stack([torch.linalg.vector_norm(t, dim=1) for t in (x64, deq64, deq32)]).amax(0)
+    return e, n
+
+def check(x, groups=None, name=""):
+    got = fp8.quantize_rows(x, groups=groups, backend="triton")
+    want = fp8.quantize_rows(x, groups=groups, backend="torch")
+    assert got.values.dtype == torch.float8_e4m3fn and got.err.dtype == got.norm.dtype == torch.float64, name
+    assert torch.equal(got.values.view(torch.uint8), want.values.view(torch.uint8)), (name, (
+        got.values.view(torch.uint8) != want.values.view(torch.uint8)).nonzero()[:5])
+    assert torch.equal(got.scales, want.scales), name
+    e, n = recomputed(x, got)
+    assert bool((got.err >= e).all()) and bool((got.norm >= n).all()), name
+    torch.testing.assert_close(got.err, want.err, rtol=1e-9, atol=0, msg=name)
+    torch.testing.assert_close(got.norm, want.norm, rtol=1e-9, atol=0, msg=name)
+    return got
+
+# 1. Rounding alone (scale 1): every e4m3 value, the midpoints between neighbours (ties: to
+# even), their float32 neighbours, beyond 448 (saturates), -0.0, float32 denormals.
+vals = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+mids = (vals[1:] + vals[:-1]) / 2
+pts = torch.cat([vals, mids, torch.tensor([448.0, 464.0, 470.0, 480.0, 1e4, 3e38, 2.0**-10, 2.0**-11, 1e-40, 2.0**-149])])
+inf = torch.tensor(float("inf"))
+pts = torch.cat([pts, torch.nextafter(pts, inf), torch.nextafter(pts, -inf)]).clamp_min(0)
+pts = torch.cat([pts, -pts, torch.tensor([0.0, -0.0])])
+pts = torch.cat([pts, torch.zeros((-len(pts)) % 128)]).view(-1, 128)
+ones = torch.ones(pts.shape[0])
+v, e, n = quantize_rows_triton(pts, ones)
+want = pts.clamp(-448, 448).to(torch.float8_e4m3fn)
+assert torch.equal(v.view(torch.uint8), want.view(torch.uint8)), (pts[v.view(torch.uint8) != want.view(torch.uint8)][:8])
+assert torch.equal(v.float(), want.float()) and (v.view(torch.uint8) & 0x7F != 0x7F).all()  # no NaN code
+# odd scales: the division must be correctly rounded (a reciprocal or div.full would differ)
+g = torch.Generator().manual_seed(5)
+xs = torch.randn(64, 128, generator=g) * 10.0 ** torch.randint(-6, 4, (64, 1), generator=g)
+sc = (torch.rand(64, generator=g) + 0.5) * 10.0 ** torch.randint(-8, 2, (64,), generator=g).float()
+v, _, _ = quantize_rows_triton(xs, sc)
+assert torch.equal(v.view(torch.uint8), (xs / sc[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
+
+# 2. quantize_rows, kernel against torch, on the shapes of a shard.
+x = torch.randn(300, 128, generator=g)
+x[3] = 0                                    # a row of zeros (scale 1)
+x[4] = 0; x[4, 7] = 6e4                     # one huge value, the rest zeros
+x[5] = torch.randn(128, generator=g) * 1e-3; x[5, 0] = 60.0   # most of the row in e4m3's subnormal range
+x[6] = torch.randn(128, generator=g) * 1e-7                    # float16 subnormals
+x[7] = 65504.0; x[8] = -65504.0            # float16's largest
+x[9, ::2] = -0.0; x[9, 1::2] = 0.0
+x16 = x.half()
+assert torch.equal(row_absmax_triton(x16), x16.float().abs().amax(1))
+q = check(x16, name="float16 per row")
+assert q.err[3] == 0 and q.norm[3] == 0 and q.scales[3] == 1
+lengths = torch.randint(1, 40, (30,), generator=g)
+groups = torch.repeat_interleave(torch.arange(30), lengths)[:300]
+groups = torch.cat([groups, torch.full((300 - len(groups),), 30)])
+x16g = x16.clone(); x16g[groups == 2] *= torch.logspace(-4, 0, int((groups == 2).sum())).half()[:, None]
+check(x16g, groups, "float16 pages")
+check(x16g[torch.randperm(300, generator=g)], groups, "groups not contiguous")
+check(x.bfloat16(), groups, "bfloat16 pages")
+check(x * 1e-30, name="float32 tiny")
+check(x.double() * 1e-3, groups, "float64")
+check(torch.randn(200, 256, generator=g).half()[:, ::2], name="strided rows")
+check(x16[:0], name="no rows")
+check(x16[:1], groups[:1], name="one row")
+
+# 3. NaN and Inf refused, as by the torch path.
+for bad in (float("nan"), float("inf"), float("-inf")):
+    y = x16.clone(); y[11, 5] = bad
+    for backend in ("triton", "torch"):
+        try:
+            fp8.quantize_rows(y, groups=groups, backend=backend)
+        except ValueError as exc:
+            assert "NaN or Inf" in str(exc)
+        else:
+            raise AssertionError((bad, backend))
+print("OK")
+""")
