@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +28,6 @@ from pipeline.cluster import available_host_bytes, visible_gpu_free_bytes
 from pipeline.score.corpus import ShardSpec, load_shard, set_decode_threads
 
 log = logging.getLogger(__name__)
-
-START_SWITCH_INTERVAL_S = 0.001  # the GIL's switch interval while the scorer starts (default 0.005)
 
 
 def _granted_gpu(device: str | None) -> bool:
@@ -74,13 +71,6 @@ class ShardScorer:
         self.scorer_import_s: float | None = None  # of which importing the scorer's module (torch)
         self._reported_start = False
         self._reader: ThreadPoolExecutor | None = None
-        # While the scorer's thread imports torch (pure Python, holding the GIL), the first shard's
-        # read and decode threads need the GIL back after every system call and Arrow call; at
-        # the default switch interval (5 ms) they queued behind the import (an H200 node: read
-        # and decode 1.3-1.5x slower during the start, 2026-12-04). A shorter interval while the
-        # scorer starts; the default again once it is built.
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(START_SWITCH_INTERVAL_S)
         threading.Thread(target=self._build, args=(t0, query_flat, query_lengths, k, options),
                          name="scorer-start", daemon=True).start()
 
@@ -94,7 +84,6 @@ class ShardScorer:
         except BaseException as exc:  # noqa: BLE001 - raised again by the call that needs the scorer
             self._error = exc
         self.scorer_start_s = time.perf_counter() - t0
-        sys.setswitchinterval(self._switch_interval)
         self._built.set()
 
     def _wait(self):
