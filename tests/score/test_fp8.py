@@ -164,9 +164,13 @@ def test_shard_scorer_fp8_equals_exact(tmp_path):
     c = open_corpus(corpus)
     spec = ShardSpec(0, tuple((f.path, 0, f.num_rows) for f in c.files), 51, sum(len(v) for v in page_vecs))
     flat, lengths = np.concatenate(queries), np.array([len(q) for q in queries])
-    exact, s0 = ShardScorer(corpus, None, flat, lengths, 4, device="cpu").score(spec)
-    got, s1 = ShardScorer(corpus, None, flat, lengths, 4, device="cpu", precision="fp8-exact-topk",
-                          query_batch_size=4).score(spec)
+    exact_scorer = ShardScorer(corpus, None, flat, lengths, 4, device="cpu")
+    exact, s0 = exact_scorer.score(spec)
+    fp8_scorer = ShardScorer(corpus, None, flat, lengths, 4, device="cpu", precision="fp8-exact-topk",
+                             query_batch_size=4)
+    got, s1 = fp8_scorer.score(spec)
+    # the warm-up ran each scorer's own paths before the first shard (fp8: its kernels too)
+    assert exact_scorer.warmed_up == ["exact"] and fp8_scorer.warmed_up == ["exact", "fp8-exact-topk"]
     assert got.equals(exact)
     assert s0["precision"] == "exact" and s1["precision"] == "fp8-exact-topk" and s1["dropped_empty_pages"] == 1
     assert len(s1["fp8_candidates_per_query"]) == 6 and s1["fp8_rescored_pairs"] < 6 * 50
