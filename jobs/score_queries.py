@@ -109,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                    help="MaxSim implementation: the fused Triton kernel on CUDA, torch elsewhere (default: auto)")
     s.add_argument("--precision", choices=SCORE_PRECISIONS, default="exact", help=PRECISION_HELP)
+    s.add_argument("--cache", action="store_true",
+                   help="keep a page-major float16 copy of each shard under CORPUS/_cache (rebuilt when missing, "
+                        "stale or damaged; the Parquet files stay the source of truth) and read it on later runs "
+                        "at storage speed with no decode (a 20,000-page shard: 0.6-0.7 s against ~2.5 s from "
+                        "Parquet on an H200 node). Needs write access beside the corpus and as much space as "
+                        "its float16 vectors; a read-only corpus is scored without it")
+    s.add_argument("--no-prefetch", dest="prefetch", action="store_false",
+                   help="do not read an actor's next shard while it scores this one (halves the host memory "
+                        "an actor holds; default: read ahead)")
     s.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start` cluster, or an embedded Ray)")
     s.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")

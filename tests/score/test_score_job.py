@@ -61,6 +61,20 @@ def test_help_teaches_the_options(capsys):
         assert word in text
 
 
+def test_cache_and_read_ahead_are_command_line_options():
+    """--cache and --no-prefetch reach the job's configuration (what they do: the test below)."""
+    from pipeline.config import ScoreConfig
+
+    base = ["--corpus", "c", "--queries", "q.jsonl", "--output", "o", "--top-k", "3"]
+    parsed = vars(score_queries.build_parser().parse_args(base))
+    cfg = ScoreConfig(**{k: v for k, v in parsed.items() if k != "debug"})
+    assert cfg.cache is False and cfg.prefetch is True
+    parsed = vars(score_queries.build_parser().parse_args(base + ["--cache", "--no-prefetch"]))
+    cfg = ScoreConfig(**{k: v for k, v in parsed.items() if k != "debug"})
+    assert cfg.cache is True and cfg.prefetch is False
+    assert "CORPUS/_cache" in score_queries.build_parser().format_help()
+
+
 def test_results_equal_the_oracle_and_outputs_are_complete(ray_session, data, tmp_path):
     out = tmp_path / "run"
     results = run_job(data, out, "--shard-size-pages", "7", "--num-actors", "2", k=5)
