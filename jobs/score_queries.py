@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="do not read an actor's next shard while it scores this one (halves the host memory "
                         "an actor holds; default: read ahead)")
+    s.add_argument("--keep-scorers", type=float, default=0.0, metavar="SECONDS",
+                   help="keep the scoring actors (Ray detached actors, named by corpus and settings) for the "
+                        "next job on this cluster, each ending itself after SECONDS without a call: a later job "
+                        "of the same corpus, precision and actor settings skips their start (torch's import, "
+                        "CUDA, the kernels' first use: ~5-6 s on an H200 node). They hold their GPU (or CPUs) "
+                        "meanwhile, so an autoscaler keeps that node up; default 0: each job ends its own")
     s.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start` cluster, or an embedded Ray)")
     s.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")

@@ -201,6 +201,9 @@ class ScoreConfig:
     # read a worker's next shard while it scores this one
     cache: bool = False
     prefetch: bool = True
+    # keep the scoring actors for later jobs of the same corpus and settings on this cluster,
+    # ending each after this many seconds without a call (0: each job starts and ends its own)
+    keep_scorers: float = 0.0
 
     def __post_init__(self):
         problems = []
@@ -223,6 +226,8 @@ class ScoreConfig:
             problems.append(f"--backend must be auto, torch or triton, got {self.backend!r}")
         if self.precision not in SCORE_PRECISIONS:
             problems.append(f"--precision must be one of {', '.join(SCORE_PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.keep_scorers, (int, float)) or self.keep_scorers < 0:
+            problems.append(f"--keep-scorers must be a number of seconds >= 0 (0: off), got {self.keep_scorers!r}")
         if problems:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 

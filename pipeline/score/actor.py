@@ -16,6 +16,7 @@ to find the class, before the constructor runs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -28,6 +29,22 @@ from pipeline.cluster import available_host_bytes, visible_gpu_free_bytes
 from pipeline.score.corpus import ShardSpec, load_shard, set_decode_threads
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScoringJob:
+    """What one scoring job asks of every shard: its queries, k and query batch size, and how
+    long the actor should stay after the job's last call (0: the job ends it). Sent with every
+    :meth:`ShardScorer.score` call (one ``ray.put`` per job), so an actor kept from an earlier
+    job, or restarted by Ray and running its constructor's arguments again, scores this job's
+    queries."""
+
+    token: str  # unique per job
+    query_flat: object  # (sum(query_lengths), 128) float16
+    query_lengths: object  # (n_queries,) int64
+    k: int
+    query_batch_size: int = 0
+    keep_alive_s: float = 0.0
 
 
 def _granted_gpu(device: str | None) -> bool:
@@ -71,6 +88,12 @@ class ShardScorer:
         self.scorer_import_s: float | None = None  # of which importing the scorer's module (torch)
         self._reported_start = False
         self._reader: ThreadPoolExecutor | None = None
+        self._job: str | None = None  # token of the ScoringJob whose queries the scorer holds
+        self.jobs_served = 0
+        self._keep_alive_s = float(options.pop("keep_alive_s", 0.0))  # also from each job (ScoringJob)
+        self._last_call = time.monotonic()
+        self._keeper: threading.Thread | None = None
+        self._start_keeper()  # from the constructor on: a kept actor that never gets a call ends too
         threading.Thread(target=self._build, args=(t0, query_flat, query_lengths, k, options),
                          name="scorer-start", daemon=True).start()
 
@@ -113,10 +136,30 @@ class ShardScorer:
         scorer sets how torch page-locks memory before anything is allocated)."""
         return self._wait().device.type == "cuda"
 
-    def score(self, spec: ShardSpec, next_spec: ShardSpec | None = None):
+    def _start_keeper(self) -> None:
+        if self._keep_alive_s > 0 and self._keeper is None and ray.is_initialized():
+            self._keeper = threading.Thread(target=self._keep_alive, name="keep-alive", daemon=True)
+            self._keeper.start()
+
+    def _keep_alive(self) -> None:
+        """Ends this actor (no restart) once it has had no call for ``keep_alive_s``: a scorer
+        kept for later jobs gives its GPU back to the cluster (and its autoscaler) when none came."""
+        while True:
+            idle = time.monotonic() - self._last_call
+            if self._keep_alive_s <= 0 or idle >= self._keep_alive_s:
+                break
+            time.sleep(min(5.0, max(0.05, self._keep_alive_s - idle)))
+        if self._keep_alive_s > 0:
+            log.info("no scoring call for %.0f s: this kept scorer ends", self._keep_alive_s)
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        self._keeper = None
+
+    def score(self, spec: ShardSpec, next_spec: ShardSpec | None = None, job: ScoringJob | None = None):
         """:meth:`pipeline.score.scorer.ShardScorer.score`; the first call reads ``spec``
-        while the scorer is still being built."""
+        while the scorer is still being built. ``job``: the job's queries (and k, batch size,
+        keep-alive), given to the scorer when they are not the ones it holds."""
         t0 = time.perf_counter()
+        self._last_call = time.monotonic()
         early = None
         if not self._built.is_set():
             if self._reader is None:
@@ -131,11 +174,22 @@ class ShardScorer:
                 early.cancel()
             raise
         start_wait = time.perf_counter() - t0
+        if job is not None and job.token != self._job:
+            scorer.set_queries(job.query_flat, job.query_lengths, job.k, job.query_batch_size)
+            self._job = job.token
+            self.jobs_served += 1
+        if job is not None:
+            self._keep_alive_s = job.keep_alive_s
+            self._start_keeper()
         if early is not None:
             scorer._footers = self._footers  # the same dict: the load may still be adding to it
             scorer.preload(spec, early)
-        out, stats = scorer.score(spec, next_spec)
+        try:
+            out, stats = scorer.score(spec, next_spec)
+        finally:
+            self._last_call = time.monotonic()
         self._calls += 1
+        stats["actor_reused"] = self.jobs_served > 1  # this actor had served an earlier job (--keep-scorers)
         stats["pid"] = os.getpid()
         stats["after_actor_restart"] = self._restarted and self._calls == 1
         stats["start_wait_s"] = start_wait

@@ -9,7 +9,11 @@ Outputs under ``cfg.output``: results.parquet, run.trec, query_embeddings.parque
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import logging
+import os
+import uuid
 import time
 
 import numpy as np
@@ -23,7 +27,7 @@ from pipeline.score.corpus import (auto_pages_per_shard, cache_uri_of, check_com
                                    open_corpus, plan_shards, read_vector_counts)
 from pipeline.score.merge import QUERY_INDEX, empty_candidates, merge_topk
 from pipeline.score.queries import read_queries, read_query_embeddings
-from pipeline.score.actor import ShardScorer
+from pipeline.score.actor import ScoringJob, ShardScorer
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,24 @@ PRINTED_SUMMARY_KEYS = ("n_queries", "n_pages", "n_shards", "n_results", "pages_
 # ``max_restarts`` in Ray; the bound stops a shard that kills its worker every time (e.g.
 # out of memory) from looping forever: then ray.get raises ActorDiedError and the job fails.
 MAX_ACTOR_RESTARTS = 4
+
+
+KEPT_SCORER_NAMESPACE = "vdr-scoring"
+
+
+def _kept_scorer_name(cfg: ScoreConfig, corpus_uri: str, cache_uri: str | None, gpus_per_actor: float) -> str:
+    """The name (prefix) of the scoring actors that ``--keep-scorers`` keeps: the same only for
+    a job of the same corpus, endpoint, settings the actors are built with, and scoring code
+    (a changed pipeline/score is another name: an actor never runs stale code)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = hashlib.sha1()
+    for f in sorted(os.listdir(here)):
+        if f.endswith(".py"):
+            with open(os.path.join(here, f), "rb") as fh:
+                code.update(f.encode() + fh.read())
+    key = json.dumps([corpus_uri, cfg.endpoint_url, cache_uri, cfg.backend, cfg.precision, cfg.cpus_per_actor,
+                      gpus_per_actor, code.hexdigest()])
+    return "vdr-scorer-" + hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
 def _cluster_defaults(cfg: ScoreConfig) -> tuple[int, float, str]:
@@ -194,6 +216,7 @@ def run(cfg: ScoreConfig) -> dict:
     actors: list = []
     q_refs: list = []
     created_at: list[float] = []  # time.time() each actor was asked for
+    kept_name = _kept_scorer_name(cfg, corpus.uri, cache_uri, gpus_per_actor) if cfg.keep_scorers else None
 
     def start_actors(n: int) -> None:
         emb_col = query_emb.column(schema.EMBEDDING).combine_chunks()
@@ -202,14 +225,20 @@ def run(cfg: ScoreConfig) -> dict:
             bad = query_emb.column(schema.QUERY_ID).filter(pa.array(q_lengths == 0)).to_pylist()
             raise ValueError(f"queries {bad[:5]} have no vectors; their embeddings are empty")
         q_flat = emb_col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, schema.EMBEDDING_DIM)
-        q_refs[:] = [ray.put(q_flat), ray.put(q_lengths), int(q_lengths.sum())]
+        q_refs[:] = [ray.put(q_flat), ray.put(q_lengths), int(q_lengths.sum()),
+                     ray.put(ScoringJob(uuid.uuid4().hex, q_flat, q_lengths, cfg.top_k, cfg.query_batch_size,
+                                        float(cfg.keep_scorers)))]
         created_at.extend([time.time()] * n)
-        actors.extend(
-            Scorer.options(**actor_options, max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=-1).remote(
+        for i in range(n):
+            # kept scorers: named per corpus, settings and code, detached (they outlive this job),
+            # taken over by the next job that asks for the same name
+            kept = ({"name": f"{kept_name}-{i}", "namespace": KEPT_SCORER_NAMESPACE, "lifetime": "detached",
+                     "get_if_exists": True} if kept_name else {})
+            actors.append(Scorer.options(**actor_options, **kept, max_restarts=MAX_ACTOR_RESTARTS,
+                                         max_task_retries=-1).remote(
                 corpus.uri, cfg.endpoint_url, q_refs[0], q_refs[1], cfg.top_k,
                 query_batch_size=cfg.query_batch_size, backend=cfg.backend, cpu_threads=cpu_threads,
-                cache_uri=cache_uri, precision=cfg.precision)
-            for _ in range(n))
+                cache_uri=cache_uri, precision=cfg.precision, keep_alive_s=float(cfg.keep_scorers)))
 
     early = embed_ref is None and corpus.num_rows > 0 and queries.num_rows > 0
     if early:
@@ -279,9 +308,12 @@ def run(cfg: ScoreConfig) -> dict:
     if actors:
         # how long Ray took to give each actor a process (its constructor's start; same node clock
         # when the driver runs on the head node, as ray job submit and local runs do)
-        actor_spawn_s = [round(t - c, 3) for t, c in zip(ray.get([a.ready.remote() for a in actors]), created_at)]
+        # (an actor kept from an earlier job started before this job asked for it)
+        spawned = [t - c for t, c in zip(ray.get([a.ready.remote() for a in actors]), created_at)]
+        actor_spawn_s = [round(t, 3) for t in spawned if t >= 0]
+        n_reused = sum(t < 0 for t in spawned)
     else:
-        actor_spawn_s = []
+        actor_spawn_s, n_reused = [], 0
     phase("actor_start")
 
     # Score: each actor takes the next shard when it is free and is told the one after it
@@ -293,12 +325,13 @@ def run(cfg: ScoreConfig) -> dict:
     fp8_candidates = np.zeros(queries.num_rows, dtype=np.int64)  # pages within the FP8 bound, per query
     if shards and queries.num_rows:
         pending = collections.deque(shards)
+        failed = False
         reserved: dict[int, object] = {}
         inflight: dict = {}
 
         def submit(i: int, spec, nxt) -> None:
             reserved[i] = nxt
-            inflight[actors[i].score.remote(spec, nxt)] = i
+            inflight[actors[i].score.remote(spec, nxt, q_refs[3])] = i
 
         first = [pending.popleft() for _ in range(min(len(actors), len(pending)))]
         for i, spec in enumerate(first):
@@ -327,12 +360,20 @@ def run(cfg: ScoreConfig) -> dict:
                          ", retried on a restarted actor" if stats["after_actor_restart"] else "",
                          pages_done, corpus.num_rows, pages_done / max(elapsed, 1e-9))
         except ray.exceptions.ActorDiedError as exc:
+            failed = True
             raise RuntimeError(
                 f"a scoring actor died more than {MAX_ACTOR_RESTARTS} times (not counting node preemptions); "
                 f"{len(shard_stats)}/{len(shards)} shards were scored: {exc}") from exc
+        except BaseException:
+            failed = True
+            raise
         finally:
-            for a in actors:
-                ray.kill(a)  # no_restart=True: the end of the job is not a failure to recover from
+            if failed or not kept_name:
+                for a in actors:
+                    ray.kill(a)  # no_restart=True: the end of the job is not a failure to recover from
+            else:
+                log.info("keeping %d scoring actor(s) %s-* for the next job (each ends after %.0f s without a call)",
+                         len(actors), kept_name, cfg.keep_scorers)
     t_score = time.perf_counter() - t0
     phase("scoring")
     phases["scoring"] = round(phases["scoring"] - t_merge, 4)
@@ -381,6 +422,8 @@ def run(cfg: ScoreConfig) -> dict:
     phase("write")
     summary["phases"] = phases
     summary["actor_spawn_s"] = actor_spawn_s
+    summary["keep_scorers"] = cfg.keep_scorers
+    summary["n_actors_reused"] = n_reused
     summary["shard_phases"] = _shard_phases(shard_stats)
     summary["total_s"] = round(time.perf_counter() - t_start, 3)
     storage.write_json(storage.join_uri(cfg.output, schema.SUMMARY_FILE), summary, cfg.endpoint_url)

@@ -130,9 +130,7 @@ class ShardScorer:
         if cpu_threads and self.device.type == "cpu":
             torch.set_num_threads(cpu_threads)
         set_decode_threads(cpu_threads, on_gpu=self.device.type == "cuda")
-        offsets = np.zeros(len(query_lengths) + 1, dtype=np.int64)
-        np.cumsum(query_lengths, out=offsets[1:])
-        self.queries = [np.asarray(query_flat[offsets[i] : offsets[i + 1]]) for i in range(len(query_lengths))]
+        self.set_queries(query_flat, query_lengths, k, query_batch_size)
         log.info("ShardScorer on %s (%s), %d queries, k=%d", self.device,
                  torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                  len(self.queries), k)
@@ -148,6 +146,14 @@ class ShardScorer:
 
             self._warm = threading.Thread(target=self._warm_up, name="scorer-warm-up", daemon=True)
             self._warm.start()
+
+    def set_queries(self, query_flat: np.ndarray, query_lengths: np.ndarray, k: int, query_batch_size: int = 0) -> None:
+        """The queries (and k, batch size) every later :meth:`score` call runs: a scorer kept
+        between jobs (``--keep-scorers``) is given each job's own."""
+        offsets = np.zeros(len(query_lengths) + 1, dtype=np.int64)
+        np.cumsum(query_lengths, out=offsets[1:])
+        self.queries = [np.asarray(query_flat[offsets[i] : offsets[i + 1]]) for i in range(len(query_lengths))]
+        self.k, self.query_batch_size = k, query_batch_size
 
     def _warm_up(self) -> None:
         t = time.perf_counter()

@@ -110,3 +110,20 @@ def test_gpu_memory_without_torch():
     free = visible_gpu_free_bytes({"CUDA_VISIBLE_DEVICES": "0"})
     assert free is None or free >= 0  # None on this CPU machine (no driver)
     assert available_host_bytes() > 0
+
+
+def test_each_call_scores_its_jobs_queries(tmp_path):
+    """The job's queries travel with every call: an actor built with another job's queries (a
+    kept scorer, or one Ray restarted and built again from its first job's arguments) scores
+    the queries of the job that calls it."""
+    uri, spec, qflat, qlen = _corpus(tmp_path)
+    rng = np.random.default_rng(9)
+    other = [(x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+             for x in (rng.standard_normal((4, 128)) for _ in range(3))]
+    oflat, olen = np.concatenate(other), np.array([len(x) for x in other])
+    want, _ = ShardScorer(uri, None, oflat, olen, 2, device="cpu").score(spec)
+    front = actor.ShardScorer(uri, None, qflat, qlen, 3, device="cpu")  # built with the first job's queries
+    first, _ = front.score(spec, job=actor.ScoringJob("job-1", qflat, qlen, 3))
+    got, stats = front.score(spec, job=actor.ScoringJob("job-2", oflat, olen, 2))
+    assert got.equals(want) and not first.equals(got)
+    assert stats["actor_reused"] and front.jobs_served == 2
