@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--shard-size-pages", default="auto")
     ap.add_argument("--cache", action="store_true", help="ScoreConfig(cache=True): page-major cache")
     ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--keep-scorers", type=float, default=0.0,
+                    help="ScoreConfig(keep_scorers=S): runs after the first take over its actors")
     ap.add_argument("--precision", default="exact", help="ScoreConfig.precision: exact or fp8-exact-topk")
     ap.add_argument("--dir", default="")
     ap.add_argument("--num-cpus", type=int, default=0, help="CPUs of the embedded Ray (0: all)")
@@ -188,6 +190,8 @@ def main() -> None:
         extra["cache"] = True
     if args.precision != "exact":
         extra["precision"] = args.precision
+    if args.keep_scorers:
+        extra["keep_scorers"] = args.keep_scorers
     if args.no_prefetch:
         extra["prefetch"] = False
     shard = args.shard_size_pages if args.shard_size_pages == "auto" else int(args.shard_size_pages)
@@ -200,7 +204,8 @@ def main() -> None:
         summary = flow.run(cfg)
         wall = time.perf_counter() - t0
         keep = {k: summary.get(k) for k in ("total_s", "scoring_s", "embed_queries_s", "phases", "shard_phases",
-                                            "n_shards", "shard_size_pages", "num_actors", "devices", "fp8")}
+                                            "n_shards", "shard_size_pages", "num_actors", "devices", "fp8",
+                                            "actor_spawn_s", "n_actors_reused")}
         keep["wall_s"] = round(wall, 3)
         keep["shards"] = [{k: v for k, v in s.items() if k.endswith("_s") or k in ("source", "prefetched", "read_during_start")}
                           for s in summary["shards"]]
@@ -210,6 +215,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "host": platform.node(), "cpus": os.cpu_count(),
         "pages": args.pages, "files": args.files, "vectors": n_vectors, "queries": args.queries,
         "query_vectors": args.query_vectors, "cache": args.cache, "precision": args.precision, "prefetch": not args.no_prefetch,
+        "keep_scorers": args.keep_scorers,
         "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip(),
         "code": os.path.dirname(os.path.abspath(flow.__file__)),

@@ -15,7 +15,8 @@ import json
 import logging
 import sys
 
-from pipeline.config import PRECISION_HELP, SCORE_PRECISIONS, ScoreConfig
+from pipeline.config import (CACHE_HELP, KEEP_SCORERS_HELP, PRECISION_HELP, SCORE_PRECISIONS, ScoreConfig,
+                             shard_size_arg)
 
 DESCRIPTION = """\
 Score queries against a corpus embedded by jobs.embed_corpus, with exact MaxSim:
@@ -47,14 +48,6 @@ examples:
       --num-actors 4 --gpus-per-actor 1 --shard-size-pages 50000
   # MinIO / moto / Ceph: --endpoint-url http://host:9000 (or AWS_ENDPOINT_URL)
 """
-
-
-def _shard_size(value: str) -> int | str:
-    if value == "auto":
-        return value
-    if not value.strip().isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"--shard-size-pages must be a positive integer or 'auto', got {value!r}")
-    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score even if the corpus was embedded with another model, query prompt or token budget, "
                         "or mixes pool factors (pooled and unpooled files) or precisions (--precision fp8 and default)")
     s = p.add_argument_group("sharding and actors")
-    s.add_argument("--shard-size-pages", type=_shard_size, default="auto", metavar="N|auto",
+    s.add_argument("--shard-size-pages", type=shard_size_arg, default="auto", metavar="N|auto",
                    help="pages per corpus shard; 'auto' sizes a shard to 30%% of the free memory of one worker "
                         "(GPU memory on GPU actors, RAM on CPU), and makes at least one shard per actor")
     s.add_argument("--query-batch-size", type=int, default=0, metavar="N",
@@ -109,21 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                    help="MaxSim implementation: the fused Triton kernel on CUDA, torch elsewhere (default: auto)")
     s.add_argument("--precision", choices=SCORE_PRECISIONS, default="exact", help=PRECISION_HELP)
-    s.add_argument("--cache", action="store_true",
-                   help="keep a page-major float16 copy of each shard under CORPUS/_cache (rebuilt when missing, "
-                        "stale or damaged; the Parquet files stay the source of truth) and read it on later runs "
-                        "at storage speed with no decode (a 20,000-page shard: 0.6-0.7 s against ~2.5 s from "
-                        "Parquet on an H200 node). Needs write access beside the corpus and as much space as "
-                        "its float16 vectors; a read-only corpus is scored without it")
+    s.add_argument("--cache", action="store_true", help=CACHE_HELP)
     s.add_argument("--no-prefetch", dest="prefetch", action="store_false",
-                   help="do not read an actor's next shard while it scores this one (halves the host memory "
-                        "an actor holds; default: read ahead)")
-    s.add_argument("--keep-scorers", type=float, default=0.0, metavar="SECONDS",
-                   help="keep the scoring actors (Ray detached actors, named by corpus and settings) for the "
-                        "next job on this cluster, each ending itself after SECONDS without a call: a later job "
-                        "of the same corpus, precision and actor settings skips their start (torch's import, "
-                        "CUDA, the kernels' first use: ~5-6 s on an H200 node). They hold their GPU (or CPUs) "
-                        "meanwhile, so an autoscaler keeps that node up; default 0: each job ends its own")
+                   help="do not read an actor's next shard while it scores this one (less host memory)")
+    s.add_argument("--keep-scorers", type=float, default=0.0, metavar="SECONDS", help=KEEP_SCORERS_HELP)
     s.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start` cluster, or an embedded Ray)")
     s.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
