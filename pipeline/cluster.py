@@ -286,6 +286,13 @@ def available_host_bytes() -> int:
 NVML_CONTEXT_RESERVE_BYTES = 1 << 30
 
 
+def _mig_enabled(pynvml, handle) -> bool:
+    try:
+        return bool(pynvml.nvmlDeviceGetMigMode(handle)[0])
+    except Exception:  # noqa: BLE001 - a GPU without MIG (NotSupported), an old binding
+        return False
+
+
 def visible_gpu_free_bytes(environ=os.environ) -> int | None:
     """Free memory of the GPUs this process may use (``CUDA_VISIBLE_DEVICES``, as Ray sets it
     for a GPU actor), the smallest of them, through NVML: no torch and no CUDA context needed,
@@ -295,8 +302,10 @@ def visible_gpu_free_bytes(environ=os.environ) -> int | None:
     then ask torch (:func:`torch.cuda.mem_get_info`).
 
     Which NVML device an index names: NVML counts in PCI bus order, CUDA by default fastest
-    first, so on a node with mixed GPUs an index may name another one; taking the smallest
-    of the visible devices keeps the answer safe for shard sizing, not exact."""
+    first (``CUDA_DEVICE_ORDER``); the two agree where every GPU of the node is the same model,
+    so on a node with mixed GPUs, indices answer None unless ``CUDA_DEVICE_ORDER=PCI_BUS_ID``
+    (an index there may name another GPU, with more free memory than this process's). A GPU
+    in MIG mode answers None too: the process gets one slice of it, not its free memory."""
     visible = environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and not visible.strip():
         return None
@@ -309,16 +318,24 @@ def visible_gpu_free_bytes(environ=os.environ) -> int | None:
     except Exception:  # noqa: BLE001 - no driver / library: the caller asks torch
         return None
     try:
+        every = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         if visible is None:
-            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            handles = every
         else:
-            handles = []
+            handles, by_index = [], False
             for d in (x.strip() for x in visible.split(",")):
                 if d.startswith("MIG-"):
                     return None
-                handles.append(pynvml.nvmlDeviceGetHandleByUUID(d) if d.startswith("GPU-")
-                               else pynvml.nvmlDeviceGetHandleByIndex(int(d)))
-        if not handles:
+                if d.startswith("GPU-"):
+                    handles.append(pynvml.nvmlDeviceGetHandleByUUID(d))
+                else:
+                    handles.append(pynvml.nvmlDeviceGetHandleByIndex(int(d)))
+                    by_index = True
+            if by_index and environ.get("CUDA_DEVICE_ORDER") != "PCI_BUS_ID" and len(
+                    {(str(pynvml.nvmlDeviceGetName(h)), int(pynvml.nvmlDeviceGetMemoryInfo(h).total))
+                     for h in every}) > 1:
+                return None  # mixed GPUs: CUDA's index i need not be NVML's
+        if not handles or any(_mig_enabled(pynvml, h) for h in handles):
             return None
         free = min(int(pynvml.nvmlDeviceGetMemoryInfo(h).free) for h in handles)
         return max(0, free - NVML_CONTEXT_RESERVE_BYTES)

@@ -532,6 +532,8 @@ def _read_cache(key: str, cache_uri: str, endpoint_url: str | None, pinned=False
         if info.get("vdr.cache.version") != CACHE_VERSION or size != want or int(info.get("vdr.cache.bytes", -1)) != want:
             log.warning("page cache %s is stale or damaged (%s bytes, expected %d); rebuilding it", raw_uri, size, want)
             return None
+        if callable(pinned):  # the wait for the answer (the scorer's start) is not the allocation's time
+            pinned = pinned()
         t1 = time.perf_counter()
         flat = _host_array(int(lengths.sum()), pinned)
         t_alloc = time.perf_counter() - t1

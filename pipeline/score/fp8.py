@@ -385,7 +385,8 @@ RESCORE_GROUP = 64
 
 def fp8_topk(Q: torch.Tensor, shard: Fp8Pages, k: int, exact: ExactFn, *, group: int = RESCORE_GROUP,
              full_fraction: float = 0.5, candidate: str | None = None,
-             exact_subset: SubsetFn | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+             exact_subset: SubsetFn | None = None,
+             quant_backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Exact top-k of ``Q`` (``(nq, Lq, 128)``, zero-padded) against ``shard``, FP8 first.
 
     ``exact(Q_part, pages_part)`` is the exact path (:func:`pipeline.score.scorer.score_batch`).
@@ -394,7 +395,8 @@ def fp8_topk(Q: torch.Tensor, shard: Fp8Pages, k: int, exact: ExactFn, *, group:
     the candidate pass (:func:`candidate_scores`). ``exact_subset(Q_part, pages, index)``:
     the exact path's scores of the pages ``index`` (ascending), ``(n, len(index))``, computed
     in place (the Triton kernel's ``page_index``); without it the pages are copied
-    (:func:`subset_pages`) and passed to ``exact``.
+    (:func:`subset_pages`) and passed to ``exact``. ``quant_backend``: the queries'
+    :func:`quantize_rows` backend (default :func:`quantize_backend`).
 
     Returns ``(values, indices, stats)`` as :func:`topk_desc` would on the exact scores;
     stats: ``candidates`` (per query, ``|C|``), ``rescored_pairs``, ``candidate_s``, ``rescore_s``.
@@ -402,7 +404,7 @@ def fp8_topk(Q: torch.Tensor, shard: Fp8Pages, k: int, exact: ExactFn, *, group:
     nq, lq, dim = Q.shape
     pages = shard.pages
     t0 = time.perf_counter()
-    qq = quantize_rows(Q.reshape(nq * lq, dim))
+    qq = quantize_rows(Q.reshape(nq * lq, dim), backend=quant_backend)
     approx, u = candidate_scores(Q, qq, shard, candidate)
     bound = score_bounds(qq, nq, lq, shard, u)
     cand = select_candidates(approx, bound, k)

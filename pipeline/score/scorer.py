@@ -268,8 +268,11 @@ class ShardScorer:
         if packed.n_pages and self.queries:
             bs = self._batch_size(packed.n_pages)
             backend = self.backend if packed.padded_length is None else "torch"
+            # backend "torch" keeps Triton out of the FP8 quantization too (of the shard and of
+            # the queries): the flag is the way around a Triton that fails here
+            quant_backend = "torch" if self.backend == "torch" else None
             if self.precision == "fp8-exact-topk":
-                shard8 = Fp8Pages.from_packed(packed)
+                shard8 = Fp8Pages.from_packed(packed, backend=quant_backend)
                 fp8_stats = {"fp8_quantize_s": shard8.quantize_s, "fp8_candidate_s": 0.0, "fp8_rescore_s": 0.0,
                              "fp8_rescored_pairs": 0, "fp8_candidates_per_query": []}
             for s in range(0, len(self.queries), bs):
@@ -278,7 +281,8 @@ class ShardScorer:
                     values, idx = topk_desc(score_batch(Q, packed, backend), self.k)
                 else:
                     values, idx, st = fp8_topk(Q, shard8, self.k, lambda q, p: score_batch(q, p, backend),
-                                               exact_subset=exact_subset(packed, backend))
+                                               exact_subset=exact_subset(packed, backend),
+                                               quant_backend=quant_backend)
                     fp8_stats["fp8_candidate_s"] += st["candidate_s"]
                     fp8_stats["fp8_rescore_s"] += st["rescore_s"]
                     fp8_stats["fp8_rescored_pairs"] += st["rescored_pairs"]

@@ -112,6 +112,54 @@ def test_gpu_memory_without_torch():
     assert available_host_bytes() > 0
 
 
+def _fake_nvml(gpus):
+    """A pynvml stand-in: ``gpus`` = [(uuid, name, total, free, mig_enabled)] in NVML's (PCI) order."""
+    import types
+
+    def mig_mode(h):
+        if gpus[h][4] is None:
+            raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+        return [int(gpus[h][4]), int(gpus[h][4])]
+
+    return types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: len(gpus),
+        nvmlDeviceGetHandleByIndex=lambda i: range(len(gpus))[i],
+        nvmlDeviceGetHandleByUUID=lambda u: [g[0] for g in gpus].index(u),
+        nvmlDeviceGetName=lambda h: gpus[h][1],
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=gpus[h][2], free=gpus[h][3]),
+        nvmlDeviceGetMigMode=mig_mode)
+
+
+def test_gpu_memory_through_nvml_only_where_it_names_this_process_gpu(monkeypatch):
+    """An index in CUDA_VISIBLE_DEVICES is CUDA's (fastest first by default), NVML's is PCI
+    order: the same GPU only on a node of one model, so a mixed node answers None (torch's
+    figure) unless CUDA_DEVICE_ORDER=PCI_BUS_ID; a GPU in MIG mode gives the process one slice,
+    not its free memory: None too."""
+    from pipeline import cluster
+
+    GiB = 1 << 30
+    reserve = cluster.NVML_CONTEXT_RESERVE_BYTES
+    same = [("GPU-a", "NVIDIA H200", 141 * GiB, 100 * GiB, None), ("GPU-b", "NVIDIA H200", 141 * GiB, 60 * GiB, False)]
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(same))
+    assert visible_gpu_free_bytes({"CUDA_VISIBLE_DEVICES": "1"}) == 60 * GiB - reserve
+    assert visible_gpu_free_bytes({"CUDA_VISIBLE_DEVICES": "0,1"}) == 60 * GiB - reserve
+    assert visible_gpu_free_bytes({"CUDA_VISIBLE_DEVICES": "GPU-a"}) == 100 * GiB - reserve
+    assert visible_gpu_free_bytes({}) == 60 * GiB - reserve
+
+    mixed = [("GPU-a", "NVIDIA A100-SXM4-40GB", 40 * GiB, 39 * GiB, False),
+             ("GPU-b", "NVIDIA H200", 141 * GiB, 100 * GiB, None)]
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(mixed))
+    assert visible_gpu_free_bytes({"CUDA_VISIBLE_DEVICES": "1"}) is None  # CUDA's 1 may be the A100
+    assert visible_gpu_free_bytes({"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}) == 100 * GiB - reserve
+    assert visible_gpu_free_bytes({"CUDA_VISIBLE_DEVICES": "GPU-b"}) == 100 * GiB - reserve  # a UUID names one GPU
+    assert visible_gpu_free_bytes({}) == 39 * GiB - reserve  # all of them: the smallest
+
+    mig = [("GPU-a", "NVIDIA H200", 141 * GiB, 140 * GiB, True)]
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(mig))
+    assert visible_gpu_free_bytes({"CUDA_VISIBLE_DEVICES": "0"}) is None
+    assert visible_gpu_free_bytes({}) is None
+
+
 def test_each_call_scores_its_jobs_queries(tmp_path):
     """The job's queries travel with every call: an actor built with another job's queries (a
     kept scorer, or one Ray restarted and built again from its first job's arguments) scores

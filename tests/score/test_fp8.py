@@ -276,3 +276,28 @@ def test_quantize_backends_on_cpu():
     P = pack_pages([x[:4].numpy(), x[4:].numpy()])
     s1, s2 = fp8.Fp8Pages.from_packed(P), fp8.Fp8Pages.from_packed(P, backend="torch")
     assert torch.equal(s1.page_err, s2.page_err) and torch.equal(s1.page_scale, s2.page_scale)
+
+
+def test_shard_scorer_backend_torch_quantizes_without_triton(tmp_path, monkeypatch):
+    """--backend torch is the way around a Triton that cannot compile here: the shard's FP8
+    quantization must not use the Triton kernel either, even where it would be the default
+    (CUDA rows with Triton installed, simulated here)."""
+    from pipeline.score import triton_kernel
+
+    def no_triton(*args, **kwargs):
+        raise AssertionError("the Triton quantization kernel ran with backend='torch'")
+
+    rng = np.random.default_rng(13)
+    page_vecs, queries = _planted(rng, 20, 3)
+    pages = [(f"d{i}", 1, schema.page_id(f"d{i}", 1), v) for i, v in enumerate(page_vecs)]
+    corpus = write_corpus(tmp_path / "emb", pages, n_files=1)
+    c = open_corpus(corpus)
+    spec = ShardSpec(0, tuple((f.path, 0, f.num_rows) for f in c.files), 20, sum(len(v) for v in page_vecs))
+    flat, lengths = np.concatenate(queries), np.array([len(q) for q in queries])
+    exact, _ = ShardScorer(corpus, None, flat, lengths, 3, device="cpu").score(spec)
+    monkeypatch.setattr(fp8, "quantize_backend", lambda x: "triton")
+    monkeypatch.setattr(triton_kernel, "row_absmax_triton", no_triton)
+    monkeypatch.setattr(triton_kernel, "quantize_rows_triton", no_triton)
+    got, stats = ShardScorer(corpus, None, flat, lengths, 3, device="cpu", backend="torch",
+                             precision="fp8-exact-topk").score(spec)
+    assert got.equals(exact) and stats["precision"] == "fp8-exact-topk"

@@ -132,3 +132,25 @@ def test_registered_pinned_memory_unless_the_user_chose(monkeypatch):
     assert use_registered_pinned_memory(env) is None
     assert env == {"PYTORCH_CUDA_ALLOC_CONF": "pinned_use_cuda_host_register:False"}
     assert len(applied) == 3
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_host_alloc_s_leaves_out_the_wait_for_the_pinned_answer(tmp_path, cache):
+    """``pinned`` as a function (the actor front's: it waits for the scorer, i.e. torch's
+    import): host_alloc_s is the allocation, not that wait, from Parquet and from the cache."""
+    import time
+
+    pages, uri, spec = _shard(tmp_path)
+    cache_uri = str(tmp_path / "_cache") if cache else None
+    if cache:
+        corpus.load_shard(spec, uri, cache_uri=cache_uri)  # writes it
+    calls = []
+
+    def slow_answer():
+        calls.append(1)
+        time.sleep(0.5)
+        return False
+
+    shard = corpus.load_shard(spec, uri, cache_uri=cache_uri, pinned=slow_answer)
+    assert calls and shard.stats["source"] == ("cache" if cache else "parquet")
+    assert shard.stats["host_alloc_s"] < 0.4
