@@ -177,9 +177,10 @@ class ShardScorer:
                     # candidate pass and the in-place re-scoring (a cold Triton compile of them made
                     # the first fp8 shard take 1.33 s to score against 0.2 s after, on an H200)
                     backend = self.backend if pages.padded_length is None else "torch"
-                    values, idx, _ = fp8_topk(Q, Fp8Pages.from_packed(pages), self.k,
+                    quant_backend = "torch" if self.backend == "torch" else None  # as score() does
+                    values, idx, _ = fp8_topk(Q, Fp8Pages.from_packed(pages, backend=quant_backend), self.k,
                                               lambda q, p: score_batch(q, p, backend),
-                                              exact_subset=exact_subset(pages, backend))
+                                              exact_subset=exact_subset(pages, backend), quant_backend=quant_backend)
                     values.cpu(), idx.cpu()
                     self.warmed_up.append("fp8-exact-topk")
         except Exception as exc:  # the real shard's scoring raises it again, with its context
