@@ -47,6 +47,18 @@ class ScoringJob:
     keep_alive_s: float = 0.0
 
 
+def _in_actor() -> bool:
+    """Whether this runs in a Ray actor's process (not a driver, not plain Python: tests build
+    the front directly, with or without a Ray session). ``ray.get_runtime_context()`` would
+    start a local Ray where none is connected, and its actor fields assert in a driver."""
+    if not ray.is_initialized():
+        return False
+    try:
+        return ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _granted_gpu(device: str | None) -> bool:
     """Whether this actor will score on a GPU, as far as can be told without torch: asked
     for ``"cuda"``, or (``device`` None: CUDA when the process sees one) Ray granted it a GPU."""
@@ -77,8 +89,7 @@ class ShardScorer:
         self.cache_uri = options.get("cache_uri")
         self._gpu = _granted_gpu(options.get("device"))
         set_decode_threads(options.get("cpu_threads"), on_gpu=self._gpu)
-        # (ray.get_runtime_context() would start a local Ray where none is connected: tests)
-        self._restarted = ray.is_initialized() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        self._restarted = _in_actor() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
         self._calls = 0
         self._footers: dict = {}
         self._scorer = None
@@ -137,7 +148,7 @@ class ShardScorer:
         return self._wait().device.type == "cuda"
 
     def _start_keeper(self) -> None:
-        if self._keep_alive_s > 0 and self._keeper is None and ray.is_initialized():
+        if self._keep_alive_s > 0 and self._keeper is None and _in_actor():
             self._keeper = threading.Thread(target=self._keep_alive, name="keep-alive", daemon=True)
             self._keeper.start()
 
