@@ -160,16 +160,7 @@ def gpu_bench(n_pages: int, n_queries: int, model: str, reps: int = 5, fp8_confi
     useful = 2.0 * n_queries * LQ * int(lengths.sum()) * DIM
 
     def med(fn, reps=reps):
-        out = fn()
-        sync()
-        ts = []
-        for _ in range(reps):
-            out = None
-            t0 = time.perf_counter()
-            out = fn()
-            sync()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts), out
+        return _median_time(fn, reps, sync)
 
     def exact_fn(q, p):
         return score_batch(q, p, "triton")
