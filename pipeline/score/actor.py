@@ -103,6 +103,7 @@ class ShardScorer:
         self.jobs_served = 0
         self._keep_alive_s = float(options.pop("keep_alive_s", 0.0))  # also from each job (ScoringJob)
         self._last_call = time.monotonic()
+        self._in_call = 0  # score calls running: never ended during one, however long it takes
         self._keeper: threading.Thread | None = None
         self._start_keeper()  # from the constructor on: a kept actor that never gets a call ends too
         threading.Thread(target=self._build, args=(t0, query_flat, query_lengths, k, options),
@@ -129,11 +130,13 @@ class ShardScorer:
 
     def ready(self) -> float:
         """Wall-clock time (``time.time()``) this actor's constructor started."""
+        self._last_call = time.monotonic()
         return self.t_init
 
     def memory_bytes(self) -> int:
         """Memory this worker can give a shard: free GPU memory (through NVML while torch is
         still importing, less a context's reserve), else available RAM."""
+        self._last_call = time.monotonic()
         if not self._gpu:
             return available_host_bytes()
         if not self._built.is_set():
@@ -147,8 +150,14 @@ class ShardScorer:
         scorer sets how torch page-locks memory before anything is allocated)."""
         return self._wait().device.type == "cuda"
 
+    def _can_keep(self) -> bool:
+        return _in_actor()  # a kept scorer ends itself through Ray: only a real actor can
+
+    def _end(self) -> None:
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
     def _start_keeper(self) -> None:
-        if self._keep_alive_s > 0 and self._keeper is None and _in_actor():
+        if self._keep_alive_s > 0 and self._keeper is None and self._can_keep():
             self._keeper = threading.Thread(target=self._keep_alive, name="keep-alive", daemon=True)
             self._keeper.start()
 
@@ -157,18 +166,26 @@ class ShardScorer:
         kept for later jobs gives its GPU back to the cluster (and its autoscaler) when none came."""
         while True:
             idle = time.monotonic() - self._last_call
-            if self._keep_alive_s <= 0 or idle >= self._keep_alive_s:
+            if self._keep_alive_s <= 0 or (idle >= self._keep_alive_s and not self._in_call):
                 break
             time.sleep(min(5.0, max(0.05, self._keep_alive_s - idle)))
         if self._keep_alive_s > 0:
             log.info("no scoring call for %.0f s: this kept scorer ends", self._keep_alive_s)
-            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+            self._end()
         self._keeper = None
 
     def score(self, spec: ShardSpec, next_spec: ShardSpec | None = None, job: ScoringJob | None = None):
         """:meth:`pipeline.score.scorer.ShardScorer.score`; the first call reads ``spec``
         while the scorer is still being built. ``job``: the job's queries (and k, batch size,
         keep-alive), given to the scorer when they are not the ones it holds."""
+        self._in_call += 1
+        try:
+            return self._score(spec, next_spec, job)
+        finally:
+            self._in_call -= 1
+            self._last_call = time.monotonic()
+
+    def _score(self, spec: ShardSpec, next_spec: ShardSpec | None, job: ScoringJob | None):
         t0 = time.perf_counter()
         self._last_call = time.monotonic()
         early = None
@@ -195,10 +212,7 @@ class ShardScorer:
         if early is not None:
             scorer._footers = self._footers  # the same dict: the load may still be adding to it
             scorer.preload(spec, early)
-        try:
-            out, stats = scorer.score(spec, next_spec)
-        finally:
-            self._last_call = time.monotonic()
+        out, stats = scorer.score(spec, next_spec)
         self._calls += 1
         stats["actor_reused"] = self.jobs_served > 1  # this actor had served an earlier job (--keep-scorers)
         stats["pid"] = os.getpid()

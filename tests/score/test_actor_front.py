@@ -175,3 +175,29 @@ def test_each_call_scores_its_jobs_queries(tmp_path):
     got, stats = front.score(spec, job=actor.ScoringJob("job-2", oflat, olen, 2))
     assert got.equals(want) and not first.equals(got)
     assert stats["actor_reused"] and front.jobs_served == 2
+
+
+class _Kept(actor.ShardScorer):
+    """The front as a kept scorer, with its end recorded instead of Ray's kill."""
+
+    ended: list
+
+    def _can_keep(self):
+        return True
+
+    def _end(self):
+        self.ended.append(time.monotonic())
+
+
+def test_a_kept_scorer_ends_when_idle_but_never_during_a_call(tmp_path):
+    uri, spec, qflat, qlen = _corpus(tmp_path)
+    _Kept.ended = []
+    front = _Kept(uri, None, qflat, qlen, 3, device="cpu", keep_alive_s=0.3)
+    front._in_call = 1  # a call that runs longer than the keep-alive (a big shard)
+    time.sleep(1.0)
+    assert _Kept.ended == []
+    front._in_call = 0
+    deadline = time.monotonic() + 10
+    while not _Kept.ended and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_Kept.ended) == 1
