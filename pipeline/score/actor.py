@@ -212,6 +212,7 @@ class ShardScorer:
         if early is not None:
             scorer._footers = self._footers  # the same dict: the load may still be adding to it
             scorer.preload(spec, early)
+            self._reader.shutdown(wait=False)  # the load finishes; no thread is left behind for good
         out, stats = scorer.score(spec, next_spec)
         self._calls += 1
         stats["actor_reused"] = self.jobs_served > 1  # this actor had served an earlier job (--keep-scorers)

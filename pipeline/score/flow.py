@@ -119,14 +119,15 @@ def _write_outputs(cfg: ScoreConfig, results: pa.Table, query_emb: pa.Table, sum
 def _embed_queries_async(model_name: str, texts: list[str], batch_size: int, endpoint_url: str | None,
                          num_gpus: float):
     """Start embedding on a Ray worker (the driver may have no GPU); returns its ObjectRef."""
-    def embed(name, texts, batch_size, endpoint_url):
+    def embed(name, texts, batch_size, endpoint_url, device):
         from pipeline.embed.model import embed_queries, load_model
 
-        lm = load_model(name, endpoint_url=endpoint_url)
+        lm = load_model(name, endpoint_url=endpoint_url, device=device)
         return [np.asarray(v, dtype=np.float16) for v in embed_queries(lm, texts, batch_size=batch_size)]
 
     task = ray.remote(num_gpus=num_gpus, num_cpus=1, max_retries=0)(embed)
-    return task.remote(model_name, texts, batch_size, endpoint_url)
+    # no GPU reserved: CPU, even where the node's GPUs are visible (Ray 2.60 no longer hides them)
+    return task.remote(model_name, texts, batch_size, endpoint_url, None if num_gpus > 0 else "cpu")
 
 
 def _host_bytes_per_actor(num_actors: int) -> int:
@@ -210,6 +211,9 @@ def run(cfg: ScoreConfig) -> dict:
     # imports no torch (pipeline.score.actor) answers as soon as its process is up, and reads
     # its first shard while its scorer imports torch and starts CUDA.
     actor_options = {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus_per_actor}
+    # An actor that reserved no GPU must not use one: Ray 2.60 no longer hides a node's GPUs from
+    # actors that ask for none (CUDA_VISIBLE_DEVICES is left as it is), so "auto" would take one.
+    actor_device = None if gpus_per_actor > 0 else "cpu"
     Scorer = ray.remote(ShardScorer)
     cpu_threads = max(1, int(cfg.cpus_per_actor))
     cache_uri = cache_uri_of(cfg.corpus, cfg.endpoint_url) if cfg.cache else None
@@ -238,7 +242,8 @@ def run(cfg: ScoreConfig) -> dict:
                                          max_task_retries=-1).remote(
                 corpus.uri, cfg.endpoint_url, q_refs[0], q_refs[1], cfg.top_k,
                 query_batch_size=cfg.query_batch_size, backend=cfg.backend, cpu_threads=cpu_threads,
-                cache_uri=cache_uri, precision=cfg.precision, keep_alive_s=float(cfg.keep_scorers)))
+                cache_uri=cache_uri, precision=cfg.precision, keep_alive_s=float(cfg.keep_scorers),
+                device=actor_device))
 
     early = embed_ref is None and corpus.num_rows > 0 and queries.num_rows > 0
     if early:
@@ -261,7 +266,7 @@ def run(cfg: ScoreConfig) -> dict:
             # node just as the job starts (seen in CI: "Terminated by autoscaler").
             probe = Scorer.options(**actor_options, max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=-1).remote(
                 corpus.uri, cfg.endpoint_url, np.zeros((0, schema.EMBEDDING_DIM), np.float16),
-                np.zeros(0, np.int64), cfg.top_k, device=None)
+                np.zeros(0, np.int64), cfg.top_k, device=actor_device)
             memory = ray.get(probe.memory_bytes.remote())
             ray.kill(probe)
             phase("actor_start")

@@ -121,6 +121,17 @@ def fp8_supported(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) >= (8, 9))
 
 
+def default_candidate(device: torch.device) -> str:
+    """The candidate pass on ``device``: ``FP8_CANDIDATE_BACKEND`` (the fused Triton kernel) on
+    FP8 tensor cores with Triton, ``"scaled_mm"`` there without Triton (slower, but FP8 scoring
+    still runs), else the float32 emulation."""
+    if not fp8_supported(device):
+        return "emulated"
+    if FP8_CANDIDATE_BACKEND == "fused" and not triton_available():
+        return "scaled_mm"
+    return FP8_CANDIDATE_BACKEND
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Quantized:
     """Per-row FP8 vectors: ``values`` float8_e4m3fn ``(n, 128)``, ``scales`` float32 ``(n,)``,
@@ -270,7 +281,7 @@ def candidate_scores(Q: torch.Tensor, qq: Quantized, shard: Fp8Pages,
     ``FP8_CANDIDATE_BACKEND`` where FP8 tensor cores exist, else the emulation."""
     nq, lq, dim = Q.shape
     if candidate is None:
-        candidate = FP8_CANDIDATE_BACKEND if fp8_supported(shard.pages.device) else "emulated"
+        candidate = default_candidate(shard.pages.device)
     if candidate not in CANDIDATE_BACKENDS:
         raise ValueError(f"candidate must be one of {CANDIDATE_BACKENDS}, got {candidate!r}")
     if candidate == "scaled_mm":

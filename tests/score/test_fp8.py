@@ -301,3 +301,16 @@ def test_shard_scorer_backend_torch_quantizes_without_triton(tmp_path, monkeypat
     got, stats = ShardScorer(corpus, None, flat, lengths, 3, device="cpu", backend="torch",
                              precision="fp8-exact-topk").score(spec)
     assert got.equals(exact) and stats["precision"] == "fp8-exact-topk"
+
+
+def test_candidate_pass_without_triton_falls_back_to_scaled_mm(monkeypatch):
+    """FP8 tensor cores but no Triton (a CUDA node without it): torch's scaled_mm, not a failure;
+    no FP8 tensor cores: the emulation."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(fp8, "fp8_supported", lambda d: True)
+    monkeypatch.setattr(fp8, "triton_available", lambda: True)
+    assert fp8.default_candidate(cuda) == fp8.FP8_CANDIDATE_BACKEND == "fused"
+    monkeypatch.setattr(fp8, "triton_available", lambda: False)
+    assert fp8.default_candidate(cuda) == "scaled_mm"
+    monkeypatch.setattr(fp8, "fp8_supported", lambda d: False)
+    assert fp8.default_candidate(torch.device("cpu")) == "emulated"
