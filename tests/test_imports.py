@@ -16,7 +16,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Modules allowed to import Ray: the flows, the actors they place, the cluster connection.
-RAY_MODULES = {"pipeline.cluster", "pipeline.score.actor"}
+RAY_MODULES = {"pipeline.cluster"}
 LIGHT_MODULES = ("pipeline.config", "pipeline.schema", "pipeline.storage")
 
 

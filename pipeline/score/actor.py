@@ -1,5 +1,5 @@
-"""The scoring job's Ray actor, :class:`ShardScorer`: a front for
-:class:`pipeline.score.scorer.ShardScorer` that does not import torch.
+""":class:`ScorerFront`: the scoring job's actor in front of
+:class:`pipeline.score.scorer.ShardScorer`, importing no torch.
 
 A new scoring actor spends seconds importing torch and starting CUDA (3.3-5.9 s on an
 H200 node, benchmarks/RESULTS.md) and, until now, read nothing meanwhile: the first shard's
@@ -10,8 +10,10 @@ the first shard is read and decoded (:func:`pipeline.score.corpus.load_shard`, A
 which releases the GIL) while torch imports; only its page-locked buffer waits for torch.
 Everything else is the real scorer's.
 
-This module imports Ray, numpy and pyarrow only: Ray imports it in the actor's process
-to find the class, before the constructor runs.
+This module imports neither torch nor Ray (numpy and pyarrow through the corpus module):
+:class:`pipeline.score.flow.ShardScorer` adds what needs Ray (which GPU Ray granted, whether
+the actor was restarted, ending a kept actor), and Ray imports that flow module in the actor's
+process to find the class, before the constructor runs.
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import ray
-
 from pipeline.cluster import available_host_bytes, visible_gpu_free_bytes
 from pipeline.score.corpus import ShardSpec, load_shard, set_decode_threads
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class ScoringJob:
     """What one scoring job asks of every shard: its queries, k and query batch size, and how
     long the actor should stay after the job's last call (0: the job ends it). Sent with every
-    :meth:`ShardScorer.score` call (one ``ray.put`` per job), so an actor kept from an earlier
+    :meth:`ScorerFront.score` call (one ``ray.put`` per job), so an actor kept from an earlier
     job, or restarted by Ray and running its constructor's arguments again, scores this job's
     queries."""
 
@@ -47,32 +47,11 @@ class ScoringJob:
     keep_alive_s: float = 0.0
 
 
-def _in_actor() -> bool:
-    """Whether this runs in a Ray actor's process (not a driver, not plain Python: tests build
-    the front directly, with or without a Ray session). ``ray.get_runtime_context()`` would
-    start a local Ray where none is connected, and its actor fields assert in a driver."""
-    if not ray.is_initialized():
-        return False
-    try:
-        return ray.get_runtime_context().get_actor_id() is not None
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def _granted_gpu(device: str | None) -> bool:
-    """Whether this actor will score on a GPU, as far as can be told without torch: asked
-    for ``"cuda"``, or (``device`` None: CUDA when the process sees one) Ray granted it a GPU."""
-    if device is not None:
-        return device.startswith("cuda")
-    try:
-        return bool(ray.get_gpu_ids()) if ray.is_initialized() else bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
-    except Exception:  # noqa: BLE001 - outside a Ray worker
-        return False
-
-
-class ShardScorer:
-    """The Ray actor of the scoring job (same name as the scorer it fronts, in the dashboard
-    and the state API). Takes :class:`pipeline.score.scorer.ShardScorer`'s arguments.
+class ScorerFront:
+    """The front of :class:`pipeline.score.scorer.ShardScorer` (takes its arguments, plus
+    ``keep_alive_s``); the scoring job runs it as :class:`pipeline.score.flow.ShardScorer`,
+    which fills in the Ray hooks below (``_granted_gpu``, ``_was_restarted``, ``_can_keep``,
+    ``_end``). Tests build it directly.
 
     Its stats add ``pid``, ``after_actor_restart`` (with one call in flight per actor, the
     first call after a restart is the retry of the call that was running when the actor
@@ -87,9 +66,9 @@ class ShardScorer:
         t0 = time.perf_counter()
         self.corpus_uri, self.endpoint_url = corpus_uri, endpoint_url
         self.cache_uri = options.get("cache_uri")
-        self._gpu = _granted_gpu(options.get("device"))
+        self._gpu = self._granted_gpu(options.get("device"))
         set_decode_threads(options.get("cpu_threads"), on_gpu=self._gpu)
-        self._restarted = _in_actor() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        self._restarted = self._was_restarted()
         self._calls = 0
         self._footers: dict = {}
         self._scorer = None
@@ -150,11 +129,22 @@ class ShardScorer:
         scorer sets how torch page-locks memory before anything is allocated)."""
         return self._wait().device.type == "cuda"
 
+    # Hooks for the process this front runs in (pipeline.score.flow.ShardScorer: a Ray actor).
+    def _granted_gpu(self, device: str | None) -> bool:
+        """Whether the scorer will be on a GPU, as far as can be told without torch: asked for
+        ``"cuda"``, or (``device`` None: CUDA when the process sees one) a GPU is visible."""
+        if device is not None:
+            return device.startswith("cuda")
+        return bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+    def _was_restarted(self) -> bool:
+        return False
+
     def _can_keep(self) -> bool:
-        return _in_actor()  # a kept scorer ends itself through Ray: only a real actor can
+        return False  # only an actor can end itself (``_end``)
 
     def _end(self) -> None:
-        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+        raise NotImplementedError
 
     def _start_keeper(self) -> None:
         if self._keep_alive_s > 0 and self._keeper is None and self._can_keep():

@@ -27,7 +27,7 @@ from pipeline.score.corpus import (auto_pages_per_shard, cache_uri_of, check_com
                                    open_corpus, plan_shards, read_vector_counts)
 from pipeline.score.merge import QUERY_INDEX, empty_candidates, merge_topk
 from pipeline.score.queries import read_queries, read_query_embeddings
-from pipeline.score.actor import ScoringJob, ShardScorer
+from pipeline.score.actor import ScorerFront, ScoringJob
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,34 @@ MAX_ACTOR_RESTARTS = 4
 
 
 KEPT_SCORER_NAMESPACE = "vdr-scoring"
+
+
+class ShardScorer(ScorerFront):
+    """The scoring job's Ray actor (same name as the scorer it fronts, in the dashboard and the
+    state API): :class:`pipeline.score.actor.ScorerFront` with its Ray hooks."""
+
+    @staticmethod
+    def _in_actor() -> bool:
+        # ray.get_runtime_context() would start a local Ray where none is connected, and its
+        # actor fields assert in a driver (a test process with a Ray session)
+        try:
+            return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _granted_gpu(self, device: str | None) -> bool:
+        if device is None and self._in_actor():
+            return bool(ray.get_gpu_ids())
+        return super()._granted_gpu(device)
+
+    def _was_restarted(self) -> bool:
+        return self._in_actor() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+    def _can_keep(self) -> bool:
+        return self._in_actor()
+
+    def _end(self) -> None:
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
 def _kept_scorer_name(cfg: ScoreConfig, corpus_uri: str, cache_uri: str | None, gpus_per_actor: float) -> str:

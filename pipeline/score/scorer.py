@@ -147,6 +147,12 @@ class ShardScorer:
             self._warm = threading.Thread(target=self._warm_up, name="scorer-warm-up", daemon=True)
             self._warm.start()
 
+    @property
+    def _quant_backend(self) -> str | None:
+        """FP8 quantization (of the shard and of the queries): ``--backend torch`` keeps Triton
+        out of it too, the flag being the way around a Triton that fails here; else the default."""
+        return "torch" if self.backend == "torch" else None
+
     def set_queries(self, query_flat: np.ndarray, query_lengths: np.ndarray, k: int, query_batch_size: int = 0) -> None:
         """The queries (and k, batch size) every later :meth:`score` call runs: a scorer kept
         between jobs (``--keep-scorers``) is given each job's own."""
@@ -177,7 +183,7 @@ class ShardScorer:
                     # candidate pass and the in-place re-scoring (a cold Triton compile of them made
                     # the first fp8 shard take 1.33 s to score against 0.2 s after, on an H200)
                     backend = self.backend if pages.padded_length is None else "torch"
-                    quant_backend = "torch" if self.backend == "torch" else None  # as score() does
+                    quant_backend = self._quant_backend
                     values, idx, _ = fp8_topk(Q, Fp8Pages.from_packed(pages, backend=quant_backend), self.k,
                                               lambda q, p: score_batch(q, p, backend),
                                               exact_subset=exact_subset(pages, backend), quant_backend=quant_backend)
@@ -269,9 +275,7 @@ class ShardScorer:
         if packed.n_pages and self.queries:
             bs = self._batch_size(packed.n_pages)
             backend = self.backend if packed.padded_length is None else "torch"
-            # backend "torch" keeps Triton out of the FP8 quantization too (of the shard and of
-            # the queries): the flag is the way around a Triton that fails here
-            quant_backend = "torch" if self.backend == "torch" else None
+            quant_backend = self._quant_backend
             if self.precision == "fp8-exact-topk":
                 shard8 = Fp8Pages.from_packed(packed, backend=quant_backend)
                 fp8_stats = {"fp8_quantize_s": shard8.quantize_s, "fp8_candidate_s": 0.0, "fp8_rescore_s": 0.0,

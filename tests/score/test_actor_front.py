@@ -30,7 +30,7 @@ def test_driver_and_actor_modules_import_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
 
 
-class _SlowStart(actor.ShardScorer):
+class _SlowStart(actor.ScorerFront):
     """The front with a scorer that takes until ``release`` is set to build (as torch's
     import does on a GPU node)."""
 
@@ -95,7 +95,7 @@ def test_a_scorer_that_cannot_start_fails_the_call_with_its_reason(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
     uri, spec, qflat, qlen = _corpus(tmp_path)
-    front = actor.ShardScorer(uri, None, qflat, qlen, 3, device="cuda")
+    front = actor.ScorerFront(uri, None, qflat, qlen, 3, device="cuda")
     with pytest.raises(RuntimeError, match="the shard scorer could not start"):
         front.score(spec)
     with pytest.raises(RuntimeError, match="the shard scorer could not start"):
@@ -170,14 +170,14 @@ def test_each_call_scores_its_jobs_queries(tmp_path):
              for x in (rng.standard_normal((4, 128)) for _ in range(3))]
     oflat, olen = np.concatenate(other), np.array([len(x) for x in other])
     want, _ = ShardScorer(uri, None, oflat, olen, 2, device="cpu").score(spec)
-    front = actor.ShardScorer(uri, None, qflat, qlen, 3, device="cpu")  # built with the first job's queries
+    front = actor.ScorerFront(uri, None, qflat, qlen, 3, device="cpu")  # built with the first job's queries
     first, _ = front.score(spec, job=actor.ScoringJob("job-1", qflat, qlen, 3))
     got, stats = front.score(spec, job=actor.ScoringJob("job-2", oflat, olen, 2))
     assert got.equals(want) and not first.equals(got)
     assert stats["actor_reused"] and front.jobs_served == 2
 
 
-class _Kept(actor.ShardScorer):
+class _Kept(actor.ScorerFront):
     """The front as a kept scorer, with its end recorded instead of Ray's kill."""
 
     ended: list

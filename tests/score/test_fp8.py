@@ -155,15 +155,22 @@ def test_select_candidates_by_hand():
     assert fp8.select_candidates(approx, bound, 9).all()
 
 
+def _one_shard(tmp_path, page_vecs, queries, pages=None, n_files=1):
+    """The pages written as a corpus (one page per doc unless ``pages`` names them), the whole
+    corpus as one shard, and the queries as the flow sends them: (corpus, spec, flat, lengths)."""
+    pages = pages or [(f"d{i}", 1, schema.page_id(f"d{i}", 1), v) for i, v in enumerate(page_vecs)]
+    corpus = write_corpus(tmp_path / "emb", pages, n_files=n_files)
+    c = open_corpus(corpus)
+    spec = ShardSpec(0, tuple((f.path, 0, f.num_rows) for f in c.files), len(pages), sum(len(v) for v in page_vecs))
+    return corpus, spec, np.concatenate(queries), np.array([len(q) for q in queries])
+
+
 def test_shard_scorer_fp8_equals_exact(tmp_path):
     rng = np.random.default_rng(11)
     page_vecs, queries = _planted(rng, 50, 6)
     pages = [(f"d{i // 3}", i % 3 + 1, schema.page_id(f"d{i // 3}", i % 3 + 1), v) for i, v in enumerate(page_vecs)]
     pages.insert(7, ("empty", 1, "empty#1", np.zeros((0, 128), np.float16)))  # dropped by both paths
-    corpus = write_corpus(tmp_path / "emb", pages, n_files=2)
-    c = open_corpus(corpus)
-    spec = ShardSpec(0, tuple((f.path, 0, f.num_rows) for f in c.files), 51, sum(len(v) for v in page_vecs))
-    flat, lengths = np.concatenate(queries), np.array([len(q) for q in queries])
+    corpus, spec, flat, lengths = _one_shard(tmp_path, page_vecs, queries, pages=pages, n_files=2)
     exact_scorer = ShardScorer(corpus, None, flat, lengths, 4, device="cpu")
     exact, s0 = exact_scorer.score(spec)
     fp8_scorer = ShardScorer(corpus, None, flat, lengths, 4, device="cpu", precision="fp8-exact-topk",
@@ -182,11 +189,7 @@ def test_shard_scorer_warms_up_while_the_first_shard_loads(tmp_path):
     only the first shard's stats carry it, and it changes no result."""
     rng = np.random.default_rng(12)
     page_vecs, queries = _planted(rng, 30, 5)
-    pages = [(f"d{i}", 1, schema.page_id(f"d{i}", 1), v) for i, v in enumerate(page_vecs)]
-    corpus = write_corpus(tmp_path / "emb", pages, n_files=1)
-    c = open_corpus(corpus)
-    spec = ShardSpec(0, tuple((f.path, 0, f.num_rows) for f in c.files), 30, sum(len(v) for v in page_vecs))
-    flat, lengths = np.concatenate(queries), np.array([len(q) for q in queries])
+    corpus, spec, flat, lengths = _one_shard(tmp_path, page_vecs, queries)
     scorer = ShardScorer(corpus, None, flat, lengths, 3, device="cpu")
     first, s0 = scorer.score(spec)
     again, s1 = scorer.score(spec)
@@ -289,11 +292,7 @@ def test_shard_scorer_backend_torch_quantizes_without_triton(tmp_path, monkeypat
 
     rng = np.random.default_rng(13)
     page_vecs, queries = _planted(rng, 20, 3)
-    pages = [(f"d{i}", 1, schema.page_id(f"d{i}", 1), v) for i, v in enumerate(page_vecs)]
-    corpus = write_corpus(tmp_path / "emb", pages, n_files=1)
-    c = open_corpus(corpus)
-    spec = ShardSpec(0, tuple((f.path, 0, f.num_rows) for f in c.files), 20, sum(len(v) for v in page_vecs))
-    flat, lengths = np.concatenate(queries), np.array([len(q) for q in queries])
+    corpus, spec, flat, lengths = _one_shard(tmp_path, page_vecs, queries)
     exact, _ = ShardScorer(corpus, None, flat, lengths, 3, device="cpu").score(spec)
     monkeypatch.setattr(fp8, "quantize_backend", lambda x: "triton")
     monkeypatch.setattr(triton_kernel, "row_absmax_triton", no_triton)
