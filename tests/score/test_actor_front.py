@@ -201,3 +201,25 @@ def test_a_kept_scorer_ends_when_idle_but_never_during_a_call(tmp_path):
     while not _Kept.ended and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(_Kept.ended) == 1
+
+
+def test_decode_threads_setting(monkeypatch):
+    """PIPELINE_SCORER_DECODE_THREADS sets a GPU actor's Arrow threads; a bad value is refused by name."""
+    import pyarrow as pa
+    import pytest
+
+    from pipeline.score.corpus import set_decode_threads
+
+    before = pa.cpu_count()
+    try:
+        monkeypatch.setenv("PIPELINE_SCORER_DECODE_THREADS", "3")
+        set_decode_threads(None, on_gpu=True)
+        assert pa.cpu_count() == 3
+        set_decode_threads(2, on_gpu=False)  # a CPU actor: its own --cpus-per-actor
+        assert pa.cpu_count() == 2
+        monkeypatch.setenv("PIPELINE_SCORER_DECODE_THREADS", "many")
+        with pytest.raises(ValueError, match="PIPELINE_SCORER_DECODE_THREADS"):
+            set_decode_threads(None, on_gpu=True)
+    finally:
+        pa.set_cpu_count(before)
+

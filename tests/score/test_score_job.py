@@ -73,6 +73,10 @@ def test_cache_and_read_ahead_are_command_line_options():
     cfg = ScoreConfig(**{k: v for k, v in parsed.items() if k != "debug"})
     assert cfg.cache is True and cfg.prefetch is False
     assert "CORPUS/_cache" in score_queries.build_parser().format_help()
+    parsed = vars(score_queries.build_parser().parse_args(base + ["--keep-scorers", "600"]))
+    assert ScoreConfig(**{k: v for k, v in parsed.items() if k != "debug"}).keep_scorers == 600
+    with pytest.raises(ValueError, match="--keep-scorers must be a number of seconds >= 0"):
+        ScoreConfig(**{**{k: v for k, v in parsed.items() if k != "debug"}, "keep_scorers": -1})
 
 
 def test_results_equal_the_oracle_and_outputs_are_complete(ray_session, data, tmp_path):
