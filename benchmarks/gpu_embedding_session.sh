@@ -17,6 +17,8 @@
 #   job_2       the same with --batches-in-flight 2                              200 s [~100 s]
 #   job_1b      job_1 again, with caches as warm as job_2 had them               200 s [~100 s]
 #   job_nice    three 3,000-page jobs in one process: renderers at nice 10, 0, 10 560 s [~330 s]
+#   kept        bench_kept_embedders.py: on one running Ray head, the plain 3,000-page job, then
+#               three with --keep-embedders (the first starts the kept actor)   480 s [~330 s]
 # ACTOR_VARIANTS overrides the actor step's variants.
 # Each job step also builds the real-size model (12-17 s) and writes its corpus first, and a
 # fresh machine's first Python imports are slow: job_1 needed ~200 s on one (2026-12-03).
@@ -65,4 +67,5 @@ step job_1b 260 env BENCH_JOB_EXTRA="--batches-in-flight 1" "$PY" benchmarks/ben
 step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
   BENCH_JOB_ENVS="PIPELINE_RENDER_NICENESS=10;PIPELINE_RENDER_NICENESS=0;PIPELINE_RENDER_NICENESS=10" \
   "$PY" benchmarks/bench_embed.py --job-only --job-pages 3000 --out "$OUT/job_nice.json"
+step kept 480 "$PY" benchmarks/bench_kept_embedders.py --out "$OUT/kept.json"
 echo "done in $(( $(date +%s) - T0 ))s" | tee -a "$OUT/session_embed.log"

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from pipeline.config import DEFAULT_MAX_VISUAL_TOKENS, DEFAULT_MODEL, embed_config
+from pipeline.config import DEFAULT_MAX_VISUAL_TOKENS, DEFAULT_MODEL, KEEP_EMBEDDERS_HELP, embed_config
 
 EPILOG = """\
 outputs (DESIGN.md):
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batches-in-flight", type=int, choices=[1, 2], help="2: each actor prepares the next batch on the host while the GPU runs this one (two threads): GPU busy 99%% against 92%% at 1 in the 3,000-page job on an H200 (benchmarks/RESULTS.md) (default: 2 on GPUs, 1 on CPUs)")
     a.add_argument("--min-actors", type=int, help="actors kept alive (default: one per GPU present at start, else 1)")
     a.add_argument("--max-actors", type=int, help="upper bound of the autoscaling pool (default: one per GPU)")
+    a.add_argument("--keep-embedders", type=float, metavar="SECONDS", help=KEEP_EMBEDDERS_HELP)
     a.add_argument("--device", choices=["auto", "cuda", "cpu"],
                    help="where the model runs (default auto: GPUs when the cluster has them now or its autoscaler "
                    "can add GPU nodes; the log says what it chose and why)")

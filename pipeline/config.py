@@ -46,6 +46,9 @@ class EmbedConfig:
     # (threads of one actor, device work queued one batch at a time; pipeline/embed/model.py);
     # None: 2 when the model runs on GPUs, else 1 (resolve_batches_in_flight)
     batches_in_flight: int | None = None
+    # --keep-embedders SECONDS: the model actors outlive the job (Ray detached actors, named by
+    # model, settings and code) for the next job, each ending after SECONDS without a call; 0: off
+    keep_embedders: float = 0.0
     # CPU rendering
     docs_per_render_task: int = 4
     render_timeout_s: float = 120.0
@@ -90,6 +93,9 @@ class EmbedConfig:
             problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.batches_in_flight not in (None, 1, 2):
             problems.append(f"--batches-in-flight must be 1 or 2, got {self.batches_in_flight!r}")
+        if isinstance(self.keep_embedders, bool) or not isinstance(self.keep_embedders, (int, float)) \
+                or self.keep_embedders < 0:
+            problems.append(f"--keep-embedders must be a number of seconds >= 0 (0: off), got {self.keep_embedders!r}")
         if self.min_actors is not None and self.min_actors < 1:
             problems.append(f"--min-actors must be >= 1, got {self.min_actors}")
         if self.max_actors is not None and self.min_actors is not None and self.max_actors < self.min_actors:
@@ -170,6 +176,12 @@ CACHE_HELP = ("keep a page-major float16 copy of each shard under CORPUS/_cache 
               "no decode (a 20,000-page shard: 0.6-0.7 s against ~2.5 s from Parquet on an H200 node). Needs write "
               "access beside the corpus and as much space as its float16 vectors; a read-only corpus is scored "
               "without it")
+KEEP_EMBEDDERS_HELP = ("keep the model actors (Ray detached actors, named by model, settings and code) for the next "
+                       "job on this cluster, each ending itself after SECONDS without a call: a later job with the "
+                       "same model and settings sends them its pages and skips their start (worker, imports, model "
+                       "load, first compiled batch: ~25-35 s per actor on an H200 node). The pool is then fixed "
+                       "at --min-actors. They hold their GPU meanwhile, so an autoscaler keeps that node up; "
+                       "default 0: each job ends its own")
 KEEP_SCORERS_HELP = ("keep the scoring actors (Ray detached actors, named by corpus, settings and scoring code) for "
                      "the next job on this cluster, each ending itself after SECONDS without a call: a later job of "
                      "the same corpus and settings skips their start (torch's import, CUDA, the kernels' first use: "

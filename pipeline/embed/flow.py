@@ -7,12 +7,16 @@ pool) -> write (CPU tasks), the stages being plain callables of :mod:`~pipeline.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import sys
+import threading
 import time
+import uuid
 from typing import Iterator
 
 import pyarrow as pa
@@ -24,7 +28,7 @@ from pipeline.cluster import choose_device, max_gpu_actors, read_capacity
 from pipeline.config import EmbedConfig, resolve_batches_in_flight
 from pipeline.embed import counters, plan, preflight as preflight_report
 from pipeline.embed.rasterize import RenderSpec
-from pipeline.embed.stages import PageEmbedder, render_documents, write_shard
+from pipeline.embed.stages import KeptEmbedder, PageEmbedder, render_documents, write_shard
 from pipeline.schema import IMAGE_PROMPT, QUERY_PROMPT
 from pipeline.storage import join_uri
 
@@ -95,6 +99,121 @@ def _plan_units(batch: pa.Table, cfg: EmbedConfig, done: list, counter,
         ray.get(counter.add.remote({**stats, "documents_to_do": todo.num_rows}))
         for i in range(0, todo.num_rows, cfg.docs_per_render_task):
             yield todo.slice(i, cfg.docs_per_render_task)
+
+
+KEPT_EMBEDDER_NAMESPACE = "vdr-embedding"
+# A kept embedder whose process or node dies is restarted by Ray, and the batch it was running
+# is sent again (max_task_retries=-1), as the scoring actors are (pipeline/score/flow.py).
+MAX_KEPT_RESTARTS = 4
+# Calls a kept embedder runs at once: its front's batches in flight, and ready() beside them.
+KEPT_MAX_CONCURRENCY = 4
+
+
+def _in_actor() -> bool:
+    try:
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 - a driver with a Ray session asserts on actor fields
+        return False
+
+
+class KeptPageEmbedder(KeptEmbedder):
+    """:class:`pipeline.embed.stages.KeptEmbedder` as a Ray detached actor (``--keep-embedders``)."""
+
+    def _can_keep(self) -> bool:
+        return _in_actor()
+
+    def _end(self) -> None:
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+
+@ray.remote(num_cpus=0)
+class _Turns:
+    """Hands each front its kept embedder, in turn."""
+
+    def __init__(self):
+        self.n = -1
+
+    def next(self) -> int:
+        self.n += 1
+        return self.n
+
+
+class EmbedFront:
+    """Ray Data's actor of the model stage under ``--keep-embedders``: it holds no model and
+    no GPU, and sends each batch to its kept embedder (one front per kept embedder), naming
+    this job, so that the job's batches, backpressure and progress stay Ray Data's."""
+
+    def __init__(self, embedders: list, turns, job: str, keep_alive_s: float):
+        self.embedder = embedders[ray.get(turns.next.remote()) % len(embedders)]
+        self.job, self.keep_alive_s = job, keep_alive_s
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return ray.get(self.embedder.embed.remote(batch, self.job, self.keep_alive_s))
+
+
+class _Heartbeat:
+    """While a job runs, its kept embedders are asked ``ready`` every ``interval_s``: a job
+    whose first pages take longer than the keep-alive to render (a large listing, a busy
+    cluster) does not see its model actors end before its first batch."""
+
+    def __init__(self, handles: list, interval_s: float):
+        self._handles, self._interval_s = handles, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kept-embedders-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            for h in self._handles:
+                h.ready.remote()  # not waited for: an actor that is restarting answers later
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def kept_embedder_name(embedder_kwargs: dict, gpus_per_actor: float) -> str:
+    """The name (prefix) of the embedders that ``--keep-embedders`` keeps: the same only for a
+    job of the same model, settings the actors are built with, and embedding code (a changed
+    pipeline/embed is another name: a kept actor never runs stale code)."""
+    code = hashlib.sha1()
+    for d in (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".py"):
+                with open(os.path.join(d, f), "rb") as fh:
+                    code.update(f.encode() + fh.read())
+    key = json.dumps([sorted(embedder_kwargs.items()), gpus_per_actor, code.hexdigest()], default=str)
+    return "vdr-embedder-" + hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def kept_embedders(name: str, n: int, embedder_kwargs: dict, gpus_per_actor: float,
+                   keep_alive_s: float) -> tuple[list, int]:
+    """(handles, how many were already running) of the ``n`` kept embedders ``name``-0...:
+    those still alive from an earlier job are taken over (asking one touches its idle timer),
+    the others started, detached, without waiting for their model to load."""
+    Kept = ray.remote(KeptPageEmbedder)
+    handles, reused = [], 0
+    for i in range(n):
+        full = f"{name}-{i}"
+        try:
+            handle = ray.get_actor(full, namespace=KEPT_EMBEDDER_NAMESPACE)
+            ready, _ = ray.wait([handle.ready.remote()], timeout=5.0)
+            if ready:
+                ray.get(ready[0])  # raises when it ended meanwhile: then a new one is started
+                reused += 1
+            handles.append(handle)  # not ready in 5 s: still loading (another job started it)
+            continue
+        except (ValueError, ray.exceptions.RayActorError):
+            pass
+        handles.append(Kept.options(
+            name=full, namespace=KEPT_EMBEDDER_NAMESPACE, lifetime="detached", get_if_exists=True,
+            # The model's core is reserved by its front, inside Ray Data's budget: Ray Data does
+            # not see actors of its own, and on a small node it would plan tasks on that core
+            # (seen on 2 CPUs: the render stage waited for a core the kept actor held).
+            num_gpus=gpus_per_actor, num_cpus=0, max_concurrency=KEPT_MAX_CONCURRENCY,
+            max_restarts=MAX_KEPT_RESTARTS, max_task_retries=-1,
+        ).remote(keep_alive_s, **embedder_kwargs))
+    return handles, reused
 
 
 def _warn_local_paths(cfg: EmbedConfig) -> None:
@@ -265,12 +384,60 @@ def run(cfg: EmbedConfig) -> dict:
     lock = storage.acquire_output_lock(cfg.output, cfg.endpoint_url)
     try:
         cleaned = storage.clean_output_leftovers(cfg.output, cfg.endpoint_url)
-        return _run_locked(cfg, cleaned)
+        with contextlib.ExitStack() as on_exit:  # what the run started in Ray and must end with it
+            return _run_locked(cfg, cleaned, on_exit)
     finally:
         lock.release()
 
 
-def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
+def _stream(cfg: EmbedConfig, units: list, spec: RenderSpec, done: pa.Table, counter, listings: dict | None,
+            model_stage: dict, metadata: dict, progress: _Progress) -> None:
+    """The job's Ray Data chain: plan -> render -> the model stage (``model_stage``: the
+    arguments of its ``map_batches``) -> write, each written file's row into ``progress``."""
+    ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=min(len(units), MAX_INPUT_BLOCKS))
+    ds = ds.map_batches(
+        _plan_units,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"cfg": cfg, "done": [ray.put(done)], "counter": counter, "listings": listings},
+        num_cpus=0.25,  # listing is I/O
+    )
+    # Ray Data packs what a task yields into blocks of up to 128 MB, and a map task takes
+    # whole blocks: without this, a plan task's 375 documents reached ONE render task and
+    # the job rendered on one core (measured on an H200, 2026-12-03: 22 pages/s, GPU busy
+    # 41-48%). Streaming repartition hands each render task its own few documents.
+    ds = ds.repartition(target_num_rows_per_block=cfg.docs_per_render_task)
+    ds = ds.map_batches(
+        render_documents,
+        batch_size=cfg.docs_per_render_task,
+        batch_format="pyarrow",
+        fn_kwargs={"spec": spec, "render_timeout_s": cfg.render_timeout_s, "max_file_bytes": cfg.max_file_bytes,
+                   "endpoint_url": cfg.endpoint_url, "pages_per_block": cfg.batch_size,
+                   "storage_settings": _storage_settings(cfg)},
+        num_cpus=1,
+        # pdfium crashes kill only the renderer child (an error row); a Ray worker that dies
+        # anyway is retried a bounded number of times, not forever (Ray's default).
+        ray_remote_args_fn=_bounded_retries,
+    )
+    ds = ds.map_batches(**model_stage)
+    ds = ds.map_batches(
+        write_shard,
+        fn_kwargs={"output": cfg.output, "metadata": metadata,
+                   "endpoint_url": cfg.endpoint_url, "storage_settings": _storage_settings(cfg)},
+        batch_size=cfg.rows_per_file,
+        batch_format="pyarrow",
+        max_retries=WRITE_TASK_RETRIES,
+        retry_exceptions=[OSError],
+        # Mostly I/O: a small CPU share keeps it schedulable beside long-lived actors.
+        num_cpus=0.25,
+    )
+    for row in ds.iter_rows():
+        progress.add(row)
+    if log.isEnabledFor(logging.DEBUG):  # -v: where each operator spent its time (Ray Data's own stats)
+        log.debug("Ray Data stats:\n%s", ds.stats())
+
+
+def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) -> dict:
     started = time.time()
     t0 = time.monotonic()
     spec = RenderSpec(max_visual_tokens=cfg.max_visual_tokens, max_dpi=cfg.max_dpi,
@@ -298,6 +465,22 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
     # reach the model while the rest of a large corpus is still being listed.
     done = plan.load_progress(cfg.output, cfg.endpoint_url)
     units = storage.listing_units(cfg.input, cfg.endpoint_url)
+    embedder_kwargs = {"model": cfg.model, "device": device, "dtype": cfg.dtype,
+                       "attn_implementation": cfg.attn_implementation, "endpoint_url": cfg.endpoint_url,
+                       "compile_model": cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda"),
+                       "pool_factor": cfg.pool_factor, "compile_cache": cfg.compile_cache,
+                       "precision": cfg.precision, "batches_in_flight": in_flight}
+    kept_handles, kept_reused, kept_name = [], 0, None
+    if cfg.keep_embedders and units:  # asked for now: their model loads while the job lists and plans
+        # A kept embedder may serve calls of two jobs at once: its device work is always queued
+        # one batch at a time (the lock of --batches-in-flight 2).
+        kept_kwargs = {**embedder_kwargs, "batches_in_flight": 2}
+        kept_name = kept_embedder_name(kept_kwargs, gpus_per_actor)
+        kept_handles, kept_reused = kept_embedders(kept_name, min_actors, kept_kwargs, gpus_per_actor,
+                                                   float(cfg.keep_embedders))
+        log.info("--keep-embedders %g: %d kept model actor(s) %s-*, %d taken over from an earlier job",
+                 cfg.keep_embedders, len(kept_handles), kept_name, kept_reused)
+        on_exit.callback(_Heartbeat(kept_handles, min(10.0, cfg.keep_embedders / 3)).stop)
     storage.write_json(join_uri(cfg.output, schema.CONFIG_FILE),
                        {**json.loads(cfg.to_json()), "output": output_uri, "generation": generation,
                         "settings": plan.settings_of(metadata)}, cfg.endpoint_url)
@@ -324,70 +507,48 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
              len(units), cfg.input, done.num_rows, cfg.output)
     log.info("model on %s, %d-%d actor(s), %g GPU each: %s", device, min_actors, max_actors, gpus_per_actor, why)
     _warn_local_paths(cfg)
-    progress = _Progress(0)
-    counter = _PlanCounter.remote()
-    if units:
-        ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=min(len(units), MAX_INPUT_BLOCKS))
-        ds = ds.map_batches(
-            _plan_units,
-            batch_size=1,
-            batch_format="pyarrow",
-            fn_kwargs={"cfg": cfg, "done": [ray.put(done)], "counter": counter, "listings": listings},
-            num_cpus=0.25,  # listing is I/O
-        )
-        # Ray Data packs what a task yields into blocks of up to 128 MB, and a map task takes
-        # whole blocks: without this, a plan task's 375 documents reached ONE render task and
-        # the job rendered on one core (measured on an H200, 2026-12-03: 22 pages/s, GPU busy
-        # 41-48%). Streaming repartition hands each render task its own few documents.
-        ds = ds.repartition(target_num_rows_per_block=cfg.docs_per_render_task)
-        ds = ds.map_batches(
-            render_documents,
-            batch_size=cfg.docs_per_render_task,
-            batch_format="pyarrow",
-            fn_kwargs={"spec": spec, "render_timeout_s": cfg.render_timeout_s, "max_file_bytes": cfg.max_file_bytes,
-                       "endpoint_url": cfg.endpoint_url, "pages_per_block": cfg.batch_size,
-                       "storage_settings": _storage_settings(cfg)},
+    if kept_handles:
+        # --keep-embedders: the model runs in the kept actors; Ray Data's pool holds their fronts
+        model_stage = dict(
+            fn=EmbedFront,
+            fn_constructor_kwargs={"embedders": kept_handles, "turns": _Turns.remote(),
+                                   "job": uuid.uuid4().hex, "keep_alive_s": float(cfg.keep_embedders)},
+            compute=ActorPoolStrategy(size=len(kept_handles), max_concurrent_calls_per_actor=in_flight,
+                                      enable_true_multi_threading=in_flight > 1),
+            # The kept embedder's core (decoding pages, building inputs), counted here in Ray
+            # Data's budget, as the PageEmbedder pool's is; the kept embedder reserves the GPU.
             num_cpus=1,
-            # pdfium crashes kill only the renderer child (an error row); a Ray worker that dies
-            # anyway is retried a bounded number of times, not forever (Ray's default).
-            ray_remote_args_fn=_bounded_retries,
         )
-        ds = ds.map_batches(
-            PageEmbedder,
-            fn_constructor_kwargs={"model": cfg.model, "device": device, "dtype": cfg.dtype,
-                                   "attn_implementation": cfg.attn_implementation,
-                                   "endpoint_url": cfg.endpoint_url,
-                                   "compile_model": cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda"),
-                                   "pool_factor": cfg.pool_factor, "compile_cache": cfg.compile_cache,
-                                   "precision": cfg.precision, "batches_in_flight": in_flight},
+    else:
+        model_stage = dict(
+            fn=PageEmbedder,
+            fn_constructor_kwargs=embedder_kwargs,
             # --batches-in-flight 2: two calls run at once in each actor, on two threads
             # (PageEmbedder queues their device work one at a time).
             compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors,
                                       max_concurrent_calls_per_actor=in_flight,
                                       enable_true_multi_threading=in_flight > 1),
-            batch_size=cfg.batch_size,
-            batch_format="pyarrow",
             num_gpus=gpus_per_actor,
             # The model's own CPU work (decoding the page bytes, building inputs) needs a core;
             # asking for it keeps render tasks from crowding the GPU nodes' cores.
             num_cpus=1,
-            zero_copy_batch=True,
         )
-        ds = ds.map_batches(
-            write_shard,
-            fn_kwargs={"output": cfg.output, "metadata": metadata,
-                       "endpoint_url": cfg.endpoint_url, "storage_settings": _storage_settings(cfg)},
-            batch_size=cfg.rows_per_file,
-            batch_format="pyarrow",
-            max_retries=WRITE_TASK_RETRIES,
-            retry_exceptions=[OSError],
-            # Mostly I/O: a small CPU share keeps it schedulable beside long-lived actors.
-            num_cpus=0.25,
-        )
-        for row in ds.iter_rows():
-            progress.add(row)
-        if log.isEnabledFor(logging.DEBUG):  # -v: where each operator spent its time (Ray Data's own stats)
-            log.debug("Ray Data stats:\n%s", ds.stats())
+    model_stage.update(batch_size=cfg.batch_size, batch_format="pyarrow", zero_copy_batch=True)
+    progress = _Progress(0)
+    counter = _PlanCounter.remote()
+    failed = True
+    try:
+        if units:
+            _stream(cfg, units, spec, done, counter, listings, model_stage, metadata, progress)
+        failed = False
+    finally:
+        if kept_handles and failed:
+            for h in kept_handles:
+                ray.kill(h)  # a failed job leaves no GPU held for a later one
+        elif kept_handles:
+            log.info("keeping %d model actor(s) %s-* for the next job (each ends after %.0f s without a call)",
+                     len(kept_handles), kept_name, cfg.keep_embedders)
+    totals = ray.get(counter.totals.remote())
     totals = ray.get(counter.totals.remote())
     ray.kill(counter)  # a driver that runs several jobs (a notebook, tests) keeps no counters
     planned = {k: int(totals.get(k, 0)) for k in ("documents_listed", "documents_already_done",
@@ -410,6 +571,10 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict) -> dict:
         "pool_factor": cfg.pool_factor,
         "precision": cfg.precision,
         "batches_in_flight": in_flight,
+        # --keep-embedders: seconds the model actors are kept after the job (0: not kept), and
+        # how many of this job's were kept from an earlier one (their start-up skipped)
+        "keep_embedders": cfg.keep_embedders,
+        "embedders_reused": kept_reused,
         "device": device,
         "device_reason": why,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

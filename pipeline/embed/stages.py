@@ -249,6 +249,15 @@ class PageEmbedder:
             out = out.append_column(name, column)
         return out
 
+    def new_job(self) -> None:
+        """A kept actor (``--keep-embedders``) starts serving another job: that job's counters
+        start from its own first batch, and it did not load the model (``model_load_s`` 0)."""
+        with self._state_lock:
+            self.first_batch_at = None
+            self.first_batch = None
+            self.pages = 0
+            self.loaded_s = 0.0
+
     def _save_compiled(self) -> None:
         """Save the compiled artefacts after the first batch, and again after any batch that
         compiled something new (another page size or batch size)."""
@@ -266,6 +275,51 @@ class PageEmbedder:
                 self._graphs_saved = graphs  # a failed save is tried again after the next batch
         finally:
             self._saving = False
+
+
+class KeptEmbedder:
+    """A :class:`PageEmbedder` that outlives its job (``--keep-embedders SECONDS``): the next
+    job of the same model and settings sends it its batches and skips the start-up (worker,
+    imports, model load, compilation). Each call names its job; the first call of a new job
+    resets the per-job counters. It ends itself after the keep-alive its last job set without
+    a call (:class:`pipeline.keepalive.KeepAlive`), never during one. The job runs it as
+    :class:`pipeline.embed.flow.KeptPageEmbedder`, which fills in the Ray hooks ``_can_keep``
+    and ``_end``; tests build it directly."""
+
+    def __init__(self, keep_alive_s: float, **embedder_kwargs):
+        from pipeline.keepalive import KeepAlive
+
+        self.embedder = PageEmbedder(**embedder_kwargs)
+        self.job: str | None = None
+        self.jobs_served = 0
+        self._lock = threading.Lock()
+        # started once the model is loaded: the load is never counted as idle time
+        self._keep = KeepAlive(keep_alive_s if self._can_keep() else 0.0, self._end, "embedder")
+
+    def ready(self) -> dict:
+        """This actor's process and what it has done (a call: counts as activity)."""
+        self._keep.touch()
+        return {"pid": os.getpid(), "jobs_served": self.jobs_served, "model_load_s": self.embedder.loaded_s}
+
+    def embed(self, batch: pa.Table, job: str, keep_alive_s: float) -> pa.Table:
+        """:meth:`PageEmbedder.__call__` for ``job`` (a token unique per job run)."""
+        with self._keep.call():
+            with self._lock:
+                if job != self.job:
+                    if self.job is not None:
+                        self.embedder.new_job()
+                    self.job = job
+                    self.jobs_served += 1
+            if self._can_keep():
+                self._keep.set(keep_alive_s)
+            return self.embedder(batch)
+
+    # Hooks for the process this runs in (pipeline.embed.flow.KeptPageEmbedder: a Ray actor).
+    def _can_keep(self) -> bool:
+        return False  # only an actor can end itself (``_end``)
+
+    def _end(self) -> None:
+        raise NotImplementedError
 
 
 shard_name = schema.shard_name  # the file-name rule lives with the other names

@@ -26,6 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.cluster import available_host_bytes, visible_gpu_free_bytes
+from pipeline.keepalive import KeepAlive
 from pipeline.score.corpus import ShardSpec, load_shard, set_decode_threads
 
 log = logging.getLogger(__name__)
@@ -80,11 +81,10 @@ class ScorerFront:
         self._reader: ThreadPoolExecutor | None = None
         self._job: str | None = None  # token of the ScoringJob whose queries the scorer holds
         self.jobs_served = 0
-        self._keep_alive_s = float(options.pop("keep_alive_s", 0.0))  # also from each job (ScoringJob)
-        self._last_call = time.monotonic()
-        self._in_call = 0  # score calls running: never ended during one, however long it takes
-        self._keeper: threading.Thread | None = None
-        self._start_keeper()  # from the constructor on: a kept actor that never gets a call ends too
+        # --keep-scorers: from the constructor on (a kept actor that never gets a call ends too);
+        # each job sets its own keep-alive (ScoringJob). Never ended during a call.
+        keep_alive_s = float(options.pop("keep_alive_s", 0.0))
+        self._keep = KeepAlive(keep_alive_s if self._can_keep() else 0.0, self._end, "scorer")
         threading.Thread(target=self._build, args=(t0, query_flat, query_lengths, k, options),
                          name="scorer-start", daemon=True).start()
 
@@ -109,13 +109,13 @@ class ScorerFront:
 
     def ready(self) -> float:
         """Wall-clock time (``time.time()``) this actor's constructor started."""
-        self._last_call = time.monotonic()
+        self._keep.touch()
         return self.t_init
 
     def memory_bytes(self) -> int:
         """Memory this worker can give a shard: free GPU memory (through NVML while torch is
         still importing, less a context's reserve), else available RAM."""
-        self._last_call = time.monotonic()
+        self._keep.touch()
         if not self._gpu:
             return available_host_bytes()
         if not self._built.is_set():
@@ -146,38 +146,15 @@ class ScorerFront:
     def _end(self) -> None:
         raise NotImplementedError
 
-    def _start_keeper(self) -> None:
-        if self._keep_alive_s > 0 and self._keeper is None and self._can_keep():
-            self._keeper = threading.Thread(target=self._keep_alive, name="keep-alive", daemon=True)
-            self._keeper.start()
-
-    def _keep_alive(self) -> None:
-        """Ends this actor (no restart) once it has had no call for ``keep_alive_s``: a scorer
-        kept for later jobs gives its GPU back to the cluster (and its autoscaler) when none came."""
-        while True:
-            idle = time.monotonic() - self._last_call
-            if self._keep_alive_s <= 0 or (idle >= self._keep_alive_s and not self._in_call):
-                break
-            time.sleep(min(5.0, max(0.05, self._keep_alive_s - idle)))
-        if self._keep_alive_s > 0:
-            log.info("no scoring call for %.0f s: this kept scorer ends", self._keep_alive_s)
-            self._end()
-        self._keeper = None
-
     def score(self, spec: ShardSpec, next_spec: ShardSpec | None = None, job: ScoringJob | None = None):
         """:meth:`pipeline.score.scorer.ShardScorer.score`; the first call reads ``spec``
         while the scorer is still being built. ``job``: the job's queries (and k, batch size,
         keep-alive), given to the scorer when they are not the ones it holds."""
-        self._in_call += 1
-        try:
+        with self._keep.call():
             return self._score(spec, next_spec, job)
-        finally:
-            self._in_call -= 1
-            self._last_call = time.monotonic()
 
     def _score(self, spec: ShardSpec, next_spec: ShardSpec | None, job: ScoringJob | None):
         t0 = time.perf_counter()
-        self._last_call = time.monotonic()
         early = None
         if not self._built.is_set():
             if self._reader is None:
@@ -196,9 +173,8 @@ class ScorerFront:
             scorer.set_queries(job.query_flat, job.query_lengths, job.k, job.query_batch_size)
             self._job = job.token
             self.jobs_served += 1
-        if job is not None:
-            self._keep_alive_s = job.keep_alive_s
-            self._start_keeper()
+        if job is not None and self._can_keep():
+            self._keep.set(job.keep_alive_s)
         if early is not None:
             scorer._footers = self._footers  # the same dict: the load may still be adding to it
             scorer.preload(spec, early)

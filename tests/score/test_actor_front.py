@@ -193,10 +193,10 @@ def test_a_kept_scorer_ends_when_idle_but_never_during_a_call(tmp_path):
     uri, spec, qflat, qlen = _corpus(tmp_path)
     _Kept.ended = []
     front = _Kept(uri, None, qflat, qlen, 3, device="cpu", keep_alive_s=0.3)
-    front._in_call = 1  # a call that runs longer than the keep-alive (a big shard)
+    front._keep.in_call = 1  # a call that runs longer than the keep-alive (a big shard)
     time.sleep(1.0)
     assert _Kept.ended == []
-    front._in_call = 0
+    front._keep.in_call = 0
     deadline = time.monotonic() + 10
     while not _Kept.ended and time.monotonic() < deadline:
         time.sleep(0.05)

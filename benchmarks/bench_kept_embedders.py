@@ -1,0 +1,121 @@
+"""The 3,000-page embedding job on a running Ray cluster, with and without ``--keep-embedders``,
+each job a fresh ``python -m jobs.embed_corpus`` process, as ``ray job submit`` runs it.
+
+    PYTHONPATH=/tmp/site:$PWD python3 benchmarks/bench_kept_embedders.py --out kept.json
+
+One Ray head is started (``ray start``) and kept for every job; then, one after another on
+the same corpus, each to its own output:
+
+  plain     the job as it is by default (Ray Data's actor pool: worker, imports, model load,
+            first compiled batch inside the job)
+  kept_1    ``--keep-embedders 600``: the first job starts the kept model actor
+  kept_2..  the same command again: the actor of kept_1 serves it (no start-up)
+
+Per job: the wall time of the process (from its start to its exit: the driver's imports,
+joining Ray, listing, rendering, embedding, writing, the summary), pages over it, and the
+summary's figures (its own seconds, each actor's counters, ``embedders_reused``). The actor
+alone is measured apart (``bench_actor.py``) in the same device call. A real-size ColQwen2
+with random weights is built first. Whether kept_2's embeddings equal plain's is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from pipeline.devtools.local_cluster import free_port  # noqa: E402
+from two_nodes_one_gpu import env, pages, start_cluster, stop_cluster  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench_kept_embedders.json")
+    ap.add_argument("--pages", type=int, default=3000)
+    ap.add_argument("--tokens", type=int, default=768)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--kept-runs", type=int, default=3, help="jobs with --keep-embedders after the plain one")
+    ap.add_argument("--keep-s", type=float, default=600)
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few pages: checks the wiring")
+    args = ap.parse_args()
+
+    from bench_embed import letter_pdf
+
+    from pipeline.devtools.tiny import build_tiny_model
+
+    work = tempfile.mkdtemp(prefix="bench-kept-")
+    model = os.path.join(work, "model")
+    t = time.time()
+    if args.smoke:
+        args.pages, args.tokens, args.batch_size = 16, 64, 4
+        build_tiny_model(model)
+    else:
+        build_tiny_model(model, max_visual_tokens=args.tokens, real_size=True, device="cuda")
+    res: dict = {"build_model_s": round(time.time() - t, 1), "commit": os.environ.get("BENCH_COMMIT"),
+                 "pages": args.pages, "tokens": args.tokens, "batch_size": args.batch_size, "runs": {}}
+    corpus = os.path.join(work, "corpus")
+    os.makedirs(corpus)
+    docs = [letter_pdf(8, d) for d in range(8)]  # 8 distinct documents, each file rendered by the job
+    for d in range(args.pages // 8):
+        with open(os.path.join(corpus, f"doc{d:05d}.pdf"), "wb") as f:
+            f.write(docs[d % len(docs)])
+
+    port = free_port()
+    dirs = start_cluster("vdr-kept", 1, port, os.cpu_count() or 2)
+    address = f"127.0.0.1:{port}"
+    try:
+        names = ["plain"] + [f"kept_{i}" for i in range(1, args.kept_runs + 1)]
+        for name in names:
+            out = os.path.join(work, name)
+            cmd = [sys.executable, "-m", "jobs.embed_corpus", "--input", corpus, "--output", out, "--model", model,
+                   "--batch-size", str(args.batch_size), "--max-visual-tokens", str(args.tokens)]
+            if name != "plain":
+                cmd += ["--keep-embedders", str(args.keep_s)]
+            t0 = time.time()
+            proc = subprocess.run(cmd, env=env(address), cwd=ROOT, capture_output=True, text=True)
+            wall = time.time() - t0
+            if proc.returncode:
+                res["runs"][name] = {"rc": proc.returncode, "stderr": proc.stderr[-4000:]}
+                print(name, "failed", proc.stderr[-3000:], flush=True)
+                continue
+            with open(os.path.join(out, "summary.json")) as f:
+                s = json.load(f)
+            run = s["this_run"]
+            entry = {"rc": 0, "wall_s_process": round(wall, 2), "pages": run["pages"],
+                     "pages_per_s_whole": round(run["pages"] / wall, 2), "job_seconds": run["seconds"],
+                     "embedders_reused": s.get("embedders_reused"), "actors": run.get("actors"),
+                     "gpu_busy_fraction": run.get("gpu_busy_fraction"),
+                     "actor_pages_per_s": run.get("actor_pages_per_second"),
+                     "log_lines": [ln for ln in proc.stderr.splitlines()
+                                   if "[PageEmbedder]" in ln or "keep-embedders" in ln or "keeping" in ln][-6:]}
+            res["runs"][name] = entry
+            print(name, {k: v for k, v in entry.items() if k not in ("actors", "log_lines")}, flush=True)
+        plain_ids, plain_off, plain_flat = pages(os.path.join(work, "plain"))
+        last = names[-1]
+        if res["runs"].get(last, {}).get("rc") == 0:
+            ids, off, flat = pages(os.path.join(work, last))
+            import numpy as np
+
+            same = ids == plain_ids and (off == plain_off).all()
+            res[f"{last}_vs_plain"] = {
+                "same_pages_and_vector_counts": bool(same),
+                "max_abs_diff": float(np.abs(flat.astype(np.float32) - plain_flat.astype(np.float32)).max()) if same else None,
+            }
+    finally:
+        stop_cluster(dirs)
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
