@@ -45,6 +45,8 @@ def main() -> int:
     ap.add_argument("--kept-runs", type=int, default=3, help="jobs with --keep-embedders after the plain one")
     ap.add_argument("--keep-s", type=float, default=600)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few pages: checks the wiring")
+    ap.add_argument("--timeline-dir", help="write Ray's task timeline (chrome trace) after each job here, and "
+                    "each job's stderr (run with -v: Ray Data's per-operator stats)")
     args = ap.parse_args()
 
     from bench_embed import letter_pdf
@@ -79,6 +81,8 @@ def main() -> int:
                    "--batch-size", str(args.batch_size), "--max-visual-tokens", str(args.tokens)]
             if name != "plain":
                 cmd += ["--keep-embedders", str(args.keep_s)]
+            if args.timeline_dir:
+                cmd += ["-v"]
             t0 = time.time()
             proc = subprocess.run(cmd, env=env(address), cwd=ROOT, capture_output=True, text=True)
             wall = time.time() - t0
@@ -97,6 +101,17 @@ def main() -> int:
                      "log_lines": [ln for ln in proc.stderr.splitlines()
                                    if "[PageEmbedder]" in ln or "keep-embedders" in ln or "keeping" in ln][-6:]}
             res["runs"][name] = entry
+            if args.timeline_dir:
+                import ray
+
+                os.makedirs(args.timeline_dir, exist_ok=True)
+                with open(os.path.join(args.timeline_dir, f"{name}.stderr.txt"), "w") as f:
+                    f.write(proc.stderr)
+                if not ray.is_initialized():
+                    ray.init(address=address, log_to_driver=False)
+                ray.timeline(filename=os.path.join(args.timeline_dir, f"{name}.timeline.json"))
+                entry["job_started_at"] = s.get("started_at")
+                entry["process_started_at"] = t0
             print(name, {k: v for k, v in entry.items() if k not in ("actors", "log_lines")}, flush=True)
         plain_ids, plain_off, plain_flat = pages(os.path.join(work, "plain"))
         last = names[-1]
@@ -110,6 +125,9 @@ def main() -> int:
                 "max_abs_diff": float(np.abs(flat.astype(np.float32) - plain_flat.astype(np.float32)).max()) if same else None,
             }
     finally:
+        import ray
+
+        ray.shutdown()
         stop_cluster(dirs)
     print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
     with open(args.out, "w") as f:

@@ -51,7 +51,7 @@ if [ "${TINY:-0}" = 1 ]; then
     --out "$OUT/actor.json"
   exit 0
 fi
-step actor 300 "$PY" benchmarks/bench_actor.py --pages 256 --fid-pages 256 --queries 50 \
+step actor 300 "$PY" benchmarks/bench_actor.py --pages "${ACTOR_PAGES:-256}" --fid-pages 256 --queries 50 \
   --variants "${ACTOR_VARIANTS:-compiled,compiled_inflight2,compiled_oldhost}" --out "$OUT/actor.json"
 step warm_start 180 "$PY" benchmarks/bench_warm_start.py --out "$OUT/warm_start.json"
 step job_1 260 env BENCH_JOB_EXTRA="--batches-in-flight 1" "$PY" benchmarks/bench_embed.py --job-only \
@@ -67,5 +67,5 @@ step job_1b 260 env BENCH_JOB_EXTRA="--batches-in-flight 1" "$PY" benchmarks/ben
 step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
   BENCH_JOB_ENVS="PIPELINE_RENDER_NICENESS=10;PIPELINE_RENDER_NICENESS=0;PIPELINE_RENDER_NICENESS=10" \
   "$PY" benchmarks/bench_embed.py --job-only --job-pages 3000 --out "$OUT/job_nice.json"
-step kept 480 "$PY" benchmarks/bench_kept_embedders.py --kept-runs "${KEPT_RUNS:-3}" --out "$OUT/kept.json"
+step kept 480 "$PY" benchmarks/bench_kept_embedders.py --kept-runs "${KEPT_RUNS:-3}" --timeline-dir "$OUT/timelines" --out "$OUT/kept.json"
 echo "done in $(( $(date +%s) - T0 ))s" | tee -a "$OUT/session_embed.log"
