@@ -9,7 +9,9 @@ the same corpus, each to its own output:
   plain     the job as it is by default (Ray Data's actor pool: worker, imports, model load,
             first compiled batch inside the job)
   kept_1    ``--keep-embedders 600``: the first job starts the kept model actor
-  kept_2..  the same command again: the actor of kept_1 serves it (no start-up)
+  kept_2..  the same command again: the actor of kept_1 serves it (no start-up); with
+            ``--prestart-ab``, kept_2, kept_4, ... run with PIPELINE_PRESTART_WORKERS=0 (the job's
+            CPU workers not started ahead), kept_3, kept_5, ... with the default
 
 Per job: the wall time of the process (from its start to its exit: the driver's imports,
 joining Ray, listing, rendering, embedding, writing, the summary), pages over it, and the
@@ -45,6 +47,8 @@ def main() -> int:
     ap.add_argument("--kept-runs", type=int, default=3, help="jobs with --keep-embedders after the plain one")
     ap.add_argument("--keep-s", type=float, default=600)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few pages: checks the wiring")
+    ap.add_argument("--prestart-ab", action="store_true",
+                    help="kept runs from the second on alternate PIPELINE_PRESTART_WORKERS=0 (off) and the default")
     ap.add_argument("--timeline-dir", help="write Ray's task timeline (chrome trace) after each job here, and "
                     "each job's stderr (run with -v: Ray Data's per-operator stats)")
     args = ap.parse_args()
@@ -83,8 +87,11 @@ def main() -> int:
                 cmd += ["--keep-embedders", str(args.keep_s)]
             if args.timeline_dir:
                 cmd += ["-v"]
+            job_env = env(address)
+            if args.prestart_ab and name.startswith("kept_") and int(name[5:]) >= 2 and int(name[5:]) % 2 == 0:
+                job_env["PIPELINE_PRESTART_WORKERS"] = "0"
             t0 = time.time()
-            proc = subprocess.run(cmd, env=env(address), cwd=ROOT, capture_output=True, text=True)
+            proc = subprocess.run(cmd, env=job_env, cwd=ROOT, capture_output=True, text=True)
             wall = time.time() - t0
             if proc.returncode:
                 res["runs"][name] = {"rc": proc.returncode, "stderr": proc.stderr[-4000:]}
@@ -96,6 +103,8 @@ def main() -> int:
             entry = {"rc": 0, "wall_s_process": round(wall, 2), "pages": run["pages"],
                      "pages_per_s_whole": round(run["pages"] / wall, 2), "job_seconds": run["seconds"],
                      "embedders_reused": s.get("embedders_reused"), "actors": run.get("actors"),
+                     "workers_prestarted": s.get("workers_prestarted"),
+                     "prestarted_workers_rendered": s.get("prestarted_workers_rendered"),
                      "gpu_busy_fraction": run.get("gpu_busy_fraction"),
                      "actor_pages_per_s": run.get("actor_pages_per_second"),
                      "log_lines": [ln for ln in proc.stderr.splitlines()

@@ -28,7 +28,7 @@ from pipeline.cluster import choose_device, max_gpu_actors, read_capacity
 from pipeline.config import EmbedConfig, resolve_batches_in_flight
 from pipeline.embed import counters, plan, preflight as preflight_report
 from pipeline.embed.rasterize import RenderSpec
-from pipeline.embed.stages import KeptEmbedder, PageEmbedder, render_documents, write_shard
+from pipeline.embed.stages import KeptEmbedder, PageEmbedder, render_documents, warm_render_worker, write_shard
 from pipeline.schema import IMAGE_PROMPT, QUERY_PROMPT
 from pipeline.storage import join_uri
 
@@ -214,6 +214,39 @@ def kept_embedders(name: str, n: int, embedder_kwargs: dict, gpus_per_actor: flo
             max_restarts=MAX_KEPT_RESTARTS, max_task_retries=-1,
         ).remote(keep_alive_s, **embedder_kwargs))
     return handles, reused
+
+
+PRESTART_ENV = "PIPELINE_PRESTART_WORKERS"
+MAX_PRESTARTED_WORKERS = 32
+
+
+def prestart_workers(cfg: EmbedConfig) -> list:
+    """Start the job's CPU workers at its start, before its dataset runs (refs of their
+    warm-up tasks, not waited for). Ray starts worker processes per job: without this, each
+    job's first plan and render tasks each waited for a new process (Python, Ray, Ray Data,
+    the renderer's zygote: seconds apiece on a busy node) one after the other, before the first
+    page reached the model (seen on an H200 node: the first batch 8.6-11.9 s into a job whose
+    model actor was already running). Idle warmed workers are then reused by the job's tasks.
+    One per CPU free now, less one, at most 32; ``$PIPELINE_PRESTART_WORKERS`` sets the number
+    (0: off)."""
+    value = os.environ.get(PRESTART_ENV, "").strip()
+    try:
+        n = int(value) if value else min(MAX_PRESTARTED_WORKERS, int(ray.available_resources().get("CPU", 0)) - 1)
+    except ValueError:
+        raise ValueError(f"{PRESTART_ENV} must be a number of workers (0: off), got {value!r}") from None
+    warm = ray.remote(num_cpus=1, max_retries=0)(warm_render_worker)
+    return [warm.options(scheduling_strategy="SPREAD").remote(cfg.render_timeout_s) for _ in range(max(0, n))]
+
+
+def _prestarted_render_workers(warming: list, render_tasks: set[str]) -> int:
+    ready, _ = ray.wait(warming, num_returns=len(warming), timeout=5.0) if warming else ([], [])
+    warmed = set()
+    for ref in ready:
+        try:
+            warmed.add(ray.get(ref))
+        except Exception:  # noqa: BLE001 - a warm-up that failed warmed nothing
+            pass
+    return len(warmed & {t.rsplit(":", 1)[0] for t in render_tasks})
 
 
 def _warn_local_paths(cfg: EmbedConfig) -> None:
@@ -444,6 +477,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
                       max_longest_side_px=cfg.max_longest_side_px, max_image_pixels=cfg.max_image_pixels,
                       max_pages_per_doc=cfg.max_pages_per_doc)
     gpus_per_actor, min_actors, max_actors, device, why = resolve_resources(cfg)
+    warming = prestart_workers(cfg)  # while the driver checks the output, lists and plans
     in_flight = resolve_batches_in_flight(cfg.batches_in_flight, device)
     metadata = output_metadata(cfg, device)
     # Before any work: the output's settings against this run's (refused, or a new generation).
@@ -575,6 +609,10 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
         # how many of this job's were kept from an earlier one (their start-up skipped)
         "keep_embedders": cfg.keep_embedders,
         "embedders_reused": kept_reused,
+        # CPU workers started at the job's start ($PIPELINE_PRESTART_WORKERS), and how many of
+        # them then ran render tasks
+        "workers_prestarted": len(warming),
+        "prestarted_workers_rendered": _prestarted_render_workers(warming, progress.render_tasks),
         "device": device,
         "device_reason": why,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

@@ -323,6 +323,13 @@ class Renderer:
                     pass
         self._proc = None
 
+    def start(self) -> None:
+        """Start the zygote now, not at the first document (a worker warmed up ahead of its
+        first render task: :func:`pipeline.embed.stages.warm_render_worker`)."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._kill()
+            self._start()
+
     def close(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             try:

@@ -91,6 +91,10 @@ def test_summary_reports_each_actor_from_its_own_counters(first_run):
     # one block, so one render task rendered every document on one core and the GPU waited
     # (RESULTS.md).
     assert run["render_tasks"] >= 4 and 1 <= run["render_workers"] <= run["render_tasks"]
+    # CPU workers started at the job's start (render-ready: Ray Data, the renderer's zygote)
+    # are the ones that then render: a job does not wait for new processes one after another.
+    assert summary["workers_prestarted"] >= 1
+    assert 1 <= summary["prestarted_workers_rendered"] <= summary["workers_prestarted"]
     # No counter column reaches the output files.
     pages, _ = read_dir(os.path.join(out, "pages"))
     assert not [c for c in pages.column_names if c.startswith("_")]
@@ -370,6 +374,7 @@ def test_kept_embedders_serve_the_next_job_and_end_when_idle(ray_session, tiny_m
         assert a["keep_embedders"] == 60 and a["embedders_reused"] == 0 and len(kept()) == 1
         b = run_job(sample_corpus, str(tmp_path / "b"), tiny_model, "--keep-embedders", "2")
         assert b["embedders_reused"] == 1 and len(kept()) == 1
+        assert b["prestarted_workers_rendered"] >= 1
         actors_a, actors_b = a["this_run"]["actors"], b["this_run"]["actors"]
         assert [x["actor"] for x in actors_b] == [x["actor"] for x in actors_a]  # the same process
         assert actors_a[0]["model_load_s"] > 0 and actors_b[0]["model_load_s"] == 0  # no load in job b
@@ -397,3 +402,19 @@ def test_keep_embedders_option():
     with pytest.raises(ValueError, match="--keep-embedders must be a number of seconds >= 0"):
         embed_config({**options, "keep_embedders": -1})
     assert "--keep-embedders SECONDS" in embed_corpus.build_parser().format_help()
+
+
+def test_prestarted_workers_setting(ray_session, monkeypatch):
+    """$PIPELINE_PRESTART_WORKERS: a number of workers (0: off); anything else is refused by name."""
+    from pipeline.config import EmbedConfig
+    from pipeline.embed.flow import prestart_workers
+
+    cfg = EmbedConfig(input="in", output="out")
+    monkeypatch.setenv("PIPELINE_PRESTART_WORKERS", "0")
+    assert prestart_workers(cfg) == []
+    monkeypatch.setenv("PIPELINE_PRESTART_WORKERS", "2")
+    warmed = ray_session.get(prestart_workers(cfg), timeout=120)
+    assert len(warmed) == 2 and all(w.count(":") == 1 for w in warmed)
+    monkeypatch.setenv("PIPELINE_PRESTART_WORKERS", "many")
+    with pytest.raises(ValueError, match="PIPELINE_PRESTART_WORKERS must be a number of workers"):
+        prestart_workers(cfg)
