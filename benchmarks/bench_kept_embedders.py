@@ -122,6 +122,8 @@ def main() -> int:
                 entry["job_started_at"] = s.get("started_at")
                 entry["process_started_at"] = t0
             print(name, {k: v for k, v in entry.items() if k not in ("actors", "log_lines")}, flush=True)
+            with open(args.out, "w") as f:  # after each job: a run cut short keeps what it did
+                json.dump(res, f, indent=2)
         plain_ids, plain_off, plain_flat = pages(os.path.join(work, "plain"))
         last = names[-1]
         if res["runs"].get(last, {}).get("rc") == 0:

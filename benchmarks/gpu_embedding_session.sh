@@ -67,5 +67,5 @@ step job_1b 260 env BENCH_JOB_EXTRA="--batches-in-flight 1" "$PY" benchmarks/ben
 step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
   BENCH_JOB_ENVS="PIPELINE_RENDER_NICENESS=10;PIPELINE_RENDER_NICENESS=0;PIPELINE_RENDER_NICENESS=10" \
   "$PY" benchmarks/bench_embed.py --job-only --job-pages 3000 --out "$OUT/job_nice.json"
-step kept 480 "$PY" benchmarks/bench_kept_embedders.py --kept-runs "${KEPT_RUNS:-3}" ${KEPT_EXTRA:-} --timeline-dir "$OUT/timelines" --out "$OUT/kept.json"
+step kept "${KEPT_TIMEOUT:-480}" "$PY" benchmarks/bench_kept_embedders.py --kept-runs "${KEPT_RUNS:-3}" ${KEPT_EXTRA:-} --timeline-dir "$OUT/timelines" --out "$OUT/kept.json"
 echo "done in $(( $(date +%s) - T0 ))s" | tee -a "$OUT/session_embed.log"
