@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--kept-runs", type=int, default=3, help="jobs with --keep-embedders after the plain one")
     ap.add_argument("--keep-s", type=float, default=600)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few pages: checks the wiring")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain job (compare with kept_1)")
     ap.add_argument("--prestart-ab", action="store_true",
                     help="kept runs from the second on alternate PIPELINE_PRESTART_WORKERS=0 (off) and the default")
     ap.add_argument("--timeline-dir", help="write Ray's task timeline (chrome trace) after each job here, and "
@@ -78,7 +79,7 @@ def main() -> int:
     dirs = start_cluster("vdr-kept", 1, port, os.cpu_count() or 2)
     address = f"127.0.0.1:{port}"
     try:
-        names = ["plain"] + [f"kept_{i}" for i in range(1, args.kept_runs + 1)]
+        names = ([] if args.no_plain else ["plain"]) + [f"kept_{i}" for i in range(1, args.kept_runs + 1)]
         for name in names:
             out = os.path.join(work, name)
             cmd = [sys.executable, "-m", "jobs.embed_corpus", "--input", corpus, "--output", out, "--model", model,
@@ -124,14 +125,14 @@ def main() -> int:
             print(name, {k: v for k, v in entry.items() if k not in ("actors", "log_lines")}, flush=True)
             with open(args.out, "w") as f:  # after each job: a run cut short keeps what it did
                 json.dump(res, f, indent=2)
-        plain_ids, plain_off, plain_flat = pages(os.path.join(work, "plain"))
+        plain_ids, plain_off, plain_flat = pages(os.path.join(work, names[0]))
         last = names[-1]
         if res["runs"].get(last, {}).get("rc") == 0:
             ids, off, flat = pages(os.path.join(work, last))
             import numpy as np
 
             same = ids == plain_ids and (off == plain_off).all()
-            res[f"{last}_vs_plain"] = {
+            res[f"{last}_vs_{names[0]}"] = {
                 "same_pages_and_vector_counts": bool(same),
                 "max_abs_diff": float(np.abs(flat.astype(np.float32) - plain_flat.astype(np.float32)).max()) if same else None,
             }
