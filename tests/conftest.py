@@ -136,6 +136,41 @@ def ray_session(ray_cluster):
     ray.shutdown()
 
 
+class KeptActors:
+    """The named actors of one namespace (a job's kept actors): listed, waited for, ended."""
+
+    def __init__(self, ray, namespace: str):
+        self.ray, self.namespace = ray, namespace
+
+    def __call__(self) -> list[dict]:
+        return [a for a in self.ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == self.namespace]
+
+    def wait_gone(self, timeout_s: float = 40.0) -> list[dict]:
+        """What is still alive after up to ``timeout_s`` (a keep-alive is checked every <= 5 s)."""
+        deadline = time.monotonic() + timeout_s
+        while self() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return self()
+
+    def kill_all(self) -> None:
+        for a in self():
+            self.ray.kill(self.ray.get_actor(a["name"], namespace=a["namespace"]))
+
+
+@pytest.fixture
+def kept_actors(ray_session):
+    """kept_actors(namespace) -> KeptActors; whatever a test leaves alive is ended after it."""
+    made: list[KeptActors] = []
+
+    def make(namespace: str) -> KeptActors:
+        made.append(KeptActors(ray_session, namespace))
+        return made[-1]
+
+    yield make
+    for k in made:
+        k.kill_all()
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     from pipeline.devtools.tiny import build_tiny_model

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -353,44 +352,34 @@ def test_a_wrong_model_fails_in_seconds_before_any_rendering(tiny_model, sample_
         assert not out.exists()
 
 
-def test_kept_embedders_serve_the_next_job_and_end_when_idle(ray_session, tiny_model, sample_corpus, tmp_path):
+def test_kept_embedders_serve_the_next_job_and_end_when_idle(tiny_model, sample_corpus, tmp_path, kept_actors):
     """--keep-embedders: the model actor outlives the job; the next job of the same model and
     settings sends it its pages (same process, no model load, its own counters) and gets the
     same embeddings; the actor ends itself once no call came for the time the last job set."""
-    import ray
-
     from pipeline.embed.flow import KEPT_EMBEDDER_NAMESPACE
 
-    def kept():
-        return [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == KEPT_EMBEDDER_NAMESPACE]
+    kept = kept_actors(KEPT_EMBEDDER_NAMESPACE)
 
     def embeddings(out):
         t, _ = read_dir(os.path.join(out, "pages"))
         t = t.sort_by("page_id")
         return t.column("page_id").to_pylist(), [np.asarray(e, np.float32) for e in t.column("embedding").to_pylist()]
 
-    try:
-        a = run_job(sample_corpus, str(tmp_path / "a"), tiny_model, "--keep-embedders", "60")
-        assert a["keep_embedders"] == 60 and a["embedders_reused"] == 0 and len(kept()) == 1
-        b = run_job(sample_corpus, str(tmp_path / "b"), tiny_model, "--keep-embedders", "2")
-        assert b["embedders_reused"] == 1 and len(kept()) == 1
-        assert b["prestarted_workers_rendered"] >= 1
-        actors_a, actors_b = a["this_run"]["actors"], b["this_run"]["actors"]
-        assert [x["actor"] for x in actors_b] == [x["actor"] for x in actors_a]  # the same process
-        assert actors_a[0]["model_load_s"] > 0 and actors_b[0]["model_load_s"] == 0  # no load in job b
-        # job b's counters are its own: its pages, its first batch after its own start
-        assert actors_b[0]["pages"] == b["this_run"]["pages"] == a["this_run"]["pages"] == 8
-        assert 0 <= actors_b[0]["first_batch_after_s"] <= b["this_run"]["seconds"]
-        ids_a, emb_a = embeddings(str(tmp_path / "a"))
-        ids_b, emb_b = embeddings(str(tmp_path / "b"))
-        assert ids_a == ids_b and all(np.abs(x - y).max() < 1e-3 for x, y in zip(emb_a, emb_b))
-        deadline = time.monotonic() + 40  # 2 s without a call, checked every <= 5 s
-        while kept() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert kept() == []
-    finally:
-        for a in kept():
-            ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]))
+    a = run_job(sample_corpus, str(tmp_path / "a"), tiny_model, "--keep-embedders", "60")
+    assert a["keep_embedders"] == 60 and a["embedders_reused"] == 0 and len(kept()) == 1
+    b = run_job(sample_corpus, str(tmp_path / "b"), tiny_model, "--keep-embedders", "2")
+    assert b["embedders_reused"] == 1 and len(kept()) == 1
+    assert b["prestarted_workers_rendered"] >= 1
+    actors_a, actors_b = a["this_run"]["actors"], b["this_run"]["actors"]
+    assert [x["actor"] for x in actors_b] == [x["actor"] for x in actors_a]  # the same process
+    assert actors_a[0]["model_load_s"] > 0 and actors_b[0]["model_load_s"] == 0  # no load in job b
+    # job b's counters are its own: its pages, its first batch after its own start
+    assert actors_b[0]["pages"] == b["this_run"]["pages"] == a["this_run"]["pages"] == 8
+    assert 0 <= actors_b[0]["first_batch_after_s"] <= b["this_run"]["seconds"]
+    ids_a, emb_a = embeddings(str(tmp_path / "a"))
+    ids_b, emb_b = embeddings(str(tmp_path / "b"))
+    assert ids_a == ids_b and all(np.abs(x - y).max() < 1e-3 for x, y in zip(emb_a, emb_b))
+    assert kept.wait_gone() == []  # 2 s without a call
 
 
 def test_keep_embedders_option():

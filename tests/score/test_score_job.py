@@ -279,36 +279,24 @@ def test_summary_times_every_phase(ray_session, data, tmp_path):
     assert agg["start_wait_s"] == pytest.approx(sum(s["start_wait_s"] for s in shards), abs=1e-3)
 
 
-def test_kept_scorers_serve_the_next_job_and_end_when_idle(ray_session, data, tmp_path):
+def test_kept_scorers_serve_the_next_job_and_end_when_idle(data, tmp_path, kept_actors):
     """--keep-scorers: the next job of the same corpus and settings takes over the running
     actors (same processes, no new start) with its own queries and k; they end themselves
     once no call came for the time the last job set."""
-    import ray
-
     from pipeline.score.flow import KEPT_SCORER_NAMESPACE
 
-    def kept():
-        return [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == KEPT_SCORER_NAMESPACE]
-
-    try:
-        run_job(data, tmp_path / "a", "--shard-size-pages", "7", "--num-actors", "2", "--keep-scorers", "60", k=5)
-        first = json.loads((tmp_path / "a" / "summary.json").read_text())
-        assert first["n_actors_reused"] == 0 and len(kept()) == 2
-        results = run_job(data, tmp_path / "b", "--shard-size-pages", "7", "--num-actors", "2",
-                          "--keep-scorers", "2", k=3)
-        second = json.loads((tmp_path / "b" / "summary.json").read_text())
-        assert second["n_actors_reused"] == 2 and second["actor_spawn_s"] == []
-        assert {s["pid"] for s in second["shards"]} <= {s["pid"] for s in first["shards"]}
-        assert all(s["actor_reused"] and "scorer_start_s" not in s for s in second["shards"])
-        truth = oracle_ranking(data["queries"], data["pages"], 3)
-        assert results.column("page_id").to_pylist() == [p for t in truth for p, _ in t]
-        deadline = time.monotonic() + 40  # 2 s without a call, checked every <= 5 s
-        while kept() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert kept() == []
-    finally:
-        for a in kept():
-            ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]))
+    kept = kept_actors(KEPT_SCORER_NAMESPACE)
+    run_job(data, tmp_path / "a", "--shard-size-pages", "7", "--num-actors", "2", "--keep-scorers", "60", k=5)
+    first = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert first["n_actors_reused"] == 0 and len(kept()) == 2
+    results = run_job(data, tmp_path / "b", "--shard-size-pages", "7", "--num-actors", "2", "--keep-scorers", "2", k=3)
+    second = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert second["n_actors_reused"] == 2 and second["actor_spawn_s"] == []
+    assert {s["pid"] for s in second["shards"]} <= {s["pid"] for s in first["shards"]}
+    assert all(s["actor_reused"] and "scorer_start_s" not in s for s in second["shards"])
+    truth = oracle_ranking(data["queries"], data["pages"], 3)
+    assert results.column("page_id").to_pylist() == [p for t in truth for p, _ in t]
+    assert kept.wait_gone() == []  # 2 s without a call
 
 
 def test_page_cache_and_read_ahead_change_no_result(ray_session, data, tmp_path):
