@@ -17,7 +17,7 @@ Per job: the wall time of the process (from its start to its exit: the driver's 
 joining Ray, listing, rendering, embedding, writing, the summary), pages over it, and the
 summary's figures (its own seconds, each actor's counters, ``embedders_reused``). The actor
 alone is measured apart (``bench_actor.py``) in the same device call. A real-size ColQwen2
-with random weights is built first. Whether kept_2's embeddings equal plain's is checked.
+with random weights is built first. Whether the last job's embeddings equal the first's is checked.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -94,7 +95,7 @@ class EmbedConfig:
         if self.batches_in_flight not in (None, 1, 2):
             problems.append(f"--batches-in-flight must be 1 or 2, got {self.batches_in_flight!r}")
         if isinstance(self.keep_embedders, bool) or not isinstance(self.keep_embedders, (int, float)) \
-                or self.keep_embedders < 0:
+                or not math.isfinite(self.keep_embedders) or self.keep_embedders < 0:
             problems.append(f"--keep-embedders must be a number of seconds >= 0 (0: off), got {self.keep_embedders!r}")
         if self.min_actors is not None and self.min_actors < 1:
             problems.append(f"--min-actors must be >= 1, got {self.min_actors}")

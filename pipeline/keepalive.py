@@ -31,7 +31,8 @@ class KeepAlive:
         self.start()
 
     def touch(self) -> None:
-        """A call came (or a job took the actor over): the idle time starts again."""
+        """A call came (or a job took the actor over): the idle time starts again. A call that
+        comes after the end was decided still fails (the caller starts a new actor)."""
         self.last_call = time.monotonic()
 
     def set(self, seconds: float) -> None:
@@ -44,13 +45,13 @@ class KeepAlive:
     def call(self) -> Iterator[None]:
         with self._lock:
             self.in_call += 1
-        self.touch()
+            self.touch()
         try:
             yield
         finally:
             with self._lock:
                 self.in_call -= 1
-            self.touch()
+                self.touch()
 
     def start(self) -> None:
         with self._lock:
@@ -60,12 +61,13 @@ class KeepAlive:
 
     def _run(self) -> None:
         while True:
-            idle = time.monotonic() - self.last_call
-            if self.seconds <= 0 or (idle >= self.seconds and not self.in_call):
-                break
+            with self._lock:  # decided with no call starting meanwhile
+                idle = time.monotonic() - self.last_call
+                if self.seconds <= 0 or (idle >= self.seconds and not self.in_call):
+                    self._thread = None
+                    ending = self.seconds > 0
+                    break
             time.sleep(min(5.0, max(0.05, self.seconds - idle)))
-        with self._lock:
-            self._thread = None
-        if self.seconds > 0:
+        if ending:
             log.info("no call for %.0f s: this kept %s ends", self.seconds, self._what)
             self._end()

@@ -154,7 +154,10 @@ class KeptActors:
 
     def kill_all(self) -> None:
         for a in self():
-            self.ray.kill(self.ray.get_actor(a["name"], namespace=a["namespace"]))
+            try:
+                self.ray.kill(self.ray.get_actor(a["name"], namespace=a["namespace"]))
+            except ValueError:  # ended itself since it was listed
+                pass
 
 
 @pytest.fixture

@@ -143,12 +143,24 @@ class EmbedFront:
     no GPU, and sends each batch to its kept embedder (one front per kept embedder), naming
     this job, so that the job's batches, backpressure and progress stay Ray Data's."""
 
-    def __init__(self, embedders: list, turns, job: str, keep_alive_s: float):
-        self.embedder = embedders[ray.get(turns.next.remote()) % len(embedders)]
-        self.job, self.keep_alive_s = job, keep_alive_s
+    def __init__(self, embedders: list, turns, job: str, keep_alive_s: float,
+                 respawn: tuple[str, dict, float] | None = None):
+        self.index = ray.get(turns.next.remote()) % len(embedders)
+        self.embedder = embedders[self.index]
+        self.job, self.keep_alive_s, self.respawn = job, keep_alive_s, respawn
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return ray.get(self.embedder.embed.remote(batch, self.job, self.keep_alive_s))
+        try:
+            return ray.get(self.embedder.embed.remote(batch, self.job, self.keep_alive_s))
+        except ray.exceptions.ActorDiedError:
+            # Gone for good: it ended itself just as this call came (its idle time was up), or
+            # Ray ran out of restarts. One new one, under the same name, takes the batch again.
+            if self.respawn is None:
+                raise
+            name, kwargs, gpus = self.respawn
+            log.warning("kept model actor %s-%d is gone: starting it again", name, self.index)
+            self.embedder = spawn_kept_embedder(f"{name}-{self.index}", kwargs, gpus, self.keep_alive_s)
+            return ray.get(self.embedder.embed.remote(batch, self.job, self.keep_alive_s))
 
 
 class _Heartbeat:
@@ -156,8 +168,9 @@ class _Heartbeat:
     whose first pages take longer than the keep-alive to render (a large listing, a busy
     cluster) does not see its model actors end before its first batch."""
 
-    def __init__(self, handles: list, interval_s: float):
-        self._handles, self._interval_s = handles, interval_s
+    def __init__(self, handles: list, keep_alive_s: float):
+        self._handles, self._keep_alive_s = handles, keep_alive_s
+        self._interval_s = min(10.0, keep_alive_s / 3)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kept-embedders-heartbeat", daemon=True)
         self._thread.start()
@@ -165,7 +178,7 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
             for h in self._handles:
-                h.ready.remote()  # not waited for: an actor that is restarting answers later
+                h.ready.remote(self._keep_alive_s)  # not waited for: a restarting actor answers later
 
     def stop(self) -> None:
         self._stop.set()
@@ -191,13 +204,13 @@ def kept_embedders(name: str, n: int, embedder_kwargs: dict, gpus_per_actor: flo
     """(handles, how many were already running) of the ``n`` kept embedders ``name``-0...:
     those still alive from an earlier job are taken over (asking one touches its idle timer),
     the others started, detached, without waiting for their model to load."""
-    Kept = ray.remote(KeptPageEmbedder)
     handles, reused = [], 0
     for i in range(n):
         full = f"{name}-{i}"
         try:
             handle = ray.get_actor(full, namespace=KEPT_EMBEDDER_NAMESPACE)
-            ready, _ = ray.wait([handle.ready.remote()], timeout=5.0)
+            # this job's keep-alive from now on (the heartbeat pings at a third of it)
+            ready, _ = ray.wait([handle.ready.remote(keep_alive_s)], timeout=5.0)
             if ready:
                 ray.get(ready[0])  # raises when it ended meanwhile: then a new one is started
                 reused += 1
@@ -205,33 +218,40 @@ def kept_embedders(name: str, n: int, embedder_kwargs: dict, gpus_per_actor: flo
             continue
         except (ValueError, ray.exceptions.RayActorError):
             pass
-        handles.append(Kept.options(
-            name=full, namespace=KEPT_EMBEDDER_NAMESPACE, lifetime="detached", get_if_exists=True,
-            # The model's core is reserved by its front, inside Ray Data's budget: Ray Data does
-            # not see actors of its own, and on a small node it would plan tasks on that core
-            # (seen on 2 CPUs: the render stage waited for a core the kept actor held).
-            num_gpus=gpus_per_actor, num_cpus=0, max_concurrency=KEPT_MAX_CONCURRENCY,
-            max_restarts=MAX_KEPT_RESTARTS, max_task_retries=-1,
-        ).remote(keep_alive_s, **embedder_kwargs))
+        handles.append(spawn_kept_embedder(full, embedder_kwargs, gpus_per_actor, keep_alive_s))
     return handles, reused
+
+
+def spawn_kept_embedder(full_name: str, embedder_kwargs: dict, gpus_per_actor: float, keep_alive_s: float):
+    """The kept embedder ``full_name``: the running one, or a new one (detached, get_if_exists)."""
+    return ray.remote(KeptPageEmbedder).options(
+        name=full_name, namespace=KEPT_EMBEDDER_NAMESPACE, lifetime="detached", get_if_exists=True,
+        # The model's core is reserved by its front, inside Ray Data's budget: Ray Data does
+        # not see actors of its own, and on a small node it would plan tasks on that core
+        # (seen on 2 CPUs: the render stage waited for a core the kept actor held).
+        num_gpus=gpus_per_actor, num_cpus=0, max_concurrency=KEPT_MAX_CONCURRENCY,
+        max_restarts=MAX_KEPT_RESTARTS, max_task_retries=-1,
+    ).remote(keep_alive_s, **embedder_kwargs)
 
 
 PRESTART_ENV = "PIPELINE_PRESTART_WORKERS"
 MAX_PRESTARTED_WORKERS = 32
 
 
-def prestart_workers(cfg: EmbedConfig) -> list:
+def prestart_workers(cfg: EmbedConfig, model_cpus: int = 1) -> list:
     """Start the job's CPU workers at its start, before its dataset runs (refs of their
     warm-up tasks, not waited for). Ray starts worker processes per job: without this, each
     job's first plan and render tasks each waited for a new process (Python, Ray, Ray Data,
     the renderer's zygote: seconds apiece on a busy node) one after the other, before the first
     page reached the model (seen on an H200 node: the first batch 8.6-11.9 s into a job whose
     model actor was already running). Idle warmed workers are then reused by the job's tasks.
-    One per CPU free now, less one, at most 32; ``$PIPELINE_PRESTART_WORKERS`` sets the number
-    (0: off)."""
+    One per CPU free now, less the model stage's (``model_cpus``) and one, at most 32: only CPUs
+    free now, so they never ask an autoscaler for nodes. ``$PIPELINE_PRESTART_WORKERS`` sets the
+    number (0: off; at most the free CPUs)."""
     value = os.environ.get(PRESTART_ENV, "").strip()
+    free = int(ray.available_resources().get("CPU", 0))
     try:
-        n = int(value) if value else min(MAX_PRESTARTED_WORKERS, int(ray.available_resources().get("CPU", 0)) - 1)
+        n = min(int(value), free) if value else min(MAX_PRESTARTED_WORKERS, free - model_cpus - 1)
     except ValueError:
         raise ValueError(f"{PRESTART_ENV} must be a number of workers (0: off), got {value!r}") from None
     warm = ray.remote(num_cpus=1, max_retries=0)(warm_render_worker)
@@ -239,7 +259,9 @@ def prestart_workers(cfg: EmbedConfig) -> list:
 
 
 def _prestarted_render_workers(warming: list, render_tasks: set[str]) -> int:
-    ready, _ = ray.wait(warming, num_returns=len(warming), timeout=5.0) if warming else ([], [])
+    ready, pending = ray.wait(warming, num_returns=len(warming), timeout=5.0) if warming else ([], [])
+    for ref in pending:  # never got a CPU: not left queued after the job
+        ray.cancel(ref, force=True)
     warmed = set()
     for ref in ready:
         try:
@@ -477,7 +499,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
                       max_longest_side_px=cfg.max_longest_side_px, max_image_pixels=cfg.max_image_pixels,
                       max_pages_per_doc=cfg.max_pages_per_doc)
     gpus_per_actor, min_actors, max_actors, device, why = resolve_resources(cfg)
-    warming = prestart_workers(cfg)  # while the driver checks the output, lists and plans
+    warming = prestart_workers(cfg, min_actors)  # while the driver checks the output, lists and plans
     in_flight = resolve_batches_in_flight(cfg.batches_in_flight, device)
     metadata = output_metadata(cfg, device)
     # Before any work: the output's settings against this run's (refused, or a new generation).
@@ -514,7 +536,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
                                                    float(cfg.keep_embedders))
         log.info("--keep-embedders %g: %d kept model actor(s) %s-*, %d taken over from an earlier job",
                  cfg.keep_embedders, len(kept_handles), kept_name, kept_reused)
-        on_exit.callback(_Heartbeat(kept_handles, min(10.0, cfg.keep_embedders / 3)).stop)
+        on_exit.callback(_Heartbeat(kept_handles, float(cfg.keep_embedders)).stop)
     storage.write_json(join_uri(cfg.output, schema.CONFIG_FILE),
                        {**json.loads(cfg.to_json()), "output": output_uri, "generation": generation,
                         "settings": plan.settings_of(metadata)}, cfg.endpoint_url)
@@ -543,10 +565,13 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
     _warn_local_paths(cfg)
     if kept_handles:
         # --keep-embedders: the model runs in the kept actors; Ray Data's pool holds their fronts
+        turns = _Turns.remote()
+        on_exit.callback(ray.kill, turns)
         model_stage = dict(
             fn=EmbedFront,
-            fn_constructor_kwargs={"embedders": kept_handles, "turns": _Turns.remote(),
-                                   "job": uuid.uuid4().hex, "keep_alive_s": float(cfg.keep_embedders)},
+            fn_constructor_kwargs={"embedders": kept_handles, "turns": turns, "job": uuid.uuid4().hex,
+                                   "keep_alive_s": float(cfg.keep_embedders),
+                                   "respawn": (kept_name, kept_kwargs, gpus_per_actor)},
             compute=ActorPoolStrategy(size=len(kept_handles), max_concurrent_calls_per_actor=in_flight,
                                       enable_true_multi_threading=in_flight > 1),
             # The kept embedder's core (decoding pages, building inputs), counted here in Ray
@@ -570,19 +595,12 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
     model_stage.update(batch_size=cfg.batch_size, batch_format="pyarrow", zero_copy_batch=True)
     progress = _Progress(0)
     counter = _PlanCounter.remote()
-    failed = True
-    try:
-        if units:
-            _stream(cfg, units, spec, done, counter, listings, model_stage, metadata, progress)
-        failed = False
-    finally:
-        if kept_handles and failed:
-            for h in kept_handles:
-                ray.kill(h)  # a failed job leaves no GPU held for a later one
-        elif kept_handles:
-            log.info("keeping %d model actor(s) %s-* for the next job (each ends after %.0f s without a call)",
-                     len(kept_handles), kept_name, cfg.keep_embedders)
-    totals = ray.get(counter.totals.remote())
+    if units:
+        _stream(cfg, units, spec, done, counter, listings, model_stage, metadata, progress)
+    if kept_handles:
+        # Kept even when the job failed: another job may be using them; each ends when idle.
+        log.info("keeping %d model actor(s) %s-* for the next job (each ends after %.0f s without a call)",
+                 len(kept_handles), kept_name, cfg.keep_embedders)
     totals = ray.get(counter.totals.remote())
     ray.kill(counter)  # a driver that runs several jobs (a notebook, tests) keeps no counters
     planned = {k: int(totals.get(k, 0)) for k in ("documents_listed", "documents_already_done",

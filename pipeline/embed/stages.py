@@ -309,8 +309,11 @@ class KeptEmbedder:
         # started once the model is loaded: the load is never counted as idle time
         self._keep = KeepAlive(keep_alive_s if self._can_keep() else 0.0, self._end, "embedder")
 
-    def ready(self) -> dict:
-        """This actor's process and what it has done (a call: counts as activity)."""
+    def ready(self, keep_alive_s: float | None = None) -> dict:
+        """This actor's process and what it has done (a call: counts as activity); a job
+        taking it over, or pinging it while it runs, sets its keep-alive."""
+        if keep_alive_s is not None and self._can_keep():
+            self._keep.set(keep_alive_s)
         self._keep.touch()
         return {"pid": os.getpid(), "jobs_served": self.jobs_served, "model_load_s": self.embedder.loaded_s}
 
