@@ -28,7 +28,7 @@ from pipeline.cluster import choose_device, max_gpu_actors, read_capacity
 from pipeline.config import EmbedConfig, resolve_batches_in_flight
 from pipeline.embed import counters, plan, preflight as preflight_report
 from pipeline.embed.rasterize import RenderSpec
-from pipeline.embed.stages import KeptEmbedder, PageEmbedder, render_documents, warm_render_worker, write_shard
+from pipeline.embed.stages import KeptEmbedder, PageEmbedder, render_documents, start_renderer, write_shard
 from pipeline.schema import IMAGE_PROMPT, QUERY_PROMPT
 from pipeline.storage import join_uri
 
@@ -232,6 +232,13 @@ def spawn_kept_embedder(full_name: str, embedder_kwargs: dict, gpus_per_actor: f
         num_gpus=gpus_per_actor, num_cpus=0, max_concurrency=KEPT_MAX_CONCURRENCY,
         max_restarts=MAX_KEPT_RESTARTS, max_task_retries=-1,
     ).remote(keep_alive_s, **embedder_kwargs)
+
+
+def warm_render_worker(render_timeout_s: float) -> str:
+    """What a render task does before its first document, done ahead: the Ray worker process
+    is started, it imports this module (Ray Data's code with it) and its renderer's zygote is
+    started. Returns the worker (host:pid)."""
+    return start_renderer(render_timeout_s)
 
 
 PRESTART_ENV = "PIPELINE_PRESTART_WORKERS"

@@ -325,7 +325,7 @@ class Renderer:
 
     def start(self) -> None:
         """Start the zygote now, not at the first document (a worker warmed up ahead of its
-        first render task: :func:`pipeline.embed.stages.warm_render_worker`)."""
+        first render task: :func:`pipeline.embed.flow.warm_render_worker`)."""
         if self._proc is None or self._proc.poll() is not None:
             self._kill()
             self._start()

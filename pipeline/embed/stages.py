@@ -70,12 +70,9 @@ def _get_renderer(timeout_s: float, memory_limit_bytes: int | None = None) -> Re
     return _renderer
 
 
-def warm_render_worker(render_timeout_s: float) -> str:
-    """What a render task does before its first document, done ahead: the Ray worker process
-    is started, it imports Ray Data's task code and this module, and its renderer's zygote is
-    started. Returns the worker (host:pid)."""
-    import ray.data  # noqa: F401 - the map tasks' own code
-
+def start_renderer(render_timeout_s: float) -> str:
+    """Start this worker process's renderer (its zygote) now, ahead of its first document
+    (:func:`pipeline.embed.flow.warm_render_worker`). Returns the worker (host:pid)."""
     try:
         _get_renderer(render_timeout_s).start()
     except Exception as exc:  # noqa: BLE001 - only a head start: the render task starts it again
