@@ -70,6 +70,18 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
     log.info("Ray resources: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
 
 
+def in_actor() -> bool:
+    """Whether this process runs a Ray actor (a kept actor can end itself only there).
+    ``ray.get_runtime_context()`` would start a local Ray where none is connected, and its
+    actor fields assert in a driver (a test process with a Ray session)."""
+    import ray
+
+    try:
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _in_submitted_job() -> bool:
     """A ``ray job submit`` entrypoint: its runtime env (``--working-dir .``, or the image's
     installed package) already carries the code. The job supervisor hands that runtime env

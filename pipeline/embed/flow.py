@@ -24,7 +24,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipeline import __version__, schema, storage
-from pipeline.cluster import choose_device, max_gpu_actors, read_capacity
+from pipeline.cluster import choose_device, in_actor, max_gpu_actors, read_capacity
 from pipeline.config import EmbedConfig, resolve_batches_in_flight
 from pipeline.embed import counters, plan, preflight as preflight_report
 from pipeline.embed.rasterize import RenderSpec
@@ -109,18 +109,11 @@ MAX_KEPT_RESTARTS = 4
 KEPT_MAX_CONCURRENCY = 4
 
 
-def _in_actor() -> bool:
-    try:
-        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
-    except Exception:  # noqa: BLE001 - a driver with a Ray session asserts on actor fields
-        return False
-
-
 class KeptPageEmbedder(KeptEmbedder):
     """:class:`pipeline.embed.stages.KeptEmbedder` as a Ray detached actor (``--keep-embedders``)."""
 
     def _can_keep(self) -> bool:
-        return _in_actor()
+        return in_actor()
 
     def _end(self) -> None:
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)

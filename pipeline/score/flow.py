@@ -21,7 +21,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import schema, storage
-from pipeline.cluster import available_host_bytes, choose_device, ensure_ray, max_gpu_actors, read_capacity
+from pipeline.cluster import available_host_bytes, choose_device, ensure_ray, in_actor, max_gpu_actors, read_capacity
 from pipeline.config import DEFAULT_MODEL, ScoreConfig
 from pipeline.score.corpus import (auto_pages_per_shard, cache_uri_of, check_compatibility, corpus_precision,
                                    open_corpus, plan_shards, read_vector_counts)
@@ -53,25 +53,16 @@ class ShardScorer(ScorerFront):
     """The scoring job's Ray actor (same name as the scorer it fronts, in the dashboard and the
     state API): :class:`pipeline.score.actor.ScorerFront` with its Ray hooks."""
 
-    @staticmethod
-    def _in_actor() -> bool:
-        # ray.get_runtime_context() would start a local Ray where none is connected, and its
-        # actor fields assert in a driver (a test process with a Ray session)
-        try:
-            return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
-        except Exception:  # noqa: BLE001
-            return False
-
     def _granted_gpu(self, device: str | None) -> bool:
-        if device is None and self._in_actor():
+        if device is None and in_actor():
             return bool(ray.get_gpu_ids())
         return super()._granted_gpu(device)
 
     def _was_restarted(self) -> bool:
-        return self._in_actor() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        return in_actor() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
     def _can_keep(self) -> bool:
-        return self._in_actor()
+        return in_actor()
 
     def _end(self) -> None:
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
