@@ -117,6 +117,21 @@ def cudnn_first(first: str | bool):
 
 
 @contextlib.contextmanager
+def vision_attention_env(kernel: str):
+    """PIPELINE_VISION_ATTENTION for one variant; Dynamo reset so its blocks compile anew."""
+    before = os.environ.get("PIPELINE_VISION_ATTENTION")
+    os.environ["PIPELINE_VISION_ATTENTION"] = kernel
+    torch._dynamo.reset()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PIPELINE_VISION_ATTENTION", None)
+        else:
+            os.environ["PIPELINE_VISION_ATTENTION"] = before
+
+
+@contextlib.contextmanager
 def old_host_path(on: bool):
     """Commit 6a80843's host changes undone, for a side-by-side baseline: float32 vectors copied
     back and rounded on the CPU, ``pa.array`` over float16, pixels copied to Python bytes,
@@ -391,6 +406,8 @@ def main():
         # *_cudnn / *_flash: the SDPA preference holds for the whole variant, from before the
         # model is built and compiled to its last call (see cudnn_first).
         host.enter_context(cudnn_first(cudnn))
+        # *_tritonattn: the vision attention as pipeline.embed.vision_attention's kernel
+        host.enter_context(vision_attention_env("triton" if "tritonattn" in name else "sdpa"))
         try:
             emb = PageEmbedder(model_dir, device=DEV, compile_model=name != "eager" and not args.smoke,
                                precision=precision, batches_in_flight=2 if "inflight2" in name else 1)
@@ -412,7 +429,7 @@ def main():
                               "sdpa_first": cudnn or None,
                               "attention_kernel": attention_kernel(emb, rows_table(pages[: args.batch_size]))}
             print(name, variants[name], flush=True)
-            if name in ("compiled", "fp8"):
+            if name in ("compiled", "fp8", "compiled_tritonattn"):
                 res[f"profile_{name}"] = profile_actor(emb, pages, args.batch_size)
                 print(name, "profile", json.dumps({k: v for k, v in res[f"profile_{name}"].items() if k != "top_kernels"}),
                       flush=True)
