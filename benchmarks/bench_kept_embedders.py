@@ -38,6 +38,21 @@ from pipeline.devtools.local_cluster import free_port  # noqa: E402
 from two_nodes_one_gpu import env, pages, start_cluster, stop_cluster  # noqa: E402
 
 
+def end_kept_actors(address: str) -> float:
+    """End the kept model actors (namespace vdr-embedding) and wait until their GPUs are free."""
+    import ray
+
+    t = time.time()
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == "vdr-embedding":
+            ray.kill(ray.get_actor(entry["name"], namespace="vdr-embedding"))
+    while ray.available_resources().get("GPU", 0) < ray.cluster_resources().get("GPU", 0) and time.time() - t < 60:
+        time.sleep(0.5)
+    return round(time.time() - t, 1)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_kept_embedders.json")
@@ -50,6 +65,9 @@ def main() -> int:
     ap.add_argument("--no-plain", action="store_true", help="skip the plain job (compare with kept_1)")
     ap.add_argument("--prestart-ab", action="store_true",
                     help="kept runs from the second on alternate PIPELINE_PRESTART_WORKERS=0 (off) and the default")
+    ap.add_argument("--plain-after", type=int, default=0,
+                    help="plain jobs to run after the kept ones (their kept actors ended first): the plain job "
+                         "once more, away from the actor bench that ran before the first")
     ap.add_argument("--timeline-dir", help="write Ray's task timeline (chrome trace) after each job here, and "
                     "each job's stderr (run with -v: Ray Data's per-operator stats)")
     args = ap.parse_args()
@@ -80,11 +98,14 @@ def main() -> int:
     address = f"127.0.0.1:{port}"
     try:
         names = ([] if args.no_plain else ["plain"]) + [f"kept_{i}" for i in range(1, args.kept_runs + 1)]
+        names += [f"plain_after_{i}" for i in range(1, args.plain_after + 1)]
         for name in names:
+            if name == "plain_after_1":
+                res["kept_actors_ended_s"] = end_kept_actors(address)
             out = os.path.join(work, name)
             cmd = [sys.executable, "-m", "jobs.embed_corpus", "--input", corpus, "--output", out, "--model", model,
                    "--batch-size", str(args.batch_size), "--max-visual-tokens", str(args.tokens)]
-            if name != "plain":
+            if name.startswith("kept_"):
                 cmd += ["--keep-embedders", str(args.keep_s)]
             if args.timeline_dir:
                 cmd += ["-v"]
@@ -126,7 +147,7 @@ def main() -> int:
             with open(args.out, "w") as f:  # after each job: a run cut short keeps what it did
                 json.dump(res, f, indent=2)
         plain_ids, plain_off, plain_flat = pages(os.path.join(work, names[0]))
-        last = names[-1]
+        last = [n for n in names if n.startswith("kept_")][-1] if args.kept_runs else names[-1]
         if res["runs"].get(last, {}).get("rc") == 0:
             ids, off, flat = pages(os.path.join(work, last))
             import numpy as np
