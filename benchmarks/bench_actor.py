@@ -117,18 +117,24 @@ def cudnn_first(first: str | bool):
 
 
 @contextlib.contextmanager
-def vision_attention_env(kernel: str):
-    """PIPELINE_VISION_ATTENTION for one variant; Dynamo reset so its blocks compile anew."""
-    before = os.environ.get("PIPELINE_VISION_ATTENTION")
-    os.environ["PIPELINE_VISION_ATTENTION"] = kernel
+def triton_vision_attention(on: bool):
+    """*_tritonattn: the vision attention as benchmarks/vision_attention_triton.py's kernel (head
+    size not padded), through ``enable_batched_vision_attention``'s ``attend``; Dynamo reset so
+    the blocks compile anew. Measured slower than SDPA's cuDNN kernel (RESULTS.md, ninth session)."""
+    if not on:
+        yield
+        return
+    from pipeline.embed import model as model_mod
+    from vision_attention_triton import vision_attention_op
+
+    original = model_mod.enable_batched_vision_attention
+    model_mod.enable_batched_vision_attention = lambda model, holder: original(model, holder, attend=vision_attention_op)
     torch._dynamo.reset()
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("PIPELINE_VISION_ATTENTION", None)
-        else:
-            os.environ["PIPELINE_VISION_ATTENTION"] = before
+        model_mod.enable_batched_vision_attention = original
+        torch._dynamo.reset()
 
 
 @contextlib.contextmanager
@@ -406,8 +412,8 @@ def main():
         # *_cudnn / *_flash: the SDPA preference holds for the whole variant, from before the
         # model is built and compiled to its last call (see cudnn_first).
         host.enter_context(cudnn_first(cudnn))
-        # *_tritonattn: the vision attention as pipeline.embed.vision_attention's kernel
-        host.enter_context(vision_attention_env("triton" if "tritonattn" in name else "sdpa"))
+        # *_tritonattn: the vision attention as benchmarks/vision_attention_triton.py's kernel
+        host.enter_context(triton_vision_attention("tritonattn" in name))
         try:
             emb = PageEmbedder(model_dir, device=DEV, compile_model=name != "eager" and not args.smoke,
                                precision=precision, batches_in_flight=2 if "inflight2" in name else 1)

@@ -12,7 +12,7 @@ each on the same q, k, v (views of one fused QKV output, as in the model):
   back (zeros add nothing to q k^T; the scale stays 1/sqrt(80)); ``*_kernel`` the same
   kernel on pre-padded contiguous inputs, without the pad and slice copies
 * ``flex``                torch's FlexAttention (compiled), no mask
-* ``triton_BM_BN_W_S``    ``pipeline.embed.vision_attention`` (head size cut 64 + 16, no
+* ``triton_BM_BN_W_S``    ``vision_attention_triton.py`` beside this file (head size cut 64 + 16, no
                           padding), for each tile config in ``--configs``
 
 TFLOP/s count 4 x images x heads x length^2 x 80 (the model's work, not padded work).
@@ -36,8 +36,9 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from pipeline.embed import vision_attention as va  # noqa: E402
+import vision_attention_triton as va  # noqa: E402
 
 CONFIGS = "128_64_8_3,128_64_4_3,128_128_8_3,128_64_8_4,128_32_4_3,64_64_4_3,64_128_4_3,128_128_8_2,256_64_8_3"
 

@@ -141,7 +141,6 @@ class LoadedModel:
     rescale_factor: float
     vision_lengths: _VisionLengths = dataclasses.field(default_factory=_VisionLengths)
     precision: str = "default"  # or "fp8": the large matmuls in FP8 (pipeline.embed.fp8)
-    vision_attention: str = "sdpa"  # or "triton" (pipeline.embed.vision_attention)
     rope_cache: dict = dataclasses.field(default_factory=dict)  # (grids, length) -> position ids
     # seconds of each step of load_model (import, fetch, from_pretrained, to_device, processor,
     # setup): where an actor's start-up goes
@@ -249,9 +248,7 @@ def load_model(
                  "" if device.startswith("cuda") else " (emulated in float32 on CPU: slow, for tests)")
     lm.precision = precision
     if batched_vision_attention and attn == "sdpa" and model.config.vlm_config.model_type == "qwen2_vl":
-        kernel = os.environ.get("PIPELINE_VISION_ATTENTION", "sdpa")
-        enable_batched_vision_attention(model, lm.vision_lengths, kernel=kernel)
-        lm.vision_attention = kernel
+        enable_batched_vision_attention(model, lm.vision_lengths)
     if compile_model:
         # Per block, not the whole model: the blocks are where the time goes (elementwise
         # chains around the matmuls that eager mode runs as separate kernels), and their
@@ -279,7 +276,7 @@ def _runs(lengths: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def enable_batched_vision_attention(model, holder: _VisionLengths, kernel: str = "sdpa") -> int:
+def enable_batched_vision_attention(model, holder: _VisionLengths, attend=None) -> int:
     """Make the vision tower attend over all equal-size images in one SDPA call.
 
     With sdpa, transformers' Qwen2-VL vision attention splits the sequence per image with a
@@ -287,14 +284,10 @@ def enable_batched_vision_attention(model, holder: _VisionLengths, kernel: str =
     layers. Images of one size are independent blocks of equal length, so a reshape to
     (images, heads, length, dim) computes exactly the same attention in one call, with no
     sync (lengths come from the host). Same maths; tests compare it with the original.
-    ``kernel="triton"``: :mod:`pipeline.embed.vision_attention` instead of SDPA (head size
-    not padded; CUDA only). Returns the number of attention modules changed.
+    ``attend(q, k, v, scale)``, given (images, length, heads, dim) views and returning
+    (images * length, heads * dim), replaces SDPA: benchmarks try other kernels through it
+    (benchmarks/vision_attention_triton.py). Returns the number of attention modules changed.
     """
-    if kernel not in ("sdpa", "triton"):
-        raise ValueError(f"vision attention kernel must be sdpa or triton, got {kernel!r}")
-    if kernel == "triton":
-        from pipeline.embed.vision_attention import vision_attention_op
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # tests run the kernel on CPU this way
     import types
 
     import torch.nn.functional as F
@@ -314,9 +307,9 @@ def enable_batched_vision_attention(model, holder: _VisionLengths, kernel: str =
         outs, start = [], 0
         for length, count in _runs(lengths):
             n = length * count
-            if kernel == "triton" and (hidden_states.is_cuda or interpreted):
-                outs.append(vision_attention_op(*(t[start : start + n].view(count, length, self.num_heads, -1)
-                                                  for t in (q, k, v)), self.scaling))
+            if attend is not None:
+                outs.append(attend(*(t[start : start + n].view(count, length, self.num_heads, -1) for t in (q, k, v)),
+                                   self.scaling))
                 start += n
                 continue
             qs, ks, vs = (t[start : start + n].view(count, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))

@@ -173,7 +173,7 @@ class PageEmbedder:
                  attn_implementation: str = "auto", endpoint_url: str | None = None,
                  compile_model: bool = False, pool_factor: int = 1, compile_cache: str | None = None,
                  precision: str = "default", batches_in_flight: int = 1):
-        from pipeline.cluster import actor_device
+        from pipeline.cluster import actor_device, bytecode_warning
         from pipeline.embed.model import ForwardTimer, TurnLock, load_model
 
         self.started = time.time()
@@ -181,6 +181,9 @@ class PageEmbedder:
         if warning:
             log.warning(warning)
             compile_model = False
+        slow_imports = bytecode_warning()
+        if slow_imports:
+            log.warning(slow_imports)
         self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
                              endpoint_url=endpoint_url, compile_model=compile_model, precision=precision)
         self.dtype = str(self.lm.dtype).removeprefix("torch.")

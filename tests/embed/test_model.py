@@ -141,6 +141,34 @@ def test_batched_vision_attention_equals_the_per_image_loop(tiny_model, lm):
     assert M._runs([3, 3, 5, 3]) == [(3, 2), (5, 1), (3, 1)]
 
 
+def test_batched_vision_attention_takes_another_kernel_through_attend(tiny_model):
+    """``attend`` (the seam benchmarks use to try other attention kernels) gets each run of
+    equal-size images as (images, length, heads, dim) views, and its output is what the
+    tower uses: the plain per-image loop written as an ``attend`` gives the same pages, and
+    a wrong one changes them."""
+    import torch.nn.functional as F
+
+    calls = []
+
+    def attend(q, k, v, scale):
+        calls.append(q.shape)
+        o = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=scale)
+        return o.transpose(1, 2).reshape(q.shape[0] * q.shape[1], -1)
+
+    images = page_images(5) + page_images(6)[1:2]
+    plain = M.load_model(tiny_model, device="cpu", batched_vision_attention=False)
+    custom = M.load_model(tiny_model, device="cpu", batched_vision_attention=False)
+    blocks = custom.model.vlm.model.visual.blocks if hasattr(custom.model.vlm, "model") else custom.model.vlm.visual.blocks
+    assert M.enable_batched_vision_attention(custom.model, custom.vision_lengths, attend=attend) == len(blocks)
+    want = M.embed_pages(plain, images)
+    got = M.embed_pages(custom, images)
+    assert calls and all(len(shape) == 4 for shape in calls)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+    M.enable_batched_vision_attention(custom.model, custom.vision_lengths, attend=lambda q, k, v, s: attend(q, k, v, s) * 0)
+    assert any(np.abs(a - b).max() > 1e-3 for a, b in zip(M.embed_pages(custom, images), want))
+
+
 def test_colqwen25_checkpoints_load_and_match_training_code(tmp_path):
     """A ColQwen2.5-style checkpoint (Qwen2.5-VL backbone, windowed vision attention)
     loads through the same path and gives the training code's page embeddings."""

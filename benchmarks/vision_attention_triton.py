@@ -1,19 +1,23 @@
-"""Attention for the vision tower's head size (Qwen2-VL: 80) as one Triton kernel.
+"""Attention for the vision tower's head size (Qwen2-VL: 80) as one Triton kernel: an
+experiment, measured slower than what the pipeline runs, so kept here and not in ``pipeline/``.
 
 SDPA's fastest backend on an H200 (cuDNN's flash fprop) runs head size 80 in a tile padded
-to 128, so 37.5% of its tensor-core work multiplies zeros (benchmarks/RESULTS.md, "The
-actor, profiled": ~380 TFLOP/s counted at 80). Here the head is cut into parts whose sizes
-are powers of two (80 = 64 + 16) and each part is its own ``tl.dot``: no padding. It is the
-FlashAttention forward (online softmax, float32 accumulators, probabilities rounded to the
-operand dtype before the second product, as FlashAttention and cuDNN do), non-causal and
-without a mask, over equal-length images: q, k, v ``(images, length, heads, dim)`` as views
-of the fused QKV projection's output (any strides, dim contiguous). It writes the output
-straight in ``(images * length, heads * dim)``, the layout the output projection reads, so
-the transpose copy after SDPA goes away too.
+to 128 (kernel ``..._64x128x128_...``), so 37.5% of its tensor-core work multiplies zeros.
+Here the head is cut into parts whose sizes are powers of two (80 = 64 + 16) and each part
+is its own ``tl.dot``: no padding. It is the FlashAttention forward (online softmax, float32
+accumulators, probabilities rounded to the operand dtype before the second product, as
+FlashAttention and cuDNN do), non-causal, no mask, over equal-length images: q, k, v
+``(images, length, heads, dim)`` as views of the fused QKV output (any strides, dim
+contiguous). It writes ``(images * length, heads * dim)``, the layout the output projection
+reads, so the transpose copy after SDPA goes away too.
 
-Whether it is faster is measured, not assumed: ``benchmarks/bench_vision_attention.py``
-times it beside every SDPA backend at the model's shape. The actor uses it only when
-``--vision-attention triton`` is asked for.
+Measured on an H200 (2026-12-04, ``bench_vision_attention.py``; benchmarks/RESULTS.md, ninth
+session), 32 images x 3,072 patches x 16 heads: the best of 21 tile configs (128x64, 4 warps,
+3-4 stages) reached 388-399 TFLOP/s counted at head size 80, against 408-426 for SDPA as the
+model calls it (cuDNN, with the copy after it), and in the actor 57.6 against 60.7 pages/s with
+the 8-warp config. Without warp specialization or TMA it does not beat cuDNN's padded kernel.
+``benchmarks/bench_actor.py`` runs it in the model as the ``*_tritonattn`` variants, through
+``pipeline.embed.model.enable_batched_vision_attention(..., attend=vision_attention_op)``.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ try:  # Triton ships with CUDA builds of torch; the CPU build used in CI install
 except ImportError:  # pragma: no cover - exercised only where Triton is missing
     triton = None
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): chosen on an H200 by bench_vision_attention.py.
-DEFAULT_CONFIG = (128, 64, 8, 3)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): the best on an H200 in bench_vision_attention.py's sweep
+# (2026-12-04; the actor variant of that day ran (128, 64, 8, 3), 306 TFLOP/s alone).
+DEFAULT_CONFIG = (128, 64, 4, 4)
 
 
 def head_parts(dim: int) -> tuple[int, int]:
