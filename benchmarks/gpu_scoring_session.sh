@@ -37,6 +37,16 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; nproc; free -g; df -h "$SCRATCH";
   git rev-parse --short HEAD; "$PY" -c "import torch, triton; print(torch.__version__, triton.__version__)"; } >> "$OUT/env.txt" 2>&1
 
+# Bytecode as a pip-installed image has it: the device's Python sets PYTHONDONTWRITEBYTECODE=1 and
+# its torch has no .pyc, so without this every process (each job, each Ray worker) compiled torch's
+# and transformers' sources: 7.4 s + 14.5 s of imports against 1.8 s + 5.1 s (2026-12-04, RESULTS.md,
+# ninth session). COMPILE_BYTECODE=0 measures the machine as it comes.
+if [ "${COMPILE_BYTECODE:-1}" = 1 ]; then
+  SP=$("$PY" -c "import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))")
+  t=$(date +%s)
+  timeout 200 "$PY" -m compileall -q -j 0 "$SP" $(echo "${PYTHONPATH:-}" | tr ':' ' ') >/dev/null 2>&1
+  echo "bytecode compiled (rc $?) in $(( $(date +%s) - t )) s: $SP ${PYTHONPATH:-}" >> "$OUT/bytecode.txt"
+fi
 T0=$(date +%s)
 step() {  # step NAME TIMEOUT_S COMMAND...: log to $OUT/NAME.log, record rc and seconds
   local name=$1 limit=$2; shift 2

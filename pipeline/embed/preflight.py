@@ -23,6 +23,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from pipeline import schema
+from pipeline.cluster import bytecode_warning
 from pipeline.embed import stages
 
 # The job's actor alone (PageEmbedder.__call__, compiled, batch 16) on one H200 at 768 visual
@@ -106,6 +107,9 @@ def build_report(cfg, planned: dict, tally: Tally, seconds: float, settings_note
         "gpu_rate_source": source,
         "gpu_hours": round(tally.pages / rate / 3600, 4),
         "settings": settings_note,
+        # where the driver's Python compiles torch/transformers at every start (the model
+        # actors' image is usually the same): what to change, else None
+        "slow_imports": bytecode_warning(),
         "seconds": round(seconds, 3),
     }
 
@@ -136,4 +140,6 @@ def format_report(report: dict) -> str:
         lines.append(f"    skipped ({reason.replace('_', ' ')}): {entry['count']}, e.g. {', '.join(entry['examples'][:3])}")
     if report.get("settings"):
         lines.append(f"  note: {report['settings']}")
+    if report.get("slow_imports"):
+        lines.append(f"  note: {report['slow_imports']}")
     return "\n".join(lines)
