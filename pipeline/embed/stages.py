@@ -9,6 +9,7 @@ so every document ends as page rows or error rows in one stream.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import socket
 import uuid
@@ -164,6 +165,18 @@ def pixel_views(column) -> list:
     return [data[offsets[i] : offsets[i + 1]] if valid[i] else None for i in range(len(arr))]
 
 
+@dataclasses.dataclass
+class JobCounters:
+    """One job's view of an actor (the hidden counter columns, :mod:`pipeline.embed.counters`):
+    the model load it paid (0 for the later jobs of a kept actor), when its first batch here
+    started, that batch's (wall s, forward s, pages), and its pages."""
+
+    model_load_s: float
+    first_batch_at: float | None = None
+    first_batch: tuple[float, float, float] | None = None
+    pages: int = 0
+
+
 class PageEmbedder:
     """GPU stage: one ColQwen2 per actor, loaded once; each batch of rendered pages in,
     the same rows with ``n_vectors`` and ``embedding`` out (pixels dropped). With
@@ -190,9 +203,7 @@ class PageEmbedder:
         self.loaded_s = time.time() - self.started
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.timer = ForwardTimer(device)
-        self.first_batch_at: float | None = None
-        self.first_batch: tuple[float, float, float] | None = None  # wall s, forward s, pages
-        self.pages = 0
+        self.counts = JobCounters(self.loaded_s)  # the job's (a kept actor's callers pass their own)
         self.pool_factor = pool_factor  # each page's vectors pooled after the forward, on the model's device
         # --batches-in-flight 2: Ray Data calls this from two threads (ActorPoolStrategy's
         # enable_true_multi_threading); the device work of one batch is queued at a time,
@@ -213,15 +224,16 @@ class PageEmbedder:
             self._graphs_saved = -1
             self._saving = False
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table, counts: JobCounters | None = None) -> pa.Table:
         import torch
 
         from pipeline.embed.model import embed_pages
 
+        c = self.counts if counts is None else counts
         call_start = time.time()
         with self._state_lock:
-            if self.first_batch_at is None:
-                self.first_batch_at = call_start
+            if c.first_batch_at is None:
+                c.first_batch_at = call_start
         widths = batch.column(schema.WIDTH).to_pylist()
         heights = batch.column(schema.HEIGHT).to_pylist()
         pixels = pixel_views(batch.column(PIXELS))
@@ -233,19 +245,19 @@ class PageEmbedder:
                               device_lock=self.device_lock)
         busy = self.timer.thread_busy_s - busy_before
         with self._state_lock:
-            if self.first_batch is None and images:
-                self.first_batch = (time.time() - call_start, busy, float(len(images)))
+            if c.first_batch is None and images:
+                c.first_batch = (time.time() - call_start, busy, float(len(images)))
                 # One line per actor (Ray forwards it to the driver's log with the actor's pid):
                 # when each node's GPU started working, from the actor's own clock.
                 print(f"[PageEmbedder] pid {os.getpid()}: model loaded in {self.loaded_s:.1f} s "
                       f"({', '.join(f'{k} {v:.1f}' for k, v in self.lm.load_phases.items())}), first batch of "
                       f"{len(images)} done at {time.time():.3f} ({time.time() - self.started:.1f} s after start, "
-                      f"{self.first_batch[0]:.1f} s for the batch"
+                      f"{c.first_batch[0]:.1f} s for the batch"
                       + (f", compile cache {'warm from ' + self.compile_cache_from if self.compile_cache_from else 'cold'}"
                          if self.compile_cache is not None else "") + ")",
                       file=sys.stderr, flush=True)
-            self.pages += len(images)
-            first_batch = self.first_batch
+            c.pages += len(images)
+            first_batch, first_batch_at = c.first_batch, c.first_batch_at
         if self.compile_cache is not None and images:
             self._save_compiled()
         all_vectors: list = [np.zeros((0, schema.EMBEDDING_DIM), np.float16)] * batch.num_rows
@@ -256,20 +268,11 @@ class PageEmbedder:
         out = batch.drop_columns([PIXELS]).append_column(MODEL_DTYPE, pa.array([self.dtype] * batch.num_rows))
         out = out.append_column(schema.N_VECTORS, pa.array(n_vectors, type=pa.int32()))
         out = out.append_column(schema.EMBEDDING, schema.embeddings_to_arrow(all_vectors))
-        hidden = counters.counter_columns(batch.num_rows, self.actor, busy, self.first_batch_at, time.time(),
-                                          self.loaded_s, first_batch)
+        hidden = counters.counter_columns(batch.num_rows, self.actor, busy, first_batch_at, time.time(),
+                                          c.model_load_s, first_batch)
         for name, column in hidden.items():
             out = out.append_column(name, column)
         return out
-
-    def new_job(self) -> None:
-        """A kept actor (``--keep-embedders``) starts serving another job: that job's counters
-        start from its own first batch, and it did not load the model (``model_load_s`` 0)."""
-        with self._state_lock:
-            self.first_batch_at = None
-            self.first_batch = None
-            self.pages = 0
-            self.loaded_s = 0.0
 
     def _save_compiled(self) -> None:
         """Save the compiled artefacts after the first batch, and again after any batch that
@@ -293,17 +296,20 @@ class PageEmbedder:
 class KeptEmbedder:
     """A :class:`PageEmbedder` that outlives its job (``--keep-embedders SECONDS``): the next
     job of the same model and settings sends it its batches and skips the start-up (worker,
-    imports, model load, compilation). Each call names its job; the first call of a new job
-    resets the per-job counters. It ends itself after the keep-alive its last job set without
+    imports, model load, compilation). Each call names its job, and each job has its own
+    counters (:class:`JobCounters`), also when two jobs' batches interleave: the first job
+    served has the model load, the later ones 0. It ends itself after the keep-alive its last job set without
     a call (:class:`pipeline.keepalive.KeepAlive`), never during one. The job runs it as
     :class:`pipeline.embed.flow.KeptPageEmbedder`, which fills in the Ray hooks ``_can_keep``
     and ``_end``; tests build it directly."""
+
+    JOBS_REMEMBERED = 64
 
     def __init__(self, keep_alive_s: float, **embedder_kwargs):
         from pipeline.keepalive import KeepAlive
 
         self.embedder = PageEmbedder(**embedder_kwargs)
-        self.job: str | None = None
+        self._jobs: collections.OrderedDict[str, JobCounters] = collections.OrderedDict()
         self.jobs_served = 0
         self._lock = threading.Lock()
         # started once the model is loaded: the load is never counted as idle time
@@ -321,14 +327,16 @@ class KeptEmbedder:
         """:meth:`PageEmbedder.__call__` for ``job`` (a token unique per job run)."""
         with self._keep.call():
             with self._lock:
-                if job != self.job:
-                    if self.job is not None:
-                        self.embedder.new_job()
-                    self.job = job
+                counts = self._jobs.get(job)
+                if counts is None:
+                    counts = self._jobs[job] = (self.embedder.counts if not self.jobs_served
+                                                else JobCounters(model_load_s=0.0))
                     self.jobs_served += 1
+                    while len(self._jobs) > self.JOBS_REMEMBERED:  # ended jobs: forget the oldest
+                        self._jobs.popitem(last=False)
             if self._can_keep():
                 self._keep.set(keep_alive_s)
-            return self.embedder(batch)
+            return self.embedder(batch, counts)
 
     # Hooks for the process this runs in (pipeline.embed.flow.KeptPageEmbedder: a Ray actor).
     def _can_keep(self) -> bool:

@@ -1,0 +1,78 @@
+"""A kept model actor's counters (``--keep-embedders``) when jobs share it, one after another
+or at once: each job's summary must read its own first batch, pages and model load."""
+
+import os
+import threading
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.embed import counters, stages
+from pipeline.embed.rasterize import PageItem, RenderSpec, iter_document
+
+TOKENS = 64
+
+
+def page_rows(sample_corpus, n: int) -> pa.Table:
+    with open(os.path.join(sample_corpus, "reports/2023/annual.pdf"), "rb") as f:
+        page = [i for i in iter_document(f.read(), RenderSpec(max_visual_tokens=TOKENS)) if isinstance(i, PageItem)][0]
+    rows = stages._Rows()
+    h, w, _ = page.image.shape
+    for i in range(n):
+        rows.add(doc_id=f"d{i}.pdf", page_number=1, source_uri=f"d{i}.pdf", doc_pages=1, width=w, height=h,
+                 pixels=np.ascontiguousarray(page.image).tobytes(), source_size=1)
+    return rows.table()
+
+
+def job_view(outs: list[pa.Table]) -> dict:
+    """What the driver folds from one job's batches (write_shard, then merge_records)."""
+    merged: dict = {}
+    for out in outs:
+        counters.merge_records(merged, counters.actor_records(out, pa.array([True] * out.num_rows)))
+    (record,) = merged.values()
+    return record
+
+
+def test_interleaved_jobs_keep_their_own_counters(tiny_model, sample_corpus):
+    kept = stages.KeptEmbedder(60.0, model=tiny_model, device="cpu", batches_in_flight=2)
+    batch = page_rows(sample_corpus, 2)
+    outs: dict = {"A": [], "B": []}
+    for job in ["A", "B", "A", "B", "A"]:  # two jobs' batches interleaved on one actor
+        outs[job].append(kept.embed(batch, job, 60.0))
+    a, b = job_view(outs["A"]), job_view(outs["B"])
+    assert a["pages"] == 6 and b["pages"] == 4
+    assert a["model_load_s"] > 0 and b["model_load_s"] == 0  # only the first job paid the load
+    # each job's first batch is its own first call here, also after the other job's calls
+    firsts_a = {r for out in outs["A"] for r in out.column(counters.FIRST_BATCH_AT).to_pylist()}
+    firsts_b = {r for out in outs["B"] for r in out.column(counters.FIRST_BATCH_AT).to_pylist()}
+    assert len(firsts_a) == 1 and len(firsts_b) == 1 and firsts_a.pop() < firsts_b.pop()
+    assert a["first_batch"][2] == 2 and b["first_batch"][2] == 2
+    assert kept.jobs_served == 2
+
+
+def test_two_jobs_at_once_on_one_kept_actor(tiny_model, sample_corpus):
+    """Calls of two jobs from several threads at once (a kept actor runs up to 4 calls):
+    every page is embedded once per call, and the pages add up per job."""
+    kept = stages.KeptEmbedder(60.0, model=tiny_model, device="cpu", batches_in_flight=2)
+    batch = page_rows(sample_corpus, 1)
+    want = kept.embed(batch, "warm", 60.0).column("embedding").to_pylist()
+    outs: dict = {"A": [], "B": []}
+    lock = threading.Lock()
+
+    def run(job):
+        for _ in range(3):
+            out = kept.embed(batch, job, 60.0)
+            with lock:
+                outs[job].append(out)
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in ("A", "B", "A", "B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for job in ("A", "B"):
+        view = job_view(outs[job])
+        assert view["pages"] == 6 and view["model_load_s"] == 0
+        assert all(np.allclose(np.asarray(o.column("embedding").to_pylist()[0], np.float32),
+                               np.asarray(want[0], np.float32), atol=1e-3) for o in outs[job])
+    assert kept.jobs_served == 3
