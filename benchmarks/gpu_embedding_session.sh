@@ -37,7 +37,7 @@ fi
 
 # Bytecode as a pip-installed image has it: the device's Python sets PYTHONDONTWRITEBYTECODE=1 and
 # its torch has no .pyc, so without this every process (each job, each Ray worker) compiled torch's
-# and transformers' sources: 7.4 s + 14.5 s of imports against 1.8 s + 5.1 s (2026-12-04, RESULTS.md,
+# and transformers' sources: 7.4 s + 7.7-14.5 s of imports against 1.8 s + 5.1 s (2026-12-04, RESULTS.md,
 # ninth session). COMPILE_BYTECODE=0 measures the machine as it comes.
 if [ "${COMPILE_BYTECODE:-1}" = 1 ]; then
   SP=$("$PY" -c "import torch, os; print(os.path.dirname(os.path.dirname(torch.__file__)))")

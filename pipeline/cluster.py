@@ -331,7 +331,7 @@ def bytecode_warning(files: dict = HEAVY_FILES, dont_write: bool | None = None) 
     return (f"{' and '.join(missing)} {'have' if len(missing) > 1 else 'has'} no compiled bytecode in this Python "
             f"({sys.executable}) and none can be written here (PYTHONDONTWRITEBYTECODE is set, or the folder is "
             "read-only), so every new model actor compiles the sources before it starts: on an H200 host "
-            "(2026-12-04) importing torch took 7.4 s and transformers' ColQwen2 14.5 s, against 1.8 s and 5.1 s "
+            "(2026-12-04) importing torch took 7.4 s and transformers' ColQwen2 7.7-14.5 s, against 1.8 s and 5.1 s "
             "with bytecode, and a 3,000-page job 80 s against 68-71 s. Compile it once in the image: "
             f"python -m compileall -q -j 0 {where} (pip does this unless installed with --no-compile), or unset "
             "PYTHONDONTWRITEBYTECODE")
