@@ -35,6 +35,24 @@ LOCAL_ENV = "VDR_COMPILE_CACHE"
 SCHEME = "blocks-dynamic-v1"  # how load_model compiles: each vision block and text layer, dynamic=True
 
 
+# Where a first batch's compilation went, from torch's own timers
+# (``torch._dynamo.utils.compilation_time_metrics``, seconds summed per phase): all of it, Dynamo's
+# bytecode tracing, the backend (AOTAutograd + Inductor, cache lookups included), loading the
+# generated modules, building guards. Names may change with torch; missing ones are left out.
+COMPILE_PHASES = {"compile": "_compile.compile_inner", "trace": "bytecode_tracing",
+                  "backend": "OutputGraph.call_user_compiler", "load_modules": "PyCodeCache.load_by_key_path",
+                  "guards": "build_guards"}
+
+
+def compile_times() -> dict[str, float]:
+    """Seconds this process has spent so far in each of :data:`COMPILE_PHASES`."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics as metrics
+    except ImportError:  # a torch without these timers
+        return {}
+    return {name: round(sum(metrics[key]), 2) for name, key in COMPILE_PHASES.items() if key in metrics}
+
+
 def local_dir() -> str:
     return os.environ.get(LOCAL_ENV) or os.path.join(tempfile.gettempdir(), "vdr-compile-cache")
 

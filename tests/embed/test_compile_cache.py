@@ -17,6 +17,7 @@ import json, sys, time
 import numpy as np
 import pyarrow as pa
 from torch._dynamo.utils import counters
+from pipeline.embed.compile_cache import compile_times
 from pipeline.embed.stages import PageEmbedder, PIXELS, STREAM_SCHEMA
 
 model, shared = sys.argv[1], sys.argv[2]
@@ -31,7 +32,7 @@ t = time.perf_counter()
 out = emb(pa.table(cols, schema=STREAM_SCHEMA))
 print(json.dumps({"first_batch_s": time.perf_counter() - t, "loaded_from": emb.compile_cache_from,
                   "fxgraph_hits": counters["inductor"]["fxgraph_cache_hit"],
-                  "fxgraph_misses": counters["inductor"]["fxgraph_cache_miss"],
+                  "fxgraph_misses": counters["inductor"]["fxgraph_cache_miss"], "compile_times": compile_times(),
                   "embedding": [np.asarray(v, np.float32).tolist() for v in out.column("embedding").to_pylist()]}))
 """
 
@@ -55,6 +56,12 @@ def test_a_new_node_loads_compiled_artefacts_instead_of_compiling(tiny_model, tm
     warm = run_actor(tiny_model, shared, tmp_path / "node2", tmp_path / "inductor2")
     assert warm["loaded_from"] == os.path.join(str(shared), saved[0])
     assert warm["fxgraph_hits"] > 0 and warm["fxgraph_misses"] == 0
+    # where each first batch's compilation went (the actor's log line): Dynamo traces in both,
+    # the backend is the part the cache shortens
+    for run in (cold, warm):
+        t = run["compile_times"]
+        assert set(t) >= {"compile", "trace", "backend"} and 0 < t["trace"] <= t["compile"] <= run["first_batch_s"]
+    assert warm["compile_times"]["backend"] < cold["compile_times"]["backend"]
     # The same compiled code: the same embeddings, bit for bit.
     for a, b in zip(cold["embedding"], warm["embedding"]):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
