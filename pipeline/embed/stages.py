@@ -254,7 +254,7 @@ class PageEmbedder:
                       f"{len(images)} done at {time.time():.3f} ({time.time() - self.started:.1f} s after start, "
                       f"{c.first_batch[0]:.1f} s for the batch"
                       + (f", compile cache {'warm from ' + self.compile_cache_from if self.compile_cache_from else 'cold'}"
-                         f", compile s {self._compile_times()}" if self.compile_cache is not None else "") + ")",
+                         f", compile s in this process so far {self._compile_times()}" if self.compile_cache is not None else "") + ")",
                       file=sys.stderr, flush=True)
             c.pages += len(images)
             first_batch, first_batch_at = c.first_batch, c.first_batch_at
