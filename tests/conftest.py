@@ -191,6 +191,29 @@ def sample_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def page_rows(sample_corpus):
+    """page_rows(n, tokens=64) -> a table of ``n`` rendered pages (a real PDF's first page, as
+    the render stage leaves it), the input of an embedding actor's call."""
+    import numpy as np
+
+    from pipeline.embed import stages
+    from pipeline.embed.rasterize import PageItem, RenderSpec, iter_document
+
+    def make(n: int, tokens: int = 64):
+        with open(os.path.join(sample_corpus, "reports/2023/annual.pdf"), "rb") as f:
+            page = next(i for i in iter_document(f.read(), RenderSpec(max_visual_tokens=tokens))
+                        if isinstance(i, PageItem))
+        rows = stages._Rows()
+        h, w, _ = page.image.shape
+        for i in range(n):
+            rows.add(doc_id=f"d{i}.pdf", page_number=1, source_uri=f"d{i}.pdf", doc_pages=1, width=w, height=h,
+                     pixels=np.ascontiguousarray(page.image).tobytes(), source_size=1)
+        return rows.table()
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def shared_corpora():
     if not os.path.isdir(SHARED_CORPORA):
         pytest.skip(f"{SHARED_CORPORA} is absent")

@@ -382,25 +382,18 @@ def test_kept_embedders_serve_the_next_job_and_end_when_idle(tiny_model, sample_
     assert kept.wait_gone() == []  # 2 s without a call
 
 
-def test_a_front_starts_its_kept_actor_again_when_it_is_gone(tiny_model, sample_corpus, kept_actors, ray_session):
+def test_a_front_starts_its_kept_actor_again_when_it_is_gone(tiny_model, page_rows, kept_actors, ray_session):
     """A kept actor that ended for good (its idle time ran out just as a call came, or Ray ran
     out of restarts): the front starts one under the same name and the batch is embedded."""
-    from pipeline.embed import flow, stages
-    from pipeline.embed.rasterize import PageItem, RenderSpec, iter_document
+    from pipeline.embed import flow
 
     kept = kept_actors(flow.KEPT_EMBEDDER_NAMESPACE)
     kwargs = {"model": tiny_model, "device": "cpu", "batches_in_flight": 2}
     gone = flow.spawn_kept_embedder("vdr-embedder-test-0", kwargs, 0.0, 60.0)
     ray_session.get(gone.ready.remote())
     ray_session.kill(gone)
-    with open(os.path.join(sample_corpus, "reports/2023/annual.pdf"), "rb") as f:
-        page = [i for i in iter_document(f.read(), RenderSpec(max_visual_tokens=int(TOKENS))) if isinstance(i, PageItem)][0]
-    rows = stages._Rows()
-    h, w, _ = page.image.shape
-    rows.add(doc_id="a.pdf", page_number=1, source_uri="a.pdf", doc_pages=1, width=w, height=h,
-             pixels=np.ascontiguousarray(page.image).tobytes(), source_size=1)
     front = flow.EmbedFront([gone], flow._Turns.remote(), "job-1", 60.0, respawn=("vdr-embedder-test", kwargs, 0.0))
-    out = front(rows.table())
+    out = front(page_rows(1, int(TOKENS)))
     assert out.num_rows == 1 and out.column("n_vectors").to_pylist()[0] > 0
     assert [a["name"] for a in kept()] == ["vdr-embedder-test-0"]  # the new one, under the same name
 

@@ -1,27 +1,12 @@
 """A kept model actor's counters (``--keep-embedders``) when jobs share it, one after another
 or at once: each job's summary must read its own first batch, pages and model load."""
 
-import os
 import threading
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.embed import counters, stages
-from pipeline.embed.rasterize import PageItem, RenderSpec, iter_document
-
-TOKENS = 64
-
-
-def page_rows(sample_corpus, n: int) -> pa.Table:
-    with open(os.path.join(sample_corpus, "reports/2023/annual.pdf"), "rb") as f:
-        page = [i for i in iter_document(f.read(), RenderSpec(max_visual_tokens=TOKENS)) if isinstance(i, PageItem)][0]
-    rows = stages._Rows()
-    h, w, _ = page.image.shape
-    for i in range(n):
-        rows.add(doc_id=f"d{i}.pdf", page_number=1, source_uri=f"d{i}.pdf", doc_pages=1, width=w, height=h,
-                 pixels=np.ascontiguousarray(page.image).tobytes(), source_size=1)
-    return rows.table()
 
 
 def job_view(outs: list[pa.Table]) -> dict:
@@ -33,9 +18,9 @@ def job_view(outs: list[pa.Table]) -> dict:
     return record
 
 
-def test_interleaved_jobs_keep_their_own_counters(tiny_model, sample_corpus):
+def test_interleaved_jobs_keep_their_own_counters(tiny_model, page_rows):
     kept = stages.KeptEmbedder(60.0, model=tiny_model, device="cpu", batches_in_flight=2)
-    batch = page_rows(sample_corpus, 2)
+    batch = page_rows(2)
     outs: dict = {"A": [], "B": []}
     for job in ["A", "B", "A", "B", "A"]:  # two jobs' batches interleaved on one actor
         outs[job].append(kept.embed(batch, job, 60.0))
@@ -50,11 +35,11 @@ def test_interleaved_jobs_keep_their_own_counters(tiny_model, sample_corpus):
     assert kept.jobs_served == 2
 
 
-def test_two_jobs_at_once_on_one_kept_actor(tiny_model, sample_corpus):
+def test_two_jobs_at_once_on_one_kept_actor(tiny_model, page_rows):
     """Calls of two jobs from several threads at once (a kept actor runs up to 4 calls):
     every page is embedded once per call, and the pages add up per job."""
     kept = stages.KeptEmbedder(60.0, model=tiny_model, device="cpu", batches_in_flight=2)
-    batch = page_rows(sample_corpus, 1)
+    batch = page_rows(1)
     want = kept.embed(batch, "warm", 60.0).column("embedding").to_pylist()
     outs: dict = {"A": [], "B": []}
     lock = threading.Lock()
