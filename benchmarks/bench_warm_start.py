@@ -28,35 +28,46 @@ from pipeline.embed.stages import PageEmbedder
 pages = render_pages(letter_pdf(8, 0), 768) * 2
 table = rows_table(pages[:16])
 t1 = time.perf_counter()
-emb = PageEmbedder(sys.argv[1], device="cuda", compile_model=True, compile_cache=sys.argv[2])
+from pipeline.embed.compile_cache import compile_times
+device = sys.argv[4]
+sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+emb = PageEmbedder(sys.argv[1], device=device, compile_model=True, compile_cache=sys.argv[2])
 t2 = time.perf_counter()
-emb(table); torch.cuda.synchronize()
+out1 = emb(table); sync()
 t3 = time.perf_counter()
-emb(table); torch.cuda.synchronize()
+split = compile_times()
+emb(table); sync()
 t4 = time.perf_counter()
+import numpy as np
+first = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in out1.column("embedding").to_pylist()])
 print(json.dumps({"imports_and_pages_s": round(t1 - t0, 2), "actor_init_s": round(t2 - t1, 2),
                   "model_load_s": round(emb.loaded_s, 2), "load_phases": emb.lm.load_phases, "first_batch_s": round(t3 - t2, 2),
-                  "second_batch_s": round(t4 - t3, 3), "loaded_from": emb.compile_cache_from}))
+                  "first_batch_compile_s": split, "recompiles_after_first": {k: round(v - split.get(k, 0), 2) for k, v in compile_times().items()},
+                  "second_batch_s": round(t4 - t3, 3), "loaded_from": emb.compile_cache_from,
+                  "embedding_checksum": [float(first.sum()), float(np.abs(first).sum())]}))
 """
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="warm_start.json")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--warm-env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                    help="one more warm actor on node 1 with these environment variables (repeatable)")
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     from pipeline.devtools.tiny import build_tiny_model
 
     work = tempfile.mkdtemp(prefix="warm-")
     model = os.path.join(work, "model")
-    build_tiny_model(model, max_visual_tokens=768, real_size=True, device="cuda")
+    build_tiny_model(model, max_visual_tokens=768, real_size=args.device.startswith("cuda"), device=args.device)
     shared = os.path.join(work, "shared")
 
-    def actor(node: str) -> dict:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+    def actor(node: str, **extra_env) -> dict:
+        env = dict(os.environ, **extra_env, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
                    VDR_COMPILE_CACHE=os.path.join(work, node, "vdr"),
                    TORCHINDUCTOR_CACHE_DIR=os.path.join(work, node, "inductor"))
-        p = subprocess.run([sys.executable, "-c", ACTOR, model, shared, os.path.join(ROOT, "benchmarks")],
+        p = subprocess.run([sys.executable, "-c", ACTOR, model, shared, os.path.join(ROOT, "benchmarks"), args.device],
                            env=env, capture_output=True, text=True, timeout=400)
         if p.returncode:
             raise SystemExit(p.stderr[-3000:])
@@ -67,9 +78,13 @@ def main():
     res["warm, same node (its Inductor and compile caches)"] = actor("node1")
     print(res, flush=True)
     res["warm, new node (empty local caches, shared --compile-cache)"] = actor("node2")
+    for spec in args.warm_env:
+        extra = dict(kv.split("=", 1) for kv in spec.split(","))
+        res[f"warm, same node, with {spec}"] = actor("node1", **extra)
+        print(res, flush=True)
     import torch
 
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": res}
+    res = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "torch": torch.__version__, "cases": res}
     print(json.dumps(res, indent=2))
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)

@@ -12,7 +12,10 @@
 # Steps (timeout; expected run time in brackets, from earlier H200 runs of the same scripts):
 #   actor       bench_actor.py: compiled vs compiled_inflight2 (--batches-in-flight 2) vs
 #               compiled_oldhost (6a80843's host path), 256 pages, batch 32   300 s [~200 s]
-#   warm_start  bench_warm_start.py: cold/warm first batch, model load by step   180 s [~120 s]
+#   warm_start  bench_warm_start.py: cold/warm first batch, model load by step, the first
+#               batch's compile seconds by phase (WARM_EXTRA: more warm cases)   180 s [~120 s]
+#   worker_start bench_worker_start.py: asking for a GPU actor to its constructor, with the
+#               job's py_modules runtime env and without                          120 s [~40 s]
 #   job_1       bench_embed.py --job-only, 3,000 pages, --batches-in-flight 1    200 s [~105 s]
 #   job_2       the same with --batches-in-flight 2                              200 s [~100 s]
 #   job_1b      job_1 again, with caches as warm as job_2 had them               200 s [~100 s]
@@ -63,7 +66,8 @@ if [ "${TINY:-0}" = 1 ]; then
 fi
 step actor 300 "$PY" benchmarks/bench_actor.py --pages "${ACTOR_PAGES:-256}" --fid-pages 256 --queries 50 \
   --variants "${ACTOR_VARIANTS:-compiled,compiled_inflight2,compiled_oldhost}" --out "$OUT/actor.json"
-step warm_start 180 "$PY" benchmarks/bench_warm_start.py --out "$OUT/warm_start.json"
+step warm_start "${WARM_TIMEOUT:-180}" "$PY" benchmarks/bench_warm_start.py ${WARM_EXTRA:-} --out "$OUT/warm_start.json"
+step worker_start 120 "$PY" benchmarks/bench_worker_start.py --out "$OUT/worker_start.json"
 step job_1 260 env BENCH_JOB_EXTRA="--batches-in-flight 1" "$PY" benchmarks/bench_embed.py --job-only \
   --job-pages 3000 --out "$OUT/job_inflight1.json"
 step job_2 260 env BENCH_JOB_EXTRA="--batches-in-flight 2" "$PY" benchmarks/bench_embed.py --job-only \
