@@ -68,6 +68,9 @@ def main() -> int:
     ap.add_argument("--plain-after", type=int, default=0,
                     help="plain jobs to run after the kept ones (their kept actors ended first): the plain job "
                          "once more, away from the actor bench that ran before the first")
+    ap.add_argument("--plain-envs", default="",
+                    help="environment of the --plain-after jobs, in turn: 'A=1,B=2;;A=3' (an empty entry: as "
+                         "the benchmark runs); an A/B of start-up settings in one run")
     ap.add_argument("--timeline-dir", help="write Ray's task timeline (chrome trace) after each job here, and "
                     "each job's stderr (run with -v: Ray Data's per-operator stats)")
     args = ap.parse_args()
@@ -112,6 +115,10 @@ def main() -> int:
             job_env = env(address)
             if args.prestart_ab and name.startswith("kept_") and int(name[5:]) >= 2 and int(name[5:]) % 2 == 0:
                 job_env["PIPELINE_PRESTART_WORKERS"] = "0"
+            plain_envs = args.plain_envs.split(";") if args.plain_envs else []
+            if plain_envs and name.startswith("plain_after_"):
+                spec = plain_envs[(int(name.rsplit("_", 1)[1]) - 1) % len(plain_envs)].strip()
+                job_env.update(dict(kv.split("=", 1) for kv in spec.split(",") if kv))
             t0 = time.time()
             proc = subprocess.run(cmd, env=job_env, cwd=ROOT, capture_output=True, text=True)
             wall = time.time() - t0
@@ -125,6 +132,7 @@ def main() -> int:
             entry = {"rc": 0, "wall_s_process": round(wall, 2), "pages": run["pages"],
                      "pages_per_s_whole": round(run["pages"] / wall, 2), "job_seconds": run["seconds"],
                      "embedders_reused": s.get("embedders_reused"), "actors": run.get("actors"),
+                     "env": {k: v for k, v in job_env.items() if k.startswith("PIPELINE_")},
                      "workers_prestarted": s.get("workers_prestarted"),
                      "prestarted_workers_rendered": s.get("prestarted_workers_rendered"),
                      "gpu_busy_fraction": run.get("gpu_busy_fraction"),

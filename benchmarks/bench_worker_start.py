@@ -4,7 +4,8 @@ job's start-up before the actor imports torch (measured in a 3,000-page job on a
 
     PYTHONPATH=/tmp/site:$PWD python benchmarks/bench_worker_start.py --out worker_start.json
 
-One Ray head started here (``ray start --head``, as the job benchmarks run). Each case is a
+One Ray head started here (``ray start --head``, as the job benchmarks run, with one GPU
+declared: the actor asks for it). Each case is a
 fresh driver process (run from ``/``, so that Ray's default of putting the driver's directory
 on its workers' path does not hide a missing package) that asks for one actor (one GPU when
 there is one, else one CPU), which imports ``pipeline.embed.stages`` as the job's embedding
@@ -36,7 +37,7 @@ import json, os, sys, time
 import ray
 from pipeline.cluster import code_runtime_env
 env = code_runtime_env() if sys.argv[1] == "py_modules" else None
-ray.init(address="auto", runtime_env=env, include_dashboard=False, log_to_driver=False)
+ray.init(address=sys.argv[2], runtime_env=env, include_dashboard=False, log_to_driver=False)
 
 @ray.remote
 class Probe:
@@ -47,7 +48,7 @@ class Probe:
     def started_at(self):
         return self.started
 
-opts = {"num_gpus": 1} if ray.cluster_resources().get("GPU") else {"num_cpus": 1}
+opts = {"num_gpus": 1}
 t = time.time()
 a = Probe.options(**opts).remote()
 started = ray.get(a.started_at.remote())
@@ -60,16 +61,21 @@ def main():
     ap.add_argument("--out", default="worker_start.json")
     ap.add_argument("--reps", type=int, default=4)
     args = ap.parse_args()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
-    subprocess.run(["ray", "start", "--head", "--include-dashboard=false", "--disable-usage-stats"],
-                   capture_output=True, check=True, env=env)
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    sys.path.insert(0, ROOT)
+    from two_nodes_one_gpu import env as cluster_env, start_cluster, stop_cluster
+
+    from pipeline.devtools.local_cluster import free_port
+
+    port = free_port()
+    env = cluster_env()
+    dirs = start_cluster("vdr-wstart", 1, port, os.cpu_count() or 2)
     cases = ("py_modules", "no runtime env")
     res: dict[str, list] = {k: [] for k in cases}
     try:
         for rep in range(args.reps + 1):  # round 0 warms the package upload and the page cache
             for name in cases:
-                p = subprocess.run([sys.executable, "-c", DRIVER, name], env=env, cwd="/",
+                p = subprocess.run([sys.executable, "-c", DRIVER, name, f"127.0.0.1:{port}"], env=env, cwd="/",
                                    capture_output=True, text=True, timeout=120)
                 if p.returncode:
                     raise SystemExit(p.stderr[-3000:])
@@ -78,7 +84,7 @@ def main():
                 if rep:
                     res[name].append(r)
     finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        stop_cluster(dirs)
     summary = {k: {"median_to_constructor_s": statistics.median(r["to_constructor_s"] for r in v), "runs": v}
                for k, v in res.items()}
     out = {"cases": summary, "cpus": os.cpu_count(), "commit": os.environ.get("BENCH_COMMIT"),

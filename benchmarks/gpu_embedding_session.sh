@@ -35,7 +35,7 @@ if ! "$PY" -c "import ray" 2>/dev/null && [ -f .device/site.tar.xz ]; then
   mkdir -p /tmp/site && ([ -d /tmp/site/ray ] || tar xJf .device/site.tar.xz -C /tmp/site)
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
-{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; nproc; free -g;
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; nproc; free -g; lscpu;
   "$PY" -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$OUT/env_embed.txt" 2>&1
 
 # Bytecode as a pip-installed image has it: the device's Python sets PYTHONDONTWRITEBYTECODE=1 and
