@@ -238,17 +238,26 @@ PRESTART_ENV = "PIPELINE_PRESTART_WORKERS"
 MAX_PRESTARTED_WORKERS = 32
 
 
-def prestart_workers(cfg: EmbedConfig, model_cpus: int = 1) -> list:
+def prestart_workers(cfg: EmbedConfig, model_cpus: int = 1, model_running: bool = False) -> list:
     """Start the job's CPU workers at its start, before its dataset runs (refs of their
     warm-up tasks, not waited for). Ray starts worker processes per job: without this, each
     job's first plan and render tasks each waited for a new process (Python, Ray, Ray Data,
     the renderer's zygote: seconds apiece on a busy node) one after the other, before the first
     page reached the model (seen on an H200 node: the first batch 8.6-11.9 s into a job whose
     model actor was already running). Idle warmed workers are then reused by the job's tasks.
-    One per CPU free now, less the model stage's (``model_cpus``) and one, at most 32: only CPUs
-    free now, so they never ask an autoscaler for nodes. ``$PIPELINE_PRESTART_WORKERS`` sets the
-    number (0: off; at most the free CPUs)."""
+
+    Only where the model is already running (``model_running``: kept actors taken over from
+    an earlier job); by default none otherwise. A job that starts its model actor waits for
+    that actor (imports, weights, compilation: 10 s and more) long after its first pages are
+    rendered, and the prestarted processes, all starting at once, delayed it: on an H200 node
+    the actor's constructor began 4.2-4.9 s into the job with 14 prestarted workers against
+    2.4-3.4 s without (RESULTS.md, tenth session). Then one per CPU free now, less the model
+    stage's (``model_cpus``) and one, at most 32: only CPUs free now, so they never ask an
+    autoscaler for nodes. ``$PIPELINE_PRESTART_WORKERS`` sets the number for every job (0: off;
+    at most the free CPUs)."""
     value = os.environ.get(PRESTART_ENV, "").strip()
+    if not value and not model_running:
+        return []
     free = int(ray.available_resources().get("CPU", 0))
     try:
         n = min(int(value), free) if value else min(MAX_PRESTARTED_WORKERS, free - model_cpus - 1)
@@ -499,7 +508,6 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
                       max_longest_side_px=cfg.max_longest_side_px, max_image_pixels=cfg.max_image_pixels,
                       max_pages_per_doc=cfg.max_pages_per_doc)
     gpus_per_actor, min_actors, max_actors, device, why = resolve_resources(cfg)
-    warming = prestart_workers(cfg, min_actors)  # while the driver checks the output, lists and plans
     in_flight = resolve_batches_in_flight(cfg.batches_in_flight, device)
     metadata = output_metadata(cfg, device)
     # Before any work: the output's settings against this run's (refused, or a new generation).
@@ -537,6 +545,9 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
         log.info("--keep-embedders %g: %d kept model actor(s) %s-*, %d taken over from an earlier job",
                  cfg.keep_embedders, len(kept_handles), kept_name, kept_reused)
         on_exit.callback(_Heartbeat(kept_handles, float(cfg.keep_embedders)).stop)
+    # While the driver checks the output, lists and plans; by default only where the model is
+    # already running (every kept actor taken over): otherwise its start is what the job waits for.
+    warming = prestart_workers(cfg, min_actors, model_running=bool(kept_handles) and kept_reused >= len(kept_handles))
     storage.write_json(join_uri(cfg.output, schema.CONFIG_FILE),
                        {**json.loads(cfg.to_json()), "output": output_uri, "generation": generation,
                         "settings": plan.settings_of(metadata)}, cfg.endpoint_url)

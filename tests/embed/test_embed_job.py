@@ -90,11 +90,10 @@ def test_summary_reports_each_actor_from_its_own_counters(first_run):
     # one block, so one render task rendered every document on one core and the GPU waited
     # (RESULTS.md).
     assert run["render_tasks"] >= 4 and 1 <= run["render_workers"] <= run["render_tasks"]
-    # CPU workers started at the job's start (render-ready: Ray Data, the renderer's zygote).
-    # Which of them then render is Ray's choice (on this 4-CPU test cluster it trims idle
-    # workers within a second): on an H200 node 11 of 15 did (RESULTS "Eighth session").
-    assert summary["workers_prestarted"] >= 1
-    assert 0 <= summary["prestarted_workers_rendered"] <= summary["workers_prestarted"]
+    # A job that starts its own model actor prestarts no CPU workers: they delayed the actor's
+    # start, which the job waits for (RESULTS "Tenth session"); only a job whose kept actors
+    # are already running does (test_kept_embedders_serve_the_next_job_and_end_when_idle).
+    assert summary["workers_prestarted"] == 0 and summary["prestarted_workers_rendered"] == 0
     # No counter column reaches the output files.
     pages, _ = read_dir(os.path.join(out, "pages"))
     assert not [c for c in pages.column_names if c.startswith("_")]
@@ -370,6 +369,12 @@ def test_kept_embedders_serve_the_next_job_and_end_when_idle(tiny_model, sample_
     assert a["keep_embedders"] == 60 and a["embedders_reused"] == 0 and len(kept()) == 1
     b = run_job(sample_corpus, str(tmp_path / "b"), tiny_model, "--keep-embedders", "2")
     assert b["embedders_reused"] == 1 and len(kept()) == 1
+    # CPU workers are started ahead (render-ready: Ray Data, the renderer's zygote) only where
+    # the model already runs: job b, not job a, whose actor's start they would delay. Which of
+    # them then render is Ray's choice (on this small test cluster it trims idle workers within
+    # a second): on an H200 node 11 of 15 did (RESULTS "Eighth session").
+    assert a["workers_prestarted"] == 0 and b["workers_prestarted"] >= 1
+    assert 0 <= b["prestarted_workers_rendered"] <= b["workers_prestarted"]
     actors_a, actors_b = a["this_run"]["actors"], b["this_run"]["actors"]
     assert [x["actor"] for x in actors_b] == [x["actor"] for x in actors_a]  # the same process
     assert actors_a[0]["model_load_s"] > 0 and actors_b[0]["model_load_s"] == 0  # no load in job b
@@ -416,8 +421,10 @@ def test_prestarted_workers_setting(ray_session, monkeypatch):
     from pipeline.embed.flow import prestart_workers
 
     cfg = EmbedConfig(input="in", output="out")
+    monkeypatch.delenv("PIPELINE_PRESTART_WORKERS", raising=False)
+    assert prestart_workers(cfg) == []  # by default only where the model already runs
     monkeypatch.setenv("PIPELINE_PRESTART_WORKERS", "0")
-    assert prestart_workers(cfg) == []
+    assert prestart_workers(cfg, model_running=True) == []
     monkeypatch.setenv("PIPELINE_PRESTART_WORKERS", "2")
     warmed = ray_session.get(prestart_workers(cfg), timeout=120)
     assert len(warmed) == 2 and all(w.count(":") == 1 for w in warmed)

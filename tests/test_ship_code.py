@@ -1,0 +1,89 @@
+"""How a job's workers get this code: sent with Ray's ``py_modules`` unless every worker the
+job can ever have runs on the driver's machine, where Ray puts the driver's folder on their
+path (``pipeline.cluster.ship_code`` / ``ensure_ray``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from pipeline.cluster import ClusterCapacity, ship_code
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fixed(gpus=1.0, cpus=16.0):
+    return ClusterCapacity(gpus, cpus, gpus, cpus, [], "no autoscaler: resources now")
+
+
+def test_ship_code_only_where_a_worker_could_miss_the_folder():
+    one = ["n1"]
+    ship, why = ship_code(True, one, "n1", fixed())
+    assert not ship and "not sent" in why
+    # the driver runs elsewhere than the package's folder: its workers would not find it
+    assert ship_code(False, one, "n1", fixed())[0]
+    # two nodes, or a driver on another machine than the cluster's one node
+    assert ship_code(True, ["n1", "n2"], "n1", fixed())[0]
+    assert ship_code(True, ["n2"], "n1", fixed())[0]
+    # an autoscaler may add a node (an autoscaled GPU node has no copy of the driver's folder)
+    grows = ClusterCapacity(0.0, 4.0, 2.0, 12.0, [], "autoscaler")
+    ship, why = ship_code(True, one, "n1", grows)
+    assert ship and "can grow" in why and "autoscaler" in why
+    unknown = ClusterCapacity(0.0, 4.0, None, None, [], "autoscaler status without counts")
+    assert ship_code(True, one, "n1", unknown)[0]
+
+
+DRIVER = r"""
+import json, os, sys
+from pipeline.cluster import ensure_ray
+import ray
+ensure_ray(address="local", num_cpus=1, num_gpus=0, include_dashboard=False)
+where = ray.get(ray.remote(lambda: __import__("pipeline").__file__).remote())
+print("RESULT " + json.dumps({"runtime_env": ray.get_runtime_context().runtime_env, "where": where}))
+ray.shutdown()
+"""
+
+
+def _driver(cwd: str, **env_extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PIPELINE_SHIP_CODE")}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", **env_extra)
+    if cwd == ROOT:
+        env.pop("PYTHONPATH", None)  # the package comes from the driver's folder only
+    else:
+        env["PYTHONPATH"] = ROOT
+    p = subprocess.run([sys.executable, "-c", DRIVER], cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, p.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_a_one_node_cluster_runs_the_drivers_folder_without_shipping_it():
+    """An embedded one-node Ray, the driver in the project folder: no ``py_modules``, and a
+    worker imports the package all the same. From another folder, or with
+    ``PIPELINE_SHIP_CODE=always``, the package is sent."""
+    here = _driver(ROOT)
+    assert "py_modules" not in here["runtime_env"]
+    assert here["where"].endswith(os.path.join("pipeline", "__init__.py"))
+    forced = _driver(ROOT, PIPELINE_SHIP_CODE="always")
+    assert forced["runtime_env"].get("py_modules")
+    with tempfile.TemporaryDirectory() as elsewhere:
+        away = _driver(elsewhere)
+    assert away["runtime_env"].get("py_modules")
+
+
+def test_ship_code_setting_is_checked(monkeypatch):
+    import ray
+
+    from pipeline.cluster import ensure_ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already connected in this process")
+    monkeypatch.setenv("PIPELINE_SHIP_CODE", "sometimes")
+    with pytest.raises(ValueError, match="PIPELINE_SHIP_CODE must be one of auto, always, never"):
+        ensure_ray(address="local")
