@@ -78,9 +78,9 @@ def main():
     res["warm, same node (its Inductor and compile caches)"] = actor("node1")
     print(res, flush=True)
     res["warm, new node (empty local caches, shared --compile-cache)"] = actor("node2")
-    for spec in args.warm_env:
+    for i, spec in enumerate(args.warm_env, 1):
         extra = dict(kv.split("=", 1) for kv in spec.split(","))
-        res[f"warm, same node, with {spec}"] = actor("node1", **extra)
+        res[f"warm, same node, with {spec} (#{i})"] = actor("node1", **extra)
         print(res, flush=True)
     import torch
 
