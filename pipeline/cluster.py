@@ -68,9 +68,7 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     runtime_env = init_kwargs.pop("runtime_env", None)
-    mode = (os.environ.get(SHIP_CODE_ENV) or "auto").strip().lower()
-    if mode not in SHIP_CODE_MODES:
-        raise ValueError(f"{SHIP_CODE_ENV} must be one of {', '.join(SHIP_CODE_MODES)}, got {mode!r}")
+    mode = ship_code_mode()
     decide_later = False
     if runtime_env is None and not _in_submitted_job() and mode != "never":
         if mode == "always" or not _code_under_cwd():
@@ -91,6 +89,14 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
 
 SHIP_CODE_ENV = "PIPELINE_SHIP_CODE"
 SHIP_CODE_MODES = ("auto", "always", "never")
+
+
+def ship_code_mode(environ=os.environ) -> str:
+    """``$PIPELINE_SHIP_CODE`` (default ``auto``); anything else is refused by name."""
+    mode = (environ.get(SHIP_CODE_ENV) or "auto").strip().lower()
+    if mode not in SHIP_CODE_MODES:
+        raise ValueError(f"{SHIP_CODE_ENV} must be one of {', '.join(SHIP_CODE_MODES)}, got {mode!r}")
+    return mode
 
 
 def _code_under_cwd() -> bool:

@@ -66,7 +66,7 @@ def _driver(cwd: str, **env_extra) -> dict:
 def test_a_one_node_cluster_runs_the_drivers_folder_without_shipping_it():
     """An embedded one-node Ray, the driver in the project folder: no ``py_modules``, and a
     worker imports the package all the same. From another folder, or with
-    ``PIPELINE_SHIP_CODE=always``, the package is sent."""
+    ``PIPELINE_SHIP_CODE=always``, the package is sent; with ``never`` it is not."""
     here = _driver(ROOT)
     assert "py_modules" not in here["runtime_env"]
     assert here["where"].endswith(os.path.join("pipeline", "__init__.py"))
@@ -74,16 +74,16 @@ def test_a_one_node_cluster_runs_the_drivers_folder_without_shipping_it():
     assert forced["runtime_env"].get("py_modules")
     with tempfile.TemporaryDirectory() as elsewhere:
         away = _driver(elsewhere)
+        # never: the workers' environment has the package (here PYTHONPATH, as an image would)
+        installed = _driver(elsewhere, PIPELINE_SHIP_CODE="never")
     assert away["runtime_env"].get("py_modules")
+    assert "py_modules" not in installed["runtime_env"] and installed["where"] == here["where"]
 
 
-def test_ship_code_setting_is_checked(monkeypatch):
-    import ray
+def test_ship_code_setting_is_checked():
+    from pipeline.cluster import ship_code_mode
 
-    from pipeline.cluster import ensure_ray
-
-    if ray.is_initialized():
-        pytest.skip("a Ray session is already connected in this process")
-    monkeypatch.setenv("PIPELINE_SHIP_CODE", "sometimes")
-    with pytest.raises(ValueError, match="PIPELINE_SHIP_CODE must be one of auto, always, never"):
-        ensure_ray(address="local")
+    assert ship_code_mode({}) == "auto"
+    assert ship_code_mode({"PIPELINE_SHIP_CODE": " Never "}) == "never"
+    with pytest.raises(ValueError, match="PIPELINE_SHIP_CODE must be one of auto, always, never, got 'sometimes'"):
+        ship_code_mode({"PIPELINE_SHIP_CODE": "sometimes"})
