@@ -77,9 +77,11 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
             decide_later = True  # once connected: this machine alone, and no autoscaler?
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **init_kwargs)
     if decide_later:
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        ship, why = ship_code(True, [n.get("NodeID") for n in nodes], ray.get_runtime_context().get_node_id(),
-                              read_capacity(timeout_s=5.0))
+        alive = [n.get("NodeID") for n in ray.nodes() if n.get("Alive")]
+        driver = ray.get_runtime_context().get_node_id()
+        # the autoscaler is looked up only where it decides: this node alone
+        capacity = read_capacity(timeout_s=5.0) if alive == [driver] else None
+        ship, why = ship_code(True, alive, driver, capacity)
         log.info("code for the workers: %s", why)
         if ship:  # joined a cluster (not one this call started): join it again with the code
             ray.shutdown()
@@ -109,7 +111,7 @@ def _code_under_cwd() -> bool:
 
 
 def ship_code(code_under_cwd: bool, alive_nodes: list[str], driver_node: str | None,
-              capacity: ClusterCapacity) -> tuple[bool, str]:
+              capacity: ClusterCapacity | None) -> tuple[bool, str]:
     """``(ship, why)``: whether the job's workers need this code sent to them (Ray's
     ``py_modules``), or already import it from the driver's working directory.
 
@@ -118,15 +120,15 @@ def ship_code(code_under_cwd: bool, alive_nodes: list[str], driver_node: str | N
     autoscaled GPU node) would not have the driver's folder. Not sending it where it is not
     needed saves each worker process the runtime env's setup: on an H200 node a GPU actor's
     constructor started 1.40 s after it was asked for with ``py_modules`` against 0.45 s
-    without (median of 4, RESULTS.md, tenth session)."""
+    without (median of 4, RESULTS.md, tenth session). ``capacity`` None: not known (sent)."""
     if not code_under_cwd:
         return True, "sent (py_modules): the driver does not run from the folder that holds the pipeline package"
     if len(alive_nodes) != 1 or driver_node not in alive_nodes:
         return True, f"sent (py_modules): {len(alive_nodes)} node(s), the driver's among them: {driver_node in alive_nodes}"
-    can_grow = (capacity.gpus_max is None or capacity.cpus_max is None
+    can_grow = (capacity is None or capacity.gpus_max is None or capacity.cpus_max is None
                 or capacity.gpus_max > capacity.gpus_now or capacity.cpus_max > capacity.cpus_now)
     if can_grow:
-        return True, f"sent (py_modules): the cluster can grow ({capacity.source})"
+        return True, f"sent (py_modules): the cluster can grow ({capacity.source if capacity else 'capacity unknown'})"
     return False, ("not sent: one node, this one, that cannot grow; its workers import it from the driver's "
                    f"folder {os.path.abspath(os.curdir)}")
 

@@ -36,6 +36,7 @@ def test_ship_code_only_where_a_worker_could_miss_the_folder():
     assert ship and "can grow" in why and "autoscaler" in why
     unknown = ClusterCapacity(0.0, 4.0, None, None, [], "autoscaler status without counts")
     assert ship_code(True, one, "n1", unknown)[0]
+    assert ship_code(True, one, "n1", None)[0]  # not read: sent
 
 
 DRIVER = r"""
@@ -53,7 +54,7 @@ def _driver(cwd: str, **env_extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PIPELINE_SHIP_CODE")}
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", **env_extra)
     if cwd == ROOT:
-        env.pop("PYTHONPATH", None)  # the package comes from the driver's folder only
+        env.pop("PYTHONPATH", None)  # found through the driver's folder (or an editable install)
     else:
         env["PYTHONPATH"] = ROOT
     p = subprocess.run([sys.executable, "-c", DRIVER], cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
