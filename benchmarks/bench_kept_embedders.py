@@ -71,6 +71,9 @@ def main() -> int:
     ap.add_argument("--plain-envs", default="",
                     help="environment of the --plain-after jobs, in turn: 'A=1,B=2;;A=3' (an empty entry: as "
                          "the benchmark runs); an A/B of start-up settings in one run")
+    ap.add_argument("--plain-args", default="",
+                    help="extra job arguments of the --plain-after jobs, in turn: '--wait-for-compile;' (entries "
+                         "split at ';', arguments at ','; an empty entry: none); use --plain-args=... ")
     ap.add_argument("--timeline-dir", help="write Ray's task timeline (chrome trace) after each job here, and "
                     "each job's stderr (run with -v: Ray Data's per-operator stats)")
     args = ap.parse_args()
@@ -119,6 +122,10 @@ def main() -> int:
             if plain_envs and name.startswith("plain_after_"):
                 spec = plain_envs[(int(name.rsplit("_", 1)[1]) - 1) % len(plain_envs)].strip()
                 job_env.update(dict(kv.split("=", 1) for kv in spec.split(",") if kv))
+            plain_args = args.plain_args.split(";") if args.plain_args else []
+            if plain_args and name.startswith("plain_after_"):
+                spec = plain_args[(int(name.rsplit("_", 1)[1]) - 1) % len(plain_args)].strip()
+                cmd += [a for a in spec.split(",") if a]
             t0 = time.time()
             proc = subprocess.run(cmd, env=job_env, cwd=ROOT, capture_output=True, text=True)
             wall = time.time() - t0
@@ -133,6 +140,7 @@ def main() -> int:
                      "pages_per_s_whole": round(run["pages"] / wall, 2), "job_seconds": run["seconds"],
                      "embedders_reused": s.get("embedders_reused"), "actors": run.get("actors"),
                      "env": {k: v for k, v in job_env.items() if k.startswith("PIPELINE_")},
+                     "args": cmd[cmd.index("--max-visual-tokens") + 2:],
                      "workers_prestarted": s.get("workers_prestarted"),
                      "prestarted_workers_rendered": s.get("prestarted_workers_rendered"),
                      "gpu_busy_fraction": run.get("gpu_busy_fraction"),
@@ -154,17 +162,23 @@ def main() -> int:
             print(name, {k: v for k, v in entry.items() if k not in ("actors", "log_lines")}, flush=True)
             with open(args.out, "w") as f:  # after each job: a run cut short keeps what it did
                 json.dump(res, f, indent=2)
+        import numpy as np
+
         plain_ids, plain_off, plain_flat = pages(os.path.join(work, names[0]))
         last = [n for n in names if n.startswith("kept_")][-1] if args.kept_runs else names[-1]
-        if res["runs"].get(last, {}).get("rc") == 0:
-            ids, off, flat = pages(os.path.join(work, last))
-            import numpy as np
-
+        # every later job's embeddings against the first's (one at a time: ~0.6 GB each)
+        for other in (names[1:] if args.plain_args else [last]):
+            if other == names[0] or res["runs"].get(other, {}).get("rc") != 0:
+                continue
+            ids, off, flat = pages(os.path.join(work, other))
             same = ids == plain_ids and (off == plain_off).all()
-            res[f"{last}_vs_{names[0]}"] = {
-                "same_pages_and_vector_counts": bool(same),
-                "max_abs_diff": float(np.abs(flat.astype(np.float32) - plain_flat.astype(np.float32)).max()) if same else None,
-            }
+            entry = {"same_pages_and_vector_counts": bool(same)}
+            if same:
+                diff = np.abs(flat.astype(np.float32) - plain_flat.astype(np.float32)).reshape(-1, 128).max(axis=1)
+                entry.update(max_abs_diff=float(diff.max()), vectors_differing=int((diff > 0).sum()),
+                             vectors=int(len(diff)))
+            res[f"{other}_vs_{names[0]}"] = entry
+            del flat
     finally:
         import ray
 
