@@ -58,7 +58,7 @@ print(json.dumps({"mode": mode, "model_load_s": round(emb.loaded_s, 2), "load_ph
                   "compiled_at_s": (round(comp.started_at + comp.seconds - t0, 3) if comp is not None and comp.background
                                     and comp.seconds else None),
                   "eager_passes": comp.eager_passes if comp is not None else n_batches,
-                  "forward_busy_s": round(emb.timer.busy_s, 3), "compile_times": compile_times(), "loaded_from": emb.compile_cache_from,
+                  "forward_busy_s": round(emb.timer.busy_s, 3), "compile_times": compile_times(), "loaded_from": getattr(emb, "compile_cache_from", None),
                   "switch_interval": sys.getswitchinterval()}))
 """
 

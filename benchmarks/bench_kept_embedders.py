@@ -74,6 +74,9 @@ def main() -> int:
     ap.add_argument("--plain-args", default="",
                     help="extra job arguments of the --plain-after jobs, in turn: '--wait-for-compile;' (entries "
                          "split at ';', arguments at ','; an empty entry: none); use --plain-args=... ")
+    ap.add_argument("--cold-caches", action="store_true",
+                    help="empty this node's compile caches (the job's, Inductor's, Triton's) before each job: "
+                         "every actor compiles cold, as on a new node")
     ap.add_argument("--timeline-dir", help="write Ray's task timeline (chrome trace) after each job here, and "
                     "each job's stderr (run with -v: Ray Data's per-operator stats)")
     args = ap.parse_args()
@@ -126,6 +129,14 @@ def main() -> int:
             if plain_args and name.startswith("plain_after_"):
                 spec = plain_args[(int(name.rsplit("_", 1)[1]) - 1) % len(plain_args)].strip()
                 cmd += [a for a in spec.split(",") if a]
+            if args.cold_caches:
+                import getpass
+                import shutil
+
+                tmp = tempfile.gettempdir()
+                for d in (os.path.join(tmp, "vdr-compile-cache"), os.path.join(tmp, f"torchinductor_{getpass.getuser()}"),
+                          os.path.join(os.path.expanduser("~"), ".triton", "cache")):
+                    shutil.rmtree(d, ignore_errors=True)
             t0 = time.time()
             proc = subprocess.run(cmd, env=job_env, cwd=ROOT, capture_output=True, text=True)
             wall = time.time() - t0

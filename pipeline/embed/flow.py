@@ -454,24 +454,6 @@ def run(cfg: EmbedConfig) -> dict:
         lock.release()
 
 
-RENDER_TASKS_ENV = "PIPELINE_RENDER_TASKS"
-
-
-def _render_concurrency() -> dict:
-    """``$PIPELINE_RENDER_TASKS``: at most this many render tasks at once (default: as many
-    as Ray Data fits on the free CPUs). An experiment knob (benchmarks/RESULTS.md)."""
-    value = os.environ.get(RENDER_TASKS_ENV, "").strip()
-    if not value:
-        return {}
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"{RENDER_TASKS_ENV} must be a number of render tasks >= 1, got {value!r}")
-    return {"concurrency": n}
-
-
 def _stream(cfg: EmbedConfig, units: list, spec: RenderSpec, done: pa.Table, counter, listings: dict | None,
             model_stage: dict, metadata: dict, progress: _Progress) -> None:
     """The job's Ray Data chain: plan -> render -> the model stage (``model_stage``: the
@@ -500,7 +482,6 @@ def _stream(cfg: EmbedConfig, units: list, spec: RenderSpec, done: pa.Table, cou
         # pdfium crashes kill only the renderer child (an error row); a Ray worker that dies
         # anyway is retried a bounded number of times, not forever (Ray's default).
         ray_remote_args_fn=_bounded_retries,
-        **_render_concurrency(),
     )
     ds = ds.map_batches(**model_stage)
     ds = ds.map_batches(
