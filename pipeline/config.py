@@ -35,10 +35,6 @@ class EmbedConfig:
     dtype: str = "auto"
     attn_implementation: str = "auto"
     compile: str = "auto"  # torch.compile the model's blocks; auto: on GPU
-    # False: each actor's first batches run eagerly while its blocks compile in the background
-    # (pipeline/embed/model.py BlockCompiler); True: its first batch waits for the compilation,
-    # so every page is embedded by the compiled code (bit-for-bit the same on a rerun)
-    wait_for_compile: bool = False
     # a shared place (s3://, gs://, a shared path) for compiled artefacts, read by new nodes
     # before they compile; each node also keeps them in $VDR_COMPILE_CACHE (pipeline/embed/compile_cache.py)
     compile_cache: str | None = None

@@ -32,7 +32,7 @@ from pipeline import storage
 log = logging.getLogger(__name__)
 
 LOCAL_ENV = "VDR_COMPILE_CACHE"
-SCHEME = "blocks-dynamic-v2"  # how load_model compiles: each vision block and text layer, dynamic=True
+SCHEME = "blocks-dynamic-v1"  # how load_model compiles: each vision block and text layer, dynamic=True
 
 
 # Where a first batch's compilation went, from torch's own timers

@@ -501,17 +501,6 @@ def _stream(cfg: EmbedConfig, units: list, spec: RenderSpec, done: pa.Table, cou
         log.debug("Ray Data stats:\n%s", ds.stats())
 
 
-def embedder_arguments(cfg: EmbedConfig, device: str, in_flight: int) -> dict:
-    """The model actors' constructor arguments (:class:`PageEmbedder`) for this job."""
-    return {"model": cfg.model, "device": device, "dtype": cfg.dtype,
-            "attn_implementation": cfg.attn_implementation, "endpoint_url": cfg.endpoint_url,
-            "compile_model": cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda"),
-            "pool_factor": cfg.pool_factor, "compile_cache": cfg.compile_cache,
-            "precision": cfg.precision, "batches_in_flight": in_flight,
-            # the first batches eager while the blocks compile (--wait-for-compile: not)
-            "compile_in_background": not cfg.wait_for_compile}
-
-
 def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) -> dict:
     started = time.time()
     t0 = time.monotonic()
@@ -540,7 +529,11 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
     # reach the model while the rest of a large corpus is still being listed.
     done = plan.load_progress(cfg.output, cfg.endpoint_url)
     units = storage.listing_units(cfg.input, cfg.endpoint_url)
-    embedder_kwargs = embedder_arguments(cfg, device, in_flight)
+    embedder_kwargs = {"model": cfg.model, "device": device, "dtype": cfg.dtype,
+                       "attn_implementation": cfg.attn_implementation, "endpoint_url": cfg.endpoint_url,
+                       "compile_model": cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda"),
+                       "pool_factor": cfg.pool_factor, "compile_cache": cfg.compile_cache,
+                       "precision": cfg.precision, "batches_in_flight": in_flight}
     kept_handles, kept_reused, kept_name = [], 0, None
     if cfg.keep_embedders and units:  # asked for now: their model loads while the job lists and plans
         # A kept embedder may serve calls of two jobs at once: its device work is always queued

@@ -117,107 +117,9 @@ def fetch_model(name_or_path: str, endpoint_url: str | None = None, cache_dir: s
 
 
 class _VisionLengths:
-    """Patches per image of the batch being embedded, known on the host before the forward:
-    ``lengths`` for eager passes, ``compiled`` for compiled ones. Two, because while the
-    blocks compile in the background (:class:`BlockCompiler`) an eager pass and the compiling
-    pass run at once, on two threads; compiled code reads only ``compiled`` (the vision
-    attention picks by ``torch.compiler.is_compiling()``)."""
+    """Patches per image of the batch being embedded, known on the host before the forward."""
 
     lengths: list[int] | None = None
-    compiled: list[int] | None = None
-
-
-class BlockCompiler:
-    """``torch.compile`` of each vision block and text layer (``dynamic=True``), as
-    ``nn.Module.compile`` does it, with a switch per thread: a pass runs the compiled blocks
-    only inside :meth:`running` (``True``); otherwise the same blocks run eagerly.
-
-    ``background=True``: the first batch's inputs start the compilation in a thread of its
-    own (:meth:`start`), and batches keep running eagerly on the GPU until it is done
-    (:attr:`ready`); from then on every pass is compiled. A warm compile (cached artefacts)
-    takes 3-6 s on an H200 node and a cold one 12-17 s, during which the GPU would otherwise
-    idle. Eager and compiled passes compute the same maths from the same weights; their bf16
-    rounding differs, as it always does between the two. ``background=False``: compiled from
-    the first batch, which compiles (every page's embedding from the compiled code).
-
-    A compilation that fails in the background is logged and the actor stays eager."""
-
-    def __init__(self, blocks, background: bool = True, dynamic: bool = True, backend: str = "inductor"):
-        self.background = background
-        self._ready = threading.Event()
-        if not background:
-            self._ready.set()
-        self._tls = threading.local()
-        self._started = False
-        self._lock = threading.Lock()
-        self.error: BaseException | None = None
-        self.started_at: float | None = None
-        self.seconds: float | None = None  # the background compilation's wall time
-        self.eager_passes = 0
-        for blk in blocks:
-            compiled = torch.compile(blk._call_impl, dynamic=dynamic, backend=backend)
-            blk._compiled_call_impl = self._dispatch(compiled, blk._call_impl)
-
-    def _dispatch(self, compiled, eager):
-        tls = self._tls
-
-        def call(*args, **kwargs):
-            return compiled(*args, **kwargs) if getattr(tls, "compiled", False) else eager(*args, **kwargs)
-
-        return call
-
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Until the background compilation has ended (compiled, or failed: see ``error``) and
-        its ``on_done`` has returned."""
-        if not self.background or self.error is not None:
-            return True
-        if not self._started:
-            return False
-        return self._done.wait(timeout)
-
-    @contextlib.contextmanager
-    def running(self, compiled: bool):
-        before = getattr(self._tls, "compiled", False)
-        self._tls.compiled = compiled
-        try:
-            yield
-        finally:
-            self._tls.compiled = before
-
-    def start(self, warm_up, on_done=None) -> bool:
-        """Compile in a thread: ``warm_up()`` runs one compiled pass (and waits for it);
-        then every pass is compiled, and ``on_done(self)`` is called. Only the first call
-        starts it; returns whether this one did."""
-        with self._lock:
-            if self._started or self.ready:
-                return False
-            self._started = True
-            self._done = threading.Event()
-        self.started_at = time.time()
-
-        def run():
-            try:
-                with self.running(True):
-                    warm_up()
-                self.seconds = time.time() - self.started_at
-                self._ready.set()
-            except BaseException as exc:  # noqa: BLE001 - a failed compile leaves the actor eager
-                self.error = exc
-                log.warning("torch.compile failed in the background (%s: %s): this actor stays eager "
-                            "(~0.7x the pages/s); --compile off skips compiling", type(exc).__name__, exc)
-            finally:
-                try:
-                    if on_done is not None:
-                        on_done(self)
-                finally:
-                    self._done.set()
-
-        threading.Thread(target=run, name="block-compiler", daemon=True).start()
-        return True
 
 
 @dataclasses.dataclass
@@ -240,7 +142,6 @@ class LoadedModel:
     vision_lengths: _VisionLengths = dataclasses.field(default_factory=_VisionLengths)
     precision: str = "default"  # or "fp8": the large matmuls in FP8 (pipeline.embed.fp8)
     rope_cache: dict = dataclasses.field(default_factory=dict)  # (grids, length) -> position ids
-    compiler: BlockCompiler | None = None  # the compiled blocks (load_model's compile_model)
     # seconds of each step of load_model (import, fetch, from_pretrained, to_device, processor,
     # setup): where an actor's start-up goes
     load_phases: dict = dataclasses.field(default_factory=dict)
@@ -260,14 +161,11 @@ def load_model(
     batched_vision_attention: bool = True,
     compile_model: bool = False,
     precision: str = "default",
-    compile_in_background: bool = False,
 ) -> LoadedModel:
     """Load ``ColQwen2ForRetrieval`` + ``ColQwen2Processor`` (ColQwen2.5 ports too).
 
     ``load_in_4bit`` is kept for benchmarks/bench_4bit.py only (the jobs no longer offer it).
-    ``precision="fp8"`` runs the large matmuls in FP8 (:mod:`pipeline.embed.fp8`).
-    ``compile_model``: each block compiled (``lm.compiler``, a :class:`BlockCompiler`); with
-    ``compile_in_background`` the first batches run eagerly while the first compiles."""
+    ``precision="fp8"`` runs the large matmuls in FP8 (:mod:`pipeline.embed.fp8`)."""
     phases: dict[str, float] = {}
     mark = [time.perf_counter()]
 
@@ -352,23 +250,19 @@ def load_model(
     if batched_vision_attention and attn == "sdpa" and model.config.vlm_config.model_type == "qwen2_vl":
         enable_batched_vision_attention(model, lm.vision_lengths)
     if compile_model:
-        lm.compiler = BlockCompiler(compiled_blocks(model), background=compile_in_background)
+        # Per block, not the whole model: the blocks are where the time goes (elementwise
+        # chains around the matmuls that eager mode runs as separate kernels), and their
+        # shapes change only with the batch's page sizes (dynamic=True avoids recompiles).
+        visual = getattr(model.vlm, "visual", None) or model.vlm.model.visual
+        text = getattr(model.vlm, "language_model", None) or model.vlm.model.language_model
+        for blk in list(visual.blocks) + list(text.layers):
+            blk.compile(dynamic=True)
     phase("setup")
     lm.load_phases = phases
     log.info("loaded %s on %s (%s, precision=%s, attn=%s, 4bit=%s, batched vision attention=%s, compiled=%s); "
              "seconds: %s", name_or_path, device, lm.dtype_name, precision, attn, load_in_4bit,
              batched_vision_attention, compile_model, phases)
     return lm
-
-
-def compiled_blocks(model) -> list:
-    """What ``compile_model`` compiles: each vision block and text layer. Per block, not the
-    whole model: the blocks are where the time goes (elementwise chains around the matmuls
-    that eager mode runs as separate kernels), and their shapes change only with the batch's
-    page sizes (dynamic=True avoids recompiles)."""
-    visual = getattr(model.vlm, "visual", None) or model.vlm.model.visual
-    text = getattr(model.vlm, "language_model", None) or model.vlm.model.language_model
-    return list(visual.blocks) + list(text.layers)
 
 
 def _runs(lengths: list[int]) -> list[tuple[int, int]]:
@@ -407,7 +301,7 @@ def enable_batched_vision_attention(model, holder: _VisionLengths, attend=None) 
         q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = position_embeddings
         q, k = rotary(q, k, cos, sin)
-        lengths = holder.compiled if torch.compiler.is_compiling() else holder.lengths
+        lengths = holder.lengths
         if lengths is None or sum(lengths) != seq_length:
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         outs, start = [], 0
@@ -688,25 +582,9 @@ def forward_embeddings(lm: LoadedModel, inputs: dict, timer: ForwardTimer | None
             for i, n in enumerate(lengths)]
 
 
-def _compiling_pass(lm: LoadedModel, host: dict, vision_lengths: list[int], pool_factor: int,
-                    out_dtype: torch.dtype) -> None:
-    """The background compilation's pass (:class:`BlockCompiler`): the batch's inputs through
-    the compiled blocks, as :func:`embed_pages` runs them, its result dropped. Outside the
-    device lock: its kernels queue beside the eager batches'."""
-    lm.vision_lengths.compiled = vision_lengths
-    try:
-        inputs = page_inputs_to_device(host, lm)
-        if pool_factor == 1:
-            launch_embeddings(lm, inputs, host["lengths"], None, out_dtype).result()
-        else:
-            forward_embeddings(lm, inputs, None, pool_factor, out_dtype)
-    finally:
-        lm.vision_lengths.compiled = None
-
-
 def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTimer | None = None,
                 pool_factor: int = 1, out_dtype: torch.dtype = torch.float32,
-                device_lock: TurnLock | None = None, on_compiled=None) -> list[np.ndarray]:
+                device_lock: TurnLock | None = None) -> list[np.ndarray]:
     """Page embeddings, each (n_i, 128) ``out_dtype``, in the order given (pooled by ``pool_factor``
     when > 1). Pages are run sorted by size, so images of one size sit together for the
     batched vision attention.
@@ -715,10 +593,7 @@ def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTim
     pixels into pinned memory, token ids, positions) and the wait for the copy back run
     outside it; the device work is queued under it, one batch at a time, so the GPU runs
     one batch while the host prepares the next and passes never interleave (each pass's
-    CUDA events enclose its own kernels only).
-
-    ``lm.compiler`` in the background: see :class:`BlockCompiler` (``on_compiled(compiler)``
-    is called when its compilation ends)."""
+    CUDA events enclose its own kernels only)."""
     if not images:
         return []
     order = sorted(range(len(images)), key=lambda i: images[i].shape[:2])
@@ -726,31 +601,16 @@ def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTim
     p = lm.patch_size
     cuda = str(lm.device).startswith("cuda") and torch.cuda.is_available()
     host = prepare_page_inputs(ordered, lm, pin=cuda)
-    vision_lengths = [(im.shape[0] // p) * (im.shape[1] // p) for im in ordered]
-    compiler = lm.compiler
-    compiled = compiler is not None and compiler.ready
-    if compiler is not None and not compiled and compiler.error is None:
-        # the first batch starts the compilation (on its own inputs) in the background;
-        # this batch and those until it is done run eagerly
-        compiler.start(lambda: _compiling_pass(lm, host, vision_lengths, pool_factor, out_dtype), on_compiled)
-    holder = lm.vision_lengths
     with device_lock if device_lock is not None else contextlib.nullcontext():
-        with compiler.running(compiled) if compiler is not None else contextlib.nullcontext():
-            holder.lengths = vision_lengths
-            if compiled:
-                holder.compiled = vision_lengths
-            try:
-                inputs = page_inputs_to_device(host, lm)
-                if pool_factor == 1:
-                    pending = launch_embeddings(lm, inputs, host["lengths"], timer, out_dtype)
-                else:
-                    vectors = forward_embeddings(lm, inputs, timer, pool_factor, out_dtype)
-            finally:
-                holder.lengths = None
-                if compiled:
-                    holder.compiled = None
-        if compiler is not None and not compiled:
-            compiler.eager_passes += 1
+        lm.vision_lengths.lengths = [(im.shape[0] // p) * (im.shape[1] // p) for im in ordered]
+        try:
+            inputs = page_inputs_to_device(host, lm)
+            if pool_factor == 1:
+                pending = launch_embeddings(lm, inputs, host["lengths"], timer, out_dtype)
+            else:
+                vectors = forward_embeddings(lm, inputs, timer, pool_factor, out_dtype)
+        finally:
+            lm.vision_lengths.lengths = None
     if pool_factor == 1:
         vectors = pending.result()
     out: list = [None] * len(images)

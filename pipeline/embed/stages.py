@@ -185,7 +185,7 @@ class PageEmbedder:
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto",
                  attn_implementation: str = "auto", endpoint_url: str | None = None,
                  compile_model: bool = False, pool_factor: int = 1, compile_cache: str | None = None,
-                 precision: str = "default", batches_in_flight: int = 1, compile_in_background: bool = False):
+                 precision: str = "default", batches_in_flight: int = 1):
         from pipeline.cluster import actor_device, bytecode_warning
         from pipeline.embed.model import ForwardTimer, TurnLock, load_model
 
@@ -198,8 +198,7 @@ class PageEmbedder:
         if slow_imports:
             log.warning(slow_imports)
         self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                             endpoint_url=endpoint_url, compile_model=compile_model, precision=precision,
-                             compile_in_background=compile_in_background)
+                             endpoint_url=endpoint_url, compile_model=compile_model, precision=precision)
         self.dtype = str(self.lm.dtype).removeprefix("torch.")
         self.loaded_s = time.time() - self.started
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
@@ -243,7 +242,7 @@ class PageEmbedder:
         busy_before = self.timer.thread_busy_s
         # float16, what is stored, converted on the device (pipeline.embed.model.forward_embeddings)
         vectors = embed_pages(self.lm, images, self.timer, self.pool_factor, out_dtype=torch.float16,
-                              device_lock=self.device_lock, on_compiled=self._on_compiled)
+                              device_lock=self.device_lock)
         busy = self.timer.thread_busy_s - busy_before
         with self._state_lock:
             if c.first_batch is None and images:
@@ -255,13 +254,11 @@ class PageEmbedder:
                       f"{len(images)} done at {time.time():.3f} ({time.time() - self.started:.1f} s after start, "
                       f"{c.first_batch[0]:.1f} s for the batch"
                       + (f", compile cache {'warm from ' + self.compile_cache_from if self.compile_cache_from else 'cold'}"
-                         + (", eager while the blocks compile in the background" if self.lm.compiler.background
-                            else f", compile s in this process so far {self._compile_times()}")
-                         if self.compile_cache is not None else "") + ")",
+                         f", compile s in this process so far {self._compile_times()}" if self.compile_cache is not None else "") + ")",
                       file=sys.stderr, flush=True)
             c.pages += len(images)
             first_batch, first_batch_at = c.first_batch, c.first_batch_at
-        if self.compile_cache is not None and images and self.lm.compiler.ready:
+        if self.compile_cache is not None and images:
             self._save_compiled()
         all_vectors: list = [np.zeros((0, schema.EMBEDDING_DIM), np.float16)] * batch.num_rows
         n_vectors: list = [None] * batch.num_rows
@@ -282,18 +279,6 @@ class PageEmbedder:
         from pipeline.embed import compile_cache as cc
 
         return cc.compile_times()
-
-    def _on_compiled(self, compiler) -> None:
-        """The background compilation ended (its thread): one line for the log, and the
-        artefacts saved for the next actor."""
-        if compiler.error is not None:
-            return
-        print(f"[PageEmbedder] pid {os.getpid()}: compiled in the background in {compiler.seconds:.1f} s "
-              f"({time.time() - self.started:.1f} s after start; {compiler.eager_passes} batch(es) ran eagerly "
-              f"meanwhile), compiled from now on; compile s in this process {self._compile_times()}",
-              file=sys.stderr, flush=True)
-        if self.compile_cache is not None:
-            self._save_compiled()
 
     def _save_compiled(self) -> None:
         """Save the compiled artefacts after the first batch, and again after any batch that
