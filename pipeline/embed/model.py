@@ -117,9 +117,10 @@ def fetch_model(name_or_path: str, endpoint_url: str | None = None, cache_dir: s
 
 
 class _VisionLengths:
-    """Patches per image of the batch being embedded, known on the host before the forward."""
+    """Patches per image of the batch being embedded, known on the host before the forward
+    (an int64 CPU tensor: a list would make torch.compile specialize on its values)."""
 
-    lengths: list[int] | None = None
+    lengths: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -161,11 +162,14 @@ def load_model(
     batched_vision_attention: bool = True,
     compile_model: bool = False,
     precision: str = "default",
+    compile_backend: str = "inductor",
 ) -> LoadedModel:
     """Load ``ColQwen2ForRetrieval`` + ``ColQwen2Processor`` (ColQwen2.5 ports too).
 
     ``load_in_4bit`` is kept for benchmarks/bench_4bit.py only (the jobs no longer offer it).
-    ``precision="fp8"`` runs the large matmuls in FP8 (:mod:`pipeline.embed.fp8`)."""
+    ``precision="fp8"`` runs the large matmuls in FP8 (:mod:`pipeline.embed.fp8`).
+    ``compile_backend``: torch.compile's backend for ``compile_model`` (tests use ``"eager"``:
+    Dynamo's graphs and guards, without Inductor's code generation)."""
     phases: dict[str, float] = {}
     mark = [time.perf_counter()]
 
@@ -252,11 +256,15 @@ def load_model(
     if compile_model:
         # Per block, not the whole model: the blocks are where the time goes (elementwise
         # chains around the matmuls that eager mode runs as separate kernels), and their
-        # shapes change only with the batch's page sizes (dynamic=True avoids recompiles).
+        # shapes change only with the batch's page sizes: dynamic=True, and the vision
+        # attention an opaque operator (vdr::image_attention), so that a batch of other page
+        # sizes runs the same compiled blocks. Until 2026-12-04 the vision blocks were
+        # compiled again for every new mix of page sizes, until torch's limit of 8 versions,
+        # and ran eagerly after it (tests/embed/test_model.py).
         visual = getattr(model.vlm, "visual", None) or model.vlm.model.visual
         text = getattr(model.vlm, "language_model", None) or model.vlm.model.language_model
         for blk in list(visual.blocks) + list(text.layers):
-            blk.compile(dynamic=True)
+            blk.compile(dynamic=True, backend=compile_backend)
     phase("setup")
     lm.load_phases = phases
     log.info("loaded %s on %s (%s, precision=%s, attn=%s, 4bit=%s, batched vision attention=%s, compiled=%s); "
@@ -276,6 +284,40 @@ def _runs(lengths: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _image_lengths(lengths: torch.Tensor | None, cu_seqlens: torch.Tensor, seq_length: int) -> list[int]:
+    """Patches per image: the host's (``lengths``), else from ``cu_seqlens`` (a device sync)."""
+    if lengths is not None:
+        out = lengths.tolist()
+        if sum(out) == seq_length:
+            return out
+    return (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+
+
+@torch.library.custom_op("vdr::image_attention", mutates_args=())
+def image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor | None,
+                    cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention within each image of a batch, all images of one size in one SDPA call.
+    ``q``, ``k``, ``v``: (patches, heads, dim), the images one after another; ``lengths``:
+    patches per image (int64, on the host; None: from ``cu_seqlens``). Returns (patches,
+    heads * dim). A custom operator, so that torch.compile neither traces into it nor
+    specializes on the page sizes (they change from batch to batch)."""
+    import torch.nn.functional as F
+
+    outs, start = [], 0
+    for length, count in _runs(_image_lengths(lengths, cu_seqlens, q.shape[0])):
+        n = length * count
+        qs, ks, vs = (t[start : start + n].view(count, length, t.shape[1], -1).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)  # (count, heads, length, dim)
+        outs.append(o.transpose(1, 2).reshape(n, -1))
+        start += n
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+@image_attention.register_fake
+def _image_attention_shape(q, k, v, lengths, cu_seqlens, scale):
+    return q.new_empty((q.shape[0], q.shape[1] * v.shape[2]))
+
+
 def enable_batched_vision_attention(model, holder: _VisionLengths, attend=None) -> int:
     """Make the vision tower attend over all equal-size images in one SDPA call.
 
@@ -290,8 +332,6 @@ def enable_batched_vision_attention(model, holder: _VisionLengths, attend=None) 
     """
     import types
 
-    import torch.nn.functional as F
-
     visual = getattr(model.vlm, "visual", None) or model.vlm.model.visual
     module = importlib.import_module(type(visual.blocks[0].attn).__module__)
     rotary = module.apply_rotary_pos_emb_vision
@@ -301,20 +341,16 @@ def enable_batched_vision_attention(model, holder: _VisionLengths, attend=None) 
         q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = position_embeddings
         q, k = rotary(q, k, cos, sin)
-        lengths = holder.lengths
-        if lengths is None or sum(lengths) != seq_length:
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        if attend is None:
+            # One opaque operation for torch.compile: the lengths stay a tensor, so a batch of
+            # other page sizes runs the same compiled block (no recompilation per batch).
+            return self.proj(torch.ops.vdr.image_attention(q, k, v, holder.lengths, cu_seqlens, self.scaling))
+        lengths = _image_lengths(holder.lengths, cu_seqlens, seq_length)
         outs, start = [], 0
         for length, count in _runs(lengths):
             n = length * count
-            if attend is not None:
-                outs.append(attend(*(t[start : start + n].view(count, length, self.num_heads, -1) for t in (q, k, v)),
-                                   self.scaling))
-                start += n
-                continue
-            qs, ks, vs = (t[start : start + n].view(count, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-            o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling)  # (count, heads, length, dim)
-            outs.append(o.transpose(1, 2).reshape(n, -1))
+            outs.append(attend(*(t[start : start + n].view(count, length, self.num_heads, -1) for t in (q, k, v)),
+                               self.scaling))
             start += n
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.proj(out)
@@ -602,7 +638,7 @@ def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTim
     cuda = str(lm.device).startswith("cuda") and torch.cuda.is_available()
     host = prepare_page_inputs(ordered, lm, pin=cuda)
     with device_lock if device_lock is not None else contextlib.nullcontext():
-        lm.vision_lengths.lengths = [(im.shape[0] // p) * (im.shape[1] // p) for im in ordered]
+        lm.vision_lengths.lengths = torch.tensor([(im.shape[0] // p) * (im.shape[1] // p) for im in ordered])
         try:
             inputs = page_inputs_to_device(host, lm)
             if pool_factor == 1:

@@ -141,6 +141,40 @@ def test_batched_vision_attention_equals_the_per_image_loop(tiny_model, lm):
     assert M._runs([3, 3, 5, 3]) == [(3, 2), (5, 1), (3, 1)]
 
 
+def test_compiled_blocks_are_not_compiled_again_for_other_page_sizes(tiny_model, lm):
+    """A mixed corpus gives every batch another mix of page sizes. The compiled blocks must
+    serve them all: one graph per kind of block (the text layer also without a mask, for a
+    batch of one size), no recompilation per batch, never torch's recompile limit (after
+    which it runs the blocks eagerly: what happened until 2026-12-04, 8 graphs in 7 batches).
+    Dynamo's own graphs (backend "eager"); the embeddings equal the uncompiled model's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = M.load_model(tiny_model, device="cpu", compile_model=True, compile_backend="eager")
+    rng = np.random.default_rng(3)
+    grids = [(8, 6), (10, 6), (6, 8), (12, 8), (8, 8), (9, 7), (7, 9), (11, 8), (8, 11), (10, 10), (12, 6), (6, 12)]
+
+
+    def check(images):
+        for a, b in zip(M.embed_pages(compiled, images), M.embed_pages(lm, images)):
+            assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+
+    for i in range(13):
+        check([rng.integers(0, 255, (28 * grids[(i + 5 * j) % 12][0], 28 * grids[(i + 5 * j) % 12][1], 3),
+                            dtype=np.uint8) for j in range(2 + i % 3)])
+    check([rng.integers(0, 255, (28 * 8, 28 * 6, 3), dtype=np.uint8)] * 3)  # one size: no padding mask
+    # a vision block, a text layer with and one without a padding mask
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    # a batch of one page once more each (torch specializes sizes of 1), then nothing new
+    check([rng.integers(0, 255, (28 * 9, 28 * 7, 3), dtype=np.uint8)])
+    check([rng.integers(0, 255, (28 * 7, 28 * 9, 3), dtype=np.uint8)])
+    assert counters["stats"]["unique_graphs"] <= 5, dict(counters["stats"])
+    assert counters["frames"]["total"] == counters["frames"]["ok"] == counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+
+
 def test_batched_vision_attention_takes_another_kernel_through_attend(tiny_model):
     """``attend`` (the seam benchmarks use to try other attention kernels) gets each run of
     equal-size images as (images, length, heads, dim) views, and its output is what the
