@@ -32,7 +32,8 @@ from pipeline import storage
 log = logging.getLogger(__name__)
 
 LOCAL_ENV = "VDR_COMPILE_CACHE"
-SCHEME = "blocks-dynamic-v1"  # how load_model compiles: each vision block and text layer, dynamic=True
+SCHEME = "blocks-dynamic-v2"  # how load_model compiles: each vision block and text layer, dynamic=True,
+# the vision attention an opaque operator (v2, 2026-12-04: v1 caches hold graphs of the old attention)
 
 
 # Where a first batch's compilation went, from torch's own timers

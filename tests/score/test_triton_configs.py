@@ -195,7 +195,9 @@ def test_pages_scored_in_place_equal_the_full_call():
         "    v2, i2, s2 = fp8.fp8_topk(Q, sh, 4, exact, group=group, candidate='fused', full_fraction=1.0,"
         " exact_subset=inplace)\n"
         "    assert torch.equal(v1, v2) and torch.equal(i1, i2) and s1['rescored_pairs'] == s2['rescored_pairs']\n"
-        "    assert torch.equal(i2, ei) and torch.equal(v2, ev), group\n"
+        # the same pages, the same top-k; the values within float32 rounding (random unit vectors
+        # are not dyadic: under the interpreter, numpy 2.4.6, they came 2.4e-7 apart, 2026-12-04)
+        "    assert torch.equal(i2, ei) and torch.allclose(v2, ev, rtol=0, atol=1e-6), (group, (v2 - ev).abs().max())\n"
         "print('OK')\n"
     )
 
