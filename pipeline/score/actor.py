@@ -150,7 +150,7 @@ class ScorerFront:
         """:meth:`pipeline.score.scorer.ShardScorer.score`; the first call reads ``spec``
         while the scorer is still being built. ``job``: the job's queries (and k, batch size,
         keep-alive), given to the scorer when they are not the ones it holds."""
-        with self._keep.call(job.keep_alive_s if job is not None and self._can_keep() else None):
+        with self._keep.call():
             return self._score(spec, next_spec, job)
 
     def _score(self, spec: ShardSpec, next_spec: ShardSpec | None, job: ScoringJob | None):
