@@ -20,6 +20,8 @@
 #   job_2       the same with --batches-in-flight 2                              200 s [~100 s]
 #   job_1b      job_1 again, with caches as warm as job_2 had them               200 s [~100 s]
 #   job_nice    three 3,000-page jobs in one process: renderers at nice 10, 0, 10 560 s [~330 s]
+#   mixed       bench_mixed_sizes.py: the compiled actor on batches of mixed page sizes
+#               (graphs, recompilations, s per batch; MIXED_EXTRA: more arguments)  200 s [~35 s]
 #   kept        bench_kept_embedders.py: on one running Ray head, the plain 3,000-page job, then
 #               three with --keep-embedders (the first starts the kept actor)   480 s [~330 s]
 # ACTOR_VARIANTS overrides the actor step's variants.
@@ -81,5 +83,6 @@ step job_1b 260 env BENCH_JOB_EXTRA="--batches-in-flight 1" "$PY" benchmarks/ben
 step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
   BENCH_JOB_ENVS="PIPELINE_RENDER_NICENESS=10;PIPELINE_RENDER_NICENESS=0;PIPELINE_RENDER_NICENESS=10" \
   "$PY" benchmarks/bench_embed.py --job-only --job-pages 3000 --out "$OUT/job_nice.json"
+step mixed 200 "$PY" benchmarks/bench_mixed_sizes.py ${MIXED_EXTRA:-} --out "$OUT/mixed.json"
 step kept "${KEPT_TIMEOUT:-480}" "$PY" benchmarks/bench_kept_embedders.py --kept-runs "${KEPT_RUNS:-3}" ${KEPT_EXTRA:-} --timeline-dir "$OUT/timelines" --out "$OUT/kept.json"
 echo "done in $(( $(date +%s) - T0 ))s" | tee -a "$OUT/session_embed.log"
