@@ -35,21 +35,28 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def letter_pdf(n_pages: int, seed: int) -> bytes:
+# page sizes at 150 dpi for letter_pdf(size=...): a mixed corpus's shapes
+PAGE_SIZES = {"letter": (1275, 1650), "a4": (1240, 1754), "letter_landscape": (1650, 1275),
+              "slide_16x9": (2000, 1125), "square": (1400, 1400), "legal": (1275, 2100)}
+
+
+def letter_pdf(n_pages: int, seed: int, size: str = "letter") -> bytes:
     """An image-only ("scanned") US-letter PDF: each page is one 1275x1650 picture of lines of
     digits and a rectangle, drawn with Pillow and saved as PDF, so each page holds one image
     object and no text. Rendering it decodes and downsamples that image; it is not what a
-    vector-text page costs (bench_render.py measures both kinds)."""
+    vector-text page costs (bench_render.py measures both kinds). ``size``: another page
+    shape of :data:`PAGE_SIZES` (each renders to another grid of the model)."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
+    width, height = PAGE_SIZES[size]
     pages = []
     for i in range(n_pages):
-        img = Image.new("RGB", (1275, 1650), "white")  # US letter at 150 dpi
+        img = Image.new("RGB", (width, height), "white")
         d = ImageDraw.Draw(img)
-        for y in range(80, 1550, 24):
+        for y in range(80, height - 100, 24):
             d.text((90, y), " ".join(str(x) for x in rng.integers(0, 10**6, 12)), fill=(0, 0, 0))
-        d.rectangle((100, 600 + 10 * i, 1100, 900), outline=(20, 40, 200), width=5)
+        d.rectangle((100, 600 + 10 * i, min(1100, width - 100), 900), outline=(20, 40, 200), width=5)
         pages.append(img)
     buf = io.BytesIO()
     pages[0].save(buf, format="PDF", save_all=True, append_images=pages[1:], resolution=150.0)

@@ -77,11 +77,14 @@ def main() -> int:
     ap.add_argument("--cold-caches", action="store_true",
                     help="empty this node's compile caches (the job's, Inductor's, Triton's) before each job: "
                          "every actor compiles cold, as on a new node")
+    ap.add_argument("--mixed-sizes", action="store_true",
+                    help="documents of six page shapes (letter, A4, landscape, 16:9 slides, square, legal) instead "
+                         "of letter pages only: batches of mixed page sizes, as real corpora give")
     ap.add_argument("--timeline-dir", help="write Ray's task timeline (chrome trace) after each job here, and "
                     "each job's stderr (run with -v: Ray Data's per-operator stats)")
     args = ap.parse_args()
 
-    from bench_embed import letter_pdf
+    from bench_embed import PAGE_SIZES, letter_pdf
 
     from pipeline.devtools.tiny import build_tiny_model
 
@@ -94,10 +97,13 @@ def main() -> int:
     else:
         build_tiny_model(model, max_visual_tokens=args.tokens, real_size=True, device="cuda")
     res: dict = {"build_model_s": round(time.time() - t, 1), "commit": os.environ.get("BENCH_COMMIT"),
+                 "mixed_sizes": args.mixed_sizes,
                  "pages": args.pages, "tokens": args.tokens, "batch_size": args.batch_size, "runs": {}}
     corpus = os.path.join(work, "corpus")
     os.makedirs(corpus)
-    docs = [letter_pdf(8, d) for d in range(8)]  # 8 distinct documents, each file rendered by the job
+    sizes = sorted(PAGE_SIZES) if args.mixed_sizes else ["letter"]
+    # 8 distinct documents (12 with --mixed-sizes: two of each shape), each file rendered by the job
+    docs = [letter_pdf(8, d, sizes[d % len(sizes)]) for d in range(12 if args.mixed_sizes else 8)]
     for d in range(args.pages // 8):
         with open(os.path.join(corpus, f"doc{d:05d}.pdf"), "wb") as f:
             f.write(docs[d % len(docs)])
