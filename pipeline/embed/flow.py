@@ -161,8 +161,8 @@ class _Heartbeat:
     whose first pages take longer than the keep-alive to render (a large listing, a busy
     cluster) does not see its model actors end before its first batch."""
 
-    def __init__(self, handles: list, keep_alive_s: float):
-        self._handles, self._keep_alive_s = handles, keep_alive_s
+    def __init__(self, handles: list, keep_alive_s: float, job: str | None = None):
+        self._handles, self._keep_alive_s, self._job = handles, keep_alive_s, job
         self._interval_s = min(10.0, keep_alive_s / 3)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kept-embedders-heartbeat", daemon=True)
@@ -171,7 +171,7 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
             for h in self._handles:
-                h.ready.remote(self._keep_alive_s)  # not waited for: a restarting actor answers later
+                h.ready.remote(self._keep_alive_s, self._job)  # not waited for: a restarting actor answers later
 
     def stop(self) -> None:
         self._stop.set()
@@ -193,7 +193,7 @@ def kept_embedder_name(embedder_kwargs: dict, gpus_per_actor: float) -> str:
 
 
 def kept_embedders(name: str, n: int, embedder_kwargs: dict, gpus_per_actor: float,
-                   keep_alive_s: float) -> tuple[list, int]:
+                   keep_alive_s: float, job: str | None = None) -> tuple[list, int]:
     """(handles, how many were already running) of the ``n`` kept embedders ``name``-0...:
     those still alive from an earlier job are taken over (asking one touches its idle timer),
     the others started, detached, without waiting for their model to load."""
@@ -203,7 +203,7 @@ def kept_embedders(name: str, n: int, embedder_kwargs: dict, gpus_per_actor: flo
         try:
             handle = ray.get_actor(full, namespace=KEPT_EMBEDDER_NAMESPACE)
             # this job's keep-alive from now on (the heartbeat pings at a third of it)
-            ready, _ = ray.wait([handle.ready.remote(keep_alive_s)], timeout=5.0)
+            ready, _ = ray.wait([handle.ready.remote(keep_alive_s, job)], timeout=5.0)
             if ready:
                 ray.get(ready[0])  # raises when it ended meanwhile: then a new one is started
                 reused += 1
@@ -535,16 +535,17 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
                        "pool_factor": cfg.pool_factor, "compile_cache": cfg.compile_cache,
                        "precision": cfg.precision, "batches_in_flight": in_flight}
     kept_handles, kept_reused, kept_name = [], 0, None
+    job_token = uuid.uuid4().hex  # this job, to kept actors: its calls, pings and keep-alive
     if cfg.keep_embedders and units:  # asked for now: their model loads while the job lists and plans
         # A kept embedder may serve calls of two jobs at once: its device work is always queued
         # one batch at a time (the lock of --batches-in-flight 2).
         kept_kwargs = {**embedder_kwargs, "batches_in_flight": 2}
         kept_name = kept_embedder_name(kept_kwargs, gpus_per_actor)
         kept_handles, kept_reused = kept_embedders(kept_name, min_actors, kept_kwargs, gpus_per_actor,
-                                                   float(cfg.keep_embedders))
+                                                   float(cfg.keep_embedders), job_token)
         log.info("--keep-embedders %g: %d kept model actor(s) %s-*, %d taken over from an earlier job",
                  cfg.keep_embedders, len(kept_handles), kept_name, kept_reused)
-        on_exit.callback(_Heartbeat(kept_handles, float(cfg.keep_embedders)).stop)
+        on_exit.callback(_Heartbeat(kept_handles, float(cfg.keep_embedders), job_token).stop)
     # While the driver checks the output, lists and plans; by default only where the model is
     # already running (every kept actor taken over): otherwise its start is what the job waits for.
     warming = prestart_workers(cfg, min_actors, model_running=bool(kept_handles) and kept_reused >= len(kept_handles))
@@ -580,7 +581,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
         on_exit.callback(ray.kill, turns)
         model_stage = dict(
             fn=EmbedFront,
-            fn_constructor_kwargs={"embedders": kept_handles, "turns": turns, "job": uuid.uuid4().hex,
+            fn_constructor_kwargs={"embedders": kept_handles, "turns": turns, "job": job_token,
                                    "keep_alive_s": float(cfg.keep_embedders),
                                    "respawn": (kept_name, kept_kwargs, gpus_per_actor)},
             compute=ActorPoolStrategy(size=len(kept_handles), max_concurrent_calls_per_actor=in_flight,

@@ -304,8 +304,9 @@ class KeptEmbedder:
     job of the same model and settings sends it its batches and skips the start-up (worker,
     imports, model load, compilation). Each call names its job, and each job has its own
     counters (:class:`JobCounters`), also when two jobs' batches interleave: the first job
-    served has the model load, the later ones 0. It ends itself after the keep-alive its last job set without
-    a call (:class:`pipeline.keepalive.KeepAlive`), never during one. The job runs it as
+    served has the model load, the later ones 0. It ends itself once each job it serves has gone its
+    own keep-alive without a call (:class:`pipeline.keepalive.KeepAlive`: one job after another,
+    the later one's), never during one. The job runs it as
     :class:`pipeline.embed.flow.KeptPageEmbedder`, which fills in the Ray hooks ``_can_keep``
     and ``_end``; tests build it directly."""
 
@@ -321,17 +322,18 @@ class KeptEmbedder:
         # started once the model is loaded: the load is never counted as idle time
         self._keep = KeepAlive(keep_alive_s if self._can_keep() else 0.0, self._end, "embedder")
 
-    def ready(self, keep_alive_s: float | None = None) -> dict:
+    def ready(self, keep_alive_s: float | None = None, job: str | None = None) -> dict:
         """This actor's process and what it has done (a call: counts as activity); a job
         taking it over, or pinging it while it runs, sets its keep-alive."""
         if keep_alive_s is not None and self._can_keep():
-            self._keep.set(keep_alive_s)
-        self._keep.touch()
+            self._keep.set(keep_alive_s, job)
+        else:
+            self._keep.touch(job)
         return {"pid": os.getpid(), "jobs_served": self.jobs_served, "model_load_s": self.embedder.loaded_s}
 
     def embed(self, batch: pa.Table, job: str, keep_alive_s: float) -> pa.Table:
         """:meth:`PageEmbedder.__call__` for ``job`` (a token unique per job run)."""
-        with self._keep.call():
+        with self._keep.call(job, keep_alive_s if self._can_keep() else None):
             with self._lock:
                 counts = self._jobs.get(job)
                 if counts is None:
@@ -341,7 +343,7 @@ class KeptEmbedder:
                     while len(self._jobs) > self.JOBS_REMEMBERED:  # ended jobs: forget the oldest
                         self._jobs.popitem(last=False)
             if self._can_keep():
-                self._keep.set(keep_alive_s)
+                self._keep.set(keep_alive_s, job)
             return self.embedder(batch, counts)
 
     # Hooks for the process this runs in (pipeline.embed.flow.KeptPageEmbedder: a Ray actor).

@@ -150,7 +150,8 @@ class ScorerFront:
         """:meth:`pipeline.score.scorer.ShardScorer.score`; the first call reads ``spec``
         while the scorer is still being built. ``job``: the job's queries (and k, batch size,
         keep-alive), given to the scorer when they are not the ones it holds."""
-        with self._keep.call():
+        with self._keep.call(job.token if job is not None else None,
+                             job.keep_alive_s if job is not None and self._can_keep() else None):
             return self._score(spec, next_spec, job)
 
     def _score(self, spec: ShardSpec, next_spec: ShardSpec | None, job: ScoringJob | None):
@@ -174,7 +175,7 @@ class ScorerFront:
             self._job = job.token
             self.jobs_served += 1
         if job is not None and self._can_keep():
-            self._keep.set(job.keep_alive_s)
+            self._keep.set(job.keep_alive_s, job.token)
         if early is not None:
             scorer._footers = self._footers  # the same dict: the load may still be adding to it
             scorer.preload(spec, early)
