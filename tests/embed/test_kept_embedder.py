@@ -2,6 +2,7 @@
 or at once: each job's summary must read its own first batch, pages and model load."""
 
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -61,3 +62,33 @@ def test_two_jobs_at_once_on_one_kept_actor(tiny_model, page_rows):
         assert all(np.allclose(np.asarray(o.column("embedding").to_pylist()[0], np.float32),
                                np.asarray(want[0], np.float32), atol=1e-3) for o in outs[job])
     assert kept.jobs_served == 3
+
+
+class _EndingKept(stages.KeptEmbedder):
+    """A kept embedder that can end itself (as the Ray actor can), its end recorded."""
+
+    def _can_keep(self):
+        return True
+
+    def _end(self):
+        self.ended.append(time.monotonic())
+
+
+def test_two_jobs_at_once_each_keep_alive_counts(tiny_model, page_rows):
+    """Job A keeps the actor 1.5 s, job B 0.2 s, their calls interleaved, B's last: the
+    actor stays until 1.5 s after A's last call (until 2026-12-04, 0.2 s after B's)."""
+    _EndingKept.ended = []
+    kept = _EndingKept(1.5, model=tiny_model, device="cpu", batches_in_flight=2)
+    batch = page_rows(1)
+    kept.ready(1.5, "A")
+    kept.embed(batch, "A", 1.5)
+    kept.embed(batch, "B", 0.2)
+    kept.embed(batch, "A", 1.5)
+    a_last = time.monotonic()
+    kept.embed(batch, "B", 0.2)
+    time.sleep(0.8)
+    assert _EndingKept.ended == []
+    deadline = time.monotonic() + 10
+    while not _EndingKept.ended and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(_EndingKept.ended) == 1 and _EndingKept.ended[0] - a_last >= 1.45
