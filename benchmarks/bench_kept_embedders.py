@@ -38,6 +38,15 @@ from pipeline.devtools.local_cluster import free_port  # noqa: E402
 from two_nodes_one_gpu import env, pages, start_cluster, stop_cluster  # noqa: E402
 
 
+def in_turn(option: str, name: str) -> list[str]:
+    """The entry of ``option`` ('a,b;c;', entries used in turn) for job ``plain_after_N``,
+    split at ','; none for the other jobs."""
+    entries = option.split(";") if option else []
+    if not entries or not name.startswith("plain_after_"):
+        return []
+    return [x for x in entries[(int(name.rsplit("_", 1)[1]) - 1) % len(entries)].strip().split(",") if x]
+
+
 def end_kept_actors(address: str) -> float:
     """End the kept model actors (namespace vdr-embedding) and wait until their GPUs are free."""
     import ray
@@ -127,14 +136,8 @@ def main() -> int:
             job_env = env(address)
             if args.prestart_ab and name.startswith("kept_") and int(name[5:]) >= 2 and int(name[5:]) % 2 == 0:
                 job_env["PIPELINE_PRESTART_WORKERS"] = "0"
-            plain_envs = args.plain_envs.split(";") if args.plain_envs else []
-            if plain_envs and name.startswith("plain_after_"):
-                spec = plain_envs[(int(name.rsplit("_", 1)[1]) - 1) % len(plain_envs)].strip()
-                job_env.update(dict(kv.split("=", 1) for kv in spec.split(",") if kv))
-            plain_args = args.plain_args.split(";") if args.plain_args else []
-            if plain_args and name.startswith("plain_after_"):
-                spec = plain_args[(int(name.rsplit("_", 1)[1]) - 1) % len(plain_args)].strip()
-                cmd += [a for a in spec.split(",") if a]
+            job_env.update(dict(kv.split("=", 1) for kv in in_turn(args.plain_envs, name)))
+            cmd += in_turn(args.plain_args, name)
             if args.cold_caches:
                 import getpass
                 import shutil
