@@ -80,13 +80,9 @@ class KeepAlive:
                 self.in_call -= 1
             self.touch(job, seconds)
 
-    def until(self) -> float:
-        """When it may end (``time.monotonic()``): the latest of each current job's last call
-        plus its keep-alive."""
-        with self._lock:
-            return self._until()
-
     def _until(self) -> float:
+        """When it may end (``time.monotonic()``, under the lock): the latest of each current
+        job's last call plus its keep-alive."""
         return max((last + keep for last, keep in self._jobs.values() if last >= self._newest),
                    default=self.last_call + self.seconds)
 
