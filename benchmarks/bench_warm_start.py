@@ -44,6 +44,10 @@ print(json.dumps({"imports_and_pages_s": round(t1 - t0, 2), "actor_init_s": roun
                   "model_load_s": round(emb.loaded_s, 2), "load_phases": emb.lm.load_phases, "first_batch_s": round(t3 - t2, 2),
                   "first_batch_compile_s": split, "recompiles_after_first": {k: round(v - split.get(k, 0), 2) for k, v in compile_times().items()},
                   "second_batch_s": round(t4 - t3, 3), "loaded_from": emb.compile_cache_from,
+                  "precompiled_from": getattr(emb, "precompiled_from", None),
+                  "precompiled_load_s": round(getattr(emb, "precompiled_load_s", 0.0), 2),
+                  "precompiled": {pf.name: {"loaded": pf.loaded, "compiled": pf.compiled, "compile_s": round(pf.compile_s, 2),
+                                            "fallback": pf.fallback_reason} for pf in getattr(emb.lm, "precompiled", [])},
                   "embedding_checksum": [float(first.sum()), float(np.abs(first).sum())]}))
 """
 
@@ -54,6 +58,8 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--warm-env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                     help="one more warm actor on node 1 with these environment variables (repeatable)")
+    ap.add_argument("--env", default="", metavar="NAME=VALUE[,NAME=VALUE]",
+                    help="environment of every case (VDR_PRECOMPILE=0: torch.compile per block, as before 2026-12-05)")
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     from pipeline.devtools.tiny import build_tiny_model
@@ -62,11 +68,16 @@ def main():
     model = os.path.join(work, "model")
     build_tiny_model(model, max_visual_tokens=768, real_size=args.device.startswith("cuda"), device=args.device)
     shared = os.path.join(work, "shared")
+    every_env = dict(kv.split("=", 1) for kv in args.env.split(",") if kv)
 
     def actor(node: str, **extra_env) -> dict:
-        env = dict(os.environ, **extra_env, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+        # each node its own caches, Triton's too (until 2026-12-05 the nodes shared Triton's,
+        # so a "new node" had every Triton kernel already built)
+        env = dict(os.environ, **every_env, **extra_env,
+                   PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
                    VDR_COMPILE_CACHE=os.path.join(work, node, "vdr"),
-                   TORCHINDUCTOR_CACHE_DIR=os.path.join(work, node, "inductor"))
+                   TORCHINDUCTOR_CACHE_DIR=os.path.join(work, node, "inductor"),
+                   TRITON_CACHE_DIR=os.path.join(work, node, "triton"))
         p = subprocess.run([sys.executable, "-c", ACTOR, model, shared, os.path.join(ROOT, "benchmarks"), args.device],
                            env=env, capture_output=True, text=True, timeout=400)
         if p.returncode:
@@ -84,7 +95,8 @@ def main():
         print(res, flush=True)
     import torch
 
-    res = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "torch": torch.__version__, "cases": res}
+    res = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "torch": torch.__version__,
+           "commit": os.environ.get("BENCH_COMMIT"), "command": " ".join(sys.argv), "env": every_env, "cases": res}
     print(json.dumps(res, indent=2))
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)

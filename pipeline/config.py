@@ -34,7 +34,7 @@ class EmbedConfig:
     device: str = "auto"  # auto: GPUs if the cluster has them now or its autoscaler can add them
     dtype: str = "auto"
     attn_implementation: str = "auto"
-    compile: str = "auto"  # torch.compile the model's blocks; auto: on GPU
+    compile: str = "auto"  # torch.compile the model's blocks; auto: on GPU; plain: without precompiled blocks
     # a shared place (s3://, gs://, a shared path) for compiled artefacts, read by new nodes
     # before they compile; each node also keeps them in $VDR_COMPILE_CACHE (pipeline/embed/compile_cache.py)
     compile_cache: str | None = None
@@ -107,8 +107,8 @@ class EmbedConfig:
             problems.append(f"--device must be auto, cuda or cpu, got {self.device!r}")
         if self.device == "cpu" and self.gpus_per_actor:
             problems.append("--device cpu runs the model on CPU actors: drop --gpus-per-actor")
-        if self.compile not in ("auto", "on", "off"):
-            problems.append(f"--compile must be auto, on or off, got {self.compile!r}")
+        if self.compile not in ("auto", "on", "off", "plain"):
+            problems.append(f"--compile must be auto, on, off or plain, got {self.compile!r}")
         if self.render_timeout_s <= 0:
             problems.append("--render-timeout-s must be positive")
         if self.rows_per_file < 1:

@@ -71,13 +71,15 @@ def architecture(config: dict) -> dict:
             for k, v in config.items() if k not in _LOCATION_KEYS}
 
 
-def cache_key(model_config: dict, dtype: str, device: str, attn_implementation: str | None = None) -> str:
+def cache_key(model_config: dict, dtype: str, device: str, attn_implementation: str | None = None,
+              precompiled: bool = False) -> str:
     """A name for the compiled artefacts of one model on one kind of device. The same
     architecture loaded from two places gets the same name (:func:`architecture`).
     ``attn_implementation`` (the loaded model's ``config._attn_implementation``: sdpa, eager,
     flash_attention_2) is part of it: ``config.to_dict()`` leaves it out, yet each compiles
     to other code, so runs with another --attn-implementation would load, then overwrite,
-    each other's artefacts and compile cold every time."""
+    each other's artefacts and compile cold every time. ``precompiled``: the blocks compiled
+    ahead of time (:mod:`pipeline.embed.precompile`), whose compilation leaves other artefacts."""
     if device.startswith("cuda") and torch.cuda.is_available():
         index = torch.device(device).index or 0
         hw = f"{torch.cuda.get_device_name(index)} sm{''.join(map(str, torch.cuda.get_device_capability(index)))}"
@@ -93,8 +95,16 @@ def cache_key(model_config: dict, dtype: str, device: str, attn_implementation: 
         triton_version = None
     parts = {"config": architecture(model_config), "dtype": dtype, "hw": hw, "torch": torch.__version__,
              "triton": triton_version, "scheme": SCHEME, "attn": attn_implementation}
+    if precompiled:
+        parts["precompiled"] = precompile_format()
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return f"compile-{digest}.bin"
+
+
+def precompile_format() -> str:
+    from pipeline.embed.precompile import FORMAT
+
+    return FORMAT
 
 
 def _locations(shared_uri: str | None) -> list[str]:
@@ -153,4 +163,62 @@ def save(key: str, shared_uri: str | None = None, endpoint_url: str | None = Non
         except Exception as exc:  # noqa: BLE001 - a read-only cache location must not fail the job
             log.warning("compile cache not written to %s (%s)", uri, type(exc).__name__)
     log.info("compile cache saved: %d bytes in %.1f s", len(data), time.perf_counter() - t)
+    return len(data)
+
+
+def precompiled_key(key: str) -> str:
+    """The name of the precompiled blocks (:mod:`pipeline.embed.precompile`) beside ``key``."""
+    return key.replace("compile-", "precompiled-", 1)
+
+
+def load_precompiled(key: str, forwards: list, shared_uri: str | None = None,
+                     endpoint_url: str | None = None) -> str | None:
+    """Load the precompiled blocks saved beside ``key`` into ``forwards`` (the shared location
+    first, then this node's); returns where they came from, or None. Never raises."""
+    from pipeline.embed import precompile
+
+    if not forwards or all(pf.fallback is not None for pf in forwards):
+        return None
+    for base in _locations(shared_uri):
+        uri = storage.join_uri(base, precompiled_key(key))
+        try:
+            data = storage.read_bytes(uri, endpoint_url)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except Exception as exc:  # noqa: BLE001
+            log.warning("precompiled blocks %s could not be read (%s)", uri, type(exc).__name__)
+            continue
+        t = time.perf_counter()
+        try:
+            n = precompile.loads(data, forwards)
+        except Exception as exc:  # noqa: BLE001 - foreign or damaged: compile instead
+            log.warning("precompiled blocks %s could not be loaded (%s)", uri, type(exc).__name__)
+            continue
+        log.info("precompiled blocks loaded from %s: %d variants in %.2f s", uri, n, time.perf_counter() - t)
+        if n:
+            return uri
+    return None
+
+
+def save_precompiled(key: str, forwards: list, shared_uri: str | None = None,
+                     endpoint_url: str | None = None) -> int:
+    """Write the precompiled blocks of ``forwards`` beside ``key`` (this node's location and the
+    shared one). Returns the bytes written (0: nothing to save, or it failed)."""
+    from pipeline.embed import precompile
+
+    if not any(pf.variants and pf.fallback is None for pf in forwards):
+        return 0
+    try:
+        data = precompile.dumps(forwards)
+    except Exception as exc:  # noqa: BLE001 - not serializable: a warm start traces again
+        log.warning("precompiled blocks not saved (%s: %s)", type(exc).__name__, str(exc)[:300])
+        return 0
+    for base in _locations(shared_uri):
+        uri = storage.join_uri(base, precompiled_key(key))
+        try:
+            if "://" not in base:
+                os.makedirs(base, exist_ok=True)
+            storage.write_bytes_atomic(uri, data, endpoint_url)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("precompiled blocks not written to %s (%s)", uri, type(exc).__name__)
     return len(data)

@@ -531,7 +531,8 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
     units = storage.listing_units(cfg.input, cfg.endpoint_url)
     embedder_kwargs = {"model": cfg.model, "device": device, "dtype": cfg.dtype,
                        "attn_implementation": cfg.attn_implementation, "endpoint_url": cfg.endpoint_url,
-                       "compile_model": cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda"),
+                       "compile_model": cfg.compile in ("on", "plain") or (cfg.compile == "auto" and device == "cuda"),
+                       "precompiled": cfg.compile != "plain",
                        "pool_factor": cfg.pool_factor, "compile_cache": cfg.compile_cache,
                        "precision": cfg.precision, "batches_in_flight": in_flight}
     kept_handles, kept_reused, kept_name = [], 0, None

@@ -146,6 +146,7 @@ class LoadedModel:
     # seconds of each step of load_model (import, fetch, from_pretrained, to_device, processor,
     # setup): where an actor's start-up goes
     load_phases: dict = dataclasses.field(default_factory=dict)
+    precompiled: list = dataclasses.field(default_factory=list)  # pipeline.embed.precompile.PrecompiledForward
 
     @property
     def dtype_name(self) -> str:
@@ -163,13 +164,17 @@ def load_model(
     compile_model: bool = False,
     precision: str = "default",
     compile_backend: str = "inductor",
+    precompiled: bool | None = None,
 ) -> LoadedModel:
     """Load ``ColQwen2ForRetrieval`` + ``ColQwen2Processor`` (ColQwen2.5 ports too).
 
     ``load_in_4bit`` is kept for benchmarks/bench_4bit.py only (the jobs no longer offer it).
     ``precision="fp8"`` runs the large matmuls in FP8 (:mod:`pipeline.embed.fp8`).
     ``compile_backend``: torch.compile's backend for ``compile_model`` (tests use ``"eager"``:
-    Dynamo's graphs and guards, without Inductor's code generation)."""
+    Dynamo's graphs and guards, without Inductor's code generation). ``precompiled``: compile
+    each block type ahead of time (:mod:`pipeline.embed.precompile`: serializable, so a warm
+    start skips tracing); False: ``torch.compile`` on each block, as before 2026-12-05; None:
+    True unless the environment sets ``VDR_PRECOMPILE=0``."""
     phases: dict[str, float] = {}
     mark = [time.perf_counter()]
 
@@ -261,10 +266,22 @@ def load_model(
         # sizes runs the same compiled blocks. Until 2026-12-04 the vision blocks were
         # compiled again for every new mix of page sizes, until torch's limit of 8 versions,
         # and ran eagerly after it (tests/embed/test_model.py).
+        # Each block type is compiled ahead of time by torch (pipeline.embed.precompile), so a
+        # warm actor loads the compiled blocks instead of tracing them again (compile_cache).
+        from pipeline.embed import precompile
+
         visual = getattr(model.vlm, "visual", None) or model.vlm.model.visual
         text = getattr(model.vlm, "language_model", None) or model.vlm.model.language_model
-        for blk in list(visual.blocks) + list(text.layers):
-            blk.compile(dynamic=True, backend=compile_backend)
+        if precompiled is None:
+            precompiled = os.environ.get("VDR_PRECOMPILE", "1") != "0"
+        if precompiled:
+            lm.precompiled = [
+                precompile.install(visual.blocks, "vision_block", compile_backend,
+                                   external={"vision_lengths": lm.vision_lengths}),
+                precompile.install(text.layers, "text_layer", compile_backend)]
+        else:
+            for blk in list(visual.blocks) + list(text.layers):
+                blk.compile(dynamic=True, backend=compile_backend)
     phase("setup")
     lm.load_phases = phases
     log.info("loaded %s on %s (%s, precision=%s, attn=%s, 4bit=%s, batched vision attention=%s, compiled=%s); "
@@ -318,6 +335,32 @@ def _image_attention_shape(q, k, v, lengths, cu_seqlens, scale):
     return q.new_empty((q.shape[0], q.shape[1] * v.shape[2]))
 
 
+def _batched_vision_attention(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None,
+                               **kwargs):
+    """The vision attention's forward set by :func:`enable_batched_vision_attention`."""
+    seq_length = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = self._vdr_rotary(q, k, cos, sin)
+    if self._vdr_attend is None:
+        # One opaque operation for torch.compile: the lengths stay a tensor, so a batch of
+        # other page sizes runs the same compiled block (no recompilation per batch).
+        return self.proj(torch.ops.vdr.image_attention(q, k, v, self._vdr_lengths.lengths, cu_seqlens, self.scaling))
+    lengths = _image_lengths(self._vdr_lengths.lengths, cu_seqlens, seq_length)
+    outs, start = [], 0
+    for length, count in _runs(lengths):
+        n = length * count
+        outs.append(self._vdr_attend(*(t[start : start + n].view(count, length, self.num_heads, -1)
+                                       for t in (q, k, v)), self.scaling))
+        start += n
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return self.proj(out)
+
+
+# A bound method is pickled (with a precompiled block's guards) as getattr(module, __name__)
+_batched_vision_attention.__name__ = "forward"
+
+
 def enable_batched_vision_attention(model, holder: _VisionLengths, attend=None) -> int:
     """Make the vision tower attend over all equal-size images in one SDPA call.
 
@@ -334,30 +377,14 @@ def enable_batched_vision_attention(model, holder: _VisionLengths, attend=None) 
 
     visual = getattr(model.vlm, "visual", None) or model.vlm.model.visual
     module = importlib.import_module(type(visual.blocks[0].attn).__module__)
-    rotary = module.apply_rotary_pos_emb_vision
-
-    def forward(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None, **kwargs):
-        seq_length = hidden_states.shape[0]
-        q, k, v = self.qkv(hidden_states).reshape(seq_length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        cos, sin = position_embeddings
-        q, k = rotary(q, k, cos, sin)
-        if attend is None:
-            # One opaque operation for torch.compile: the lengths stay a tensor, so a batch of
-            # other page sizes runs the same compiled block (no recompilation per batch).
-            return self.proj(torch.ops.vdr.image_attention(q, k, v, holder.lengths, cu_seqlens, self.scaling))
-        lengths = _image_lengths(holder.lengths, cu_seqlens, seq_length)
-        outs, start = [], 0
-        for length, count in _runs(lengths):
-            n = length * count
-            outs.append(attend(*(t[start : start + n].view(count, length, self.num_heads, -1) for t in (q, k, v)),
-                               self.scaling))
-            start += n
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return self.proj(out)
-
     count = 0
     for blk in visual.blocks:
-        blk.attn.forward = types.MethodType(forward, blk.attn)
+        # what the forward needs is on the module, not in a closure: a closure's cells are
+        # not found again when a precompiled block's guards are loaded (pipeline.embed.precompile)
+        blk.attn._vdr_lengths = holder
+        blk.attn._vdr_attend = attend
+        blk.attn._vdr_rotary = module.apply_rotary_pos_emb_vision
+        blk.attn.forward = types.MethodType(_batched_vision_attention, blk.attn)
         count += 1
     return count
 

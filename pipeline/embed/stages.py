@@ -185,7 +185,7 @@ class PageEmbedder:
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto",
                  attn_implementation: str = "auto", endpoint_url: str | None = None,
                  compile_model: bool = False, pool_factor: int = 1, compile_cache: str | None = None,
-                 precision: str = "default", batches_in_flight: int = 1):
+                 precision: str = "default", batches_in_flight: int = 1, precompiled: bool | None = None):
         from pipeline.cluster import actor_device, bytecode_warning
         from pipeline.embed.model import ForwardTimer, TurnLock, load_model
 
@@ -198,7 +198,8 @@ class PageEmbedder:
         if slow_imports:
             log.warning(slow_imports)
         self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                             endpoint_url=endpoint_url, compile_model=compile_model, precision=precision)
+                             endpoint_url=endpoint_url, compile_model=compile_model, precision=precision,
+                             precompiled=precompiled)
         self.dtype = str(self.lm.dtype).removeprefix("torch.")
         self.loaded_s = time.time() - self.started
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
@@ -218,10 +219,16 @@ class PageEmbedder:
 
             self.compile_cache = (cc.cache_key(self.lm.model.config.to_dict(),
                                                  self.dtype if precision == "default" else f"{self.dtype}+{precision}", device,
-                                                 getattr(self.lm.model.config, "_attn_implementation", None)),
+                                                 getattr(self.lm.model.config, "_attn_implementation", None),
+                                                 precompiled=bool(self.lm.precompiled)),
                                   compile_cache, endpoint_url)
             self.compile_cache_from = cc.load(*self.compile_cache)
+            t = time.perf_counter()
+            self.precompiled_from = cc.load_precompiled(self.compile_cache[0], self.lm.precompiled,
+                                                        *self.compile_cache[1:])
+            self.precompiled_load_s = time.perf_counter() - t
             self._graphs_saved = -1
+            self._variants_saved = sum(pf.loaded for pf in self.lm.precompiled)
             self._saving = False
 
     def __call__(self, batch: pa.Table, counts: JobCounters | None = None) -> pa.Table:
@@ -254,6 +261,7 @@ class PageEmbedder:
                       f"{len(images)} done at {time.time():.3f} ({time.time() - self.started:.1f} s after start, "
                       f"{c.first_batch[0]:.1f} s for the batch"
                       + (f", compile cache {'warm from ' + self.compile_cache_from if self.compile_cache_from else 'cold'}"
+                         f", precompiled blocks {self._precompiled_state()}"
                          f", compile s in this process so far {self._compile_times()}" if self.compile_cache is not None else "") + ")",
                       file=sys.stderr, flush=True)
             c.pages += len(images)
@@ -274,6 +282,15 @@ class PageEmbedder:
             out = out.append_column(name, column)
         return out
 
+    def _precompiled_state(self) -> str:
+        if not self.lm.precompiled:
+            return "off"
+        parts = [f"{pf.name}: " + (f"fallback ({pf.fallback_reason})" if pf.fallback is not None else
+                                   f"{pf.loaded} loaded, {pf.compiled} compiled in {pf.compile_s:.1f} s")
+                 for pf in self.lm.precompiled]
+        return (f"loaded in {self.precompiled_load_s:.1f} s from {self.precompiled_from}: " if self.precompiled_from
+                else "") + "; ".join(parts)
+
     @staticmethod
     def _compile_times() -> dict:
         from pipeline.embed import compile_cache as cc
@@ -289,12 +306,16 @@ class PageEmbedder:
 
         with self._state_lock:  # one thread saves a given set of graphs
             graphs = int(dynamo_counters["stats"]["unique_graphs"])
-            if graphs == self._graphs_saved or self._saving:
+            variants = sum(len(pf.variants) for pf in self.lm.precompiled)
+            if (graphs == self._graphs_saved and variants == self._variants_saved) or self._saving:
                 return
             self._saving = True
         try:
-            if cc.save(*self.compile_cache) > 0:
+            if graphs != self._graphs_saved and cc.save(*self.compile_cache) > 0:
                 self._graphs_saved = graphs  # a failed save is tried again after the next batch
+            if variants != self._variants_saved and cc.save_precompiled(self.compile_cache[0], self.lm.precompiled,
+                                                                        *self.compile_cache[1:]) > 0:
+                self._variants_saved = variants
         finally:
             self._saving = False
 

@@ -31,29 +31,55 @@ emb = PageEmbedder(model, device="cpu", compile_model=True, compile_cache=shared
 t = time.perf_counter()
 out = emb(pa.table(cols, schema=STREAM_SCHEMA))
 print(json.dumps({"first_batch_s": time.perf_counter() - t, "loaded_from": emb.compile_cache_from,
+                  "precompiled_from": emb.precompiled_from,
+                  "precompiled": {pf.name: [pf.loaded, pf.compiled, pf.fallback_reason] for pf in emb.lm.precompiled},
                   "fxgraph_hits": counters["inductor"]["fxgraph_cache_hit"],
                   "fxgraph_misses": counters["inductor"]["fxgraph_cache_miss"], "compile_times": compile_times(),
                   "embedding": [np.asarray(v, np.float32).tolist() for v in out.column("embedding").to_pylist()]}))
 """
 
 
-def run_actor(model, shared, local, inductor):
-    env = dict(os.environ, PYTHONPATH=ROOT, VDR_COMPILE_CACHE=str(local), TORCHINDUCTOR_CACHE_DIR=str(inductor))
+def run_actor(model, shared, local, inductor, **extra_env):
+    env = dict(os.environ, PYTHONPATH=ROOT, VDR_COMPILE_CACHE=str(local), TORCHINDUCTOR_CACHE_DIR=str(inductor),
+               **extra_env)
     proc = subprocess.run([sys.executable, "-c", ACTOR, model, str(shared)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def test_a_new_node_loads_precompiled_blocks_and_compiles_nothing(tiny_model, tmp_path):
+    """The default: each block type compiled ahead of time and saved whole; an actor on another
+    node loads it from the shared --compile-cache and neither traces nor compiles anything."""
+    shared = tmp_path / "shared-cache"
+    cold = run_actor(tiny_model, shared, tmp_path / "node1", tmp_path / "inductor1")
+    assert cold["loaded_from"] is None and cold["precompiled_from"] is None
+    assert {name: (loaded, compiled >= 1, reason) for name, (loaded, compiled, reason) in cold["precompiled"].items()} \
+        == {"vision_block": (0, True, None), "text_layer": (0, True, None)}
+    assert cold["compile_times"]["trace"] > 0
+    saved = sorted(os.listdir(shared))
+    assert [name.split("-")[0] for name in saved] == ["compile", "precompiled"], saved
+    assert sorted(os.listdir(tmp_path / "node1")) == saved
+    warm = run_actor(tiny_model, shared, tmp_path / "node2", tmp_path / "inductor2")
+    assert warm["precompiled_from"] == os.path.join(str(shared), saved[1])
+    assert {name: (loaded, compiled) for name, (loaded, compiled, _) in warm["precompiled"].items()} \
+        == {name: (compiled, 0) for name, (_, compiled, _) in cold["precompiled"].items()}
+    assert warm["compile_times"].get("trace", 0) == 0 and warm["compile_times"].get("backend", 0) == 0
+    assert warm["first_batch_s"] < cold["first_batch_s"] / 5
+    for a, b in zip(cold["embedding"], warm["embedding"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_a_new_node_loads_compiled_artefacts_instead_of_compiling(tiny_model, tmp_path):
+    """VDR_PRECOMPILE=0 (torch.compile on each block, as before 2026-12-05): torch's portable cache."""
     shared = tmp_path / "shared-cache"
     # First actor: a node that never compiled this model (empty caches everywhere).
-    cold = run_actor(tiny_model, shared, tmp_path / "node1", tmp_path / "inductor1")
-    assert cold["loaded_from"] is None and cold["fxgraph_misses"] > 0
+    cold = run_actor(tiny_model, shared, tmp_path / "node1", tmp_path / "inductor1", VDR_PRECOMPILE="0")
+    assert cold["loaded_from"] is None and cold["fxgraph_misses"] > 0 and cold["precompiled"] == {}
     saved = sorted(os.listdir(shared))
     assert len(saved) == 1 and saved[0].startswith("compile-") and os.listdir(tmp_path / "node1") == saved
     # Second actor on another node: its own caches are empty, the shared one is not.
-    warm = run_actor(tiny_model, shared, tmp_path / "node2", tmp_path / "inductor2")
+    warm = run_actor(tiny_model, shared, tmp_path / "node2", tmp_path / "inductor2", VDR_PRECOMPILE="0")
     assert warm["loaded_from"] == os.path.join(str(shared), saved[0])
     assert warm["fxgraph_hits"] > 0 and warm["fxgraph_misses"] == 0
     # where each first batch's compilation went (the actor's log line): Dynamo traces in both,
