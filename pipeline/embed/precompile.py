@@ -92,7 +92,8 @@ class PrecompiledForward:
             return None
         t = time.perf_counter()
         try:
-            compiled = torch.compile(self.forward, fullgraph=True, dynamic=self.dynamic, backend=self.backend)
+            with _aot_enabled():
+                compiled = torch.compile(self.forward, fullgraph=True, dynamic=self.dynamic, backend=self.backend)
             # specialize_float: a float attribute (a scale) made the text layer's capture restart its
             # analysis, which aot_compile does not handle (torch 2.13, TensorifyScalarRestartAnalysis)
             with torch._dynamo.config.patch(specialize_float=True):
@@ -139,13 +140,25 @@ class PrecompiledForward:
         return n
 
 
+def _aot_enabled():
+    """torch.compile(...).aot_compile exists only with Dynamo's ``enable_aot_compile`` (off by
+    default in torch 2.11, on in 2.13)."""
+    import contextlib
+
+    if hasattr(torch._dynamo.config, "enable_aot_compile"):
+        return torch._dynamo.config.patch(enable_aot_compile=True)
+    return contextlib.nullcontext()
+
+
 def install(blocks, name: str, backend: str = "inductor", external: dict | None = None) -> PrecompiledForward:
     """Route every module of ``blocks`` (one type) through one :class:`PrecompiledForward`."""
     import functools
 
     blocks = list(blocks)
     pf = PrecompiledForward(name, type(blocks[0]).forward, backend=backend, external=external)
-    if not hasattr(torch.compile(pf.forward), "aot_compile"):
+    with _aot_enabled():
+        available = hasattr(torch.compile(pf.forward), "aot_compile")
+    if not available:
         pf._fall_back(f"torch {torch.__version__} has no aot_compile")
     for blk in blocks:
         blk.forward = functools.partial(pf, blk)
