@@ -103,6 +103,61 @@ def test_a_damaged_cache_means_a_cold_compile_not_a_failure(tmp_path, monkeypatc
     assert compile_cache.load("compile-missing.bin", str(tmp_path / "shared")) is None
 
 
+def test_damaged_precompiled_blocks_mean_compiling_again_not_a_failure(tiny_model, tmp_path, monkeypatch):
+    """A precompiled-blocks file that is not one (damaged, another torch's) is skipped with a
+    warning: the blocks compile as on a new node, and the embeddings are unchanged."""
+    import torch._dynamo
+
+    from pipeline.embed import compile_cache
+    from pipeline.embed import model as M
+
+    monkeypatch.setenv(compile_cache.LOCAL_ENV, str(tmp_path / "node"))
+    (tmp_path / "node").mkdir()
+    torch._dynamo.reset()
+    lm = M.load_model(tiny_model, device="cpu", compile_model=True, compile_backend="eager")
+    key = "compile-x.bin"
+    (tmp_path / "node" / compile_cache.precompiled_key(key)).write_bytes(b"not precompiled blocks")
+    assert compile_cache.load_precompiled(key, lm.precompiled) is None
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (224, 168, 3), dtype=np.uint8) for _ in range(2)]
+    reference = M.embed_pages(M.load_model(tiny_model, device="cpu"), images)
+    for a, b in zip(M.embed_pages(lm, images), reference):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert [(pf.loaded, pf.compiled) for pf in lm.precompiled] == [(0, 1), (0, 1)]
+    # what it compiled is saved over the damaged file, and loads in a fresh model
+    assert compile_cache.save_precompiled(key, lm.precompiled) > 0
+    again = M.load_model(tiny_model, device="cpu", compile_model=True, compile_backend="eager")
+    assert compile_cache.load_precompiled(key, again.precompiled) == str(tmp_path / "node" / "precompiled-x.bin")
+    for a, b in zip(M.embed_pages(again, images), reference):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert [(pf.loaded, pf.compiled) for pf in again.precompiled] == [(1, 0), (1, 0)]
+    torch._dynamo.reset()
+
+
+def test_a_backend_that_cannot_be_saved_falls_back_to_torch_compile(tiny_model):
+    """Ahead-of-time compilation needs a backend whose output can be serialized; with any other
+    (or a torch without it) each block type falls back to torch.compile, with the same pages."""
+    import torch._dynamo
+
+    from pipeline.embed import model as M
+
+    torch._dynamo.reset()
+
+    def backend(gm, example_inputs):  # a plain callable: torch cannot serialize what it returns
+        return gm.forward
+
+    lm = M.load_model(tiny_model, device="cpu", compile_model=True, compile_backend=backend)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (224, 168, 3), dtype=np.uint8) for _ in range(2)]
+    reference = M.embed_pages(M.load_model(tiny_model, device="cpu"), images)
+    for a, b in zip(M.embed_pages(lm, images), reference):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert all(pf.fallback is not None and pf.variants == [] for pf in lm.precompiled)
+    assert all("Serializable" in pf.fallback_reason or "serializ" in pf.fallback_reason.lower()
+               for pf in lm.precompiled), [pf.fallback_reason for pf in lm.precompiled]
+    torch._dynamo.reset()
+
+
 def test_the_same_model_in_another_folder_has_the_same_cache_key(tiny_model, tmp_path):
     """A checkpoint copied elsewhere (a fetched s3:// model, another job's temporary folder)
     compiles to the same code, so it must find the artefacts the first copy saved; a model
