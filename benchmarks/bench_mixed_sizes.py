@@ -25,6 +25,47 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRIDS = [(64, 48), (48, 64), (66, 46), (56, 54), (72, 42), (42, 72), (60, 50), (52, 58)]
 
 
+def kernel_class(name: str) -> str:
+    n = name.lower()
+    if "gemm" in n or "nvjet" in n or "cutlass" in n or "matmul" in n or "mm_" in n:
+        return "gemm"
+    if "flash" in n or "fmha" in n or "attention" in n or "sdpa" in n or "efficient" in n:
+        return "attention"
+    if "norm" in n:
+        return "norms (fused)"
+    if "triton" in n:
+        return "other fused (Triton)"
+    if "copy" in n or "cat" in n or "index" in n or "elementwise" in n or "fill" in n:
+        return "copies, indexing, elementwise"
+    return "other"
+
+
+def profile_batch(M, lm, images, cuda: bool) -> dict:
+    """Device time of one batch by kernel class, its wall time and the host gap (wall minus kernels)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        M.embed_pages(lm, images)
+        if cuda:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    by_class: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for ev in prof.key_averages():
+        dev = getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0)) if cuda else 0
+        if dev <= 0 or ev.key.startswith(("aten::", "vdr::", "cuda", "Torch-Compiled", "CompiledFunction")):
+            continue
+        by_class[kernel_class(ev.key)] = by_class.get(kernel_class(ev.key), 0.0) + dev / 1e6
+        top[ev.key[:120]] = dev / 1e6
+    kernels = sum(by_class.values())
+    return {"wall_s": round(wall, 4), "kernels_s": round(kernels, 4), "host_gap_s": round(wall - kernels, 4),
+            "by_class_s": {k: round(v, 4) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+            "top_kernels_s": {k: round(v, 4) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:15]}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="mixed.json")
@@ -32,6 +73,12 @@ def main() -> int:
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--compare-uniform", action="store_true",
+                    help="then as many batches of one page size (letter, 64x48 patches) in the same process: "
+                         "the mixed corpus's cost against pages of one size, side by side")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one more mixed batch (and one uniform with --compare-uniform): device time "
+                         "by kernel class (GEMM, attention, ...) and the host gap")
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     import torch
@@ -41,6 +88,10 @@ def main() -> int:
     from pipeline.embed.compile_cache import compile_times
 
     cuda = args.device.startswith("cuda")
+
+    def compiling() -> float:
+        """Seconds compiled so far: Dynamo's (torch.compile) and the precompiled blocks' own."""
+        return compile_times().get("compile", 0.0) + sum(pf.compile_s for pf in lm.precompiled)
     model = args.model
     if model is None:
         from pipeline.devtools.tiny import build_tiny_model
@@ -55,21 +106,49 @@ def main() -> int:
     for i in range(args.batches):
         picks = [grids[(i * 3 + j * (1 + i % 3)) % len(grids)] for j in range(args.batch_size)]
         images = [rng.integers(0, 255, (h * 14, w * 14, 3), dtype=np.uint8) for h, w in picks]
-        before = dict(compile_times())
+        before = compiling()
         t = time.perf_counter()
         M.embed_pages(lm, images)
         if cuda:
             torch.cuda.synchronize()
         res["batches"].append({"s": round(time.perf_counter() - t, 3), "sizes": len(set(picks)),
-                               "compile_s": round(compile_times().get("compile", 0.0) - before.get("compile", 0.0), 2),
+                               "compile_s": round(compiling() - before, 2),
                                "graphs": int(counters["stats"]["unique_graphs"])})
         print(res["batches"][-1], flush=True)
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
-    steady = [b["s"] for b in res["batches"][2:] if b["compile_s"] == 0]
+    def steady_rate(batches):
+        steady = [b["s"] for b in batches[2:] if b["compile_s"] == 0]
+        return round(args.batch_size * len(steady) / sum(steady), 2) if steady else None
+
+    def mixed_batch(i):
+        picks = [grids[(i * 3 + j * (1 + i % 3)) % len(grids)] for j in range(args.batch_size)]
+        return [rng.integers(0, 255, (h * 14, w * 14, 3), dtype=np.uint8) for h, w in picks]
+
+    uniform = [grids[0]] * args.batch_size
+    if args.compare_uniform:
+        res["uniform_batches"] = []
+        for i in range(args.batches):
+            images = [rng.integers(0, 255, (h * 14, w * 14, 3), dtype=np.uint8) for h, w in uniform]
+            before = compiling()
+            t = time.perf_counter()
+            M.embed_pages(lm, images)
+            if cuda:
+                torch.cuda.synchronize()
+            res["uniform_batches"].append({"s": round(time.perf_counter() - t, 3), "compile_s": round(
+                compiling() - before, 2)})
+            print("uniform", res["uniform_batches"][-1], flush=True)
+        res["uniform_steady_pages_per_s"] = steady_rate(res["uniform_batches"])
+    if args.profile:
+        res["profile"] = {"mixed": profile_batch(M, lm, mixed_batch(args.batches), cuda)}
+        if args.compare_uniform:
+            res["profile"]["uniform"] = profile_batch(
+                M, lm, [rng.integers(0, 255, (h * 14, w * 14, 3), dtype=np.uint8) for h, w in uniform], cuda)
+        print(res["profile"], flush=True)
     res.update(unique_graphs=int(counters["stats"]["unique_graphs"]), frames=dict(counters["frames"]),
-               compile_times=compile_times(),
-               steady_pages_per_s=round(args.batch_size * len(steady) / sum(steady), 2) if steady else None)
+               compile_times=compile_times(), steady_pages_per_s=steady_rate(res["batches"]),
+               precompiled={pf.name: {"variants": len(pf.variants), "fallback": pf.fallback_reason}
+                            for pf in lm.precompiled})
     print({k: v for k, v in res.items() if k != "batches"}, flush=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)

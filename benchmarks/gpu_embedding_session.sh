@@ -20,7 +20,7 @@
 #   job_2       the same with --batches-in-flight 2                              200 s [~100 s]
 #   job_1b      job_1 again, with caches as warm as job_2 had them               200 s [~100 s]
 #   job_nice    three 3,000-page jobs in one process: renderers at nice 10, 0, 10 560 s [~330 s]
-#   mixed       bench_mixed_sizes.py: the compiled actor on batches of mixed page sizes
+#   mixed       bench_mixed_sizes.py: the compiled actor on batches of mixed page sizes (MIXED_EXTRA="--compare-uniform --profile": letter pages side by side, kernels by class)
 #               (graphs, recompilations, s per batch; MIXED_EXTRA: more arguments)  200 s [~35 s]
 #   kept        bench_kept_embedders.py: on one running Ray head, the plain 3,000-page job, then
 #               three with --keep-embedders (the first starts the kept actor)   480 s [~330 s]
