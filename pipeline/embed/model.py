@@ -594,6 +594,17 @@ class PendingEmbeddings:
         return out
 
 
+def without_padding_mask(inputs: dict) -> dict:
+    """The page inputs without their attention mask. Rows are right-padded and the language
+    model attends causally, so a real token only sees earlier tokens, all real: the mask
+    changes nothing the pipeline keeps (padded rows' vectors are dropped; the M-RoPE positions
+    are computed on the host, with the mask). Without it SDPA takes its causal fast path, with
+    grouped-query attention, in every batch; until 2026-12-05 only batches of one page size did,
+    and a mixed-size batch ran the masked path (its own compiled text-layer variant, K and V
+    repeated per head). Tests compare mixed batches with the training code, page by page."""
+    return {k: v for k, v in inputs.items() if k != "attention_mask"}
+
+
 def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: ForwardTimer | None = None,
                       out_dtype: torch.dtype = torch.float32) -> PendingEmbeddings:
     """Queue the forward pass, the gather of each row's ``lengths[i]`` real vectors (right
@@ -601,9 +612,7 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
     its own (the model's forward still has a few); L2-normalised, ``out_dtype`` converted on
     the device. On CPU everything has run when it returns."""
     batch, length = inputs["input_ids"].shape
-    if all(n == length for n in lengths):
-        # No padding (pages of one size): without a mask, SDPA takes its causal fast path.
-        inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    inputs = without_padding_mask(inputs)
     cuda = timer.cuda if timer is not None else (str(lm.device).startswith("cuda") and torch.cuda.is_available())
     index = torch.cat([torch.arange(n, dtype=torch.long) + i * length for i, n in enumerate(lengths)])
     with torch.inference_mode():
@@ -637,8 +646,7 @@ def forward_embeddings(lm: LoadedModel, inputs: dict, timer: ForwardTimer | None
         return launch_embeddings(lm, inputs, lengths, timer, out_dtype).result()
     from pipeline.embed.pooling import pool_embeddings
 
-    if all(n == inputs["input_ids"].shape[1] for n in lengths):
-        inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    inputs = without_padding_mask(inputs)
     with timer.measure() if timer is not None else contextlib.nullcontext():
         out = lm.model(**inputs, use_cache=False).embeddings  # (B, L, 128)
     return [pool_embeddings(out[i, :n].float(), pool_factor).to(out_dtype).cpu().numpy()

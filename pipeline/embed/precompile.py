@@ -55,6 +55,10 @@ class PrecompiledForward:
         # with its guards: it travels by name (its compiled variants and lock cannot be pickled).
         return _registered, (self.name,)
 
+    # More variants than this and the shapes are not what the guards generalise over (each new
+    # one would cost a compilation of seconds): fall back to torch.compile, which has its own limit.
+    MAX_VARIANTS = 8
+
     def __init__(self, name: str, forward, backend: str = "inductor", dynamic: bool = True,
                  external: dict | None = None):
         self.name = name
@@ -89,6 +93,9 @@ class PrecompiledForward:
             if v.guard_check(module, *args, **kwargs):
                 return v
         if self.fallback is not None:
+            return None
+        if len(self.variants) >= self.MAX_VARIANTS:
+            self._fall_back(f"{len(self.variants)} variants compiled and the inputs fit none of them")
             return None
         t = time.perf_counter()
         try:

@@ -190,3 +190,26 @@ def test_another_attention_implementation_has_another_cache_key(tiny_model, tmp_
     keys = {attn: PageEmbedder(tiny_model, device="cpu", compile_model=True, attn_implementation=attn).compile_cache[0]
             for attn in ("sdpa", "eager")}
     assert keys["sdpa"] != keys["eager"]
+
+
+def test_too_many_variants_fall_back_to_torch_compile(tiny_model, monkeypatch):
+    """Inputs that keep missing every compiled variant would otherwise cost a compilation per
+    batch: past the limit the block type runs through torch.compile, with the same pages."""
+    import torch._dynamo
+
+    from pipeline.embed import model as M
+    from pipeline.embed import precompile
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(precompile.PrecompiledForward, "MAX_VARIANTS", 1)
+    lm = M.load_model(tiny_model, device="cpu", compile_model=True, compile_backend="eager")
+    reference = M.load_model(tiny_model, device="cpu")
+    rng = np.random.default_rng(2)
+    two = [rng.integers(0, 255, (224, 168, 3), dtype=np.uint8) for _ in range(2)]
+    one = [rng.integers(0, 255, (168, 224, 3), dtype=np.uint8)]  # a batch of one: its own variant
+    for images in (two, one, two):
+        for a, b in zip(M.embed_pages(lm, images), M.embed_pages(reference, images)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    assert all(len(pf.variants) == 1 and pf.fallback is not None and "variants" in pf.fallback_reason
+               for pf in lm.precompiled), [(len(pf.variants), pf.fallback_reason) for pf in lm.precompiled]
+    torch._dynamo.reset()

@@ -176,12 +176,12 @@ def test_compiled_blocks_are_not_compiled_again_for_other_page_sizes(tiny_model,
         check([rng.integers(0, 255, (28 * grids[(i + 5 * j) % 12][0], 28 * grids[(i + 5 * j) % 12][1], 3),
                             dtype=np.uint8) for j in range(2 + i % 3)])
     check([rng.integers(0, 255, (28 * 8, 28 * 6, 3), dtype=np.uint8)] * 3)  # one size: no padding mask
-    # a vision block, a text layer with and one without a padding mask
-    assert 2 <= graphs() <= 3, dict(counters["stats"])
+    # a vision block and a text layer (padded rows need no mask: pipeline.embed.model.without_padding_mask)
+    assert graphs() == 2, dict(counters["stats"])
     # a batch of one page once more each (torch specializes sizes of 1), then nothing new
     check([rng.integers(0, 255, (28 * 9, 28 * 7, 3), dtype=np.uint8)])
     check([rng.integers(0, 255, (28 * 7, 28 * 9, 3), dtype=np.uint8)])
-    assert graphs() <= 5, dict(counters["stats"])
+    assert graphs() <= 4, dict(counters["stats"])
     torch._dynamo.reset()
 
 
