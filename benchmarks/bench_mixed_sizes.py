@@ -103,50 +103,44 @@ def main() -> int:
     grids = GRIDS if cuda else [(h // 8 * 2, w // 8 * 2) for h, w in GRIDS]  # the tiny model on CPU: small pages
     res = {"commit": os.environ.get("BENCH_COMMIT"), "device": torch.cuda.get_device_name() if cuda else "cpu",
            "command": " ".join(sys.argv), "batch_size": args.batch_size, "batches": []}
-    for i in range(args.batches):
-        picks = [grids[(i * 3 + j * (1 + i % 3)) % len(grids)] for j in range(args.batch_size)]
-        images = [rng.integers(0, 255, (h * 14, w * 14, 3), dtype=np.uint8) for h, w in picks]
-        before = compiling()
-        t = time.perf_counter()
-        M.embed_pages(lm, images)
-        if cuda:
-            torch.cuda.synchronize()
-        res["batches"].append({"s": round(time.perf_counter() - t, 3), "sizes": len(set(picks)),
-                               "compile_s": round(compiling() - before, 2),
-                               "graphs": int(counters["stats"]["unique_graphs"])})
-        print(res["batches"][-1], flush=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
-    def steady_rate(batches):
-        steady = [b["s"] for b in batches[2:] if b["compile_s"] == 0]
-        return round(args.batch_size * len(steady) / sum(steady), 2) if steady else None
-
-    def mixed_batch(i):
-        picks = [grids[(i * 3 + j * (1 + i % 3)) % len(grids)] for j in range(args.batch_size)]
+    def pages(picks):
         return [rng.integers(0, 255, (h * 14, w * 14, 3), dtype=np.uint8) for h, w in picks]
 
+    def mixed_picks(i):
+        return [grids[(i * 3 + j * (1 + i % 3)) % len(grids)] for j in range(args.batch_size)]
+
     uniform = [grids[0]] * args.batch_size
-    if args.compare_uniform:
-        res["uniform_batches"] = []
+
+    def run(key, picks_of):
+        """Time ``args.batches`` batches (their page grids from ``picks_of(i)``) into ``res[key]``."""
+        res[key] = []
         for i in range(args.batches):
-            images = [rng.integers(0, 255, (h * 14, w * 14, 3), dtype=np.uint8) for h, w in uniform]
+            picks = picks_of(i)
+            images = pages(picks)
             before = compiling()
             t = time.perf_counter()
             M.embed_pages(lm, images)
             if cuda:
                 torch.cuda.synchronize()
-            res["uniform_batches"].append({"s": round(time.perf_counter() - t, 3), "compile_s": round(
-                compiling() - before, 2)})
-            print("uniform", res["uniform_batches"][-1], flush=True)
-        res["uniform_steady_pages_per_s"] = steady_rate(res["uniform_batches"])
+            res[key].append({"s": round(time.perf_counter() - t, 3), "sizes": len(set(picks)),
+                             "compile_s": round(compiling() - before, 2),
+                             "graphs": int(counters["stats"]["unique_graphs"])})
+            print(key, res[key][-1], flush=True)
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=2)
+        steady = [b["s"] for b in res[key][2:] if b["compile_s"] == 0]
+        return round(args.batch_size * len(steady) / sum(steady), 2) if steady else None
+
+    res["steady_pages_per_s"] = run("batches", mixed_picks)
+    if args.compare_uniform:
+        res["uniform_steady_pages_per_s"] = run("uniform_batches", lambda i: uniform)
     if args.profile:
-        res["profile"] = {"mixed": profile_batch(M, lm, mixed_batch(args.batches), cuda)}
+        res["profile"] = {"mixed": profile_batch(M, lm, pages(mixed_picks(args.batches)), cuda)}
         if args.compare_uniform:
-            res["profile"]["uniform"] = profile_batch(
-                M, lm, [rng.integers(0, 255, (h * 14, w * 14, 3), dtype=np.uint8) for h, w in uniform], cuda)
+            res["profile"]["uniform"] = profile_batch(M, lm, pages(uniform), cuda)
         print(res["profile"], flush=True)
     res.update(unique_graphs=int(counters["stats"]["unique_graphs"]), frames=dict(counters["frames"]),
-               compile_times=compile_times(), steady_pages_per_s=steady_rate(res["batches"]),
+               compile_times=compile_times(),
                precompiled={pf.name: {"variants": len(pf.variants), "fallback": pf.fallback_reason}
                             for pf in lm.precompiled})
     print({k: v for k, v in res.items() if k != "batches"}, flush=True)
