@@ -10,6 +10,9 @@ and how the blocks are compiled. A cache that does not fit is never loaded; a da
 foreign file only costs a cold compile, never a wrong result (Inductor checks its own keys
 when it looks entries up).
 
+Beside each cache file, ``precompiled-<key>.bin`` holds the blocks compiled ahead of time
+(:mod:`pipeline.embed.precompile`, the default): loaded, they skip Dynamo's tracing too.
+
 Locations: ``$VDR_COMPILE_CACHE`` (default ``/tmp/vdr-compile-cache``, one per node) and,
 with ``--compile-cache URI``, a shared prefix (``s3://``, ``gs://``, a shared filesystem)
 that new nodes read first. Writes are whole-object (:func:`pipeline.storage.write_bytes_atomic`).

@@ -13,6 +13,10 @@ first compiled variant whose guards accept the inputs (shapes are dynamic; a bat
 or a text layer with a padding mask, gets a variant of its own) and compiles a new variant only
 when none does. A torch without ``aot_compile``, or a block it cannot compile whole, falls back
 to plain ``torch.compile`` (what every actor ran before), with a warning.
+
+Measured on an H200 (2026-12-04, commit ``bf83842``, ``benchmarks/bench_warm_start.py``, RESULTS.md
+"Twelfth session"): a warm first batch 1.24 s (plus 0.8-1.3 s to load the blocks) against 7.2-7.6 s
+with ``torch.compile`` per block in the same call; cold 14.8 against 14.3 s.
 """
 
 from __future__ import annotations
