@@ -122,6 +122,17 @@ class EmbedConfig:
         if problems:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 
+    def embedder_settings(self, device: str, batches_in_flight: int) -> dict:
+        """The model actors' constructor arguments (:class:`pipeline.embed.stages.PageEmbedder`)
+        for a job whose actors run on ``device``: ``--compile`` on and auto (on GPUs) compile the
+        blocks ahead of time (precompiled), plain with torch.compile per block, off not at all."""
+        return {"model": self.model, "device": device, "dtype": self.dtype,
+                "attn_implementation": self.attn_implementation, "endpoint_url": self.endpoint_url,
+                "compile_model": self.compile in ("on", "plain") or (self.compile == "auto" and device == "cuda"),
+                "precompiled": self.compile != "plain",
+                "pool_factor": self.pool_factor, "compile_cache": self.compile_cache,
+                "precision": self.precision, "batches_in_flight": batches_in_flight}
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 

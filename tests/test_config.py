@@ -25,6 +25,23 @@ def test_yaml_config_with_flags_winning(tmp_path):
         _config(embed_corpus.build_parser().parse_args(["--config", str(cfg_file)]))
 
 
+def test_compile_choices_reach_the_model_actors():
+    """--compile: auto compiles on GPUs only; on and auto precompile the blocks (saved whole,
+    pipeline.embed.precompile); plain keeps torch.compile per block; anything else is refused."""
+    def settings(compile_, device):
+        s = EmbedConfig(input="in", output="out", compile=compile_).embedder_settings(device, 2)
+        return s["compile_model"], s["precompiled"]
+
+    assert settings("auto", "cuda") == (True, True) and settings("auto", "cpu")[0] is False
+    assert settings("on", "cpu") == (True, True)
+    assert settings("plain", "cuda") == (True, False)
+    assert settings("off", "cuda")[0] is False
+    args = embed_corpus.build_parser().parse_args(["--input", "in", "--output", "out", "--compile", "plain"])
+    assert _config(args).compile == "plain"
+    with pytest.raises(ValueError, match="--compile must be auto, on, off or plain"):
+        EmbedConfig(input="in", output="out", compile="yes")
+
+
 def test_score_flags_become_typed_options():
     cfg = ScoreConfig.from_flags(["--num-actors", "4", "--shard-size-pages=500", "--allow-model-mismatch"],
                                  corpus="c", queries="q.jsonl", output="o", top_k=10)

@@ -529,12 +529,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
     # reach the model while the rest of a large corpus is still being listed.
     done = plan.load_progress(cfg.output, cfg.endpoint_url)
     units = storage.listing_units(cfg.input, cfg.endpoint_url)
-    embedder_kwargs = {"model": cfg.model, "device": device, "dtype": cfg.dtype,
-                       "attn_implementation": cfg.attn_implementation, "endpoint_url": cfg.endpoint_url,
-                       "compile_model": cfg.compile in ("on", "plain") or (cfg.compile == "auto" and device == "cuda"),
-                       "precompiled": cfg.compile != "plain",
-                       "pool_factor": cfg.pool_factor, "compile_cache": cfg.compile_cache,
-                       "precision": cfg.precision, "batches_in_flight": in_flight}
+    embedder_kwargs = cfg.embedder_settings(device, in_flight)
     kept_handles, kept_reused, kept_name = [], 0, None
     job_token = uuid.uuid4().hex  # this job, to kept actors: its calls, pings and keep-alive
     if cfg.keep_embedders and units:  # asked for now: their model loads while the job lists and plans
