@@ -22,7 +22,10 @@ costs in fidelity. Real-size ColQwen2 with random weights, one run, the same pag
    * ``compiled_inflight2``  the same with --batches-in-flight 2: two threads call the actor
                           (as Ray Data does), one batch prepared on the host while the other
                           runs; timed as wall time over batches;
-   * ``fp8`` / ``fp8_cudnn``  --precision fp8 (pipeline/embed/fp8.py), compiled.
+   * ``fp8`` / ``fp8_cudnn``  --precision fp8 (pipeline/embed/fp8.py), compiled;
+   * ``*_pool3``          any of these with --pool-factor 3 (pipeline/embed/pooling.py): the
+                          pooling's distances on the GPU, Ward's merge loop on the host (off
+                          the device lock since 2026-12-05); no fidelity row (other vectors).
    pages/s, fraction of the chip (FLOPs per page counted from the architecture, at the
    measured bf16 peak), the forward's GPU-busy fraction of the actor's wall time.
 2. Profile of the compiled bf16 actor (torch.profiler, CUDA kernels): GPU time by kernel
@@ -416,7 +419,8 @@ def main():
         host.enter_context(triton_vision_attention("tritonattn" in name))
         try:
             emb = PageEmbedder(model_dir, device=DEV, compile_model=name != "eager" and not args.smoke,
-                               precision=precision, batches_in_flight=2 if "inflight2" in name else 1)
+                               precision=precision, batches_in_flight=2 if "inflight2" in name else 1,
+                               pool_factor=3 if name.endswith("_pool3") else 1)
             load_s = time.perf_counter() - t
             t = time.perf_counter()
             emb(rows_table(pages[: args.batch_size]))
@@ -458,7 +462,7 @@ def main():
             emb = None
             if DEV == "cuda":
                 torch.cuda.empty_cache()
-        if "compiled" in vectors and name in vectors and name != "compiled":
+        if "compiled" in vectors and name in vectors and name != "compiled" and not name.endswith("_pool3"):
             fid[name] = fidelity(vectors["compiled"], vectors[name], ref_top, queries)
             print(name, "fidelity vs compiled bf16", fid[name], flush=True)
         res["variants"], res["fidelity_vs_compiled_bf16"] = variants, fid

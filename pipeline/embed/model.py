@@ -575,10 +575,15 @@ class TurnLock:
 
 class PendingEmbeddings:
     """A forward pass and its copy back, queued on the device (:func:`launch_embeddings`);
-    :meth:`result` waits for them and splits the rows."""
+    :meth:`result` waits for them and splits the rows. With ``pool_factor`` > 1 the rows'
+    condensed pooling distances came back too (``condensed``), and :meth:`result` finishes the
+    pooling on the host: Ward's merge loop, the cluster means, the cast to ``out_dtype``."""
 
-    def __init__(self, flat: torch.Tensor, lengths: list[int], done, events, timer: ForwardTimer | None):
+    def __init__(self, flat: torch.Tensor, lengths: list[int], done, events, timer: ForwardTimer | None,
+                 pool_factor: int = 1, condensed: torch.Tensor | None = None,
+                 out_dtype: torch.dtype = torch.float32):
         self.flat, self.lengths, self.done, self.events, self.timer = flat, lengths, done, events, timer
+        self.pool_factor, self.condensed, self.out_dtype = pool_factor, condensed, out_dtype
 
     def result(self) -> list[np.ndarray]:
         if self.done is not None:
@@ -586,11 +591,29 @@ class PendingEmbeddings:
             if self.timer is not None:
                 start, end = self.events
                 self.timer.add(start.elapsed_time(end) / 1000.0)
+        if self.pool_factor > 1:
+            return self._pooled()
         flat = self.flat.numpy()
         out, start = [], 0
         for n in self.lengths:
             out.append(flat[start : start + n])
             start += n
+        return out
+
+    def _pooled(self) -> list[np.ndarray]:
+        from pipeline.embed.pooling import labels_from_distances, pool_by_labels
+
+        condensed = self.condensed.numpy()
+        out, start, cstart = [], 0, 0
+        for n in self.lengths:
+            x = self.flat[start : start + n].float()
+            start += n
+            if n > 1:
+                pairs = n * (n - 1) // 2
+                labels = labels_from_distances(condensed[cstart : cstart + pairs], n, self.pool_factor)
+                cstart += pairs
+                x = pool_by_labels(x, labels)
+            out.append(x.to(self.out_dtype).numpy())
         return out
 
 
@@ -606,11 +629,19 @@ def without_padding_mask(inputs: dict) -> dict:
 
 
 def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: ForwardTimer | None = None,
-                      out_dtype: torch.dtype = torch.float32) -> PendingEmbeddings:
+                      out_dtype: torch.dtype = torch.float32, pool_factor: int = 1) -> PendingEmbeddings:
     """Queue the forward pass, the gather of each row's ``lengths[i]`` real vectors (right
     padding: they come first) and their copy to pinned host memory, with no host sync of
     its own (the model's forward still has a few); L2-normalised, ``out_dtype`` converted on
-    the device. On CPU everything has run when it returns."""
+    the device. On CPU everything has run when it returns.
+
+    ``pool_factor`` > 1: the vectors come back in the model's dtype (float32 on the host is
+    exact), and each row's pooling distances (:func:`pipeline.embed.pooling.condensed_distances`)
+    are queued on the device and copied back beside them; the rest of the pooling runs in
+    :meth:`PendingEmbeddings.result`, on the host, after the caller has let go of the device."""
+    from pipeline.embed.pooling import check_pool_factor
+
+    check_pool_factor(pool_factor)
     batch, length = inputs["input_ids"].shape
     inputs = without_padding_mask(inputs)
     cuda = timer.cuda if timer is not None else (str(lm.device).startswith("cuda") and torch.cuda.is_available())
@@ -622,35 +653,49 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
             out = lm.model(**inputs, use_cache=False).embeddings  # (B, L, 128)
             events[1].record()
             dev = out.reshape(batch * length, -1).index_select(0, index.pin_memory().to(out.device, non_blocking=True))
-            flat = torch.empty(dev.shape, dtype=out_dtype, pin_memory=True)
-            flat.copy_(dev.to(out_dtype), non_blocking=True)
+            copy_dtype = out_dtype if pool_factor == 1 else dev.dtype
+            flat = torch.empty(dev.shape, dtype=copy_dtype, pin_memory=True)
+            flat.copy_(dev.to(copy_dtype), non_blocking=True)
+            condensed = None
+            if pool_factor > 1:
+                dist = pooling_distances(dev, lengths)
+                condensed = torch.empty(dist.shape, dtype=dist.dtype, pin_memory=True)
+                condensed.copy_(dist, non_blocking=True)
             done = torch.cuda.Event(blocking=True)  # waiting on it sleeps instead of spinning a core
             done.record()
-            return PendingEmbeddings(flat, lengths, done, events, timer)
+            return PendingEmbeddings(flat, lengths, done, events, timer, pool_factor, condensed, out_dtype)
         with timer.measure() if timer is not None else contextlib.nullcontext():
             out = lm.model(**inputs, use_cache=False).embeddings
-        flat = out.reshape(batch * length, -1).index_select(0, index.to(out.device)).to(out_dtype).cpu()
-        return PendingEmbeddings(flat, lengths, None, None, timer)
+        dev = out.reshape(batch * length, -1).index_select(0, index.to(out.device))
+        if pool_factor == 1:
+            return PendingEmbeddings(dev.to(out_dtype).cpu(), lengths, None, None, timer)
+        return PendingEmbeddings(dev.cpu(), lengths, None, None, timer, pool_factor,
+                                 pooling_distances(dev, lengths).cpu(), out_dtype)
+
+
+def pooling_distances(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Each row's condensed pooling distances (rows of more than one vector), concatenated,
+    on ``flat``'s device; ``flat`` holds the rows' vectors one after another."""
+    from pipeline.embed.pooling import condensed_distances
+
+    parts, start = [], 0
+    for n in lengths:
+        if n > 1:
+            parts.append(condensed_distances(flat[start : start + n]))
+        start += n
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=flat.device)
 
 
 @torch.inference_mode()
 def forward_embeddings(lm: LoadedModel, inputs: dict, timer: ForwardTimer | None = None,
                        pool_factor: int = 1, out_dtype: torch.dtype = torch.float32) -> list[np.ndarray]:
     """Run the model; return each row's real vectors, (n_i, 128) ``out_dtype``, L2-normalised;
-    with ``pool_factor`` > 1 each row's vectors pooled on the model's device first
-    (:func:`pipeline.embed.pooling.pool_embeddings`, in float32). ``out_dtype`` float16 (what
+    with ``pool_factor`` > 1 each row's vectors pooled (:mod:`pipeline.embed.pooling`, in
+    float32; distances on the model's device, the rest on the host). ``out_dtype`` float16 (what
     the actor stores) is converted on the device: half the bytes to copy back, and no CPU
     conversion; the values equal float32's converted on the host (both round to nearest even)."""
     lengths = inputs["attention_mask"].sum(dim=1).tolist()
-    if pool_factor == 1:
-        return launch_embeddings(lm, inputs, lengths, timer, out_dtype).result()
-    from pipeline.embed.pooling import pool_embeddings
-
-    inputs = without_padding_mask(inputs)
-    with timer.measure() if timer is not None else contextlib.nullcontext():
-        out = lm.model(**inputs, use_cache=False).embeddings  # (B, L, 128)
-    return [pool_embeddings(out[i, :n].float(), pool_factor).to(out_dtype).cpu().numpy()
-            for i, n in enumerate(lengths)]
+    return launch_embeddings(lm, inputs, lengths, timer, out_dtype, pool_factor).result()
 
 
 def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTimer | None = None,
@@ -676,14 +721,10 @@ def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTim
         lm.vision_lengths.lengths = torch.tensor([(im.shape[0] // p) * (im.shape[1] // p) for im in ordered])
         try:
             inputs = page_inputs_to_device(host, lm)
-            if pool_factor == 1:
-                pending = launch_embeddings(lm, inputs, host["lengths"], timer, out_dtype)
-            else:
-                vectors = forward_embeddings(lm, inputs, timer, pool_factor, out_dtype)
+            pending = launch_embeddings(lm, inputs, host["lengths"], timer, out_dtype, pool_factor)
         finally:
             lm.vision_lengths.lengths = None
-    if pool_factor == 1:
-        vectors = pending.result()
+    vectors = pending.result()  # with pool_factor > 1 the pooling's host part runs here, off the device lock
     out: list = [None] * len(images)
     for pos, i in enumerate(order):
         out[i] = vectors[pos]

@@ -130,3 +130,32 @@ def test_embed_job_pools_records_the_factor_and_refuses_another(ray_session, tin
     err = capsys.readouterr().err
     assert "pool factor 3" in err and "--pool-factor 1" in err and "--force-new-config" in err, err
     assert "--precision default" in err, err
+
+
+def test_pooling_lets_go_of_the_device_before_wards_merge_loop(tiny_model, monkeypatch):
+    """Two batches in flight: a batch's device work runs under the actor's device lock. Ward's
+    merge loop (scipy, on the host, 3-13 ms a page) must run after the lock is let go, or the
+    GPU waits for it; the pooled vectors stay those of pool_embeddings."""
+    from pipeline.embed import pooling
+    from pipeline.embed.model import TurnLock, embed_pages, load_model
+
+    lm = load_model(tiny_model, device="cpu")
+    rng = np.random.default_rng(1)
+    pages = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((112, 168), (224, 140), (112, 168))]
+    lock = TurnLock()
+    held_during_merge = []
+    real = pooling.labels_from_distances
+
+    def watched(*args, **kwargs):
+        held_during_merge.append(lock._next != lock._serving)  # a ticket taken and not yet served out
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pooling, "labels_from_distances", watched)
+    pooled = embed_pages(lm, pages, pool_factor=3, device_lock=lock, out_dtype=torch.float16)
+    assert held_during_merge == [False] * len(pages)
+    monkeypatch.setattr(pooling, "labels_from_distances", real)
+    plain = embed_pages(lm, pages)
+    for p, q in zip(plain, pooled):
+        assert q.dtype == np.float16 and len(q) == len(p) // 3
+        np.testing.assert_allclose(q.astype(np.float32), pool_embeddings(torch.from_numpy(p), 3).numpy(),
+                                   rtol=0, atol=1e-3)  # float16 rounding of values <= 1
