@@ -101,12 +101,17 @@ def ray_cluster(s3):
     env["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_AUTH_MODE"] = "disabled"
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    # This cluster's node compile caches (ours and Inductor's), not the machine's /tmp ones:
+    # a test that compiles under Ray starts cold in each session and can empty them.
+    env["VDR_COMPILE_CACHE"] = os.path.join(temp_dir, "vdr-compile-cache")
+    env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(temp_dir, "inductor")
     cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
            f"--dashboard-port={dash_port}", f"--dashboard-agent-listen-port={free_port()}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
            "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
     info = {"gcs_address": f"127.0.0.1:{gcs_port}", "dashboard_url": f"http://127.0.0.1:{dash_port}",
-            "temp_dir": temp_dir}
+            "temp_dir": temp_dir, "compile_cache": env["VDR_COMPILE_CACHE"],
+            "inductor_cache": env["TORCHINDUCTOR_CACHE_DIR"]}
     deadline = time.time() + 60
     import urllib.request
 

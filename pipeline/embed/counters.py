@@ -12,6 +12,8 @@ can exceed what the actor did: the job's rate is never computed from when files 
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -24,12 +26,17 @@ MODEL_LOAD_S = "_model_load_s"
 # during which the GPU idles inside the timed forward, so the summary also gives the
 # figures after it.
 FIRST_BATCH = "_first_batch"
-COLUMNS = (ACTOR, BUSY_S, FIRST_BATCH_AT, BATCH_END_AT, MODEL_LOAD_S, FIRST_BATCH)
+# How the actor came by its compiled model (JSON, as of its first batch in this job: off,
+# precompiled blocks loaded or compiled here, the compile cache warm or cold); whether warm
+# starts worked, per actor, in the summary.
+COMPILE = "_compile"
+COLUMNS = (ACTOR, BUSY_S, FIRST_BATCH_AT, BATCH_END_AT, MODEL_LOAD_S, FIRST_BATCH, COMPILE)
 _FIRST_TYPE = pa.list_(pa.float64(), 3)
 
 
 def counter_columns(n_rows: int, actor: str, busy_s: float, first_batch_at: float, batch_end_at: float,
-                    model_load_s: float, first_batch: tuple[float, float, float] | None = None) -> dict[str, pa.Array]:
+                    model_load_s: float, first_batch: tuple[float, float, float] | None = None,
+                    compile_state: str | None = None) -> dict[str, pa.Array]:
     """The hidden columns of one actor batch of ``n_rows`` rows (busy time split evenly)."""
     share = busy_s / n_rows if n_rows else 0.0
     return {
@@ -39,6 +46,7 @@ def counter_columns(n_rows: int, actor: str, busy_s: float, first_batch_at: floa
         BATCH_END_AT: pa.array([batch_end_at] * n_rows, pa.float64()),
         MODEL_LOAD_S: pa.array([model_load_s] * n_rows, pa.float64()),
         FIRST_BATCH: pa.array([list(first_batch) if first_batch else None] * n_rows, _FIRST_TYPE),
+        COMPILE: pa.array([compile_state] * n_rows, pa.string()),
     }
 
 
@@ -58,9 +66,14 @@ def actor_records(table: pa.Table, is_page: pa.Array | pa.ChunkedArray) -> list[
         for actor, first in zip(table[ACTOR].to_pylist(), table[FIRST_BATCH].to_pylist()):
             if first is not None:
                 firsts.setdefault(actor, first)
+    compiled: dict[str, str] = {}
+    if COMPILE in table.column_names:
+        for actor, state in zip(table[ACTOR].to_pylist(), table[COMPILE].to_pylist()):
+            if state is not None:
+                compiled.setdefault(actor, state)
     return [{"actor": r["actor"], "pages": int(r["page_sum"] or 0), "busy_s": float(r["busy_sum"] or 0.0),
              "first_batch_at": r["first_min"], "last_batch_end_at": r["end_max"], "model_load_s": r["load_max"],
-             "first_batch": firsts.get(r["actor"])}
+             "first_batch": firsts.get(r["actor"]), "compile": compiled.get(r["actor"])}
             for r in g.to_pylist() if r["actor"] is not None]
 
 
@@ -77,6 +90,7 @@ def merge_records(into: dict[str, dict], records: list[dict]) -> dict[str, dict]
         a["last_batch_end_at"] = max(a["last_batch_end_at"], r["last_batch_end_at"])
         a["model_load_s"] = max(a["model_load_s"] or 0.0, r["model_load_s"] or 0.0)
         a["first_batch"] = a.get("first_batch") or r.get("first_batch")
+        a["compile"] = a.get("compile") or r.get("compile")
     return into
 
 
@@ -100,6 +114,8 @@ def summarize(actors: dict[str, dict], job_started_at: float) -> dict:
             "gpu_busy_fraction": round(a["busy_s"] / wall, 4),
             "pages_per_second": round(a["pages"] / wall, 3),
         })
+        if a.get("compile"):
+            out[-1]["compile"] = json.loads(a["compile"])
         first = a.get("first_batch")
         if first:
             f_wall, f_busy, f_pages = first

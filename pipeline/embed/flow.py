@@ -434,7 +434,30 @@ def final_line(cfg: EmbedConfig, summary: dict) -> str:
     return (f"[embed_corpus] done: {summary['documents_processed']} documents processed "
             f"({summary['documents_already_done']} already done), {run['pages']} pages, {run['error_rows_final']} "
             f"error rows, {run['error_rows_retryable']} retryable (storage unavailable: rerun to try them again), "
-            f"{run['seconds']:.1f}s -> {cfg.output}")
+            f"{run['seconds']:.1f}s{first_batches(run.get('actors', []))} -> {cfg.output}")
+
+
+def first_batches(actors: list[dict]) -> str:
+    """The model actors' first batches for the final line: how long each took and how the
+    actor came by its compiled model (loaded warm, or compiled here), e.g.
+    ", first batch 0.7 s (precompiled blocks loaded)"; the slowest and fastest past 3 actors."""
+    def how(a: dict) -> str:
+        c = a.get("compile") or {}
+        mode = c.get("mode")
+        if mode is None or mode == "off":
+            return "not compiled"
+        if mode.startswith("precompiled"):
+            if c.get("variants_loaded") and not c.get("variants_compiled"):
+                return "precompiled blocks loaded"
+            return "precompiled blocks compiled here" + (", some loaded" if c.get("variants_loaded") else "")
+        return "torch.compile, cache " + ("warm" if c.get("compile_cache_from") else "cold")
+
+    timed = sorted((a for a in actors if a.get("first_batch_s") is not None), key=lambda a: a["first_batch_s"])
+    if not timed:
+        return ""
+    shown = timed if len(timed) <= 3 else [timed[-1], timed[0]]
+    label = "first batch" if len(timed) == 1 else f"first batches of {len(timed)} actors"
+    return f", {label} " + ", ".join(f"{a['first_batch_s']:.1f} s ({how(a)})" for a in shown)
 
 
 def run(cfg: EmbedConfig) -> dict:

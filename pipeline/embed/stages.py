@@ -175,6 +175,7 @@ class JobCounters:
     first_batch_at: float | None = None
     first_batch: tuple[float, float, float] | None = None
     pages: int = 0
+    compile_state: str | None = None  # PageEmbedder.compile_state() after the first batch, JSON
 
 
 class PageEmbedder:
@@ -264,6 +265,8 @@ class PageEmbedder:
                          f", precompiled blocks {self._precompiled_state()}"
                          f", compile s in this process so far {self._compile_times()}" if self.compile_cache is not None else "") + ")",
                       file=sys.stderr, flush=True)
+            if c.compile_state is None and images:
+                c.compile_state = json.dumps(self.compile_state())
             c.pages += len(images)
             first_batch, first_batch_at = c.first_batch, c.first_batch_at
         if self.compile_cache is not None and images:
@@ -277,10 +280,30 @@ class PageEmbedder:
         out = out.append_column(schema.N_VECTORS, pa.array(n_vectors, type=pa.int32()))
         out = out.append_column(schema.EMBEDDING, schema.embeddings_to_arrow(all_vectors))
         hidden = counters.counter_columns(batch.num_rows, self.actor, busy, first_batch_at, time.time(),
-                                          c.model_load_s, first_batch)
+                                          c.model_load_s, first_batch, c.compile_state)
         for name, column in hidden.items():
             out = out.append_column(name, column)
         return out
+
+    def compile_state(self) -> dict:
+        """How this actor came by its compiled model, for the job's summary: ``mode`` off,
+        precompiled (blocks compiled ahead of time, kept whole) or torch.compile (per block,
+        ``--compile plain`` or a fallback); where the compile cache and the precompiled blocks
+        were loaded from (None: this actor compiled them), the block variants loaded and
+        compiled here, and this process's compile seconds so far by phase."""
+        if self.compile_cache is None:
+            return {"mode": "off"}
+        state = {"mode": "torch.compile", "compile_cache_from": self.compile_cache_from}
+        if self.lm.precompiled:
+            fallbacks = {pf.name: pf.fallback_reason for pf in self.lm.precompiled if pf.fallback is not None}
+            state.update(mode="precompiled" if not fallbacks else "precompiled, with fallbacks",
+                         precompiled_from=self.precompiled_from,
+                         variants_loaded=sum(pf.loaded for pf in self.lm.precompiled),
+                         variants_compiled=sum(pf.compiled for pf in self.lm.precompiled))
+            if fallbacks:
+                state["fallbacks"] = fallbacks
+        state["compile_s"] = self._compile_times()
+        return state
 
     def _precompiled_state(self) -> str:
         if not self.lm.precompiled:

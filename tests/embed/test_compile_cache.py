@@ -213,3 +213,48 @@ def test_too_many_variants_fall_back_to_torch_compile(tiny_model, monkeypatch):
     assert all(len(pf.variants) == 1 and pf.fallback is not None and "variants" in pf.fallback_reason
                for pf in lm.precompiled), [(len(pf.variants), pf.fallback_reason) for pf in lm.precompiled]
     torch._dynamo.reset()
+
+
+def _embed_job(corpus, out, model, shared):
+    from jobs import embed_corpus
+
+    assert embed_corpus.main(["--input", corpus, "--output", out, "--model", model, "--max-visual-tokens", "64",
+                              "--batch-size", "4", "--compile", "on", "--compile-cache", str(shared)]) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    import pyarrow.parquet as pq
+
+    pages = pq.read_table(os.path.join(out, "pages")).sort_by("page_id")
+    return summary, pages
+
+
+def test_a_job_on_a_new_node_loads_the_blocks_an_earlier_job_precompiled(ray_session, ray_cluster, tiny_model,
+                                                                        sample_corpus, tmp_path, capsys):
+    """Under Ray, as users run it: a job with --compile on --compile-cache compiles the blocks in
+    its model actor and saves them; a later job on a node with nothing of its own (the node's
+    caches emptied) loads them from --compile-cache, compiles nothing, and writes the same
+    embeddings. The summary says, per actor, how its compiled model was come by."""
+    import shutil
+
+    shared = tmp_path / "shared-cache"
+    for cache in (ray_cluster["compile_cache"], ray_cluster["inductor_cache"]):
+        shutil.rmtree(cache, ignore_errors=True)
+    cold, cold_pages = _embed_job(sample_corpus, str(tmp_path / "out1"), tiny_model, shared)
+    (actor,) = cold["this_run"]["actors"]
+    assert actor["compile"]["mode"] == "precompiled"
+    assert actor["compile"]["precompiled_from"] is None and actor["compile"]["variants_compiled"] >= 1
+    assert "precompiled blocks compiled here" in capsys.readouterr().err
+    assert sorted(name.split("-")[0] for name in os.listdir(shared)) == ["compile", "precompiled"]
+    for cache in (ray_cluster["compile_cache"], ray_cluster["inductor_cache"]):
+        shutil.rmtree(cache, ignore_errors=True)  # a new node
+    warm, warm_pages = _embed_job(sample_corpus, str(tmp_path / "out2"), tiny_model, shared)
+    (w,) = warm["this_run"]["actors"]
+    assert w["compile"]["precompiled_from"] is not None and w["compile"]["precompiled_from"].startswith(str(shared))
+    assert w["compile"]["variants_compiled"] == 0 and w["compile"]["variants_loaded"] >= 1
+    assert w["compile"]["compile_s"].get("backend", 0) == 0
+    assert w["first_batch_s"] < actor["first_batch_s"] / 3
+    assert "precompiled blocks loaded" in capsys.readouterr().err
+    assert warm_pages.column("page_id").to_pylist() == cold_pages.column("page_id").to_pylist()
+    for a, b in zip(cold_pages.column("embedding").to_pylist(), warm_pages.column("embedding").to_pylist()):
+        # the same compiled code; pages may share a batch with other pages this time (float32 on CPU)
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=2e-3)
