@@ -10,6 +10,9 @@ merge loop) is time the GPU waits. This measures, for the same pages:
 - under_lock_beside_forward_s per batch: the lock held minus the forward pass (ForwardTimer);
 - pages/s of the two threads together.
 
+On a GPU read lock_held_s itself: the forward is only queued under the lock, so the time
+held is the host's queueing plus whatever the batch waits for there (the beside-forward figure
+does not apply: CUDA events are read after the lock is let go).
 On CPU the forward itself runs inside the lock (there is no device queue) and dominates it,
 so the figure to read is pooling_under_lock_s_per_batch: factor 3's time under the lock
 beside the forward minus factor 1's, i.e. the pooling work that keeps the other batch off

@@ -24,6 +24,9 @@
 #               (graphs, recompilations, s per batch; MIXED_EXTRA: more arguments)  200 s [~35 s]
 #   kept        bench_kept_embedders.py: on one running Ray head, the plain 3,000-page job, then
 #               three with --keep-embedders (the first starts the kept actor)   480 s [~330 s]
+#   part1       issue 11 part 1 side by side, in one call (~330 s): the actor alone at two batches
+#               in flight and pooled at factor 3 (bench_actor.py, 384 pages), then three plain
+#               3,000-page jobs, the first cold (bench_kept_embedders.py --plain-after 3)   560 s
 # ACTOR_VARIANTS overrides the actor step's variants.
 # Each job step also builds the real-size model (12-17 s) and writes its corpus first, and a
 # fresh machine's first Python imports are slow: job_1 needed ~200 s on one (2026-12-03).
@@ -83,6 +86,13 @@ step job_1b 260 env BENCH_JOB_EXTRA="--batches-in-flight 1" "$PY" benchmarks/ben
 step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
   BENCH_JOB_ENVS="PIPELINE_RENDER_NICENESS=10;PIPELINE_RENDER_NICENESS=0;PIPELINE_RENDER_NICENESS=10" \
   "$PY" benchmarks/bench_embed.py --job-only --job-pages 3000 --out "$OUT/job_nice.json"
+if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" part1 "* ]]; then
+  [ -n "${STEPS:-}" ] && STEPS="$STEPS part1_actor part1_jobs"
+  step part1_actor 200 "$PY" benchmarks/bench_actor.py --pages 384 --fid-pages 256 --queries 50 \
+    --variants compiled_inflight2,compiled_inflight2_pool3 --out "$OUT/part1_actor.json"
+  step part1_jobs 330 "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
+    --plain-after 3 --out "$OUT/part1_jobs.json"
+fi
 step mixed 200 "$PY" benchmarks/bench_mixed_sizes.py ${MIXED_EXTRA:-} --out "$OUT/mixed.json"
 step kept "${KEPT_TIMEOUT:-480}" "$PY" benchmarks/bench_kept_embedders.py --kept-runs "${KEPT_RUNS:-3}" ${KEPT_EXTRA:-} --timeline-dir "$OUT/timelines" --out "$OUT/kept.json"
 echo "done in $(( $(date +%s) - T0 ))s" | tee -a "$OUT/session_embed.log"
