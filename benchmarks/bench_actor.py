@@ -26,6 +26,9 @@ costs in fidelity. Real-size ColQwen2 with random weights, one run, the same pag
    * ``*_pool3``          any of these with --pool-factor 3 (pipeline/embed/pooling.py): the
                           pooling's distances on the GPU, Ward's merge loop on the host (off
                           the device lock since 2026-12-05); no fidelity row (other vectors).
+   * ``*_tritonattn`` / ``*_tritontma``  the vision attention as benchmarks/vision_attention_triton.py's
+                          pointer kernel / its TMA + warp-specialized kernel (Hopper; config from
+                          ``VDR_VISION_TMA_CONFIG=BM_BN_W_S_WS``, recorded with any fallback count);
    pages/s, fraction of the chip (FLOPs per page counted from the architecture, at the
    measured bf16 peak), the forward's GPU-busy fraction of the actor's wall time.
 2. Profile of the compiled bf16 actor (torch.profiler, CUDA kernels): GPU time by kernel
@@ -120,18 +123,21 @@ def cudnn_first(first: str | bool):
 
 
 @contextlib.contextmanager
-def triton_vision_attention(on: bool):
+def triton_vision_attention(on: bool, kernel: str = "pointer"):
     """*_tritonattn: the vision attention as benchmarks/vision_attention_triton.py's kernel (head
     size not padded), through ``enable_batched_vision_attention``'s ``attend``; Dynamo reset so
-    the blocks compile anew. Measured slower than SDPA's cuDNN kernel (RESULTS.md, ninth session)."""
+    the blocks compile anew. Measured slower than SDPA's cuDNN kernel (RESULTS.md, ninth session).
+    *_tritontma (``kernel="tma"``): the same file's TMA + warp-specialized kernel
+    (``vdr::vision_attention_tma``, config ``VDR_VISION_TMA_CONFIG`` or its default)."""
     if not on:
         yield
         return
     from pipeline.embed import model as model_mod
-    from vision_attention_triton import vision_attention_op
+    from vision_attention_triton import vision_attention_op, vision_attention_tma_op
 
+    op = {"pointer": vision_attention_op, "tma": vision_attention_tma_op}[kernel]
     original = model_mod.enable_batched_vision_attention
-    model_mod.enable_batched_vision_attention = lambda model, holder: original(model, holder, attend=vision_attention_op)
+    model_mod.enable_batched_vision_attention = lambda model, holder: original(model, holder, attend=op)
     torch._dynamo.reset()
     try:
         yield
@@ -415,8 +421,10 @@ def main():
         # *_cudnn / *_flash: the SDPA preference holds for the whole variant, from before the
         # model is built and compiled to its last call (see cudnn_first).
         host.enter_context(cudnn_first(cudnn))
-        # *_tritonattn: the vision attention as benchmarks/vision_attention_triton.py's kernel
-        host.enter_context(triton_vision_attention("tritonattn" in name))
+        # *_tritonattn / *_tritontma: the vision attention as benchmarks/vision_attention_triton.py's
+        # pointer kernel / TMA + warp-specialized kernel
+        host.enter_context(triton_vision_attention("tritonattn" in name or "tritontma" in name,
+                                                   kernel="tma" if "tritontma" in name else "pointer"))
         try:
             emb = PageEmbedder(model_dir, device=DEV, compile_model=name != "eager" and not args.smoke,
                                precision=precision, batches_in_flight=2 if "inflight2" in name else 1,
@@ -439,7 +447,12 @@ def main():
                               "sdpa_first": cudnn or None,
                               "attention_kernel": attention_kernel(emb, rows_table(pages[: args.batch_size]))}
             print(name, variants[name], flush=True)
-            if name in ("compiled", "fp8", "compiled_tritonattn"):
+            if "tritontma" in name:  # which config ran, and whether any call fell back
+                import vision_attention_triton as va
+
+                variants[name]["tma_config"] = list(va.TMA_CONFIG)
+                variants[name]["tma_fallback_calls"] = va.TMA_FALLBACKS["calls"]
+            if name in ("compiled", "fp8", "compiled_tritonattn", "compiled_tritontma"):
                 res[f"profile_{name}"] = profile_actor(emb, pages, args.batch_size)
                 print(name, "profile", json.dumps({k: v for k, v in res[f"profile_{name}"].items() if k != "top_kernels"}),
                       flush=True)

@@ -14,12 +14,19 @@ each on the same q, k, v (views of one fused QKV output, as in the model):
 * ``flex``                torch's FlexAttention (compiled), no mask
 * ``triton_BM_BN_W_S``    ``vision_attention_triton.py`` beside this file (head size cut 64 + 16, no
                           padding), for each tile config in ``--configs``
+* ``tma_BM_BN_W_S_WS``    the same file's TMA kernel (``attention_tma``: tensor descriptors, key
+                          loop warp-specialized when WS is 1), for each config in ``--tma-configs``
+                          (default: ``TMA_CONFIGS`` there; ``--tma-configs ""`` skips them)
 
 TFLOP/s count 4 x images x heads x length^2 x 80 (the model's work, not padded work).
 Error: max abs difference of the first two images' output from a float32 reference.
 
     python benchmarks/bench_vision_attention.py --out results/x.json
     TRITON_INTERPRET=1 python benchmarks/bench_vision_attention.py --smoke   # CPU wiring check
+
+(The interpreter runs the TMA kernel's descriptors as bounded loads and stores and ignores
+``warp_specialize``: the smoke run checks the wiring and the arithmetic, not TMA or the
+warp-specialized schedule, which only a Hopper GPU compiles.)
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import vision_attention_triton as va  # noqa: E402
 
 CONFIGS = "128_64_8_3,128_64_4_3,128_128_8_3,128_64_8_4,128_32_4_3,64_64_4_3,64_128_4_3,128_128_8_2,256_64_8_3"
+TMA_CONFIGS = ",".join("_".join(str(int(x)) for x in c) for c in va.TMA_CONFIGS)
 
 
 def timed(fn, reps: int, dev: str) -> float:
@@ -71,6 +79,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=80)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--configs", default=CONFIGS)
+    ap.add_argument("--tma-configs", default=TMA_CONFIGS, help="BM_BN_WARPS_STAGES_WS, comma-separated")
     ap.add_argument("--out", default="bench_vision_attention.json")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shape (run with TRITON_INTERPRET=1)")
     args = ap.parse_args()
@@ -78,6 +87,7 @@ def main() -> None:
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     if args.smoke:
         args.images, args.length, args.heads, args.reps, args.configs = 2, 40, 2, 1, "16_16_1_1"
+        args.tma_configs = "16_16_1_1_1,16_16_1_1_0"  # length 40: a last tile of 8 rows
     n, L, H, D = args.images, args.length, args.heads, args.dim
     scale = D ** -0.5
     torch.manual_seed(0)
@@ -136,6 +146,9 @@ def main() -> None:
     for cfg in args.configs.split(","):
         c = tuple(int(x) for x in cfg.split("_"))
         runs[f"triton_{cfg}"] = (lambda c=c: va.attention(q, k, v, scale, config=c))
+    for cfg in filter(None, args.tma_configs.split(",")):
+        c = va.parse_tma_config(cfg)
+        runs[f"tma_{cfg}"] = (lambda c=c: va.attention_tma(q, k, v, scale, config=c))
     for name, fn in runs.items():
         try:
             out = fn()
