@@ -442,6 +442,8 @@ def first_batches(actors: list[dict]) -> str:
     actor came by its compiled model (loaded warm, or compiled here), e.g.
     ", first batch 0.7 s (precompiled blocks loaded)"; the slowest and fastest past 3 actors."""
     def how(a: dict) -> str:
+        if a.get("model_load_s") == 0:  # a kept actor's later job (--keep-embedders): nothing to load or compile
+            return "kept actor, model loaded and compiled before"
         c = a.get("compile") or {}
         mode = c.get("mode")
         if mode is None or mode == "off":

@@ -258,3 +258,22 @@ def test_a_job_on_a_new_node_loads_the_blocks_an_earlier_job_precompiled(ray_ses
     for a, b in zip(cold_pages.column("embedding").to_pylist(), warm_pages.column("embedding").to_pylist()):
         # the same compiled code; pages may share a batch with other pages this time (float32 on CPU)
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=0, atol=2e-3)
+
+
+def test_the_final_line_says_how_each_actor_came_by_its_compiled_model():
+    from pipeline.embed.flow import first_batches
+
+    loaded = {"mode": "precompiled", "precompiled_from": "s3://b/cache/precompiled-x.bin", "variants_loaded": 2,
+              "variants_compiled": 0}
+    compiled = {"mode": "precompiled", "precompiled_from": None, "variants_loaded": 0, "variants_compiled": 2}
+    assert first_batches([]) == ""
+    assert first_batches([{"first_batch_s": 1.24, "model_load_s": 3.0, "compile": loaded}]) == \
+        ", first batch 1.2 s (precompiled blocks loaded)"
+    assert first_batches([{"first_batch_s": 14.8, "model_load_s": 3.0, "compile": compiled},
+                          {"first_batch_s": 0.4, "model_load_s": 0, "compile": compiled}]) == \
+        (", first batches of 2 actors 0.4 s (kept actor, model loaded and compiled before), "
+         "14.8 s (precompiled blocks compiled here)")
+    many = [{"first_batch_s": float(i), "model_load_s": 1.0, "compile": {"mode": "off"}} for i in range(1, 6)]
+    assert first_batches(many) == ", first batches of 5 actors 5.0 s (not compiled), 1.0 s (not compiled)"
+    plain = {"mode": "torch.compile", "compile_cache_from": "/tmp/vdr-compile-cache/compile-x.bin"}
+    assert "torch.compile, cache warm" in first_batches([{"first_batch_s": 5.0, "model_load_s": 2.0, "compile": plain}])
