@@ -1,9 +1,10 @@
 """How busy each embedding actor was, from the actor's own clocks (no Ray, no torch).
 
-Each ``PageEmbedder`` batch leaves the actor with five hidden columns: the actor's name
-(host:pid), this batch's forward time spread over its rows (CUDA events around the model's
-forward pass on a GPU, the host clock on CPU), the wall time of the actor's first batch
-start and of this batch's end, and the model's load time. ``write_shard`` folds its rows
+Each ``PageEmbedder`` batch leaves the actor with seven hidden columns (:data:`COLUMNS`): the
+actor's name (host:pid), this batch's forward time spread over its rows (CUDA events around the
+model's forward pass on a GPU, the host clock on CPU), the wall time of the actor's first batch
+start and of this batch's end, the model's load time, the first batch's figures, and how the
+actor came by its compiled model. ``write_shard`` folds its rows
 into one record per actor, and the driver folds those into the summary's ``actors``: per
 actor, pages, forward (GPU-busy) seconds, wall seconds from its first batch start to its
 last batch end, the busy fraction, and pages per second of its own wall time. None of these

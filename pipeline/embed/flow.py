@@ -439,27 +439,36 @@ def final_line(cfg: EmbedConfig, summary: dict) -> str:
 
 def first_batches(actors: list[dict]) -> str:
     """The model actors' first batches for the final line: how long each took and how the
-    actor came by its compiled model (loaded warm, or compiled here), e.g.
-    ", first batch 0.7 s (precompiled blocks loaded)"; the slowest and fastest past 3 actors."""
+    actor came by its compiled model (loaded warm, compiled here, fell back to torch.compile,
+    a kept actor), e.g. ", first batch 0.7 s (precompiled blocks loaded)"; past 3 actors the
+    slowest and the fastest."""
     def how(a: dict) -> str:
-        if a.get("model_load_s") == 0:  # a kept actor's later job (--keep-embedders): nothing to load or compile
-            return "kept actor, model loaded and compiled before"
         c = a.get("compile") or {}
+        if a.get("model_load_s") == 0 or c.get("kept_actor"):  # a kept actor's later job (--keep-embedders)
+            return "kept actor, model loaded and compiled before"
         mode = c.get("mode")
         if mode is None or mode == "off":
             return "not compiled"
-        if mode.startswith("precompiled"):
-            if c.get("variants_loaded") and not c.get("variants_compiled"):
-                return "precompiled blocks loaded"
-            return "precompiled blocks compiled here" + (", some loaded" if c.get("variants_loaded") else "")
-        return "torch.compile, cache " + ("warm" if c.get("compile_cache_from") else "cold")
+        plain = "torch.compile, cache " + ("warm" if c.get("compile_cache_from") else "cold")
+        if not mode.startswith("precompiled"):
+            return plain
+        loaded, compiled, fallbacks = c.get("variants_loaded", 0), c.get("variants_compiled", 0), c.get("fallbacks")
+        if fallbacks and not loaded and not compiled:  # every block fell back: plain torch.compile
+            return f"{plain}; precompiling fell back ({'; '.join(f'{k}: {v}' for k, v in fallbacks.items())})"
+        text = ("precompiled blocks loaded" if loaded and not compiled else
+                "precompiled blocks compiled here" + (", some loaded" if loaded else ""))
+        if fallbacks:
+            text += f", {len(fallbacks)} block type(s) fell back to {plain}"
+        return text
 
     timed = sorted((a for a in actors if a.get("first_batch_s") is not None), key=lambda a: a["first_batch_s"])
     if not timed:
         return ""
-    shown = timed if len(timed) <= 3 else [timed[-1], timed[0]]
     label = "first batch" if len(timed) == 1 else f"first batches of {len(timed)} actors"
-    return f", {label} " + ", ".join(f"{a['first_batch_s']:.1f} s ({how(a)})" for a in shown)
+    if len(timed) <= 3:
+        return f", {label} " + ", ".join(f"{a['first_batch_s']:.1f} s ({how(a)})" for a in timed)
+    return (f", {label}: slowest {timed[-1]['first_batch_s']:.1f} s ({how(timed[-1])}), "
+            f"fastest {timed[0]['first_batch_s']:.1f} s ({how(timed[0])})")
 
 
 def run(cfg: EmbedConfig) -> dict:

@@ -511,7 +511,8 @@ def build_query_inputs(texts: Sequence[str], lm: LoadedModel) -> dict:
 
 class ForwardTimer:
     """Seconds spent in the model's forward passes: CUDA events around each pass on a GPU
-    (the time the GPU spent from the pass's first kernel to its last), the host clock on CPU.
+    (the time the GPU spent from the pass's first kernel to its last; with ``--pool-factor``
+    the pooling's distance kernels after it too), the host clock on CPU.
     Input building and the copy back are outside, so ``busy_s`` over wall time is how busy
     the GPU was kept. Thread-safe: with two batches in flight each thread also keeps its own
     total (``thread_busy_s``), so a batch's share is read in the thread that ran it."""
@@ -651,7 +652,8 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()
             out = lm.model(**inputs, use_cache=False).embeddings  # (B, L, 128)
-            events[1].record()
+            if pool_factor == 1:
+                events[1].record()
             dev = out.reshape(batch * length, -1).index_select(0, index.pin_memory().to(out.device, non_blocking=True))
             copy_dtype = out_dtype if pool_factor == 1 else dev.dtype
             flat = torch.empty(dev.shape, dtype=copy_dtype, pin_memory=True)
@@ -659,6 +661,7 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
             condensed = None
             if pool_factor > 1:
                 dist = pooling_distances(dev, lengths)
+                events[1].record()  # the pooling's device work counts as GPU-busy too
                 condensed = torch.empty(dist.shape, dtype=dist.dtype, pin_memory=True)
                 condensed.copy_(dist, non_blocking=True)
             done = torch.cuda.Event(blocking=True)  # waiting on it sleeps instead of spinning a core
@@ -666,11 +669,11 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
             return PendingEmbeddings(flat, lengths, done, events, timer, pool_factor, condensed, out_dtype)
         with timer.measure() if timer is not None else contextlib.nullcontext():
             out = lm.model(**inputs, use_cache=False).embeddings
-        dev = out.reshape(batch * length, -1).index_select(0, index.to(out.device))
+            dev = out.reshape(batch * length, -1).index_select(0, index.to(out.device))
+            dist = pooling_distances(dev, lengths) if pool_factor > 1 else None
         if pool_factor == 1:
             return PendingEmbeddings(dev.to(out_dtype).cpu(), lengths, None, None, timer)
-        return PendingEmbeddings(dev.cpu(), lengths, None, None, timer, pool_factor,
-                                 pooling_distances(dev, lengths).cpu(), out_dtype)
+        return PendingEmbeddings(dev.cpu(), lengths, None, None, timer, pool_factor, dist.cpu(), out_dtype)
 
 
 def pooling_distances(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -692,8 +695,9 @@ def forward_embeddings(lm: LoadedModel, inputs: dict, timer: ForwardTimer | None
     """Run the model; return each row's real vectors, (n_i, 128) ``out_dtype``, L2-normalised;
     with ``pool_factor`` > 1 each row's vectors pooled (:mod:`pipeline.embed.pooling`, in
     float32; distances on the model's device, the rest on the host). ``out_dtype`` float16 (what
-    the actor stores) is converted on the device: half the bytes to copy back, and no CPU
-    conversion; the values equal float32's converted on the host (both round to nearest even)."""
+    the actor stores) is converted on the device when not pooling (half the bytes to copy back,
+    no CPU conversion), and pooled vectors on the host; the values are the same either way
+    (both round to nearest even)."""
     lengths = inputs["attention_mask"].sum(dim=1).tolist()
     return launch_embeddings(lm, inputs, lengths, timer, out_dtype, pool_factor).result()
 

@@ -206,7 +206,7 @@ class PageEmbedder:
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.timer = ForwardTimer(device)
         self.counts = JobCounters(self.loaded_s)  # the job's (a kept actor's callers pass their own)
-        self.pool_factor = pool_factor  # each page's vectors pooled after the forward, on the model's device
+        self.pool_factor = pool_factor  # each page's vectors pooled after the forward (distances on the device, Ward on the host)
         # --batches-in-flight 2: Ray Data calls this from two threads (ActorPoolStrategy's
         # enable_true_multi_threading); the device work of one batch is queued at a time,
         # under this lock, while the other thread prepares its batch on the host.
@@ -248,7 +248,7 @@ class PageEmbedder:
         page_idx = [i for i, p in enumerate(pixels) if p is not None]
         images = [pixels[i].reshape(heights[i], widths[i], 3) for i in page_idx]
         busy_before = self.timer.thread_busy_s
-        # float16, what is stored, converted on the device (pipeline.embed.model.forward_embeddings)
+        # float16, what is stored (converted on the device; pooled vectors on the host: pipeline.embed.model.launch_embeddings)
         vectors = embed_pages(self.lm, images, self.timer, self.pool_factor, out_dtype=torch.float16,
                               device_lock=self.device_lock)
         busy = self.timer.thread_busy_s - busy_before
@@ -266,7 +266,11 @@ class PageEmbedder:
                          f", compile s in this process so far {self._compile_times()}" if self.compile_cache is not None else "") + ")",
                       file=sys.stderr, flush=True)
             if c.compile_state is None and images:
-                c.compile_state = json.dumps(self.compile_state())
+                state = self.compile_state()
+                if counts is not None and c.model_load_s == 0:
+                    # a kept actor's later job: the counts are the actor's since it started
+                    state["kept_actor"] = True
+                c.compile_state = json.dumps(state)
             c.pages += len(images)
             first_batch, first_batch_at = c.first_batch, c.first_batch_at
         if self.compile_cache is not None and images:

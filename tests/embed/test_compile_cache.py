@@ -274,6 +274,20 @@ def test_the_final_line_says_how_each_actor_came_by_its_compiled_model():
         (", first batches of 2 actors 0.4 s (kept actor, model loaded and compiled before), "
          "14.8 s (precompiled blocks compiled here)")
     many = [{"first_batch_s": float(i), "model_load_s": 1.0, "compile": {"mode": "off"}} for i in range(1, 6)]
-    assert first_batches(many) == ", first batches of 5 actors 5.0 s (not compiled), 1.0 s (not compiled)"
+    assert first_batches(many) == \
+        ", first batches of 5 actors: slowest 5.0 s (not compiled), fastest 1.0 s (not compiled)"
+    # precompiling fell back (a torch without aot_compile; past the variant limit)
+    all_back = {"mode": "precompiled, with fallbacks", "precompiled_from": None, "variants_loaded": 0,
+                "variants_compiled": 0, "compile_cache_from": None,
+                "fallbacks": {"vision_block": "no aot_compile", "text_layer": "no aot_compile"}}
+    assert first_batches([{"first_batch_s": 9.0, "model_load_s": 2.0, "compile": all_back}]) == \
+        ", first batch 9.0 s (torch.compile, cache cold; precompiling fell back (vision_block: no aot_compile; " \
+        "text_layer: no aot_compile))"
+    part_back = {**loaded, "mode": "precompiled, with fallbacks", "compile_cache_from": "/c/compile-x.bin",
+                 "fallbacks": {"text_layer": "more than 8 variants"}}
+    assert first_batches([{"first_batch_s": 3.0, "model_load_s": 2.0, "compile": part_back}]) == \
+        ", first batch 3.0 s (precompiled blocks loaded, 1 block type(s) fell back to torch.compile, cache warm)"
+    kept = {**compiled, "kept_actor": True}
+    assert "kept actor" in first_batches([{"first_batch_s": 0.3, "model_load_s": 0.0, "compile": kept}])
     plain = {"mode": "torch.compile", "compile_cache_from": "/tmp/vdr-compile-cache/compile-x.bin"}
     assert "torch.compile, cache warm" in first_batches([{"first_batch_s": 5.0, "model_load_s": 2.0, "compile": plain}])

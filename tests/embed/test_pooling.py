@@ -159,3 +159,23 @@ def test_pooling_lets_go_of_the_device_before_wards_merge_loop(tiny_model, monke
         assert q.dtype == np.float16 and len(q) == len(p) // 3
         np.testing.assert_allclose(q.astype(np.float32), pool_embeddings(torch.from_numpy(p), 3).numpy(),
                                    rtol=0, atol=1e-3)  # float16 rounding of values <= 1
+
+
+def test_pooled_rows_come_back_from_the_flat_copy_row_by_row():
+    """The host half of the actor's pooling (PendingEmbeddings) on what the device copies back:
+    every row's vectors one after another in the model's dtype (bf16 on GPUs) and the condensed
+    distances of the rows with more than one vector; rows of 0 and 1 vectors have none."""
+    from pipeline.embed.model import PendingEmbeddings, pooling_distances
+
+    g = torch.Generator().manual_seed(3)
+    lengths = [0, 1, 5, 2, 7, 30]
+    flat = torch.nn.functional.normalize(torch.randn(sum(lengths), 128, generator=g), dim=-1).to(torch.bfloat16)
+    pending = PendingEmbeddings(flat, lengths, None, None, None, pool_factor=3,
+                                condensed=pooling_distances(flat, lengths), out_dtype=torch.float16)
+    rows = pending.result()
+    start = 0
+    for n, row in zip(lengths, rows):
+        want = pool_embeddings(flat[start : start + n].float(), 3).to(torch.float16).numpy()
+        start += n
+        assert row.dtype == np.float16 and row.shape == (max(n // 3, 1) if n > 1 else n, 128)
+        np.testing.assert_array_equal(row, want)
