@@ -76,6 +76,12 @@ def main() -> int:
     ap.add_argument("--compare-uniform", action="store_true",
                     help="then as many batches of one page size (letter, 64x48 patches) in the same process: "
                          "the mixed corpus's cost against pages of one size, side by side")
+    ap.add_argument("--random-mixes", action="store_true",
+                    help="each mixed batch a random draw of the page grids (as a real corpus reaches the "
+                         "actor), instead of the fixed pattern of 4 or 8 sizes in equal numbers")
+    ap.add_argument("--split", choices=["runs", "pow2"], default="runs",
+                    help="how the vision attention groups equal-size images into SDPA calls "
+                         "(pipeline.embed.model.IMAGE_ATTENTION_SPLIT; pow2 bounds the call shapes)")
     ap.add_argument("--profile", action="store_true",
                     help="profile one more mixed batch (and one uniform with --compare-uniform): device time "
                          "by kernel class (GEMM, attention, ...) and the host gap")
@@ -99,14 +105,19 @@ def main() -> int:
         model = build_tiny_model(os.path.join(tempfile.mkdtemp(prefix="mixed-"), "model"), max_visual_tokens=768,
                                  real_size=cuda, device=args.device)
     lm = M.load_model(model, device=args.device, compile_model=True)
+    M.IMAGE_ATTENTION_SPLIT = args.split
     rng = np.random.default_rng(0)
     grids = GRIDS if cuda else [(h // 8 * 2, w // 8 * 2) for h, w in GRIDS]  # the tiny model on CPU: small pages
     res = {"commit": os.environ.get("BENCH_COMMIT"), "device": torch.cuda.get_device_name() if cuda else "cpu",
-           "command": " ".join(sys.argv), "batch_size": args.batch_size, "batches": []}
+           "command": " ".join(sys.argv), "batch_size": args.batch_size, "split": args.split,
+           "random_mixes": args.random_mixes, "batches": []}
     def pages(picks):
         return [rng.integers(0, 255, (h * 14, w * 14, 3), dtype=np.uint8) for h, w in picks]
 
     def mixed_picks(i):
+        if args.random_mixes:
+            draw = np.random.default_rng(1000 + i)
+            return [grids[int(x)] for x in draw.integers(0, len(grids), args.batch_size)]
         return [grids[(i * 3 + j * (1 + i % 3)) % len(grids)] for j in range(args.batch_size)]
 
     uniform = [grids[0]] * args.batch_size
@@ -118,12 +129,15 @@ def main() -> int:
             picks = picks_of(i)
             images = pages(picks)
             before = compiling()
+            shapes_before = len(M.IMAGE_ATTENTION_SHAPES)
             t = time.perf_counter()
             M.embed_pages(lm, images)
             if cuda:
                 torch.cuda.synchronize()
             res[key].append({"s": round(time.perf_counter() - t, 3), "sizes": len(set(picks)),
                              "compile_s": round(compiling() - before, 2),
+                             # SDPA call shapes (images, patches) this batch met for the first time
+                             "new_attention_shapes": len(M.IMAGE_ATTENTION_SHAPES) - shapes_before,
                              "graphs": int(counters["stats"]["unique_graphs"])})
             print(key, res[key][-1], flush=True)
             with open(args.out, "w") as f:

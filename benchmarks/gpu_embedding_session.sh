@@ -27,6 +27,9 @@
 #   part1       issue 11 part 1 side by side, in one call (~330 s): the actor alone at two batches
 #               in flight and pooled at factor 3 (bench_actor.py, 384 pages), then three plain
 #               3,000-page jobs, the first cold (bench_kept_embedders.py --plain-after 3)   560 s
+#   shapes      what a new SDPA call shape costs (bench_sdpa_shapes.py, per backend), then random
+#               mixed batches of 32 with the vision attention's calls per run and cut into powers
+#               of two (bench_mixed_sizes.py --random-mixes --split runs|pow2)           3 x 200 s
 # ACTOR_VARIANTS overrides the actor step's variants.
 # Each job step also builds the real-size model (12-17 s) and writes its corpus first, and a
 # fresh machine's first Python imports are slow: job_1 needed ~200 s on one (2026-12-03).
@@ -92,6 +95,14 @@ if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" part1 "* ]]; then
     --variants compiled_inflight2,compiled_inflight2_pool3 --out "$OUT/part1_actor.json"
   step part1_jobs 330 "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
     --plain-after 3 --out "$OUT/part1_jobs.json"
+fi
+if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" shapes "* ]]; then
+  [ -n "${STEPS:-}" ] && STEPS="$STEPS sdpa_shapes mixed_runs mixed_pow2"
+  step sdpa_shapes 200 "$PY" benchmarks/bench_sdpa_shapes.py --out "$OUT/sdpa_shapes.json"
+  step mixed_runs 200 "$PY" benchmarks/bench_mixed_sizes.py --random-mixes --batch-size 32 --batches 16 \
+    --split runs --compare-uniform --out "$OUT/mixed_runs.json"
+  step mixed_pow2 200 "$PY" benchmarks/bench_mixed_sizes.py --random-mixes --batch-size 32 --batches 16 \
+    --split pow2 --out "$OUT/mixed_pow2.json"
 fi
 step mixed 200 "$PY" benchmarks/bench_mixed_sizes.py ${MIXED_EXTRA:-} --out "$OUT/mixed.json"
 step kept "${KEPT_TIMEOUT:-480}" "$PY" benchmarks/bench_kept_embedders.py --kept-runs "${KEPT_RUNS:-3}" ${KEPT_EXTRA:-} --timeline-dir "$OUT/timelines" --out "$OUT/kept.json"

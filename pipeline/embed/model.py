@@ -301,6 +301,35 @@ def _runs(lengths: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+# How the images of one size in a batch are grouped into SDPA calls (:func:`image_attention`):
+# "runs" (the default): one call per run of equal-size images, its batch the run's length;
+# "pow2": each run cut into powers of two (7 images: 4 + 2 + 1), so that at most
+# log2(batch size) + 1 call shapes exist per page size. An experiment for mixed corpora: SDPA's
+# cuDNN backend builds an execution plan for each new (images, patches) shape, and a mixed
+# corpus meets a new shape in many batches (benchmarks/bench_sdpa_shapes.py measures what a new
+# shape costs; bench_mixed_sizes.py --split pow2 the whole batch). Not measured on a GPU yet.
+IMAGE_ATTENTION_SPLIT = "runs"
+# (images, patches) of every SDPA call made by image_attention in this process, so benchmarks
+# can tell how many shapes a batch met for the first time.
+IMAGE_ATTENTION_SHAPES: set[tuple[int, int]] = set()
+
+
+def _attention_calls(lengths: list[int], split: str = "runs") -> list[tuple[int, int]]:
+    """(patches, images) of each SDPA call for images of ``lengths`` patches, in order."""
+    calls = []
+    for length, count in _runs(lengths):
+        if split == "pow2":
+            while count:
+                part = 1 << (count.bit_length() - 1)
+                calls.append((length, part))
+                count -= part
+        elif split == "runs":
+            calls.append((length, count))
+        else:
+            raise ValueError(f"IMAGE_ATTENTION_SPLIT must be 'runs' or 'pow2', got {split!r}")
+    return calls
+
+
 def _image_lengths(lengths: torch.Tensor | None, cu_seqlens: torch.Tensor, seq_length: int) -> list[int]:
     """Patches per image: the host's (``lengths``), else from ``cu_seqlens`` (a device sync)."""
     if lengths is not None:
@@ -321,7 +350,8 @@ def image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
     import torch.nn.functional as F
 
     outs, start = [], 0
-    for length, count in _runs(_image_lengths(lengths, cu_seqlens, q.shape[0])):
+    for length, count in _attention_calls(_image_lengths(lengths, cu_seqlens, q.shape[0]), IMAGE_ATTENTION_SPLIT):
+        IMAGE_ATTENTION_SHAPES.add((count, length))
         n = length * count
         qs, ks, vs = (t[start : start + n].view(count, length, t.shape[1], -1).transpose(1, 2) for t in (q, k, v))
         o = F.scaled_dot_product_attention(qs, ks, vs, scale=scale)  # (count, heads, length, dim)

@@ -141,6 +141,27 @@ def test_batched_vision_attention_equals_the_per_image_loop(tiny_model, lm):
     assert M._runs([3, 3, 5, 3]) == [(3, 2), (5, 1), (3, 1)]
 
 
+def test_vision_attention_cut_into_powers_of_two_gives_the_same_embeddings(lm, monkeypatch):
+    """IMAGE_ATTENTION_SPLIT = "pow2" (an experiment for mixed corpora: fewer distinct SDPA call
+    shapes) only regroups images that never attend to each other: the same vectors, bit for bit
+    here; and the shapes of its calls are the powers of two of each run."""
+    rng = np.random.default_rng(7)
+    sizes = [(28 * 6, 28 * 4)] * 7 + [(28 * 4, 28 * 4)] * 3
+    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    want = M.embed_pages(lm, images)
+    monkeypatch.setattr(M, "IMAGE_ATTENTION_SPLIT", "pow2")
+    M.IMAGE_ATTENTION_SHAPES.clear()
+    got = M.embed_pages(lm, images)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    patches = {(h // 14) * (w // 14) for h, w in sizes}
+    assert M.IMAGE_ATTENTION_SHAPES == {(c, n) for n in patches for c in ((2, 1) if n == 64 else (4, 2, 1))}
+    assert M._attention_calls([5] * 7 + [3] * 3, "pow2") == [(5, 4), (5, 2), (5, 1), (3, 2), (3, 1)]
+    assert M._attention_calls([5] * 7 + [3] * 3, "runs") == [(5, 7), (3, 3)]
+    with pytest.raises(ValueError, match="pow2"):
+        M._attention_calls([5], "nope")
+
+
 @pytest.mark.parametrize("precompiled", [True, False], ids=["precompiled", "torch.compile"])
 def test_compiled_blocks_are_not_compiled_again_for_other_page_sizes(tiny_model, lm, precompiled):
     """A mixed corpus gives every batch another mix of page sizes. The compiled blocks must
