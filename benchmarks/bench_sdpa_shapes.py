@@ -5,7 +5,7 @@ Why: the actor's vision attention (pipeline.embed.model.image_attention) makes o
 per run of equal-size images in a batch, its batch dimension the run's length. On pages of one
 size every batch has the same call shapes; on a mixed corpus the shapes change from batch to
 batch, and SDPA's cuDNN backend builds an execution plan for each new shape (torch keeps them
-in a per-process cache). The twelfth session's mixed-size batches took 0.36-0.47 s where batches
+in a per-process cache). The eleventh session's mixed-size batches took 0.36-0.47 s where batches
 of shapes already met took 0.27-0.28 s (batch 16; results/bench_mixed_sizes_h200_2026-12-04_s11d.json).
 This measures the first-call cost directly:
 
