@@ -23,6 +23,8 @@ costs in fidelity. Real-size ColQwen2 with random weights, one run, the same pag
                           (as Ray Data does), one batch prepared on the host while the other
                           runs; timed as wall time over batches;
    * ``fp8`` / ``fp8_cudnn``  --precision fp8 (pipeline/embed/fp8.py), compiled;
+   * ``*_convpatch``      any of these with the patch embedding as transformers' Conv3d (the
+                          default since 2026-12-05 runs it as one matmul);
    * ``*_pool3``          any of these with --pool-factor 3 (pipeline/embed/pooling.py): the
                           pooling's distances on the GPU, Ward's merge loop on the host (off
                           the device lock since 2026-12-05); no fidelity row (other vectors).
@@ -189,6 +191,23 @@ def old_host_path(on: bool):
         yield
     finally:
         schema.embeddings_to_arrow, stages.pixel_views, M.embed_pages = saved[:3]
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str | None):
+    """``name=value`` in the environment for the block (None: leave it as it is)."""
+    if value is None:
+        yield
+        return
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def _calls(emb, tables):
@@ -421,6 +440,9 @@ def main():
         # *_cudnn / *_flash: the SDPA preference holds for the whole variant, from before the
         # model is built and compiled to its last call (see cudnn_first).
         host.enter_context(cudnn_first(cudnn))
+        # *_convpatch: the patch embedding as transformers' Conv3d (the default since 2026-12-05
+        # is one matmul: pipeline.embed.model.enable_linear_patch_embed), read by load_model
+        host.enter_context(env_set("VDR_LINEAR_PATCH_EMBED", "0" if "_convpatch" in name else None))
         # *_tritonattn / *_tritontma: the vision attention as benchmarks/vision_attention_triton.py's
         # pointer kernel / TMA + warp-specialized kernel
         host.enter_context(triton_vision_attention("tritonattn" in name or "tritontma" in name,

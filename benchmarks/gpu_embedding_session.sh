@@ -24,8 +24,9 @@
 #               (graphs, recompilations, s per batch; MIXED_EXTRA: more arguments)  200 s [~35 s]
 #   kept        bench_kept_embedders.py: on one running Ray head, the plain 3,000-page job, then
 #               three with --keep-embedders (the first starts the kept actor)   480 s [~330 s]
-#   part1       issue 11 part 1 side by side, in one call (~330 s): the actor alone at two batches
-#               in flight and pooled at factor 3 (bench_actor.py, 384 pages), then three plain
+#   part1       issue 11 part 1 side by side, in one call (~400 s): the actor alone at two batches
+#               in flight, with the Conv3d patch embedding of before 2026-12-05, and pooled at
+#               factor 3 (bench_actor.py, 384 pages), then three plain
 #               3,000-page jobs, the first cold (bench_kept_embedders.py --plain-after 3)   560 s
 #   shapes      what a new SDPA call shape costs (bench_sdpa_shapes.py, per backend), then random
 #               mixed batches of 32 with the vision attention's calls per run and cut into powers
@@ -92,7 +93,7 @@ step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" part1 "* ]]; then
   [ -n "${STEPS:-}" ] && STEPS="$STEPS part1_actor part1_jobs"
   step part1_actor 200 "$PY" benchmarks/bench_actor.py --pages 384 --fid-pages 256 --queries 50 \
-    --variants compiled_inflight2,compiled_inflight2_pool3 --out "$OUT/part1_actor.json"
+    --variants compiled_inflight2,compiled_inflight2_convpatch,compiled_inflight2_pool3 --out "$OUT/part1_actor.json"
   step part1_jobs 330 "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
     --plain-after 3 --out "$OUT/part1_jobs.json"
 fi

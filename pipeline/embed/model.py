@@ -147,6 +147,7 @@ class LoadedModel:
     # setup): where an actor's start-up goes
     load_phases: dict = dataclasses.field(default_factory=dict)
     precompiled: list = dataclasses.field(default_factory=list)  # pipeline.embed.precompile.PrecompiledForward
+    linear_patch_embed: bool = False  # the patch embedding runs as one matmul (enable_linear_patch_embed)
 
     @property
     def dtype_name(self) -> str:
@@ -165,6 +166,7 @@ def load_model(
     precision: str = "default",
     compile_backend: str = "inductor",
     precompiled: bool | None = None,
+    linear_patch_embed: bool | None = None,
 ) -> LoadedModel:
     """Load ``ColQwen2ForRetrieval`` + ``ColQwen2Processor`` (ColQwen2.5 ports too).
 
@@ -174,7 +176,9 @@ def load_model(
     Dynamo's graphs and guards, without Inductor's code generation). ``precompiled``: compile
     each block type ahead of time (:mod:`pipeline.embed.precompile`: serializable, so a warm
     start skips tracing); False: ``torch.compile`` on each block, as before 2026-12-05; None:
-    True unless the environment sets ``VDR_PRECOMPILE=0``."""
+    True unless the environment sets ``VDR_PRECOMPILE=0``. ``linear_patch_embed``: the vision
+    tower's patch embedding as one matmul (:func:`enable_linear_patch_embed`); None: True unless
+    the environment sets ``VDR_LINEAR_PATCH_EMBED=0``."""
     phases: dict[str, float] = {}
     mark = [time.perf_counter()]
 
@@ -258,6 +262,9 @@ def load_model(
     lm.precision = precision
     if batched_vision_attention and attn == "sdpa" and model.config.vlm_config.model_type == "qwen2_vl":
         enable_batched_vision_attention(model, lm.vision_lengths)
+    if linear_patch_embed is None:
+        linear_patch_embed = os.environ.get("VDR_LINEAR_PATCH_EMBED", "1") != "0"
+    lm.linear_patch_embed = linear_patch_embed and enable_linear_patch_embed(model)
     if compile_model:
         # Per block, not the whole model: the blocks are where the time goes (elementwise
         # chains around the matmuls that eager mode runs as separate kernels), and their
@@ -417,6 +424,42 @@ def enable_batched_vision_attention(model, holder: _VisionLengths, attend=None) 
         blk.attn.forward = types.MethodType(_batched_vision_attention, blk.attn)
         count += 1
     return count
+
+
+def _linear_patch_embed(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The patch embedding's forward set by :func:`enable_linear_patch_embed`."""
+    w = self.proj.weight  # (embed_dim, channels, temporal, patch, patch)
+    x = hidden_states.reshape(-1, w[0].numel()).to(w.dtype)
+    return torch.nn.functional.linear(x, w.reshape(w.shape[0], -1), self.proj.bias)
+
+
+_linear_patch_embed.__name__ = "forward"
+
+
+def enable_linear_patch_embed(model) -> bool:
+    """Run the vision tower's patch embedding as one matmul instead of a Conv3d.
+
+    Qwen2-VL's (and Qwen2.5-VL's) patch embedding is a Conv3d whose kernel equals its stride
+    and covers each whole patch (3 x 2 x 14 x 14 = 1,176 values -> 1,280), applied to patches
+    that are already cut out: exactly a linear layer over the flattened patch, with the conv's
+    weight read as (1,280, 1,176). Same sums, in another order (bf16 rounding apart; tests
+    compare it with the Conv3d). Why: on an H200, cuDNN ran this conv as
+    ``implicit_convolveNd_sgemm`` at 12.3 ms per batch of 32 letter pages, ~2.5% of the
+    compiled actor's GPU time (profile of 2026-12-04, RESULTS ninth session), for 0.3 TFLOP
+    that a cuBLAS matmul does in well under a millisecond (not measured yet). Returns whether
+    the module was changed (False for a patch embedding of another form)."""
+    import types
+
+    visual = getattr(model.vlm, "visual", None) or model.vlm.model.visual
+    pe = getattr(visual, "patch_embed", None)
+    conv = getattr(pe, "proj", None)
+    if not isinstance(conv, torch.nn.Conv3d):
+        return False
+    if (tuple(conv.kernel_size) != tuple(conv.stride) or conv.padding not in ((0, 0, 0), "valid")
+            or tuple(conv.dilation) != (1, 1, 1) or conv.groups != 1):
+        return False
+    pe.forward = types.MethodType(_linear_patch_embed, pe)
+    return True
 
 
 def _rope_index(vlm, input_ids, mm_token_type_ids, image_grid_thw, attention_mask) -> torch.Tensor:

@@ -141,6 +141,23 @@ def test_batched_vision_attention_equals_the_per_image_loop(tiny_model, lm):
     assert M._runs([3, 3, 5, 3]) == [(3, 2), (5, 1), (3, 1)]
 
 
+def test_patch_embedding_as_one_matmul_equals_the_conv3d(tiny_model, lm):
+    """The default load runs the vision tower's patch embedding as a matmul over each flattened
+    patch (pipeline.embed.model.enable_linear_patch_embed); a load without it keeps
+    transformers' Conv3d. Same embeddings (float32 on CPU: summation order only)."""
+    conv = M.load_model(tiny_model, device="cpu", linear_patch_embed=False)
+    assert lm.linear_patch_embed and not conv.linear_patch_embed
+    visual = lm.model.vlm.model.visual if hasattr(lm.model.vlm, "model") else lm.model.vlm.visual
+    assert visual.patch_embed.forward.__func__ is M._linear_patch_embed
+    images = page_images(8) + page_images(9)[1:2]
+    for a, b in zip(M.embed_pages(lm, images), M.embed_pages(conv, images)):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+    x = torch.randn(10, 3 * 2 * 14 * 14)
+    pe = visual.patch_embed
+    np.testing.assert_allclose(M._linear_patch_embed(pe, x).detach().numpy(),
+                               type(pe).forward(pe, x).detach().numpy(), rtol=0, atol=1e-5)
+
+
 def test_vision_attention_cut_into_powers_of_two_gives_the_same_embeddings(lm, monkeypatch):
     """IMAGE_ATTENTION_SPLIT = "pow2" (an experiment for mixed corpora: fewer distinct SDPA call
     shapes) only regroups images that never attend to each other: the same vectors, bit for bit
