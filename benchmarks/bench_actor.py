@@ -23,6 +23,9 @@ costs in fidelity. Real-size ColQwen2 with random weights, one run, the same pag
                           (as Ray Data does), one batch prepared on the host while the other
                           runs; timed as wall time over batches;
    * ``fp8`` / ``fp8_cudnn``  --precision fp8 (pipeline/embed/fp8.py), compiled;
+   * ``*_persistnorm``    any of these with Inductor's persistent reductions up to 2,048 per
+                          row (VDR_PERSISTENT_NORMS=1; the profile's norm kernels should read
+                          ``triton_per_...`` instead of ``triton_red_...``);
    * ``*_convpatch``      any of these with the patch embedding as transformers' Conv3d (the
                           default since 2026-12-05 runs it as one matmul);
    * ``*_pool3``          any of these with --pool-factor 3 (pipeline/embed/pooling.py): the
@@ -191,6 +194,23 @@ def old_host_path(on: bool):
         yield
     finally:
         schema.embeddings_to_arrow, stages.pixel_views, M.embed_pages = saved[:3]
+
+
+@contextlib.contextmanager
+def persistent_norms_variant():
+    """Inductor's FX graph cache off while the variant compiles (its kernels would otherwise be
+    found under the default heuristics' key), and Inductor's own heuristics back after it."""
+    from torch._inductor import config
+
+    from pipeline.embed import inductor_heuristics
+
+    saved = config.fx_graph_cache
+    config.fx_graph_cache = False
+    try:
+        yield
+    finally:
+        config.fx_graph_cache = saved
+        inductor_heuristics.uninstall()
 
 
 @contextlib.contextmanager
@@ -440,6 +460,12 @@ def main():
         # *_cudnn / *_flash: the SDPA preference holds for the whole variant, from before the
         # model is built and compiled to its last call (see cudnn_first).
         host.enter_context(cudnn_first(cudnn))
+        # *_persistnorm: Inductor's persistent reductions up to 2,048 values per row
+        # (pipeline.embed.inductor_heuristics, VDR_PERSISTENT_NORMS=1), compiled fresh: the
+        # FX graph cache off for the variant, the heuristic undone after it
+        host.enter_context(env_set("VDR_PERSISTENT_NORMS", "1" if "_persistnorm" in name else None))
+        if "_persistnorm" in name:
+            host.enter_context(persistent_norms_variant())
         # *_convpatch: the patch embedding as transformers' Conv3d (the default since 2026-12-05
         # is one matmul: pipeline.embed.model.enable_linear_patch_embed), read by load_model
         host.enter_context(env_set("VDR_LINEAR_PATCH_EMBED", "0" if "_convpatch" in name else None))
@@ -474,7 +500,7 @@ def main():
 
                 variants[name]["tma_config"] = list(va.TMA_CONFIG)
                 variants[name]["tma_fallback_calls"] = va.TMA_FALLBACKS["calls"]
-            if name in ("compiled", "fp8", "compiled_tritonattn", "compiled_tritontma"):
+            if name in ("compiled", "fp8", "compiled_tritonattn", "compiled_tritontma", "compiled_persistnorm"):
                 res[f"profile_{name}"] = profile_actor(emb, pages, args.batch_size)
                 print(name, "profile", json.dumps({k: v for k, v in res[f"profile_{name}"].items() if k != "top_kernels"}),
                       flush=True)

@@ -28,6 +28,9 @@
 #               in flight, with the Conv3d patch embedding of before 2026-12-05, and pooled at
 #               factor 3 (bench_actor.py, 384 pages), then three plain
 #               3,000-page jobs, the first cold (bench_kept_embedders.py --plain-after 3)   560 s
+#   part2       the actor with Inductor's persistent reductions widened to the 1,280/1,536-wide
+#               norms against the default, both profiled (bench_actor.py compiled,compiled_persistnorm;
+#               the norm kernels should read triton_per_ instead of triton_red_)   300 s [~150 s]
 #   shapes      what a new SDPA call shape costs (bench_sdpa_shapes.py, per backend), then random
 #               mixed batches of 32 with the vision attention's calls per run and cut into powers
 #               of two (bench_mixed_sizes.py --random-mixes --split runs|pow2)           3 x 200 s
@@ -97,6 +100,8 @@ if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" part1 "* ]]; then
   step part1_jobs 330 "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
     --plain-after 3 --out "$OUT/part1_jobs.json"
 fi
+step part2 300 "$PY" benchmarks/bench_actor.py --pages 384 --fid-pages 256 --queries 50 \
+  --variants compiled,compiled_persistnorm --out "$OUT/part2_actor.json"
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" shapes "* ]]; then
   [ -n "${STEPS:-}" ] && STEPS="$STEPS sdpa_shapes mixed_runs mixed_pow2"
   step sdpa_shapes 200 "$PY" benchmarks/bench_sdpa_shapes.py --out "$OUT/sdpa_shapes.json"

@@ -100,6 +100,10 @@ def cache_key(model_config: dict, dtype: str, device: str, attn_implementation: 
              "triton": triton_version, "scheme": SCHEME, "attn": attn_implementation}
     if precompiled:
         parts["precompiled"] = precompile_format()
+    from pipeline.embed import inductor_heuristics
+
+    if inductor_heuristics.tag():  # Inductor's heuristics changed (an opt-in experiment): other kernels
+        parts["heuristics"] = inductor_heuristics.tag()
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return f"compile-{digest}.bin"
 

@@ -275,8 +275,10 @@ def load_model(
         # and ran eagerly after it (tests/embed/test_model.py).
         # Each block type is compiled ahead of time by torch (pipeline.embed.precompile), so a
         # warm actor loads the compiled blocks instead of tracing them again (compile_cache).
-        from pipeline.embed import precompile
+        from pipeline.embed import inductor_heuristics, precompile
 
+        if inductor_heuristics.persistent_norms_requested():  # an experiment, off by default
+            inductor_heuristics.install_persistent_norms()
         visual = getattr(model.vlm, "visual", None) or model.vlm.model.visual
         text = getattr(model.vlm, "language_model", None) or model.vlm.model.language_model
         if precompiled is None:

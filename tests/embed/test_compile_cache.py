@@ -291,3 +291,47 @@ def test_the_final_line_says_how_each_actor_came_by_its_compiled_model():
     assert "kept actor" in first_batches([{"first_batch_s": 0.3, "model_load_s": 0.0, "compile": kept}])
     plain = {"mode": "torch.compile", "compile_cache_from": "/tmp/vdr-compile-cache/compile-x.bin"}
     assert "torch.compile, cache warm" in first_batches([{"first_batch_s": 5.0, "model_load_s": 2.0, "compile": plain}])
+
+
+HEURISTIC = r"""
+import json, sys, types
+import sympy
+from torch._inductor.runtime.hints import ReductionHint
+from torch._inductor.sizevars import SizeVarAllocator
+from torch._inductor.virtualized import V
+from pipeline.embed import compile_cache as cc, inductor_heuristics as ih
+
+class Features:  # what the heuristic reads of a reduction kernel
+    def __init__(self, n, hint):
+        self.reduction_numel, self.hint = sympy.Integer(n), hint
+    def get_reduction_hint(self):
+        return self.hint
+
+def decisions():
+    with V.set_graph_handler(types.SimpleNamespace(sizevars=SizeVarAllocator())):
+        return [V.choices.should_use_persistent_reduction(Features(n, h), False)
+                for n, h in ((1024, ReductionHint.INNER), (1280, ReductionHint.INNER),
+                             (1536, ReductionHint.INNER), (4096, ReductionHint.INNER), (1280, ReductionHint.OUTER))]
+
+key = lambda: cc.cache_key({"a": 1}, "bfloat16", "cpu", "sdpa", precompiled=True)
+out = {"default": decisions(), "key_default": key()}
+out["installed"] = ih.install_persistent_norms()
+out.update(wider=decisions(), key_wider=key(), tag=ih.tag())
+ih.uninstall()
+out.update(after=decisions(), key_after=key())
+print(json.dumps(out))
+"""
+
+
+def test_persistent_norms_is_opt_in_widens_only_inner_reductions_and_keys_the_cache_apart():
+    """VDR_PERSISTENT_NORMS=1 (an experiment): rows of 1,280 and 1,536 values (the vision
+    LayerNorms, the text RMSNorms) become persistent reductions, 4,096 and outer ones do not;
+    compiled artefacts get another cache key; uninstalling restores Inductor's choices."""
+    proc = subprocess.run([sys.executable, "-c", HEURISTIC], env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["default"] == [True, False, False, False, False]
+    assert out["installed"] and out["wider"] == [True, True, True, False, False]
+    assert out["tag"] and out["key_wider"] != out["key_default"]
+    assert out["after"] == out["default"] and out["key_after"] == out["key_default"]
