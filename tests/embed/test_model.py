@@ -408,3 +408,25 @@ def test_batches_in_flight_default_is_two_on_gpus_one_on_cpus():
     assert resolve_batches_in_flight(None, "cpu") == 1
     assert resolve_batches_in_flight(1, "cuda") == 1
     assert resolve_batches_in_flight(2, "cpu") == 2
+
+
+def test_a_patch_embedding_of_another_form_keeps_its_conv():
+    """Only a Conv3d whose kernel equals its stride (no padding, dilation or groups) is a
+    matmul over each patch; any other stays as it is."""
+    from types import SimpleNamespace
+
+    def model_with(conv):
+        pe = torch.nn.Module()
+        pe.proj = conv
+        return SimpleNamespace(vlm=SimpleNamespace(visual=SimpleNamespace(patch_embed=pe))), pe
+
+    same, pe = model_with(torch.nn.Conv3d(3, 8, kernel_size=(2, 4, 4), stride=(2, 4, 4), bias=True))
+    assert M.enable_linear_patch_embed(same) and pe.forward.__func__ is M._linear_patch_embed
+    x = torch.randn(5, 3 * 2 * 4 * 4)
+    np.testing.assert_allclose(pe(x).detach().numpy(),
+                               pe.proj(x.view(-1, 3, 2, 4, 4)).view(-1, 8).detach().numpy(), atol=1e-5)
+    for conv in (torch.nn.Conv3d(3, 8, kernel_size=(2, 4, 4), stride=(1, 4, 4)),
+                 torch.nn.Conv3d(3, 8, kernel_size=(2, 4, 4), stride=(2, 4, 4), padding=1),
+                 torch.nn.Conv2d(3, 8, kernel_size=4, stride=4)):
+        other, pe = model_with(conv)
+        assert not M.enable_linear_patch_embed(other) and "forward" not in vars(pe)
