@@ -179,3 +179,20 @@ def test_pooled_rows_come_back_from_the_flat_copy_row_by_row():
         start += n
         assert row.dtype == np.float16 and row.shape == (max(n // 3, 1) if n > 1 else n, 128)
         np.testing.assert_array_equal(row, want)
+
+
+def test_pooling_distances_copied_row_by_row_equal_the_concatenation():
+    """The CUDA path writes each row's distances into its slice of one host buffer as they are
+    queued (no device-side concatenation); the buffer must hold what the concatenation holds,
+    rows of 0 and 1 vectors taking no room, and a buffer of the wrong size is refused."""
+    from pipeline.embed.model import condensed_size, pooling_distances
+
+    g = torch.Generator().manual_seed(5)
+    lengths = [3, 0, 1, 9, 2, 17]
+    flat = torch.nn.functional.normalize(torch.randn(sum(lengths), 128, generator=g), dim=-1).to(torch.bfloat16)
+    assert condensed_size(lengths) == 3 + 36 + 1 + 136
+    out = torch.full((condensed_size(lengths),), float("nan"), dtype=torch.float64)
+    assert pooling_distances(flat, lengths, out=out) is out
+    torch.testing.assert_close(out, pooling_distances(flat, lengths), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="176"):
+        pooling_distances(flat, lengths, out=torch.empty(10, dtype=torch.float64))
