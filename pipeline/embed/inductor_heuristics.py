@@ -9,8 +9,8 @@ H200 (ninth session's profile, 3 batches of 32 letter pages) the two vision Laye
 (``triton_red_fused_native_layer_norm``, ``triton_red_fused_add_native_layer_norm``) took 95 ms
 of 1,463 ms of kernels, ~0.5 ms per call for ~0.5-0.75 GB moved: 1-1.5 TB/s of the chip's 4.8.
 This raises the limit to 2,048 for inner reductions, through Inductor's own extension point
-(``V.set_choices_handler`` with an ``InductorChoices`` subclass), so those norms compile
-persistent. Prediction (not measured): about half of those 95 ms saved, the actor ~2-3% faster;
+(``config.inductor_choices_class``, an ``InductorChoices`` subclass, which every thread's
+``V.choices`` is made from), so those norms compile persistent. Prediction (not measured): about half of those 95 ms saved, the actor ~2-3% faster;
 the sums are the same per row in float32 (another order), within bf16 rounding. The compile
 cache keys it apart (:func:`tag`). On CPU Inductor writes C++ and this choice does not apply.
 """
@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 log = logging.getLogger(__name__)
 
 PERSISTENT_NORMS_ENV = "VDR_PERSISTENT_NORMS"
 PERSISTENT_LIMIT = 2048
-_installed: list = []  # [True, the default choices class] once installed
+_installed: list = []  # [True, the settings it makes] once installed
 
 
 def persistent_norms_requested() -> bool:
@@ -36,19 +37,16 @@ def tag() -> str | None:
     return f"persistent-inner-reductions<={PERSISTENT_LIMIT}" if _installed else None
 
 
-def install_persistent_norms(limit: int = PERSISTENT_LIMIT) -> bool:
-    """Make Inductor write inner reductions of up to ``limit`` values per row as persistent
-    kernels (its own limit is 1,024). Process-wide; once. False when this torch lacks the hook."""
-    if _installed:
-        return True
-    try:
-        from torch._inductor import config
-        from torch._inductor.choices import InductorChoices
-        from torch._inductor.runtime.hints import ReductionHint
-        from torch._inductor.virtualized import V
-    except ImportError as exc:  # pragma: no cover - another torch
-        log.warning("%s=1 ignored: this torch has no Inductor choices hook (%s)", PERSISTENT_NORMS_ENV, exc)
-        return False
+def _choices_class(limit: int):
+    """The ``InductorChoices`` subclass, made on first use (importing Inductor is slow) and kept
+    as this module's ``WiderPersistentNorms`` so that pickle (Inductor's cache keys in torch
+    versions that pickle their config) finds it by name."""
+    global WiderPersistentNorms
+    from torch._inductor import config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
     base = InductorChoices.should_use_persistent_reduction
 
     class WiderPersistentNorms(InductorChoices):
@@ -66,18 +64,98 @@ def install_persistent_norms(limit: int = PERSISTENT_LIMIT) -> bool:
             except Exception:  # a torch whose features differ: keep Inductor's own choice
                 return use
 
-    V.set_choices_handler(WiderPersistentNorms())
-    _installed.append(True)
-    _installed.append(InductorChoices)
+        def uuid(self) -> str:  # what Inductor's cache keys record of the choices (torch >= 2.13)
+            return f"vdr-persistent-inner-reductions<={limit}"
+
+    WiderPersistentNorms.__module__ = __name__
+    WiderPersistentNorms.__qualname__ = "WiderPersistentNorms"
+    return WiderPersistentNorms
+
+
+WiderPersistentNorms = None  # the class, once _choices_class has made it
+
+
+def install_persistent_norms(limit: int = PERSISTENT_LIMIT) -> bool:
+    """Make Inductor write inner reductions of up to ``limit`` values per row as persistent
+    kernels (its own limit is 1,024). Process-wide; once. False when this torch lacks the hook.
+
+    Installed as ``config.inductor_choices_class`` (the factory each thread's ``V.choices`` is
+    made from) and as this thread's handler. Torch 2.13 keeps config overrides per thread
+    (ContextVars), and the actor compiles its blocks in the threads that call it, not in the
+    one that loaded the model: :func:`apply_in_this_thread` (called before every forward)
+    sets both in the calling thread. Inductor's own caches must tell the kernels apart from the
+    default ones: torch >= 2.13 keys its FX graph cache on the factory's ``uuid()``
+    (``_cache_config_factory_keys``); where this torch does not, the FX graph and AOTAutograd
+    caches are turned off while installed."""
+    if _installed:
+        apply_in_this_thread()
+        return True
+    try:
+        from torch._inductor import config
+
+        cls = _choices_class(limit)
+    except ImportError as exc:  # pragma: no cover - another torch
+        log.warning("%s=1 ignored: this torch has no Inductor choices hook (%s)", PERSISTENT_NORMS_ENV, exc)
+        return False
+    if not hasattr(config, "inductor_choices_class"):  # pragma: no cover - an older torch
+        log.warning("%s=1 ignored: this torch has no config.inductor_choices_class", PERSISTENT_NORMS_ENV)
+        return False
+    settings = {"inductor_choices_class": cls}
+    if "inductor_choices_class" not in getattr(config, "_cache_config_factory_keys", ()):
+        settings["fx_graph_cache"] = False
+        settings["enable_autograd_cache"] = False
+        log.info("%s=1: this torch does not key its FX graph cache on the choices; that cache is off",
+                 PERSISTENT_NORMS_ENV)
+    _installed.extend([True, settings])
+    _generation[0] += 1
+    apply_in_this_thread()
     log.info("Inductor: inner reductions of up to %d values per row compile as persistent kernels (%s=1)",
              limit, PERSISTENT_NORMS_ENV)
     return True
 
 
-def uninstall() -> None:
-    """Inductor's own heuristics again (benchmarks that compare both in one process)."""
-    if _installed:
-        from torch._inductor.virtualized import V
+_generation = [0]  # bumped by every install and uninstall
+_thread = threading.local()  # .generation: the one this thread's settings follow
 
-        V.set_choices_handler(_installed[1]())
+
+def _configs():
+    import torch._functorch.config as fconfig
+    from torch._inductor import config
+
+    return {"inductor_choices_class": config, "fx_graph_cache": config, "enable_autograd_cache": fconfig}
+
+
+def apply_in_this_thread() -> None:
+    """Bring the calling thread's Inductor settings in line with the process's: the wider
+    choices and cache settings while installed; Inductor's defaults again in a thread that had
+    them, once uninstalled. A dict lookup when nothing changed since this thread's last call."""
+    if getattr(_thread, "generation", 0) == _generation[0]:
+        return
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+
+    configs = _configs()
+    if _installed:
+        settings = _installed[1]
+        saved = {k: getattr(configs[k], k) for k in settings if hasattr(configs[k], k)}
+        for k, v in settings.items():
+            if hasattr(configs[k], k):
+                setattr(configs[k], k, v)
+        _thread.saved = saved
+        V.set_choices_handler(settings["inductor_choices_class"]())
+    elif getattr(_thread, "saved", None) is not None:
+        for k, v in _thread.saved.items():
+            setattr(configs[k], k, v)
+        factory = _thread.saved.get("inductor_choices_class")
+        V.set_choices_handler(factory() if factory is not None else InductorChoices())
+        _thread.saved = None
+    _thread.generation = _generation[0]
+
+
+def uninstall() -> None:
+    """Inductor's own heuristics and cache settings again (benchmarks that compare both in one
+    process): at once in this thread, and in any other at its next :func:`apply_in_this_thread`."""
+    if _installed:
         _installed.clear()
+        _generation[0] += 1
+        apply_in_this_thread()

@@ -455,7 +455,9 @@ def enable_linear_patch_embed(model) -> bool:
     visual = getattr(model.vlm, "visual", None) or model.vlm.model.visual
     pe = getattr(visual, "patch_embed", None)
     conv = getattr(pe, "proj", None)
-    if not isinstance(conv, torch.nn.Conv3d):
+    # exactly a Conv3d with a plain weight: not a subclass with its own forward, not a quantized
+    # or otherwise wrapped tensor
+    if type(conv) is not torch.nn.Conv3d or type(conv.weight.data) is not torch.Tensor:
         return False
     if (tuple(conv.kernel_size) != tuple(conv.stride) or conv.padding not in ((0, 0, 0), "valid")
             or tuple(conv.dilation) != (1, 1, 1) or conv.groups != 1):
@@ -715,9 +717,11 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
     exact), and each row's pooling distances (:func:`pipeline.embed.pooling.condensed_distances`)
     are queued on the device and copied back beside them; the rest of the pooling runs in
     :meth:`PendingEmbeddings.result`, on the host, after the caller has let go of the device."""
+    from pipeline.embed import inductor_heuristics
     from pipeline.embed.pooling import check_pool_factor
 
     check_pool_factor(pool_factor)
+    inductor_heuristics.apply_in_this_thread()  # blocks compile in the thread that first calls them
     batch, length = inputs["input_ids"].shape
     inputs = without_padding_mask(inputs)
     cuda = timer.cuda if timer is not None else (str(lm.device).startswith("cuda") and torch.cuda.is_available())

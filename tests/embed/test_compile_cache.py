@@ -315,10 +315,28 @@ def decisions():
 
 key = lambda: cc.cache_key({"a": 1}, "bfloat16", "cpu", "sdpa", precompiled=True)
 out = {"default": decisions(), "key_default": key()}
+def in_new_thread():  # the actor compiles its blocks in the threads that call it
+    import threading
+    box = []
+    def run():
+        ih.apply_in_this_thread()  # what launch_embeddings does before every forward
+        box.append(decisions())
+    t = threading.Thread(target=run)
+    t.start(); t.join()
+    return box[0]
+
+def inductor_keys():  # what Inductor's FX graph cache keys record of the choices, or that it is off
+    from torch._inductor import config
+    if "inductor_choices_class" in getattr(config, "_cache_config_factory_keys", ()):
+        return str(config.save_config_portable().get("inductor_choices_class"))
+    return f"fx_graph_cache={config.fx_graph_cache}"
+
+out["inductor_default"] = inductor_keys()
 out["installed"] = ih.install_persistent_norms()
-out.update(wider=decisions(), key_wider=key(), tag=ih.tag())
+out.update(wider=decisions(), wider_thread=in_new_thread(), key_wider=key(), tag=ih.tag(),
+           inductor_wider=inductor_keys())
 ih.uninstall()
-out.update(after=decisions(), key_after=key())
+out.update(after=decisions(), after_thread=in_new_thread(), key_after=key(), inductor_after=inductor_keys())
 print(json.dumps(out))
 """
 
@@ -326,12 +344,18 @@ print(json.dumps(out))
 def test_persistent_norms_is_opt_in_widens_only_inner_reductions_and_keys_the_cache_apart():
     """VDR_PERSISTENT_NORMS=1 (an experiment): rows of 1,280 and 1,536 values (the vision
     LayerNorms, the text RMSNorms) become persistent reductions, 4,096 and outer ones do not;
-    compiled artefacts get another cache key; uninstalling restores Inductor's choices."""
+    in every thread, not only the one that installed it (the actor compiles in its callers'
+    threads); compiled artefacts get another cache key, ours and Inductor's FX graph cache's;
+    uninstalling restores Inductor's choices."""
     proc = subprocess.run([sys.executable, "-c", HEURISTIC], env=dict(os.environ, PYTHONPATH=ROOT),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["default"] == [True, False, False, False, False]
     assert out["installed"] and out["wider"] == [True, True, True, False, False]
+    assert out["wider_thread"] == out["wider"], "a thread started after install must compile wider too"
     assert out["tag"] and out["key_wider"] != out["key_default"]
-    assert out["after"] == out["default"] and out["key_after"] == out["key_default"]
+    # Inductor's own FX graph cache must not hand default kernels to the experiment or back
+    assert out["inductor_wider"] != out["inductor_default"]
+    assert out["after"] == out["default"] and out["after_thread"] == out["default"]
+    assert out["key_after"] == out["key_default"] and out["inductor_after"] == out["inductor_default"]

@@ -23,13 +23,20 @@ def colpali_reference(lm, input_ids, attention_mask, pixel_values=None, image_gr
     if pixel_values is not None:
         kwargs = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
     vlm = lm.model.vlm
-    with torch.no_grad():
-        h = vlm(input_ids=input_ids, attention_mask=attention_mask,
-                mm_token_type_ids=(input_ids == lm.image_token_id).int(), use_cache=False, **kwargs).last_hidden_state
-        vlm.rope_deltas = None  # the backbone caches it; keep later calls independent
-        e = lm.model.embedding_proj_layer(h)
-        e = e / e.norm(dim=-1, keepdim=True)
-        e = e * attention_mask.unsqueeze(-1)
+    # colpali-engine runs transformers' Conv3d patch embedding: take our matmul off for the reference
+    pe = (getattr(vlm, "visual", None) or vlm.model.visual).patch_embed
+    ours = pe.__dict__.pop("forward", None)
+    try:
+        with torch.no_grad():
+            h = vlm(input_ids=input_ids, attention_mask=attention_mask,
+                    mm_token_type_ids=(input_ids == lm.image_token_id).int(), use_cache=False, **kwargs).last_hidden_state
+            vlm.rope_deltas = None  # the backbone caches it; keep later calls independent
+            e = lm.model.embedding_proj_layer(h)
+            e = e / e.norm(dim=-1, keepdim=True)
+            e = e * attention_mask.unsqueeze(-1)
+    finally:
+        if ours is not None:
+            pe.forward = ours
     return [e[i][attention_mask[i].bool()].numpy() for i in range(len(e))]
 
 
@@ -430,3 +437,20 @@ def test_a_patch_embedding_of_another_form_keeps_its_conv():
                  torch.nn.Conv2d(3, 8, kernel_size=4, stride=4)):
         other, pe = model_with(conv)
         assert not M.enable_linear_patch_embed(other) and "forward" not in vars(pe)
+
+
+def test_every_forward_brings_its_threads_inductor_settings_in_line(lm, monkeypatch):
+    """Torch 2.13 keeps Inductor's config per thread, and an actor's blocks compile in the
+    threads that call it (two batches in flight: Ray's threads), not the one that loaded the
+    model: each forward applies the process's Inductor settings (VDR_PERSISTENT_NORMS) in its
+    own thread first (tests/embed/test_compile_cache.py checks what that applies)."""
+    import threading
+
+    from pipeline.embed import inductor_heuristics
+
+    seen = []
+    monkeypatch.setattr(inductor_heuristics, "apply_in_this_thread", lambda: seen.append(threading.get_ident()))
+    worker = threading.Thread(target=lambda: M.embed_pages(lm, page_images()[:1]))
+    worker.start()
+    worker.join()
+    assert worker.ident in seen
