@@ -127,28 +127,53 @@ def cudnn_first(first: str | bool):
             os.environ[compile_cache.LOCAL_ENV] = saved_env
 
 
+# The Triton kernel a *_tritonattn / *_tritontma variant runs (None: SDPA, the op's own body)
+_TRITON_ATTEND: dict = {"op": None, "registered": set()}
+
+
+def _triton_image_attention(q, k, v, lengths, cu_seqlens, scale):
+    """``vdr::image_attention``'s kernel for DEV while a Triton variant runs: each run of equal-size
+    images through the Triton op, as ``image_attention`` does with SDPA; outside one, the op's own body."""
+    from pipeline.embed import model as model_mod
+
+    op = _TRITON_ATTEND["op"]
+    if op is None:
+        return model_mod.image_attention._init_fn(q, k, v, lengths, cu_seqlens, scale)
+    outs, start = [], 0
+    for length, count in model_mod._runs(model_mod._image_lengths(lengths, cu_seqlens, q.shape[0])):
+        n = length * count
+        outs.append(op(*(t[start : start + n].view(count, length, t.shape[1], -1) for t in (q, k, v)), scale))
+        start += n
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 @contextlib.contextmanager
 def triton_vision_attention(on: bool, kernel: str = "pointer"):
     """*_tritonattn: the vision attention as benchmarks/vision_attention_triton.py's kernel (head
-    size not padded), through ``enable_batched_vision_attention``'s ``attend``; Dynamo reset so
-    the blocks compile anew. Measured slower than SDPA's cuDNN kernel (RESULTS.md, ninth session).
+    size not padded). Measured slower than SDPA's cuDNN kernel (RESULTS.md, ninth session).
     *_tritontma (``kernel="tma"``): the same file's TMA + warp-specialized kernel
-    (``vdr::vision_attention_tma``, config ``VDR_VISION_TMA_CONFIG`` or its default)."""
+    (``vdr::vision_attention_tma``, config ``VDR_VISION_TMA_CONFIG`` or its default).
+
+    The kernel is swapped in *inside* the opaque ``vdr::image_attention`` op (a kernel for DEV
+    registered on it), so the compiled blocks are the default ones (loaded from the compile cache,
+    nothing saved under its key differs) and nothing graph-breaks. Through
+    ``enable_batched_vision_attention(..., attend=)`` instead, the blocks call ``lengths.tolist()``:
+    on CPU (torch 2.13) the precompiled block fell back and Inductor's code then failed with
+    ``NameError: name 's10' is not defined``."""
     if not on:
         yield
         return
     from pipeline.embed import model as model_mod
     from vision_attention_triton import vision_attention_op, vision_attention_tma_op
 
-    op = {"pointer": vision_attention_op, "tma": vision_attention_tma_op}[kernel]
-    original = model_mod.enable_batched_vision_attention
-    model_mod.enable_batched_vision_attention = lambda model, holder: original(model, holder, attend=op)
-    torch._dynamo.reset()
+    if DEV not in _TRITON_ATTEND["registered"]:
+        model_mod.image_attention.register_kernel(DEV, _triton_image_attention)
+        _TRITON_ATTEND["registered"].add(DEV)
+    _TRITON_ATTEND["op"] = {"pointer": vision_attention_op, "tma": vision_attention_tma_op}[kernel]
     try:
         yield
     finally:
-        model_mod.enable_batched_vision_attention = original
-        torch._dynamo.reset()
+        _TRITON_ATTEND["op"] = None
 
 
 @contextlib.contextmanager
@@ -209,8 +234,10 @@ def persistent_norms_variant():
     try:
         yield
     finally:
-        config.fx_graph_cache = saved
+        # uninstall first: it restores the cache settings it found at install (this context's
+        # False), which would otherwise outlast the variant
         inductor_heuristics.uninstall()
+        config.fx_graph_cache = saved
 
 
 @contextlib.contextmanager
@@ -400,6 +427,15 @@ def fidelity(ref_pages, pages, ref_top, queries, k=10):
     return out
 
 
+def _git_commit() -> str | None:
+    """HEAD's short hash, or None where there is no git or no repository (a copied tree)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=ROOT).stdout.strip() or None
+    except OSError:
+        return None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_actor.json")
@@ -427,8 +463,7 @@ def main():
 
     res: dict = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)", "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-                 "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(
-                     ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()}
+                 "commit": os.environ.get("BENCH_COMMIT") or _git_commit()}
     work = tempfile.mkdtemp(prefix="bench-actor-")
     model_dir = os.path.join(work, "colqwen2-real-random")
     t = time.perf_counter()
@@ -523,9 +558,13 @@ def main():
             emb = None
             if DEV == "cuda":
                 torch.cuda.empty_cache()
-        if "compiled" in vectors and name in vectors and name != "compiled" and not name.endswith("_pool3"):
-            fid[name] = fidelity(vectors["compiled"], vectors[name], ref_top, queries)
-            print(name, "fidelity vs compiled bf16", fid[name], flush=True)
+        # against "compiled"; without it in --variants, against the first variant that ran (the
+        # rankings then left out: their reference queries are embedded with "compiled" only)
+        ref = "compiled" if "compiled" in vectors else next((n for n in vectors if not n.endswith("_pool3")), None)
+        if ref is not None and name in vectors and name != ref and not name.endswith("_pool3"):
+            fid[name] = fidelity(vectors[ref], vectors[name], ref_top if ref == "compiled" else None, queries)
+            fid[name]["reference"] = ref
+            print(name, f"fidelity vs {ref}", fid[name], flush=True)
         res["variants"], res["fidelity_vs_compiled_bf16"] = variants, fid
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)

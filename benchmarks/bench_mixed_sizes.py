@@ -45,7 +45,10 @@ def profile_batch(M, lm, images, cuda: bool) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    # GPU activity only, each kernel's own time (as bench_actor.py): with CPU activity too, CPU rows
+    # carry their kernels' time again (Inductor's "## Call CompiledFxGraph ... ##" range, the launch
+    # record named like each Triton kernel), so kernels were counted two or three times
+    acts = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     t = time.perf_counter()
     with profile(activities=acts) as prof:
         M.embed_pages(lm, images)
@@ -55,8 +58,10 @@ def profile_batch(M, lm, images, cuda: bool) -> dict:
     by_class: dict[str, float] = {}
     top: dict[str, float] = {}
     for ev in prof.key_averages():
-        dev = getattr(ev, "device_time_total", getattr(ev, "cuda_time_total", 0)) if cuda else 0
-        if dev <= 0 or ev.key.startswith(("aten::", "vdr::", "cuda", "Torch-Compiled", "CompiledFunction")):
+        if not cuda or getattr(ev, "is_user_annotation", False) or str(getattr(ev, "device_type", "")).endswith("CPU"):
+            continue
+        dev = getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
+        if dev <= 0 or ev.key.startswith("ProfilerStep"):
             continue
         by_class[kernel_class(ev.key)] = by_class.get(kernel_class(ev.key), 0.0) + dev / 1e6
         top[ev.key[:120]] = dev / 1e6

@@ -51,6 +51,15 @@ CONFIGS = "128_64_8_3,128_64_4_3,128_128_8_3,128_64_8_4,128_32_4_3,64_64_4_3,64_
 TMA_CONFIGS = ",".join("_".join(str(int(x)) for x in c) for c in va.TMA_CONFIGS)
 
 
+def git_commit() -> str | None:
+    """HEAD's short hash, or None where there is no git or no repository (a copied tree)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=ROOT).stdout.strip() or None
+    except OSError:
+        return None
+
+
 def timed(fn, reps: int, dev: str) -> float:
     for _ in range(3):
         fn()
@@ -98,8 +107,7 @@ def main() -> None:
     flops = 4 * n * H * L * L * D
     res: dict = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-                 "commit": os.environ.get("BENCH_COMMIT") or subprocess.run(
-                     ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
+                 "commit": os.environ.get("BENCH_COMMIT") or git_commit(),
                  "shape": {"images": n, "length": L, "heads": H, "dim": D}, "gflop_per_call": round(flops / 1e9, 1),
                  "variants": {}}
     try:
@@ -161,15 +169,25 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - a kernel that fails is reported, the others run
             res["variants"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         print(name, res["variants"][name], flush=True)
+        # after each variant: a kernel that kills the process (a compiler abort) or the CUDA context
+        # (an illegal address: every later call fails) leaves the rows before it
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
         if dev == "cuda":
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except Exception:  # noqa: BLE001 - a CUDA context a kernel broke: the rows stay
+                pass
     if dev == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            runs["sdpa"]()
-            torch.cuda.synchronize()
-        res["sdpa_kernels"] = sorted({e.name[:160] for e in prof.events() if e.device_type.name == "CUDA"})[:10]
+        try:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                runs["sdpa"]()
+                torch.cuda.synchronize()
+            res["sdpa_kernels"] = sorted({e.name[:160] for e in prof.events() if e.device_type.name == "CUDA"})[:10]
+        except Exception as exc:  # noqa: BLE001
+            res["sdpa_kernels"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
     print(json.dumps(res, indent=2))

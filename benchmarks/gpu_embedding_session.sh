@@ -95,7 +95,10 @@ step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
   "$PY" benchmarks/bench_embed.py --job-only --job-pages 3000 --out "$OUT/job_nice.json"
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" part1 "* ]]; then
   [ -n "${STEPS:-}" ] && STEPS="$STEPS part1_actor part1_jobs"
-  step part1_actor 200 "$PY" benchmarks/bench_actor.py --pages 384 --fid-pages 256 --queries 50 \
+  # the actor's compile caches apart from the node's: the first job after it compiles cold, as
+  # the step says (sharing them, the jobs' actors loaded the blocks part1_actor had compiled)
+  step part1_actor 200 env VDR_COMPILE_CACHE=/tmp/part1_actor/vdr TORCHINDUCTOR_CACHE_DIR=/tmp/part1_actor/inductor \
+    "$PY" benchmarks/bench_actor.py --pages 384 --fid-pages 256 --queries 50 \
     --variants compiled_inflight2,compiled_inflight2_convpatch,compiled_inflight2_pool3 --out "$OUT/part1_actor.json"
   step part1_jobs 330 "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
     --plain-after 3 --out "$OUT/part1_jobs.json"
