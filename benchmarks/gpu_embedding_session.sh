@@ -31,6 +31,10 @@
 #   part2       the actor with Inductor's persistent reductions widened to the 1,280/1,536-wide
 #               norms against the default, both profiled (bench_actor.py compiled,compiled_persistnorm;
 #               the norm kernels should read triton_per_ instead of triton_red_)   300 s [~150 s]
+#   part2all    part 2 in one call: the vision attention kernels alone (SDPA, the pointer Triton kernel,
+#               six TMA configs; TMA_CONFIGS overrides), then bench_actor.py: seed (transformers'
+#               plain forward), eager, compiled_inflight2, + persistent norms, + the fastest TMA
+#               kernel when one beats SDPA, + both                              150 + 420 s [~450 s]
 #   shapes      what a new SDPA call shape costs (bench_sdpa_shapes.py, per backend), then random
 #               mixed batches of 32 with the vision attention's calls per run and cut into powers
 #               of two (bench_mixed_sizes.py --random-mixes --split runs|pow2)           3 x 200 s
@@ -102,6 +106,30 @@ if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" part1 "* ]]; then
     --variants compiled_inflight2,compiled_inflight2_convpatch,compiled_inflight2_pool3 --out "$OUT/part1_actor.json"
   step part1_jobs 330 "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
     --plain-after 3 --out "$OUT/part1_jobs.json"
+fi
+# part2all: every part-2 candidate beside the seed's forward, in one call (~450 s): the attention
+# kernels alone first (a TMA kernel that kills its process cannot take the actor run with it),
+# then the actor with the fastest TMA config, when one beats SDPA as the model calls it.
+if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" part2all "* ]]; then
+  [ -n "${STEPS:-}" ] && STEPS="$STEPS part2_attn part2_actor"
+  step part2_attn 150 "$PY" benchmarks/bench_vision_attention.py --reps 10 --configs 128_64_4_4 \
+    --tma-configs "${TMA_CONFIGS:-128_64_4_3_1,128_64_4_4_1,128_128_4_3_1,128_128_8_3_1,128_64_4_3_0,128_128_8_3_0}" \
+    --out "$OUT/part2_attn.json"
+  BEST_TMA=$("$PY" - "$OUT/part2_attn.json" <<'PYEOF' 2>/dev/null
+import json, sys
+v = json.load(open(sys.argv[1]))["variants"]
+sdpa = v.get("sdpa", {}).get("ms")
+tma = sorted((r["ms"], k[4:]) for k, r in v.items() if k.startswith("tma_") and "ms" in r)
+if tma and sdpa and tma[0][0] < sdpa:
+    print(tma[0][1])
+PYEOF
+)
+  P2_VARIANTS="seed,eager,compiled_inflight2,compiled_inflight2_persistnorm"
+  [ -n "$BEST_TMA" ] && P2_VARIANTS="$P2_VARIANTS,compiled_inflight2_tritontma,compiled_inflight2_persistnorm_tritontma"
+  echo "part2all: best TMA config '${BEST_TMA}' (empty: none beat SDPA); variants $P2_VARIANTS" | tee -a "$OUT/session_embed.log"
+  step part2_actor 420 env VDR_VISION_TMA_CONFIG="$BEST_TMA" "$PY" benchmarks/bench_actor.py --pages 384 \
+    --fid-pages 256 --queries 50 --variants "$P2_VARIANTS" \
+    --profile-variants compiled_inflight2,compiled_inflight2_persistnorm --out "$OUT/part2_actor.json"
 fi
 step part2 300 "$PY" benchmarks/bench_actor.py --pages 384 --fid-pages 256 --queries 50 \
   --variants compiled,compiled_persistnorm --out "$OUT/part2_actor.json"
