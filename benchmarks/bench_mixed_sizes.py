@@ -84,7 +84,7 @@ def main() -> int:
     ap.add_argument("--random-mixes", action="store_true",
                     help="each mixed batch a random draw of the page grids (as a real corpus reaches the "
                          "actor), instead of the fixed pattern of 4 or 8 sizes in equal numbers")
-    ap.add_argument("--split", choices=["runs", "pow2"], default="runs",
+    ap.add_argument("--split", choices=["runs", "pow2"], default=None,
                     help="how the vision attention groups equal-size images into SDPA calls "
                          "(pipeline.embed.model.IMAGE_ATTENTION_SPLIT; pow2 bounds the call shapes)")
     ap.add_argument("--profile", action="store_true",
@@ -110,7 +110,9 @@ def main() -> int:
         model = build_tiny_model(os.path.join(tempfile.mkdtemp(prefix="mixed-"), "model"), max_visual_tokens=768,
                                  real_size=cuda, device=args.device)
     lm = M.load_model(model, device=args.device, compile_model=True)
-    M.IMAGE_ATTENTION_SPLIT = args.split
+    if args.split is not None:
+        M.IMAGE_ATTENTION_SPLIT = args.split
+    args.split = M.IMAGE_ATTENTION_SPLIT
     rng = np.random.default_rng(0)
     grids = GRIDS if cuda else [(h // 8 * 2, w // 8 * 2) for h, w in GRIDS]  # the tiny model on CPU: small pages
     res = {"commit": os.environ.get("BENCH_COMMIT"), "device": torch.cuda.get_device_name() if cuda else "cpu",

@@ -277,7 +277,7 @@ def load_model(
         # warm actor loads the compiled blocks instead of tracing them again (compile_cache).
         from pipeline.embed import inductor_heuristics, precompile
 
-        if inductor_heuristics.persistent_norms_requested():  # an experiment, off by default
+        if inductor_heuristics.persistent_norms_requested():  # on by default; VDR_PERSISTENT_NORMS=0 turns it off
             inductor_heuristics.install_persistent_norms()
         visual = getattr(model.vlm, "visual", None) or model.vlm.model.visual
         text = getattr(model.vlm, "language_model", None) or model.vlm.model.language_model
@@ -311,13 +311,16 @@ def _runs(lengths: list[int]) -> list[tuple[int, int]]:
 
 
 # How the images of one size in a batch are grouped into SDPA calls (:func:`image_attention`):
-# "runs" (the default): one call per run of equal-size images, its batch the run's length;
-# "pow2": each run cut into powers of two (7 images: 4 + 2 + 1), so that at most
-# log2(batch size) + 1 call shapes exist per page size. An experiment for mixed corpora: SDPA's
-# cuDNN backend builds an execution plan for each new (images, patches) shape, and a mixed
-# corpus meets a new shape in many batches (benchmarks/bench_sdpa_shapes.py measures what a new
-# shape costs; bench_mixed_sizes.py --split pow2 the whole batch). Not measured on a GPU yet.
-IMAGE_ATTENTION_SPLIT = "runs"
+# "pow2" (the default since 2026-12-05): each run of equal-size images cut into powers of two
+# (7 images: 4 + 2 + 1), so that at most log2(batch size) + 1 call shapes exist per page size;
+# "runs": one call per run, its batch the run's length (up to batch size x page sizes shapes).
+# Why: SDPA's cuDNN backend (the one it picks for this head size on an H200) builds an execution
+# plan for each new (images, patches) shape, 42-70 ms each (bench_sdpa_shapes.py; the flash and
+# efficient backends pay nothing), and batches of random page-size mixes kept meeting new shapes:
+# 53.6 pages/s with "runs" against 58.5 with "pow2" and 63.0 for letter pages only (H200,
+# 2026-12-05, RESULTS fourteenth session); batches without a new shape take the same time either
+# way. ``VDR_IMAGE_ATTENTION_SPLIT=runs`` restores the old grouping.
+IMAGE_ATTENTION_SPLIT = os.environ.get("VDR_IMAGE_ATTENTION_SPLIT", "pow2")
 # (images, patches) of every SDPA call made by image_attention in this process, so benchmarks
 # can tell how many shapes a batch met for the first time.
 IMAGE_ATTENTION_SHAPES: set[tuple[int, int]] = set()
