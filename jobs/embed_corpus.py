@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="default auto: bf16 on GPU, fp32 on CPU")
     m.add_argument("--attn-implementation", help="default auto: flash_attention_2 if installed, else sdpa")
     m.add_argument("--load-in-4bit", action="store_true", default=None, help=argparse.SUPPRESS)  # removed: says why
-    m.add_argument("--compile", choices=["auto", "on", "off", "plain"], help="torch.compile the vision and text blocks: 1.38x the pages/s of eager on an H200 (58.6 vs 42.4, benchmarks/RESULTS.md) after a 10-17 s first batch on a node that never compiled the model; on: each block type compiled ahead of time and kept whole beside the compile cache, so later actors load it without tracing again; plain: torch.compile per block, traced again in each new actor (as before 2026-12-05) (default: auto = on with GPUs)"),
+    m.add_argument("--compile", choices=["auto", "on", "off", "plain"], help="torch.compile the vision and text blocks: 1.46x the pages/s of the uncompiled actor on an H200 (65.6 vs 44.8, two batches in flight, 2026-12-05, benchmarks/RESULTS.md) after a 10-17 s first batch on a node that never compiled the model; on: each block type compiled ahead of time and kept whole beside the compile cache, so later actors load it without tracing again; plain: torch.compile per block, traced again in each new actor (as before 2026-12-05) (default: auto = on with GPUs)"),
     m.add_argument("--precision", choices=["default", "fp8"], help="fp8: the large matmuls in FP8 (GPUs of compute capability 8.9+; speed and fidelity against bf16 in benchmarks/RESULTS.md; recorded as vdr.precision, and scoring refuses a corpus that mixes precisions) (default: every matmul in --dtype)")
     m.add_argument("--compile-cache", metavar="URI", help="shared place (s3://, gs://, a shared path) for compiled artefacts: new nodes load them instead of compiling (each node also keeps its own in $VDR_COMPILE_CACHE)")
     m.add_argument("--pool-factor", type=int, help="hierarchical token pooling (colpali-engine's; distances on the actor's GPU, Ward's merge on its CPU while the GPU runs the next batch): about 1/N of each page's vectors, storage and scoring cost; N=3 kept ~97.8%% of retrieval quality in the ColPali paper (default: 1 = off; queries are never pooled)")
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--storage-attempts", type=int, help="tries per object-storage request, with the SDK's "
                    "backoff (default: 6, or $PIPELINE_STORAGE_ATTEMPTS)")
     o.add_argument("--preflight", action="store_true", default=None, help="list and render with no model and no writes but OUTPUT/preflight.json: documents, pages, the error rows a run would write, CPU ms per page, GPU-hours")
-    o.add_argument("--gpu-pages-per-second", type=float, help="--preflight's rate per GPU (default: 58.6, measured on an H200 at 768 tokens, scaled by 768/--max-visual-tokens)")
+    o.add_argument("--gpu-pages-per-second", type=float, help="--preflight's rate per GPU (default: 65.6, the actor measured on an H200 at 768 tokens, 2026-12-05, scaled by 768/--max-visual-tokens)")
     o.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     o.add_argument("--debug", action="store_true", default=None, help="print the traceback of an unexpected error")
     return p

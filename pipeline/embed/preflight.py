@@ -26,9 +26,11 @@ from pipeline import schema
 from pipeline.cluster import bytecode_warning
 from pipeline.embed import stages
 
-# The job's actor alone (PageEmbedder.__call__, compiled, batch 16) on one H200 at 768 visual
-# tokens per page: benchmarks/RESULTS.md, "The job from the actors' own counters", 2026-12-03.
-GPU_PAGES_PER_SECOND_AT_768 = 58.6
+# The job's actor alone (PageEmbedder.__call__, compiled, two batches in flight, batch 32) on one
+# H200 at 768 visual tokens per letter page: benchmarks/RESULTS.md, "Fourteenth session", call E,
+# 2026-12-05, commit c67ceb4 (65.56 pages/s; 66.45 in call D). A whole job on a warm node runs at
+# 77-81% of it (start-up), which GPU-hours of a long run hardly feel.
+GPU_PAGES_PER_SECOND_AT_768 = 65.6
 GPU_RATE_TOKENS = 768
 EXAMPLES_PER_TYPE = 3
 

@@ -164,7 +164,7 @@ def test_preflight_counts_what_a_run_writes_and_writes_nothing_else(first_run, s
                                        for f in fs)
     assert 0 < report["cpu_ms_per_page"] < 5000
     # GPU-hours: the H200 rate scaled by the token budget, or the rate given
-    assert report["gpu_pages_per_second"] == pytest.approx(58.6 * 768 / int(TOKENS), rel=1e-3)
+    assert report["gpu_pages_per_second"] == pytest.approx(65.6 * 768 / int(TOKENS), rel=1e-3)
     assert report["gpu_hours"] == pytest.approx(8 / report["gpu_pages_per_second"] / 3600, abs=1e-4)
     printed = capsys.readouterr()
     assert json.loads(printed.out)["pages"] == 8 and "GPU-hours" in printed.err and "truncated.pdf" in printed.err
