@@ -26,9 +26,10 @@ costs in fidelity. Real-size ColQwen2 with random weights, one run, the same pag
                           (as Ray Data does), one batch prepared on the host while the other
                           runs; timed as wall time over batches;
    * ``fp8`` / ``fp8_cudnn``  --precision fp8 (pipeline/embed/fp8.py), compiled;
-   * ``*_persistnorm``    any of these with Inductor's persistent reductions up to 2,048 per
-                          row (VDR_PERSISTENT_NORMS=1; the profile's norm kernels should read
-                          ``triton_per_...`` instead of ``triton_red_...``);
+   * ``*_persistnorm`` / ``*_nopersistnorm``  any of these with Inductor's persistent reductions
+                          up to 2,048 per row forced on / off (VDR_PERSISTENT_NORMS=1 / 0; on by
+                          default since 2026-12-05; the norm kernels read ``triton_per_...``
+                          instead of ``triton_red_...``);
    * ``*_convpatch``      any of these with the patch embedding as transformers' Conv3d (the
                           default since 2026-12-05 runs it as one matmul);
    * ``*_pool3``          any of these with --pool-factor 3 (pipeline/embed/pooling.py): the
@@ -486,7 +487,7 @@ def main():
                          "under that SDPA preference (Dynamo reset, caches off); *_oldhost: commit "
                          "6a80843's host changes undone, e66a721's (pinned staging, non-blocking "
                          "copies, index_select gather, pinned copy back) kept")
-    ap.add_argument("--profile-variants", default="compiled,fp8,compiled_tritonattn,compiled_tritontma,compiled_persistnorm",
+    ap.add_argument("--profile-variants", default="compiled,fp8,compiled_tritonattn,compiled_tritontma,compiled_persistnorm,compiled_nopersistnorm",
                     help="the variants whose kernels are profiled by class (3 batches, torch.profiler)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, few pages: checks the script runs")
     ap.add_argument("--peak-tflops", type=float, default=770.0, help="measured bf16 matmul peak (FACTS.md)")
@@ -537,7 +538,13 @@ def main():
         # *_persistnorm: Inductor's persistent reductions up to 2,048 values per row
         # (pipeline.embed.inductor_heuristics, VDR_PERSISTENT_NORMS=1), compiled fresh: the
         # FX graph cache off for the variant, the heuristic undone after it
-        host.enter_context(env_set("VDR_PERSISTENT_NORMS", "1" if "_persistnorm" in name else None))
+        # (on by default since 2026-12-05: *_nopersistnorm turns them off). Each variant starts
+        # from Inductor's own choices; load_model installs them again where asked.
+        from pipeline.embed import inductor_heuristics
+
+        inductor_heuristics.uninstall()
+        host.enter_context(env_set("VDR_PERSISTENT_NORMS", "1" if "_persistnorm" in name
+                                   else "0" if "_nopersistnorm" in name else None))
         if "_persistnorm" in name:
             host.enter_context(persistent_norms_variant())
         # *_convpatch: the patch embedding as transformers' Conv3d (the default since 2026-12-05
@@ -553,7 +560,7 @@ def main():
                 pps = args.batch_size / sec
                 variants[name] = {"pages_per_s": round(pps, 2), "s_per_batch": round(sec, 4),
                                   "visual_tokens_per_page": tokens, "peak_gib": round(mem, 1),
-                                  "load_s": round(time.perf_counter() - t, 1), "what": "forward alone, "
+                                  "load_and_run_s": round(time.perf_counter() - t, 1), "what": "forward alone, "
                                   "processor inputs on the device before timing (transformers' plain forward)"}
                 if flops_page is not None:
                     variants[name]["chip_fraction_bf16_peak"] = round(pps * flops_page / 1e12 / args.peak_tflops, 3)

@@ -28,13 +28,14 @@
 #               in flight, with the Conv3d patch embedding of before 2026-12-05, and pooled at
 #               factor 3 (bench_actor.py, 384 pages), then three plain
 #               3,000-page jobs, the first cold (bench_kept_embedders.py --plain-after 3)   560 s
-#   part2       the actor with Inductor's persistent reductions widened to the 1,280/1,536-wide
-#               norms against the default, both profiled (bench_actor.py compiled,compiled_persistnorm;
-#               the norm kernels should read triton_per_ instead of triton_red_)   300 s [~150 s]
+#   part2       the actor without Inductor's persistent reductions widened to the 1,280/1,536-wide
+#               norms against the default (with them since 2026-12-05), both profiled (bench_actor.py
+#               compiled_nopersistnorm,compiled; the norm kernels read triton_red_ / triton_per_)   300 s [~150 s]
 #   part2all    part 2 in one call: the vision attention kernels alone (SDPA, the pointer Triton kernel,
 #               six TMA configs; TMA_CONFIGS overrides), then bench_actor.py: seed (transformers'
-#               plain forward), eager, compiled_inflight2, + persistent norms, + the fastest TMA
-#               kernel when one beats SDPA, + both                              150 + 420 s [~450 s]
+#               plain forward), eager, compiled_inflight2 without and with persistent norms (the
+#               default since 2026-12-05), + the fastest TMA kernel when one beats SDPA
+#               (files part2all_*.json)                                         150 + 420 s [~450 s]
 #   shapes      what a new SDPA call shape costs (bench_sdpa_shapes.py, per backend), then random
 #               mixed batches of 32 with the vision attention's calls per run and cut into powers
 #               of two (bench_mixed_sizes.py --random-mixes --split runs|pow2)           3 x 200 s
@@ -114,8 +115,8 @@ if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" part2all "* ]]; then
   [ -n "${STEPS:-}" ] && STEPS="$STEPS part2_attn part2_actor"
   step part2_attn 150 "$PY" benchmarks/bench_vision_attention.py --reps 10 --configs 128_64_4_4 \
     --tma-configs "${TMA_CONFIGS:-128_64_4_3_1,128_64_4_4_1,128_128_4_3_1,128_128_8_3_1,128_64_4_3_0,128_128_8_3_0}" \
-    --out "$OUT/part2_attn.json"
-  BEST_TMA=$("$PY" - "$OUT/part2_attn.json" <<'PYEOF' 2>/dev/null
+    --out "$OUT/part2all_attn.json"
+  BEST_TMA=$("$PY" - "$OUT/part2all_attn.json" <<'PYEOF' 2>/dev/null
 import json, sys
 v = json.load(open(sys.argv[1]))["variants"]
 sdpa = v.get("sdpa", {}).get("ms")
@@ -124,15 +125,15 @@ if tma and sdpa and tma[0][0] < sdpa:
     print(tma[0][1])
 PYEOF
 )
-  P2_VARIANTS="seed,eager,compiled_inflight2,compiled_inflight2_persistnorm"
-  [ -n "$BEST_TMA" ] && P2_VARIANTS="$P2_VARIANTS,compiled_inflight2_tritontma,compiled_inflight2_persistnorm_tritontma"
+  P2_VARIANTS="seed,eager,compiled_inflight2_nopersistnorm,compiled_inflight2"
+  [ -n "$BEST_TMA" ] && P2_VARIANTS="$P2_VARIANTS,compiled_inflight2_tritontma"
   echo "part2all: best TMA config '${BEST_TMA}' (empty: none beat SDPA); variants $P2_VARIANTS" | tee -a "$OUT/session_embed.log"
   step part2_actor 420 env VDR_VISION_TMA_CONFIG="$BEST_TMA" "$PY" benchmarks/bench_actor.py --pages 384 \
     --fid-pages 256 --queries 50 --variants "$P2_VARIANTS" \
-    --profile-variants compiled_inflight2,compiled_inflight2_persistnorm --out "$OUT/part2_actor.json"
+    --profile-variants compiled_inflight2_nopersistnorm,compiled_inflight2 --out "$OUT/part2all_actor.json"
 fi
 step part2 300 "$PY" benchmarks/bench_actor.py --pages 384 --fid-pages 256 --queries 50 \
-  --variants compiled,compiled_persistnorm --out "$OUT/part2_actor.json"
+  --variants compiled_nopersistnorm,compiled --out "$OUT/part2_actor.json"
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" shapes "* ]]; then
   [ -n "${STEPS:-}" ] && STEPS="$STEPS sdpa_shapes mixed_runs mixed_pow2"
   step sdpa_shapes 200 "$PY" benchmarks/bench_sdpa_shapes.py --out "$OUT/sdpa_shapes.json"

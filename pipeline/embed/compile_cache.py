@@ -102,7 +102,7 @@ def cache_key(model_config: dict, dtype: str, device: str, attn_implementation: 
         parts["precompiled"] = precompile_format()
     from pipeline.embed import inductor_heuristics
 
-    if inductor_heuristics.tag():  # Inductor's heuristics changed (an opt-in experiment): other kernels
+    if inductor_heuristics.tag():  # Inductor's heuristics changed (persistent norms, on by default): other kernels
         parts["heuristics"] = inductor_heuristics.tag()
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return f"compile-{digest}.bin"

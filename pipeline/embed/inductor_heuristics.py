@@ -26,13 +26,20 @@ log = logging.getLogger(__name__)
 
 PERSISTENT_NORMS_ENV = "VDR_PERSISTENT_NORMS"
 PERSISTENT_LIMIT = 2048
-_installed: list = []  # [True, the settings it makes] once installed
+_installed: list = []  # [True, the settings it makes, the values they replaced] once installed
+
+
+_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
 
 def persistent_norms_requested() -> bool:
-    """On unless ``VDR_PERSISTENT_NORMS=0`` (the default since 2026-12-05: measured +2.8% on the
-    actor, H200; module docstring)."""
-    return os.environ.get(PERSISTENT_NORMS_ENV, "1") != "0"
+    """On unless ``VDR_PERSISTENT_NORMS`` is 0/false/off/no (the default since 2026-12-05:
+    measured +2.8% on the actor, H200; module docstring). Another value is refused."""
+    value = os.environ.get(PERSISTENT_NORMS_ENV, "1").strip().lower()
+    if value not in _ON + _OFF:
+        raise ValueError(f"{PERSISTENT_NORMS_ENV}={value!r}: use 1 (the default: wider persistent norms) "
+                         "or 0 (Inductor's own limit)")
+    return value in _ON
 
 
 def tag() -> str | None:
@@ -111,26 +118,34 @@ def install_persistent_norms(limit: int = PERSISTENT_LIMIT) -> bool:
 
         cls = _choices_class(limit)
     except ImportError as exc:  # pragma: no cover - another torch
-        log.warning("%s=1 ignored: this torch has no Inductor choices hook (%s)", PERSISTENT_NORMS_ENV, exc)
+        log.warning("%s ignored: this torch has no Inductor choices hook (%s)", PERSISTENT_NORMS_ENV, exc)
         return False
     if not hasattr(config, "inductor_choices_class"):  # pragma: no cover - an older torch
-        log.warning("%s=1 ignored: this torch has no config.inductor_choices_class", PERSISTENT_NORMS_ENV)
+        log.warning("%s ignored: this torch has no config.inductor_choices_class", PERSISTENT_NORMS_ENV)
         return False
     settings = {"inductor_choices_class": cls}
     if not _keyed_by_inductor(config):
         settings["fx_graph_cache"] = False
         settings["enable_autograd_cache"] = False
-        log.info("%s=1: this torch does not key its FX graph cache on the choices; that cache is off",
+        log.info("%s: this torch does not key its FX graph cache on the choices; that cache is off",
                  PERSISTENT_NORMS_ENV)
-    _installed.extend([True, settings])
-    _generation[0] += 1
+    configs = _configs()
+    with _lock:
+        if not _installed:
+            # what uninstalling restores, in every thread: the values before the install, read in
+            # this thread (a torch that keeps config per thread starts each thread at them too)
+            defaults = {k: getattr(configs[k], k) for k in settings if hasattr(configs[k], k)}
+            _installed.extend([True, settings, defaults])
+            _generation[0] += 1
     apply_in_this_thread()
-    log.info("Inductor: inner reductions of up to %d values per row compile as persistent kernels (%s=1)",
+    log.info("Inductor: inner reductions of up to %d values per row compile as persistent kernels (%s)",
              limit, PERSISTENT_NORMS_ENV)
     return True
 
 
+_lock = threading.Lock()  # guards _installed, _generation and _last_defaults
 _generation = [0]  # bumped by every install and uninstall
+_last_defaults: dict = {}  # the values the last uninstall restored
 _thread = threading.local()  # .generation: the one this thread's settings follow
 
 
@@ -143,35 +158,43 @@ def _configs():
 
 def apply_in_this_thread() -> None:
     """Bring the calling thread's Inductor settings in line with the process's: the wider
-    choices and cache settings while installed; Inductor's defaults again in a thread that had
-    them, once uninstalled. A dict lookup when nothing changed since this thread's last call."""
-    if getattr(_thread, "generation", 0) == _generation[0]:
+    choices and cache settings while installed; the values from before the install again in a
+    thread that had them, once uninstalled. A dict lookup when nothing changed since this
+    thread's last call."""
+    generation = _generation[0]
+    if getattr(_thread, "generation", 0) == generation:
         return
+    with _lock:  # one consistent view: the generation and what it stands for
+        generation = _generation[0]
+        settings = _installed[1] if _installed else None
+        defaults = _last_defaults.copy()
     from torch._inductor.choices import InductorChoices
     from torch._inductor.virtualized import V
 
     configs = _configs()
-    if _installed:
-        settings = _installed[1]
-        saved = {k: getattr(configs[k], k) for k in settings if hasattr(configs[k], k)}
+    if settings is not None:
         for k, v in settings.items():
             if hasattr(configs[k], k):
                 setattr(configs[k], k, v)
-        _thread.saved = saved
+        _thread.applied = True
         V.set_choices_handler(settings["inductor_choices_class"]())
-    elif getattr(_thread, "saved", None) is not None:
-        for k, v in _thread.saved.items():
+    elif getattr(_thread, "applied", False):
+        for k, v in defaults.items():
             setattr(configs[k], k, v)
-        factory = _thread.saved.get("inductor_choices_class")
+        factory = defaults.get("inductor_choices_class")
         V.set_choices_handler(factory() if factory is not None else InductorChoices())
-        _thread.saved = None
-    _thread.generation = _generation[0]
+        _thread.applied = False
+    _thread.generation = generation
 
 
 def uninstall() -> None:
     """Inductor's own heuristics and cache settings again (benchmarks that compare both in one
     process): at once in this thread, and in any other at its next :func:`apply_in_this_thread`."""
-    if _installed:
+    with _lock:
+        if not _installed:
+            return
+        _last_defaults.clear()
+        _last_defaults.update(_installed[2])
         _installed.clear()
         _generation[0] += 1
-        apply_in_this_thread()
+    apply_in_this_thread()

@@ -320,7 +320,9 @@ def _runs(lengths: list[int]) -> list[tuple[int, int]]:
 # 53.6 pages/s with "runs" against 58.5 with "pow2" and 63.0 for letter pages only (H200,
 # 2026-12-05, RESULTS fourteenth session); batches without a new shape take the same time either
 # way. ``VDR_IMAGE_ATTENTION_SPLIT=runs`` restores the old grouping.
-IMAGE_ATTENTION_SPLIT = os.environ.get("VDR_IMAGE_ATTENTION_SPLIT", "pow2")
+IMAGE_ATTENTION_SPLIT = os.environ.get("VDR_IMAGE_ATTENTION_SPLIT", "pow2").strip().lower()
+if IMAGE_ATTENTION_SPLIT not in ("pow2", "runs"):  # refused at import, not at the first batch
+    raise ValueError(f"VDR_IMAGE_ATTENTION_SPLIT={IMAGE_ATTENTION_SPLIT!r}: use pow2 (the default) or runs")
 # (images, patches) of every SDPA call made by image_attention in this process, so benchmarks
 # can tell how many shapes a batch met for the first time.
 IMAGE_ATTENTION_SHAPES: set[tuple[int, int]] = set()

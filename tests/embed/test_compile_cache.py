@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -331,18 +332,29 @@ def inductor_keys():  # what Inductor's FX graph cache keys record of the choice
         return str(config.save_config_portable().get("inductor_choices_class"))
     return f"fx_graph_cache={config.fx_graph_cache}"
 
+from concurrent.futures import ThreadPoolExecutor
+worker = ThreadPoolExecutor(1)  # one thread that lives through install and uninstall, as Ray's do
+
+def in_worker():
+    def run():
+        ih.apply_in_this_thread()
+        return decisions(), inductor_keys()
+    return worker.submit(run).result()
+
 out["inductor_default"] = inductor_keys()
+out["worker_before"] = in_worker()
 out["installed"] = ih.install_persistent_norms()
 out.update(wider=decisions(), wider_thread=in_new_thread(), key_wider=key(), tag=ih.tag(),
-           inductor_wider=inductor_keys())
+           inductor_wider=inductor_keys(), worker_wider=in_worker())
 ih.uninstall()
-out.update(after=decisions(), after_thread=in_new_thread(), key_after=key(), inductor_after=inductor_keys())
+out.update(after=decisions(), after_thread=in_new_thread(), key_after=key(), inductor_after=inductor_keys(),
+           worker_after=in_worker())
 print(json.dumps(out))
 """
 
 
-def test_persistent_norms_is_opt_in_widens_only_inner_reductions_and_keys_the_cache_apart():
-    """VDR_PERSISTENT_NORMS=1 (an experiment): rows of 1,280 and 1,536 values (the vision
+def test_persistent_norms_widen_only_inner_reductions_and_key_the_cache_apart():
+    """Persistent norms (on by default; VDR_PERSISTENT_NORMS=0 turns them off): rows of 1,280 and 1,536 values (the vision
     LayerNorms, the text RMSNorms) become persistent reductions, 4,096 and outer ones do not;
     in every thread, not only the one that installed it (the actor compiles in its callers'
     threads); compiled artefacts get another cache key, ours and Inductor's FX graph cache's;
@@ -359,3 +371,33 @@ def test_persistent_norms_is_opt_in_widens_only_inner_reductions_and_keys_the_ca
     assert out["inductor_wider"] != out["inductor_default"]
     assert out["after"] == out["default"] and out["after_thread"] == out["default"]
     assert out["key_after"] == out["key_default"] and out["inductor_after"] == out["inductor_default"]
+    # a thread that compiled wide goes back to Inductor's choices and cache key after uninstalling
+    assert out["worker_before"] == [out["default"], out["inductor_default"]]
+    assert out["worker_wider"] == [out["wider"], out["inductor_wider"]]
+    assert out["worker_after"] == [out["default"], out["inductor_default"]]
+
+
+@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("on", True), ("0", False), ("false", False),
+                                       ("OFF", False), ("no", False)])
+def test_persistent_norms_are_on_unless_turned_off(monkeypatch, value, on):
+    from pipeline.embed import inductor_heuristics as ih
+
+    if value is None:
+        monkeypatch.delenv(ih.PERSISTENT_NORMS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(ih.PERSISTENT_NORMS_ENV, value)
+    assert ih.persistent_norms_requested() is on
+
+
+def test_a_persistent_norms_value_of_another_spelling_is_refused(monkeypatch):
+    from pipeline.embed import inductor_heuristics as ih
+
+    monkeypatch.setenv(ih.PERSISTENT_NORMS_ENV, "maybe")
+    with pytest.raises(ValueError, match="use 1"):
+        ih.persistent_norms_requested()
+
+
+def test_a_mistyped_attention_split_is_refused_at_import():
+    proc = subprocess.run([sys.executable, "-c", "import pipeline.embed.model"], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT, VDR_IMAGE_ATTENTION_SPLIT="pow-2"), timeout=120)
+    assert proc.returncode != 0 and "VDR_IMAGE_ATTENTION_SPLIT='pow-2'" in proc.stderr

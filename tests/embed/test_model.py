@@ -166,13 +166,17 @@ def test_patch_embedding_as_one_matmul_equals_the_conv3d(tiny_model, lm):
 
 
 def test_vision_attention_cut_into_powers_of_two_gives_the_same_embeddings(lm, monkeypatch):
-    """IMAGE_ATTENTION_SPLIT = "pow2" (an experiment for mixed corpora: fewer distinct SDPA call
-    shapes) only regroups images that never attend to each other: the same vectors, bit for bit
-    here; and the shapes of its calls are the powers of two of each run."""
+    """IMAGE_ATTENTION_SPLIT = "pow2" (the default since 2026-12-05: fewer distinct SDPA call
+    shapes for mixed corpora) only regroups images that never attend to each other: the same
+    vectors as one call per run ("runs"), bit for bit here; and the shapes of its calls are the
+    powers of two of each run."""
     rng = np.random.default_rng(7)
     sizes = [(28 * 6, 28 * 4)] * 7 + [(28 * 4, 28 * 4)] * 3
     images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    monkeypatch.setattr(M, "IMAGE_ATTENTION_SPLIT", "runs")
+    M.IMAGE_ATTENTION_SHAPES.clear()
     want = M.embed_pages(lm, images)
+    assert {c for c, _ in M.IMAGE_ATTENTION_SHAPES} == {7, 3}, "the reference must be one call per run"
     monkeypatch.setattr(M, "IMAGE_ATTENTION_SPLIT", "pow2")
     M.IMAGE_ATTENTION_SHAPES.clear()
     got = M.embed_pages(lm, images)
