@@ -593,6 +593,10 @@ def main():
                               "load_s": round(load_s, 1), "first_batch_s": round(first, 1),
                               "sdpa_first": cudnn or None,
                               "attention_kernel": attention_kernel(emb, rows_table(pages[: args.batch_size]))}
+            if name.endswith("_pool3"):  # host seconds per batch of the pooling's second half (all batches so far)
+                batches = max(emb.timer.passes, 1)
+                variants[name]["pool_host_s_per_batch"] = {k: round(v / batches, 4)
+                                                           for k, v in emb.timer.pool_host_s.items()}
             print(name, variants[name], flush=True)
             if "tritontma" in name:  # which config ran, and whether any call fell back
                 import vision_attention_triton as va

@@ -603,12 +603,20 @@ class ForwardTimer:
         self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
         self.busy_s = 0.0
         self.passes = 0
+        # host seconds of --pool-factor's second half, off the device lock: Ward's merge loop
+        # (scipy, holds the GIL) and the cluster means; benchmarks read them
+        self.pool_host_s = {"merge": 0.0, "means": 0.0}
         self._lock = threading.Lock()
         self._local = threading.local()
 
     @property
     def thread_busy_s(self) -> float:
         return getattr(self._local, "busy_s", 0.0)
+
+    def add_pool_host(self, merge_s: float, means_s: float) -> None:
+        with self._lock:
+            self.pool_host_s["merge"] += merge_s
+            self.pool_host_s["means"] += means_s
 
     def add(self, seconds: float) -> None:
         with self._lock:
@@ -688,15 +696,22 @@ class PendingEmbeddings:
 
         condensed = self.condensed.numpy()
         out, start, cstart = [], 0, 0
+        merge_s = means_s = 0.0
         for n in self.lengths:
             x = self.flat[start : start + n].float()
             start += n
             if n > 1:
                 pairs = n * (n - 1) // 2
+                t = time.perf_counter()
                 labels = labels_from_distances(condensed[cstart : cstart + pairs], n, self.pool_factor)
+                merge_s += time.perf_counter() - t
                 cstart += pairs
+                t = time.perf_counter()
                 x = pool_by_labels(x, labels)
+                means_s += time.perf_counter() - t
             out.append(x.to(self.out_dtype).numpy())
+        if self.timer is not None:
+            self.timer.add_pool_host(merge_s, means_s)
         return out
 
 

@@ -196,3 +196,21 @@ def test_pooling_distances_copied_row_by_row_equal_the_concatenation():
     torch.testing.assert_close(out, pooling_distances(flat, lengths), rtol=0, atol=0)
     with pytest.raises(ValueError, match="176"):
         pooling_distances(flat, lengths, out=torch.empty(10, dtype=torch.float64))
+
+
+def test_the_host_half_of_the_pooling_is_timed_by_part():
+    """The actor's timer adds the merge loop's and the means' host seconds (benchmarks report
+    them per batch: on an H200 the pooled actor's host work was ~0.5 s a batch, not split)."""
+    from pipeline.embed.model import ForwardTimer, PendingEmbeddings, pooling_distances
+
+    g = torch.Generator().manual_seed(4)
+    lengths = [40, 1, 25]
+    flat = torch.nn.functional.normalize(torch.randn(sum(lengths), 128, generator=g), dim=-1)
+    timer = ForwardTimer("cpu")
+    PendingEmbeddings(flat, lengths, None, None, timer, pool_factor=3,
+                      condensed=pooling_distances(flat, lengths)).result()
+    assert timer.pool_host_s["merge"] > 0 and timer.pool_host_s["means"] > 0
+    merge = timer.pool_host_s["merge"]
+    PendingEmbeddings(flat, lengths, None, None, timer, pool_factor=3,
+                      condensed=pooling_distances(flat, lengths)).result()
+    assert timer.pool_host_s["merge"] > merge
