@@ -137,6 +137,21 @@ class EmbedConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
 
+_FLAG_ON, _FLAG_OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off switch from the environment (``VDR_PRECOMPILE``, ``VDR_LINEAR_PATCH_EMBED``,
+    ``VDR_PERSISTENT_NORMS``): 1/true/on/yes or 0/false/off/no, any case; unset or empty: the
+    default. Another value is refused, so a misspelt switch is not silently ignored."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in _FLAG_ON + _FLAG_OFF:
+        raise ValueError(f"{name}={value!r}: use 1 or 0 (on/off, true/false, yes/no)")
+    return value in _FLAG_ON
+
+
 def absolute_local(values: dict, keys: tuple[str, ...], only_existing: tuple[str, ...] = ()) -> dict:
     """Local paths made absolute: Ray workers (and a job's copy of its working dir) run
     in other directories than the driver. URIs (``s3://``...) are left alone; keys in

@@ -19,7 +19,6 @@ and this choice does not apply.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 log = logging.getLogger(__name__)
@@ -29,17 +28,12 @@ PERSISTENT_LIMIT = 2048
 _installed: list = []  # [True, the settings it makes, the values they replaced] once installed
 
 
-_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
-
-
 def persistent_norms_requested() -> bool:
     """On unless ``VDR_PERSISTENT_NORMS`` is 0/false/off/no (the default since 2026-12-05:
     measured +2.8% on the actor, H200; module docstring). Another value is refused."""
-    value = os.environ.get(PERSISTENT_NORMS_ENV, "1").strip().lower()
-    if value not in _ON + _OFF:
-        raise ValueError(f"{PERSISTENT_NORMS_ENV}={value!r}: use 1 (the default: wider persistent norms) "
-                         "or 0 (Inductor's own limit)")
-    return value in _ON
+    from pipeline.config import env_flag
+
+    return env_flag(PERSISTENT_NORMS_ENV, True)
 
 
 def tag() -> str | None:

@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.config import DEFAULT_MAX_VISUAL_TOKENS, DEFAULT_MODEL  # noqa: F401  (re-exported)
+from pipeline.config import DEFAULT_MAX_VISUAL_TOKENS, DEFAULT_MODEL, env_flag  # noqa: F401  (re-exported)
 from pipeline.schema import IMAGE_PROMPT, QUERY_AUGMENTATION, QUERY_PREFIX, QUERY_PROMPT  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,15 @@ def load_model(
     True unless the environment sets ``VDR_PRECOMPILE=0``. ``linear_patch_embed``: the vision
     tower's patch embedding as one matmul (:func:`enable_linear_patch_embed`); None: True unless
     the environment sets ``VDR_LINEAR_PATCH_EMBED=0``."""
+    # the environment's switches first: a misspelt one is refused before the weights load
+    if linear_patch_embed is None:
+        linear_patch_embed = env_flag("VDR_LINEAR_PATCH_EMBED", True)
+    if precompiled is None and compile_model:
+        precompiled = env_flag("VDR_PRECOMPILE", True)
+    if compile_model:
+        from pipeline.embed import inductor_heuristics
+
+        persistent_norms = inductor_heuristics.persistent_norms_requested()
     phases: dict[str, float] = {}
     mark = [time.perf_counter()]
 
@@ -262,8 +271,6 @@ def load_model(
     lm.precision = precision
     if batched_vision_attention and attn == "sdpa" and model.config.vlm_config.model_type == "qwen2_vl":
         enable_batched_vision_attention(model, lm.vision_lengths)
-    if linear_patch_embed is None:
-        linear_patch_embed = os.environ.get("VDR_LINEAR_PATCH_EMBED", "1") != "0"
     lm.linear_patch_embed = linear_patch_embed and enable_linear_patch_embed(model)
     if compile_model:
         # Per block, not the whole model: the blocks are where the time goes (elementwise
@@ -277,12 +284,10 @@ def load_model(
         # warm actor loads the compiled blocks instead of tracing them again (compile_cache).
         from pipeline.embed import inductor_heuristics, precompile
 
-        if inductor_heuristics.persistent_norms_requested():  # on by default; VDR_PERSISTENT_NORMS=0 turns it off
+        if persistent_norms:  # on by default; VDR_PERSISTENT_NORMS=0 turns it off
             inductor_heuristics.install_persistent_norms()
         visual = getattr(model.vlm, "visual", None) or model.vlm.model.visual
         text = getattr(model.vlm, "language_model", None) or model.vlm.model.language_model
-        if precompiled is None:
-            precompiled = os.environ.get("VDR_PRECOMPILE", "1") != "0"
         if precompiled:
             lm.precompiled = [
                 precompile.install(visual.blocks, "vision_block", compile_backend,
@@ -315,7 +320,7 @@ def _runs(lengths: list[int]) -> list[tuple[int, int]]:
 # (7 images: 4 + 2 + 1), so that at most log2(batch size) + 1 call shapes exist per page size;
 # "runs": one call per run, its batch the run's length (up to batch size x page sizes shapes).
 # Why: SDPA's cuDNN backend (the one it picks for this head size on an H200) builds an execution
-# plan for each new (images, patches) shape, 42-70 ms each (bench_sdpa_shapes.py; the flash and
+# plan for each new (images, patches) shape, 38-70 ms each (bench_sdpa_shapes.py; the flash and
 # efficient backends pay nothing), and batches of random page-size mixes kept meeting new shapes:
 # 53.6 pages/s with "runs" against 58.5 with "pow2" and 63.0 for letter pages only (H200,
 # 2026-12-05, RESULTS fourteenth session); batches without a new shape take the same time either
@@ -453,7 +458,8 @@ def enable_linear_patch_embed(model) -> bool:
     compare it with the Conv3d). Why: on an H200, cuDNN ran this conv as
     ``implicit_convolveNd_sgemm`` at 12.3 ms per batch of 32 letter pages, ~2.5% of the
     compiled actor's GPU time (profile of 2026-12-04, RESULTS ninth session), for 0.3 TFLOP
-    that a cuBLAS matmul does in well under a millisecond (not measured yet). Returns whether
+    that a cuBLAS matmul does in well under a millisecond; the actor 1.85-1.9% faster with it
+    (H200, 2026-12-05, two calls, RESULTS fourteenth session). Returns whether
     the module was changed (False for a patch embedding of another form)."""
     import types
 

@@ -393,8 +393,21 @@ def test_a_persistent_norms_value_of_another_spelling_is_refused(monkeypatch):
     from pipeline.embed import inductor_heuristics as ih
 
     monkeypatch.setenv(ih.PERSISTENT_NORMS_ENV, "maybe")
-    with pytest.raises(ValueError, match="use 1"):
+    with pytest.raises(ValueError, match="VDR_PERSISTENT_NORMS='maybe': use 1 or 0"):
         ih.persistent_norms_requested()
+    # the other switches read the same way (pipeline.config.env_flag): misspelt, refused
+    from pipeline.config import env_flag
+
+    monkeypatch.setenv("VDR_LINEAR_PATCH_EMBED", "of")
+    with pytest.raises(ValueError, match="VDR_LINEAR_PATCH_EMBED='of'"):
+        env_flag("VDR_LINEAR_PATCH_EMBED", True)
+    monkeypatch.setenv("VDR_PRECOMPILE", "")
+    assert env_flag("VDR_PRECOMPILE", True) is True
+    # and before the model's weights are fetched or loaded (this path does not exist)
+    from pipeline.embed import model as M
+
+    with pytest.raises(ValueError, match="VDR_LINEAR_PATCH_EMBED='of'"):
+        M.load_model("/nonexistent/model", device="cpu", compile_model=True)
 
 
 def test_a_mistyped_attention_split_is_refused_at_import():
