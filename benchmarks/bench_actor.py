@@ -34,7 +34,12 @@ costs in fidelity. Real-size ColQwen2 with random weights, one run, the same pag
                           default since 2026-12-05 runs it as one matmul);
    * ``*_pool3``          any of these with --pool-factor 3 (pipeline/embed/pooling.py): the
                           pooling's distances on the GPU, Ward's merge loop on the host (off
-                          the device lock since 2026-12-05); no fidelity row (other vectors).
+                          the device lock since 2026-12-05; in worker processes since the
+                          fifteenth session, ``*_pool3_poolthread``: in the actor's threads,
+                          VDR_POOL_PROCESSES=0); no fidelity row (other vectors).
+   * ``*_maxautotune`` / ``*_cdtune``  any of these compiled with Inductor's ``max_autotune_gemm``
+                          (GEMMs autotuned among cuBLAS and Triton templates, bias and activation
+                          fused as epilogues) / ``coordinate_descent_tuning``; caches off;
    * ``*_tritonattn`` / ``*_tritontma``  the vision attention as benchmarks/vision_attention_triton.py's
                           pointer kernel / its TMA + warp-specialized kernel (Hopper; config from
                           ``VDR_VISION_TMA_CONFIG=BM_BN_W_S_WS``, recorded with any fallback count);
@@ -242,6 +247,40 @@ def persistent_norms_variant():
         # False), which would otherwise outlast the variant
         inductor_heuristics.uninstall()
         config.fx_graph_cache = saved
+
+
+@contextlib.contextmanager
+def inductor_settings(**settings):
+    """Inductor settings for a whole variant, compiled fresh: Dynamo reset before and after,
+    Inductor's caches and the node's compile cache (pipeline/embed/compile_cache.py, whose key
+    does not name these settings) off inside it, the settings restored after it. Nothing set:
+    a no-op. *_maxautotune: ``max_autotune_gemm`` (each GEMM autotuned among cuBLAS and
+    Inductor's Triton templates, which can take the bias and the activation as an epilogue);
+    *_cdtune: ``coordinate_descent_tuning`` (the fused pointwise and norm kernels' block sizes)."""
+    if not settings:
+        yield
+        return
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    from pipeline.embed import compile_cache
+
+    saved = {k: getattr(inductor_config, k) for k in (*settings, "force_disable_caches")}
+    saved_env = os.environ.get(compile_cache.LOCAL_ENV)
+    torch._dynamo.reset()
+    for k, v in {**settings, "force_disable_caches": True}.items():
+        setattr(inductor_config, k, v)
+    os.environ[compile_cache.LOCAL_ENV] = tempfile.mkdtemp(prefix="bench-actor-inductor-")  # nothing loaded or saved
+    try:
+        yield
+    finally:
+        torch._dynamo.reset()
+        for k, v in saved.items():
+            setattr(inductor_config, k, v)
+        if saved_env is None:
+            os.environ.pop(compile_cache.LOCAL_ENV, None)
+        else:
+            os.environ[compile_cache.LOCAL_ENV] = saved_env
 
 
 @contextlib.contextmanager
@@ -550,6 +589,12 @@ def main():
         # *_convpatch: the patch embedding as transformers' Conv3d (the default since 2026-12-05
         # is one matmul: pipeline.embed.model.enable_linear_patch_embed), read by load_model
         host.enter_context(env_set("VDR_LINEAR_PATCH_EMBED", "0" if "_convpatch" in name else None))
+        # *_maxautotune / *_cdtune: Inductor's GEMM autotuning / coordinate descent, compiled fresh
+        host.enter_context(inductor_settings(**({"max_autotune_gemm": True} if "_maxautotune" in name else {}),
+                                             **({"coordinate_descent_tuning": True} if "_cdtune" in name else {})))
+        # *_poolthread: the pooling's merge loops in the actor's threads, as before the fifteenth
+        # session (the default runs them in worker processes: pipeline.embed.pooling.WardMerges)
+        host.enter_context(env_set("VDR_POOL_PROCESSES", "0" if "_poolthread" in name else None))
         # *_tritonattn / *_tritontma: the vision attention as benchmarks/vision_attention_triton.py's
         # pointer kernel / TMA + warp-specialized kernel
         host.enter_context(triton_vision_attention("tritonattn" in name or "tritontma" in name,
@@ -575,7 +620,7 @@ def main():
         try:
             emb = PageEmbedder(model_dir, device=DEV, compile_model=name != "eager" and not args.smoke,
                                precision=precision, batches_in_flight=2 if "inflight2" in name else 1,
-                               pool_factor=3 if name.endswith("_pool3") else 1)
+                               pool_factor=3 if "_pool3" in name else 1)
             load_s = time.perf_counter() - t
             t = time.perf_counter()
             emb(rows_table(pages[: args.batch_size]))
@@ -593,7 +638,7 @@ def main():
                               "load_s": round(load_s, 1), "first_batch_s": round(first, 1),
                               "sdpa_first": cudnn or None,
                               "attention_kernel": attention_kernel(emb, rows_table(pages[: args.batch_size]))}
-            if name.endswith("_pool3"):  # host seconds per batch of the pooling's second half (all batches so far)
+            if "_pool3" in name:  # host seconds per batch of the pooling's second half (all batches so far)
                 batches = max(emb.timer.passes, 1)
                 variants[name]["pool_host_s_per_batch"] = {k: round(v / batches, 4)
                                                            for k, v in emb.timer.pool_host_s.items()}
@@ -628,8 +673,8 @@ def main():
                 torch.cuda.empty_cache()
         # against "compiled"; without it in --variants, against the first variant that ran (the
         # rankings then left out: their reference queries are embedded with "compiled" only)
-        ref = "compiled" if "compiled" in vectors else next((n for n in vectors if not n.endswith("_pool3")), None)
-        if ref is not None and name in vectors and name != ref and not name.endswith("_pool3"):
+        ref = "compiled" if "compiled" in vectors else next((n for n in vectors if "_pool3" not in n), None)
+        if ref is not None and name in vectors and name != ref and "_pool3" not in name:
             fid[name] = fidelity(vectors[ref], vectors[name], ref_top if ref == "compiled" else None, queries)
             fid[name]["reference"] = ref
             print(name, f"fidelity vs {ref}", fid[name], flush=True)

@@ -39,7 +39,8 @@
 #   shapes      what a new SDPA call shape costs (bench_sdpa_shapes.py, per backend), then random
 #               mixed batches of 32 with the vision attention's calls per run and cut into powers
 #               of two (bench_mixed_sizes.py --random-mixes --split runs|pow2)           3 x 200 s
-# ACTOR_VARIANTS overrides the actor step's variants, ACTOR_PAGES its pages; ACTOR_EXTRA adds arguments.
+# ACTOR_VARIANTS overrides the actor step's variants, ACTOR_PAGES its pages, ACTOR_TIMEOUT its limit (300 s);
+# ACTOR_EXTRA adds arguments.
 # Each job step also builds the real-size model (12-17 s) and writes its corpus first, and a
 # fresh machine's first Python imports are slow: job_1 needed ~200 s on one (2026-12-03).
 # Do not wrap this script in a shorter `timeout`: that stops bash but not the running step,
@@ -81,7 +82,7 @@ if [ "${TINY:-0}" = 1 ]; then
     --out "$OUT/actor.json"
   exit 0
 fi
-step actor 300 "$PY" benchmarks/bench_actor.py --pages "${ACTOR_PAGES:-256}" --fid-pages 256 --queries 50 \
+step actor "${ACTOR_TIMEOUT:-300}" "$PY" benchmarks/bench_actor.py --pages "${ACTOR_PAGES:-256}" --fid-pages 256 --queries 50 \
   --variants "${ACTOR_VARIANTS:-compiled,compiled_inflight2,compiled_oldhost}" ${ACTOR_EXTRA:-} --out "$OUT/actor.json"
 step warm_start "${WARM_TIMEOUT:-180}" "$PY" benchmarks/bench_warm_start.py ${WARM_EXTRA:-} --out "$OUT/warm_start.json"
 step worker_start 120 "$PY" benchmarks/bench_worker_start.py --out "$OUT/worker_start.json"

@@ -609,8 +609,9 @@ class ForwardTimer:
         self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
         self.busy_s = 0.0
         self.passes = 0
-        # host seconds of --pool-factor's second half, off the device lock: Ward's merge loop
-        # (scipy, holds the GIL) and the cluster means; benchmarks read them
+        # host seconds of --pool-factor's second half, off the device lock: the wait for Ward's
+        # merge loops (in worker processes: pipeline.embed.pooling.WardMerges) and the cluster
+        # means; benchmarks read them
         self.pool_host_s = {"merge": 0.0, "means": 0.0}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -678,9 +679,10 @@ class PendingEmbeddings:
 
     def __init__(self, flat: torch.Tensor, lengths: list[int], done, events, timer: ForwardTimer | None,
                  pool_factor: int = 1, condensed: torch.Tensor | None = None,
-                 out_dtype: torch.dtype = torch.float32):
+                 out_dtype: torch.dtype = torch.float32, merges=None):
         self.flat, self.lengths, self.done, self.events, self.timer = flat, lengths, done, events, timer
         self.pool_factor, self.condensed, self.out_dtype = pool_factor, condensed, out_dtype
+        self.merges = merges  # pipeline.embed.pooling.WardMerges; None: in this thread
 
     def result(self) -> list[np.ndarray]:
         if self.done is not None:
@@ -698,24 +700,22 @@ class PendingEmbeddings:
         return out
 
     def _pooled(self) -> list[np.ndarray]:
-        from pipeline.embed.pooling import labels_from_distances, pool_by_labels
+        from pipeline.embed.pooling import WardMerges, pool_by_labels
 
-        condensed = self.condensed.numpy()
-        out, start, cstart = [], 0, 0
-        merge_s = means_s = 0.0
-        for n in self.lengths:
+        t = time.perf_counter()
+        # the merge loops of all rows (in worker processes unless merges says 0 or is None)
+        merges = self.merges if self.merges is not None else WardMerges(0)
+        all_labels = merges.labels(self.condensed.numpy(), list(self.lengths), self.pool_factor)
+        merge_s = time.perf_counter() - t  # wall seconds this thread waited for them
+        t = time.perf_counter()
+        out, start = [], 0
+        for n, labels in zip(self.lengths, all_labels):
             x = self.flat[start : start + n].float()
             start += n
-            if n > 1:
-                pairs = n * (n - 1) // 2
-                t = time.perf_counter()
-                labels = labels_from_distances(condensed[cstart : cstart + pairs], n, self.pool_factor)
-                merge_s += time.perf_counter() - t
-                cstart += pairs
-                t = time.perf_counter()
+            if labels is not None:
                 x = pool_by_labels(x, labels)
-                means_s += time.perf_counter() - t
             out.append(x.to(self.out_dtype).numpy())
+        means_s = time.perf_counter() - t
         if self.timer is not None:
             self.timer.add_pool_host(merge_s, means_s)
         return out
@@ -733,7 +733,7 @@ def without_padding_mask(inputs: dict) -> dict:
 
 
 def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: ForwardTimer | None = None,
-                      out_dtype: torch.dtype = torch.float32, pool_factor: int = 1) -> PendingEmbeddings:
+                      out_dtype: torch.dtype = torch.float32, pool_factor: int = 1, merges=None) -> PendingEmbeddings:
     """Queue the forward pass, the gather of each row's ``lengths[i]`` real vectors (right
     padding: they come first) and their copy to pinned host memory, with no host sync of
     its own (the model's forward still has a few); L2-normalised, ``out_dtype`` converted on
@@ -742,7 +742,9 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
     ``pool_factor`` > 1: the vectors come back in the model's dtype (float32 on the host is
     exact), and each row's pooling distances (:func:`pipeline.embed.pooling.condensed_distances`)
     are queued on the device and copied back beside them; the rest of the pooling runs in
-    :meth:`PendingEmbeddings.result`, on the host, after the caller has let go of the device."""
+    :meth:`PendingEmbeddings.result`, on the host, after the caller has let go of the device
+    (Ward's merge loop in ``merges``' worker processes, :class:`pipeline.embed.pooling.WardMerges`;
+    None: in the calling thread)."""
     from pipeline.embed import inductor_heuristics
     from pipeline.embed.pooling import check_pool_factor
 
@@ -770,14 +772,14 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
                 events[1].record()  # the pooling's device work counts as GPU-busy too
             done = torch.cuda.Event(blocking=True)  # waiting on it sleeps instead of spinning a core
             done.record()
-            return PendingEmbeddings(flat, lengths, done, events, timer, pool_factor, condensed, out_dtype)
+            return PendingEmbeddings(flat, lengths, done, events, timer, pool_factor, condensed, out_dtype, merges)
         with timer.measure() if timer is not None else contextlib.nullcontext():
             out = lm.model(**inputs, use_cache=False).embeddings
             dev = out.reshape(batch * length, -1).index_select(0, index.to(out.device))
             dist = pooling_distances(dev, lengths) if pool_factor > 1 else None
         if pool_factor == 1:
             return PendingEmbeddings(dev.to(out_dtype).cpu(), lengths, None, None, timer)
-        return PendingEmbeddings(dev.cpu(), lengths, None, None, timer, pool_factor, dist.cpu(), out_dtype)
+        return PendingEmbeddings(dev.cpu(), lengths, None, None, timer, pool_factor, dist.cpu(), out_dtype, merges)
 
 
 def condensed_size(lengths: list[int]) -> int:
@@ -830,7 +832,7 @@ def forward_embeddings(lm: LoadedModel, inputs: dict, timer: ForwardTimer | None
 
 def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTimer | None = None,
                 pool_factor: int = 1, out_dtype: torch.dtype = torch.float32,
-                device_lock: TurnLock | None = None) -> list[np.ndarray]:
+                device_lock: TurnLock | None = None, merges=None) -> list[np.ndarray]:
     """Page embeddings, each (n_i, 128) ``out_dtype``, in the order given (pooled by ``pool_factor``
     when > 1). Pages are run sorted by size, so images of one size sit together for the
     batched vision attention.
@@ -839,7 +841,10 @@ def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTim
     pixels into pinned memory, token ids, positions) and the wait for the copy back run
     outside it; the device work is queued under it, one batch at a time, so the GPU runs
     one batch while the host prepares the next and passes never interleave (each pass's
-    CUDA events enclose its own kernels only)."""
+    CUDA events enclose its own kernels only).
+
+    ``merges``: where the pooling's merge loops run (:class:`pipeline.embed.pooling.WardMerges`;
+    None: in this thread)."""
     if not images:
         return []
     order = sorted(range(len(images)), key=lambda i: images[i].shape[:2])
@@ -851,7 +856,7 @@ def embed_pages(lm: LoadedModel, images: Sequence[np.ndarray], timer: ForwardTim
         lm.vision_lengths.lengths = torch.tensor([(im.shape[0] // p) * (im.shape[1] // p) for im in ordered])
         try:
             inputs = page_inputs_to_device(host, lm)
-            pending = launch_embeddings(lm, inputs, host["lengths"], timer, out_dtype, pool_factor)
+            pending = launch_embeddings(lm, inputs, host["lengths"], timer, out_dtype, pool_factor, merges)
         finally:
             lm.vision_lengths.lengths = None
     vectors = pending.result()  # with pool_factor > 1 the pooling's host part runs here, off the device lock

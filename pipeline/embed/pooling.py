@@ -24,15 +24,33 @@ device; Ward's merge loop and fcluster (scipy, O(n^2), 3-13 ms for 755 tokens on
 CPU, on the condensed distances copied back (n(n-1)/2 float64); 4 on the vectors' device.
 Inside the embedding actor (:func:`pipeline.embed.model.launch_embeddings`) 1-2's distances are
 queued on the GPU with the forward pass, and 2's merge loop, 3 and 4 run on the host after the
-copy back, outside the device lock, so the GPU runs the next batch meanwhile.
+copy back, outside the device lock, so the GPU runs the next batch meanwhile. The merge loop runs
+in worker processes (:class:`WardMerges`): scipy's ``linkage`` holds the GIL, and in the actor's
+own threads one batch's merges (~0.5 s a batch of 32 on an H200 host) slowed the other thread's
+kernel launches, so the GPU waited (2026-12-05: pooled actor at 89-90% of the unpooled one).
 On a GPU the float32 matmul may round differently from CPU's, so a near-tie in the
 clustering can go the other way there; the tests compare with colpali on CPU.
 """
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
 import numpy as np
 import torch
+
+from pipeline.embed.ward import labels_from_distances  # noqa: F401 (steps 2's merge loop and 3, on CPU)
+
+log = logging.getLogger(__name__)
+
+# Worker processes for Ward's merge loop in each pooling actor ($VDR_POOL_PROCESSES; 0: in the
+# calling thread, the only way until 2026-12-05's fifteenth session; see WardMerges).
+DEFAULT_PROCESSES = 2
 
 
 def condensed_distances(vectors: torch.Tensor) -> torch.Tensor:
@@ -43,16 +61,6 @@ def condensed_distances(vectors: torch.Tensor) -> torch.Tensor:
     distances = 1 - x @ x.T  # float32, as colpali's 1 - similarities
     # scipy's linkage(2-D D, metric="euclidean") = linkage(pdist(float64(D))): the pdist on the device.
     return torch.nn.functional.pdist(distances.to(torch.float64))
-
-
-def labels_from_distances(condensed: np.ndarray, n: int, pool_factor: int) -> np.ndarray:
-    """Steps 2 (Ward's merge loop) and 3 on CPU: cluster id (0-based, scipy's order) of each of
-    the n rows whose :func:`condensed_distances` are given; at most ``max(n // pool_factor, 1)``
-    clusters."""
-    from scipy.cluster.hierarchy import fcluster, linkage
-
-    z = linkage(condensed, method="ward")
-    return fcluster(z, t=max(n // pool_factor, 1), criterion="maxclust") - 1
 
 
 def cluster_labels(vectors: torch.Tensor, pool_factor: int) -> np.ndarray:
@@ -71,6 +79,95 @@ def pool_by_labels(vectors: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
     sums = torch.zeros((k, x.shape[1]), dtype=torch.float32, device=x.device).index_add_(0, inverse, x)
     counts = torch.bincount(inverse, minlength=k).to(torch.float32)
     return torch.nn.functional.normalize(sums / counts[:, None], p=2, dim=-1)
+
+
+def _labels_here(condensed: np.ndarray, spans: list[tuple[int, int, int]], pool_factor: int) -> list:
+    return [labels_from_distances(condensed[s : s + p], n, pool_factor) if n > 1 else None for s, p, n in spans]
+
+
+class WardMerges:
+    """Ward's merge loop and ``fcluster`` (:func:`labels_from_distances`) of many rows at once,
+    in ``processes`` worker processes (0: in the calling thread). Same function, same float64
+    distances: the labels are the same either way (tested).
+
+    Why processes: scipy's ``linkage`` holds the GIL, so in threads it runs one page at a time
+    and stalls the thread that queues the next batch's kernels. The workers are started by
+    ``forkserver`` (a clean single-threaded server, not a fork of the actor with its CUDA
+    context and Ray's threads), lazily at the first call; each page's condensed distances
+    (n(n-1)/2 float64, ~2.5 MB for 790 vectors) are pickled to them. A worker that dies (killed,
+    out of memory) loses no row: that batch's merges run again here, and the next call starts
+    a new pool; after ``GIVE_UP_AFTER`` lost pools (workers that cannot start: multiprocessing
+    imports the parent's ``__main__`` file in each, which must exist) every merge runs in the
+    calling thread. Thread-safe: two batches in flight share one pool."""
+
+    GIVE_UP_AFTER = 3
+
+    def __init__(self, processes: int = DEFAULT_PROCESSES):
+        if processes < 0:
+            raise ValueError(f"processes must be >= 0, got {processes}")
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+        self._broken = 0  # pools lost to a dead worker
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls) -> WardMerges:
+        raw = os.environ.get("VDR_POOL_PROCESSES", "").strip()
+        if not raw:
+            return cls()
+        try:
+            processes = int(raw)
+            if processes < 0:
+                raise ValueError
+            return cls(processes)
+        except ValueError:
+            raise ValueError(f"VDR_POOL_PROCESSES must be a whole number of worker processes (0: merge "
+                             f"in the actor's own thread), got {raw!r}") from None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                ctx = multiprocessing.get_context("forkserver")
+                # the server imports the merge code (numpy, scipy, no torch) once; each worker
+                # it forks has it already
+                ctx.set_forkserver_preload(["pipeline.embed.ward", "scipy.cluster.hierarchy"])
+                self._pool = ProcessPoolExecutor(max_workers=self.processes, mp_context=ctx)
+            return self._pool
+
+    def labels(self, condensed: np.ndarray, lengths: list[int], pool_factor: int) -> list[np.ndarray | None]:
+        """Cluster labels of each row whose condensed distances lie one after another in
+        ``condensed`` (rows of one vector have none: ``None``)."""
+        spans, start = [], 0
+        for n in lengths:
+            pairs = n * (n - 1) // 2 if n > 1 else 0
+            spans.append((start, pairs, n))
+            start += pairs
+        if self.processes == 0:
+            return _labels_here(condensed, spans, pool_factor)
+        pool = self._executor()
+        try:
+            futures = [pool.submit(labels_from_distances, condensed[s : s + p], n, pool_factor) if n > 1 else None
+                       for s, p, n in spans]
+            return [f.result() if f is not None else None for f in futures]
+        except BrokenProcessPool as exc:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+                    self._broken += 1
+                    if self._broken >= self.GIVE_UP_AFTER:
+                        self.processes = 0
+            pool.shutdown(wait=False, cancel_futures=True)
+            log.warning("a pooling worker process died (%s); this batch's merges run in the actor's thread, %s",
+                        exc, "and so will every later batch's (workers died %d times: see the worker's "
+                        "traceback above; VDR_POOL_PROCESSES=0 runs them here from the start)" % self._broken
+                        if self.processes == 0 else "the next batch starts new workers")
+            return _labels_here(condensed, spans, pool_factor)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_pool_factor(pool_factor: int) -> None:

@@ -189,8 +189,12 @@ class PageEmbedder:
                  precision: str = "default", batches_in_flight: int = 1, precompiled: bool | None = None):
         from pipeline.cluster import actor_device, bytecode_warning
         from pipeline.embed.model import ForwardTimer, TurnLock, load_model
+        from pipeline.embed.pooling import WardMerges
 
         self.started = time.time()
+        # --pool-factor: Ward's merge loops in worker processes ($VDR_POOL_PROCESSES, default 2;
+        # 0: in the calling thread); a misspelt value fails here, before the weights load
+        self.merges = WardMerges.from_env() if pool_factor > 1 else None
         device, warning = actor_device(device or "cpu")
         if warning:
             log.warning(warning)
@@ -250,7 +254,7 @@ class PageEmbedder:
         busy_before = self.timer.thread_busy_s
         # float16, what is stored (converted on the device; pooled vectors on the host: pipeline.embed.model.launch_embeddings)
         vectors = embed_pages(self.lm, images, self.timer, self.pool_factor, out_dtype=torch.float16,
-                              device_lock=self.device_lock)
+                              device_lock=self.device_lock, merges=self.merges)
         busy = self.timer.thread_busy_s - busy_before
         with self._state_lock:
             if c.first_batch is None and images:

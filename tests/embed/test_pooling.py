@@ -214,3 +214,103 @@ def test_the_host_half_of_the_pooling_is_timed_by_part():
     PendingEmbeddings(flat, lengths, None, None, timer, pool_factor=3,
                       condensed=pooling_distances(flat, lengths)).result()
     assert timer.pool_host_s["merge"] > merge
+
+
+def _rows(lengths, seed=6):
+    from pipeline.embed.model import pooling_distances
+
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.nn.functional.normalize(torch.randn(sum(lengths), 128, generator=g), dim=-1).to(torch.bfloat16)
+    return flat, pooling_distances(flat, lengths).numpy()
+
+
+def test_ward_merges_in_worker_processes_equal_the_merges_in_this_thread():
+    """--pool-factor's merge loops run in worker processes (scipy's linkage holds the GIL, so in
+    the actor's threads it stalled the next batch's kernel launches): the labels must be those
+    of the same merges run here, row by row, rows of 0 and 1 vectors having none, and the work
+    must really run in other processes."""
+    from pipeline.embed.pooling import WardMerges
+
+    lengths = [0, 1, 2, 5, 40, 300, 17]
+    _, condensed = _rows(lengths)
+    merges = WardMerges(2)
+    try:
+        got = merges.labels(condensed, lengths, 3)
+        want = WardMerges(0).labels(condensed, lengths, 3)
+        assert [g is None for g in got] == [n <= 1 for n in lengths]
+        for g, w in zip(got, want):
+            if w is not None:
+                np.testing.assert_array_equal(g, w)
+        assert merges._executor().submit(os.getpid).result() != os.getpid()
+    finally:
+        merges.close()
+
+
+def test_a_dead_merge_worker_loses_no_row(caplog):
+    """A merge worker killed mid-job (out of memory, a signal): that batch's merges run again in
+    the calling thread with the same labels, a warning says so, and the next batch gets new
+    workers."""
+    import signal
+    import time
+
+    from pipeline.embed.pooling import WardMerges
+
+    lengths = [60, 3, 120]
+    _, condensed = _rows(lengths, seed=7)
+    want = WardMerges(0).labels(condensed, lengths, 2)
+    merges = WardMerges(1)
+    try:
+        merges.labels(condensed, lengths, 2)
+        first = merges._pool
+        for pid in list(first._processes):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(p.is_alive() for p in first._processes.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with caplog.at_level("WARNING", logger="pipeline.embed.pooling"):
+            got = merges.labels(condensed, lengths, 2)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        assert "worker process died" in caplog.text
+        again = merges.labels(condensed, lengths, 2)
+        assert merges._pool is not None and merges._pool is not first
+        for g, w in zip(again, want):
+            np.testing.assert_array_equal(g, w)
+    finally:
+        merges.close()
+
+
+def test_pooled_rows_are_the_same_with_merges_in_worker_processes():
+    """The actor's host half of the pooling (PendingEmbeddings) gives the same float16 vectors
+    whether its merge loops run here or in worker processes."""
+    from pipeline.embed.model import PendingEmbeddings, pooling_distances
+    from pipeline.embed.pooling import WardMerges
+
+    lengths = [0, 1, 5, 2, 7, 30, 200]
+    flat, _ = _rows(lengths, seed=8)
+    merges = WardMerges(2)
+    try:
+        rows = [PendingEmbeddings(flat, lengths, None, None, None, pool_factor=3,
+                                  condensed=pooling_distances(flat, lengths), out_dtype=torch.float16,
+                                  merges=m).result() for m in (None, merges)]
+    finally:
+        merges.close()
+    for a, b in zip(*rows):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("raw,want", [("", 2), ("0", 0), (" 4 ", 4)])
+def test_pool_processes_from_the_environment(monkeypatch, raw, want):
+    from pipeline.embed.pooling import WardMerges
+
+    monkeypatch.setenv("VDR_POOL_PROCESSES", raw)
+    assert WardMerges.from_env().processes == want
+
+
+@pytest.mark.parametrize("raw", ["two", "-1", "1.5"])
+def test_a_misspelt_pool_processes_is_refused_before_the_weights_load(monkeypatch, raw):
+    from pipeline.embed.stages import PageEmbedder
+
+    monkeypatch.setenv("VDR_POOL_PROCESSES", raw)
+    with pytest.raises(ValueError, match="VDR_POOL_PROCESSES|processes must be"):
+        PageEmbedder("/nonexistent/model", device="cpu", pool_factor=3)
