@@ -31,7 +31,7 @@ t1 = time.perf_counter()
 from pipeline.embed.compile_cache import compile_times
 device = sys.argv[4]
 sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-emb = PageEmbedder(sys.argv[1], device=device, compile_model=True, compile_cache=sys.argv[2])
+emb = PageEmbedder(sys.argv[1], device=device, compile_model=True, compile_cache=sys.argv[2] or None)
 t2 = time.perf_counter()
 out1 = emb(table); sync()
 t3 = time.perf_counter()
@@ -43,7 +43,7 @@ first = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in out1.colu
 print(json.dumps({"imports_and_pages_s": round(t1 - t0, 2), "actor_init_s": round(t2 - t1, 2),
                   "model_load_s": round(emb.loaded_s, 2), "load_phases": emb.lm.load_phases, "first_batch_s": round(t3 - t2, 2),
                   "first_batch_compile_s": split, "recompiles_after_first": {k: round(v - split.get(k, 0), 2) for k, v in compile_times().items()},
-                  "second_batch_s": round(t4 - t3, 3), "loaded_from": emb.compile_cache_from,
+                  "second_batch_s": round(t4 - t3, 3), "compile_workers_started_early": emb.compile_workers_warmed, "loaded_from": emb.compile_cache_from,
                   "precompiled_from": getattr(emb, "precompiled_from", None),
                   "precompiled_load_s": round(getattr(emb, "precompiled_load_s", 0.0), 2),
                   "precompiled": {pf.name: {"loaded": pf.loaded, "compiled": pf.compiled, "compile_s": round(pf.compile_s, 2),
@@ -58,6 +58,12 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--warm-env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                     help="one more warm actor on node 1 with these environment variables (repeatable)")
+    ap.add_argument("--cold-env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                    help="one more cold actor, on a new node of its own and with no shared cache, with these "
+                         "environment variables (repeatable; VDR_WARM_COMPILE_WORKERS=0: Inductor's workers "
+                         "started by the first compilation, as before the fifteenth session)")
+    ap.add_argument("--cold-repeats", type=int, default=1, metavar="N",
+                    help="run the --cold-env cases and a cold default actor (no shared cache) N times, alternating")
     ap.add_argument("--env", default="", metavar="NAME=VALUE[,NAME=VALUE]",
                     help="environment of every case (VDR_PRECOMPILE=0: torch.compile per block, as before 2026-12-05)")
     args = ap.parse_args()
@@ -70,7 +76,7 @@ def main():
     shared = os.path.join(work, "shared")
     every_env = dict(kv.split("=", 1) for kv in args.env.split(",") if kv)
 
-    def actor(node: str, **extra_env) -> dict:
+    def actor(node: str, shared_cache: str | None = shared, **extra_env) -> dict:
         # each node its own caches, Triton's too (until 2026-12-05 the nodes shared Triton's,
         # so a "new node" had every Triton kernel already built)
         env = dict(os.environ, **every_env, **extra_env,
@@ -78,7 +84,8 @@ def main():
                    VDR_COMPILE_CACHE=os.path.join(work, node, "vdr"),
                    TORCHINDUCTOR_CACHE_DIR=os.path.join(work, node, "inductor"),
                    TRITON_CACHE_DIR=os.path.join(work, node, "triton"))
-        p = subprocess.run([sys.executable, "-c", ACTOR, model, shared, os.path.join(ROOT, "benchmarks"), args.device],
+        p = subprocess.run([sys.executable, "-c", ACTOR, model, shared_cache or "", os.path.join(ROOT, "benchmarks"),
+                            args.device],
                            env=env, capture_output=True, text=True, timeout=400)
         if p.returncode:
             raise SystemExit(p.stderr[-3000:])
@@ -93,6 +100,15 @@ def main():
         extra = dict(kv.split("=", 1) for kv in spec.split(","))
         res[f"warm, same node, with {spec} (#{i})"] = actor("node1", **extra)
         print(res, flush=True)
+    # cold actors on fresh nodes without a shared cache (the early start of Inductor's workers
+    # keys on that), the default against each --cold-env, alternating
+    for r in range(args.cold_repeats if args.cold_env else 0):
+        res[f"cold, new node, no shared cache, defaults (run {r + 1})"] = actor(f"cold-default-{r}", None)
+        print(res, flush=True)
+        for i, spec in enumerate(args.cold_env, 1):
+            extra = dict(kv.split("=", 1) for kv in spec.split(","))
+            res[f"cold, new node, no shared cache, with {spec} (run {r + 1})"] = actor(f"cold-{i}-{r}", None, **extra)
+            print(res, flush=True)
     import torch
 
     res = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "torch": torch.__version__,

@@ -229,3 +229,55 @@ def save_precompiled(key: str, forwards: list, shared_uri: str | None = None,
         except Exception as exc:  # noqa: BLE001
             log.warning("precompiled blocks not written to %s (%s)", uri, type(exc).__name__)
     return len(data)
+
+
+def node_never_compiled(shared_uri: str | None = None, endpoint_url: str | None = None) -> bool:
+    """True when neither this node's cache nor the shared one (``--compile-cache``) holds any
+    precompiled blocks: the first batch will compile, whatever the model. (A cache holding
+    another model's blocks is not counted: it may be this model's too.) A shared cache that
+    cannot be listed counts as holding blocks: no early workers, the first batch as before."""
+    for base in _locations(shared_uri):
+        try:
+            _, files = storage.list_files(base, endpoint_url, suffix=".bin")
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except Exception:  # noqa: BLE001 - unreachable storage: decided elsewhere
+            return False
+        if any(f.base_name.startswith("precompiled-") for f in files):
+            return False
+    return True
+
+
+def compile_workers_wanted(shared_uri: str | None = None, endpoint_url: str | None = None) -> bool:
+    """Whether :func:`warm_compile_workers` starts them: $VDR_WARM_COMPILE_WORKERS (1/0, on/off,
+    ...; another value is refused), else :func:`node_never_compiled`."""
+    from pipeline.config import env_flag
+
+    if os.environ.get("VDR_WARM_COMPILE_WORKERS", "").strip():
+        return env_flag("VDR_WARM_COMPILE_WORKERS", False)
+    return node_never_compiled(shared_uri, endpoint_url)
+
+
+def warm_compile_workers(shared_uri: str | None = None, endpoint_url: str | None = None) -> bool:
+    """Start Inductor's compile worker processes now, in the background, when the first batch
+    will compile ($VDR_WARM_COMPILE_WORKERS: unset or empty: on a node that never compiled,
+    :func:`node_never_compiled`, nor the shared cache; 1: always; 0: never). Returns whether they were started.
+
+    Why: Inductor starts its worker pool at the first compilation and, until the pool answers,
+    compiles each Triton kernel in the calling process, one after another; an actor's first
+    batch met a pool that was still starting (cold first batch 8.0 s, 2026-12-05, an H200).
+    Started before the weights load, the workers are up when the first batch compiles.
+    They cost memory and a few CPU-seconds, which is why a node that may load its blocks
+    does not start them."""
+    if not compile_workers_wanted(shared_uri, endpoint_url):
+        return False
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:  # a torch without it: compile as before
+        return False
+    try:
+        maybe_warm_pool()  # non-blocking: a side process starts the workers
+    except Exception as exc:  # noqa: BLE001 - an optimisation: the first batch starts them itself
+        log.warning("compile workers not started early (%s)", type(exc).__name__)
+        return False
+    return True
