@@ -159,7 +159,7 @@ def main() -> int:
             entry = {"rc": 0, "wall_s_process": round(wall, 2), "pages": run["pages"],
                      "pages_per_s_whole": round(run["pages"] / wall, 2), "job_seconds": run["seconds"],
                      "embedders_reused": s.get("embedders_reused"), "actors": run.get("actors"),
-                     "env": {k: v for k, v in job_env.items() if k.startswith("PIPELINE_")},
+                     "env": {k: v for k, v in job_env.items() if k.startswith(("PIPELINE_", "VDR_"))},
                      "args": cmd[cmd.index("--max-visual-tokens") + 2:],
                      "workers_prestarted": s.get("workers_prestarted"),
                      "prestarted_workers_rendered": s.get("prestarted_workers_rendered"),

@@ -99,6 +99,13 @@ step job_1b 260 env BENCH_JOB_EXTRA="--batches-in-flight 1" "$PY" benchmarks/ben
 step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
   BENCH_JOB_ENVS="PIPELINE_RENDER_NICENESS=10;PIPELINE_RENDER_NICENESS=0;PIPELINE_RENDER_NICENESS=10" \
   "$PY" benchmarks/bench_embed.py --job-only --job-pages 3000 --out "$OUT/job_nice.json"
+# Cold nodes, A/B (fifteenth session): four plain 3,000-page jobs, every compile cache emptied
+# before each, alternating VDR_WARM_COMPILE_WORKERS=0 (Inductor's workers started by the first
+# compilation) and the default (started before the weights load on a node that never compiled);
+# run with `actor` (ACTOR_VARIANTS=compiled_inflight2) for the actor alone in the same call   ~330 s
+step part1_cold 420 "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
+  --plain-after 4 --cold-caches --plain-envs "VDR_WARM_COMPILE_WORKERS=0;;VDR_WARM_COMPILE_WORKERS=0;" \
+  --out "$OUT/part1_cold.json"
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" part1 "* ]]; then
   [ -n "${STEPS:-}" ] && STEPS="$STEPS part1_actor part1_jobs"
   # the actor's compile caches apart from the node's: the first job after it compiles cold, as
