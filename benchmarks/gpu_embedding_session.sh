@@ -106,6 +106,10 @@ step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
 step part1_cold 420 "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
   --plain-after 4 --cold-caches --plain-envs "VDR_WARM_COMPILE_WORKERS=0;;VDR_WARM_COMPILE_WORKERS=0;" \
   --out "$OUT/part1_cold.json"
+# A whole job of mixed page sizes (six shapes), cold then warm, with today's defaults (pow2 split);
+# with `actor` for the actor alone on letter pages in the same call                      ~250 s
+step mixed_job 330 "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
+  --plain-after 2 --mixed-sizes --out "$OUT/mixed_job.json"
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" part1 "* ]]; then
   [ -n "${STEPS:-}" ] && STEPS="$STEPS part1_actor part1_jobs"
   # the actor's compile caches apart from the node's: the first job after it compiles cold, as
