@@ -44,7 +44,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 import torch
 
-from pipeline.embed.ward import labels_from_distances  # noqa: F401 (steps 2's merge loop and 3, on CPU)
+from pipeline.embed.ward import labels_from_distances, labels_from_shared  # steps 2's merge loop and 3, on CPU
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,31 @@ def pool_by_labels(vectors: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
     return torch.nn.functional.normalize(sums / counts[:, None], p=2, dim=-1)
 
 
+SHM_DIR = "/dev/shm"
+
+
+def _shared_copy(condensed: np.ndarray):
+    """The batch's condensed distances copied into a new shared-memory block (``SHM_DIR``), for
+    the workers to map; None where there is no ``/dev/shm`` or it has less than twice the room
+    (a container's default is 64 MiB; writing past a full tmpfs would kill the actor with
+    SIGBUS): the distances then go through the pool's pipe, as Python pickles them."""
+    from multiprocessing import shared_memory
+
+    size = condensed.nbytes
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    if size == 0 or st.f_bavail * st.f_frsize < 2 * size:
+        return None
+    try:
+        block = shared_memory.SharedMemory(create=True, size=size)
+    except OSError:
+        return None
+    np.copyto(np.ndarray(condensed.shape, dtype=np.float64, buffer=block.buf), condensed, casting="no")
+    return block
+
+
 def _labels_here(condensed: np.ndarray, spans: list[tuple[int, int, int]], pool_factor: int) -> list:
     return [labels_from_distances(condensed[s : s + p], n, pool_factor) if n > 1 else None for s, p, n in spans]
 
@@ -94,7 +119,9 @@ class WardMerges:
     and stalls the thread that queues the next batch's kernels. The workers are started by
     ``forkserver`` (a clean single-threaded server, not a fork of the actor with its CUDA
     context and Ray's threads), lazily at the first call; each page's condensed distances
-    (n(n-1)/2 float64, ~2.5 MB for 790 vectors) are pickled to them. A worker that dies (killed,
+    (n(n-1)/2 float64, ~2.5 MB for 790 vectors) are copied once per batch into shared memory that
+    the workers map (through the pool's pipe, pickled, where ``/dev/shm`` is missing or small:
+    32 such pages took 0.14 s a batch of round trips on a dev machine's CPU). A worker that dies (killed,
     out of memory) loses no row: that batch's merges run again here, and the next call starts
     a new pool; after ``GIVE_UP_AFTER`` lost pools (workers that cannot start: multiprocessing
     imports the parent's ``__main__`` file in each, which must exist) every merge runs in the
@@ -145,9 +172,15 @@ class WardMerges:
         if self.processes == 0:
             return _labels_here(condensed, spans, pool_factor)
         pool = self._executor()
+        shared = _shared_copy(condensed)
         try:
-            futures = [pool.submit(labels_from_distances, condensed[s : s + p], n, pool_factor) if n > 1 else None
-                       for s, p, n in spans]
+            if shared is not None:  # the workers map the batch's distances
+                path = os.path.join(SHM_DIR, shared.name)
+                futures = [pool.submit(labels_from_shared, path, s, p, n, pool_factor) if n > 1 else None
+                           for s, p, n in spans]
+            else:  # each page's distances pickled through the pool's pipe
+                futures = [pool.submit(labels_from_distances, condensed[s : s + p], n, pool_factor) if n > 1 else None
+                           for s, p, n in spans]
             return [f.result() if f is not None else None for f in futures]
         except BrokenProcessPool as exc:
             with self._lock:
@@ -162,6 +195,10 @@ class WardMerges:
                         "traceback above; VDR_POOL_PROCESSES=0 runs them here from the start)" % self._broken
                         if self.processes == 0 else "the next batch starts new workers")
             return _labels_here(condensed, spans, pool_factor)
+        finally:
+            if shared is not None:
+                shared.close()
+                shared.unlink()
 
     def close(self) -> None:
         with self._lock:

@@ -246,6 +246,44 @@ def test_ward_merges_in_worker_processes_equal_the_merges_in_this_thread():
         merges.close()
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_merge_workers_read_the_distances_from_shared_memory_or_the_pipe(monkeypatch, shared):
+    """The workers map the batch's distances from one shared-memory block (removed after the
+    batch), or, where /dev/shm is missing or small, get each page's distances pickled; the
+    labels are the same either way."""
+    from pipeline.embed import pooling
+    from pipeline.embed.pooling import WardMerges
+
+    if not shared:
+        monkeypatch.setattr(pooling, "SHM_DIR", "/nonexistent-shm")
+    elif not os.path.isdir(pooling.SHM_DIR):
+        pytest.skip("no /dev/shm here")
+    lengths = [50, 0, 7, 130]
+    _, condensed = _rows(lengths, seed=9)
+    before = set(os.listdir(pooling.SHM_DIR)) if shared else set()
+    merges = WardMerges(2)
+    made = []
+    real = pooling._shared_copy
+
+    def watched(c):
+        block = real(c)
+        made.append(block is not None)
+        return block
+
+    monkeypatch.setattr(pooling, "_shared_copy", watched)
+    try:
+        got = merges.labels(condensed, lengths, 3)
+    finally:
+        merges.close()
+    assert made == [shared]
+    for g, w in zip(got, WardMerges(0).labels(condensed, lengths, 3)):
+        assert (g is None) == (w is None)
+        if w is not None:
+            np.testing.assert_array_equal(g, w)
+    if shared:
+        assert not {n for n in set(os.listdir(pooling.SHM_DIR)) - before if n.startswith("psm_")}
+
+
 def test_a_dead_merge_worker_loses_no_row(caplog):
     """A merge worker killed mid-job (out of memory, a signal): that batch's merges run again in
     the calling thread with the same labels, a warning says so, and the next batch gets new
