@@ -36,7 +36,7 @@ costs in fidelity. Real-size ColQwen2 with random weights, one run, the same pag
                           pooling's distances on the GPU, Ward's merge loop on the host (off
                           the device lock since 2026-12-05; in worker processes since the
                           fifteenth session, ``*_pool3_poolthread``: in the actor's threads,
-                          VDR_POOL_PROCESSES=0); no fidelity row (other vectors).
+                          VDR_POOL_PROCESSES=0; ``*_pool3_procsN``: N processes); no fidelity row (other vectors).
    * ``*_maxautotune`` / ``*_cdtune``  any of these compiled with Inductor's ``max_autotune_gemm``
                           (GEMMs autotuned among cuBLAS and Triton templates, bias and activation
                           fused as epilogues) / ``coordinate_descent_tuning``; caches off;
@@ -594,7 +594,9 @@ def main():
                                              **({"coordinate_descent_tuning": True} if "_cdtune" in name else {})))
         # *_poolthread: the pooling's merge loops in the actor's threads, as before the fifteenth
         # session (the default runs them in worker processes: pipeline.embed.pooling.WardMerges)
-        host.enter_context(env_set("VDR_POOL_PROCESSES", "0" if "_poolthread" in name else None))
+        # *_procsN: N merge processes (VDR_POOL_PROCESSES=N; the default is 2)
+        procs = re.search(r"_procs(\d+)", name)
+        host.enter_context(env_set("VDR_POOL_PROCESSES", "0" if "_poolthread" in name else procs.group(1) if procs else None))
         # *_tritonattn / *_tritontma: the vision attention as benchmarks/vision_attention_triton.py's
         # pointer kernel / TMA + warp-specialized kernel
         host.enter_context(triton_vision_attention("tritonattn" in name or "tritontma" in name,
@@ -630,6 +632,7 @@ def main():
                 seq = n_patches // 4 + len(emb.lm.image_prefix_ids) + len(emb.lm.image_suffix_ids)
                 flops_page = page_flops(emb.lm.model.config, n_patches, seq)
                 res["tflop_per_page"] = round(flops_page / 1e12, 3)
+            pool_before = (dict(emb.timer.pool_host_s), emb.timer.passes)  # the timed batches' share only
             sec, busy, mem = timed_rate(emb, pages[: args.pages], args.batch_size)
             pps = args.batch_size / sec
             variants[name] = {"pages_per_s": round(pps, 2), "s_per_batch": round(sec, 4),
@@ -638,9 +641,10 @@ def main():
                               "load_s": round(load_s, 1), "first_batch_s": round(first, 1),
                               "sdpa_first": cudnn or None,
                               "attention_kernel": attention_kernel(emb, rows_table(pages[: args.batch_size]))}
-            if "_pool3" in name:  # host seconds per batch of the pooling's second half (all batches so far)
-                batches = max(emb.timer.passes, 1)
-                variants[name]["pool_host_s_per_batch"] = {k: round(v / batches, 4)
+            if "_pool3" in name:  # host seconds per timed batch of the pooling's second half (the
+                # first batch, where the merge workers start, left out since the fifteenth session's call B)
+                batches = max(emb.timer.passes - pool_before[1], 1)
+                variants[name]["pool_host_s_per_batch"] = {k: round((v - pool_before[0][k]) / batches, 4)
                                                            for k, v in emb.timer.pool_host_s.items()}
             print(name, variants[name], flush=True)
             if "tritontma" in name:  # which config ran, and whether any call fell back
