@@ -103,13 +103,15 @@ step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
 # before each, alternating VDR_WARM_COMPILE_WORKERS=0 (Inductor's workers started by the first
 # compilation) and the default (started before the weights load on a node that never compiled);
 # run with `actor` (ACTOR_VARIANTS=compiled_inflight2) for the actor alone in the same call   ~330 s
-step part1_cold 420 "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
-  --plain-after 4 --cold-caches --plain-envs "VDR_WARM_COMPILE_WORKERS=0;;VDR_WARM_COMPILE_WORKERS=0;" \
+# (COLD_JOBS, COLD_ENVS and COLD_TIMEOUT change the count, the environments in turn and the limit)
+step part1_cold "${COLD_TIMEOUT:-420}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
+  --plain-after "${COLD_JOBS:-4}" --cold-caches --plain-envs "${COLD_ENVS:-VDR_WARM_COMPILE_WORKERS=0;;VDR_WARM_COMPILE_WORKERS=0;}" \
   --out "$OUT/part1_cold.json"
 # A whole job of mixed page sizes (six shapes), cold then warm, with today's defaults (pow2 split);
 # with `actor` for the actor alone on letter pages in the same call                      ~250 s
-step mixed_job 330 "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
-  --plain-after 2 --mixed-sizes --out "$OUT/mixed_job.json"
+# (MIXED_JOBS: how many, 2; MIXED_JOB_TIMEOUT: the limit)
+step mixed_job "${MIXED_JOB_TIMEOUT:-330}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
+  --plain-after "${MIXED_JOBS:-2}" --mixed-sizes --out "$OUT/mixed_job.json"
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" part1 "* ]]; then
   [ -n "${STEPS:-}" ] && STEPS="$STEPS part1_actor part1_jobs"
   # the actor's compile caches apart from the node's: the first job after it compiles cold, as
