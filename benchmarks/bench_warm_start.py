@@ -64,6 +64,8 @@ def main():
                          "started by the first compilation, as before the fifteenth session)")
     ap.add_argument("--cold-repeats", type=int, default=1, metavar="N",
                     help="run the --cold-env cases and a cold default actor (no shared cache) N times, alternating")
+    ap.add_argument("--only-cold", action="store_true",
+                    help="only the --cold-env cases (and no default cold case between them): an A/B of cold starts")
     ap.add_argument("--env", default="", metavar="NAME=VALUE[,NAME=VALUE]",
                     help="environment of every case (VDR_PRECOMPILE=0: torch.compile per block, as before 2026-12-05)")
     args = ap.parse_args()
@@ -91,11 +93,26 @@ def main():
             raise SystemExit(p.stderr[-3000:])
         return json.loads(p.stdout.strip().splitlines()[-1])
 
-    res = {"cold (new node, empty caches)": actor("node1")}
-    print(res, flush=True)
-    res["warm, same node (its Inductor and compile caches)"] = actor("node1")
-    print(res, flush=True)
-    res["warm, new node (empty local caches, shared --compile-cache)"] = actor("node2")
+    res: dict = {}
+
+    def save(cases: dict) -> None:  # after each case: a run cut short keeps what it did
+        with open(args.out, "w") as f:
+            json.dump({"commit": os.environ.get("BENCH_COMMIT"), "command": " ".join(sys.argv), "cases": cases}, f, indent=2)
+
+    if args.only_cold:
+        for r in range(args.cold_repeats):
+            for i, spec in enumerate(args.cold_env, 1):
+                extra = dict(kv.split("=", 1) for kv in spec.split(","))
+                res[f"cold, new node, no shared cache, with {spec} (run {r + 1})"] = actor(f"cold-{i}-{r}", None, **extra)
+                print(res, flush=True)
+                save(res)
+        args.cold_env, args.warm_env = [], []
+    else:
+        res["cold (new node, empty caches)"] = actor("node1")
+        print(res, flush=True)
+        res["warm, same node (its Inductor and compile caches)"] = actor("node1")
+        print(res, flush=True)
+        res["warm, new node (empty local caches, shared --compile-cache)"] = actor("node2")
     for i, spec in enumerate(args.warm_env, 1):
         extra = dict(kv.split("=", 1) for kv in spec.split(","))
         res[f"warm, same node, with {spec} (#{i})"] = actor("node1", **extra)
