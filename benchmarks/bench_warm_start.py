@@ -43,7 +43,7 @@ first = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in out1.colu
 print(json.dumps({"imports_and_pages_s": round(t1 - t0, 2), "actor_init_s": round(t2 - t1, 2),
                   "model_load_s": round(emb.loaded_s, 2), "load_phases": emb.lm.load_phases, "first_batch_s": round(t3 - t2, 2),
                   "first_batch_compile_s": split, "recompiles_after_first": {k: round(v - split.get(k, 0), 2) for k, v in compile_times().items()},
-                  "second_batch_s": round(t4 - t3, 3), "compile_workers_started_early": emb.compile_workers_warmed, "loaded_from": emb.compile_cache_from,
+                  "second_batch_s": round(t4 - t3, 3), "loaded_from": emb.compile_cache_from,
                   "precompiled_from": getattr(emb, "precompiled_from", None),
                   "precompiled_load_s": round(getattr(emb, "precompiled_load_s", 0.0), 2),
                   "precompiled": {pf.name: {"loaded": pf.loaded, "compiled": pf.compiled, "compile_s": round(pf.compile_s, 2),
@@ -60,8 +60,8 @@ def main():
                     help="one more warm actor on node 1 with these environment variables (repeatable)")
     ap.add_argument("--cold-env", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                     help="one more cold actor, on a new node of its own and with no shared cache, with these "
-                         "environment variables (repeatable; VDR_WARM_COMPILE_WORKERS=0: Inductor's workers "
-                         "started by the first compilation, as before the fifteenth session)")
+                         "environment variables (repeatable; an A/B of start-up settings, e.g. "
+                         "TORCHINDUCTOR_COMPILE_THREADS=1)")
     ap.add_argument("--cold-repeats", type=int, default=1, metavar="N",
                     help="run the --cold-env cases and a cold default actor (no shared cache) N times, alternating")
     ap.add_argument("--only-cold", action="store_true",

@@ -99,13 +99,14 @@ step job_1b 260 env BENCH_JOB_EXTRA="--batches-in-flight 1" "$PY" benchmarks/ben
 step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
   BENCH_JOB_ENVS="PIPELINE_RENDER_NICENESS=10;PIPELINE_RENDER_NICENESS=0;PIPELINE_RENDER_NICENESS=10" \
   "$PY" benchmarks/bench_embed.py --job-only --job-pages 3000 --out "$OUT/job_nice.json"
-# Cold nodes, A/B (fifteenth session): four plain 3,000-page jobs, every compile cache emptied
-# before each, alternating VDR_WARM_COMPILE_WORKERS=0 (Inductor's workers started by the first
-# compilation) and the default (started before the weights load on a node that never compiled);
-# run with `actor` (ACTOR_VARIANTS=compiled_inflight2) for the actor alone in the same call   ~330 s
+# Cold nodes (fifteenth session): plain 3,000-page jobs, every compile cache emptied before each.
+# COLD_ENVS sets each job's environment in turn, but only the job's driver gets it: the actors run
+# in the Ray cluster this step started, with its environment (found in call B of the fifteenth
+# session, where an A/B of an actor setting compared nothing); A/B actor settings with
+# bench_warm_start.py --only-cold instead                                                  ~330 s
 # (COLD_JOBS, COLD_ENVS and COLD_TIMEOUT change the count, the environments in turn and the limit)
 step part1_cold "${COLD_TIMEOUT:-420}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
-  --plain-after "${COLD_JOBS:-4}" --cold-caches --plain-envs "${COLD_ENVS:-VDR_WARM_COMPILE_WORKERS=0;;VDR_WARM_COMPILE_WORKERS=0;}" \
+  --plain-after "${COLD_JOBS:-4}" --cold-caches --plain-envs "${COLD_ENVS:-}" \
   --out "$OUT/part1_cold.json"
 # A whole job of mixed page sizes (six shapes), cold then warm, with today's defaults (pow2 split);
 # with `actor` for the actor alone on letter pages in the same call                      ~250 s

@@ -70,11 +70,14 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
     runtime_env = init_kwargs.pop("runtime_env", None)
     mode = ship_code_mode()
     decide_later = False
-    if runtime_env is None and not _in_submitted_job() and mode != "never":
+    submitted = _in_submitted_job()
+    if runtime_env is None and not submitted and mode != "never":
         if mode == "always" or not _code_under_cwd():
             runtime_env = code_runtime_env()
         else:
             decide_later = True  # once connected: this machine alone, and no autoscaler?
+    if not submitted:
+        runtime_env = with_worker_env(runtime_env)
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **init_kwargs)
     if decide_later:
         alive = [n.get("NodeID") for n in ray.nodes() if n.get("Alive")]
@@ -85,8 +88,35 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
         log.info("code for the workers: %s", why)
         if ship:  # joined a cluster (not one this call started): join it again with the code
             ray.shutdown()
-            ray.init(address=address or "auto", runtime_env=code_runtime_env(), log_to_driver=True, **init_kwargs)
+            ray.init(address=address or "auto", runtime_env=with_worker_env(code_runtime_env()), log_to_driver=True,
+                     **init_kwargs)
     log.info("Ray resources: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
+
+
+# The pipeline's own switches (VDR_POOL_PROCESSES, VDR_PERSISTENT_NORMS, PIPELINE_RENDER_NICENESS, ...):
+# most are read in the workers, and workers of a cluster that is already running (``ray start``,
+# KubeRay) do not see a driver's environment; an embedded Ray's would.
+WORKER_ENV_PREFIXES = ("VDR_", "PIPELINE_")
+
+
+def worker_env_vars(environ=None) -> dict[str, str]:
+    """The pipeline's switches set in this driver's environment (names starting with
+    :data:`WORKER_ENV_PREFIXES`)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
+
+
+def with_worker_env(runtime_env: dict | None) -> dict | None:
+    """``runtime_env`` with :func:`worker_env_vars` added to its ``env_vars`` (a value given there
+    wins), so ``VDR_POOL_PROCESSES=4 python -m jobs.embed_corpus ...`` reaches the actors on a
+    running cluster as it does on an embedded one. A submitted job (``ray job submit``) passes
+    its own ``--runtime-env-json`` env_vars instead."""
+    env_vars = worker_env_vars()
+    if not env_vars:
+        return runtime_env
+    runtime_env = dict(runtime_env or {})
+    runtime_env["env_vars"] = {**env_vars, **(runtime_env.get("env_vars") or {})}
+    return runtime_env
 
 
 SHIP_CODE_ENV = "PIPELINE_SHIP_CODE"

@@ -88,3 +88,41 @@ def test_ship_code_setting_is_checked():
     assert ship_code_mode({"PIPELINE_SHIP_CODE": " Never "}) == "never"
     with pytest.raises(ValueError, match="PIPELINE_SHIP_CODE must be one of auto, always, never, got 'sometimes'"):
         ship_code_mode({"PIPELINE_SHIP_CODE": "sometimes"})
+
+
+def test_with_worker_env_adds_the_pipelines_switches(monkeypatch):
+    from pipeline.cluster import with_worker_env
+
+    for k in list(os.environ):
+        if k.startswith(("VDR_", "PIPELINE_")):
+            monkeypatch.delenv(k)
+    assert with_worker_env(None) is None and with_worker_env({"py_modules": ["x"]}) == {"py_modules": ["x"]}
+    monkeypatch.setenv("VDR_POOL_PROCESSES", "3")
+    monkeypatch.setenv("PIPELINE_RENDER_NICENESS", "5")
+    monkeypatch.setenv("OTHER_SETTING", "1")  # not the pipeline's: not sent
+    got = with_worker_env({"py_modules": ["x"], "env_vars": {"PIPELINE_RENDER_NICENESS": "7"}})
+    assert got == {"py_modules": ["x"], "env_vars": {"VDR_POOL_PROCESSES": "3", "PIPELINE_RENDER_NICENESS": "7"}}
+
+
+REMOTE_ENV_DRIVER = r"""
+import json, os, sys
+from pipeline.cluster import ensure_ray
+import ray
+ensure_ray(address=sys.argv[1])
+got = ray.get(ray.remote(lambda: os.environ.get("VDR_POOL_PROCESSES")).remote())
+print("RESULT " + json.dumps({"worker_sees": got}))
+ray.shutdown()
+"""
+
+
+def test_a_drivers_switches_reach_the_workers_of_a_running_cluster(ray_cluster):
+    """The session's cluster was started by ``ray start``, before this driver: without the
+    driver's switches in the job's runtime env its workers would not see them (in the fifteenth
+    session an A/B of an actor setting set on the driver compared nothing, for this reason)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=ROOT, VDR_POOL_PROCESSES="3")
+    p = subprocess.run([sys.executable, "-c", REMOTE_ENV_DRIVER, ray_cluster["gcs_address"]], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=240)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, p.stderr[-4000:]
+    assert json.loads(lines[-1][len("RESULT "):]) == {"worker_sees": "3"}

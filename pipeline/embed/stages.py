@@ -202,12 +202,6 @@ class PageEmbedder:
         slow_imports = bytecode_warning()
         if slow_imports:
             log.warning(slow_imports)
-        self.compile_workers_warmed = False
-        if compile_model and str(device).startswith("cuda"):
-            from pipeline.embed import compile_cache as cc
-
-            # on a node that has never compiled: Inductor's workers start while the weights load
-            self.compile_workers_warmed = cc.warm_compile_workers(compile_cache, endpoint_url)
         self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
                              endpoint_url=endpoint_url, compile_model=compile_model, precision=precision,
                              precompiled=precompiled)
@@ -317,7 +311,6 @@ class PageEmbedder:
             if fallbacks:
                 state["fallbacks"] = fallbacks
         state["compile_s"] = self._compile_times()
-        state["compile_workers_started_early"] = self.compile_workers_warmed
         return state
 
     def _precompiled_state(self) -> str:

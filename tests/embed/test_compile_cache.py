@@ -415,32 +415,3 @@ def test_a_mistyped_attention_split_is_refused_at_import():
                           env=dict(os.environ, PYTHONPATH=ROOT, VDR_IMAGE_ATTENTION_SPLIT="pow-2"), timeout=120)
     assert proc.returncode != 0 and "VDR_IMAGE_ATTENTION_SPLIT='pow-2'" in proc.stderr
 
-
-def test_compile_workers_start_early_only_where_nothing_was_ever_compiled(tmp_path, monkeypatch):
-    """Inductor's compile workers are started before the weights load on a node whose cache,
-    and the shared --compile-cache, hold no precompiled blocks (the first batch will compile);
-    not where blocks may load (they would cost memory and CPU for nothing). The environment
-    overrides either way, and a misspelt value is refused."""
-    from pipeline.embed import compile_cache as cc
-
-    node, shared = tmp_path / "node", tmp_path / "shared"
-    monkeypatch.setenv(cc.LOCAL_ENV, str(node))
-    monkeypatch.delenv("VDR_WARM_COMPILE_WORKERS", raising=False)
-    assert cc.compile_workers_wanted() is True  # no cache folder at all
-    node.mkdir()
-    (node / "compile-abc.bin").write_bytes(b"x")  # an Inductor cache alone: the blocks still compile
-    assert cc.compile_workers_wanted() is True
-    assert cc.compile_workers_wanted(str(shared)) is True  # a shared cache named but empty
-    shared.mkdir()
-    (shared / "precompiled-def.bin").write_bytes(b"x")
-    assert cc.compile_workers_wanted(str(shared)) is False  # a new node of a cluster that compiled
-    assert cc.compile_workers_wanted() is True
-    (node / "precompiled-abc.bin").write_bytes(b"x")
-    assert cc.compile_workers_wanted() is False  # this node compiled before
-    monkeypatch.setenv("VDR_WARM_COMPILE_WORKERS", "1")
-    assert cc.compile_workers_wanted() is True
-    monkeypatch.setenv("VDR_WARM_COMPILE_WORKERS", "off")
-    assert cc.compile_workers_wanted(str(tmp_path / "none")) is False
-    monkeypatch.setenv("VDR_WARM_COMPILE_WORKERS", "sometimes")
-    with pytest.raises(ValueError, match="VDR_WARM_COMPILE_WORKERS"):
-        cc.compile_workers_wanted()
