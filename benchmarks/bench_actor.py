@@ -672,6 +672,8 @@ def main():
             print(name, variants[name], flush=True)
         finally:
             host.close()
+            if getattr(emb, "merges", None) is not None:  # *_pool3: this variant's merge workers end here
+                emb.merges.close()
             emb = None
             if DEV == "cuda":
                 torch.cuda.empty_cache()

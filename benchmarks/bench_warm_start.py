@@ -117,8 +117,8 @@ def main():
         extra = dict(kv.split("=", 1) for kv in spec.split(","))
         res[f"warm, same node, with {spec} (#{i})"] = actor("node1", **extra)
         print(res, flush=True)
-    # cold actors on fresh nodes without a shared cache (the early start of Inductor's workers
-    # keys on that), the default against each --cold-env, alternating
+    # cold actors on fresh nodes without a shared cache, the default against each --cold-env,
+    # alternating
     for r in range(args.cold_repeats if args.cold_env else 0):
         res[f"cold, new node, no shared cache, defaults (run {r + 1})"] = actor(f"cold-default-{r}", None)
         print(res, flush=True)

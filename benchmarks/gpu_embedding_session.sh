@@ -100,10 +100,11 @@ step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
   BENCH_JOB_ENVS="PIPELINE_RENDER_NICENESS=10;PIPELINE_RENDER_NICENESS=0;PIPELINE_RENDER_NICENESS=10" \
   "$PY" benchmarks/bench_embed.py --job-only --job-pages 3000 --out "$OUT/job_nice.json"
 # Cold nodes (fifteenth session): plain 3,000-page jobs, every compile cache emptied before each.
-# COLD_ENVS sets each job's environment in turn, but only the job's driver gets it: the actors run
-# in the Ray cluster this step started, with its environment (found in call B of the fifteenth
-# session, where an A/B of an actor setting compared nothing); A/B actor settings with
-# bench_warm_start.py --only-cold instead                                                  ~330 s
+# COLD_ENVS sets each job's environment in turn. Until commit 2d994f1 only the job's driver got
+# it (the actors run in the Ray cluster this step started): call B of the fifteenth session
+# compared nothing for that reason. Since then the driver sends the switches the workers read
+# (pipeline.cluster.WORKER_ENV) in the job's runtime env; bench_warm_start.py --only-cold A/Bs
+# an actor setting in separate processes                                                   ~330 s
 # (COLD_JOBS, COLD_ENVS and COLD_TIMEOUT change the count, the environments in turn and the limit)
 step part1_cold "${COLD_TIMEOUT:-420}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
   --plain-after "${COLD_JOBS:-4}" --cold-caches --plain-envs "${COLD_ENVS:-}" \

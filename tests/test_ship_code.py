@@ -100,6 +100,8 @@ def test_with_worker_env_adds_the_pipelines_switches(monkeypatch):
     monkeypatch.setenv("VDR_POOL_PROCESSES", "3")
     monkeypatch.setenv("PIPELINE_RENDER_NICENESS", "5")
     monkeypatch.setenv("OTHER_SETTING", "1")  # not the pipeline's: not sent
+    monkeypatch.setenv("VDR_COMPILE_CACHE", "/Users/me/cache")  # a per-node path: each node keeps its own
+    monkeypatch.setenv("PIPELINE_SHIP_CODE", "auto")  # read by the driver only
     got = with_worker_env({"py_modules": ["x"], "env_vars": {"PIPELINE_RENDER_NICENESS": "7"}})
     assert got == {"py_modules": ["x"], "env_vars": {"VDR_POOL_PROCESSES": "3", "PIPELINE_RENDER_NICENESS": "7"}}
 

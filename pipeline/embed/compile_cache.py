@@ -229,4 +229,3 @@ def save_precompiled(key: str, forwards: list, shared_uri: str | None = None,
         except Exception as exc:  # noqa: BLE001
             log.warning("precompiled blocks not written to %s (%s)", uri, type(exc).__name__)
     return len(data)
-

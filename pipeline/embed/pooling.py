@@ -44,7 +44,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 import torch
 
-from pipeline.embed.ward import labels_from_distances, labels_from_shared  # steps 2's merge loop and 3, on CPU
+from pipeline.embed.ward import labels_from_distances  # steps 2's merge loop and 3, on CPU
 
 log = logging.getLogger(__name__)
 
@@ -81,31 +81,6 @@ def pool_by_labels(vectors: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
     return torch.nn.functional.normalize(sums / counts[:, None], p=2, dim=-1)
 
 
-SHM_DIR = "/dev/shm"
-
-
-def _shared_copy(condensed: np.ndarray):
-    """The batch's condensed distances copied into a new shared-memory block (``SHM_DIR``), for
-    the workers to map; None where there is no ``/dev/shm`` or it has less than twice the room
-    (a container's default is 64 MiB; writing past a full tmpfs would kill the actor with
-    SIGBUS): the distances then go through the pool's pipe, as Python pickles them."""
-    from multiprocessing import shared_memory
-
-    size = condensed.nbytes
-    try:
-        st = os.statvfs(SHM_DIR)
-    except OSError:
-        return None
-    if size == 0 or st.f_bavail * st.f_frsize < 2 * size:
-        return None
-    try:
-        block = shared_memory.SharedMemory(create=True, size=size)
-    except OSError:
-        return None
-    np.copyto(np.ndarray(condensed.shape, dtype=np.float64, buffer=block.buf), condensed, casting="no")
-    return block
-
-
 def _labels_here(condensed: np.ndarray, spans: list[tuple[int, int, int]], pool_factor: int) -> list:
     return [labels_from_distances(condensed[s : s + p], n, pool_factor) if n > 1 else None for s, p, n in spans]
 
@@ -119,13 +94,13 @@ class WardMerges:
     and stalls the thread that queues the next batch's kernels. The workers are started by
     ``forkserver`` (a clean single-threaded server, not a fork of the actor with its CUDA
     context and Ray's threads), lazily at the first call; each page's condensed distances
-    (n(n-1)/2 float64, ~2.5 MB for 790 vectors) are copied once per batch into shared memory that
-    the workers map (through the pool's pipe, pickled, where ``/dev/shm`` is missing or small:
-    32 such pages took 0.14 s a batch of round trips on a dev machine's CPU). A worker that dies (killed,
+    (n(n-1)/2 float64, ~2.5 MB for 790 vectors) are pickled to them through the pool's pipe (a
+    shared-memory block per batch was tried: 59.35 against 59.02 pages/s on an H200, 2026-12-05,
+    no measurable gain, so removed). A worker that dies (killed,
     out of memory) loses no row: that batch's merges run again here, and the next call starts
-    a new pool; after ``GIVE_UP_AFTER`` lost pools (workers that cannot start: multiprocessing
-    imports the parent's ``__main__`` file in each, which must exist) every merge runs in the
-    calling thread. Thread-safe: two batches in flight share one pool."""
+    a new pool; after ``GIVE_UP_AFTER`` failures in a row (workers that cannot start:
+    multiprocessing imports the parent's ``__main__`` file in each, which must exist) every merge
+    runs in the calling thread. Thread-safe: two batches in flight share one pool (tested)."""
 
     GIVE_UP_AFTER = 3
 
@@ -151,8 +126,11 @@ class WardMerges:
             raise ValueError(f"VDR_POOL_PROCESSES must be a whole number of worker processes (0: merge "
                              f"in the actor's own thread), got {raw!r}") from None
 
-    def _executor(self) -> ProcessPoolExecutor:
+    def _executor(self) -> ProcessPoolExecutor | None:
+        """The pool (started at the first call); None once given up (merge in this thread)."""
         with self._lock:
+            if self.processes == 0:
+                return None
             if self._pool is None:
                 ctx = multiprocessing.get_context("forkserver")
                 # the server imports the merge code (numpy, scipy, no torch) once; each worker
@@ -161,44 +139,61 @@ class WardMerges:
                 self._pool = ProcessPoolExecutor(max_workers=self.processes, mp_context=ctx)
             return self._pool
 
+    def _lost(self, pool: ProcessPoolExecutor | None, exc: BaseException) -> None:
+        """A pool that broke or could not start workers: dropped; after ``GIVE_UP_AFTER`` such
+        failures in a row, no more pools."""
+        with self._lock:
+            if pool is None or self._pool is pool:
+                self._pool = None
+                self._broken += 1
+                if self._broken >= self.GIVE_UP_AFTER:
+                    self.processes = 0
+            gave_up = self.processes == 0
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        log.warning("the pooling's merge workers failed (%s: %s); this batch's merges run in the actor's thread, %s",
+                    type(exc).__name__, exc,
+                    "and so will every later batch's (%d failures in a row: see the worker's traceback above; "
+                    "VDR_POOL_PROCESSES=0 runs them here from the start)" % self._broken
+                    if gave_up else "the next batch starts new workers")
+
     def labels(self, condensed: np.ndarray, lengths: list[int], pool_factor: int) -> list[np.ndarray | None]:
         """Cluster labels of each row whose condensed distances lie one after another in
-        ``condensed`` (rows of one vector have none: ``None``)."""
+        ``condensed`` (rows of one vector have none: ``None``). An error of the merge itself
+        (scipy's, on bad distances) is raised as it is; a failure of the workers (one died,
+        none could start) is not: the batch's merges then run in this thread."""
         spans, start = [], 0
         for n in lengths:
             pairs = n * (n - 1) // 2 if n > 1 else 0
             spans.append((start, pairs, n))
             start += pairs
-        if self.processes == 0:
-            return _labels_here(condensed, spans, pool_factor)
-        pool = self._executor()
-        shared = _shared_copy(condensed)
+        pool = None
         try:
-            if shared is not None:  # the workers map the batch's distances
-                path = os.path.join(SHM_DIR, shared.name)
-                futures = [pool.submit(labels_from_shared, path, s, p, n, pool_factor) if n > 1 else None
-                           for s, p, n in spans]
-            else:  # each page's distances pickled through the pool's pipe
-                futures = [pool.submit(labels_from_distances, condensed[s : s + p], n, pool_factor) if n > 1 else None
-                           for s, p, n in spans]
-            return [f.result() if f is not None else None for f in futures]
-        except BrokenProcessPool as exc:
-            with self._lock:
-                if self._pool is pool:
-                    self._pool = None
-                    self._broken += 1
-                    if self._broken >= self.GIVE_UP_AFTER:
-                        self.processes = 0
-            pool.shutdown(wait=False, cancel_futures=True)
-            log.warning("a pooling worker process died (%s); this batch's merges run in the actor's thread, %s",
-                        exc, "and so will every later batch's (workers died %d times: see the worker's "
-                        "traceback above; VDR_POOL_PROCESSES=0 runs them here from the start)" % self._broken
-                        if self.processes == 0 else "the next batch starts new workers")
+            pool = self._executor()
+        except Exception as exc:  # noqa: BLE001 - workers that cannot start: merge here
+            self._lost(None, exc)
+        if pool is None:
             return _labels_here(condensed, spans, pool_factor)
+        futures: list = []
+        try:
+            try:  # each page's distances pickled through the pool's pipe
+                futures = [pool.submit(labels_from_distances, condensed[s : s + p], n, pool_factor)
+                           if n > 1 else None for s, p, n in spans]
+            except Exception as exc:  # noqa: BLE001 - a pool that cannot take work (spawn failed, shut down)
+                self._lost(pool, exc)
+                return _labels_here(condensed, spans, pool_factor)
+            try:
+                labels = [f.result() if f is not None else None for f in futures]
+            except BrokenProcessPool as exc:
+                self._lost(pool, exc)
+                return _labels_here(condensed, spans, pool_factor)
+            with self._lock:
+                self._broken = 0  # failures count in a row
+            return labels
         finally:
-            if shared is not None:
-                shared.close()
-                shared.unlink()
+            for f in futures:  # after an error: the batch's merges not yet started are dropped
+                if f is not None:
+                    f.cancel()
 
     def close(self) -> None:
         with self._lock:

@@ -1,7 +1,9 @@
 """Ward's merge loop and ``fcluster`` for one page's condensed distances: the step of the
 token pooling (:mod:`pipeline.embed.pooling`) that runs on the host. Numpy and scipy only, no
-torch, so the worker processes that run it (:class:`pipeline.embed.pooling.WardMerges`) start
-in a fraction of a second and stay small."""
+torch, so the forkserver that starts the merge workers (:class:`pipeline.embed.pooling.WardMerges`)
+preloads nothing heavy of ours. (Python's multiprocessing also imports the parent's ``__main__``
+there: in a Ray actor ``default_worker.py``, which imports ``ray``; the first merge in a Ray
+actor took 0.77 s on a CPU in review.)"""
 
 from __future__ import annotations
 
@@ -17,20 +19,3 @@ def labels_from_distances(condensed: np.ndarray, n: int, pool_factor: int) -> np
     z = linkage(condensed, method="ward")
     return fcluster(z, t=max(n // pool_factor, 1), criterion="maxclust") - 1
 
-
-def labels_from_shared(path: str, start: int, pairs: int, n: int, pool_factor: int) -> np.ndarray:
-    """:func:`labels_from_distances` of the ``pairs`` float64 distances at item ``start`` of the
-    shared-memory file ``path`` (``/dev/shm/...``, written by the actor for one batch): each
-    worker maps the batch's distances instead of receiving its page's ~2.5 MB through a pipe."""
-    import mmap
-
-    with open(path, "rb") as f:
-        # private copy-on-write: writable for scipy, nothing copied unless written
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    try:
-        distances = np.frombuffer(mm, dtype=np.float64, count=pairs, offset=start * 8)
-        labels = labels_from_distances(distances, n, pool_factor)
-        del distances
-    finally:
-        mm.close()
-    return labels

@@ -246,44 +246,6 @@ def test_ward_merges_in_worker_processes_equal_the_merges_in_this_thread():
         merges.close()
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_merge_workers_read_the_distances_from_shared_memory_or_the_pipe(monkeypatch, shared):
-    """The workers map the batch's distances from one shared-memory block (removed after the
-    batch), or, where /dev/shm is missing or small, get each page's distances pickled; the
-    labels are the same either way."""
-    from pipeline.embed import pooling
-    from pipeline.embed.pooling import WardMerges
-
-    if not shared:
-        monkeypatch.setattr(pooling, "SHM_DIR", "/nonexistent-shm")
-    elif not os.path.isdir(pooling.SHM_DIR):
-        pytest.skip("no /dev/shm here")
-    lengths = [50, 0, 7, 130]
-    _, condensed = _rows(lengths, seed=9)
-    before = set(os.listdir(pooling.SHM_DIR)) if shared else set()
-    merges = WardMerges(2)
-    made = []
-    real = pooling._shared_copy
-
-    def watched(c):
-        block = real(c)
-        made.append(block is not None)
-        return block
-
-    monkeypatch.setattr(pooling, "_shared_copy", watched)
-    try:
-        got = merges.labels(condensed, lengths, 3)
-    finally:
-        merges.close()
-    assert made == [shared]
-    for g, w in zip(got, WardMerges(0).labels(condensed, lengths, 3)):
-        assert (g is None) == (w is None)
-        if w is not None:
-            np.testing.assert_array_equal(g, w)
-    if shared:
-        assert not {n for n in set(os.listdir(pooling.SHM_DIR)) - before if n.startswith("psm_")}
-
-
 def test_a_dead_merge_worker_loses_no_row(caplog):
     """A merge worker killed mid-job (out of memory, a signal): that batch's merges run again in
     the calling thread with the same labels, a warning says so, and the next batch gets new
@@ -309,7 +271,7 @@ def test_a_dead_merge_worker_loses_no_row(caplog):
             got = merges.labels(condensed, lengths, 2)
         for g, w in zip(got, want):
             np.testing.assert_array_equal(g, w)
-        assert "worker process died" in caplog.text
+        assert "merge workers failed" in caplog.text and "BrokenProcessPool" in caplog.text
         again = merges.labels(condensed, lengths, 2)
         assert merges._pool is not None and merges._pool is not first
         for g, w in zip(again, want):
@@ -352,3 +314,89 @@ def test_a_misspelt_pool_processes_is_refused_before_the_weights_load(monkeypatc
     monkeypatch.setenv("VDR_POOL_PROCESSES", raw)
     with pytest.raises(ValueError, match="VDR_POOL_PROCESSES|processes must be"):
         PageEmbedder("/nonexistent/model", device="cpu", pool_factor=3)
+
+
+def test_merge_workers_that_cannot_start_fall_back_and_are_given_up_after_failures_in_a_row(monkeypatch, caplog):
+    """Workers that cannot start (a spawn refused, too many open files) lose no row either: the
+    batch merges here; after GIVE_UP_AFTER failures in a row the actor stops trying, and a
+    success in between starts the count again."""
+    from pipeline.embed.pooling import WardMerges
+
+    lengths = [40, 9]
+    _, condensed = _rows(lengths, seed=10)
+    want = WardMerges(0).labels(condensed, lengths, 3)
+    merges = WardMerges(2)
+    real = WardMerges._executor
+    failing = [True]
+
+    def executor(self):
+        if failing[0]:
+            raise OSError(24, "Too many open files")
+        return real(self)
+
+    monkeypatch.setattr(WardMerges, "_executor", executor)
+    try:
+        with caplog.at_level("WARNING", logger="pipeline.embed.pooling"):
+            for _ in range(WardMerges.GIVE_UP_AFTER - 1):
+                for g, w in zip(merges.labels(condensed, lengths, 3), want):
+                    np.testing.assert_array_equal(g, w)
+            assert merges.processes == 2 and "OSError" in caplog.text
+            failing[0] = False
+            merges.labels(condensed, lengths, 3)  # a success: the count starts again
+            failing[0] = True
+            for _ in range(WardMerges.GIVE_UP_AFTER - 1):
+                merges.labels(condensed, lengths, 3)
+            assert merges.processes == 2
+            for g, w in zip(merges.labels(condensed, lengths, 3), want):
+                np.testing.assert_array_equal(g, w)
+        assert merges.processes == 0 and "every later batch" in caplog.text
+    finally:
+        merges.close()
+
+
+def test_an_error_of_the_merge_itself_is_raised_as_it_is():
+    """Bad distances (NaN) make scipy refuse them in the worker: that error reaches the caller,
+    not a fallback."""
+    from pipeline.embed.pooling import WardMerges
+
+    lengths = [12, 30]
+    _, condensed = _rows(lengths, seed=11)
+    condensed = condensed.copy()
+    condensed[3] = np.nan
+    merges = WardMerges(1)
+    try:
+        with pytest.raises(ValueError, match="finite"):
+            merges.labels(condensed, lengths, 3)
+    finally:
+        merges.close()
+
+
+def test_two_batches_in_flight_share_one_pool_of_merge_workers():
+    """Two threads (two batches in flight) call one WardMerges at once: each gets its own rows'
+    labels."""
+    import threading
+
+    from pipeline.embed.pooling import WardMerges
+
+    batches = [([90, 3, 40], 12), ([25, 60], 13)]
+    data = [(lengths, _rows(lengths, seed=seed)[1]) for lengths, seed in batches]
+    merges = WardMerges(2)
+    got: dict = {}
+
+    def run(i):
+        lengths, condensed = data[i]
+        got[i] = [merges.labels(condensed, lengths, 2) for _ in range(3)]
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        merges.close()
+    for i, (lengths, condensed) in enumerate(data):
+        want = WardMerges(0).labels(condensed, lengths, 2)
+        for labels in got[i]:
+            for g, w in zip(labels, want):
+                np.testing.assert_array_equal(g, w)
