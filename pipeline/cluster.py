@@ -114,7 +114,8 @@ def with_worker_env(runtime_env: dict | None) -> dict | None:
     wins), so ``VDR_POOL_PROCESSES=4 python -m jobs.embed_corpus ...`` reaches the actors on a
     running cluster as it does on an embedded one. Only when one is set: a runtime env with
     ``env_vars`` makes each new worker go through Ray's runtime-env setup (a CPU actor's start,
-    local Ray: 0.60 s against 0.37 s, median of 4, measured in review on 2026-12-05). A submitted
+    embedded local Ray: 0.57 against 0.34 s, median of 4, benchmarks/bench_env_vars_start.py,
+    RESULTS fifteenth session). A submitted
     job (``ray job submit``) passes its own ``--runtime-env-json`` env_vars instead."""
     env_vars = worker_env_vars()
     if not env_vars:

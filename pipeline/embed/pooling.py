@@ -109,7 +109,7 @@ class WardMerges:
             raise ValueError(f"processes must be >= 0, got {processes}")
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
-        self._broken = 0  # pools lost to a dead worker
+        self._broken = 0  # worker failures in a row (a batch merged in workers resets it)
         self._lock = threading.Lock()
 
     @classmethod

@@ -400,3 +400,38 @@ def test_two_batches_in_flight_share_one_pool_of_merge_workers():
         for labels in got[i]:
             for g, w in zip(labels, want):
                 np.testing.assert_array_equal(g, w)
+
+
+def test_merge_workers_start_inside_a_ray_actor(ray_session):
+    """In a real Ray actor (its ``__main__`` is Ray's default_worker.py, which multiprocessing
+    imports in each worker) the merge workers start and answer: the labels come from other
+    processes, with no fallback to the actor's thread (which would only show in a warning)."""
+    ray = ray_session
+
+    @ray.remote(num_cpus=0)
+    class Merger:
+        def run(self, condensed, lengths):
+            from pipeline.embed.pooling import WardMerges
+
+            merges = WardMerges(2)
+            try:
+                labels = merges.labels(condensed, lengths, 3)
+                pid = merges._executor().submit(os.getpid).result()
+                return labels, pid != os.getpid(), merges.processes, merges._broken
+            finally:
+                merges.close()
+
+    from pipeline.embed.pooling import WardMerges
+
+    lengths = [70, 1, 33]
+    _, condensed = _rows(lengths, seed=14)
+    actor = Merger.remote()
+    try:
+        labels, elsewhere, processes, broken = ray.get(actor.run.remote(condensed, lengths), timeout=180)
+    finally:
+        ray.kill(actor)
+    assert elsewhere and processes == 2 and broken == 0
+    for g, w in zip(labels, WardMerges(0).labels(condensed, lengths, 3)):
+        assert (g is None) == (w is None)
+        if w is not None:
+            np.testing.assert_array_equal(g, w)
