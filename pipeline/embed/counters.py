@@ -110,8 +110,8 @@ def summarize(actors: dict[str, dict], job_started_at: float) -> dict:
             "pages": a["pages"],
             "model_load_s": round(a["model_load_s"] or 0.0, 3),
             "first_batch_after_s": round(a["first_batch_at"] - job_started_at, 3),
-            "wall_s": round(wall, 3),
-            "gpu_busy_s": round(a["busy_s"], 3),
+            "wall_s": round(wall, 6),
+            "gpu_busy_s": round(a["busy_s"], 6),
             "gpu_busy_fraction": round(a["busy_s"] / wall, 4),
             "pages_per_second": round(a["pages"] / wall, 3),
         })
@@ -121,7 +121,7 @@ def summarize(actors: dict[str, dict], job_started_at: float) -> dict:
         if first:
             f_wall, f_busy, f_pages = first
             rest = wall - f_wall
-            out[-1]["first_batch_s"] = round(f_wall, 3)
+            out[-1]["first_batch_s"] = round(f_wall, 6)
             if rest > 0 and a["pages"] > f_pages:
                 out[-1]["after_first_batch"] = {
                     "gpu_busy_fraction": round((a["busy_s"] - f_busy) / rest, 4),
