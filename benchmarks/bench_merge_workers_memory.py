@@ -72,8 +72,8 @@ def measure(args: argparse.Namespace) -> dict:
     procs = {}
     pool = merges._pool
     if pool is not None:
-        for pid in list(pool._processes):
-            procs[f"worker {pid}"] = memory_kib(pid)
+        for w in pool:
+            procs[f"worker {w.process.pid}"] = memory_kib(w.process.pid)
         server = multiprocessing.forkserver._forkserver._forkserver_pid
         if server:
             procs[f"forkserver {server}"] = memory_kib(server)

@@ -38,12 +38,11 @@ import logging
 import multiprocessing
 import os
 import threading
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
 
+from pipeline.embed import ward
 from pipeline.embed.ward import labels_from_distances  # steps 2's merge loop and 3, on CPU
 
 log = logging.getLogger(__name__)
@@ -85,6 +84,53 @@ def _labels_here(condensed: np.ndarray, spans: list[tuple[int, int, int]], pool_
     return [labels_from_distances(condensed[s : s + p], n, pool_factor) if n > 1 else None for s, p, n in spans]
 
 
+class MergeWorkerLost(RuntimeError):
+    """A merge worker died (killed, out of memory) or its pipe broke."""
+
+
+class _MergeWorker:
+    """One merge process, started by the forkserver, and the parent's end of its pipe
+    (:func:`pipeline.embed.ward.serve`)."""
+
+    def __init__(self, ctx):
+        here, there = ctx.Pipe()
+        self.process = ctx.Process(target=ward.serve, args=(there,), daemon=True, name="vdr-ward-merges")
+        try:
+            self.process.start()
+        except BaseException:
+            here.close()
+            raise
+        finally:
+            there.close()
+        self.conn = here
+
+    def send(self, request) -> None:
+        try:
+            self.conn.send(request)
+        except (EOFError, OSError) as exc:  # BrokenPipeError: the worker is gone
+            raise MergeWorkerLost(f"merge worker {self.process.pid} is gone ({type(exc).__name__}: {exc}); "
+                                  f"exit code {self.process.exitcode}") from exc
+
+    def receive(self):
+        try:
+            ok, value = self.conn.recv()
+        except (EOFError, OSError) as exc:
+            self.process.join(1)
+            raise MergeWorkerLost(f"merge worker {self.process.pid} died (exit code {self.process.exitcode})") from exc
+        return ok, value
+
+    def close(self, wait: bool) -> None:
+        try:
+            self.conn.send(None)
+        except (EOFError, OSError):
+            pass
+        self.conn.close()
+        self.process.join(5 if wait else 0)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(1)
+
+
 class WardMerges:
     """Ward's merge loop and ``fcluster`` (:func:`labels_from_distances`) of many rows at once,
     in ``processes`` worker processes (0: in the calling thread). Same function, same float64
@@ -93,14 +139,17 @@ class WardMerges:
     Why processes: scipy's ``linkage`` holds the GIL, so in threads it runs one page at a time
     and stalls the thread that queues the next batch's kernels. The workers are started by
     ``forkserver`` (a clean single-threaded server, not a fork of the actor with its CUDA
-    context and Ray's threads), lazily at the first call; each page's condensed distances
-    (n(n-1)/2 float64, ~2.5 MB for 790 vectors) are pickled to them through the pool's pipe (a
-    shared-memory block per batch was tried: 59.35 against 59.02 pages/s on an H200, 2026-12-05,
-    no measurable gain, so removed). A worker that dies (killed,
-    out of memory) loses no row: that batch's merges run again here, and the next call starts
-    a new pool; after ``GIVE_UP_AFTER`` failures in a row (workers that cannot start:
+    context and Ray's threads), lazily at the first call. Each takes a share of the batch's
+    pages (balanced by distance count, the merge loop's cost) through its own pipe: each page's
+    condensed distances (n(n-1)/2 float64, ~2.5 MB for 790 vectors) are pickled to it (a
+    shared-memory block per batch was tried: 59.35 against 59.02 pages/s on an H200,
+    2026-12-05, no measurable gain, so removed). Pipes, not a ``ProcessPoolExecutor`` (used
+    until 2026-12-05): see :func:`pipeline.embed.ward.serve`. A worker that dies (killed, out
+    of memory) loses no row: that batch's merges run again here, and the next call starts new
+    workers; after ``GIVE_UP_AFTER`` failures in a row (workers that cannot start:
     multiprocessing imports the parent's ``__main__`` file in each, which must exist) every merge
-    runs in the calling thread. Thread-safe: two batches in flight share one pool (tested)."""
+    runs in the calling thread. Thread-safe: two batches in flight share the workers, one batch
+    at a time (tested)."""
 
     GIVE_UP_AFTER = 3
 
@@ -108,9 +157,10 @@ class WardMerges:
         if processes < 0:
             raise ValueError(f"processes must be >= 0, got {processes}")
         self.processes = processes
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: list[_MergeWorker] | None = None
         self._broken = 0  # worker failures in a row (a batch merged in workers resets it)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the pool's state
+        self._batch = threading.Lock()  # one batch at a time through the pipes
 
     @classmethod
     def from_env(cls) -> WardMerges:
@@ -126,8 +176,8 @@ class WardMerges:
             raise ValueError(f"VDR_POOL_PROCESSES must be a whole number of worker processes (0: merge "
                              f"in the actor's own thread), got {raw!r}") from None
 
-    def _executor(self) -> ProcessPoolExecutor | None:
-        """The pool (started at the first call); None once given up (merge in this thread)."""
+    def _workers(self) -> list[_MergeWorker] | None:
+        """The workers (started at the first call); None once given up (merge in this thread)."""
         with self._lock:
             if self.processes == 0:
                 return None
@@ -136,12 +186,28 @@ class WardMerges:
                 # the server imports the merge code (numpy, scipy, no torch) once; each worker
                 # it forks has it already
                 ctx.set_forkserver_preload(["pipeline.embed.ward", "scipy.cluster.hierarchy"])
-                self._pool = ProcessPoolExecutor(max_workers=self.processes, mp_context=ctx)
+                pool: list[_MergeWorker] = []
+                try:
+                    for _ in range(self.processes):
+                        pool.append(_MergeWorker(ctx))
+                except BaseException:
+                    for w in pool:
+                        w.close(wait=False)
+                    raise
+                self._pool = pool
             return self._pool
 
-    def _lost(self, pool: ProcessPoolExecutor | None, exc: BaseException) -> None:
-        """A pool that broke or could not start workers: dropped; after ``GIVE_UP_AFTER`` such
-        failures in a row, no more pools."""
+    def worker_pids(self) -> list[int]:
+        """The process id each worker reports (starting them if need be): they answer."""
+        pool = self._workers() or []
+        with self._batch:
+            for w in pool:
+                w.send(("pid",))
+            return [w.receive()[1] for w in pool]
+
+    def _lost(self, pool: list[_MergeWorker] | None, exc: BaseException) -> None:
+        """Workers that died or could not start: dropped; after ``GIVE_UP_AFTER`` such
+        failures in a row, no more workers."""
         with self._lock:
             if pool is None or self._pool is pool:
                 self._pool = None
@@ -149,8 +215,8 @@ class WardMerges:
                 if self._broken >= self.GIVE_UP_AFTER:
                     self.processes = 0
             gave_up = self.processes == 0
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        for w in pool or []:
+            w.close(wait=False)
         log.warning("the pooling's merge workers failed (%s: %s); this batch's merges run in the actor's thread, %s",
                     type(exc).__name__, exc,
                     "and so will every later batch's (%d failures in a row: see the worker's traceback above; "
@@ -169,37 +235,48 @@ class WardMerges:
             start += pairs
         pool = None
         try:
-            pool = self._executor()
+            pool = self._workers()
         except Exception as exc:  # noqa: BLE001 - workers that cannot start: merge here
             self._lost(None, exc)
         if pool is None:
             return _labels_here(condensed, spans, pool_factor)
-        futures: list = []
-        try:
-            try:  # each page's distances pickled through the pool's pipe
-                futures = [pool.submit(labels_from_distances, condensed[s : s + p], n, pool_factor)
-                           if n > 1 else None for s, p, n in spans]
-            except Exception as exc:  # noqa: BLE001 - a pool that cannot take work (spawn failed, shut down)
-                self._lost(pool, exc)
-                return _labels_here(condensed, spans, pool_factor)
+        # each worker's share: the rows, largest first, to the least loaded worker
+        shares: list[list[int]] = [[] for _ in pool]
+        load = [0] * len(pool)
+        for i in sorted((i for i, (_, _, n) in enumerate(spans) if n > 1), key=lambda i: -spans[i][1]):
+            k = load.index(min(load))
+            shares[k].append(i)
+            load[k] += spans[i][1]
+        labels: list[np.ndarray | None] = [None] * len(spans)
+        error = None
+        with self._batch:
             try:
-                labels = [f.result() if f is not None else None for f in futures]
-            except BrokenProcessPool as exc:
+                busy = [(w, share) for w, share in zip(pool, shares) if share]
+                for w, share in busy:
+                    w.send(("merge", [(condensed[spans[i][0] : spans[i][0] + spans[i][1]], spans[i][2], pool_factor)
+                                      for i in share]))
+                for w, share in busy:  # every answer read, so that the pipes stay in step
+                    ok, value = w.receive()
+                    if not ok:
+                        error = error or value
+                        continue
+                    for i, lab in zip(share, value):
+                        labels[i] = lab
+            except MergeWorkerLost as exc:
                 self._lost(pool, exc)
                 return _labels_here(condensed, spans, pool_factor)
-            with self._lock:
-                self._broken = 0  # failures count in a row
-            return labels
-        finally:
-            for f in futures:  # after an error: the batch's merges not yet started are dropped
-                if f is not None:
-                    f.cancel()
+        if error is not None:
+            raise error
+        with self._lock:
+            self._broken = 0  # failures count in a row
+        return labels
 
     def close(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        with self._batch:
+            for w in pool or []:
+                w.close(wait=True)
 
 
 def check_pool_factor(pool_factor: int) -> None:

@@ -19,3 +19,38 @@ def labels_from_distances(condensed: np.ndarray, n: int, pool_factor: int) -> np
     z = linkage(condensed, method="ward")
     return fcluster(z, t=max(n // pool_factor, 1), criterion="maxclust") - 1
 
+
+
+def serve(conn) -> None:
+    """A merge worker's loop (:class:`pipeline.embed.pooling.WardMerges`), on one end of a
+    ``multiprocessing`` pipe. Each request is ``("merge", [(condensed, n, pool_factor), ...])``,
+    answered ``(True, [labels, ...])``, or ``(False, error)`` when a merge raised (bad distances);
+    ``("pid",)`` is answered ``(True, pid)``; ``None`` or a closed pipe ends the loop.
+
+    A pipe, not a ``ProcessPoolExecutor``: its queues hold named semaphores that the resource
+    tracker follows, and Ray kills an actor's child processes, the tracker among them, before
+    the actor's Python exits; each pooled actor then printed five ``KeyError`` tracebacks and
+    "resource_tracker: process died unexpectedly ... Some resources might leak" at the end of
+    every job (2026-12-05, tests/embed/test_pooling.py). A pipe holds no such resource."""
+    import os
+
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        if request is None:
+            return
+        try:
+            if request[0] == "pid":
+                answer = (True, os.getpid())
+            else:
+                answer = (True, [labels_from_distances(c, n, f) for c, n, f in request[1]])
+        except Exception as exc:  # noqa: BLE001 - the caller raises it
+            answer = (False, exc)
+        try:
+            conn.send(answer)
+        except (EOFError, OSError):
+            return
+        except Exception:  # noqa: BLE001 - an error that does not pickle
+            conn.send((False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}")))

@@ -241,7 +241,8 @@ def test_ward_merges_in_worker_processes_equal_the_merges_in_this_thread():
         for g, w in zip(got, want):
             if w is not None:
                 np.testing.assert_array_equal(g, w)
-        assert merges._executor().submit(os.getpid).result() != os.getpid()
+        pids = merges.worker_pids()
+        assert len(pids) == 2 and os.getpid() not in pids
     finally:
         merges.close()
 
@@ -262,16 +263,16 @@ def test_a_dead_merge_worker_loses_no_row(caplog):
     try:
         merges.labels(condensed, lengths, 2)
         first = merges._pool
-        for pid in list(first._processes):
-            os.kill(pid, signal.SIGKILL)
+        for w in first:
+            os.kill(w.process.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while any(p.is_alive() for p in first._processes.values()) and time.monotonic() < deadline:
+        while any(w.process.is_alive() for w in first) and time.monotonic() < deadline:
             time.sleep(0.05)
         with caplog.at_level("WARNING", logger="pipeline.embed.pooling"):
             got = merges.labels(condensed, lengths, 2)
         for g, w in zip(got, want):
             np.testing.assert_array_equal(g, w)
-        assert "merge workers failed" in caplog.text and "BrokenProcessPool" in caplog.text
+        assert "merge workers failed" in caplog.text and "MergeWorkerLost" in caplog.text
         again = merges.labels(condensed, lengths, 2)
         assert merges._pool is not None and merges._pool is not first
         for g, w in zip(again, want):
@@ -326,15 +327,15 @@ def test_merge_workers_that_cannot_start_fall_back_and_are_given_up_after_failur
     _, condensed = _rows(lengths, seed=10)
     want = WardMerges(0).labels(condensed, lengths, 3)
     merges = WardMerges(2)
-    real = WardMerges._executor
+    real = WardMerges._workers
     failing = [True]
 
-    def executor(self):
+    def workers(self):
         if failing[0]:
             raise OSError(24, "Too many open files")
         return real(self)
 
-    monkeypatch.setattr(WardMerges, "_executor", executor)
+    monkeypatch.setattr(WardMerges, "_workers", workers)
     try:
         with caplog.at_level("WARNING", logger="pipeline.embed.pooling"):
             for _ in range(WardMerges.GIVE_UP_AFTER - 1):
@@ -416,8 +417,8 @@ def test_merge_workers_start_inside_a_ray_actor(ray_session):
             merges = WardMerges(2)
             try:
                 labels = merges.labels(condensed, lengths, 3)
-                pid = merges._executor().submit(os.getpid).result()
-                return labels, pid != os.getpid(), merges.processes, merges._broken
+                pids = merges.worker_pids()
+                return labels, os.getpid() not in pids, merges.processes, merges._broken
             finally:
                 merges.close()
 
@@ -435,3 +436,41 @@ def test_merge_workers_start_inside_a_ray_actor(ray_session):
         assert (g is None) == (w is None)
         if w is not None:
             np.testing.assert_array_equal(g, w)
+
+
+def test_an_actor_with_merge_workers_ends_without_tracebacks(ray_session):
+    """A pooled actor that ends as Ray Data ends its actors (the last handle dropped) writes
+    nothing to its error log: Ray kills an actor's child processes before its Python exits,
+    and the merge workers of a ProcessPoolExecutor (until 2026-12-05) left named semaphores
+    whose unregistering then relaunched multiprocessing's resource tracker, which printed
+    "process died unexpectedly ... Some resources might leak" and five KeyError tracebacks
+    at the end of every pooled job."""
+    import glob
+    import time
+
+    ray = ray_session
+
+    @ray.remote(num_cpus=0)
+    class Merger:
+        def run(self, condensed, lengths):
+            from pipeline.embed.pooling import WardMerges
+
+            self.merges = WardMerges(2)  # kept, as the embedding actor keeps its own
+            self.merges.labels(condensed, lengths, 3)
+            return os.getpid(), ray.get_runtime_context().get_worker_id()
+
+    lengths = [70, 33]
+    _, condensed = _rows(lengths, seed=15)
+    actor = Merger.remote()
+    pid, worker_id = ray.get(actor.run.remote(condensed, lengths), timeout=180)
+    del actor  # a graceful exit, as when Ray Data's pool lets go of its actors
+    deadline = time.monotonic() + 60
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{pid}"), "the actor did not end"
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    err = glob.glob(os.path.join(logs, f"worker-{worker_id}-*.err"))
+    assert len(err) == 1, (logs, worker_id)
+    text = open(err[0]).read()
+    for sign in ("resource_tracker", "Traceback", "KeyError", "leak"):
+        assert sign not in text, text[-3000:]
