@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection as mp_connection
 import os
 import threading
 
@@ -108,27 +109,28 @@ class _MergeWorker:
         try:
             self.conn.send(request)
         except (EOFError, OSError) as exc:  # BrokenPipeError: the worker is gone
-            raise MergeWorkerLost(f"merge worker {self.process.pid} is gone ({type(exc).__name__}: {exc}); "
-                                  f"exit code {self.process.exitcode}") from exc
+            raise MergeWorkerLost(f"merge worker {self.process.pid} is gone ({type(exc).__name__}: {exc})") from exc
 
-    def receive(self):
+    def receive(self) -> tuple:
         try:
-            ok, value = self.conn.recv()
+            return self.conn.recv()
         except (EOFError, OSError) as exc:
             self.process.join(1)
             raise MergeWorkerLost(f"merge worker {self.process.pid} died (exit code {self.process.exitcode})") from exc
-        return ok, value
 
     def close(self, wait: bool) -> None:
-        try:
-            self.conn.send(None)
-        except (EOFError, OSError):
-            pass
-        self.conn.close()
-        self.process.join(5 if wait else 0)
+        """``wait``: ask the worker to end and give it 5 s (no batch may be in flight); else
+        end it now (a batch failed: a sender thread may still be writing to it)."""
+        if wait:
+            try:
+                self.conn.send(None)
+            except (EOFError, OSError):
+                pass
+            self.process.join(5)
         if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(1)
+            self.process.terminate()  # a sender blocked on its pipe then gets EPIPE
+            self.process.join(5)
+        self.conn.close()
 
 
 class WardMerges:
@@ -203,7 +205,7 @@ class WardMerges:
         with self._batch:
             for w in pool:
                 w.send(("pid",))
-            return [w.receive()[1] for w in pool]
+            return [w.receive()[2] for w in pool]
 
     def _lost(self, pool: list[_MergeWorker] | None, exc: BaseException) -> None:
         """Workers that died or could not start: dropped; after ``GIVE_UP_AFTER`` such
@@ -248,25 +250,46 @@ class WardMerges:
             shares[k].append(i)
             load[k] += spans[i][1]
         labels: list[np.ndarray | None] = [None] * len(spans)
-        error = None
-        with self._batch:
+        errors: list[BaseException] = []
+        lost: list[MergeWorkerLost] = []
+
+        def send(w: _MergeWorker, share: list[int]) -> None:
+            # one page per request: the worker starts on the first while the rest are sent
             try:
-                busy = [(w, share) for w, share in zip(pool, shares) if share]
-                for w, share in busy:
-                    w.send(("merge", [(condensed[spans[i][0] : spans[i][0] + spans[i][1]], spans[i][2], pool_factor)
-                                      for i in share]))
-                for w, share in busy:  # every answer read, so that the pipes stay in step
-                    ok, value = w.receive()
-                    if not ok:
-                        error = error or value
-                        continue
-                    for i, lab in zip(share, value):
-                        labels[i] = lab
+                for i in share:
+                    s, p, n = spans[i]
+                    w.send(("merge", i, condensed[s : s + p], n, pool_factor))
             except MergeWorkerLost as exc:
-                self._lost(pool, exc)
+                lost.append(exc)
+
+        with self._batch:
+            busy = {w.conn: (w, len(share)) for w, share in zip(pool, shares) if share}
+            senders = [threading.Thread(target=send, args=(w, share), daemon=True, name="vdr-ward-send")
+                       for w, share in zip(pool, shares) if share]
+            for t in senders:
+                t.start()
+            try:
+                waiting = {conn: count for conn, (_, count) in busy.items()}
+                while waiting:  # every answer read, so that the pipes stay in step
+                    for conn in mp_connection.wait(list(waiting)):
+                        ok, i, value = busy[conn][0].receive()
+                        if ok:
+                            labels[i] = value
+                        else:
+                            errors.append(value)
+                        waiting[conn] -= 1
+                        if not waiting[conn]:
+                            del waiting[conn]
+            except MergeWorkerLost as exc:
+                lost.append(exc)
+            if lost:  # the workers closed first: a sender blocked on a live one then stops
+                self._lost(pool, lost[0])
+            for t in senders:
+                t.join()
+            if lost:
                 return _labels_here(condensed, spans, pool_factor)
-        if error is not None:
-            raise error
+        if errors:
+            raise errors[0]
         with self._lock:
             self._broken = 0  # failures count in a row
         return labels

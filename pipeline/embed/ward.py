@@ -23,15 +23,18 @@ def labels_from_distances(condensed: np.ndarray, n: int, pool_factor: int) -> np
 
 def serve(conn) -> None:
     """A merge worker's loop (:class:`pipeline.embed.pooling.WardMerges`), on one end of a
-    ``multiprocessing`` pipe. Each request is ``("merge", [(condensed, n, pool_factor), ...])``,
-    answered ``(True, [labels, ...])``, or ``(False, error)`` when a merge raised (bad distances);
-    ``("pid",)`` is answered ``(True, pid)``; ``None`` or a closed pipe ends the loop.
+    ``multiprocessing`` pipe, one page per request, so that the worker starts on a batch's first
+    page while the next ones are still being sent. ``("merge", i, condensed, n, pool_factor)``
+    is answered ``(True, i, labels)``, or ``(False, i, error)`` when the merge raised (bad
+    distances); ``("pid",)`` is answered ``(True, -1, pid)``; ``None`` or a closed pipe ends
+    the loop.
 
-    A pipe, not a ``ProcessPoolExecutor``: its queues hold named semaphores that the resource
-    tracker follows, and Ray kills an actor's child processes, the tracker among them, before
-    the actor's Python exits; each pooled actor then printed five ``KeyError`` tracebacks and
-    "resource_tracker: process died unexpectedly ... Some resources might leak" at the end of
-    every job (2026-12-05, tests/embed/test_pooling.py). A pipe holds no such resource."""
+    A pipe, not a ``ProcessPoolExecutor`` (until 2026-12-05): its queues hold named semaphores
+    that multiprocessing's resource tracker follows, and Ray kills an actor's child processes,
+    the tracker among them, before the actor's Python exits; each pooled actor then printed
+    "resource_tracker: process died unexpectedly ... Some resources might leak" and five
+    ``KeyError`` tracebacks at the end of every job (tests/embed/test_pooling.py). A pipe holds
+    no such resource."""
     import os
 
     while True:
@@ -41,16 +44,17 @@ def serve(conn) -> None:
             return
         if request is None:
             return
-        try:
-            if request[0] == "pid":
-                answer = (True, os.getpid())
-            else:
-                answer = (True, [labels_from_distances(c, n, f) for c, n, f in request[1]])
-        except Exception as exc:  # noqa: BLE001 - the caller raises it
-            answer = (False, exc)
+        if request[0] == "pid":
+            answer = (True, -1, os.getpid())
+        else:
+            _, i, condensed, n, pool_factor = request
+            try:
+                answer = (True, i, labels_from_distances(condensed, n, pool_factor))
+            except Exception as exc:  # noqa: BLE001 - the caller raises it
+                answer = (False, i, exc)
         try:
             conn.send(answer)
         except (EOFError, OSError):
             return
         except Exception:  # noqa: BLE001 - an error that does not pickle
-            conn.send((False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}")))
+            conn.send((False, answer[1], RuntimeError(f"{type(answer[2]).__name__}: {answer[2]}")))
