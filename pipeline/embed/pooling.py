@@ -280,8 +280,8 @@ class WardMerges:
                         waiting[conn] -= 1
                         if not waiting[conn]:
                             del waiting[conn]
-            except MergeWorkerLost as exc:
-                lost.append(exc)
+            except (MergeWorkerLost, OSError) as exc:  # OSError: closed by another thread's failed batch
+                lost.append(exc if isinstance(exc, MergeWorkerLost) else MergeWorkerLost(f"merge workers closed ({exc})"))
             if lost:  # the workers closed first: a sender blocked on a live one then stops
                 self._lost(pool, lost[0])
             for t in senders:

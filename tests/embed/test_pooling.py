@@ -474,3 +474,37 @@ def test_an_actor_with_merge_workers_ends_without_tracebacks(ray_session):
     text = open(err[0]).read()
     for sign in ("resource_tracker", "Traceback", "KeyError", "leak"):
         assert sign not in text, text[-3000:]
+
+
+def test_a_batch_that_finds_its_workers_closed_by_another_batch_loses_no_row(monkeypatch, caplog):
+    """Two batches in flight: one took the workers just before the other's failure closed them.
+    It merges in its own thread instead of failing (a closed pipe raises OSError, not EOF)."""
+    from pipeline.embed.pooling import WardMerges
+
+    lengths = [50, 8, 31]
+    _, condensed = _rows(lengths, seed=16)
+    want = WardMerges(0).labels(condensed, lengths, 3)
+    merges = WardMerges(2)
+    try:
+        merges.labels(condensed, lengths, 3)
+        stale = merges._pool
+        for w in stale:  # what the other batch's failure does to them
+            w.close(wait=False)
+        real, handed = WardMerges._workers, []
+
+        def workers(self):
+            if not handed:
+                handed.append(True)
+                return stale
+            return real(self)
+
+        monkeypatch.setattr(WardMerges, "_workers", workers)
+        with caplog.at_level("WARNING", logger="pipeline.embed.pooling"):
+            got = merges.labels(condensed, lengths, 3)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        assert "merge workers failed" in caplog.text
+        for g, w in zip(merges.labels(condensed, lengths, 3), want):  # the pool still works
+            np.testing.assert_array_equal(g, w)
+    finally:
+        merges.close()
