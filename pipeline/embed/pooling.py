@@ -118,18 +118,26 @@ class _MergeWorker:
             self.process.join(1)
             raise MergeWorkerLost(f"merge worker {self.process.pid} died (exit code {self.process.exitcode})") from exc
 
+    def end(self) -> None:
+        """End the process now (a batch failed). A sender thread blocked on its pipe then gets
+        EPIPE; the pipe itself stays open until the senders are joined (:meth:`close`)."""
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(5)
+
     def close(self, wait: bool) -> None:
-        """``wait``: ask the worker to end and give it 5 s (no batch may be in flight); else
-        end it now (a batch failed: a sender thread may still be writing to it)."""
+        """``wait``: ask the worker to end and give it 5 s (no batch may be in flight); then
+        end it if need be, and close the pipe."""
         if wait:
             try:
                 self.conn.send(None)
             except (EOFError, OSError):
                 pass
             self.process.join(5)
-        if self.process.is_alive():
-            self.process.terminate()  # a sender blocked on its pipe then gets EPIPE
-            self.process.join(5)
+        self.end()
         self.conn.close()
 
 
@@ -208,17 +216,20 @@ class WardMerges:
             return [w.receive()[2] for w in pool]
 
     def _lost(self, pool: list[_MergeWorker] | None, exc: BaseException) -> None:
-        """Workers that died or could not start: dropped; after ``GIVE_UP_AFTER`` such
-        failures in a row, no more workers."""
+        """Workers that died, failed or could not start (``pool`` None): ended and dropped;
+        after ``GIVE_UP_AFTER`` such failures in a row, no more workers. Their pipes are left
+        open for the batch's sender threads; the caller closes them after joining those."""
         with self._lock:
-            if pool is None or self._pool is pool:
+            if pool is None:  # a start that failed; a pool another thread started meanwhile is kept
+                self._broken += 1
+            elif self._pool is pool:
                 self._pool = None
                 self._broken += 1
-                if self._broken >= self.GIVE_UP_AFTER:
-                    self.processes = 0
+            if self._broken >= self.GIVE_UP_AFTER:
+                self.processes = 0  # a pool still held is ended by close()
             gave_up = self.processes == 0
         for w in pool or []:
-            w.close(wait=False)
+            w.end()
         log.warning("the pooling's merge workers failed (%s: %s); this batch's merges run in the actor's thread, %s",
                     type(exc).__name__, exc,
                     "and so will every later batch's (%d failures in a row: see the worker's traceback above; "
@@ -235,6 +246,8 @@ class WardMerges:
             pairs = n * (n - 1) // 2 if n > 1 else 0
             spans.append((start, pairs, n))
             start += pairs
+        if all(n <= 1 for n in lengths):
+            return [None] * len(lengths)
         pool = None
         try:
             pool = self._workers()
@@ -251,7 +264,7 @@ class WardMerges:
             load[k] += spans[i][1]
         labels: list[np.ndarray | None] = [None] * len(spans)
         errors: list[BaseException] = []
-        lost: list[MergeWorkerLost] = []
+        lost: list[BaseException] = []
 
         def send(w: _MergeWorker, share: list[int]) -> None:
             # one page per request: the worker starts on the first while the rest are sent
@@ -259,20 +272,24 @@ class WardMerges:
                 for i in share:
                     s, p, n = spans[i]
                     w.send(("merge", i, condensed[s : s + p], n, pool_factor))
-            except MergeWorkerLost as exc:
+            except BaseException as exc:  # noqa: BLE001 - ends the batch's workers: the reader sees EOF
                 lost.append(exc)
+                w.end()
 
         with self._batch:
-            busy = {w.conn: (w, len(share)) for w, share in zip(pool, shares) if share}
-            senders = [threading.Thread(target=send, args=(w, share), daemon=True, name="vdr-ward-send")
-                       for w, share in zip(pool, shares) if share]
-            for t in senders:
-                t.start()
+            senders: list[threading.Thread] = []
+            interrupted = None
             try:
-                waiting = {conn: count for conn, (_, count) in busy.items()}
+                busy = {w.conn: w for w, share in zip(pool, shares) if share}
+                waiting = {w.conn: len(share) for w, share in zip(pool, shares) if share}
+                for w, share in zip(pool, shares):
+                    if share:
+                        t = threading.Thread(target=send, args=(w, share), daemon=True, name="vdr-ward-send")
+                        t.start()
+                        senders.append(t)  # only a started thread is joined
                 while waiting:  # every answer read, so that the pipes stay in step
                     for conn in mp_connection.wait(list(waiting)):
-                        ok, i, value = busy[conn][0].receive()
+                        ok, i, value = busy[conn].receive()
                         if ok:
                             labels[i] = value
                         else:
@@ -280,13 +297,20 @@ class WardMerges:
                         waiting[conn] -= 1
                         if not waiting[conn]:
                             del waiting[conn]
-            except (MergeWorkerLost, OSError) as exc:  # OSError: closed by another thread's failed batch
-                lost.append(exc if isinstance(exc, MergeWorkerLost) else MergeWorkerLost(f"merge workers closed ({exc})"))
-            if lost:  # the workers closed first: a sender blocked on a live one then stops
+            except Exception as exc:  # noqa: BLE001 - a worker died, a pipe closed, a thread did not start
+                lost.append(exc)
+            except BaseException as exc:  # KeyboardInterrupt: end the workers, then raise it
+                lost.append(exc)
+                interrupted = exc
+            if lost:  # workers ended first, so that a sender blocked on one stops; pipes closed last
                 self._lost(pool, lost[0])
             for t in senders:
                 t.join()
             if lost:
+                for w in pool:
+                    w.conn.close()
+                if interrupted is not None:
+                    raise interrupted
                 return _labels_here(condensed, spans, pool_factor)
         if errors:
             raise errors[0]

@@ -508,3 +508,76 @@ def test_a_batch_that_finds_its_workers_closed_by_another_batch_loses_no_row(mon
             np.testing.assert_array_equal(g, w)
     finally:
         merges.close()
+
+
+def test_a_batch_whose_sender_thread_cannot_start_falls_back_and_the_next_batch_is_right(monkeypatch, caplog):
+    """A sender thread that cannot start (a thread limit) after another started: the batch merges
+    here, and no answer of it is left in a pipe for the next batch to read as its own (review
+    2026-12-05: the next batch returned the previous batch's labels)."""
+    import threading
+
+    from pipeline.embed.pooling import WardMerges
+
+    a, b = [300, 280, 5, 4], [6, 7, 300, 280]
+    ca, cb = _rows(a, seed=17)[1], _rows(b, seed=18)[1]
+    want_a, want_b = WardMerges(0).labels(ca, a, 3), WardMerges(0).labels(cb, b, 3)
+    merges = WardMerges(2)
+    real, started = threading.Thread.start, []
+
+    def start(self):
+        if self.name == "vdr-ward-send":
+            started.append(self)
+            if len(started) == 2:
+                raise RuntimeError("can't start new thread")
+        return real(self)
+
+    try:
+        merges.labels(ca, a, 3)
+        monkeypatch.setattr(threading.Thread, "start", start)
+        with caplog.at_level("WARNING", logger="pipeline.embed.pooling"):
+            got = merges.labels(ca, a, 3)
+        monkeypatch.setattr(threading.Thread, "start", real)
+        assert len(started) == 2 and "can't start new thread" in caplog.text
+        for g, w in zip(got, want_a):
+            np.testing.assert_array_equal(g, w)
+        for g, w in zip(merges.labels(cb, b, 3), want_b):
+            np.testing.assert_array_equal(g, w)
+    finally:
+        merges.close()
+
+
+def test_a_sender_that_fails_does_not_leave_the_batch_waiting():
+    """An error in a sender thread (here a length that is no integer) ends the batch's workers,
+    so the reader is not left waiting for answers that never come (review 2026-12-05: it hung,
+    holding the lock every later batch needs); the caller gets the error the merge in its own
+    thread raises."""
+    import threading
+
+    from pipeline.embed.pooling import WardMerges
+
+    lengths = [40, 30]
+    _, condensed = _rows(lengths, seed=19)
+    merges = WardMerges(2)
+    outcome: list = []
+
+    def run():
+        try:
+            merges.labels(condensed, [40, 30.0], 3)
+        except Exception as exc:  # noqa: BLE001 - what the caller gets
+            outcome.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    try:
+        merges.labels(condensed, lengths, 3)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "the batch is still waiting"
+        assert len(outcome) == 1 and isinstance(outcome[0], TypeError)
+        want = WardMerges(0).labels(condensed, lengths, 3)
+        for g, w in zip(merges.labels(condensed, lengths, 3), want):
+            np.testing.assert_array_equal(g, w)
+    finally:
+        if t.is_alive():  # the bug back: free the waiting batch (and this suite) by ending the workers
+            for w in merges._pool or []:
+                w.process.kill()
+        merges.close()
