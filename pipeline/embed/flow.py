@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from typing import Iterator
 
 import pyarrow as pa
@@ -309,6 +310,19 @@ def _bounded_retries() -> dict:
     return {"max_retries": 3}
 
 
+@contextlib.contextmanager
+def _task_retry_args():
+    """Ray 2.60 marks ``map_batches``' ``ray_remote_args_fn`` and ``**ray_remote_args`` as
+    deprecated (to be removed in Ray 2.64) and printed both warnings on every job; its named
+    parameters have no task ``max_retries`` or ``retry_exceptions``, which the render and write
+    stages need (``DataContext.max_map_retries`` covers user exceptions of every map stage, not
+    a worker that died). The warnings say nothing a user can act on: silenced here, for these
+    calls only; ``pyproject.toml`` pins Ray 2.60."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`ray_remote_args(_fn)?` is deprecated", category=DeprecationWarning)
+        yield
+
+
 # A write task that fails on storage is run again by Ray (its files are named by content, so a
 # second run writes the same names and bytes); each request inside it is already retried by
 # the client library. A storage outage longer than all of that fails the job.
@@ -412,9 +426,10 @@ def run_preflight(cfg: EmbedConfig) -> dict:
         ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=min(len(units), MAX_INPUT_BLOCKS))
         ds = ds.map_batches(_plan_units, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                             fn_kwargs={"cfg": cfg, "done": [ray.put(done)], "counter": counter})
-        ds = ds.map_batches(preflight_report.preflight_documents, batch_size=cfg.docs_per_render_task,
-                            batch_format="pyarrow", fn_kwargs=_render_kwargs(cfg, _render_spec(cfg)), num_cpus=1,
-                            ray_remote_args_fn=_bounded_retries)
+        with _task_retry_args():
+            ds = ds.map_batches(preflight_report.preflight_documents, batch_size=cfg.docs_per_render_task,
+                                batch_format="pyarrow", fn_kwargs=_render_kwargs(cfg, _render_spec(cfg)), num_cpus=1,
+                                ray_remote_args_fn=_bounded_retries)
         for row in ds.iter_rows():
             tally.add(row)
     totals = ray.get(counter.totals.remote())
@@ -505,30 +520,31 @@ def _stream(cfg: EmbedConfig, units: list, spec: RenderSpec, done: pa.Table, cou
     # the job rendered on one core (measured on an H200, 2026-12-03: 22 pages/s, GPU busy
     # 41-48%). Streaming repartition hands each render task its own few documents.
     ds = ds.repartition(target_num_rows_per_block=cfg.docs_per_render_task)
-    ds = ds.map_batches(
-        render_documents,
-        batch_size=cfg.docs_per_render_task,
-        batch_format="pyarrow",
-        fn_kwargs={"spec": spec, "render_timeout_s": cfg.render_timeout_s, "max_file_bytes": cfg.max_file_bytes,
-                   "endpoint_url": cfg.endpoint_url, "pages_per_block": cfg.batch_size,
-                   "storage_settings": _storage_settings(cfg)},
-        num_cpus=1,
-        # pdfium crashes kill only the renderer child (an error row); a Ray worker that dies
-        # anyway is retried a bounded number of times, not forever (Ray's default).
-        ray_remote_args_fn=_bounded_retries,
-    )
-    ds = ds.map_batches(**model_stage)
-    ds = ds.map_batches(
-        write_shard,
-        fn_kwargs={"output": cfg.output, "metadata": metadata,
-                   "endpoint_url": cfg.endpoint_url, "storage_settings": _storage_settings(cfg)},
-        batch_size=cfg.rows_per_file,
-        batch_format="pyarrow",
-        max_retries=WRITE_TASK_RETRIES,
-        retry_exceptions=[OSError],
-        # Mostly I/O: a small CPU share keeps it schedulable beside long-lived actors.
-        num_cpus=0.25,
-    )
+    with _task_retry_args():  # the render and write stages' retries
+        ds = ds.map_batches(
+            render_documents,
+            batch_size=cfg.docs_per_render_task,
+            batch_format="pyarrow",
+            fn_kwargs={"spec": spec, "render_timeout_s": cfg.render_timeout_s, "max_file_bytes": cfg.max_file_bytes,
+                       "endpoint_url": cfg.endpoint_url, "pages_per_block": cfg.batch_size,
+                       "storage_settings": _storage_settings(cfg)},
+            num_cpus=1,
+            # pdfium crashes kill only the renderer child (an error row); a Ray worker that dies
+            # anyway is retried a bounded number of times, not forever (Ray's default).
+            ray_remote_args_fn=_bounded_retries,
+        )
+        ds = ds.map_batches(**model_stage)
+        ds = ds.map_batches(
+            write_shard,
+            fn_kwargs={"output": cfg.output, "metadata": metadata,
+                       "endpoint_url": cfg.endpoint_url, "storage_settings": _storage_settings(cfg)},
+            batch_size=cfg.rows_per_file,
+            batch_format="pyarrow",
+            max_retries=WRITE_TASK_RETRIES,
+            retry_exceptions=[OSError],
+            # Mostly I/O: a small CPU share keeps it schedulable beside long-lived actors.
+            num_cpus=0.25,
+        )
     for row in ds.iter_rows():
         progress.add(row)
     if log.isEnabledFor(logging.DEBUG):  # -v: where each operator spent its time (Ray Data's own stats)
