@@ -15,6 +15,7 @@ import logging
 import os
 import uuid
 import time
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -59,7 +60,13 @@ class ShardScorer(ScorerFront):
         return super()._granted_gpu(device)
 
     def _was_restarted(self) -> bool:
-        return in_actor() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        if not in_actor():
+            return False
+        with warnings.catch_warnings():
+            # Ray 2.60's property reads its own deprecated ``actor_id``: a RayDeprecationWarning
+            # in every scoring actor's log, about Ray's code, not ours
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
     def _can_keep(self) -> bool:
         return in_actor()

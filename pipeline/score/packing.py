@@ -173,11 +173,17 @@ def pad_queries(
     if len(queries) and int(lengths.max()) > lq:
         raise ValueError(f"a query has {int(lengths.max())} vectors, more than length={lq}")
     out = torch.zeros((len(queries), lq, EMBEDDING_DIM), dtype=torch.float32)
+    host = out.numpy()
     for i, q in enumerate(queries):
-        t = torch.as_tensor(np.asarray(q) if not isinstance(q, torch.Tensor) else q)
+        # numpy arrays copied by numpy: torch.as_tensor warned of every read-only one (a query
+        # decoded from Parquet or sent through Ray's object store)
+        t = q if isinstance(q, torch.Tensor) else np.asarray(q)
         if t.ndim != 2 or t.shape[1] != EMBEDDING_DIM:
             raise ValueError(f"query {i}: expected shape (n, {EMBEDDING_DIM}), got {tuple(t.shape)}")
-        out[i, : len(t)] = t.float()
+        if isinstance(t, torch.Tensor):
+            out[i, : len(t)] = t.float()
+        else:
+            host[i, : len(t)] = t
     return out.to(device=device, dtype=dtype), lengths
 
 

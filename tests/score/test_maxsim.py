@@ -182,3 +182,28 @@ def test_fp16_operands_give_float32_similarities():
     got = maxsim_scores(Q, pk)
     assert got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), oracle_scores(queries, pages), rtol=2e-6, atol=2e-5)
+
+
+def test_read_only_queries_are_padded_without_a_warning():
+    """Queries decoded from Parquet or passed through Ray's object store are read-only numpy
+    arrays: torch.as_tensor warned of each one in every scoring actor's log. Their values, and
+    those of float16 arrays and bfloat16 tensors, land as they are, zeros after them."""
+    import warnings
+
+    from pipeline.score.packing import pad_queries
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 128)).astype(np.float32)
+    a.setflags(write=False)
+    b = rng.standard_normal((3, 128)).astype(np.float16)
+    c = torch.ones(2, 128, dtype=torch.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q, lengths = pad_queries([a, b, c], dtype=torch.float32)
+    assert [str(w.message) for w in caught] == []
+    assert lengths.tolist() == [5, 3, 2] and q.shape == (3, 5, 128)
+    np.testing.assert_array_equal(q[0].numpy(), a)
+    np.testing.assert_array_equal(q[1, :3].numpy(), b.astype(np.float32))
+    assert not q[1, 3:].any() and bool((q[2, :2] == 1).all()) and not q[2, 2:].any()
+    with pytest.raises(ValueError, match="expected shape"):
+        pad_queries([np.zeros(128, np.float32)])
