@@ -232,7 +232,7 @@ class WardMerges:
             w.end()
         log.warning("the pooling's merge workers failed (%s: %s); this batch's merges run in the actor's thread, %s",
                     type(exc).__name__, exc,
-                    "and so will every later batch's (%d failures in a row: see the worker's traceback above; "
+                    "and so will every later batch's (%d failures in a row, each in a warning like this one; "
                     "VDR_POOL_PROCESSES=0 runs them here from the start)" % self._broken
                     if gave_up else "the next batch starts new workers")
 

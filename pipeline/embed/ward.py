@@ -20,7 +20,6 @@ def labels_from_distances(condensed: np.ndarray, n: int, pool_factor: int) -> np
     return fcluster(z, t=max(n // pool_factor, 1), criterion="maxclust") - 1
 
 
-
 def serve(conn) -> None:
     """A merge worker's loop (:class:`pipeline.embed.pooling.WardMerges`), on one end of a
     ``multiprocessing`` pipe, one page per request, so that the worker starts on a batch's first
