@@ -36,7 +36,10 @@ costs in fidelity. Real-size ColQwen2 with random weights, one run, the same pag
                           pooling's distances on the GPU, Ward's merge loop on the host (off
                           the device lock since 2026-12-05; in worker processes since the
                           fifteenth session, ``*_pool3_poolthread``: in the actor's threads,
-                          VDR_POOL_PROCESSES=0; ``*_pool3_procsN``: N processes); no fidelity row (other vectors).
+                          VDR_POOL_PROCESSES=0; ``*_pool3_procsN``: N processes); since the
+                          seventeenth session the merge loop runs on the GPU by default
+                          (pipeline/embed/ward_triton.py), ``*_pool3_poolhost``: on the host as
+                          before (VDR_WARD_ON_DEVICE=0); no fidelity row (other vectors).
    * ``*_maxautotune`` / ``*_cdtune``  any of these compiled with Inductor's ``max_autotune_gemm``
                           (GEMMs autotuned among cuBLAS and Triton templates, bias and activation
                           fused as epilogues) / ``coordinate_descent_tuning``; caches off;
@@ -595,7 +598,12 @@ def main():
         # *_poolthread: the pooling's merge loops in the actor's threads, as before the fifteenth
         # session (the default runs them in worker processes: pipeline.embed.pooling.WardMerges)
         # *_procsN: N merge processes (VDR_POOL_PROCESSES=N; the default is 2)
+        # *_poolhost: Ward's merge loop on the host (VDR_WARD_ON_DEVICE=0), the default until the
+        # seventeenth session; otherwise on the GPU where Triton is installed
+        # (*_poolthread and *_procsN are host variants too)
         procs = re.search(r"_procs(\d+)", name)
+        host.enter_context(env_set("VDR_WARD_ON_DEVICE", "0" if ("_poolhost" in name or "_poolthread" in name
+                                                               or procs) else None))
         host.enter_context(env_set("VDR_POOL_PROCESSES", "0" if "_poolthread" in name else procs.group(1) if procs else None))
         # *_tritonattn / *_tritontma: the vision attention as benchmarks/vision_attention_triton.py's
         # pointer kernel / TMA + warp-specialized kernel

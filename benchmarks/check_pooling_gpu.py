@@ -1,5 +1,6 @@
 """--pool-factor on a GPU: pool_embeddings on CUDA against colpali-engine's reference
-(tests/data/pooling_reference.npz, made on CPU), and its cost per 755-token page by step.
+(tests/data/pooling_reference.npz, made on CPU), and its cost per 755-token page by step;
+Ward's merge loop on the GPU against scipy's on the same distances (bit for bit, and time).
 
     PYTHONPATH=$PWD python3 benchmarks/check_pooling_gpu.py [--json OUT]
 """
@@ -18,9 +19,54 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.embed.pooling import cluster_labels, pool_embeddings  # noqa: E402
+from pipeline.embed.pooling import cluster_labels, pool_embeddings, ward_on_device  # noqa: E402
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "pooling_reference.npz")
+
+
+def device_merges(pages: list) -> dict:
+    """Ward's merge loop on the GPU (pipeline/embed/ward_triton.py) against scipy's on the host,
+    on the same GPU distances of a batch of pages: linkage matrices equal bit for bit (page
+    count), and the time of each per batch: the kernel alone (CUDA events, median of 5), the
+    host's sort + labels + fcluster after it, and scipy's linkage + fcluster on one core."""
+    from scipy.cluster.hierarchy import linkage
+
+    from pipeline.embed.pooling import condensed_distances, device_labels
+    from pipeline.embed.ward import labels_from_distances
+    from pipeline.embed.ward_triton import linkage_from_merges, ward_merges
+
+    lengths = [p.shape[0] for p in pages]
+    dist = torch.cat([condensed_distances(p) for p in pages])
+    host = dist.cpu().numpy()
+    made, flags = ward_merges(dist.clone(), lengths)
+    made = made.cpu().numpy()
+    equal, start, cstart = 0, 0, 0
+    for n in lengths:
+        c = host[cstart : cstart + n * (n - 1) // 2]
+        equal += bool(np.array_equal(linkage_from_merges(made[start : start + n - 1], n), linkage(c, method="ward")))
+        start += n - 1
+        cstart += n * (n - 1) // 2
+    kernel_ms = []
+    for _ in range(5):
+        work = dist.clone()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        ward_merges(work, lengths)
+        b.record()
+        b.synchronize()
+        kernel_ms.append(a.elapsed_time(b))
+    t = time.perf_counter()
+    device_labels(made, flags.cpu().numpy(), lengths, 3)
+    labels_s = time.perf_counter() - t
+    t = time.perf_counter()
+    cstart = 0
+    for n in lengths:
+        labels_from_distances(host[cstart : cstart + n * (n - 1) // 2], n, 3)
+        cstart += n * (n - 1) // 2
+    scipy_s = time.perf_counter() - t
+    return {"pages": len(pages), "linkage_bit_equal_pages": equal, "kernel_ms_per_batch_median": round(statistics.median(kernel_ms), 2),
+            "kernel_ms_per_batch_all": [round(v, 2) for v in kernel_ms],
+            "host_labels_ms_per_batch": round(1000 * labels_s, 2), "scipy_linkage_fcluster_ms_per_batch": round(1000 * scipy_s, 1)}
 
 
 def main() -> None:
@@ -61,6 +107,8 @@ def main() -> None:
         steps["cpu_ward_fcluster"].append(t2 - t1)
         steps["pool_embeddings"].append(t3 - t2)
     out["per_page_ms_median_755_tokens_f3"] = {k: round(1000 * statistics.median(v), 2) for k, v in steps.items()}
+    out["ward_on_device"] = ward_on_device(dev)
+    out["device_merges"] = device_merges(pages)
     print(json.dumps(out, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -679,10 +679,13 @@ class PendingEmbeddings:
 
     def __init__(self, flat: torch.Tensor, lengths: list[int], done, events, timer: ForwardTimer | None,
                  pool_factor: int = 1, condensed: torch.Tensor | None = None,
-                 out_dtype: torch.dtype = torch.float32, merges=None):
+                 out_dtype: torch.dtype = torch.float32, merges=None, ward=None):
         self.flat, self.lengths, self.done, self.events, self.timer = flat, lengths, done, events, timer
         self.pool_factor, self.condensed, self.out_dtype = pool_factor, condensed, out_dtype
         self.merges = merges  # pipeline.embed.pooling.WardMerges; None: in this thread
+        # (merges, flags) of Ward's merge loop made on the device (pipeline.embed.ward_triton),
+        # copied back; None: the loop runs on the host, on ``condensed``
+        self.ward = ward
 
     def result(self) -> list[np.ndarray]:
         if self.done is not None:
@@ -700,13 +703,16 @@ class PendingEmbeddings:
         return out
 
     def _pooled(self) -> list[np.ndarray]:
-        from pipeline.embed.pooling import WardMerges, pool_by_labels
+        from pipeline.embed.pooling import WardMerges, device_labels, pool_by_labels
 
         t = time.perf_counter()
-        # the merge loops of all rows (in worker processes unless merges says 0 or is None)
-        merges = self.merges if self.merges is not None else WardMerges(0)
-        all_labels = merges.labels(self.condensed.numpy(), list(self.lengths), self.pool_factor)
-        merge_s = time.perf_counter() - t  # wall seconds this thread waited for them
+        if self.ward is not None:  # merged on the device: the sort, labels and fcluster here
+            merges, flags = (np.asarray(a.numpy() if isinstance(a, torch.Tensor) else a) for a in self.ward)
+            all_labels = device_labels(merges, flags, list(self.lengths), self.pool_factor)
+        else:  # the merge loops of all rows (in worker processes unless merges says 0 or is None)
+            merges = self.merges if self.merges is not None else WardMerges(0)
+            all_labels = merges.labels(self.condensed.numpy(), list(self.lengths), self.pool_factor)
+        merge_s = time.perf_counter() - t  # wall seconds this thread spent on them
         t = time.perf_counter()
         out, start = [], 0
         for n, labels in zip(self.lengths, all_labels):
@@ -741,12 +747,15 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
 
     ``pool_factor`` > 1: the vectors come back in the model's dtype (float32 on the host is
     exact), and each row's pooling distances (:func:`pipeline.embed.pooling.condensed_distances`)
-    are queued on the device and copied back beside them; the rest of the pooling runs in
-    :meth:`PendingEmbeddings.result`, on the host, after the caller has let go of the device
-    (Ward's merge loop in ``merges``' worker processes, :class:`pipeline.embed.pooling.WardMerges`;
-    None: in the calling thread)."""
+    are queued on the device. Where :func:`pipeline.embed.pooling.ward_on_device` says so (a
+    CUDA device with Triton), Ward's merge loop is queued on the device too, on a side stream
+    (:func:`ward_on_side_stream`), and only its merges come back; else the distances are copied
+    back beside the vectors. The rest of the pooling runs in :meth:`PendingEmbeddings.result`,
+    on the host, after the caller has let go of the device (with the distances: Ward's merge
+    loop in ``merges``' worker processes, :class:`pipeline.embed.pooling.WardMerges`; None: in
+    the calling thread)."""
     from pipeline.embed import inductor_heuristics
-    from pipeline.embed.pooling import check_pool_factor
+    from pipeline.embed.pooling import check_pool_factor, ward_on_device
 
     check_pool_factor(pool_factor)
     inductor_heuristics.apply_in_this_thread()  # blocks compile in the thread that first calls them
@@ -766,6 +775,13 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
             flat = torch.empty(dev.shape, dtype=copy_dtype, pin_memory=True)
             flat.copy_(dev.to(copy_dtype), non_blocking=True)
             condensed = None
+            if pool_factor > 1 and ward_on_device(out.device):
+                dist = torch.empty(condensed_size(lengths), dtype=torch.float64, device=out.device)
+                pooling_distances(dev, lengths, out=dist)
+                events[1].record()  # the distances count as GPU-busy; the merge loop runs beside
+                merges_host, flags_host, done = ward_on_side_stream(dist, lengths)
+                return PendingEmbeddings(flat, lengths, done, events, timer, pool_factor, None, out_dtype,
+                                         merges, ward=(merges_host, flags_host))
             if pool_factor > 1:
                 condensed = torch.empty(condensed_size(lengths), dtype=torch.float64, pin_memory=True)
                 pooling_distances(dev, lengths, out=condensed)
@@ -779,7 +795,49 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
             dist = pooling_distances(dev, lengths) if pool_factor > 1 else None
         if pool_factor == 1:
             return PendingEmbeddings(dev.to(out_dtype).cpu(), lengths, None, None, timer)
+        if ward_on_device(dev.device):  # on CPU only with VDR_WARD_ON_DEVICE=1 (Triton's interpreter)
+            from pipeline.embed.ward_triton import ward_merges
+
+            made, flags = ward_merges(dist, lengths)
+            return PendingEmbeddings(dev.cpu(), lengths, None, None, timer, pool_factor, None, out_dtype, merges,
+                                     ward=(made, flags))
         return PendingEmbeddings(dev.cpu(), lengths, None, None, timer, pool_factor, dist.cpu(), out_dtype, merges)
+
+
+_SIDE_STREAMS: dict = {}
+_SIDE_STREAMS_LOCK = threading.Lock()
+
+
+def _side_stream(device: torch.device):
+    with _SIDE_STREAMS_LOCK:
+        if device not in _SIDE_STREAMS:
+            _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+        return _SIDE_STREAMS[device]
+
+
+def ward_on_side_stream(dist: torch.Tensor, lengths: list[int]):
+    """Queue Ward's merge loop (:func:`pipeline.embed.ward_triton.ward_merges`) on a stream of its
+    own, after the work queued so far on the current stream (the forward, the copy of the
+    vectors back, the distances ``dist``), and the copy of its merges back to pinned host memory.
+    The next batch's forward, queued on the current stream, runs meanwhile: the kernel uses one
+    multiprocessor per page. Returns ``(merges, flags, done)``: host tensors, valid once the event
+    ``done`` has completed (which also means all the work queued before it)."""
+    from pipeline.embed.ward_triton import ward_merges
+
+    ready = torch.cuda.Event()
+    ready.record()
+    side = _side_stream(dist.device)
+    with torch.cuda.stream(side):
+        side.wait_event(ready)
+        dist.record_stream(side)  # the allocator keeps it until the side stream is done with it
+        made, flags = ward_merges(dist, lengths)
+        merges_host = torch.empty(made.shape, dtype=made.dtype, pin_memory=True)
+        flags_host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        merges_host.copy_(made, non_blocking=True)
+        flags_host.copy_(flags, non_blocking=True)
+        done = torch.cuda.Event(blocking=True)
+        done.record(side)
+    return merges_host, flags_host, done
 
 
 def condensed_size(lengths: list[int]) -> int:
@@ -791,8 +849,9 @@ def pooling_distances(flat: torch.Tensor, lengths: list[int], out: torch.Tensor 
     """Each row's condensed pooling distances (rows of more than one vector), one after
     another; ``flat`` holds the rows' vectors one after another.
 
-    Without ``out``: concatenated on ``flat``'s device. With ``out`` (a host tensor of
-    :func:`condensed_size` float64, pinned for a CUDA ``flat``): each row's distances are
+    Without ``out``: concatenated on ``flat``'s device. With ``out`` (:func:`condensed_size`
+    float64: a host tensor, pinned for a CUDA ``flat``, or a tensor on ``flat``'s device for the
+    merge loop there): each row's distances are
     copied into their slice of it as soon as they are queued, non-blocking, so the device
     holds one row's distances at a time instead of the whole batch's twice (parts and their
     concatenation: ~160 MB for 32 pages of ~800 vectors). Returns ``out``. The caller waits

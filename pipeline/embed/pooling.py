@@ -30,6 +30,13 @@ own threads one batch's merges (~0.5 s a batch of 32 on an H200 host) slowed the
 kernel launches, so the GPU waited (2026-12-05: pooled actor at 89-90% of the unpooled one).
 On a GPU the float32 matmul may round differently from CPU's, so a near-tie in the
 clustering can go the other way there; the tests compare with colpali on CPU.
+
+Since 2026-12-05's seventeenth session, on a CUDA device with Triton installed
+(:func:`ward_on_device`), step 2's merge loop runs on the device as well
+(:mod:`pipeline.embed.ward_triton`: scipy's loop, bit for bit on the same distances), on a
+side stream beside the next batch's forward, and the host does only the stable sort, the
+clusters' names and step 3 (:func:`device_labels`, ~0.4 ms a page on the dev CPU);
+no merge worker process starts. ``VDR_WARD_ON_DEVICE=0`` keeps the loop on the host.
 """
 
 from __future__ import annotations
@@ -63,10 +70,61 @@ def condensed_distances(vectors: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pdist(distances.to(torch.float64))
 
 
+def ward_on_device(device) -> bool:
+    """Whether Ward's merge loop runs on ``device`` (:mod:`pipeline.embed.ward_triton`, a Triton
+    kernel) rather than on the host. ``$VDR_WARD_ON_DEVICE``: unset or ``auto``, on CUDA devices
+    when Triton is installed (the ``gpu`` extra); ``0``: on the host (scipy, as before
+    2026-12-05's seventeenth session); ``1``: on any device (on CPU only under Triton's
+    interpreter, ``TRITON_INTERPRET=1``: the tests)."""
+    value = os.environ.get("VDR_WARD_ON_DEVICE", "").strip().lower()
+    if value in ("", "auto"):
+        return str(device).startswith("cuda") and _triton_installed()
+    from pipeline.config import env_flag
+
+    if not env_flag("VDR_WARD_ON_DEVICE", True):
+        return False
+    if not _triton_installed():
+        raise RuntimeError("VDR_WARD_ON_DEVICE=1 needs Triton (pip install -e '.[gpu]'); unset it to merge on the host")
+    return True
+
+
+def _triton_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def device_labels(merges: np.ndarray, flags: np.ndarray, lengths: list[int], pool_factor: int) -> list:
+    """Each row's cluster ids from Ward's merges made on the device
+    (:func:`pipeline.embed.ward_triton.ward_merges`: ``merges`` and ``flags`` copied back), as
+    :meth:`WardMerges.labels` gives them from the distances; None for rows of one vector. A row
+    whose distances were not all finite raises scipy's ``ValueError``."""
+    from pipeline.embed.ward_triton import labels_from_merges
+
+    out, start, page = [], 0, 0
+    for n in lengths:
+        if n <= 1:
+            out.append(None)
+            continue
+        if flags[page]:
+            raise ValueError("The condensed distance matrix must contain only finite values.")
+        out.append(labels_from_merges(merges[start : start + n - 1], n, pool_factor))
+        start += n - 1
+        page += 1
+    return out
+
+
 def cluster_labels(vectors: torch.Tensor, pool_factor: int) -> np.ndarray:
     """Cluster id (0-based, scipy's order) of each of ``vectors``' rows, as colpali's pooler
-    assigns them; at most ``max(n // pool_factor, 1)`` clusters."""
-    return labels_from_distances(condensed_distances(vectors).cpu().numpy(), vectors.shape[0], pool_factor)
+    assigns them; at most ``max(n // pool_factor, 1)`` clusters. Ward's merge loop on
+    ``vectors``' device where :func:`ward_on_device` says so, else scipy's on the host."""
+    n = vectors.shape[0]
+    if n > 1 and ward_on_device(vectors.device):
+        from pipeline.embed.ward_triton import ward_merges
+
+        merges, flags = ward_merges(condensed_distances(vectors), [n])
+        return device_labels(merges.cpu().numpy(), flags.cpu().numpy(), [n], pool_factor)[0]
+    return labels_from_distances(condensed_distances(vectors).cpu().numpy(), n, pool_factor)
 
 
 def pool_by_labels(vectors: torch.Tensor, labels: np.ndarray) -> torch.Tensor:

@@ -192,9 +192,14 @@ class PageEmbedder:
         from pipeline.embed.pooling import WardMerges
 
         self.started = time.time()
-        # --pool-factor: Ward's merge loops in worker processes ($VDR_POOL_PROCESSES, default 2;
-        # 0: in the calling thread); a misspelt value fails here, before the weights load
+        # --pool-factor: Ward's merge loops on the GPU where Triton is installed ($VDR_WARD_ON_DEVICE),
+        # else in worker processes ($VDR_POOL_PROCESSES, default 2; 0: in the calling thread),
+        # started at the first batch that needs them; a misspelt value fails here, before the weights load
         self.merges = WardMerges.from_env() if pool_factor > 1 else None
+        if pool_factor > 1:
+            from pipeline.embed.pooling import ward_on_device
+
+            ward_on_device(device or "cpu")
         device, warning = actor_device(device or "cpu")
         if warning:
             log.warning(warning)
@@ -210,7 +215,7 @@ class PageEmbedder:
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.timer = ForwardTimer(device)
         self.counts = JobCounters(self.loaded_s)  # the job's (a kept actor's callers pass their own)
-        self.pool_factor = pool_factor  # each page's vectors pooled after the forward (distances on the device, Ward on the host)
+        self.pool_factor = pool_factor  # each page's vectors pooled after the forward (pipeline.embed.pooling)
         # --batches-in-flight 2: Ray Data calls this from two threads (ActorPoolStrategy's
         # enable_true_multi_threading); the device work of one batch is queued at a time,
         # under this lock, while the other thread prepares its batch on the host.
