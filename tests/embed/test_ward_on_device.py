@@ -185,3 +185,46 @@ def test_the_merge_loop_on_the_device_when_told_and_a_misspelt_switch_refused(mo
     monkeypatch.setenv("VDR_WARD_ON_DEVICE", "gpu")
     with pytest.raises(ValueError, match="VDR_WARD_ON_DEVICE"):
         ward_on_device("cuda")
+
+
+def _in_slots(z: np.ndarray, n: int) -> np.ndarray:
+    """scipy's linkage matrix as the chain's merges: clusters named by their slot (their largest
+    point: the chain keeps a merge in the larger slot)."""
+    slot = list(range(n)) + [0] * (n - 1)
+    out = z.copy()
+    for i, (a, b) in enumerate(z[:, :2].astype(int)):
+        out[i, 0], out[i, 1] = sorted((slot[a], slot[b]))
+        slot[n + i] = max(slot[a], slot[b])
+    return out
+
+
+def test_merges_in_any_order_the_chain_could_make_them_give_scipys_linkage():
+    """The chain makes merges in its own order, not by height. Any order in which each merge
+    comes after the merges of its two clusters, sorted and named on the host, gives scipy's
+    linkage matrix (distinct heights: 790 points, a real page's size; no interpreter needed)."""
+    from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import pdist
+
+    from pipeline.embed.ward_triton import labels_from_merges, linkage_from_merges
+
+    rng = np.random.default_rng(4)
+    n = 790
+    z = linkage(pdist(rng.standard_normal((n, 16))), method="ward")
+    slots = _in_slots(z, n)
+    # a random order that keeps each merge after the ones that made its clusters
+    children = {n + i: [int(a), int(b)] for i, (a, b) in enumerate(z[:, :2])}
+    ready = [i for i in range(n - 1) if all(c < n for c in children[n + i])]
+    done, order = set(), []
+    while ready:
+        i = ready.pop(int(rng.integers(len(ready))))
+        order.append(i)
+        done.add(n + i)
+        parent = next((p for p, cs in children.items() if n + i in cs), None)
+        if parent is not None and all(c < n or c in done for c in children[parent]):
+            ready.append(parent - n)
+    assert sorted(order) == list(range(n - 1)) and order != list(range(n - 1))
+    np.testing.assert_array_equal(linkage_from_merges(slots[order], n), z)
+    from scipy.cluster.hierarchy import fcluster
+
+    np.testing.assert_array_equal(labels_from_merges(slots[order], n, 3),
+                                  fcluster(z, t=n // 3, criterion="maxclust") - 1)
