@@ -1,6 +1,8 @@
 """--pool-factor on a GPU: pool_embeddings on CUDA against colpali-engine's reference
 (tests/data/pooling_reference.npz, made on CPU), and its cost per 755-token page by step;
-Ward's merge loop on the GPU against scipy's on the same distances (bit for bit, and time).
+the pooling distances in a tiled Triton kernel against torch's pdist and scipy's (bit for bit,
+time per batch by tile config), and Ward's merge loop on the GPU against scipy's on the same
+distances (bit for bit, and time).
 
     PYTHONPATH=$PWD python3 benchmarks/check_pooling_gpu.py [--json OUT]
 """
@@ -31,12 +33,13 @@ def device_merges(pages: list) -> dict:
     host's sort + labels + fcluster after it, and scipy's linkage + fcluster on one core."""
     from scipy.cluster.hierarchy import linkage
 
-    from pipeline.embed.pooling import condensed_distances, device_labels
+    from pipeline.embed import ward_triton
+    from pipeline.embed.pooling import device_labels
     from pipeline.embed.ward import labels_from_distances
     from pipeline.embed.ward_triton import linkage_from_merges, ward_merges
 
     lengths = [p.shape[0] for p in pages]
-    dist = torch.cat([condensed_distances(p) for p in pages])
+    dist = ward_triton.pooling_distances(torch.cat(pages), lengths)  # the actor's distances
     host = dist.cpu().numpy()
     made, flags = ward_merges(dist.clone(), lengths)
     made = made.cpu().numpy()
@@ -67,6 +70,53 @@ def device_merges(pages: list) -> dict:
     return {"pages": len(pages), "linkage_bit_equal_pages": equal, "kernel_ms_per_batch_median": round(statistics.median(kernel_ms), 2),
             "kernel_ms_per_batch_all": [round(v, 2) for v in kernel_ms],
             "host_labels_ms_per_batch": round(1000 * labels_s, 2), "scipy_linkage_fcluster_ms_per_batch": round(1000 * scipy_s, 1)}
+
+
+def cuda_ms(fn, repeats: int = 5) -> list[float]:
+    fn()  # compiles the kernel, fills the allocator
+    out = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(round(a.elapsed_time(b), 3))
+    return out
+
+
+def device_distances(pages: list) -> dict:
+    """The pooling distances of a batch of pages: torch's pdist per page (the host path's, and
+    the device path's until the seventeenth session) against the tiled Triton kernel
+    (pipeline/embed/ward_triton.py) in several (tile, warps) configs; each against scipy's
+    ``pdist`` of the same float64 matrix copied to the host (bit for bit: pages equal)."""
+    from scipy.spatial.distance import pdist
+
+    from pipeline.embed import ward_triton
+    from pipeline.embed.model import pooling_distances as torch_distances
+
+    lengths = [p.shape[0] for p in pages]
+    flat = torch.cat(pages)
+    want = [pdist((1 - p.float() @ p.float().T).double().cpu().numpy()) for p in pages]
+
+    def pages_equal(got: torch.Tensor) -> int:
+        got, start, equal = got.cpu().numpy(), 0, 0
+        for w in want:
+            equal += bool(np.array_equal(got[start : start + len(w)], w))
+            start += len(w)
+        return equal
+
+    out = {"pages": len(pages), "torch_pdist": {"ms": cuda_ms(lambda: torch_distances(flat, lengths)),
+                                                "pages_equal_scipy": pages_equal(torch_distances(flat, lengths))}}
+    for config in ((32, 4), (64, 4), (64, 8), (64, 16), (128, 16)):
+        key = "triton_{}x{}_w{}".format(config[0], config[0], config[1])
+        try:
+            out[key] = {"ms": cuda_ms(lambda: ward_triton.pooling_distances(flat, lengths, config=config)),
+                        "pages_equal_scipy": pages_equal(ward_triton.pooling_distances(flat, lengths, config=config))}
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result too
+            out[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    out["default_config"] = list(ward_triton.PDIST_CONFIG)
+    return out
 
 
 def main() -> None:
@@ -108,6 +158,7 @@ def main() -> None:
         steps["pool_embeddings"].append(t3 - t2)
     out["per_page_ms_median_755_tokens_f3"] = {k: round(1000 * statistics.median(v), 2) for k, v in steps.items()}
     out["ward_on_device"] = ward_on_device(dev)
+    out["device_distances"] = device_distances(pages)
     out["device_merges"] = device_merges(pages)
     print(json.dumps(out, indent=2))
     if args.json:

@@ -776,8 +776,9 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
             flat.copy_(dev.to(copy_dtype), non_blocking=True)
             condensed = None
             if pool_factor > 1 and ward_on_device(out.device):
-                dist = torch.empty(condensed_size(lengths), dtype=torch.float64, device=out.device)
-                pooling_distances(dev, lengths, out=dist)
+                from pipeline.embed import ward_triton
+
+                dist = ward_triton.pooling_distances(dev, lengths)  # tiled, scipy's pdist order
                 events[1].record()  # the distances count as GPU-busy; the merge loop runs beside
                 merges_host, flags_host, done = ward_on_side_stream(dist, lengths)
                 return PendingEmbeddings(flat, lengths, done, events, timer, pool_factor, None, out_dtype,
@@ -789,16 +790,21 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
             done = torch.cuda.Event(blocking=True)  # waiting on it sleeps instead of spinning a core
             done.record()
             return PendingEmbeddings(flat, lengths, done, events, timer, pool_factor, condensed, out_dtype, merges)
+        # on CPU the pooling on the device only with VDR_WARD_ON_DEVICE=1 (Triton's interpreter: tests)
+        on_device = pool_factor > 1 and ward_on_device(lm.device)
         with timer.measure() if timer is not None else contextlib.nullcontext():
             out = lm.model(**inputs, use_cache=False).embeddings
             dev = out.reshape(batch * length, -1).index_select(0, index.to(out.device))
-            dist = pooling_distances(dev, lengths) if pool_factor > 1 else None
+            if on_device:
+                from pipeline.embed import ward_triton
+
+                dist = ward_triton.pooling_distances(dev, lengths)
+            else:
+                dist = pooling_distances(dev, lengths) if pool_factor > 1 else None
         if pool_factor == 1:
             return PendingEmbeddings(dev.to(out_dtype).cpu(), lengths, None, None, timer)
-        if ward_on_device(dev.device):  # on CPU only with VDR_WARD_ON_DEVICE=1 (Triton's interpreter)
-            from pipeline.embed.ward_triton import ward_merges
-
-            made, flags = ward_merges(dist, lengths)
+        if on_device:
+            made, flags = ward_triton.ward_merges(dist, lengths)
             return PendingEmbeddings(dev.cpu(), lengths, None, None, timer, pool_factor, None, out_dtype, merges,
                                      ward=(made, flags))
         return PendingEmbeddings(dev.cpu(), lengths, None, None, timer, pool_factor, dist.cpu(), out_dtype, merges)

@@ -32,9 +32,10 @@ On a GPU the float32 matmul may round differently from CPU's, so a near-tie in t
 clustering can go the other way there; the tests compare with colpali on CPU.
 
 Since 2026-12-05's seventeenth session, on a CUDA device with Triton installed
-(:func:`ward_on_device`), step 2's merge loop runs on the device as well
-(:mod:`pipeline.embed.ward_triton`: scipy's loop, bit for bit on the same distances), on a
-side stream beside the next batch's forward, and the host does only the stable sort, the
+(:func:`ward_on_device`), step 2 runs on the device whole (:mod:`pipeline.embed.ward_triton`):
+the distances in a tiled kernel that sums in scipy's ``pdist`` order (bit for bit, where torch's
+CUDA ``pdist`` is not), and the merge loop (scipy's loop, bit for bit on the same distances), on
+a side stream beside the next batch's forward, and the host does only the stable sort, the
 clusters' names and step 3 (:func:`device_labels`, ~0.4 ms a page on the dev CPU);
 no merge worker process starts. ``VDR_WARD_ON_DEVICE=0`` keeps the loop on the host.
 """
@@ -120,9 +121,9 @@ def cluster_labels(vectors: torch.Tensor, pool_factor: int) -> np.ndarray:
     ``vectors``' device where :func:`ward_on_device` says so, else scipy's on the host."""
     n = vectors.shape[0]
     if n > 1 and ward_on_device(vectors.device):
-        from pipeline.embed.ward_triton import ward_merges
+        from pipeline.embed import ward_triton
 
-        merges, flags = ward_merges(condensed_distances(vectors), [n])
+        merges, flags = ward_triton.ward_merges(ward_triton.pooling_distances(vectors, [n]), [n])
         return device_labels(merges.cpu().numpy(), flags.cpu().numpy(), [n], pool_factor)[0]
     return labels_from_distances(condensed_distances(vectors).cpu().numpy(), n, pool_factor)
 

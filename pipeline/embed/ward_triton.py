@@ -1,5 +1,6 @@
-"""Ward's merge loop of ``--pool-factor`` on the GPU: scipy's nearest-neighbour chain, one
-Triton program per page, so the host does only what is O(n log n) (:func:`labels_from_merges`).
+"""``--pool-factor`` on the GPU: the pooling distances in a tiled kernel (:func:`pooling_distances`)
+and Ward's merge loop, scipy's nearest-neighbour chain, one Triton program per page
+(:func:`ward_merges`), so the host does only what is O(n log n) (:func:`labels_from_merges`).
 
 Why: the merge loop (scipy's ``linkage(method="ward")``, O(n^2) per page) is the one step of
 the pooling that ran on the host, ~0.5 s for a batch of 32 pages on an H200 host. In the
@@ -126,6 +127,83 @@ def _ward_nn_chain_kernel(D, d_start, lengths, Z, z_start, flags, BLOCK: tl.cons
         tl.store(Dp + _row_index(n, hi, offs), new, mask=upd)
         # the next step reads what other threads of this program wrote
         tl.debug_barrier()
+
+
+@triton.jit
+def _pdist_rows_kernel(S, s_start, lengths, out, out_start, TILE: tl.constexpr, IEEE: tl.constexpr):
+    """Condensed Euclidean distances between the rows of each page's (n, n) float64 matrix,
+    summed over the columns in order, one column at a time (scipy's ``pdist``: bit for bit)."""
+    page = tl.program_id(1)
+    n = tl.load(lengths + page).to(tl.int64)
+    tiles = tl.cdiv(n, TILE)
+    ti = tl.program_id(0) // tiles
+    tj = tl.program_id(0) % tiles
+    if (ti < tiles) & (ti <= tj):
+        Sp = S + tl.load(s_start + page)
+        Op = out + tl.load(out_start + page)
+        i = ti * TILE + tl.arange(0, TILE).to(tl.int64)
+        j = tj * TILE + tl.arange(0, TILE).to(tl.int64)
+        acc = tl.zeros([TILE, TILE], dtype=tl.float64)
+        for k in range(0, n):
+            a = tl.load(Sp + i * n + k, mask=i < n, other=0.0)
+            b = tl.load(Sp + j * n + k, mask=j < n, other=0.0)
+            d = a[:, None] - b[None, :]
+            acc = acc + d * d
+        if IEEE:
+            dist = libdevice.sqrt_rn(acc)
+        else:
+            dist = tl.sqrt(acc)
+        ii = i[:, None]
+        jj = j[None, :]
+        keep = (ii < jj) & (jj < n)
+        tl.store(Op + (n * ii - (ii * (ii + 1)) // 2 + jj - ii - 1), dist, mask=keep)
+
+
+# (tile, warps) of the distance kernel: 64 x 64 pairs, 8 warps (216 registers a thread on sm_90,
+# no spills); benchmarks/check_pooling_gpu.py times others against torch's pdist
+PDIST_CONFIG = (64, 8)
+
+
+def pooling_distances(flat: torch.Tensor, lengths: list[int], config: tuple[int, int] | None = None) -> torch.Tensor:
+    """Each row's condensed pooling distances, one row after another (pages of one vector take
+    none): the Euclidean distances between the rows of ``1 - E @ E.T`` (float32, then float64),
+    as :func:`pipeline.embed.pooling.condensed_distances` and colpali's ``linkage(D, metric=
+    "euclidean")`` compute them, in a tiled Triton kernel whose sums run over the columns in
+    scipy's order (equal to scipy's ``pdist`` on the same matrix, bit for bit). ``flat``: the
+    rows' vectors one after another. Queued on ``flat``'s device, no host sync.
+
+    Why: torch's CUDA ``pdist`` gives each pair its own reduction, reading both rows again for
+    each of a page's ~300k pairs (~19 ms a batch of 32 pages on an H200, ~4% of the pooled
+    actor's GPU time: RESULTS fourteenth session, call F); tiles of 64 x 64 pairs read each row
+    once per tile."""
+    dev = flat.device
+    pages, starts, start = [], [], 0
+    for n in lengths:
+        if n > 1:
+            pages.append(n)
+            starts.append(start)
+        start += n
+    out = torch.empty(sum(n * (n - 1) // 2 for n in pages), dtype=torch.float64, device=dev)
+    if not pages:
+        return out
+    sizes = np.array(pages, dtype=np.int64)
+    s_start = np.concatenate([[0], np.cumsum(sizes * sizes)[:-1]])
+    o_start = np.concatenate([[0], np.cumsum(sizes * (sizes - 1) // 2)[:-1]])
+    sims = torch.empty(int((sizes * sizes).sum()), dtype=torch.float64, device=dev)
+    for n, row, s in zip(pages, starts, s_start):
+        x = flat[row : row + n].to(torch.float32)
+        sims[int(s) : int(s) + n * n].view(n, n).copy_(1 - x @ x.T)  # float32, as colpali's 1 - similarities
+    meta = torch.from_numpy(np.stack([s_start, sizes, o_start]))
+    if dev.type == "cuda":
+        meta = meta.pin_memory()
+    meta = meta.to(dev, non_blocking=True)
+    tile, warps = config or PDIST_CONFIG
+    tiles = -(-int(sizes.max()) // tile)
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    _pdist_rows_kernel[(tiles * tiles, len(pages))](
+        sims, meta[0], meta[1], out, meta[2], TILE=tile, IEEE=not interpreted,
+        num_warps=warps, enable_fp_fusion=False)
+    return out
 
 
 def block_size(n_max: int) -> int:

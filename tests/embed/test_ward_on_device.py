@@ -96,6 +96,38 @@ print("OK")
 
 
 @needs_triton
+def test_tiled_distances_equal_scipys_pdist_bit_for_bit():
+    """The device path's distances (pipeline.embed.ward_triton.pooling_distances: 1 - E E^T in
+    float32, then a tiled kernel summing over the columns in order) equal scipy's ``pdist`` of
+    the same matrix, as colpali's ``linkage(D, metric="euclidean")`` computes it, bit for bit:
+    rows of 0, 1 and 2 vectors, a row longer than a tile, tiles of 16 and the default."""
+    code = r"""
+import numpy as np, torch
+from scipy.spatial.distance import pdist
+from pipeline.embed import ward_triton as W
+from pipeline.embed.pooling import condensed_distances
+g = torch.Generator().manual_seed(0)
+lengths = [5, 1, 70, 0, 2, 33]
+flat = torch.nn.functional.normalize(torch.randn(sum(lengths), 128, generator=g), dim=-1).to(torch.bfloat16)
+want, start = [], 0
+for n in lengths:
+    if n > 1:
+        x = flat[start:start + n].float()
+        want.append(pdist((1 - x @ x.T).double().numpy()))
+        assert np.array_equal(want[-1], condensed_distances(flat[start:start + n]).numpy())
+    start += n
+want = np.concatenate(want)
+for config in ((16, 4), None):
+    got = W.pooling_distances(flat, lengths, config=config)
+    assert got.dtype == torch.float64 and got.shape == want.shape
+    assert np.array_equal(got.numpy(), want), config
+assert W.pooling_distances(flat[:1], [1]).numel() == 0
+print("OK")
+"""
+    _interpret(code)
+
+
+@needs_triton
 def test_device_merges_pool_as_colpali_engine_0_3_18():
     """``cluster_labels`` / ``pool_embeddings`` with the merge loop on the device give
     colpali's labels and pooled vectors (tests/data/pooling_reference.npz)."""
