@@ -159,6 +159,9 @@ def _pdist_rows_kernel(S, s_start, lengths, out, out_start, TILE: tl.constexpr, 
         tl.store(Op + (n * ii - (ii * (ii + 1)) // 2 + jj - ii - 1), dist, mask=keep)
 
 
+# the pages' (n, n) matrices held on the device at once by pooling_distances (at least one page)
+SIMS_BUDGET_BYTES = 512 * 2**20
+
 # (tile, warps) of the distance kernel: 64 x 64 pairs, 8 warps (216 registers a thread on sm_90,
 # no spills); benchmarks/check_pooling_gpu.py times others against torch's pdist
 PDIST_CONFIG = (64, 8)
@@ -172,10 +175,11 @@ def pooling_distances(flat: torch.Tensor, lengths: list[int], config: tuple[int,
     scipy's order (equal to scipy's ``pdist`` on the same matrix, bit for bit). ``flat``: the
     rows' vectors one after another. Queued on ``flat``'s device, no host sync.
 
-    Why: torch's CUDA ``pdist`` gives each pair its own reduction, reading both rows again for
-    each of a page's ~300k pairs (~19 ms a batch of 32 pages on an H200, ~4% of the pooled
+    Why: torch's CUDA ``pdist`` gives each of a page's ~300k pairs a thread block of its own,
+    which reads both rows again (~19 ms a batch of 32 pages on an H200, ~4% of the pooled
     actor's GPU time: RESULTS fourteenth session, call F); tiles of 64 x 64 pairs read each row
-    once per tile."""
+    once per tile. The pages' (n, n) matrices are made a few pages at a time
+    (:data:`SIMS_BUDGET_BYTES`), one kernel launch each."""
     dev = flat.device
     pages, starts, start = [], [], 0
     for n in lengths:
@@ -187,22 +191,32 @@ def pooling_distances(flat: torch.Tensor, lengths: list[int], config: tuple[int,
     if not pages:
         return out
     sizes = np.array(pages, dtype=np.int64)
-    s_start = np.concatenate([[0], np.cumsum(sizes * sizes)[:-1]])
     o_start = np.concatenate([[0], np.cumsum(sizes * (sizes - 1) // 2)[:-1]])
-    sims = torch.empty(int((sizes * sizes).sum()), dtype=torch.float64, device=dev)
-    for n, row, s in zip(pages, starts, s_start):
-        x = flat[row : row + n].to(torch.float32)
-        sims[int(s) : int(s) + n * n].view(n, n).copy_(1 - x @ x.T)  # float32, as colpali's 1 - similarities
-    meta = torch.from_numpy(np.stack([s_start, sizes, o_start]))
-    if dev.type == "cuda":
-        meta = meta.pin_memory()
-    meta = meta.to(dev, non_blocking=True)
     tile, warps = config or PDIST_CONFIG
-    tiles = -(-int(sizes.max()) // tile)
     interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    _pdist_rows_kernel[(tiles * tiles, len(pages))](
-        sims, meta[0], meta[1], out, meta[2], TILE=tile, IEEE=not interpreted,
-        num_warps=warps, enable_fp_fusion=False)
+    # the (n, n) float64 matrices of a few pages at a time: ~160 MB for 32 pages of 790
+    # vectors in one go, but 4.3 GB for 32 pages at --max-visual-tokens 4096
+    first = 0
+    while first < len(pages):
+        last, held = first, 0
+        while last < len(pages) and (last == first or held + int(sizes[last]) ** 2 * 8 <= SIMS_BUDGET_BYTES):
+            held += int(sizes[last]) ** 2 * 8
+            last += 1
+        chunk = sizes[first:last]
+        s_start = np.concatenate([[0], np.cumsum(chunk * chunk)[:-1]])
+        sims = torch.empty(int((chunk * chunk).sum()), dtype=torch.float64, device=dev)
+        for n, row, s in zip(pages[first:last], starts[first:last], s_start):
+            x = flat[row : row + n].to(torch.float32)
+            sims[int(s) : int(s) + n * n].view(n, n).copy_(1 - x @ x.T)  # float32, as colpali's 1 - similarities
+        meta = torch.from_numpy(np.stack([s_start, chunk, o_start[first:last]]))
+        if dev.type == "cuda":  # pinned: a copy from pageable memory would wait for the stream's work
+            meta = meta.pin_memory()
+        meta = meta.to(dev, non_blocking=True)
+        tiles = -(-int(chunk.max()) // tile)
+        _pdist_rows_kernel[(tiles * tiles, len(chunk))](
+            sims, meta[0], meta[1], out, meta[2], TILE=tile, IEEE=not interpreted,
+            num_warps=warps, enable_fp_fusion=False)
+        first = last
     return out
 
 

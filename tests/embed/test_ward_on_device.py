@@ -121,6 +121,9 @@ for config in ((16, 4), None):
     got = W.pooling_distances(flat, lengths, config=config)
     assert got.dtype == torch.float64 and got.shape == want.shape
     assert np.array_equal(got.numpy(), want), config
+# the pages' matrices a page or two at a time (a small budget): the same distances
+W.SIMS_BUDGET_BYTES = 8 * 40 * 40
+assert np.array_equal(W.pooling_distances(flat, lengths, config=(16, 4)).numpy(), want)
 assert W.pooling_distances(flat[:1], [1]).numel() == 0
 print("OK")
 """
