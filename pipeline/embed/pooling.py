@@ -75,18 +75,20 @@ def ward_on_device(device) -> bool:
     """Whether Ward's merge loop runs on ``device`` (:mod:`pipeline.embed.ward_triton`, a Triton
     kernel) rather than on the host. ``$VDR_WARD_ON_DEVICE``: unset or ``auto``, on CUDA devices
     when Triton is installed (the ``gpu`` extra); ``0``: on the host (scipy, as before
-    2026-12-05's seventeenth session); ``1``: on any device (on CPU only under Triton's
-    interpreter, ``TRITON_INTERPRET=1``: the tests)."""
+    2026-12-05's seventeenth session); ``1``: on CUDA devices, an error without Triton; on a CPU
+    device only under Triton's interpreter (``TRITON_INTERPRET=1``: the tests), else on the
+    host (Triton has no CPU driver, and the switch reaches every worker, CPU actors too)."""
     value = os.environ.get("VDR_WARD_ON_DEVICE", "").strip().lower()
+    cuda = str(device).startswith("cuda")
     if value in ("", "auto"):
-        return str(device).startswith("cuda") and _triton_installed()
+        return cuda and _triton_installed()
     from pipeline.config import env_flag
 
     if not env_flag("VDR_WARD_ON_DEVICE", True):
         return False
     if not _triton_installed():
         raise RuntimeError("VDR_WARD_ON_DEVICE=1 needs Triton (pip install -e '.[gpu]'); unset it to merge on the host")
-    return True
+    return cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _triton_installed() -> bool:

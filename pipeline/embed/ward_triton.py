@@ -172,7 +172,9 @@ def pooling_distances(flat: torch.Tensor, lengths: list[int], config: tuple[int,
     none): the Euclidean distances between the rows of ``1 - E @ E.T`` (float32, then float64),
     as :func:`pipeline.embed.pooling.condensed_distances` and colpali's ``linkage(D, metric=
     "euclidean")`` compute them, in a tiled Triton kernel whose sums run over the columns in
-    scipy's order (equal to scipy's ``pdist`` on the same matrix, bit for bit). ``flat``: the
+    scipy's order (equal to scipy's ``pdist`` on the same matrix, bit for bit, as scipy's x86-64
+    wheels compute it: a compiler that fuses its multiply-add, as GCC does for aarch64 by
+    default, would round differently). ``flat``: the
     rows' vectors one after another. Queued on ``flat``'s device, no host sync.
 
     Why: torch's CUDA ``pdist`` gives each of a page's ~300k pairs a thread block of its own,
@@ -221,7 +223,9 @@ def pooling_distances(flat: torch.Tensor, lengths: list[int], config: tuple[int,
 
 
 def block_size(n_max: int) -> int:
-    """Lanes per program: the next power of two at or above the longest page (at least 16)."""
+    """Lanes per program: the next power of two at or above the longest page (at least 16).
+    Up to 4,096 (--max-visual-tokens up to ~4,000) the kernel keeps everything in registers;
+    above, ptxas spills (8,192 lanes: ~600 spill stores, review 2026-12-05): slower, not wrong."""
     return max(16, triton.next_power_of_2(int(n_max)))
 
 

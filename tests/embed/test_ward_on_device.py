@@ -216,6 +216,12 @@ def test_the_merge_loop_on_the_device_when_told_and_a_misspelt_switch_refused(mo
     from pipeline.embed.pooling import ward_on_device
 
     monkeypatch.setenv("VDR_WARD_ON_DEVICE", "1")
+    assert ward_on_device("cuda:0") is True
+    # a CPU actor (the switch reaches every worker): on the host, since Triton has no CPU
+    # driver (review: it raised "0 active drivers" at the first batch), unless interpreted
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert ward_on_device("cpu") is False
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert ward_on_device("cpu") is True
     monkeypatch.setenv("VDR_WARD_ON_DEVICE", "gpu")
     with pytest.raises(ValueError, match="VDR_WARD_ON_DEVICE"):
