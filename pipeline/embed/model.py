@@ -776,13 +776,12 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
             flat.copy_(dev.to(copy_dtype), non_blocking=True)
             condensed = None
             if pool_factor > 1 and ward_on_device(out.device):
-                from pipeline.embed import ward_triton
-
-                dist = ward_triton.pooling_distances(dev, lengths)  # tiled, scipy's pdist order
-                events[1].record()  # the distances count as GPU-busy; the merge loop runs beside
-                merges_host, flags_host, done = ward_on_side_stream(dist, lengths)
-                return PendingEmbeddings(flat, lengths, done, events, timer, pool_factor, None, out_dtype,
-                                         merges, ward=(merges_host, flags_host))
+                on_device = _device_pooling(dev, lengths, side_stream=True)  # None: failed, host from now on
+                if on_device is not None:
+                    events[1].record()  # the distances count as GPU-busy; the merge loop runs beside
+                    merges_host, flags_host, done = on_device
+                    return PendingEmbeddings(flat, lengths, done, events, timer, pool_factor, None, out_dtype,
+                                             merges, ward=(merges_host, flags_host))
             if pool_factor > 1:
                 condensed = torch.empty(condensed_size(lengths), dtype=torch.float64, pin_memory=True)
                 pooling_distances(dev, lengths, out=condensed)
@@ -791,23 +790,38 @@ def launch_embeddings(lm: LoadedModel, inputs: dict, lengths: list[int], timer: 
             done.record()
             return PendingEmbeddings(flat, lengths, done, events, timer, pool_factor, condensed, out_dtype, merges)
         # on CPU the pooling on the device only with VDR_WARD_ON_DEVICE=1 (Triton's interpreter: tests)
-        on_device = pool_factor > 1 and ward_on_device(lm.device)
         with timer.measure() if timer is not None else contextlib.nullcontext():
             out = lm.model(**inputs, use_cache=False).embeddings
             dev = out.reshape(batch * length, -1).index_select(0, index.to(out.device))
-            if on_device:
-                from pipeline.embed import ward_triton
-
-                dist = ward_triton.pooling_distances(dev, lengths)
-            else:
-                dist = pooling_distances(dev, lengths) if pool_factor > 1 else None
+            on_device = None
+            if pool_factor > 1 and ward_on_device(lm.device):
+                on_device = _device_pooling(dev, lengths, side_stream=False)
+            dist = pooling_distances(dev, lengths) if pool_factor > 1 and on_device is None else None
         if pool_factor == 1:
             return PendingEmbeddings(dev.to(out_dtype).cpu(), lengths, None, None, timer)
-        if on_device:
-            made, flags = ward_triton.ward_merges(dist, lengths)
+        if on_device is not None:
             return PendingEmbeddings(dev.cpu(), lengths, None, None, timer, pool_factor, None, out_dtype, merges,
-                                     ward=(made, flags))
+                                     ward=on_device)
         return PendingEmbeddings(dev.cpu(), lengths, None, None, timer, pool_factor, dist.cpu(), out_dtype, merges)
+
+
+def _device_pooling(dev: torch.Tensor, lengths: list[int], side_stream: bool):
+    """The pooling's distances and merge loop queued on ``dev``'s device
+    (:mod:`pipeline.embed.ward_triton`): ``(merges, flags, done)`` on a side stream
+    (:func:`ward_on_side_stream`), or ``(merges, flags)`` in line. None when queueing them failed
+    (a Triton that cannot compile for this GPU, for one): the error is logged once and this
+    process pools on the host from then on (:func:`pipeline.embed.pooling.give_up_device_pooling`),
+    so the batch and the job go on."""
+    from pipeline.embed import pooling, ward_triton
+
+    try:
+        dist = ward_triton.pooling_distances(dev, lengths)  # tiled, in scipy's pdist order
+        if side_stream:
+            return ward_on_side_stream(dist, lengths)
+        return ward_triton.ward_merges(dist, lengths)
+    except Exception as exc:  # noqa: BLE001 - the host path computes the same labels
+        pooling.give_up_device_pooling(exc)
+        return None
 
 
 _SIDE_STREAMS: dict = {}

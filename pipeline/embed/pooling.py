@@ -71,15 +71,34 @@ def condensed_distances(vectors: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pdist(distances.to(torch.float64))
 
 
+_DEVICE_POOLING_ERRORS: list = []  # what made this process give the device path up (give_up_device_pooling)
+
+
+def give_up_device_pooling(exc: BaseException) -> None:
+    """The pooling kernels could not be queued (a Triton that cannot compile for this GPU, for
+    one): log it once, and pool on the host in this process from now on."""
+    if not _DEVICE_POOLING_ERRORS:
+        log.warning("--pool-factor: the pooling kernels failed on this device (%s: %s); this process pools "
+                    "on the host from now on (the same labels; VDR_WARD_ON_DEVICE=0 does so from the start)",
+                    type(exc).__name__, str(exc)[:500])
+    _DEVICE_POOLING_ERRORS.append(f"{type(exc).__name__}: {exc}"[:500])
+
+
 def ward_on_device(device) -> bool:
     """Whether Ward's merge loop runs on ``device`` (:mod:`pipeline.embed.ward_triton`, a Triton
     kernel) rather than on the host. ``$VDR_WARD_ON_DEVICE``: unset or ``auto``, on CUDA devices
     when Triton is installed (the ``gpu`` extra); ``0``: on the host (scipy, as before
     2026-12-05's seventeenth session); ``1``: on CUDA devices, an error without Triton; on a CPU
     device only under Triton's interpreter (``TRITON_INTERPRET=1``: the tests), else on the
-    host (Triton has no CPU driver, and the switch reaches every worker, CPU actors too)."""
+    host (Triton has no CPU driver, and the switch reaches every worker, CPU actors too). After
+    the kernels failed once in this process (:func:`give_up_device_pooling`): on the host."""
     value = os.environ.get("VDR_WARD_ON_DEVICE", "").strip().lower()
     cuda = str(device).startswith("cuda")
+    if _DEVICE_POOLING_ERRORS and value not in ("0", "false", "off", "no"):
+        from pipeline.config import env_flag
+
+        env_flag("VDR_WARD_ON_DEVICE", True)  # a misspelt value is still refused
+        return False
     if value in ("", "auto"):
         return cuda and _triton_installed()
     from pipeline.config import env_flag

@@ -269,3 +269,40 @@ def test_merges_in_any_order_the_chain_could_make_them_give_scipys_linkage():
 
     np.testing.assert_array_equal(labels_from_merges(slots[order], n, 3),
                                   fcluster(z, t=n // 3, criterion="maxclust") - 1)
+
+
+def test_pooling_kernels_that_fail_to_queue_fall_back_to_the_host_once(tiny_model, monkeypatch, caplog):
+    """A GPU whose Triton cannot compile the kernels (or any error queueing them) loses no page:
+    the batch pools on the host with the same labels, one warning says why, and later batches
+    do not try the kernels again."""
+    import logging
+
+    import torch
+
+    from pipeline.embed import pooling, ward_triton
+    from pipeline.embed.model import embed_pages, load_model
+
+    lm = load_model(tiny_model, device="cpu")
+    rng = np.random.default_rng(1)
+    pages = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in ((112, 168), (56, 84))]
+    monkeypatch.setenv("VDR_WARD_ON_DEVICE", "0")
+    want = embed_pages(lm, pages, pool_factor=3, out_dtype=torch.float16)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("PTXASError: ptxas fatal: unknown target")
+
+    monkeypatch.setattr(ward_triton, "pooling_distances", broken)
+    monkeypatch.setattr(pooling, "_DEVICE_POOLING_ERRORS", [])
+    monkeypatch.setenv("VDR_WARD_ON_DEVICE", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets ward_on_device say yes on this CPU
+    with caplog.at_level(logging.WARNING, logger="pipeline.embed.pooling"):
+        for _ in range(2):
+            got = embed_pages(lm, pages, pool_factor=3, out_dtype=torch.float16)
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(a, b)
+    assert len(calls) == 1
+    warnings = [r for r in caplog.records if "pooling kernels failed" in r.getMessage()]
+    assert len(warnings) == 1 and "ptxas" in warnings[0].getMessage()
+    assert not pooling.ward_on_device("cuda:0")
