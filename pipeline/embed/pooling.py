@@ -33,8 +33,9 @@ clustering can go the other way there; the tests compare with colpali on CPU.
 
 Since 2026-12-05's seventeenth session, on a CUDA device with Triton installed
 (:func:`ward_on_device`), step 2 runs on the device whole (:mod:`pipeline.embed.ward_triton`):
-the distances in a tiled kernel that sums in scipy's ``pdist`` order (bit for bit, where torch's
-CUDA ``pdist`` is not), and the merge loop (scipy's loop, bit for bit on the same distances), on
+the distances in a tiled kernel that sums in scipy's ``pdist`` order (bit for bit; torch's CUDA
+``pdist`` reduces in its own order, though on an H100's 32 test pages it matched too), and the
+merge loop (scipy's loop, bit for bit on the same distances), on
 a side stream beside the next batch's forward, and the host does only the stable sort, the
 clusters' names and step 3 (:func:`device_labels`, ~0.4 ms a page on the dev CPU);
 no merge worker process starts. ``VDR_WARD_ON_DEVICE=0`` keeps the loop on the host.
