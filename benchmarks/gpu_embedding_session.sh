@@ -13,7 +13,7 @@
 #   actor       bench_actor.py: compiled vs compiled_inflight2 (--batches-in-flight 2) vs
 #               compiled_oldhost (6a80843's host path), 256 pages, batch 32   300 s [~200 s]
 #   pooling_check check_pooling_gpu.py: --pool-factor against colpali's reference on the GPU, and
-#               Ward's merge loop on the GPU against scipy's, bit for bit, timed   180 s [~60 s?]
+#               Ward's merge loop on the GPU against scipy's, bit for bit, timed   180 s [~15 s]
 #   warm_start  bench_warm_start.py: cold/warm first batch, model load by step, the first
 #               batch's compile seconds by phase (WARM_EXTRA: more warm cases)   180 s [~120 s]
 #   worker_start bench_worker_start.py: asking for a GPU actor to its constructor, with the
@@ -88,7 +88,7 @@ step actor "${ACTOR_TIMEOUT:-300}" "$PY" benchmarks/bench_actor.py --pages "${AC
   --variants "${ACTOR_VARIANTS:-compiled,compiled_inflight2,compiled_oldhost}" ${ACTOR_EXTRA:-} --out "$OUT/actor.json"
 # --pool-factor's checks on the GPU (seventeenth session): colpali's reference through the default
 # path (Ward's merge loop on the GPU since then), and the merge kernel against scipy's loop on the
-# same GPU distances of 32 pages of 755 vectors, bit for bit, with its time per batch      ~60 s
+# same GPU distances of 32 pages of 755 vectors, bit for bit, with its time per batch      ~15 s
 step pooling_check 180 "$PY" benchmarks/check_pooling_gpu.py --json "$OUT/pooling_check.json"
 step warm_start "${WARM_TIMEOUT:-180}" "$PY" benchmarks/bench_warm_start.py ${WARM_EXTRA:-} --out "$OUT/warm_start.json"
 step worker_start 120 "$PY" benchmarks/bench_worker_start.py --out "$OUT/worker_start.json"
