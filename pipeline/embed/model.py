@@ -869,9 +869,8 @@ def pooling_distances(flat: torch.Tensor, lengths: list[int], out: torch.Tensor 
     """Each row's condensed pooling distances (rows of more than one vector), one after
     another; ``flat`` holds the rows' vectors one after another.
 
-    Without ``out``: concatenated on ``flat``'s device. With ``out`` (:func:`condensed_size`
-    float64: a host tensor, pinned for a CUDA ``flat``, or a tensor on ``flat``'s device for the
-    merge loop there): each row's distances are
+    Without ``out``: concatenated on ``flat``'s device. With ``out`` (a host tensor of
+    :func:`condensed_size` float64, pinned for a CUDA ``flat``): each row's distances are
     copied into their slice of it as soon as they are queued, non-blocking, so the device
     holds one row's distances at a time instead of the whole batch's twice (parts and their
     concatenation: ~160 MB for 32 pages of ~800 vectors). Returns ``out``. The caller waits

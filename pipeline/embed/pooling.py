@@ -43,6 +43,7 @@ no merge worker process starts. ``VDR_WARD_ON_DEVICE=0`` keeps the loop on the h
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection as mp_connection
@@ -95,23 +96,21 @@ def ward_on_device(device) -> bool:
     the kernels failed once in this process (:func:`give_up_device_pooling`): on the host."""
     value = os.environ.get("VDR_WARD_ON_DEVICE", "").strip().lower()
     cuda = str(device).startswith("cuda")
-    if _DEVICE_POOLING_ERRORS and value not in ("0", "false", "off", "no"):
+    if value in ("", "auto"):
+        on = cuda and _triton_installed()
+    else:
         from pipeline.config import env_flag
 
-        env_flag("VDR_WARD_ON_DEVICE", True)  # a misspelt value is still refused
-        return False
-    if value in ("", "auto"):
-        return cuda and _triton_installed()
-    from pipeline.config import env_flag
-
-    if not env_flag("VDR_WARD_ON_DEVICE", True):
-        return False
-    if not _triton_installed():
-        raise RuntimeError("VDR_WARD_ON_DEVICE=1 needs Triton (pip install -e '.[gpu]'); unset it to merge on the host")
-    return cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        if not env_flag("VDR_WARD_ON_DEVICE", True):  # a misspelt value is refused here
+            return False
+        if not _triton_installed():
+            raise RuntimeError("VDR_WARD_ON_DEVICE=1 needs Triton (pip install -e '.[gpu]'); unset it to merge on the host")
+        on = cuda or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return on and not _DEVICE_POOLING_ERRORS
 
 
-def _triton_installed() -> bool:
+@functools.lru_cache(maxsize=1)
+def _triton_installed() -> bool:  # asked once per batch: looked up once per process
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
