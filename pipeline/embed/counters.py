@@ -71,7 +71,7 @@ def actor_records(table: pa.Table, is_page: pa.Array | pa.ChunkedArray) -> list[
     if COMPILE in table.column_names:
         for actor, state in zip(table[ACTOR].to_pylist(), table[COMPILE].to_pylist()):
             if state is not None:
-                compiled.setdefault(actor, state)
+                compiled[actor] = final_state(compiled.get(actor), state)
     return [{"actor": r["actor"], "pages": int(r["page_sum"] or 0), "busy_s": float(r["busy_sum"] or 0.0),
              "first_batch_at": r["first_min"], "last_batch_end_at": r["end_max"], "model_load_s": r["load_max"],
              "first_batch": firsts.get(r["actor"]), "compile": compiled.get(r["actor"])}
@@ -91,8 +91,16 @@ def merge_records(into: dict[str, dict], records: list[dict]) -> dict[str, dict]
         a["last_batch_end_at"] = max(a["last_batch_end_at"], r["last_batch_end_at"])
         a["model_load_s"] = max(a["model_load_s"] or 0.0, r["model_load_s"] or 0.0)
         a["first_batch"] = a.get("first_batch") or r.get("first_batch")
-        a["compile"] = a.get("compile") or r.get("compile")
+        a["compile"] = final_state(a.get("compile"), r.get("compile"))
     return into
+
+
+def final_state(a: str | None, b: str | None) -> str | None:
+    """Of two rows' compile states (JSON) of one actor, the one to report: the first, unless it
+    is provisional (written while the actor's compile helper still ran) and the other is not."""
+    if a is None or ('"provisional": true' in a and b is not None and '"provisional": true' not in b):
+        return b
+    return a
 
 
 def summarize(actors: dict[str, dict], job_started_at: float) -> dict:

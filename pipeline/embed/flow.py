@@ -470,8 +470,16 @@ def first_batches(actors: list[dict]) -> str:
         loaded, compiled, fallbacks = c.get("variants_loaded", 0), c.get("variants_compiled", 0), c.get("fallbacks")
         if fallbacks and not loaded and not compiled:  # every block fell back: plain torch.compile
             return f"{plain}; precompiling fell back ({'; '.join(f'{k}: {v}' for k, v in fallbacks.items())})"
-        text = ("precompiled blocks loaded" if loaded and not compiled else
-                "precompiled blocks compiled here" + (", some loaded" if loaded else ""))
+        helper = c.get("compile_helper") or {}
+        if helper.get("state") == "loaded" and not compiled:
+            eager = helper.get("eager_batches", 0)
+            text = (f"blocks compiled by a helper process in {helper.get('ready_s') or 0:.1f} s"
+                    + (f", {eager} batch{'es' if eager != 1 else ''} run eagerly meanwhile" if eager else ""))
+        else:
+            text = ("precompiled blocks loaded" if loaded and not compiled else
+                    "precompiled blocks compiled here" + (", some loaded" if loaded else ""))
+            if helper.get("state", "").startswith(("failed", "timed out")):
+                text += f" (compile helper {helper['state'][:120]})"
         if fallbacks:
             text += f", {len(fallbacks)} block type(s) fell back to {plain}"
         return text

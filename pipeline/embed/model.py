@@ -167,6 +167,7 @@ def load_model(
     compile_backend: str = "inductor",
     precompiled: bool | None = None,
     linear_patch_embed: bool | None = None,
+    layers: int | None = None,
 ) -> LoadedModel:
     """Load ``ColQwen2ForRetrieval`` + ``ColQwen2Processor`` (ColQwen2.5 ports too).
 
@@ -178,7 +179,10 @@ def load_model(
     start skips tracing); False: ``torch.compile`` on each block, as before 2026-12-05; None:
     True unless the environment sets ``VDR_PRECOMPILE=0``. ``linear_patch_embed``: the vision
     tower's patch embedding as one matmul (:func:`enable_linear_patch_embed`); None: True unless
-    the environment sets ``VDR_LINEAR_PATCH_EMBED=0``."""
+    the environment sets ``VDR_LINEAR_PATCH_EMBED=0``. ``layers``: build the checkpoint's
+    architecture with this many vision blocks and text layers and random weights, instead of
+    loading its weights (:mod:`pipeline.embed.compile_helper`: the blocks' compiled code does not
+    depend on the weights' values or on how many blocks there are)."""
     # the environment's switches first: a misspelt one is refused before the weights load
     if linear_patch_embed is None:
         linear_patch_embed = env_flag("VDR_LINEAR_PATCH_EMBED", True)
@@ -225,7 +229,10 @@ def load_model(
         )
         kwargs["device_map"] = device
     try:
-        model = ColQwen2ForRetrieval.from_pretrained(path, **kwargs)
+        if layers is not None:
+            model = _random_model(ColQwen2ForRetrieval, path, layers, torch_dtype, attn, device)
+        else:
+            model = ColQwen2ForRetrieval.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise OSError(
             f"could not load a ColQwen2 checkpoint from {name_or_path!r}: {exc}. Pass --model a hub "
@@ -302,6 +309,24 @@ def load_model(
              "seconds: %s", name_or_path, device, lm.dtype_name, precision, attn, load_in_4bit,
              batched_vision_attention, compile_model, phases)
     return lm
+
+
+def _random_model(cls, path: str, layers: int, dtype: torch.dtype, attn: str, device: str):
+    """``cls``'s architecture from the config at ``path``, cut to ``layers`` vision blocks and text
+    layers, with random weights made on ``device`` (no checkpoint read)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    vlm = config.vlm_config
+    text = getattr(vlm, "text_config", vlm)
+    text.num_hidden_layers = layers
+    if isinstance(getattr(text, "layer_types", None), list):
+        text.layer_types = text.layer_types[:layers]
+    vlm.vision_config.depth = layers
+    if isinstance(getattr(vlm.vision_config, "fullatt_block_indexes", None), list):  # Qwen2.5-VL
+        vlm.vision_config.fullatt_block_indexes = [i for i in vlm.vision_config.fullatt_block_indexes if i < layers]
+    with torch.device(device):
+        return cls._from_config(config, dtype=dtype, attn_implementation=attn)
 
 
 def _runs(lengths: list[int]) -> list[tuple[int, int]]:

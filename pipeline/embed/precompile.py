@@ -75,6 +75,10 @@ class PrecompiledForward:
         self.compile_s = 0.0
         self.fallback = None  # plain torch.compile, when aot_compile is missing or failed
         self.fallback_reason: str | None = None
+        # While this returns True, a call that no variant accepts runs the block eagerly instead
+        # of compiling it here: another process is compiling it (pipeline.embed.compile_helper)
+        self.defer = None
+        self.eager_calls = 0
         chain = _wrapper_chain(forward)
         self.external = {f"{name}.forward{i}": f for i, f in enumerate(chain)} | dict(external or {})
         self._globals = chain[-1].__globals__
@@ -86,6 +90,10 @@ class PrecompiledForward:
             for v in self.variants:
                 if v.guard_check(module, *args, **kwargs):
                     return v.fn(module, *args, **kwargs)
+            defer = self.defer
+            if defer is not None and defer():
+                self.eager_calls += 1
+                return self.forward(module, *args, **kwargs)
             with self._lock:
                 v = self._compile(module, args, kwargs)
             if v is not None:

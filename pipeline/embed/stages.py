@@ -188,6 +188,7 @@ class PageEmbedder:
                  compile_model: bool = False, pool_factor: int = 1, compile_cache: str | None = None,
                  precision: str = "default", batches_in_flight: int = 1, precompiled: bool | None = None):
         from pipeline.cluster import actor_device, bytecode_warning
+        from pipeline.embed import compile_helper
         from pipeline.embed.model import ForwardTimer, TurnLock, load_model
         from pipeline.embed.pooling import WardMerges
 
@@ -207,9 +208,20 @@ class PageEmbedder:
         slow_imports = bytecode_warning()
         if slow_imports:
             log.warning(slow_imports)
-        self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                             endpoint_url=endpoint_url, compile_model=compile_model, precision=precision,
-                             precompiled=precompiled)
+        # A new node: the blocks compiled in a helper process while this one loads the weights
+        # and runs eagerly (pipeline.embed.compile_helper; stopped below where the node is warm)
+        self.helper = None
+        if compile_helper.wanted(device, compile_model, precompiled):
+            self.helper = compile_helper.CompileHelper(model, device, dtype, attn_implementation, precision,
+                                                       endpoint_url)
+        try:
+            self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                                 endpoint_url=endpoint_url, compile_model=compile_model, precision=precision,
+                                 precompiled=precompiled)
+        except BaseException:
+            if self.helper is not None:
+                self.helper.stop()
+            raise
         self.dtype = str(self.lm.dtype).removeprefix("torch.")
         self.loaded_s = time.time() - self.started
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
@@ -240,6 +252,14 @@ class PageEmbedder:
             self._graphs_saved = -1
             self._variants_saved = sum(pf.loaded for pf in self.lm.precompiled)
             self._saving = False
+        if self.helper is not None:
+            if self.compile_cache is None or self.precompiled_from is not None:
+                self.helper.stop("stopped: the precompiled blocks were in the cache")
+            elif not any(pf.fallback is None for pf in self.lm.precompiled):
+                self.helper.stop("stopped: no block can be precompiled here")
+            else:  # until it has ended, a block no variant fits runs eagerly
+                for pf in self.lm.precompiled:
+                    pf.defer = self.helper.pending
 
     def __call__(self, batch: pa.Table, counts: JobCounters | None = None) -> pa.Table:
         import torch
@@ -256,11 +276,18 @@ class PageEmbedder:
         pixels = pixel_views(batch.column(PIXELS))
         page_idx = [i for i, p in enumerate(pixels) if p is not None]
         images = [pixels[i].reshape(heights[i], widths[i], 3) for i in page_idx]
+        helper = self.helper if self.helper is not None and self.helper.pending() else None
+        if helper is not None:
+            helper.collect(self.lm.precompiled)  # its blocks, once it has ended
+            eager_before = sum(pf.eager_calls for pf in self.lm.precompiled)
         busy_before = self.timer.thread_busy_s
         # float16, what is stored (converted on the device; pooled vectors on the host: pipeline.embed.model.launch_embeddings)
         vectors = embed_pages(self.lm, images, self.timer, self.pool_factor, out_dtype=torch.float16,
                               device_lock=self.device_lock, merges=self.merges)
         busy = self.timer.thread_busy_s - busy_before
+        if helper is not None and sum(pf.eager_calls for pf in self.lm.precompiled) > eager_before:
+            with self._state_lock:
+                helper.eager_batches += 1
         with self._state_lock:
             if c.first_batch is None and images:
                 c.first_batch = (time.time() - call_start, busy, float(len(images)))
@@ -272,9 +299,11 @@ class PageEmbedder:
                       f"{c.first_batch[0]:.1f} s for the batch"
                       + (f", compile cache {'warm from ' + self.compile_cache_from if self.compile_cache_from else 'cold'}"
                          f", precompiled blocks {self._precompiled_state()}"
-                         f", compile s in this process so far {self._compile_times()}" if self.compile_cache is not None else "") + ")",
+                         + (f", compile helper {self.helper.state}" if self.helper is not None else "")
+                         + f", compile s in this process so far {self._compile_times()}"
+                         if self.compile_cache is not None else "") + ")",
                       file=sys.stderr, flush=True)
-            if c.compile_state is None and images:
+            if images and (c.compile_state is None or '"provisional": true' in c.compile_state):
                 state = self.compile_state()
                 if counts is not None and c.model_load_s == 0:
                     # a kept actor's later job: the counts are the actor's since it started
@@ -315,6 +344,10 @@ class PageEmbedder:
                          variants_compiled=sum(pf.compiled for pf in self.lm.precompiled))
             if fallbacks:
                 state["fallbacks"] = fallbacks
+        if self.helper is not None:
+            state["compile_helper"] = self.helper.summary(self.lm.precompiled)
+            if self.helper.pending():  # replaced by a later batch's, once the helper has ended
+                state["provisional"] = True
         state["compile_s"] = self._compile_times()
         return state
 
