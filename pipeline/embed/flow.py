@@ -475,6 +475,8 @@ def first_batches(actors: list[dict]) -> str:
             eager = helper.get("eager_batches", 0)
             text = (f"blocks compiled by a helper process in {helper.get('ready_s') or 0:.1f} s"
                     + (f", {eager} batch{'es' if eager != 1 else ''} run eagerly meanwhile" if eager else ""))
+        elif helper.get("state") == "running" and not loaded and not compiled:  # the job ended first
+            text = "blocks run eagerly: the compile helper had not finished"
         else:
             text = ("precompiled blocks loaded" if loaded and not compiled else
                     "precompiled blocks compiled here" + (", some loaded" if loaded else ""))
