@@ -90,6 +90,7 @@ class CompileHelper:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         self.log_path = os.path.join(self.dir, "helper.log")
         self.started = time.monotonic()
+        self.started_wall = time.time()
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(command or [sys.executable, "-m", "pipeline.embed.compile_helper",
                                                      json.dumps(args)],
@@ -111,8 +112,8 @@ class CompileHelper:
         if self.proc.poll() is None:
             if time.monotonic() - self.started <= self.timeout_s:
                 return None
-            self.stop(f"timed out after {self.timeout_s:.0f} s")
-            log.warning("compile helper: no compiled blocks after %.0f s (%s); compiling here",
+            self.stop(f"timed out after {self.timeout_s:g} s")
+            log.warning("compile helper: no compiled blocks after %g s (%s); compiling here",
                         self.timeout_s, TIMEOUT_ENV)
             return 0
         from pipeline.embed import precompile
@@ -123,7 +124,9 @@ class CompileHelper:
             path = os.path.join(self.dir, RESULT)
             if self.proc.returncode != 0 or not os.path.exists(path):
                 self.state = f"failed (exit {self.proc.returncode}): {self._last_line()}"
-                log.warning("compile helper %s; the blocks are compiled here (its log: %s)", self.state, self.log_path)
+                log.warning("compile helper %s; the blocks are compiled here. The end of its log:\n%s",
+                            self.state, self._tail())
+                shutil.rmtree(self.dir, ignore_errors=True)
                 return 0
             try:
                 with open(path, "rb") as f:
@@ -133,7 +136,8 @@ class CompileHelper:
                 log.warning("compile helper %s; the blocks are compiled here", self.state)
                 return 0
             self.variants = n
-            self.ready_s = round(time.monotonic() - self.started, 3)
+            # when its blocks were written (the actor looks at its next batch)
+            self.ready_s = round(os.path.getmtime(path) - self.started_wall, 3)
             self.state = "loaded"
             log.info("compile helper: %d compiled block variants loaded, %.1f s after it started", n, self.ready_s)
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -156,13 +160,21 @@ class CompileHelper:
         return {"state": self.state, "ready_s": self.ready_s, "variants": self.variants,
                 "eager_batches": self.eager_batches, "eager_calls": {pf.name: pf.eager_calls for pf in forwards}}
 
-    def _last_line(self) -> str:
+    def _lines(self) -> list[str] | None:
         try:
             with open(self.log_path, "rb") as f:
-                lines = [ln for ln in f.read()[-4000:].decode(errors="replace").splitlines() if ln.strip()]
+                return [ln for ln in f.read()[-8000:].decode(errors="replace").splitlines() if ln.strip()]
         except OSError:
+            return None
+
+    def _last_line(self) -> str:
+        lines = self._lines()
+        if lines is None:
             return "no log"
         return lines[-1][:300] if lines else "no output"
+
+    def _tail(self, n: int = 20) -> str:
+        return "\n".join((self._lines() or [])[-n:])
 
     def __del__(self):
         proc = getattr(self, "proc", None)

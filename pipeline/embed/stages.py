@@ -189,7 +189,6 @@ class PageEmbedder:
                  precision: str = "default", batches_in_flight: int = 1, precompiled: bool | None = None):
         from pipeline.cluster import actor_device, bytecode_warning
         from pipeline.embed import compile_helper
-        from pipeline.embed.model import ForwardTimer, TurnLock, load_model
         from pipeline.embed.pooling import WardMerges
 
         self.started = time.time()
@@ -197,6 +196,7 @@ class PageEmbedder:
         # else in worker processes ($VDR_POOL_PROCESSES, default 2; 0: in the calling thread),
         # started at the first batch that needs them; a misspelt value fails here, before the weights load
         self.merges = WardMerges.from_env() if pool_factor > 1 else None
+        self.pool_factor = pool_factor  # each page's vectors pooled after the forward (pipeline.embed.pooling)
         if pool_factor > 1:
             from pipeline.embed.pooling import ward_on_device
 
@@ -215,19 +215,25 @@ class PageEmbedder:
             self.helper = compile_helper.CompileHelper(model, device, dtype, attn_implementation, precision,
                                                        endpoint_url)
         try:
-            self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                                 endpoint_url=endpoint_url, compile_model=compile_model, precision=precision,
-                                 precompiled=precompiled)
+            self._load(model, device, dtype, attn_implementation, endpoint_url, compile_model, precision,
+                       precompiled, batches_in_flight, compile_cache)
         except BaseException:
             if self.helper is not None:
                 self.helper.stop()
             raise
+
+    def _load(self, model, device, dtype, attn_implementation, endpoint_url, compile_model, precision, precompiled,
+              batches_in_flight, compile_cache) -> None:
+        from pipeline.embed.model import ForwardTimer, TurnLock, load_model
+
+        self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                             endpoint_url=endpoint_url, compile_model=compile_model, precision=precision,
+                             precompiled=precompiled)
         self.dtype = str(self.lm.dtype).removeprefix("torch.")
         self.loaded_s = time.time() - self.started
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
         self.timer = ForwardTimer(device)
         self.counts = JobCounters(self.loaded_s)  # the job's (a kept actor's callers pass their own)
-        self.pool_factor = pool_factor  # each page's vectors pooled after the forward (pipeline.embed.pooling)
         # --batches-in-flight 2: Ray Data calls this from two threads (ActorPoolStrategy's
         # enable_true_multi_threading); the device work of one batch is queued at a time,
         # under this lock, while the other thread prepares its batch on the host.

@@ -1,0 +1,376 @@
+"""The compile helper (pipeline.embed.compile_helper): on a node with no precompiled blocks, a
+helper process compiles each block type on a one-block random-weights model while the actor
+loads its weights and runs its first batches eagerly; the actor then loads the helper's blocks
+(and saves them for the next actor). A helper that fails or times out means compiling here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# One actor process: "cold" sends a batch right after construction (the helper still runs),
+# waits for the helper process to exit, sends the same batch again; "warm" (the same node cache
+# afterwards) sends it once. Everything the tests look at comes back as one JSON line.
+ACTOR = r"""
+import json, os, sys, time
+import numpy as np
+import pyarrow as pa
+from pipeline.embed import compile_cache as cc, counters
+from pipeline.embed.stages import PageEmbedder, PIXELS, STREAM_SCHEMA
+
+mode, model = sys.argv[1], sys.argv[2]
+rng = np.random.default_rng(0)
+shapes = [(224, 168), (168, 224)]  # two page sizes in one batch: the helper compiled one size only
+images = [rng.integers(0, 255, (*s, 3), dtype=np.uint8) for s in shapes]
+cols = {f.name: [None] * 2 for f in STREAM_SCHEMA}
+cols.update(doc_id=["a.pdf", "b.pdf"], page_number=[1, 1], source_uri=["a.pdf", "b.pdf"], doc_pages=[1, 1],
+            height=[s[0] for s in shapes], width=[s[1] for s in shapes])
+cols[PIXELS] = [im.tobytes() for im in images]
+batch = pa.table(cols, schema=STREAM_SCHEMA)
+
+emb = PageEmbedder(model, device="cpu", compile_model=True)
+h = emb.helper
+res = {"key": cc.precompiled_key(emb.compile_cache[0]), "precompiled_from": emb.precompiled_from,
+       "helper_state_at_init": h.state, "helper_exited_at_init": h.proc.poll() is not None,
+       "defer_is_helper": [pf.defer == h.pending for pf in emb.lm.precompiled], "helper_dir": h.dir, "batches": []}
+
+def one_batch():
+    out = emb(batch)
+    res["batches"].append({
+        "state": emb.compile_state(), "column_state": out.column(counters.COMPILE)[0].as_py(),
+        "helper": h.summary(emb.lm.precompiled), "helper_state": h.state,
+        "pf": {pf.name: {"loaded": pf.loaded, "compiled": pf.compiled, "eager_calls": pf.eager_calls,
+                         "variants": len(pf.variants), "fallback": pf.fallback_reason} for pf in emb.lm.precompiled},
+        "embedding": [np.asarray(v, np.float32).tolist() for v in out.column("embedding").to_pylist()]})
+    return out
+
+outs = [one_batch()]
+if mode == "cold":
+    deadline = time.monotonic() + 300
+    while h.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    res["helper_exit"] = h.proc.poll()
+    outs.append(one_batch())
+    table = pa.concat_tables(outs)
+    res["records"] = counters.actor_records(table, pa.array([True] * table.num_rows))
+res["helper_dir_exists"] = os.path.exists(h.dir)
+res["cache_files"] = sorted(os.listdir(cc.local_dir())) if os.path.isdir(cc.local_dir()) else []
+print(json.dumps(res))
+"""
+
+
+def _run_actor(mode, model, base):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VDR_COMPILE_HELPER_TIMEOUT_S", "VDR_PRECOMPILE", "VDR_COMPILE_CACHE")}
+    (base / "tmp").mkdir(exist_ok=True)
+    env.update(PYTHONPATH=ROOT, VDR_COMPILE_HELPER="1", VDR_COMPILE_CACHE=str(base / "node-cache"),
+               TORCHINDUCTOR_CACHE_DIR=str(base / "inductor"), TMPDIR=str(base / "tmp"))
+    proc = subprocess.run([sys.executable, "-c", ACTOR, mode, model], check=False, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def actors(tiny_model, tmp_path_factory):
+    """A cold actor on a new node (its helper compiles), then a second actor on the same node."""
+    base = tmp_path_factory.mktemp("compile-helper")
+    cold, cold_err = _run_actor("cold", tiny_model, base)
+    warm, warm_err = _run_actor("warm", tiny_model, base)
+    return {"cold": cold, "cold_err": cold_err, "warm": warm, "warm_err": warm_err, "base": base}
+
+
+def test_a_cold_actor_runs_eagerly_until_its_helper_has_compiled_then_loads_its_blocks(actors):
+    cold = actors["cold"]
+    assert cold["precompiled_from"] is None and cold["helper_state_at_init"] == "running"
+    assert not cold["helper_exited_at_init"]
+    assert cold["defer_is_helper"] == [True, True]
+    first, second = cold["batches"]
+    # first batch: sent while the helper runs; each block type ran eagerly, nothing compiled here
+    assert first["helper_state"] == "running"
+    assert set(first["pf"]) == {"vision_block", "text_layer"}
+    for name, pf in first["pf"].items():
+        assert pf["eager_calls"] > 0 and pf["variants"] == 0 and pf["compiled"] == 0 and pf["loaded"] == 0, name
+        assert pf["fallback"] is None, name
+    assert first["state"]["variants_compiled"] == 0 and first["state"]["variants_loaded"] == 0
+    assert first["state"]["provisional"] is True
+    assert first["state"]["compile_helper"]["state"] == "running"
+    assert first["state"]["compile_helper"]["eager_batches"] == 1
+    assert json.loads(first["column_state"]) == {**first["state"], "compile_s": json.loads(
+        first["column_state"])["compile_s"]}
+    assert "compile helper running" in actors["cold_err"]  # the actor's first-batch line
+    # the helper exited by itself (its blocks written), and the next batch loaded them
+    assert cold["helper_exit"] == 0
+    assert second["helper_state"] == "loaded"
+    for name, pf in second["pf"].items():
+        assert pf["loaded"] >= 1 and pf["compiled"] == 0, (name, pf)
+        assert pf["eager_calls"] == first["pf"][name]["eager_calls"], name  # not one eager call more
+    helper = second["state"]["compile_helper"]
+    assert helper["state"] == "loaded" and helper["variants"] >= 2 and helper["ready_s"] > 0
+    assert helper["eager_batches"] == 1
+    assert second["state"]["variants_loaded"] >= 2 and second["state"]["variants_compiled"] == 0
+    assert second["state"]["precompiled_from"] is None  # not from a cache: from the helper
+    assert "provisional" not in second["state"]
+    assert "provisional" not in json.loads(second["column_state"])
+    # the job's record of the actor keeps the final state, not the first batch's provisional one
+    (record,) = cold["records"]
+    assert record["pages"] == 4 and record["compile"] == second["column_state"]
+    # eager (first batch) and compiled (second) float32 math, stored as float16: close
+    assert len(first["embedding"]) == len(second["embedding"]) == 2
+    for a, b in zip(first["embedding"], second["embedding"]):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.shape == b.shape and a.shape[0] > 0
+        assert np.abs(a - b).max() < 1e-3
+    # saved under the real model's key for the next actor on this node; the helper's folder gone
+    assert cold["key"].startswith("precompiled-") and cold["key"] in cold["cache_files"]
+    assert not cold["helper_dir_exists"]
+
+
+def test_the_final_line_tells_of_the_helper(actors):
+    from pipeline.embed.flow import first_batches
+
+    state = actors["cold"]["batches"][1]["state"]
+    ready = state["compile_helper"]["ready_s"]
+    assert first_batches([{"first_batch_s": 0.4, "model_load_s": 2.0, "compile": state}]) == \
+        f", first batch 0.4 s (blocks compiled by a helper process in {ready:.1f} s, 1 batch run eagerly meanwhile)"
+
+
+def test_a_second_actor_on_the_node_loads_the_blocks_and_stops_its_helper(actors):
+    cold, warm = actors["cold"], actors["warm"]
+    assert warm["key"] == cold["key"]
+    assert warm["precompiled_from"] == os.path.join(str(actors["base"] / "node-cache"), cold["key"])
+    assert warm["helper_state_at_init"].startswith("stopped"), warm["helper_state_at_init"]
+    assert warm["helper_exited_at_init"]  # killed, not left compiling
+    assert warm["defer_is_helper"] == [False, False]
+    assert not warm["helper_dir_exists"]
+    (batch,) = warm["batches"]
+    for name, pf in batch["pf"].items():
+        assert pf["loaded"] >= 1 and pf["compiled"] == 0 and pf["eager_calls"] == 0, (name, pf)
+    assert batch["state"]["compile_helper"]["state"].startswith("stopped")
+    assert batch["state"]["compile_helper"]["eager_batches"] == 0
+    assert "provisional" not in batch["state"]
+    # the same compiled code as the first actor's second batch: the same embeddings
+    for a, b in zip(cold["batches"][1]["embedding"], batch["embedding"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    from pipeline.embed.flow import first_batches
+
+    assert first_batches([{"first_batch_s": 0.2, "model_load_s": 2.0, "compile": batch["state"]}]) == \
+        ", first batch 0.2 s (precompiled blocks loaded)"
+
+
+def _images(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, (224, 168, 3), dtype=np.uint8) for _ in range(2)]
+
+
+def test_blocks_run_eagerly_while_deferred_and_compile_once_not(tiny_model):
+    """PrecompiledForward.defer: while it says True, a call that no compiled variant accepts runs
+    the block eagerly (the plain module's output); else it compiles; a variant that accepts the
+    call runs whatever defer says."""
+    import torch._dynamo
+
+    from pipeline.embed import model as M
+
+    torch._dynamo.reset()
+    lm = M.load_model(tiny_model, device="cpu", compile_model=True, compile_backend="eager")
+    images = _images()
+    reference = M.embed_pages(M.load_model(tiny_model, device="cpu"), images)
+    asked = []
+
+    def defer_now():
+        asked.append(1)
+        return True
+
+    for pf in lm.precompiled:
+        pf.defer = defer_now
+    for a, b in zip(M.embed_pages(lm, images), reference):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    blocks = {pf.name: pf.eager_calls for pf in lm.precompiled}
+    assert set(blocks) == {"vision_block", "text_layer"} and all(n >= 1 for n in blocks.values()), blocks
+    assert [(pf.compiled, pf.variants, pf.fallback) for pf in lm.precompiled] == [(0, [], None)] * 2
+    assert len(asked) == sum(blocks.values())
+    for pf in lm.precompiled:
+        pf.defer = lambda: False
+    for a, b in zip(M.embed_pages(lm, images), reference):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert [(pf.compiled, len(pf.variants), pf.fallback) for pf in lm.precompiled] == [(1, 1, None)] * 2
+    assert {pf.name: pf.eager_calls for pf in lm.precompiled} == blocks
+    # deferring again: the compiled variants accept these calls, so they run (defer not asked)
+    asked.clear()
+    for pf in lm.precompiled:
+        pf.defer = defer_now
+    M.embed_pages(lm, images)
+    assert asked == [] and {pf.name: pf.eager_calls for pf in lm.precompiled} == blocks
+    assert [pf.compiled for pf in lm.precompiled] == [1, 1]
+    torch._dynamo.reset()
+
+
+FAIL = [sys.executable, "-c", "import sys; print('starting'); print('boom'); sys.exit(3)"]
+
+
+@pytest.fixture
+def new_helper(tiny_model):
+    """new_helper(command) -> a CompileHelper running ``command``; each is stopped (killed, its
+    folder removed) after the test, whatever the test asserted."""
+    from pipeline.embed.compile_helper import CompileHelper
+
+    made = []
+
+    def make(command):
+        made.append(CompileHelper(tiny_model, "cpu", command=command))
+        return made[-1]
+
+    yield make
+    for helper in made:
+        helper.stop()
+
+
+def test_a_failed_helper_means_compiling_here(tiny_model, new_helper, monkeypatch):
+    import torch._dynamo
+
+    from pipeline.embed import model as M
+
+    monkeypatch.delenv("VDR_COMPILE_HELPER_TIMEOUT_S", raising=False)
+    torch._dynamo.reset()
+    lm = M.load_model(tiny_model, device="cpu", compile_model=True, compile_backend="eager")
+    helper = new_helper(FAIL)
+    for pf in lm.precompiled:
+        pf.defer = helper.pending
+    assert helper.pending()
+    helper.proc.wait(timeout=60)
+    assert helper.collect(lm.precompiled) == 0
+    assert helper.state.startswith("failed (exit 3)") and "boom" in helper.state, helper.state
+    assert not helper.pending() and helper.variants == 0 and helper.ready_s is None
+    assert helper.collect(lm.precompiled) is None  # decided once
+    images = _images(1)
+    reference = M.embed_pages(M.load_model(tiny_model, device="cpu"), images)
+    for a, b in zip(M.embed_pages(lm, images), reference):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert all(pf.compiled >= 1 and pf.eager_calls == 0 and pf.loaded == 0 for pf in lm.precompiled), \
+        [(pf.name, pf.compiled, pf.eager_calls) for pf in lm.precompiled]
+    summary = helper.summary(lm.precompiled)
+    assert summary["state"] == helper.state and summary["eager_calls"] == {"vision_block": 0, "text_layer": 0}
+    helper.stop()
+    assert helper.state.startswith("failed (exit 3)") and not os.path.exists(helper.dir)
+    torch._dynamo.reset()
+
+
+def test_a_helper_whose_blocks_do_not_load_or_that_writes_none_failed(new_helper, monkeypatch):
+    from pipeline.embed import compile_helper
+
+    monkeypatch.delenv("VDR_COMPILE_HELPER_TIMEOUT_S", raising=False)
+    quiet = [sys.executable, "-c", "pass"]
+    none = new_helper(quiet)
+    none.proc.wait(timeout=60)
+    assert none.collect([]) == 0 and none.state == "failed (exit 0): no output" and not none.pending()
+    none.stop()
+    junk = new_helper(quiet)
+    junk.proc.wait(timeout=60)
+    with open(os.path.join(junk.dir, compile_helper.RESULT), "wb") as f:
+        f.write(b"not precompiled blocks")
+    assert junk.collect([]) == 0 and junk.state.startswith("failed: its blocks could not be loaded"), junk.state
+    assert not junk.pending()
+    junk.stop()
+    assert not os.path.exists(junk.dir)
+
+
+def test_a_helper_past_its_time_is_killed(new_helper, monkeypatch):
+    monkeypatch.setenv("VDR_COMPILE_HELPER_TIMEOUT_S", "1")
+    helper = new_helper([sys.executable, "-c", "import time; time.sleep(120)"])
+    assert helper.timeout_s == 1.0
+    assert helper.collect([]) is None and helper.pending()  # still within its time
+    time.sleep(1.3)
+    t = time.monotonic()
+    assert helper.collect([]) == 0
+    assert time.monotonic() - t < 10
+    assert helper.state.startswith("timed out"), helper.state
+    assert helper.proc.poll() is not None and helper.proc.returncode != 0  # killed
+    assert not helper.pending() and not os.path.exists(helper.dir)
+    assert helper.collect([]) is None
+
+
+def test_who_starts_a_helper(monkeypatch):
+    from pipeline.embed.compile_helper import ENV, TIMEOUT_ENV, timeout_s, wanted
+
+    monkeypatch.delenv("VDR_PRECOMPILE", raising=False)
+    monkeypatch.delenv(ENV, raising=False)
+    # auto (the default): CUDA actors only
+    assert wanted("cpu", True, None) is False
+    assert wanted("cuda", True, None) is True and wanted("cuda:0", True, True) is True
+    monkeypatch.setenv(ENV, "auto")
+    assert wanted("cpu", True, None) is False and wanted("cuda:1", True, None) is True
+    monkeypatch.setenv(ENV, "1")
+    assert wanted("cpu", True, None) is True and wanted("cpu", True, True) is True
+    # nothing to compile ahead of time: no helper
+    assert wanted("cpu", False, None) is False and wanted("cuda", False, None) is False
+    assert wanted("cpu", True, False) is False and wanted("cuda", True, False) is False
+    monkeypatch.setenv("VDR_PRECOMPILE", "0")
+    assert wanted("cuda", True, None) is False and wanted("cpu", True, None) is False
+    assert wanted("cuda", True, True) is True  # precompiled asked for outright
+    monkeypatch.delenv("VDR_PRECOMPILE")
+    monkeypatch.setenv(ENV, "0")
+    assert wanted("cuda", True, None) is False and wanted("cuda:0", True, True) is False
+    monkeypatch.setenv(ENV, "ON ")
+    with pytest.raises(ValueError, match="VDR_COMPILE_HELPER='on'"):
+        wanted("cuda", True, None)
+    monkeypatch.setenv(ENV, "yes")
+    with pytest.raises(ValueError, match="VDR_COMPILE_HELPER"):
+        wanted("cpu", False, None)  # refused whatever the rest says
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert timeout_s() == 600.0
+    monkeypatch.setenv(TIMEOUT_ENV, "2.5")
+    assert timeout_s() == 2.5
+    for bad in ("abc", "0", "-3", ""):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=TIMEOUT_ENV):
+            timeout_s()
+
+
+def test_a_provisional_compile_state_gives_way_to_the_final_one():
+    from pipeline.embed.counters import final_state, merge_records
+
+    provisional = json.dumps({"mode": "precompiled", "variants_compiled": 0,
+                              "compile_helper": {"state": "running"}, "provisional": True})
+    final = json.dumps({"mode": "precompiled", "variants_loaded": 2, "compile_helper": {"state": "loaded"}})
+    other = json.dumps({"mode": "precompiled", "variants_compiled": 2})
+    assert final_state(provisional, final) == final and final_state(final, provisional) == final
+    assert final_state(None, provisional) == provisional and final_state(provisional, None) == provisional
+    assert final_state(final, other) == final  # the first final one
+    assert final_state(provisional, provisional.replace("running", "x")) == provisional
+    records = [{"actor": "n:1", "pages": 2, "busy_s": 1.0, "first_batch_at": 1.0, "last_batch_end_at": 2.0,
+                "model_load_s": 3.0, "first_batch": [1.0, 1.0, 2.0], "compile": state}
+               for state in (provisional, final)]
+    assert merge_records({}, records)["n:1"]["compile"] == final
+    assert merge_records({}, records[::-1])["n:1"]["compile"] == final
+
+
+def test_the_final_line_for_a_helper_that_loaded_or_failed():
+    from pipeline.embed.flow import first_batches
+
+    def line(c):
+        return first_batches([{"first_batch_s": 2.0, "model_load_s": 3.0, "compile": c}])
+
+    loaded = {"mode": "precompiled", "precompiled_from": None, "variants_loaded": 2, "variants_compiled": 0,
+              "compile_helper": {"state": "loaded", "ready_s": 18.74, "variants": 2, "eager_batches": 3}}
+    assert line(loaded) == \
+        ", first batch 2.0 s (blocks compiled by a helper process in 18.7 s, 3 batches run eagerly meanwhile)"
+    none_eager = {**loaded, "compile_helper": {**loaded["compile_helper"], "eager_batches": 0}}
+    assert line(none_eager) == ", first batch 2.0 s (blocks compiled by a helper process in 18.7 s)"
+    failed = {"mode": "precompiled", "precompiled_from": None, "variants_loaded": 0, "variants_compiled": 2,
+              "compile_helper": {"state": "failed (exit 3): boom", "ready_s": None, "eager_batches": 1}}
+    assert line(failed) == \
+        ", first batch 2.0 s (precompiled blocks compiled here (compile helper failed (exit 3): boom))"
+    timed_out = {**failed, "compile_helper": {"state": "timed out after 600 s"}}
+    assert line(timed_out) == \
+        ", first batch 2.0 s (precompiled blocks compiled here (compile helper timed out after 600 s))"
+    # loaded, yet some variants compiled here (calls the helper's blocks did not fit)
+    partly = {**loaded, "variants_compiled": 1}
+    assert line(partly) == ", first batch 2.0 s (precompiled blocks compiled here, some loaded)"
