@@ -71,6 +71,11 @@ import sys
 import tempfile
 import time
 
+# The compiled variants time the compiled actor from its second batch on: a new node's compile
+# helper (pipeline.embed.compile_helper, on by default for CUDA actors) would run those batches
+# eagerly until it ends (2026-12-05: a 'compiled' H100 run timed 41.8 pages/s, the eager rate).
+os.environ.setdefault("VDR_COMPILE_HELPER", "0")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))

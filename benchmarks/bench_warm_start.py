@@ -16,6 +16,10 @@ import subprocess
 import sys
 import tempfile
 
+# The first batch timed here is the compiled one (cold, warm): a new node's compile helper
+# (pipeline.embed.compile_helper) would run it eagerly instead; --cold-env VDR_COMPILE_HELPER=1 times that.
+os.environ.setdefault("VDR_COMPILE_HELPER", "0")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ACTOR = r"""

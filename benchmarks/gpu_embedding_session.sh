@@ -115,6 +115,10 @@ step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
 step part1_cold "${COLD_TIMEOUT:-420}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
   --plain-after "${COLD_JOBS:-4}" --cold-caches --plain-envs "${COLD_ENVS:-}" \
   --out "$OUT/part1_cold.json"
+# warm_ab: plain 3,000-page jobs on a node whose caches an earlier job filled (no emptying), each
+# with its own environment (WARM_ENVS, 'A=1;A=0;A=1'; WARM_JOBS jobs, default 3)        ~200 s
+step warm_ab "${WARM_AB_TIMEOUT:-330}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
+  --plain-after "${WARM_JOBS:-3}" --plain-envs "${WARM_ENVS:-}" --out "$OUT/warm_ab.json"
 # A whole job of mixed page sizes (six shapes), cold then warm, with today's defaults (pow2 split);
 # with `actor` for the actor alone on letter pages in the same call                      ~250 s
 # (MIXED_JOBS: how many, 2; MIXED_JOB_TIMEOUT: the limit)

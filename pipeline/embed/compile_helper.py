@@ -98,6 +98,7 @@ class CompileHelper:
         self.state = "running"  # then: loaded, failed (...), timed out, stopped (...)
         self.ready_s: float | None = None  # seconds from the start to its blocks loaded
         self.variants = 0
+        self.note: str | None = None
         self.eager_batches = 0  # counted by the actor: batches with blocks run eagerly while it ran
         self._lock = threading.Lock()
 
@@ -136,6 +137,7 @@ class CompileHelper:
                 log.warning("compile helper %s; the blocks are compiled here", self.state)
                 return 0
             self.variants = n
+            self.note = self._last_line()  # its own timings: model built in .. s, compiled in .. s
             # when its blocks were written (the actor looks at its next batch)
             self.ready_s = round(os.path.getmtime(path) - self.started_wall, 3)
             self.state = "loaded"
@@ -157,7 +159,7 @@ class CompileHelper:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def summary(self, forwards: list) -> dict:
-        return {"state": self.state, "ready_s": self.ready_s, "variants": self.variants,
+        return {"state": self.state, "ready_s": self.ready_s, "variants": self.variants, "note": self.note,
                 "eager_batches": self.eager_batches, "eager_calls": {pf.name: pf.eager_calls for pf in forwards}}
 
     def _lines(self) -> list[str] | None:
