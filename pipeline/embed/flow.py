@@ -473,8 +473,9 @@ def first_batches(actors: list[dict]) -> str:
         helper = c.get("compile_helper") or {}
         if helper.get("state") == "loaded" and not compiled:
             eager = helper.get("eager_batches", 0)
-            text = (f"blocks compiled by a helper process in {helper.get('ready_s') or 0:.1f} s"
-                    + (f", {eager} batch{'es' if eager != 1 else ''} run eagerly meanwhile" if eager else ""))
+            text = (f"blocks from a compile helper, loaded {helper.get('loaded_s') or helper.get('ready_s') or 0:.1f} s "
+                    "after the actor started"
+                    + (f", {eager} batch{'es' if eager != 1 else ''} run eagerly before" if eager else ""))
         elif helper.get("state") == "running" and not loaded and not compiled:  # the job ended first
             text = "blocks run eagerly: the compile helper had not finished"
         else:

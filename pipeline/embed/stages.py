@@ -208,8 +208,8 @@ class PageEmbedder:
         slow_imports = bytecode_warning()
         if slow_imports:
             log.warning(slow_imports)
-        # A new node: the blocks compiled in a helper process while this one loads the weights
-        # and runs eagerly (pipeline.embed.compile_helper; stopped below where the node is warm)
+        # A new node, VDR_COMPILE_HELPER=1: the blocks compiled in a helper process while this one loads
+        # the weights and runs eagerly (pipeline.embed.compile_helper; stopped below where the node is warm)
         self.helper = None
         if compile_helper.wanted(device, compile_model, precompiled):
             self.helper = compile_helper.CompileHelper(model, device, dtype, attn_implementation, precision,
@@ -284,7 +284,9 @@ class PageEmbedder:
         images = [pixels[i].reshape(heights[i], widths[i], 3) for i in page_idx]
         helper = self.helper if self.helper is not None and self.helper.pending() else None
         if helper is not None:
-            helper.collect(self.lm.precompiled)  # its blocks, once it has ended
+            if images:  # what it compiles for: this first batch's page shapes (the size hints the actor's would give)
+                helper.first_batch([im.shape[:2] for im in images], *self.compile_cache)
+            helper.collect(self.lm.precompiled)  # its blocks, once it has written them
             eager_before = sum(pf.eager_calls for pf in self.lm.precompiled)
         busy_before = self.timer.thread_busy_s
         # float16, what is stored (converted on the device; pooled vectors on the host: pipeline.embed.model.launch_embeddings)
