@@ -86,6 +86,10 @@ def main() -> int:
     ap.add_argument("--cold-caches", action="store_true",
                     help="empty this node's compile caches (the job's, Inductor's, Triton's) before each job: "
                          "every actor compiles cold, as on a new node")
+    ap.add_argument("--cold-jobs", default="",
+                    help="with --cold-caches: only these --plain-after jobs (1-based, comma-separated) start from "
+                         "emptied caches, the others from what the job before left (a warm job right after a "
+                         "cold one: '1,3' of four jobs)")
     ap.add_argument("--mixed-sizes", action="store_true",
                     help="documents of six page shapes (letter, A4, landscape, 16:9 slides, square, legal) instead "
                          "of letter pages only: batches of mixed page sizes, as real corpora give")
@@ -138,7 +142,8 @@ def main() -> int:
                 job_env["PIPELINE_PRESTART_WORKERS"] = "0"
             job_env.update(dict(kv.split("=", 1) for kv in in_turn(args.plain_envs, name)))
             cmd += in_turn(args.plain_args, name)
-            if args.cold_caches:
+            cold_only = {f"plain_after_{int(i)}" for i in args.cold_jobs.split(",") if i.strip()}
+            if args.cold_caches and (not cold_only or name in cold_only):
                 import getpass
                 import shutil
 

@@ -115,6 +115,14 @@ step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
 step part1_cold "${COLD_TIMEOUT:-420}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
   --plain-after "${COLD_JOBS:-4}" --cold-caches --plain-envs "${COLD_ENVS:-}" \
   --out "$OUT/part1_cold.json"
+# helper_blocks: are the blocks the compile helper compiles (VDR_COMPILE_HELPER=1) as fast as the
+# actor's own? Four plain 3,000-page jobs: cold without the helper, warm (loads the actor's blocks),
+# cold with the helper, warm (loads the helper's blocks); compare the warm jobs' actors after their
+# first batch (with `actor` for the actor alone)                                           ~300 s
+step helper_blocks "${HELPER_BLOCKS_TIMEOUT:-420}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 \
+  --no-plain --plain-after 4 --cold-caches --cold-jobs 1,3 \
+  --plain-envs "VDR_COMPILE_HELPER=0;VDR_COMPILE_HELPER=0;VDR_COMPILE_HELPER=1;VDR_COMPILE_HELPER=0" \
+  --out "$OUT/helper_blocks.json"
 # warm_ab: plain 3,000-page jobs on a node whose caches an earlier job filled (no emptying), each
 # with its own environment (WARM_ENVS, 'A=1;A=0;A=1'; WARM_JOBS jobs, default 3)        ~200 s
 step warm_ab "${WARM_AB_TIMEOUT:-330}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
