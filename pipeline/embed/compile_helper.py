@@ -69,6 +69,17 @@ def wanted(device: str, compile_model: bool, precompiled: bool | None) -> bool:
     return precompiled is not None or env_flag("VDR_PRECOMPILE", True)
 
 
+# The GPU memory an actor needs free at its start for a helper beside it: the actor's model and
+# batches (peak 6.4-10 GiB at batch 32 on an H200, RESULTS) and the helper's context, one-block
+# model and one batch through one block (a few GiB). Below it (or with 16 GB cards) no helper.
+MIN_FREE_BYTES = 16 << 30
+
+
+def room_for_helper(free_bytes: int | None) -> bool:
+    """Whether a GPU with ``free_bytes`` free (None: unknown) leaves room for a helper."""
+    return free_bytes is None or free_bytes >= MIN_FREE_BYTES
+
+
 def timeout_s() -> float:
     raw = os.environ.get(TIMEOUT_ENV, "180")
     try:

@@ -212,8 +212,15 @@ class PageEmbedder:
         # the weights and runs eagerly (pipeline.embed.compile_helper; stopped below where the node is warm)
         self.helper = None
         if compile_helper.wanted(device, compile_model, precompiled):
-            self.helper = compile_helper.CompileHelper(model, device, dtype, attn_implementation, precision,
-                                                       endpoint_url)
+            from pipeline.cluster import visible_gpu_free_bytes
+
+            free = visible_gpu_free_bytes() if str(device).startswith("cuda") else None
+            if compile_helper.room_for_helper(free):
+                self.helper = compile_helper.CompileHelper(model, device, dtype, attn_implementation, precision,
+                                                           endpoint_url)
+            else:
+                log.warning("no compile helper: %.1f GiB free on the GPU, %d GiB wanted for it beside the actor",
+                            free / 2**30, compile_helper.MIN_FREE_BYTES >> 30)
         try:
             self._load(model, device, dtype, attn_implementation, endpoint_url, compile_model, precision,
                        precompiled, batches_in_flight, compile_cache)

@@ -362,6 +362,14 @@ def test_who_starts_a_helper(monkeypatch):
             timeout_s()
 
 
+def test_no_helper_on_a_gpu_without_room_for_it():
+    from pipeline.embed.compile_helper import MIN_FREE_BYTES, room_for_helper
+
+    assert room_for_helper(None)  # unknown (no NVML, MIG): as asked
+    assert room_for_helper(MIN_FREE_BYTES) and room_for_helper(80 << 30)
+    assert not room_for_helper(MIN_FREE_BYTES - 1) and not room_for_helper(4 << 30)
+
+
 def test_a_provisional_compile_state_gives_way_to_the_final_one():
     from pipeline.embed.counters import final_state, merge_records
 
