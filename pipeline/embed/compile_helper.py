@@ -17,8 +17,10 @@ and the batch size (so Inductor compiles with the size hints the actor's own fir
 have given it), runs random pages of those shapes through the actor's code path, so that each
 block type is compiled for the calls a batch makes, writes the compiled blocks
 (:func:`pipeline.embed.precompile.dumps`) for the actor, and saves them under the model's key in
-this node's compile cache and ``--compile-cache`` (so a short job that ends before the helper
-still leaves the node warm). Meanwhile the actor loads its weights and runs each block eagerly
+this node's compile cache and ``--compile-cache`` (outside Ray an actor that ends first lets its
+helper finish and save; a Ray worker's child processes end with it, so under Ray a job that ends
+before the helper has compiled leaves the node without blocks, and its next actor starts a helper
+again). Meanwhile the actor loads its weights and runs each block eagerly
 (:attr:`pipeline.embed.precompile.PrecompiledForward.defer`; the eager path is the training
 code's, the compiled one within bf16 rounding of it); at each batch it looks for the helper's
 blocks and loads them. A helper that fails, times out, or whose blocks do not fit the real
@@ -98,6 +100,7 @@ class CompileHelper:
     def __init__(self, model: str, device: str, dtype: str = "auto", attn_implementation: str | None = None,
                  precision: str = "default", endpoint_url: str | None = None, command: list[str] | None = None):
         self.timeout_s = timeout_s()
+        _sweep_stale(2 * self.timeout_s)
         self.dir = tempfile.mkdtemp(prefix="vdr-compile-helper-")
         args = {"model": model, "device": device, "dtype": dtype, "attn_implementation": attn_implementation,
                 "precision": precision, "endpoint_url": endpoint_url, "dir": self.dir, "parent": os.getpid(),
@@ -233,6 +236,24 @@ class CompileHelper:
             except OSError:
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _sweep_stale(age_s: float) -> None:
+    """Remove helper folders older than ``age_s`` (no helper lives that long): those of helpers
+    killed with their actor (Ray ends a worker's child processes when the worker exits)."""
+    tmp = tempfile.gettempdir()
+    now = time.time()
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith("vdr-compile-helper-")]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(tmp, name)
+        try:
+            if now - os.path.getmtime(path) > age_s:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _watch_parent(parent: int, told: threading.Event, folder: str, deadline: float) -> None:

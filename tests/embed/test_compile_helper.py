@@ -89,7 +89,8 @@ def actors(tiny_model, tmp_path_factory):
     """A cold actor on a new node (its helper compiles), then a second actor on the same node."""
     base = tmp_path_factory.mktemp("compile-helper")
     cold, cold_err = _run_actor("cold", tiny_model, base / "a")
-    # another node: an actor whose job ends after one batch, before its helper has compiled
+    # another node: an actor whose job ends after one batch, before its helper has compiled (a plain
+    # process: under Ray the worker's child processes end with it)
     short, _ = _run_actor("short", tiny_model, base / "b")
     node_b = base / "b" / "node-cache"
     deadline = time.monotonic() + 300
@@ -360,6 +361,23 @@ def test_who_starts_a_helper(monkeypatch):
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=TIMEOUT_ENV):
             timeout_s()
+
+
+def test_folders_of_helpers_killed_with_their_actor_are_swept(tmp_path, monkeypatch):
+    import tempfile
+
+    from pipeline.embed import compile_helper
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    old, new, other = (tmp_path / "vdr-compile-helper-old"), (tmp_path / "vdr-compile-helper-new"), tmp_path / "x"
+    for d in (old, new, other):
+        d.mkdir()
+        (d / "batch.json").write_text("{}")
+    an_hour_ago = time.time() - 3600
+    for d in (old, other):
+        os.utime(d, (an_hour_ago, an_hour_ago))
+    compile_helper._sweep_stale(360)
+    assert not old.exists() and new.exists() and other.exists()
 
 
 def test_no_helper_on_a_gpu_without_room_for_it():
