@@ -632,8 +632,19 @@ def main():
                 torch.cuda.empty_cache()
             res["variants"] = variants
             continue
+        # *_helper: the compile helper of a new node (VDR_COMPILE_HELPER=1, pipeline.embed.compile_helper),
+        # its caches empty (Inductor's and Triton's: a cold compile, not this process's earlier variants'
+        # kernels); batches run eagerly until its blocks are loaded, then the timed batches run on the
+        # blocks it compiled: are they as fast as the actor's own (a `compiled*` variant beside it)?
+        helper_variant = "_helper" in name
+        if helper_variant:
+            host.enter_context(env_set("VDR_COMPILE_HELPER", "1"))
+            host.enter_context(env_set("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-helper-inductor-")))
+            host.enter_context(env_set("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="bench-helper-triton-")))
+        emb = None
         try:
-            emb = PageEmbedder(model_dir, device=DEV, compile_model=name != "eager" and not args.smoke,
+            # --smoke compiles nothing, but for *_helper (the tiny model's helper on the CPU: the wiring)
+            emb = PageEmbedder(model_dir, device=DEV, compile_model=name != "eager" and (not args.smoke or helper_variant),
                                precision=precision, batches_in_flight=2 if "inflight2" in name else 1,
                                pool_factor=3 if "_pool3" in name else 1)
             load_s = time.perf_counter() - t
@@ -641,6 +652,13 @@ def main():
             emb(rows_table(pages[: args.batch_size]))
             sync()
             first = time.perf_counter() - t
+            helper_eager = 0
+            while helper_variant and emb.helper is not None and emb.helper.pending() \
+                    and time.perf_counter() - t < 300:
+                emb(rows_table(pages[: args.batch_size]))  # eager, as a job's batches would be
+                helper_eager += 1
+            sync()
+            helper_wait_s = time.perf_counter() - t
             if flops_page is None:
                 seq = n_patches // 4 + len(emb.lm.image_prefix_ids) + len(emb.lm.image_suffix_ids)
                 flops_page = page_flops(emb.lm.model.config, n_patches, seq)
@@ -654,6 +672,11 @@ def main():
                               "load_s": round(load_s, 1), "first_batch_s": round(first, 1),
                               "sdpa_first": cudnn or None,
                               "attention_kernel": attention_kernel(emb, rows_table(pages[: args.batch_size]))}
+            if helper_variant:
+                variants[name]["compile_helper"] = {
+                    "eager_batches_after_the_first": helper_eager, "s_from_first_batch_to_loaded": round(helper_wait_s, 1),
+                    "summary": emb.helper.summary(emb.lm.precompiled) if emb.helper is not None else None,
+                    "variants_compiled_here": sum(pf.compiled for pf in emb.lm.precompiled)}
             if "_pool3" in name:  # host seconds per timed batch of the pooling's second half (the
                 # first batch, where the merge workers start, left out since the fifteenth session's call B)
                 batches = max(emb.timer.passes - pool_before[1], 1)

@@ -41,6 +41,8 @@
 #   shapes      what a new SDPA call shape costs (bench_sdpa_shapes.py, per backend), then random
 #               mixed batches of 32 with the vision attention's calls per run and cut into powers
 #               of two (bench_mixed_sizes.py --random-mixes --split runs|pow2)           3 x 200 s
+# (bench_actor.py variant *_helper: the timed batches on the blocks a compile helper compiled,
+# VDR_COMPILE_HELPER=1, after eager batches until they are loaded; beside compiled_inflight2)
 # ACTOR_VARIANTS overrides the actor step's variants, ACTOR_PAGES its pages, ACTOR_TIMEOUT its limit (300 s);
 # ACTOR_EXTRA adds arguments.
 # Each job step also builds the real-size model (12-17 s) and writes its corpus first, and a
