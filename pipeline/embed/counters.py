@@ -28,8 +28,9 @@ MODEL_LOAD_S = "_model_load_s"
 # figures after it.
 FIRST_BATCH = "_first_batch"
 # How the actor came by its compiled model (JSON, as of its first batch in this job: off,
-# precompiled blocks loaded or compiled here, the compile cache warm or cold); whether warm
-# starts worked, per actor, in the summary.
+# precompiled blocks loaded or compiled here, the compile cache warm or cold; with a compile
+# helper still running, marked provisional and replaced by a later batch's: final_state);
+# whether warm starts worked, per actor, in the summary.
 COMPILE = "_compile"
 COLUMNS = (ACTOR, BUSY_S, FIRST_BATCH_AT, BATCH_END_AT, MODEL_LOAD_S, FIRST_BATCH, COMPILE)
 _FIRST_TYPE = pa.list_(pa.float64(), 3)

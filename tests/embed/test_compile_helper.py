@@ -429,3 +429,45 @@ def test_the_final_line_for_a_helper_that_loaded_or_failed():
     # loaded, yet some variants compiled here (calls the helper's blocks did not fit)
     partly = {**loaded, "variants_compiled": 1}
     assert line(partly) == ", first batch 2.0 s (precompiled blocks compiled here, some loaded)"
+
+
+def test_a_submitted_job_with_the_helper_keeps_every_document(ray_cluster, tiny_model, sample_corpus, tmp_path):
+    """As users turn it on: `ray job submit` with VDR_COMPILE_HELPER=1 in the runtime env, on a
+    node with no compiled blocks. The actor starts its helper inside Ray (its worker's code and
+    environment), the job ends with every document as page rows or error rows, and the summary
+    says where the helper stood (a job this short usually ends before it has compiled: Ray then
+    ends it with the actor)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    for cache in (ray_cluster["compile_cache"], ray_cluster["inductor_cache"]):
+        shutil.rmtree(cache, ignore_errors=True)  # a new node
+    out = tmp_path / "submitted"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address",
+           ray_cluster["dashboard_url"], "--working-dir", ROOT, "--runtime-env-json",
+           json.dumps({"excludes": [".venv", ".git", ".whl", "benchmarks", "notebooks"],
+                       "env_vars": {"VDR_COMPILE_HELPER": "1"}}),
+           "--", sys.executable, "-m", "jobs.embed_corpus", "--input", sample_corpus, "--output", str(out),
+           "--model", tiny_model, "--max-visual-tokens", "64", "--batch-size", "4", "--compile", "on"]
+    for _ in range(10):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        if "No available agent" not in proc.stderr + proc.stdout:  # the dashboard agent is still starting
+            break
+        time.sleep(3)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    run = summary["this_run"]
+    (actor,) = run["actors"]
+    helper = actor["compile"]["compile_helper"]
+    assert helper["state"] in ("running", "loaded"), helper  # started in the Ray actor, not failed
+    assert helper["eager_batches"] >= 1
+    pages = pq.read_table(out / "pages")
+    assert pages.num_rows == run["pages"] > 0 and all(n > 0 for n in pages.column("n_vectors").to_pylist())
+    docs = {os.path.basename(d) for d in pages.column("doc_id").to_pylist()}
+    errors = pq.read_table(out / "errors") if (out / "errors").exists() else None
+    if errors is not None:
+        docs |= {os.path.basename(d) for d in errors.column("doc_id").to_pylist()}
+    files = {name for _, _, names in os.walk(sample_corpus) for name in names}
+    assert docs == files, (docs, files)
+    assert "compile helper" in proc.stdout + proc.stderr
