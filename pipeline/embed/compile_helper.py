@@ -265,7 +265,9 @@ def _watch_parent(parent: int, told: threading.Event, folder: str, deadline: flo
             print("compile helper: out of time", flush=True)
             shutil.rmtree(folder, ignore_errors=True)
             os._exit(5)
-        if os.getppid() != parent and not told.is_set():
+        # told: the actor wrote its first batch (read or not yet: a helper still importing when a
+        # short job's actor ended was ended here, and the node left without blocks; seen under load)
+        if os.getppid() != parent and not (told.is_set() or os.path.exists(os.path.join(folder, BATCH))):
             shutil.rmtree(folder, ignore_errors=True)
             os._exit(4)
         time.sleep(0.5)
