@@ -641,6 +641,9 @@ def main():
             host.enter_context(env_set("VDR_COMPILE_HELPER", "1"))
             host.enter_context(env_set("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench-helper-inductor-")))
             host.enter_context(env_set("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="bench-helper-triton-")))
+            # and a node compile cache of its own: an earlier variant saved its blocks in the
+            # default one, where this actor would find them (a warm node: no helper at all)
+            host.enter_context(env_set("VDR_COMPILE_CACHE", tempfile.mkdtemp(prefix="bench-helper-vdr-")))
         emb = None
         try:
             # --smoke compiles nothing, but for *_helper (the tiny model's helper on the CPU: the wiring)
