@@ -98,6 +98,7 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
 # driver's environment; an embedded Ray's would. Per-node paths (VDR_COMPILE_CACHE,
 # VDR_MODEL_CACHE) are left out: each node or pod sets its own.
 WORKER_ENV = ("VDR_POOL_PROCESSES", "VDR_WARD_ON_DEVICE", "VDR_COMPILE_HELPER", "VDR_COMPILE_HELPER_TIMEOUT_S",
+              "VDR_COMPILE_HELPER_PROCESSES",
               "VDR_PERSISTENT_NORMS", "VDR_PRECOMPILE", "VDR_LINEAR_PATCH_EMBED",
               "VDR_IMAGE_ATTENTION_SPLIT", "PIPELINE_RENDER_NICENESS", "PIPELINE_RENDER_MEMORY_LIMIT_BYTES",
               "PIPELINE_SCORER_DECODE_THREADS", "PIPELINE_STORAGE_ATTEMPTS", "PIPELINE_STORAGE_TIMEOUT_S",

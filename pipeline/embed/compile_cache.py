@@ -220,6 +220,13 @@ def save_precompiled(key: str, forwards: list, shared_uri: str | None = None,
     except Exception as exc:  # noqa: BLE001 - not serializable: a warm start traces again
         log.warning("precompiled blocks not saved (%s: %s)", type(exc).__name__, str(exc)[:300])
         return 0
+    return save_precompiled_bytes(key, data, shared_uri, endpoint_url)
+
+
+def save_precompiled_bytes(key: str, data: bytes, shared_uri: str | None = None,
+                           endpoint_url: str | None = None) -> int:
+    """Write a :func:`pipeline.embed.precompile.dumps` blob beside ``key`` (this node's location
+    and the shared one). Returns the bytes written."""
     for base in _locations(shared_uri):
         uri = storage.join_uri(base, precompiled_key(key))
         try:

@@ -41,6 +41,8 @@ actor's rate after them was not separated from its eager batches'), hence opt-in
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import json
 import logging
 import os
@@ -58,27 +60,34 @@ log = logging.getLogger(__name__)
 
 ENV = "VDR_COMPILE_HELPER"
 TIMEOUT_ENV = "VDR_COMPILE_HELPER_TIMEOUT_S"
-RESULT = "precompiled.bin"
+PROCESSES_ENV = "VDR_COMPILE_HELPER_PROCESSES"
 BATCH = "batch.json"  # written by the actor at its first batch: page shapes, cache key and places
+LOCK = "parts.lock"  # the helpers' turns at reading each other's blocks and writing their own
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def result_name(part: int) -> str:
+    """The file helper ``part`` writes its compiled blocks to, in the helpers' folder."""
+    return f"precompiled.{part}.bin"
+
+
 def wanted(device: str, compile_model: bool, precompiled: bool | None) -> bool:
-    """Whether an actor with these settings starts a helper (``$VDR_COMPILE_HELPER``)."""
-    on = env_flag(ENV, False)
+    """Whether an actor with these settings starts helpers: ``$VDR_COMPILE_HELPER`` 1 or 0; unset,
+    on a GPU only (on a CPU the helpers would take the cores the actor's batches need)."""
+    on = env_flag(ENV, str(device).startswith("cuda"))
     if not on or not compile_model or precompiled is False:
         return False
     return precompiled is not None or env_flag("VDR_PRECOMPILE", True)
 
 
-# The GPU memory an actor needs free at its start for a helper beside it: the actor's model and
-# batches (peak 6.4-10 GiB at batch 32 on an H200, RESULTS) and the helper's context, one-block
+# The GPU memory an actor needs free at its start for the helpers beside it: the actor's model and
+# batches (peak 6.4-10 GiB at batch 32 on an H200, RESULTS) and each helper's context, one-block
 # model and one batch through one block (a few GiB). Below it (or with 16 GB cards) no helper.
 MIN_FREE_BYTES = 16 << 30
 
 
 def room_for_helper(free_bytes: int | None) -> bool:
-    """Whether a GPU with ``free_bytes`` free (None: unknown) leaves room for a helper."""
+    """Whether a GPU with ``free_bytes`` free (None: unknown) leaves room for the helpers."""
     return free_bytes is None or free_bytes >= MIN_FREE_BYTES
 
 
@@ -93,44 +102,74 @@ def timeout_s() -> float:
     return value
 
 
+def processes() -> int:
+    """``$VDR_COMPILE_HELPER_PROCESSES``: 2 (the default: one helper per block type, the vision
+    block's and the text layer's compiled side by side) or 1 (one helper compiles both in turn)."""
+    raw = os.environ.get(PROCESSES_ENV, "").strip() or "2"
+    if raw not in ("1", "2"):
+        raise ValueError(f"{PROCESSES_ENV}={raw!r}: use 2 (a helper per block type, the default) or 1 "
+                         "(one helper for both)")
+    return int(raw)
+
+
 class CompileHelper:
-    """The actor's handle on its helper process. :meth:`pending` is the blocks' ``defer`` hook;
-    :meth:`first_batch` tells the helper what to compile for; :meth:`collect` loads its blocks."""
+    """The actor's handle on its helper processes (``parts`` of them: helper ``i`` compiles the
+    block types ``i``, ``i + parts``, ... of the model's precompiled blocks, in their order:
+    the vision block, the text layer). :meth:`defer_hook` gives each block type's ``defer``
+    (eager while its helper runs); :meth:`first_batch` tells the helpers what to compile for;
+    :meth:`collect` loads each helper's blocks once it has written them."""
 
     def __init__(self, model: str, device: str, dtype: str = "auto", attn_implementation: str | None = None,
-                 precision: str = "default", endpoint_url: str | None = None, command: list[str] | None = None):
+                 precision: str = "default", endpoint_url: str | None = None, command: list[str] | None = None,
+                 parts: int | None = None):
         self.timeout_s = timeout_s()
+        self.parts = processes() if parts is None else parts
         _sweep_stale(2 * self.timeout_s)
         self.dir = tempfile.mkdtemp(prefix="vdr-compile-helper-")
-        args = {"model": model, "device": device, "dtype": dtype, "attn_implementation": attn_implementation,
-                "precision": precision, "endpoint_url": endpoint_url, "dir": self.dir, "parent": os.getpid(),
-                "timeout_s": self.timeout_s}
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-        self.log_path = os.path.join(self.dir, "helper.log")
         self.started = time.monotonic()
         self.started_wall = time.time()
-        with open(self.log_path, "wb") as out:
-            # its own process group, so that stop() ends Inductor's compile workers with it; run from
-            # the package's folder, so that `-m` finds this code before any other `pipeline` on the path
-            self.proc = subprocess.Popen(command or [sys.executable, "-m", "pipeline.embed.compile_helper",
-                                                     json.dumps(args)],
-                                         env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        self.state = "running"  # then: loaded, failed (...), timed out, stopped (...)
-        self.ready_s: float | None = None  # seconds from its start to its blocks written
-        self.loaded_s: float | None = None  # seconds from its start to the actor loading them
+        self.procs: list[subprocess.Popen] = []
+        self.log_paths: list[str] = []
+        for part in range(self.parts):
+            args = {"model": model, "device": device, "dtype": dtype, "attn_implementation": attn_implementation,
+                    "precision": precision, "endpoint_url": endpoint_url, "dir": self.dir, "parent": os.getpid(),
+                    "timeout_s": self.timeout_s, "part": part, "parts": self.parts}
+            self.log_paths.append(os.path.join(self.dir, f"helper.{part}.log"))
+            with open(self.log_paths[-1], "wb") as out:
+                # its own process group, so that stop() ends Inductor's compile workers with it; run from
+                # the package's folder, so that `-m` finds this code before any other `pipeline` on the path
+                self.procs.append(subprocess.Popen(command or [sys.executable, "-m", "pipeline.embed.compile_helper",
+                                                               json.dumps(args)],
+                                                   env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                                   stdin=subprocess.DEVNULL, start_new_session=True))
+        # each part: running, then loaded, failed (...), timed out ..., stopped (...)
+        self.part_states = ["running"] * self.parts
+        self.part_blocks: list[list[str]] = [[] for _ in range(self.parts)]
+        self.part_ready_s: list[float | None] = [None] * self.parts
+        self.part_loaded_s: list[float | None] = [None] * self.parts
+        self.state = "running"  # all parts: running, loaded, or the first part's failure (see _settle)
+        self.ready_s: float | None = None  # seconds from their start to the last part's blocks written
+        self.loaded_s: float | None = None  # seconds from their start to the actor loading the last part's
         self.variants = 0
         self.note: str | None = None
-        self.eager_batches = 0  # counted by the actor: batches with blocks run eagerly while it ran
+        self.eager_batches = 0  # counted by the actor: batches with blocks run eagerly while they ran
         self._told = False
         self._lock = threading.Lock()
 
     def pending(self) -> bool:
         return self.state == "running"
 
+    def part_pending(self, part: int) -> bool:
+        return self.part_states[part] == "running"
+
+    def defer_hook(self, index: int):
+        """``defer`` for the model's ``index``-th precompiled block type: eager while its helper runs."""
+        return functools.partial(self.part_pending, index % self.parts)
+
     def first_batch(self, shapes: list[tuple[int, int]], key: str | None, shared_uri: str | None,
                     endpoint_url: str | None) -> None:
-        """Tell the helper the first batch's page shapes (height, width) and where to save its
+        """Tell the helpers the first batch's page shapes (height, width) and where to save their
         blocks (the compile cache's key; None: do not save). Once; later calls do nothing."""
         with self._lock:
             if self._told or self.state != "running":
@@ -146,95 +185,141 @@ class CompileHelper:
                 log.warning("compile helper not told the first batch (%s)", type(exc).__name__)
 
     def collect(self, forwards: list) -> int | None:
-        """If the helper has written its blocks (or ended without them): load them into
-        ``forwards`` (once) and return the variants loaded (0 when it failed); None while it runs."""
+        """Load the blocks of each helper that has written them (or mark one that ended without
+        them, or all past their time, as failed): returns the variants loaded by this call (0 when
+        a helper failed), None when nothing changed (all still running, or all decided before)."""
         if self.state != "running":
             return None
-        path = os.path.join(self.dir, RESULT)
-        if not os.path.exists(path) and self.proc.poll() is None:
-            if time.monotonic() - self.started <= self.timeout_s:
-                return None
-            self.stop(f"timed out after {self.timeout_s:g} s")
-            log.warning("compile helper: no compiled blocks after %g s (%s); compiling here",
-                        self.timeout_s, TIMEOUT_ENV)
-            return 0
         from pipeline.embed import precompile
 
+        loaded, changed = 0, False
         with self._lock:
             if self.state != "running":
                 return None
-            if not os.path.exists(path):
-                self.state = f"failed (exit {self.proc.returncode}): {self._last_line()}"
-                log.warning("compile helper %s; the blocks are compiled here. The end of its log:\n%s",
-                            self.state, self._tail())
-                shutil.rmtree(self.dir, ignore_errors=True)
-                return 0
-            try:
-                with open(path, "rb") as f:
-                    n = precompile.loads(f.read(), forwards)
-            except Exception as exc:  # noqa: BLE001 - unusable blocks: compile here
-                self.state = f"failed: its blocks could not be loaded ({type(exc).__name__})"
-                log.warning("compile helper %s; the blocks are compiled here", self.state)
-                shutil.rmtree(self.dir, ignore_errors=True)
-                return 0
-            self.variants = n
-            self.note = self._last_line()  # its own timings: model built, waited, compiled
-            self.ready_s = round(os.path.getmtime(path) - self.started_wall, 3)
-            self.loaded_s = round(time.monotonic() - self.started, 3)
+            timed_out = time.monotonic() - self.started > self.timeout_s
+            for part, proc in enumerate(self.procs):
+                if self.part_states[part] != "running":
+                    continue
+                path = os.path.join(self.dir, result_name(part))
+                if not os.path.exists(path):
+                    if proc.poll() is None:
+                        if timed_out:
+                            self._kill(part)
+                            self.part_states[part] = f"timed out after {self.timeout_s:g} s"
+                            log.warning("compile helper %d: no compiled blocks after %g s (%s); compiling here",
+                                        part, self.timeout_s, TIMEOUT_ENV)
+                            changed = True
+                        continue
+                    if not os.path.exists(path):  # looked at again: it may have written them just before exiting
+                        self.part_states[part] = f"failed (exit {proc.returncode}): {self._last_line(part)}"
+                        log.warning("compile helper %d %s; its blocks are compiled here. The end of its log:\n%s",
+                                    part, self.part_states[part], self._tail(part))
+                        changed = True
+                        continue
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    names = precompile.names(data)
+                    n = precompile.loads(data, [pf for pf in forwards if pf.name in names])
+                except Exception as exc:  # noqa: BLE001 - unusable blocks: compile here
+                    self.part_states[part] = f"failed: its blocks could not be loaded ({type(exc).__name__})"
+                    log.warning("compile helper %d %s; they are compiled here", part, self.part_states[part])
+                    changed = True
+                    continue
+                self.part_blocks[part] = sorted(names)
+                self.part_ready_s[part] = round(os.path.getmtime(path) - self.started_wall, 3)
+                self.part_loaded_s[part] = round(time.monotonic() - self.started, 3)
+                self.part_states[part] = "loaded"
+                self.variants += n
+                loaded += n
+                changed = True
+                log.info("compile helper %d: %d compiled block variants (%s) loaded, %.1f s after it started",
+                         part, n, ", ".join(sorted(names)), self.part_loaded_s[part])
+            if not changed:
+                return None
+            self._settle()
+        return loaded
+
+    def _settle(self) -> None:
+        """The overall state once no part runs: loaded (every part), the failure of the one that
+        failed (none loaded), or ``partly failed: ...`` (some loaded). Then the folder goes (a
+        helper may still be saving the blocks to the compile cache: it ends by itself)."""
+        if any(s == "running" for s in self.part_states):
+            return
+        failures = [s for s in self.part_states if s != "loaded"]
+        if not failures:
             self.state = "loaded"
-            log.info("compile helper: %d compiled block variants loaded, %.1f s after it started", n, self.loaded_s)
-            # it may still be saving them to the compile cache: it ends by itself, its folder goes now
-            shutil.rmtree(self.dir, ignore_errors=True)
-            return n
+        elif len(failures) == self.parts:
+            self.state = failures[0]
+        else:
+            self.state = f"partly failed: {failures[0]}"
+        ready = [r for r in self.part_ready_s if r is not None]
+        self.ready_s = max(ready) if ready else None
+        loaded = [r for r in self.part_loaded_s if r is not None]
+        self.loaded_s = max(loaded) if loaded else None
+        self.note = " | ".join(self._last_line(p) for p in range(self.parts))  # their own timings
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _kill(self, part: int) -> None:
+        proc = self.procs[part]
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                proc.kill()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
 
     def stop(self, reason: str = "stopped") -> None:
-        """End the helper and its compile workers (a warm node needs none; it timed out)."""
+        """End the helpers and their compile workers (a warm node needs none; they timed out)."""
         with self._lock:
-            if self.proc.poll() is None:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    self.proc.kill()
-                try:
-                    self.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
+            for part in range(self.parts):
+                self._kill(part)
+                if self.part_states[part] == "running":
+                    self.part_states[part] = reason
             if self.state == "running":
                 self.state = reason
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def summary(self, forwards: list) -> dict:
-        return {"state": self.state, "ready_s": self.ready_s, "loaded_s": self.loaded_s, "variants": self.variants,
-                "note": self.note, "eager_batches": self.eager_batches,
-                "eager_calls": {pf.name: pf.eager_calls for pf in forwards}}
+        out = {"state": self.state, "ready_s": self.ready_s, "loaded_s": self.loaded_s, "variants": self.variants,
+               "note": self.note, "eager_batches": self.eager_batches,
+               "eager_calls": {pf.name: pf.eager_calls for pf in forwards}}
+        if self.parts > 1:
+            out["parts"] = [{"state": self.part_states[p], "blocks": self.part_blocks[p],
+                             "ready_s": self.part_ready_s[p], "loaded_s": self.part_loaded_s[p]}
+                            for p in range(self.parts)]
+        return out
 
-    def _lines(self) -> list[str] | None:
+    def _lines(self, part: int) -> list[str] | None:
         try:
-            with open(self.log_path, "rb") as f:
+            with open(self.log_paths[part], "rb") as f:
                 return [ln for ln in f.read()[-8000:].decode(errors="replace").splitlines() if ln.strip()]
         except OSError:
             return None
 
-    def _last_line(self) -> str:
-        lines = self._lines()
+    def _last_line(self, part: int) -> str:
+        lines = self._lines(part)
         if lines is None:
             return "no log"
         return lines[-1][:300] if lines else "no output"
 
-    def _tail(self, n: int = 20) -> str:
-        return "\n".join((self._lines() or [])[-n:])
+    def _tail(self, part: int, n: int = 20) -> str:
+        return "\n".join((self._lines(part) or [])[-n:])
 
     def __del__(self):
-        # An actor going away: a helper told what to compile finishes, saves the blocks for the
-        # node's next actor and removes its folder itself; one not yet told has nothing to save.
+        # An actor going away: helpers told what to compile finish, save the blocks for the node's
+        # next actor and remove their folder themselves; ones not yet told have nothing to save.
         if getattr(self, "_told", True) or getattr(self, "state", None) != "running":
             return
-        proc = getattr(self, "proc", None)
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
+        for proc in getattr(self, "procs", []):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -274,11 +359,13 @@ def _watch_parent(parent: int, told: threading.Event, folder: str, deadline: flo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The helper process: compile every block type on a one-block random-weights model, for the
-    actor's first batch's page shapes, write the compiled blocks for the actor and save them under
-    the model's key in the compile cache."""
+    """A helper process: compile its block types (``part`` of ``parts``; the others run eagerly)
+    on a one-block random-weights model, for the actor's first batch's page shapes, write the
+    compiled blocks for the actor, and save every part's under the model's key in the compile
+    cache once all are written (the last helper to write saves them all)."""
     args = json.loads((argv if argv is not None else sys.argv[1:])[0])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s compile helper %(message)s")
+    part, parts = args.get("part", 0), args.get("parts", 1)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s compile helper {part} %(message)s")
     started = time.monotonic()
     told = threading.Event()
     threading.Thread(target=_watch_parent, args=(args["parent"], told, args["dir"], started + args["timeout_s"]),
@@ -293,7 +380,11 @@ def main(argv: list[str] | None = None) -> int:
                     attn_implementation=args["attn_implementation"], endpoint_url=args["endpoint_url"],
                     compile_model=True, precision=args["precision"], precompiled=True, layers=1)
     built = time.monotonic() - started
-    if not lm.precompiled or all(pf.fallback is not None for pf in lm.precompiled):
+    mine = [pf for i, pf in enumerate(lm.precompiled) if i % parts == part]
+    for pf in lm.precompiled:
+        if pf not in mine:  # another helper's: run eagerly here
+            pf.defer = lambda: True
+    if mine and all(pf.fallback is not None for pf in mine):
         print("no block can be compiled ahead of time here (see the warnings above)", flush=True)
         return 3
     batch_path = os.path.join(args["dir"], BATCH)
@@ -308,20 +399,33 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [tuple(s) for s in batch["shapes"]] or [(896, 672)]
     shapes = shapes * 2 if len(shapes) == 1 else shapes
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
-    embed_pages(lm, images, out_dtype=torch.float16)
+    if mine:
+        embed_pages(lm, images, out_dtype=torch.float16)
     compiled = time.monotonic() - started - built - waited
-    data = precompile.dumps(lm.precompiled)
-    out = os.path.join(args["dir"], RESULT)
-    with open(out + ".partial", "wb") as f:
-        f.write(data)
-    variants = sum(len(pf.variants) for pf in lm.precompiled)
-    print(f"compiled {variants} block variants for {len(images)} pages: model built in {built:.1f} s, waited "
-          f"{waited:.1f} s for the first batch, compiled in {compiled:.1f} s, {len(data)} bytes", flush=True)
-    os.replace(out + ".partial", out)  # the actor loads them from here
-    if batch.get("key"):
-        compile_cache.save_precompiled(batch["key"], lm.precompiled, batch.get("shared_uri"), batch.get("endpoint_url"))
+    data = precompile.dumps(mine)
+    variants = sum(len(pf.variants) for pf in mine)
+    # In turn with the other helpers: read the blocks they have written, then write these (the
+    # actor removes the folder only once every helper has written, so the last one finds them all)
+    others = []
+    with open(os.path.join(args["dir"], LOCK), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for other in range(parts):
+            if other != part and os.path.exists(os.path.join(args["dir"], result_name(other))):
+                with open(os.path.join(args["dir"], result_name(other)), "rb") as f:
+                    others.append(f.read())
+        out = os.path.join(args["dir"], result_name(part))
+        with open(out + ".partial", "wb") as f:
+            f.write(data)
+        print(f"compiled {variants} block variants ({', '.join(pf.name for pf in mine) or 'none'}) for "
+              f"{len(images)} pages: model built in {built:.1f} s, waited {waited:.1f} s for the first batch, "
+              f"compiled in {compiled:.1f} s, {len(data)} bytes", flush=True)
+        os.replace(out + ".partial", out)  # the actor loads them from here
+    if batch.get("key") and len(others) == parts - 1:
+        compile_cache.save_precompiled_bytes(batch["key"], precompile.merge([data, *others]),
+                                             batch.get("shared_uri"), batch.get("endpoint_url"))
     if os.getppid() != args["parent"]:  # the actor has gone: nobody else removes the folder
-        shutil.rmtree(args["dir"], ignore_errors=True)
+        if len(others) == parts - 1:
+            shutil.rmtree(args["dir"], ignore_errors=True)
     sys.stdout.flush()
     os._exit(0)  # no interpreter teardown (Inductor's workers, CUDA): seconds the actor need not wait for
 

@@ -481,7 +481,7 @@ def first_batches(actors: list[dict]) -> str:
         else:
             text = ("precompiled blocks loaded" if loaded and not compiled else
                     "precompiled blocks compiled here" + (", some loaded" if loaded else ""))
-            if helper.get("state", "").startswith(("failed", "timed out")):
+            if helper.get("state", "").startswith(("failed", "timed out", "partly failed")):
                 text += f" (compile helper {helper['state'][:120]})"
         if fallbacks:
             text += f", {len(fallbacks)} block type(s) fell back to {plain}"

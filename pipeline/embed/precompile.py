@@ -190,9 +190,28 @@ def dumps(forwards: list[PrecompiledForward]) -> bytes:
                          "forwards": {pf.name: pf.serialize() for pf in forwards if pf.fallback is None}})
 
 
-def loads(data: bytes, forwards: list[PrecompiledForward]) -> int:
-    """Load a :func:`dumps` blob into ``forwards`` (by name); returns the variants loaded."""
+def _blob(data: bytes) -> dict:
     blob = pickle.loads(data)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT or blob.get("torch") != torch.__version__:
         raise ValueError("not a precompiled-blocks file of this torch")
+    return blob
+
+
+def names(data: bytes) -> set[str]:
+    """The block types a :func:`dumps` blob holds."""
+    return set(_blob(data)["forwards"])
+
+
+def merge(blobs: list[bytes]) -> bytes:
+    """One :func:`dumps` blob of several (each block type's variants from all of them)."""
+    merged: dict[str, list[bytes]] = {}
+    for data in blobs:
+        for name, variants in _blob(data)["forwards"].items():
+            merged.setdefault(name, []).extend(variants)
+    return pickle.dumps({"format": FORMAT, "torch": torch.__version__, "forwards": merged})
+
+
+def loads(data: bytes, forwards: list[PrecompiledForward]) -> int:
+    """Load a :func:`dumps` blob into ``forwards`` (by name); returns the variants loaded."""
+    blob = _blob(data)
     return sum(pf.load(blob["forwards"].get(pf.name, [])) for pf in forwards if pf.fallback is None)

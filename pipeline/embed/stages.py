@@ -208,8 +208,9 @@ class PageEmbedder:
         slow_imports = bytecode_warning()
         if slow_imports:
             log.warning(slow_imports)
-        # A new node, VDR_COMPILE_HELPER=1: the blocks compiled in a helper process while this one loads
-        # the weights and runs eagerly (pipeline.embed.compile_helper; stopped below where the node is warm)
+        # A new node (on a GPU, unless VDR_COMPILE_HELPER=0): the blocks compiled in helper processes while
+        # this one loads the weights and runs eagerly (pipeline.embed.compile_helper; stopped below where
+        # the node is warm)
         self.helper = None
         if compile_helper.wanted(device, compile_model, precompiled):
             from pipeline.cluster import visible_gpu_free_bytes
@@ -263,16 +264,18 @@ class PageEmbedder:
                                                         *self.compile_cache[1:])
             self.precompiled_load_s = time.perf_counter() - t
             self._graphs_saved = -1
-            self._variants_saved = sum(pf.loaded for pf in self.lm.precompiled)
+            # variants compiled here and saved: loaded ones are in a cache already, or a compile
+            # helper saves them (the last of its processes, all parts' blocks together)
+            self._variants_saved = 0
             self._saving = False
         if self.helper is not None:
             if self.compile_cache is None or self.precompiled_from is not None:
                 self.helper.stop("stopped: the precompiled blocks were in the cache")
             elif not any(pf.fallback is None for pf in self.lm.precompiled):
                 self.helper.stop("stopped: no block can be precompiled here")
-            else:  # until it has ended, a block no variant fits runs eagerly
-                for pf in self.lm.precompiled:
-                    pf.defer = self.helper.pending
+            else:  # until its helper has ended, a block no variant fits runs eagerly
+                for i, pf in enumerate(self.lm.precompiled):
+                    pf.defer = self.helper.defer_hook(i)
 
     def __call__(self, batch: pa.Table, counts: JobCounters | None = None) -> pa.Table:
         import torch
@@ -390,7 +393,7 @@ class PageEmbedder:
 
         with self._state_lock:  # one thread saves a given set of graphs
             graphs = int(dynamo_counters["stats"]["unique_graphs"])
-            variants = sum(len(pf.variants) for pf in self.lm.precompiled)
+            variants = sum(pf.compiled for pf in self.lm.precompiled)
             if (graphs == self._graphs_saved and variants == self._variants_saved) or self._saving:
                 return
             self._saving = True

@@ -1,9 +1,10 @@
-"""The compile helper (pipeline.embed.compile_helper, VDR_COMPILE_HELPER=1): on a node with no
-precompiled blocks, a helper process compiles each block type on a one-block random-weights model,
+"""The compile helpers (pipeline.embed.compile_helper; on by default on a GPU, VDR_COMPILE_HELPER=1
+here on the CPU): on a node with no precompiled blocks, helper processes (one per block type by
+default, VDR_COMPILE_HELPER_PROCESSES=2) compile the block types on a one-block random-weights model,
 for the actor's first batch's page shapes, while the actor loads its weights and runs its first
-batches eagerly; the actor then loads the helper's blocks, and the helper saves them for the
-node's next actor, also when the actor has gone first. A helper that fails or times out means
-compiling here."""
+batches eagerly; the actor loads each helper's blocks as they come, and the last helper saves them
+all for the node's next actor, also when the actor has gone first. A helper that fails or times out
+means compiling its blocks here."""
 
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ batch = pa.table(cols, schema=STREAM_SCHEMA)
 emb = PageEmbedder(model, device="cpu", compile_model=True)
 h = emb.helper
 res = {"key": cc.precompiled_key(emb.compile_cache[0]), "precompiled_from": emb.precompiled_from,
-       "helper_state_at_init": h.state, "helper_exited_at_init": h.proc.poll() is not None,
-       "defer_is_helper": [pf.defer == h.pending for pf in emb.lm.precompiled], "helper_dir": h.dir, "batches": []}
+       "helper_state_at_init": h.state, "helper_exited_at_init": all(p.poll() is not None for p in h.procs),
+       "helpers": len(h.procs), "deferred_at_init": [pf.defer is not None and pf.defer() for pf in emb.lm.precompiled],
+       "helper_dir": h.dir, "batches": []}
 
 def one_batch():
     out = emb(batch)
@@ -58,22 +60,22 @@ def one_batch():
 outs = [one_batch()]
 if mode == "cold":
     deadline = time.monotonic() + 300
-    while h.proc.poll() is None and time.monotonic() < deadline:
+    while any(p.poll() is None for p in h.procs) and time.monotonic() < deadline:
         time.sleep(0.1)
-    res["helper_exit"] = h.proc.poll()
+    res["helper_exit"] = [p.poll() for p in h.procs]
     outs.append(one_batch())
     table = pa.concat_tables(outs)
     res["records"] = counters.actor_records(table, pa.array([True] * table.num_rows))
 res["helper_dir_exists"] = os.path.exists(h.dir)
-res["helper_pid"] = h.proc.pid
 res["cache_files"] = sorted(os.listdir(cc.local_dir())) if os.path.isdir(cc.local_dir()) else []
 print(json.dumps(res))
 """
 
 
-def _run_actor(mode, model, base):
+def _run_actor(mode, model, base, processes="2"):
     env = {k: v for k, v in os.environ.items()
            if k not in ("VDR_COMPILE_HELPER_TIMEOUT_S", "VDR_PRECOMPILE", "VDR_COMPILE_CACHE")}
+    env["VDR_COMPILE_HELPER_PROCESSES"] = processes
     base.mkdir(exist_ok=True)
     (base / "tmp").mkdir(exist_ok=True)
     env.update(PYTHONPATH=ROOT, VDR_COMPILE_HELPER="1", VDR_COMPILE_CACHE=str(base / "node-cache"),
@@ -86,12 +88,13 @@ def _run_actor(mode, model, base):
 
 @pytest.fixture(scope="module")
 def actors(tiny_model, tmp_path_factory):
-    """A cold actor on a new node (its helper compiles), then a second actor on the same node."""
+    """A cold actor on a new node (its two helpers compile), then on another node a short job's
+    actor with one helper, and a second actor on that node."""
     base = tmp_path_factory.mktemp("compile-helper")
     cold, cold_err = _run_actor("cold", tiny_model, base / "a")
     # another node: an actor whose job ends after one batch, before its helper has compiled (a plain
     # process: under Ray the worker's child processes end with it)
-    short, _ = _run_actor("short", tiny_model, base / "b")
+    short, _ = _run_actor("short", tiny_model, base / "b", processes="1")
     node_b = base / "b" / "node-cache"
     deadline = time.monotonic() + 300
     while short["key"] not in (os.listdir(node_b) if node_b.is_dir() else []) and time.monotonic() < deadline:
@@ -106,8 +109,8 @@ def actors(tiny_model, tmp_path_factory):
 def test_a_cold_actor_runs_eagerly_until_its_helper_has_compiled_then_loads_its_blocks(actors):
     cold = actors["cold"]
     assert cold["precompiled_from"] is None and cold["helper_state_at_init"] == "running"
-    assert not cold["helper_exited_at_init"]
-    assert cold["defer_is_helper"] == [True, True]
+    assert not cold["helper_exited_at_init"] and cold["helpers"] == 2
+    assert cold["deferred_at_init"] == [True, True]
     first, second = cold["batches"]
     # first batch: sent while the helper runs; each block type ran eagerly, nothing compiled here
     assert first["helper_state"] == "running"
@@ -123,7 +126,7 @@ def test_a_cold_actor_runs_eagerly_until_its_helper_has_compiled_then_loads_its_
         first["column_state"])["compile_s"]}
     assert "compile helper running" in actors["cold_err"]  # the actor's first-batch line
     # the helper exited by itself (its blocks written), and the next batch loaded them
-    assert cold["helper_exit"] == 0
+    assert cold["helper_exit"] == [0, 0]
     assert second["helper_state"] == "loaded"
     for name, pf in second["pf"].items():
         assert pf["loaded"] >= 1 and pf["compiled"] == 0, (name, pf)
@@ -131,6 +134,10 @@ def test_a_cold_actor_runs_eagerly_until_its_helper_has_compiled_then_loads_its_
     helper = second["state"]["compile_helper"]
     assert helper["state"] == "loaded" and helper["variants"] >= 2 and helper["ready_s"] > 0
     assert helper["eager_batches"] == 1
+    # one helper per block type, in the model's order; each part's blocks loaded
+    assert [(p["state"], p["blocks"]) for p in helper["parts"]] == [("loaded", ["vision_block"]),
+                                                                   ("loaded", ["text_layer"])]
+    assert helper["ready_s"] == max(p["ready_s"] for p in helper["parts"])
     assert second["state"]["variants_loaded"] >= 2 and second["state"]["variants_compiled"] == 0
     assert second["state"]["precompiled_from"] is None  # not from a cache: from the helper
     assert "provisional" not in second["state"]
@@ -144,8 +151,13 @@ def test_a_cold_actor_runs_eagerly_until_its_helper_has_compiled_then_loads_its_
         a, b = np.asarray(a), np.asarray(b)
         assert a.shape == b.shape and a.shape[0] > 0
         assert np.abs(a - b).max() < 1e-3
-    # saved under the real model's key for the next actor on this node; the helper's folder gone
+    # saved under the real model's key for the next actor on this node (the last helper to finish
+    # saved both parts' blocks together; the actor saved none: it compiled none); the folder gone
     assert cold["key"].startswith("precompiled-") and cold["key"] in cold["cache_files"]
+    from pipeline.embed import precompile
+
+    with open(actors["base"] / "a" / "node-cache" / cold["key"], "rb") as f:
+        assert precompile.names(f.read()) == {"vision_block", "text_layer"}
     assert not cold["helper_dir_exists"]
 
 
@@ -166,7 +178,7 @@ def test_a_job_shorter_than_the_helper_still_leaves_the_node_warm(actors):
     assert batch["helper_state"] == "running" and batch["state"]["provisional"] is True
     assert all(pf["eager_calls"] > 0 and pf["compiled"] == 0 for pf in batch["pf"].values()), batch["pf"]
     # the actor had gone; its helper compiled, saved the blocks in the node's cache, removed its folder
-    assert short["key"] in os.listdir(actors["base"] / "b" / "node-cache")
+    assert short["key"] in os.listdir(actors["base"] / "b" / "node-cache") and short["helpers"] == 1
     assert not short["helper_dir_exists_after"]
 
 
@@ -176,7 +188,7 @@ def test_a_second_actor_on_the_node_loads_the_blocks_and_stops_its_helper(actors
     assert warm["precompiled_from"] == os.path.join(str(actors["base"] / "b" / "node-cache"), cold["key"])
     assert warm["helper_state_at_init"].startswith("stopped"), warm["helper_state_at_init"]
     assert warm["helper_exited_at_init"]  # killed, not left compiling
-    assert warm["defer_is_helper"] == [False, False]
+    assert warm["deferred_at_init"] == [False, False]
     assert not warm["helper_dir_exists"]
     (batch,) = warm["batches"]
     for name, pf in batch["pf"].items():
@@ -252,8 +264,8 @@ def new_helper(tiny_model):
 
     made = []
 
-    def make(command):
-        made.append(CompileHelper(tiny_model, "cpu", command=command))
+    def make(command, parts=2):
+        made.append(CompileHelper(tiny_model, "cpu", command=command, parts=parts))
         return made[-1]
 
     yield make
@@ -270,10 +282,11 @@ def test_a_failed_helper_means_compiling_here(tiny_model, new_helper, monkeypatc
     torch._dynamo.reset()
     lm = M.load_model(tiny_model, device="cpu", compile_model=True, compile_backend="eager")
     helper = new_helper(FAIL)
-    for pf in lm.precompiled:
-        pf.defer = helper.pending
-    assert helper.pending()
-    helper.proc.wait(timeout=60)
+    for i, pf in enumerate(lm.precompiled):
+        pf.defer = helper.defer_hook(i)
+    assert helper.pending() and [pf.defer() for pf in lm.precompiled] == [True, True]
+    for proc in helper.procs:
+        proc.wait(timeout=60)
     assert helper.collect(lm.precompiled) == 0
     assert helper.state.startswith("failed (exit 3)") and "boom" in helper.state, helper.state
     assert not helper.pending() and helper.variants == 0 and helper.ready_s is None
@@ -296,18 +309,62 @@ def test_a_helper_whose_blocks_do_not_load_or_that_writes_none_failed(new_helper
 
     monkeypatch.delenv("VDR_COMPILE_HELPER_TIMEOUT_S", raising=False)
     quiet = [sys.executable, "-c", "pass"]
-    none = new_helper(quiet)
-    none.proc.wait(timeout=60)
+    none = new_helper(quiet, parts=1)
+    none.procs[0].wait(timeout=60)
     assert none.collect([]) == 0 and none.state == "failed (exit 0): no output" and not none.pending()
     none.stop()
-    junk = new_helper(quiet)
-    junk.proc.wait(timeout=60)
-    with open(os.path.join(junk.dir, compile_helper.RESULT), "wb") as f:
+    junk = new_helper(quiet, parts=1)
+    junk.procs[0].wait(timeout=60)
+    with open(os.path.join(junk.dir, compile_helper.result_name(0)), "wb") as f:
         f.write(b"not precompiled blocks")
     assert junk.collect([]) == 0 and junk.state.startswith("failed: its blocks could not be loaded"), junk.state
     assert not junk.pending()
     junk.stop()
     assert not os.path.exists(junk.dir)
+
+
+def test_one_helper_loaded_and_the_other_failed_means_compiling_only_its_blocks_here(tiny_model, new_helper,
+                                                                                     monkeypatch):
+    """Two helpers: the first writes its blocks, the second ends without any. The first's block
+    type then runs its loaded variant; the second's is no longer deferred (compiled here)."""
+    import torch._dynamo
+
+    from pipeline.embed import compile_helper, precompile
+    from pipeline.embed import model as M
+
+    monkeypatch.delenv("VDR_COMPILE_HELPER_TIMEOUT_S", raising=False)
+    torch._dynamo.reset()
+    # the first block type's compiled variant, as helper 0 would write it
+    donor = M.load_model(tiny_model, device="cpu", compile_model=True, compile_backend="eager")
+    images = _images(2)
+    M.embed_pages(donor, images)
+    blob = precompile.dumps(donor.precompiled[:1])
+    torch._dynamo.reset()
+    lm = M.load_model(tiny_model, device="cpu", compile_model=True, compile_backend="eager")
+    helper = new_helper([sys.executable, "-c", "print('nothing to write')"])
+    for i, pf in enumerate(lm.precompiled):
+        pf.defer = helper.defer_hook(i)
+    for proc in helper.procs:
+        proc.wait(timeout=60)
+    with open(os.path.join(helper.dir, compile_helper.result_name(0)), "wb") as f:
+        f.write(blob)
+    assert helper.collect(lm.precompiled) == 1
+    assert helper.part_states[0] == "loaded" and helper.part_states[1].startswith("failed (exit 0)")
+    assert helper.state == "partly failed: failed (exit 0): nothing to write", helper.state
+    assert [pf.defer() for pf in lm.precompiled] == [False, False] and not helper.pending()
+    summary = helper.summary(lm.precompiled)
+    assert [p["blocks"] for p in summary["parts"]] == [[lm.precompiled[0].name], []]
+    assert summary["variants"] == 1 and summary["ready_s"] is not None and not os.path.exists(helper.dir)
+    M.embed_pages(lm, images)
+    assert [(pf.loaded, pf.compiled, pf.eager_calls) for pf in lm.precompiled] == [(1, 0, 0), (0, 1, 0)]
+    from pipeline.embed.flow import first_batches
+
+    state = {"mode": "precompiled", "variants_loaded": 1, "variants_compiled": 1,
+             "compile_helper": summary}
+    assert first_batches([{"first_batch_s": 1.0, "model_load_s": 2.0, "compile": state}]) == (
+        ", first batch 1.0 s (precompiled blocks compiled here, some loaded (compile helper partly failed: "
+        "failed (exit 0): nothing to write))")
+    torch._dynamo.reset()
 
 
 def test_a_helper_past_its_time_is_killed(new_helper, monkeypatch):
@@ -320,19 +377,21 @@ def test_a_helper_past_its_time_is_killed(new_helper, monkeypatch):
     assert helper.collect([]) == 0
     assert time.monotonic() - t < 10
     assert helper.state.startswith("timed out"), helper.state
-    assert helper.proc.poll() is not None and helper.proc.returncode != 0  # killed
+    assert all(p.poll() is not None and p.returncode != 0 for p in helper.procs)  # killed, both
     assert not helper.pending() and not os.path.exists(helper.dir)
     assert helper.collect([]) is None
 
 
 def test_who_starts_a_helper(monkeypatch):
-    from pipeline.embed.compile_helper import ENV, TIMEOUT_ENV, timeout_s, wanted
+    from pipeline.embed.compile_helper import ENV, PROCESSES_ENV, TIMEOUT_ENV, processes, timeout_s, wanted
 
     monkeypatch.delenv("VDR_PRECOMPILE", raising=False)
     monkeypatch.delenv(ENV, raising=False)
-    # off unless asked for (not yet measured whether its blocks run as fast as the actor's own)
-    assert wanted("cpu", True, None) is False
-    assert wanted("cuda", True, None) is False and wanted("cuda:0", True, True) is False
+    # by default on a GPU (its blocks ran as fast as the actor's own on an H200), not on a CPU
+    # (the helpers would take the cores the actor's batches need)
+    assert wanted("cpu", True, None) is False and wanted("cpu", True, True) is False
+    assert wanted("cuda", True, None) is True and wanted("cuda:0", True, True) is True
+    assert wanted("cuda", False, None) is False and wanted("cuda", True, False) is False
     monkeypatch.setenv(ENV, "1")
     assert wanted("cuda", True, None) is True and wanted("cuda:0", True, True) is True
     assert wanted("cpu", True, None) is True and wanted("cpu", True, True) is True
@@ -361,6 +420,14 @@ def test_who_starts_a_helper(monkeypatch):
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=TIMEOUT_ENV):
             timeout_s()
+    monkeypatch.delenv(PROCESSES_ENV, raising=False)
+    assert processes() == 2  # one per block type
+    monkeypatch.setenv(PROCESSES_ENV, " 1 ")
+    assert processes() == 1
+    for bad in ("3", "0", "two"):
+        monkeypatch.setenv(PROCESSES_ENV, bad)
+        with pytest.raises(ValueError, match=PROCESSES_ENV):
+            processes()
 
 
 def test_folders_of_helpers_killed_with_their_actor_are_swept(tmp_path, monkeypatch):
