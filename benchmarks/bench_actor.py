@@ -72,7 +72,7 @@ import tempfile
 import time
 
 # The compiled variants time the compiled actor from its second batch on: a new node's compile
-# helper (pipeline.embed.compile_helper, when VDR_COMPILE_HELPER=1) would run those batches
+# helper (pipeline.embed.compile_helper, on by default on a GPU since 2026-12-05) would run those batches
 # eagerly until it ends (2026-12-05: a 'compiled' H100 run timed 41.8 pages/s, the eager rate).
 os.environ.setdefault("VDR_COMPILE_HELPER", "0")
 

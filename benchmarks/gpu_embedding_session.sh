@@ -117,7 +117,7 @@ step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
 step part1_cold "${COLD_TIMEOUT:-420}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
   --plain-after "${COLD_JOBS:-4}" --cold-caches --plain-envs "${COLD_ENVS:-}" \
   --out "$OUT/part1_cold.json"
-# helper_blocks: are the blocks the compile helper compiles (VDR_COMPILE_HELPER=1) as fast as the
+# helper_blocks: are the blocks the compile helpers compile (VDR_COMPILE_HELPER=1; the default on a GPU since f422871) as fast as the
 # actor's own? Four plain 3,000-page jobs: cold without the helper, warm (loads the actor's blocks),
 # cold with the helper, warm (loads the helper's blocks); compare the warm jobs' actors after their
 # first batch (with `actor` for the actor alone)                                           ~300 s

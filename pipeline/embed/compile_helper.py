@@ -1,41 +1,47 @@
-"""A new node's blocks compiled in a helper process, while the actor loads its weights and runs
-its first batches eagerly (opt-in: ``VDR_COMPILE_HELPER=1``).
+"""A new node's blocks compiled in helper processes, while the actor loads its weights and runs
+its first batches eagerly (on by default on a GPU; ``VDR_COMPILE_HELPER=0`` turns it off).
 
 On a node that has never compiled this model (no precompiled blocks in this node's or the shared
 ``--compile-cache``), the actor's first batch compiles the vision block and the text layer with
-the GPU idle: 8-11 s on an H200 after a 6-10 s model load, which keeps a whole 3,000-page job on
-such a node at 65-72% of the actor's rate (RESULTS.md, fourteenth, fifteenth and eighteenth
-sessions). Compiling in a thread beside eager batches did not help: both need the GIL, and the
-eager batches ran at ~12 pages/s instead of ~42 (eleventh session).
+the GPU idle: 8-13 s on an H200 or H100 after a 6-10 s model load, which kept a whole 3,000-page
+job on such a node at 60-72% of the actor's rate (RESULTS.md, fourteenth to nineteenth sessions).
+Compiling in a thread beside eager batches did not help: both need the GIL, and the eager batches
+ran at ~12 pages/s instead of ~42 (eleventh session).
 
-With the helper, the actor starts, before it imports transformers, ``python -m
-pipeline.embed.compile_helper``: a process that builds the same architecture with one vision
-block, one text layer and random weights (:func:`pipeline.embed.model.load_model` with
-``layers=1``: the blocks' compiled code depends on their shapes and dtypes, not on the weights'
-values or the number of blocks). It waits for the actor's first batch to learn the page shapes
-and the batch size (so Inductor compiles with the size hints the actor's own first batch would
-have given it), runs random pages of those shapes through the actor's code path, so that each
-block type is compiled for the calls a batch makes, writes the compiled blocks
-(:func:`pipeline.embed.precompile.dumps`) for the actor, and saves them under the model's key in
-this node's compile cache and ``--compile-cache`` (outside Ray an actor that ends first lets its
-helper finish and save; a Ray worker's child processes end with it, so under Ray a job that ends
-before the helper has compiled leaves the node without blocks, and its next actor starts a helper
-again). Meanwhile the actor loads its weights and runs each block eagerly
+With the helpers, the actor starts, before it imports transformers, ``python -m
+pipeline.embed.compile_helper`` once per part (``$VDR_COMPILE_HELPER_PROCESSES``, default 2: one
+helper per block type, the vision block's and the text layer's compiled side by side; 1: one
+helper compiles both in turn). Each builds the same architecture with one vision block, one text
+layer and random weights (:func:`pipeline.embed.model.load_model` with ``layers=1``: the blocks'
+compiled code depends on their shapes and dtypes, not on the weights' values or the number of
+blocks). It waits for the actor's first batch to learn the page shapes and the batch size (so
+Inductor compiles with the size hints the actor's own first batch would have given it), runs
+random pages of those shapes through the actor's code path (the block types of the other helpers
+eagerly), so that its block types are compiled for the calls a batch makes, and writes the
+compiled blocks (:func:`pipeline.embed.precompile.dumps`) for the actor. The last helper to write
+saves every part's blocks together under the model's key in this node's compile cache and
+``--compile-cache`` (outside Ray an actor that ends first lets its helpers finish and save; a Ray
+worker's child processes end with it, so under Ray a job that ends before the helpers have
+compiled leaves the node without blocks, and its next actor starts helpers again). Meanwhile the
+actor loads its weights and runs each block type eagerly until its helper's blocks are loaded
 (:attr:`pipeline.embed.precompile.PrecompiledForward.defer`; the eager path is the training
-code's, the compiled one within bf16 rounding of it); at each batch it looks for the helper's
-blocks and loads them. A helper that fails, times out, or whose blocks do not fit the real
-model's calls costs nothing but CPU time: the actor compiles as before. On a warm node the helper
-is stopped as soon as the precompiled blocks are loaded.
+code's, the compiled one within bf16 rounding of it); at each batch it looks for blocks a helper
+has written and loads them. A helper that fails, times out, or whose blocks do not fit the real
+model's calls costs nothing but CPU time: the actor compiles that helper's block types as before.
+On a warm node the helpers are stopped as soon as the precompiled blocks are loaded.
 
-Cost: a second process on the actor's GPU for ~20 s (its CUDA context, ~0.6 GB of weights, one
-batch's activations of one block), and its CPU.
+Cost: each helper is a second process on the actor's GPU for ~15-25 s (its CUDA context, ~0.6 GB
+of weights, one batch's activations of one block), and its CPU. None starts where the GPU has less
+than 16 GiB free.
 
-Measured (one H100, 2026-12-05, RESULTS "Eighteenth session"): cold 3,000-page jobs 4.1-6.6 s
-shorter. Not yet measured: whether the blocks it compiles run as fast as the actor's own (until
-commit ``0b315ae`` it compiled with two pages, whose size hints differ from a batch's; the
-actor's rate after them was not separated from its eager batches'), hence opt-in.
+Measured (RESULTS "Eighteenth session", "Nineteenth session"): the helpers' blocks run at the
+actor's rate (H200: 65.70 against 65.68 pages/s for the actor alone, the same vectors; a later
+job's actor 65.75 against 65.78); cold 3,000-page jobs 4.0 s shorter on an H200 (74.4% of the actor
+alone against 69.9%) and 4.1-7.5 s on H100s; two helpers instead of one ready 2.5-4.4 s earlier,
+jobs 0.3-1.0 s shorter (H100, two pairs).
 
-``$VDR_COMPILE_HELPER``: ``0`` (the default) or ``1``. ``$VDR_COMPILE_HELPER_TIMEOUT_S``
+``$VDR_COMPILE_HELPER``: unset (on with a GPU, off on a CPU), ``1`` or ``0``.
+``$VDR_COMPILE_HELPER_PROCESSES``: ``2`` (default) or ``1``. ``$VDR_COMPILE_HELPER_TIMEOUT_S``
 (default 180): after it the actor stops waiting and compiles.
 """
 
