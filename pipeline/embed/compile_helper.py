@@ -92,9 +92,24 @@ def wanted(device: str, compile_model: bool, precompiled: bool | None) -> bool:
 MIN_FREE_BYTES = 16 << 30
 
 
+# Each helper after the first: its CUDA context, one-block weights (~0.6 GB) and one block's
+# activations for one batch. An estimate, not measured on a GPU (the helpers' memory was not recorded).
+EXTRA_HELPER_BYTES = 4 << 30
+
+
 def room_for_helper(free_bytes: int | None) -> bool:
-    """Whether a GPU with ``free_bytes`` free (None: unknown) leaves room for the helpers."""
+    """Whether a GPU with ``free_bytes`` free (None: unknown) leaves room for one helper."""
     return free_bytes is None or free_bytes >= MIN_FREE_BYTES
+
+
+def helpers_with_room(free_bytes: int | None, wanted_parts: int) -> int:
+    """How many of ``wanted_parts`` helpers a GPU with ``free_bytes`` free has room for: all,
+    one (less than :data:`EXTRA_HELPER_BYTES` more per extra helper), or none."""
+    if not room_for_helper(free_bytes):
+        return 0
+    if free_bytes is None or free_bytes >= MIN_FREE_BYTES + (wanted_parts - 1) * EXTRA_HELPER_BYTES:
+        return wanted_parts
+    return 1
 
 
 def timeout_s() -> float:
@@ -132,23 +147,20 @@ class CompileHelper:
         self.parts = processes() if parts is None else parts
         _sweep_stale(2 * self.timeout_s)
         self.dir = tempfile.mkdtemp(prefix="vdr-compile-helper-")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
         self.started = time.monotonic()
         self.started_wall = time.time()
         self.procs: list[subprocess.Popen] = []
         self.log_paths: list[str] = []
-        for part in range(self.parts):
-            args = {"model": model, "device": device, "dtype": dtype, "attn_implementation": attn_implementation,
-                    "precision": precision, "endpoint_url": endpoint_url, "dir": self.dir, "parent": os.getpid(),
-                    "timeout_s": self.timeout_s, "part": part, "parts": self.parts}
-            self.log_paths.append(os.path.join(self.dir, f"helper.{part}.log"))
-            with open(self.log_paths[-1], "wb") as out:
-                # its own process group, so that stop() ends Inductor's compile workers with it; run from
-                # the package's folder, so that `-m` finds this code before any other `pipeline` on the path
-                self.procs.append(subprocess.Popen(command or [sys.executable, "-m", "pipeline.embed.compile_helper",
-                                                               json.dumps(args)],
-                                                   env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                                   stdin=subprocess.DEVNULL, start_new_session=True))
+        try:
+            self._start(model, device, dtype, attn_implementation, precision, endpoint_url, command)
+        except BaseException:  # one could not start: none runs (the actor compiles, as without helpers)
+            for proc in self.procs:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         # each part: running, then loaded, failed (...), timed out ..., stopped (...)
         self.part_states = ["running"] * self.parts
         self.part_blocks: list[list[str]] = [[] for _ in range(self.parts)]
@@ -162,6 +174,21 @@ class CompileHelper:
         self.eager_batches = 0  # counted by the actor: batches with blocks run eagerly while they ran
         self._told = False
         self._lock = threading.Lock()
+
+    def _start(self, model, device, dtype, attn_implementation, precision, endpoint_url, command) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+        for part in range(self.parts):
+            args = {"model": model, "device": device, "dtype": dtype, "attn_implementation": attn_implementation,
+                    "precision": precision, "endpoint_url": endpoint_url, "dir": self.dir, "parent": os.getpid(),
+                    "timeout_s": self.timeout_s, "part": part, "parts": self.parts}
+            self.log_paths.append(os.path.join(self.dir, f"helper.{part}.log"))
+            with open(self.log_paths[-1], "wb") as out:
+                # its own process group, so that stop() ends Inductor's compile workers with it; run from
+                # the package's folder, so that `-m` finds this code before any other `pipeline` on the path
+                self.procs.append(subprocess.Popen(command or [sys.executable, "-m", "pipeline.embed.compile_helper",
+                                                               json.dumps(args)],
+                                                   env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                                   stdin=subprocess.DEVNULL, start_new_session=True))
 
     def pending(self) -> bool:
         return self.state == "running"
@@ -192,8 +219,9 @@ class CompileHelper:
 
     def collect(self, forwards: list) -> int | None:
         """Load the blocks of each helper that has written them (or mark one that ended without
-        them, or all past their time, as failed): returns the variants loaded by this call (0 when
-        a helper failed), None when nothing changed (all still running, or all decided before)."""
+        them, or each past its time, as failed): returns the variants loaded by this call (0 when
+        the only change was a helper that failed, or one that wrote no variant), None when nothing
+        changed (all still running, or all decided before)."""
         if self.state != "running":
             return None
         from pipeline.embed import precompile
@@ -353,8 +381,9 @@ def _watch_parent(parent: int, told: threading.Event, folder: str, deadline: flo
     save the blocks for the node's next actor."""
     while True:
         if time.monotonic() > deadline:
+            # the folder stays: another helper's blocks may be in it, not yet loaded (the actor
+            # removes it once every helper has ended; the next helper sweeps one left behind)
             print("compile helper: out of time", flush=True)
-            shutil.rmtree(folder, ignore_errors=True)
             os._exit(5)
         # told: the actor wrote its first batch (read or not yet: a helper still importing when a
         # short job's actor ended was ended here, and the node left without blocks; seen under load)
@@ -407,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
     if mine:
         embed_pages(lm, images, out_dtype=torch.float16)
+    fell_back = [pf.name for pf in mine if pf.fallback is not None]
+    if mine and len(fell_back) == len(mine):  # nothing to hand over: the actor compiles them (and falls back) itself
+        print(f"{', '.join(fell_back)}: ahead-of-time compilation fell back ({mine[0].fallback_reason})", flush=True)
+        return 3
     compiled = time.monotonic() - started - built - waited
     data = precompile.dumps(mine)
     variants = sum(len(pf.variants) for pf in mine)
@@ -427,8 +460,13 @@ def main(argv: list[str] | None = None) -> int:
               f"compiled in {compiled:.1f} s, {len(data)} bytes", flush=True)
         os.replace(out + ".partial", out)  # the actor loads them from here
     if batch.get("key") and len(others) == parts - 1:
-        compile_cache.save_precompiled_bytes(batch["key"], precompile.merge([data, *others]),
-                                             batch.get("shared_uri"), batch.get("endpoint_url"))
+        try:
+            merged = precompile.merge([data, *others])
+        except Exception as exc:  # noqa: BLE001 - another part's blob unreadable: the actor saves what it compiles
+            print(f"not saved: the other helpers' blocks could not be merged ({type(exc).__name__})", flush=True)
+        else:
+            compile_cache.save_precompiled_bytes(batch["key"], merged, batch.get("shared_uri"),
+                                                 batch.get("endpoint_url"))
     if os.getppid() != args["parent"]:  # the actor has gone: nobody else removes the folder
         if len(others) == parts - 1:
             shutil.rmtree(args["dir"], ignore_errors=True)

@@ -478,6 +478,8 @@ def first_batches(actors: list[dict]) -> str:
                     + (f", {eager} batch{'es' if eager != 1 else ''} run eagerly before" if eager else ""))
         elif helper.get("state") == "running" and not loaded and not compiled:  # the job ended first
             text = "blocks run eagerly: the compile helper had not finished"
+        elif helper.get("state") == "running" and not compiled:  # one helper's blocks, the other's not yet
+            text = "some blocks from a compile helper, the others run eagerly: their helper had not finished"
         else:
             text = ("precompiled blocks loaded" if loaded and not compiled else
                     "precompiled blocks compiled here" + (", some loaded" if loaded else ""))

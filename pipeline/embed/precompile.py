@@ -198,8 +198,8 @@ def _blob(data: bytes) -> dict:
 
 
 def names(data: bytes) -> set[str]:
-    """The block types a :func:`dumps` blob holds."""
-    return set(_blob(data)["forwards"])
+    """The block types a :func:`dumps` blob holds variants of."""
+    return {name for name, variants in _blob(data)["forwards"].items() if variants}
 
 
 def merge(blobs: list[bytes]) -> bytes:

@@ -216,11 +216,15 @@ class PageEmbedder:
             from pipeline.cluster import visible_gpu_free_bytes
 
             free = visible_gpu_free_bytes() if str(device).startswith("cuda") else None
-            if compile_helper.room_for_helper(free):
-                self.helper = compile_helper.CompileHelper(model, device, dtype, attn_implementation, precision,
-                                                           endpoint_url)
+            parts = compile_helper.helpers_with_room(free, compile_helper.processes())
+            if parts:
+                try:
+                    self.helper = compile_helper.CompileHelper(model, device, dtype, attn_implementation, precision,
+                                                               endpoint_url, parts=parts)
+                except OSError as exc:  # could not start a process: compile here, as without helpers
+                    log.warning("no compile helper: it could not be started (%s: %s)", type(exc).__name__, exc)
             else:
-                log.warning("no compile helper: %.1f GiB free on the GPU, %d GiB wanted for it beside the actor",
+                log.warning("no compile helper: %.1f GiB free on the GPU, %d GiB wanted for one beside the actor",
                             free / 2**30, compile_helper.MIN_FREE_BYTES >> 30)
         try:
             self._load(model, device, dtype, attn_implementation, endpoint_url, compile_model, precision,
@@ -264,8 +268,10 @@ class PageEmbedder:
                                                         *self.compile_cache[1:])
             self.precompiled_load_s = time.perf_counter() - t
             self._graphs_saved = -1
-            # variants compiled here and saved: loaded ones are in a cache already, or a compile
-            # helper saves them (the last of its processes, all parts' blocks together)
+            # variants saved (counted once this actor has compiled any): loaded ones alone are in a
+            # cache already, or a compile helper saves them (the last of its processes, every part's
+            # blocks together); once it compiles some (a new page size, a helper that failed), it saves
+            # all it has, and again when more come (a later helper part's)
             self._variants_saved = 0
             self._saving = False
         if self.helper is not None:
@@ -393,7 +399,8 @@ class PageEmbedder:
 
         with self._state_lock:  # one thread saves a given set of graphs
             graphs = int(dynamo_counters["stats"]["unique_graphs"])
-            variants = sum(pf.compiled for pf in self.lm.precompiled)
+            variants = (sum(len(pf.variants) for pf in self.lm.precompiled)
+                        if any(pf.compiled for pf in self.lm.precompiled) else self._variants_saved)
             if (graphs == self._graphs_saved and variants == self._variants_saved) or self._saving:
                 return
             self._saving = True

@@ -88,13 +88,13 @@ def _run_actor(mode, model, base, processes="2"):
 
 @pytest.fixture(scope="module")
 def actors(tiny_model, tmp_path_factory):
-    """A cold actor on a new node (its two helpers compile), then on another node a short job's
-    actor with one helper, and a second actor on that node."""
+    """A cold actor on a new node (its two helpers compile); on another node a short job's actor
+    (its helpers finish after it) and a second actor; on a third, a cold actor with one helper."""
     base = tmp_path_factory.mktemp("compile-helper")
     cold, cold_err = _run_actor("cold", tiny_model, base / "a")
     # another node: an actor whose job ends after one batch, before its helper has compiled (a plain
     # process: under Ray the worker's child processes end with it)
-    short, _ = _run_actor("short", tiny_model, base / "b", processes="1")
+    short, _ = _run_actor("short", tiny_model, base / "b")
     node_b = base / "b" / "node-cache"
     deadline = time.monotonic() + 300
     while short["key"] not in (os.listdir(node_b) if node_b.is_dir() else []) and time.monotonic() < deadline:
@@ -103,7 +103,10 @@ def actors(tiny_model, tmp_path_factory):
         time.sleep(0.2)
     short["helper_dir_exists_after"] = os.path.exists(short["helper_dir"])
     warm, warm_err = _run_actor("warm", tiny_model, base / "b")
-    return {"cold": cold, "cold_err": cold_err, "short": short, "warm": warm, "warm_err": warm_err, "base": base}
+    # a third node, one helper for both block types (VDR_COMPILE_HELPER_PROCESSES=1)
+    single, _ = _run_actor("cold", tiny_model, base / "c", processes="1")
+    return {"cold": cold, "cold_err": cold_err, "short": short, "warm": warm, "warm_err": warm_err,
+            "single": single, "base": base}
 
 
 def test_a_cold_actor_runs_eagerly_until_its_helper_has_compiled_then_loads_its_blocks(actors):
@@ -161,6 +164,24 @@ def test_a_cold_actor_runs_eagerly_until_its_helper_has_compiled_then_loads_its_
     assert not cold["helper_dir_exists"]
 
 
+def test_one_helper_for_both_block_types(actors):
+    single = actors["single"]
+    assert single["helpers"] == 1 and single["deferred_at_init"] == [True, True]
+    first, second = single["batches"]
+    assert single["helper_exit"] == [0]
+    assert all(pf["eager_calls"] > 0 for pf in first["pf"].values())
+    helper = second["state"]["compile_helper"]
+    assert helper["state"] == "loaded" and helper["variants"] >= 2 and "parts" not in helper
+    assert all(pf["loaded"] >= 1 and pf["compiled"] == 0 for pf in second["pf"].values()), second["pf"]
+    from pipeline.embed import precompile
+
+    with open(actors["base"] / "c" / "node-cache" / single["key"], "rb") as f:
+        assert precompile.names(f.read()) == {"vision_block", "text_layer"}
+    # the same compiled code as the two helpers' on the first node: the same embeddings
+    for a, b in zip(actors["cold"]["batches"][1]["embedding"], second["embedding"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_the_final_line_tells_of_the_helper(actors):
     from pipeline.embed.flow import first_batches
 
@@ -178,7 +199,8 @@ def test_a_job_shorter_than_the_helper_still_leaves_the_node_warm(actors):
     assert batch["helper_state"] == "running" and batch["state"]["provisional"] is True
     assert all(pf["eager_calls"] > 0 and pf["compiled"] == 0 for pf in batch["pf"].values()), batch["pf"]
     # the actor had gone; its helper compiled, saved the blocks in the node's cache, removed its folder
-    assert short["key"] in os.listdir(actors["base"] / "b" / "node-cache") and short["helpers"] == 1
+    # (the last of its two helpers saved both parts: the second actor below loads both, compiles none)
+    assert short["key"] in os.listdir(actors["base"] / "b" / "node-cache") and short["helpers"] == 2
     assert not short["helper_dir_exists_after"]
 
 
@@ -367,6 +389,86 @@ def test_one_helper_loaded_and_the_other_failed_means_compiling_only_its_blocks_
     torch._dynamo.reset()
 
 
+def _batch(images):
+    import pyarrow as pa
+
+    from pipeline.embed.stages import PIXELS, STREAM_SCHEMA
+
+    n = len(images)
+    cols = {f.name: [None] * n for f in STREAM_SCHEMA}
+    cols.update(doc_id=[f"{i}.pdf" for i in range(n)], page_number=[1] * n, source_uri=[f"{i}.pdf" for i in range(n)],
+                doc_pages=[1] * n, height=[im.shape[0] for im in images], width=[im.shape[1] for im in images])
+    cols[PIXELS] = [im.tobytes() for im in images]
+    return pa.table(cols, schema=STREAM_SCHEMA)
+
+
+def test_blocks_left_to_the_actor_by_a_failed_helper_are_saved_with_the_other_helpers(tiny_model, tmp_path,
+                                                                                        monkeypatch):
+    """Helper 0 (the vision block) fails, helper 1 (the text layer) writes its blocks a batch later.
+    The actor compiles the vision block and saves it; once it loads the text layer's blocks it saves
+    both (no helper does: none found every part written), so the node's next actor compiles none."""
+    import torch._dynamo
+
+    from pipeline.embed import compile_cache as cc
+    from pipeline.embed import compile_helper, precompile
+    from pipeline.embed import model as M
+    from pipeline.embed.stages import PageEmbedder
+
+    monkeypatch.setenv("VDR_COMPILE_CACHE", str(tmp_path / "node-cache"))
+    monkeypatch.setenv("VDR_COMPILE_HELPER", "0")
+    monkeypatch.delenv("VDR_COMPILE_HELPER_TIMEOUT_S", raising=False)
+    images = _images(3)
+    torch._dynamo.reset()
+    donor = M.load_model(tiny_model, device="cpu", compile_model=True, compile_backend="eager")
+    M.embed_pages(donor, images)
+    text_blob = precompile.dumps([pf for pf in donor.precompiled if pf.name == "text_layer"])
+    torch._dynamo.reset()
+    emb = PageEmbedder(tiny_model, device="cpu", compile_model=True)
+    assert emb.helper is None and emb.precompiled_from is None
+    helper = emb.helper = compile_helper.CompileHelper(tiny_model, "cpu", parts=2, command=[
+        sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        for i, pf in enumerate(emb.lm.precompiled):
+            pf.defer = helper.defer_hook(i)
+        helper.procs[0].kill()
+        helper.procs[0].wait(timeout=30)
+        emb(_batch(images))
+        assert helper.part_states[0].startswith("failed") and helper.part_states[1] == "running"
+        pfs = {pf.name: pf for pf in emb.lm.precompiled}
+        assert (pfs["vision_block"].compiled, pfs["text_layer"].compiled) == (1, 0)
+        assert pfs["text_layer"].eager_calls > 0
+        key = cc.precompiled_key(emb.compile_cache[0])
+        with open(tmp_path / "node-cache" / key, "rb") as f:
+            assert precompile.names(f.read()) == {"vision_block"}  # what it had, saved
+        with open(os.path.join(helper.dir, compile_helper.result_name(1)), "wb") as f:
+            f.write(text_blob)
+        emb(_batch(images))
+        assert helper.state.startswith("partly failed: failed"), helper.state
+        assert pfs["text_layer"].loaded == 1 and pfs["text_layer"].compiled == 0
+        with open(tmp_path / "node-cache" / key, "rb") as f:
+            assert precompile.names(f.read()) == {"vision_block", "text_layer"}  # saved again, whole
+    finally:
+        helper.stop()
+    torch._dynamo.reset()
+    nxt = M.load_model(tiny_model, device="cpu", compile_model=True)
+    assert cc.load_precompiled(emb.compile_cache[0], nxt.precompiled) is not None
+    M.embed_pages(nxt, images)
+    assert [(pf.loaded, pf.compiled) for pf in nxt.precompiled] == [(1, 0), (1, 0)]
+    torch._dynamo.reset()
+
+
+def test_a_helper_out_of_time_leaves_the_other_helpers_blocks(tmp_path):
+    folder = tmp_path / "helpers"
+    folder.mkdir()
+    (folder / "precompiled.0.bin").write_bytes(b"the other helper's blocks, not yet loaded")
+    code = ("import os, threading, time; from pipeline.embed.compile_helper import _watch_parent; "
+            f"_watch_parent(os.getppid(), threading.Event(), {str(folder)!r}, time.monotonic() - 1)")
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 5 and "out of time" in proc.stdout
+    assert (folder / "precompiled.0.bin").exists()
+
+
 def test_a_helper_past_its_time_is_killed(new_helper, monkeypatch):
     monkeypatch.setenv("VDR_COMPILE_HELPER_TIMEOUT_S", "1")
     helper = new_helper([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -453,6 +555,12 @@ def test_no_helper_on_a_gpu_without_room_for_it():
     assert room_for_helper(None)  # unknown (no NVML, MIG): as asked
     assert room_for_helper(MIN_FREE_BYTES) and room_for_helper(80 << 30)
     assert not room_for_helper(MIN_FREE_BYTES - 1) and not room_for_helper(4 << 30)
+    from pipeline.embed.compile_helper import EXTRA_HELPER_BYTES, helpers_with_room
+
+    assert helpers_with_room(None, 2) == 2 and helpers_with_room(80 << 30, 2) == 2
+    assert helpers_with_room(MIN_FREE_BYTES + EXTRA_HELPER_BYTES, 2) == 2
+    assert helpers_with_room(MIN_FREE_BYTES + EXTRA_HELPER_BYTES - 1, 2) == 1  # room for one only
+    assert helpers_with_room(MIN_FREE_BYTES, 1) == 1 and helpers_with_room(MIN_FREE_BYTES - 1, 2) == 0
 
 
 def test_a_provisional_compile_state_gives_way_to_the_final_one():
@@ -493,6 +601,10 @@ def test_the_final_line_for_a_helper_that_loaded_or_failed():
     timed_out = {**failed, "compile_helper": {"state": "timed out after 600 s"}}
     assert line(timed_out) == \
         ", first batch 2.0 s (precompiled blocks compiled here (compile helper timed out after 600 s))"
+    # the job ended with one helper's blocks loaded, the other's helper still compiling
+    halfway = {**loaded, "variants_loaded": 1, "compile_helper": {"state": "running", "eager_batches": 5}}
+    assert line(halfway) == (", first batch 2.0 s (some blocks from a compile helper, the others run eagerly: "
+                             "their helper had not finished)")
     # loaded, yet some variants compiled here (calls the helper's blocks did not fit)
     partly = {**loaded, "variants_compiled": 1}
     assert line(partly) == ", first batch 2.0 s (precompiled blocks compiled here, some loaded)"
