@@ -89,7 +89,9 @@ def _run_actor(mode, model, base, processes="2"):
 @pytest.fixture(scope="module")
 def actors(tiny_model, tmp_path_factory):
     """A cold actor on a new node (its two helpers compile); on another node a short job's actor
-    (its helpers finish after it) and a second actor; on a third, a cold actor with one helper."""
+    (its helpers finish after it) and a second actor. (One helper for both block types,
+    VDR_COMPILE_HELPER_PROCESSES=1, runs the same code with one part; measured on a GPU, not run
+    end to end here, to keep the suite short.)"""
     base = tmp_path_factory.mktemp("compile-helper")
     cold, cold_err = _run_actor("cold", tiny_model, base / "a")
     # another node: an actor whose job ends after one batch, before its helper has compiled (a plain
@@ -103,10 +105,7 @@ def actors(tiny_model, tmp_path_factory):
         time.sleep(0.2)
     short["helper_dir_exists_after"] = os.path.exists(short["helper_dir"])
     warm, warm_err = _run_actor("warm", tiny_model, base / "b")
-    # a third node, one helper for both block types (VDR_COMPILE_HELPER_PROCESSES=1)
-    single, _ = _run_actor("cold", tiny_model, base / "c", processes="1")
-    return {"cold": cold, "cold_err": cold_err, "short": short, "warm": warm, "warm_err": warm_err,
-            "single": single, "base": base}
+    return {"cold": cold, "cold_err": cold_err, "short": short, "warm": warm, "warm_err": warm_err, "base": base}
 
 
 def test_a_cold_actor_runs_eagerly_until_its_helper_has_compiled_then_loads_its_blocks(actors):
@@ -162,24 +161,6 @@ def test_a_cold_actor_runs_eagerly_until_its_helper_has_compiled_then_loads_its_
     with open(actors["base"] / "a" / "node-cache" / cold["key"], "rb") as f:
         assert precompile.names(f.read()) == {"vision_block", "text_layer"}
     assert not cold["helper_dir_exists"]
-
-
-def test_one_helper_for_both_block_types(actors):
-    single = actors["single"]
-    assert single["helpers"] == 1 and single["deferred_at_init"] == [True, True]
-    first, second = single["batches"]
-    assert single["helper_exit"] == [0]
-    assert all(pf["eager_calls"] > 0 for pf in first["pf"].values())
-    helper = second["state"]["compile_helper"]
-    assert helper["state"] == "loaded" and helper["variants"] >= 2 and "parts" not in helper
-    assert all(pf["loaded"] >= 1 and pf["compiled"] == 0 for pf in second["pf"].values()), second["pf"]
-    from pipeline.embed import precompile
-
-    with open(actors["base"] / "c" / "node-cache" / single["key"], "rb") as f:
-        assert precompile.names(f.read()) == {"vision_block", "text_layer"}
-    # the same compiled code as the two helpers' on the first node: the same embeddings
-    for a, b in zip(actors["cold"]["batches"][1]["embedding"], second["embedding"]):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_the_final_line_tells_of_the_helper(actors):
