@@ -6,6 +6,7 @@ which ends every Ray on the machine)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -128,6 +129,30 @@ def ray_cluster(s3):
     yield info
     stop_cluster_processes(temp_dir, gcs_port)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def submit_job(ray_cluster):
+    """submit_job(module_args, env_vars=None, timeout=600): ``ray job submit`` of ``python -m
+    ...`` to :func:`ray_cluster`, this folder as the working dir (less the venv, git, notebooks
+    and benchmarks), as users submit; tried again while the dashboard's job agent is starting.
+    Returns the finished ``subprocess.CompletedProcess``."""
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+
+    def submit(module_args: list[str], env_vars: dict | None = None, timeout: float = 600):
+        runtime_env = {"excludes": [".venv", ".git", ".whl", "benchmarks", "notebooks"]}
+        if env_vars:
+            runtime_env["env_vars"] = env_vars
+        cmd = [ray_bin, "job", "submit", "--address", ray_cluster["dashboard_url"], "--working-dir", ROOT,
+               "--runtime-env-json", json.dumps(runtime_env), "--", sys.executable, "-m", *module_args]
+        for _ in range(20):
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+            if "No available agent" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(3)
+        return proc
+
+    return submit
 
 
 @pytest.fixture(scope="session")

@@ -591,7 +591,8 @@ def test_the_final_line_for_a_helper_that_loaded_or_failed():
     assert line(partly) == ", first batch 2.0 s (precompiled blocks compiled here, some loaded)"
 
 
-def test_a_submitted_job_with_the_helper_keeps_every_document(ray_cluster, tiny_model, sample_corpus, tmp_path):
+def test_a_submitted_job_with_the_helper_keeps_every_document(ray_cluster, submit_job, tiny_model, sample_corpus,
+                                                                tmp_path):
     """As users turn it on: `ray job submit` with VDR_COMPILE_HELPER=1 in the runtime env, on a
     node with no compiled blocks. The actor starts its helper inside Ray (its worker's code and
     environment), the job ends with every document as page rows or error rows, and the summary
@@ -604,17 +605,9 @@ def test_a_submitted_job_with_the_helper_keeps_every_document(ray_cluster, tiny_
     for cache in (ray_cluster["compile_cache"], ray_cluster["inductor_cache"]):
         shutil.rmtree(cache, ignore_errors=True)  # a new node
     out = tmp_path / "submitted"
-    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address",
-           ray_cluster["dashboard_url"], "--working-dir", ROOT, "--runtime-env-json",
-           json.dumps({"excludes": [".venv", ".git", ".whl", "benchmarks", "notebooks"],
-                       "env_vars": {"VDR_COMPILE_HELPER": "1"}}),
-           "--", sys.executable, "-m", "jobs.embed_corpus", "--input", sample_corpus, "--output", str(out),
-           "--model", tiny_model, "--max-visual-tokens", "64", "--batch-size", "4", "--compile", "on"]
-    for _ in range(10):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-        if "No available agent" not in proc.stderr + proc.stdout:  # the dashboard agent is still starting
-            break
-        time.sleep(3)
+    proc = submit_job(["jobs.embed_corpus", "--input", sample_corpus, "--output", str(out), "--model", tiny_model,
+                       "--max-visual-tokens", "64", "--batch-size", "4", "--compile", "on"],
+                      env_vars={"VDR_COMPILE_HELPER": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     run = summary["this_run"]

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -296,19 +294,10 @@ def test_missing_input_is_a_clear_error(ray_session, tmp_path, tiny_model, capsy
     assert rc == 2 and "does not exist" in capsys.readouterr().err
 
 
-def test_ray_job_submit_path(ray_cluster, tiny_model, sample_corpus, tmp_path):
+def test_ray_job_submit_path(submit_job, tiny_model, sample_corpus, tmp_path):
     out = str(tmp_path / "out")
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    cmd = [ray_bin, "job", "submit", "--address", ray_cluster["dashboard_url"], "--working-dir", ROOT, "--",
-           sys.executable, "-m", "jobs.embed_corpus", "--input", sample_corpus, "--output", out,
-           "--model", tiny_model, "--max-visual-tokens", TOKENS]
-    import time
-
-    for _ in range(20):  # the dashboard's job agent may still be starting
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if "No available agent" not in proc.stdout + proc.stderr:
-            break
-        time.sleep(3)
+    proc = submit_job(["jobs.embed_corpus", "--input", sample_corpus, "--output", out, "--model", tiny_model,
+                       "--max-visual-tokens", TOKENS])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
     with open(os.path.join(out, "summary.json")) as f:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -216,20 +213,11 @@ def test_s3_in_and_out(ray_session, s3, data, tmp_path):
     assert names == {"results.parquet", "run.trec", "query_embeddings.parquet", "summary.json"}
 
 
-def test_ray_job_submit(ray_cluster, data, tmp_path):
+def test_ray_job_submit(submit_job, data, tmp_path):
     out = tmp_path / "submitted"
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", "--address", ray_cluster["dashboard_url"], "--working-dir", ROOT,
-        "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", ".whl", "benchmarks", "notebooks"]}),
-        "--", sys.executable, "-m", "jobs.score_queries", "--corpus", data["corpus"], "--queries",
-        data["queries_file"], "--output", str(out), "--top-k", "3", "--query-embeddings", data["qemb"],
-        "--num-actors", "1",
-    ]
-    for _ in range(10):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-        if "No available agent" not in proc.stderr + proc.stdout:  # the dashboard agent is still starting
-            break
-        time.sleep(3)
+    proc = submit_job(["jobs.score_queries", "--corpus", data["corpus"], "--queries", data["queries_file"],
+                       "--output", str(out), "--top-k", "3", "--query-embeddings", data["qemb"], "--num-actors", "1"],
+                      timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = pq.read_table(out / "results.parquet")
     truth = oracle_ranking(data["queries"], data["pages"], 3)
