@@ -155,10 +155,7 @@ class CompileHelper:
             self._start(model, device, dtype, attn_implementation, precision, endpoint_url, command)
         except BaseException:  # one could not start: none runs (the actor compiles, as without helpers)
             for proc in self.procs:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
+                _kill_group(proc)
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
         # each part: running, then loaded, failed (...), timed out ..., stopped (...)
@@ -297,10 +294,7 @@ class CompileHelper:
     def _kill(self, part: int) -> None:
         proc = self.procs[part]
         if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                proc.kill()
+            _kill_group(proc)
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -349,12 +343,21 @@ class CompileHelper:
         if getattr(self, "_told", True) or getattr(self, "state", None) != "running":
             return
         for proc in getattr(self, "procs", []):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
+            _kill_group(proc)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a helper and its process group (Inductor's compile workers); no wait."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        try:
+            proc.kill()
+        except OSError:
+            pass
 
 
 def _sweep_stale(age_s: float) -> None:
