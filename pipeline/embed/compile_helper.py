@@ -9,9 +9,9 @@ Compiling in a thread beside eager batches did not help: both need the GIL, and 
 ran at ~12 pages/s instead of ~42 (eleventh session).
 
 With the helpers, the actor starts, before it imports transformers, ``python -m
-pipeline.embed.compile_helper`` once per part (``$VDR_COMPILE_HELPER_PROCESSES``, default 2: one
-helper per block type, the vision block's and the text layer's compiled side by side; 1: one
-helper compiles both in turn). Each builds the same architecture with one vision block, one text
+pipeline.embed.compile_helper`` once per part (``$VDR_COMPILE_HELPER_PROCESSES``, default 1: one
+helper compiles both block types in turn; 2: one helper per block type, the vision block's and the
+text layer's compiled side by side). Each builds the same architecture with one vision block, one text
 layer and random weights (:func:`pipeline.embed.model.load_model` with ``layers=1``: the blocks'
 compiled code depends on their shapes and dtypes, not on the weights' values or the number of
 blocks). It waits for the actor's first batch to learn the page shapes and the batch size (so
@@ -31,17 +31,19 @@ model's calls costs nothing but CPU time: the actor compiles that helper's block
 On a warm node the helpers are stopped as soon as the precompiled blocks are loaded.
 
 Cost: each helper is a second process on the actor's GPU for ~15-25 s (its CUDA context, ~0.6 GB
-of weights, one batch's activations of one block), and its CPU. None starts where the GPU has less
-than 16 GiB free.
+of weights, one batch's activations of one block), and its CPU. Measured on one H100 (RESULTS
+"Twentieth session", nvidia-smi once a second): one helper 4.8 GiB at its peak; two helpers 4.8 and
+9.3 GiB; the actor beside them 13.1 GiB. None starts where the GPU has less than 20 GiB free.
 
 Measured (RESULTS "Eighteenth session", "Nineteenth session"): the helpers' blocks run at the
 actor's rate (H200: 65.70 against 65.68 pages/s for the actor alone, the same vectors; a later
 job's actor 65.75 against 65.78); cold 3,000-page jobs 4.0 s shorter on an H200 (74.4% of the actor
 alone against 69.9%) and 4.1-7.5 s on H100s; two helpers instead of one ready 2.5-4.4 s earlier,
-jobs 0.3-1.0 s shorter (H100, two pairs).
+jobs 0.3-1.0 s shorter (H100, two pairs), then 0.7-1.2 s longer on another H100 (two pairs, twentieth
+session): no difference a job shows, for 9.3 GiB more GPU memory, so one helper is the default.
 
 ``$VDR_COMPILE_HELPER``: unset (on with a GPU, off on a CPU), ``1`` or ``0``.
-``$VDR_COMPILE_HELPER_PROCESSES``: ``2`` (default) or ``1``. ``$VDR_COMPILE_HELPER_TIMEOUT_S``
+``$VDR_COMPILE_HELPER_PROCESSES``: ``1`` (default) or ``2``. ``$VDR_COMPILE_HELPER_TIMEOUT_S``
 (default 180): after it the actor stops waiting and compiles.
 """
 
@@ -86,15 +88,16 @@ def wanted(device: str, compile_model: bool, precompiled: bool | None) -> bool:
     return precompiled is not None or env_flag("VDR_PRECOMPILE", True)
 
 
-# The GPU memory an actor needs free at its start for the helpers beside it: the actor's model and
-# batches (peak 6.4-10 GiB at batch 32 on an H200, RESULTS) and each helper's context, one-block
-# model and one batch through one block (a few GiB). Below it (or with 16 GB cards) no helper.
-MIN_FREE_BYTES = 16 << 30
+# The GPU memory an actor needs free at its start for a helper beside it: the actor's model and
+# batches and the helper's context, one-block model and one batch through its blocks. Measured on
+# one H100 at batch 32, 768 tokens (nvidia-smi once a second, 2026-12-05): the actor 13.1 GiB, one
+# helper 4.8 GiB, 17.9 GiB together. Below it (or with 16 GB cards) no helper.
+MIN_FREE_BYTES = 20 << 30
 
 
-# Each helper after the first: its CUDA context, one-block weights (~0.6 GB) and one block's
-# activations for one batch. An estimate, not measured on a GPU (the helpers' memory was not recorded).
-EXTRA_HELPER_BYTES = 4 << 30
+# Each helper after the first (VDR_COMPILE_HELPER_PROCESSES=2): the second of two helpers peaked at
+# 9.3 GiB in the same measurement.
+EXTRA_HELPER_BYTES = 10 << 30
 
 
 def room_for_helper(free_bytes: int | None) -> bool:
@@ -124,12 +127,13 @@ def timeout_s() -> float:
 
 
 def processes() -> int:
-    """``$VDR_COMPILE_HELPER_PROCESSES``: 2 (the default: one helper per block type, the vision
-    block's and the text layer's compiled side by side) or 1 (one helper compiles both in turn)."""
-    raw = os.environ.get(PROCESSES_ENV, "").strip() or "2"
+    """``$VDR_COMPILE_HELPER_PROCESSES``: 1 (the default: one helper compiles both block types in
+    turn) or 2 (one helper per block type, the vision block's and the text layer's compiled side by
+    side: ready ~1-4 s sooner, 9.3 GiB more GPU memory, no shorter job measured)."""
+    raw = os.environ.get(PROCESSES_ENV, "").strip() or "1"
     if raw not in ("1", "2"):
-        raise ValueError(f"{PROCESSES_ENV}={raw!r}: use 2 (a helper per block type, the default) or 1 "
-                         "(one helper for both)")
+        raise ValueError(f"{PROCESSES_ENV}={raw!r}: use 1 (one helper for both block types, the default) or 2 "
+                         "(a helper per block type)")
     return int(raw)
 
 

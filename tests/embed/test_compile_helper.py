@@ -1,6 +1,6 @@
 """The compile helpers (pipeline.embed.compile_helper; on by default on a GPU, VDR_COMPILE_HELPER=1
-here on the CPU): on a node with no precompiled blocks, helper processes (one per block type by
-default, VDR_COMPILE_HELPER_PROCESSES=2) compile the block types on a one-block random-weights model,
+here on the CPU): on a node with no precompiled blocks, helper processes (one for both block types by
+default; one per block type with VDR_COMPILE_HELPER_PROCESSES=2) compile the block types on a one-block random-weights model,
 for the actor's first batch's page shapes, while the actor loads its weights and runs its first
 batches eagerly; the actor loads each helper's blocks as they come, and the last helper saves them
 all for the node's next actor, also when the actor has gone first. A helper that fails or times out
@@ -88,12 +88,11 @@ def _run_actor(mode, model, base, processes="2"):
 
 @pytest.fixture(scope="module")
 def actors(tiny_model, tmp_path_factory):
-    """A cold actor on a new node (its two helpers compile); on another node a short job's actor
-    (its helpers finish after it) and a second actor. (One helper for both block types,
-    VDR_COMPILE_HELPER_PROCESSES=1, runs the same code with one part; measured on a GPU, not run
-    end to end here, to keep the suite short.)"""
+    """A cold actor on a new node (its one helper compiles both block types: the default); on
+    another node a short job's actor (its two helpers, VDR_COMPILE_HELPER_PROCESSES=2, finish after
+    it) and a second actor."""
     base = tmp_path_factory.mktemp("compile-helper")
-    cold, cold_err = _run_actor("cold", tiny_model, base / "a")
+    cold, cold_err = _run_actor("cold", tiny_model, base / "a", processes="1")
     # another node: an actor whose job ends after one batch, before its helper has compiled (a plain
     # process: under Ray the worker's child processes end with it)
     short, _ = _run_actor("short", tiny_model, base / "b")
@@ -111,7 +110,7 @@ def actors(tiny_model, tmp_path_factory):
 def test_a_cold_actor_runs_eagerly_until_its_helper_has_compiled_then_loads_its_blocks(actors):
     cold = actors["cold"]
     assert cold["precompiled_from"] is None and cold["helper_state_at_init"] == "running"
-    assert not cold["helper_exited_at_init"] and cold["helpers"] == 2
+    assert not cold["helper_exited_at_init"] and cold["helpers"] == 1
     assert cold["deferred_at_init"] == [True, True]
     first, second = cold["batches"]
     # first batch: sent while the helper runs; each block type ran eagerly, nothing compiled here
@@ -128,7 +127,7 @@ def test_a_cold_actor_runs_eagerly_until_its_helper_has_compiled_then_loads_its_
         first["column_state"])["compile_s"]}
     assert "compile helper running" in actors["cold_err"]  # the actor's first-batch line
     # the helper exited by itself (its blocks written), and the next batch loaded them
-    assert cold["helper_exit"] == [0, 0]
+    assert cold["helper_exit"] == [0]
     assert second["helper_state"] == "loaded"
     for name, pf in second["pf"].items():
         assert pf["loaded"] >= 1 and pf["compiled"] == 0, (name, pf)
@@ -136,10 +135,8 @@ def test_a_cold_actor_runs_eagerly_until_its_helper_has_compiled_then_loads_its_
     helper = second["state"]["compile_helper"]
     assert helper["state"] == "loaded" and helper["variants"] >= 2 and helper["ready_s"] > 0
     assert helper["eager_batches"] == 1
-    # one helper per block type, in the model's order; each part's blocks loaded
-    assert [(p["state"], p["blocks"]) for p in helper["parts"]] == [("loaded", ["vision_block"]),
-                                                                   ("loaded", ["text_layer"])]
-    assert helper["ready_s"] == max(p["ready_s"] for p in helper["parts"])
+    # one helper for both block types: one part, no per-part list
+    assert "parts" not in helper
     assert second["state"]["variants_loaded"] >= 2 and second["state"]["variants_compiled"] == 0
     assert second["state"]["precompiled_from"] is None  # not from a cache: from the helper
     assert "provisional" not in second["state"]
@@ -153,8 +150,8 @@ def test_a_cold_actor_runs_eagerly_until_its_helper_has_compiled_then_loads_its_
         a, b = np.asarray(a), np.asarray(b)
         assert a.shape == b.shape and a.shape[0] > 0
         assert np.abs(a - b).max() < 1e-3
-    # saved under the real model's key for the next actor on this node (the last helper to finish
-    # saved both parts' blocks together; the actor saved none: it compiled none); the folder gone
+    # saved under the real model's key for the next actor on this node (by the helper: both block
+    # types together; the actor saved none: it compiled none); the folder gone
     assert cold["key"].startswith("precompiled-") and cold["key"] in cold["cache_files"]
     from pipeline.embed import precompile
 
@@ -504,7 +501,7 @@ def test_who_starts_a_helper(monkeypatch):
         with pytest.raises(ValueError, match=TIMEOUT_ENV):
             timeout_s()
     monkeypatch.delenv(PROCESSES_ENV, raising=False)
-    assert processes() == 2  # one per block type
+    assert processes() == 1  # one helper for both block types
     monkeypatch.setenv(PROCESSES_ENV, " 1 ")
     assert processes() == 1
     for bad in ("3", "0", "two"):
