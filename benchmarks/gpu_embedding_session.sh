@@ -113,9 +113,10 @@ step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
 # compared nothing for that reason. Since then the driver sends the switches the workers read
 # (pipeline.cluster.WORKER_ENV) in the job's runtime env; bench_warm_start.py --only-cold A/Bs
 # an actor setting in separate processes                                                   ~330 s
-# (COLD_JOBS, COLD_ENVS and COLD_TIMEOUT change the count, the environments in turn and the limit)
+# (COLD_JOBS, COLD_ENVS and COLD_TIMEOUT change the count, the environments in turn and the limit;
+# COLD_ONLY=1 empties the caches before the first job only, so the later ones run warm)
 step part1_cold "${COLD_TIMEOUT:-420}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
-  --plain-after "${COLD_JOBS:-4}" --cold-caches --plain-envs "${COLD_ENVS:-}" \
+  --plain-after "${COLD_JOBS:-4}" --cold-caches ${COLD_ONLY:+--cold-jobs "$COLD_ONLY"} --plain-envs "${COLD_ENVS:-}" \
   --out "$OUT/part1_cold.json"
 # helper_blocks: are the blocks the compile helpers compile (VDR_COMPILE_HELPER=1; the default on a GPU since f422871) as fast as the
 # actor's own? Four plain 3,000-page jobs: cold without the helper, warm (loads the actor's blocks),
