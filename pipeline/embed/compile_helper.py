@@ -39,7 +39,7 @@ Measured (RESULTS "Eighteenth session", "Nineteenth session"): the helpers' bloc
 actor's rate (H200: 65.70 against 65.68 pages/s for the actor alone, the same vectors; a later
 job's actor 65.75 against 65.78); cold 3,000-page jobs 4.0 s shorter on an H200 (74.4% of the actor
 alone against 69.9%) and 4.1-7.5 s on H100s; two helpers instead of one ready 2.5-4.4 s earlier,
-jobs 0.3-1.0 s shorter (H100, two pairs), then 0.7-1.2 s longer on another H100 (two pairs, twentieth
+jobs 0.3-1.0 s shorter (H100, two pairs), then 0.85-1.6 s longer on another H100 (two pairs, twentieth
 session): no difference a job shows, for 9.3 GiB more GPU memory, so one helper is the default.
 
 ``$VDR_COMPILE_HELPER``: unset (on with a GPU, off on a CPU), ``1`` or ``0``.
