@@ -43,6 +43,44 @@ IMAGE_TOKEN = "<|image_pad|>"
 MIN_VISUAL_TOKENS = 4
 
 
+# The unary ops that ATen hands to MKL's VML for contiguous float32 and float64 CPU tensors
+# (aten/src/ATen/cpu/vml.h, IMPLEMENT_VML_MKL; the list is the same in torch 2.13).
+_MKL_VML_OPS = ("acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "log", "log10", "log2", "sin",
+                "sqrt", "tan", "tanh", "trunc")
+_MKL_VML_WARM = False
+_MKL_VML_LOCK = threading.Lock()
+
+
+def warm_up_mkl_vml() -> None:
+    """Call each of those VML functions once, on one element, in this thread only, so that
+    MKL has chosen its kernel for each before a real call runs it on several threads at once.
+
+    Why: oneMKL 2024.2 (the one in torch's x86-64 wheels) picks each VML function's kernel
+    lazily, at its first call, and when that first call runs on two intra-op threads at once
+    (a tensor above ATen's grain of 2,048 elements), one thread can run a low-accuracy
+    kernel on its whole half, though high accuracy was asked for: pytorch/pytorch#188792
+    (fix proposed in #188791: the same one-element warm-up, inside ATen). In a CPU process the
+    model's first ``cos`` is the vision rotary embedding's (272 x 2 x 4 angles for the tests'
+    three pages): under CPU load its second half came out up to 1.5e-4 off (cos(1) =
+    0.5403335 for 0.5403023), so the process's first batch of pages differed from every
+    later one by float16 ulps after pooling (tests/embed/test_ward_on_device.py: 4 in 30
+    runs beside two busy loops on a 2-core host). Later calls use the right kernel. One element is
+    below the grain, so each warm-up call runs in the calling thread alone. Once per process."""
+    global _MKL_VML_WARM
+    if _MKL_VML_WARM:
+        return
+    with _MKL_VML_LOCK:  # two threads loading models: one warms up while the other waits
+        if _MKL_VML_WARM or not torch.backends.mkl.is_available():
+            _MKL_VML_WARM = True
+            return
+        with torch.inference_mode():
+            for dtype in (torch.float32, torch.float64):
+                x = torch.full((1,), 0.5, dtype=dtype)
+                for op in _MKL_VML_OPS:
+                    getattr(torch, op)(x)
+        _MKL_VML_WARM = True
+
+
 def resolve_device(device: str | None) -> str:
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -192,6 +230,8 @@ def load_model(
         from pipeline.embed import inductor_heuristics
 
         persistent_norms = inductor_heuristics.persistent_norms_requested()
+    # before any op that may run on several threads: MKL's VML picks its kernels at first use
+    warm_up_mkl_vml()
     phases: dict[str, float] = {}
     mark = [time.perf_counter()]
 
