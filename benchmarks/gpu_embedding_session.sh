@@ -114,7 +114,7 @@ step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
 # (pipeline.cluster.WORKER_ENV) in the job's runtime env; bench_warm_start.py --only-cold A/Bs
 # an actor setting in separate processes                                                   ~330 s
 # (COLD_JOBS, COLD_ENVS and COLD_TIMEOUT change the count, the environments in turn and the limit;
-# COLD_ONLY=1 empties the caches before the first job only, so the later ones run warm)
+# COLD_ONLY=N[,M]: only these jobs (1-based) start from emptied caches, e.g. COLD_ONLY=1: a cold job, then warm ones)
 step part1_cold "${COLD_TIMEOUT:-420}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
   --plain-after "${COLD_JOBS:-4}" --cold-caches ${COLD_ONLY:+--cold-jobs "$COLD_ONLY"} --plain-envs "${COLD_ENVS:-}" \
   --out "$OUT/part1_cold.json"

@@ -35,7 +35,7 @@ of weights, one batch's activations of one block), and its CPU. Measured on one 
 "Twentieth session", nvidia-smi once a second): one helper 4.8 GiB at its peak; two helpers 4.8 and
 9.3 GiB; the actor beside them 13.1 GiB. None starts where the GPU has less than 20 GiB free.
 
-Measured (RESULTS "Eighteenth session", "Nineteenth session"): the helpers' blocks run at the
+Measured (RESULTS "Eighteenth" to "Twentieth session"): the helpers' blocks run at the
 actor's rate (H200: 65.70 against 65.68 pages/s for the actor alone, the same vectors; a later
 job's actor 65.75 against 65.78); cold 3,000-page jobs 4.0 s shorter on an H200 (74.4% of the actor
 alone against 69.9%) and 4.1-7.5 s on H100s; two helpers instead of one ready 2.5-4.4 s earlier,
@@ -129,7 +129,8 @@ def timeout_s() -> float:
 def processes() -> int:
     """``$VDR_COMPILE_HELPER_PROCESSES``: 1 (the default: one helper compiles both block types in
     turn) or 2 (one helper per block type, the vision block's and the text layer's compiled side by
-    side: ready ~1-4 s sooner, 9.3 GiB more GPU memory, no shorter job measured)."""
+    side: ready 0.8-4.4 s sooner, 9.3 GiB more GPU memory, no difference a job shows: -1.0 to
+    +1.6 s over four pairs on two H100s)."""
     raw = os.environ.get(PROCESSES_ENV, "").strip() or "1"
     if raw not in ("1", "2"):
         raise ValueError(f"{PROCESSES_ENV}={raw!r}: use 1 (one helper for both block types, the default) or 2 "

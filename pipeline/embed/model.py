@@ -63,7 +63,7 @@ def warm_up_mkl_vml() -> None:
     model's first ``cos`` is the vision rotary embedding's (272 x 2 x 4 angles for the tests'
     three pages): under CPU load its second half came out up to 1.5e-4 off (cos(1) =
     0.5403335 for 0.5403023), so the process's first batch of pages differed from every
-    later one by float16 ulps after pooling (tests/embed/test_ward_on_device.py: 4 in 30
+    later one by float16 ulps after pooling (tests/embed/test_ward_on_device.py: 5 in 110
     runs beside two busy loops on a 2-core host). Later calls use the right kernel. One element is
     below the grain, so each warm-up call runs in the calling thread alone. Once per process."""
     global _MKL_VML_WARM
@@ -75,7 +75,7 @@ def warm_up_mkl_vml() -> None:
             return
         with torch.inference_mode():
             for dtype in (torch.float32, torch.float64):
-                x = torch.full((1,), 0.5, dtype=dtype)
+                x = torch.full((1,), 0.5, dtype=dtype, device="cpu")  # whatever the default device
                 for op in _MKL_VML_OPS:
                     getattr(torch, op)(x)
         _MKL_VML_WARM = True

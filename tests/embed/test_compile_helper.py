@@ -502,8 +502,8 @@ def test_who_starts_a_helper(monkeypatch):
             timeout_s()
     monkeypatch.delenv(PROCESSES_ENV, raising=False)
     assert processes() == 1  # one helper for both block types
-    monkeypatch.setenv(PROCESSES_ENV, " 1 ")
-    assert processes() == 1
+    monkeypatch.setenv(PROCESSES_ENV, " 2 ")
+    assert processes() == 2
     for bad in ("3", "0", "two"):
         monkeypatch.setenv(PROCESSES_ENV, bad)
         with pytest.raises(ValueError, match=PROCESSES_ENV):

@@ -166,7 +166,7 @@ def test_the_model_pools_the_same_pages_with_the_merge_loop_on_the_device(tiny_m
 
     The device side runs first, so it holds the process's first forward pass. Until
     :func:`pipeline.embed.model.warm_up_mkl_vml` (called by ``load_model``) that pass could
-    differ under CPU load (4 in 30 runs beside two busy loops; CI failed once; it was marked
+    differ under CPU load (5 in 110 runs beside two busy loops; CI failed once; it was marked
     xfail): MKL's VML picked its ``cos`` kernel at that first call, made on two threads at
     once, and one thread's half of the vision rotary embedding came out with a low-accuracy
     kernel (pytorch/pytorch#188792); same labels on both sides, the vectors off by float16
@@ -193,22 +193,44 @@ print("OK")
 
 def test_load_model_warms_up_mkls_vml_before_the_first_forward(tiny_model, monkeypatch):
     """The guard of the test above: ``load_model`` runs MKL's VML functions once on one
-    element before a forward can run them on several threads (their first call picks their
-    kernel, racily; pytorch/pytorch#188792), and the warm-up gives the right values."""
+    element before the weights load (so before any forward can run them on several threads:
+    their first call picks their kernel, racily; pytorch/pytorch#188792), and the warm-up calls
+    each of them on one CPU element (below ATen's grain: one thread), in float32 and float64."""
     import torch
 
     from pipeline.embed import model
 
     calls = []
+    fetch = model.fetch_model
+
+    def fetch_after_warm_up(*args, **kwargs):
+        assert calls == [1], "the warm-up must come before the weights load"
+        return fetch(*args, **kwargs)
+
     monkeypatch.setattr(model, "warm_up_mkl_vml", lambda: calls.append(1))
+    monkeypatch.setattr(model, "fetch_model", fetch_after_warm_up)
     model.load_model(tiny_model, device="cpu")
     assert calls == [1]
     monkeypatch.undo()
+    if not torch.backends.mkl.is_available():
+        pytest.skip("torch built without MKL: nothing to warm up")
+    seen = []
+    for op in model._MKL_VML_OPS:
+        real = getattr(torch, op)
+
+        def spy(x, *a, _op=op, _real=real, **k):
+            seen.append((_op, x.dtype, x.device.type, x.numel(), x.is_contiguous()))
+            return _real(x, *a, **k)
+
+        monkeypatch.setattr(torch, op, spy)
     monkeypatch.setattr(model, "_MKL_VML_WARM", False)
-    model.warm_up_mkl_vml()
+    with torch.device("meta"):  # a default device elsewhere must not move the warm-up off the CPU
+        model.warm_up_mkl_vml()
     assert model._MKL_VML_WARM
-    x = torch.linspace(0.05, 0.95, 4096)  # above ATen's grain: both threads
-    np.testing.assert_allclose(x.cos().numpy(), np.cos(x.double().numpy()), rtol=1e-6)
+    want = {(op, dt, "cpu", 1, True) for op in model._MKL_VML_OPS for dt in (torch.float32, torch.float64)}
+    assert set(seen) == want and len(seen) == len(want)
+    model.warm_up_mkl_vml()  # once per process
+    assert len(seen) == len(want)
 
 
 def test_a_merge_made_after_a_lower_one_it_depends_on_is_named_by_the_union_find():
