@@ -122,3 +122,36 @@ def test_read_ranges_into_local_pieces_on_threads_and_s3(tmp_path, s3, monkeypat
     out = np.zeros_like(data)
     storage.read_ranges_into(fs, key, ranges, out)
     assert np.array_equal(out, want)
+    monkeypatch.setattr(storage, "REMOTE_PIECE_BYTES", 4096 * 7)  # ~40 ranged GETs, 4 at once
+    out = np.zeros_like(data)
+    storage.read_ranges_into(fs, key, ranges, out, threads=4)
+    assert np.array_equal(out, want)
+    with pytest.raises(EOFError, match="read"):
+        storage.read_ranges_into(fs, key, [(0, (1 << 20) + 10)], np.zeros((1 << 20) + 10, np.uint8), threads=4)
+
+
+def test_download_files_copies_every_byte_in_ranged_pieces_on_threads(tmp_path, s3, monkeypatch):
+    """Files of an object store land whole at their local paths, each cut into ranged reads of
+    which several run at once (a model's weights on a new node); progress reaches the total;
+    an object shorter than the size it was listed with is an error, not a short file."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    blobs = {"weights/a.safetensors": rng.integers(0, 256, 300_001, dtype=np.uint8).tobytes(),
+             "config.json": b'{"x": 1}', "empty.txt": b""}
+    bucket = s3.make_bucket()
+    fs, root = storage.open_filesystem(f"s3://{bucket}/m", s3.endpoint_url)
+    for rel, data in blobs.items():
+        with fs.open_output_stream(f"{root}/{rel}") as f:
+            f.write(data)
+    monkeypatch.setattr(storage, "REMOTE_PIECE_BYTES", 4096 * 5)  # 15 pieces for the big file
+    seen = []
+    files = [(f"{root}/{rel}", len(data), str(tmp_path / "out" / rel)) for rel, data in blobs.items()]
+    assert storage.download_files(fs, files, threads=4, progress=lambda d, t: seen.append((d, t))) == \
+        sum(map(len, blobs.values()))
+    for rel, data in blobs.items():
+        assert (tmp_path / "out" / rel).read_bytes() == data
+    total = sum(map(len, blobs.values()))
+    assert len(seen) == 15 + 1 and max(seen) == (total, total)  # one call per piece, the empty file none
+    with pytest.raises(EOFError, match="read"):
+        storage.download_files(fs, [(f"{root}/config.json", 100, str(tmp_path / "short.json"))], threads=2)

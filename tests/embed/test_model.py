@@ -4,6 +4,8 @@ itself, then projection, L2 norm and the attention mask, as colpali-engine's for
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -129,6 +131,70 @@ def test_load_from_object_store_copies_once(tiny_model, s3, tmp_path, monkeypatc
     local = M.fetch_model(uri)
     assert local.startswith(str(tmp_path / "cache"))
     assert M.fetch_model(uri) == local  # cached: the second actor on a node copies nothing
+    for name in os.listdir(tiny_model):  # every byte, the weights in many ranged pieces
+        if os.path.isfile(os.path.join(tiny_model, name)):
+            with open(os.path.join(tiny_model, name), "rb") as a, open(os.path.join(local, name), "rb") as b:
+                assert a.read() == b.read(), name
+
+
+def test_an_interrupted_model_copy_leaves_nothing_and_the_next_copies_again(tiny_model, s3, tmp_path, monkeypatch):
+    """A copy that fails half-way (the network, the node) leaves no model folder that a later
+    actor would load, and no partial folder; the next fetch copies the model whole."""
+    from pipeline import storage
+
+    bucket = s3.make_bucket()
+    s3.upload_folder(tiny_model, bucket, "models/tiny/")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VDR_MODEL_CACHE", str(cache))
+    monkeypatch.setattr(storage, "REMOTE_PIECE_BYTES", 1 << 16)
+    real = storage.download_files
+
+    def cut(fs, files, threads=None, progress=None):
+        def fail_half_way(done, total):
+            if done > total // 2:
+                raise ConnectionResetError("connection reset by peer")
+        return real(fs, files, threads=threads, progress=fail_half_way)
+
+    monkeypatch.setattr(storage, "download_files", cut)
+    uri = f"s3://{bucket}/models/tiny"
+    with pytest.raises(ConnectionResetError):
+        M.fetch_model(uri)
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.setattr(storage, "download_files", real)
+    local = M.fetch_model(uri)
+    with open(os.path.join(tiny_model, "model.safetensors"), "rb") as a, \
+            open(os.path.join(local, "model.safetensors"), "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_an_object_store_model_is_copied_while_transformers_is_imported(tiny_model, s3, tmp_path, monkeypatch):
+    """load_model starts an s3:// model's copy on a thread before it imports transformers (the
+    import's 2-5 s overlap the copy); the copy's errors reach the caller; a refused setting is
+    refused before anything is copied; hub names and local paths start no thread."""
+    import threading
+
+    bucket = s3.make_bucket()
+    monkeypatch.setenv("VDR_MODEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="--precision"):
+        M.load_model(f"s3://{bucket}/models/tiny", device="cpu", precision="fp4")
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(FileNotFoundError, match="no model files under"):
+        M.load_model(f"s3://{bucket}/models/none", device="cpu")
+    s3.upload_folder(tiny_model, bucket, "models/tiny/")
+    threads = []
+    real_fetch = M.fetch_model
+
+    def fetch(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_fetch(*args, **kwargs)
+
+    monkeypatch.setattr(M, "fetch_model", fetch)
+    lm = M.load_model(f"s3://{bucket}/models/tiny", device="cpu")
+    assert threads == ["fetch-model"] and lm.model is not None
+    assert M.fetch_model_in_background(tiny_model)() == tiny_model and threads[1:] == [threading.current_thread().name]
+    monkeypatch.setenv("VDR_MODEL_FETCH_THREADS", "0")
+    with pytest.raises(ValueError, match="VDR_MODEL_FETCH_THREADS"):
+        M.fetch_threads()
 
 
 def test_missing_model_error_says_what_to_do(tmp_path):
