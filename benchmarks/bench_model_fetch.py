@@ -1,13 +1,12 @@
 """A new node's model load from object storage: the copy of an ``s3://`` checkpoint, and
-``load_model`` as an actor runs it (fresh process: imports, copy, weights), and the scoring
-job's ranged read of one large object (``storage.read_ranges_into``), this checkout
+``load_model`` as an actor runs it (fresh process: imports, copy, weights), this checkout
 against another (``--old-code``, e.g. a ``git worktree`` of the commit before), alternating.
 
     python benchmarks/bench_model_fetch.py --old-code /tmp/vdr-old --rounds 3 --out fetch.json
 
 The store is moto's server on 127.0.0.1 (no network here): its figures measure the code
-against moto, not against S3 (moto copies the whole object for each ranged GET, so small
-sequential reads cost it far more than S3; see RESULTS.md). The model is the real
+against moto, not against S3 (moto copies the whole object for each ranged GET, so many small
+reads cost it far more than S3, and one GET of a whole file less; see RESULTS.md). The model is the real
 ColQwen2's widths with ``--text-layers`` and ``--vision-depth`` layers and random bf16
 weights (``pipeline.devtools.tiny``): the real checkpoint's files, fewer of its layers.
 Each case empties the node's model cache (``VDR_MODEL_CACHE``) first, as on a new node.
@@ -43,20 +42,6 @@ from pipeline.embed.model import fetch_model
 t0 = time.perf_counter()
 fetch_model(sys.argv[2])
 print("RESULT " + json.dumps({"fetch_s": round(time.perf_counter() - t0, 3)}))
-"""
-
-
-READ = r"""
-import json, sys, time
-sys.path.insert(0, sys.argv[1])
-import numpy as np
-from pipeline import storage
-fs, path = storage.open_filesystem(sys.argv[2] + "/model.safetensors")
-size = fs.get_file_info(path).size
-out = np.zeros(size, np.uint8)
-t0 = time.perf_counter()
-storage.read_ranges_into(fs, path, [(0, size)], out)
-print("RESULT " + json.dumps({"read_ranges_s": round(time.perf_counter() - t0, 3), "bytes": size}))
 """
 
 
@@ -122,15 +107,13 @@ def main() -> int:
     rows = []
     for r in range(args.rounds):
         for label in (("old", "new") if r % 2 == 0 else ("new", "old")):
-            for what, snippet in (("fetch", FETCH), ("load_model", LOAD), ("read_ranges", READ)):
+            for what, snippet in (("fetch", FETCH), ("load_model", LOAD)):
                 cache = os.path.join(work, "cache")
                 shutil.rmtree(cache, ignore_errors=True)
                 res = run(snippet, codes[label], uri, dict(env, VDR_MODEL_CACHE=cache))
                 res.update(round=r, code=label, what=what)
                 if what == "fetch":
                     res["mb_per_s"] = round(size / 1e6 / res["fetch_s"], 1)
-                if what == "read_ranges":
-                    res["mb_per_s"] = round(res["bytes"] / 1e6 / res["read_ranges_s"], 1)
                 rows.append(res)
                 print(json.dumps(res), flush=True)
     server.stop()

@@ -468,9 +468,11 @@ def write_bytes_atomic(uri: str, data: bytes, endpoint_url: str | None = None) -
 
 READ_CHUNK_BYTES = 64 << 20
 READ_THREADS = 8
-# Object stores: ranged GETs of 16 MiB, several at once. One request streams at a fraction of
-# a node's network (AWS's S3 performance guidelines: byte-range GETs of 8-16 MB, in parallel).
-REMOTE_PIECE_BYTES = 16 << 20
+# Object stores: a model's files are copied in ranged reads of 64 MiB, several at once. moto's
+# server copies the whole object for each ranged GET, so there fewer, larger pieces are faster
+# (RESULTS "Twenty-first session"); S3 serves each range on its own (AWS's performance
+# guidelines: byte-range GETs in parallel), which moto cannot show and these machines cannot reach.
+REMOTE_PIECE_BYTES = 64 << 20
 
 
 def _pieces(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
@@ -502,8 +504,9 @@ def read_ranges_into(fs: pafs.FileSystem, path: str, ranges: list[tuple[int, int
     uint8 numpy array at least as long as the file); returns the bytes read. Local files are
     read straight into ``out`` (``preadv``: no intermediate buffer), in 64 MiB pieces on up to
     ``threads`` threads (default: 8, at most the CPU count): one thread copied a page-cached
-    7 GB cache file at 2.6 GB/s on the H200 host (RESULTS.md). Other filesystems are read by
-    ``read_at`` in 16 MiB pieces, up to ``threads`` (default 8) requests at once."""
+    7 GB cache file at 2.6 GB/s on the H200 host (RESULTS.md). Others are read by ``read_at``,
+    one request per range (in pieces on threads it was 5.5x slower against moto's server, which
+    copies the whole object for each ranged GET: RESULTS "Twenty-first session"; S3 not measured)."""
     view = memoryview(out).cast("B")
     total = sum(stop - start for start, stop in ranges)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -524,22 +527,18 @@ def read_ranges_into(fs: pafs.FileSystem, path: str, ranges: list[tuple[int, int
             os.close(fd)
         return total
     with fs.open_input_file(path) as f:
-
-        def fetch(piece):
-            start, stop = piece
-            data = f.read_at(stop - start, start)  # releases the GIL; one ranged GET
+        for start, stop in ranges:
+            data = f.read_at(stop - start, start)
             if len(data) != stop - start:
                 raise EOFError(f"{path}: read {len(data)} of {stop - start} bytes at offset {start}")
             view[start:stop] = memoryview(data)
-
-        _on_threads(fetch, _pieces(ranges, REMOTE_PIECE_BYTES), threads or READ_THREADS, "read-ranges")
     return total
 
 
 def download_files(fs: pafs.FileSystem, files: list[tuple[str, int, str]], threads: int | None = None,
                    progress=None) -> int:
     """Copy whole files of ``fs`` to local paths: ``files`` holds (path in ``fs``, its size,
-    local destination). Each file is cut into 16 MiB ranged reads, and up to ``threads``
+    local destination). Each file is cut into 64 MiB ranged reads, and up to ``threads``
     (default 8) of them, of any of the files, run at once, each written at its own offset.
     ``progress(bytes_done, bytes_total)`` is called after each piece (from the threads).
     Returns the bytes copied; a file shorter than its size is an error."""

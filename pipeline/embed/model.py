@@ -117,11 +117,11 @@ def fetch_model(name_or_path: str, endpoint_url: str | None = None, cache_dir: s
     copied once per node into ``cache_dir`` (default ``$VDR_MODEL_CACHE`` or
     ``/tmp/vdr-models``): a file lock makes the actors of one node share one copy, and the
     copy is renamed into place only when complete, so a crashed copy is never used (an
-    interrupted one removes its partial folder). The files are read in 16 MiB ranged pieces,
+    interrupted one removes its partial folder). The files are read in 64 MiB ranged pieces,
     ``$VDR_MODEL_FETCH_THREADS`` (default 8) at once (:func:`pipeline.storage.download_files`):
     one sequential stream of 8 MiB reads, as until 2026-12-05, copied a 0.67 GB checkpoint from
-    moto's server on 127.0.0.1 at 22-24 MB/s, the pieces at 45-48 MB/s (dev machine; moto, not
-    S3: RESULTS "Twenty-first session"). A progress line is logged every 10 s.
+    moto's server on 127.0.0.1 at 23-24 MB/s, the pieces at 155-164 MB/s (dev machine, 2 cores;
+    moto, not S3: RESULTS "Twenty-first session"). A progress line is logged every 10 s.
     """
     if "://" not in name_or_path or name_or_path.startswith("file://"):
         return name_or_path.removeprefix("file://")
