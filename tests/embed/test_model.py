@@ -524,3 +524,52 @@ def test_every_forward_brings_its_threads_inductor_settings_in_line(lm, monkeypa
     worker.start()
     worker.join()
     assert worker.ident in seen
+
+
+def test_a_local_checkpoint_is_read_into_the_page_cache_while_transformers_is_imported(tiny_model, monkeypatch):
+    """load_model reads a local checkpoint's weight files into the page cache on a thread
+    (sendfile to /dev/null: every byte, none copied into the process) before it imports
+    transformers; the compile helper's random-weights model (layers=1) reads none."""
+    import threading
+
+    warmed, done = [], threading.Event()
+
+    def record(files):
+        warmed.append((threading.current_thread().name, files, M.warm_page_cache.__wrapped__(files)))
+        done.set()
+
+    record.__wrapped__ = M.warm_page_cache
+    monkeypatch.setattr(M, "warm_page_cache", record)
+    M.load_model(tiny_model, device="cpu")
+    assert done.wait(30)
+    weights = os.path.join(tiny_model, "model.safetensors")
+    assert warmed == [("warm-weights", [weights], os.path.getsize(weights))]
+    done.clear()
+    M.load_model(tiny_model, device="cpu", layers=1)
+    assert not done.wait(1) and len(warmed) == 1
+
+
+def test_weight_files_and_the_hub_cache_snapshot_are_found_without_the_network(tmp_path, monkeypatch):
+    folder = tmp_path / "ckpt"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"x" * 10)
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"x" * 30)
+    (folder / "config.json").write_text("{}")
+    (folder / "sub" / "other.safetensors").write_bytes(b"x")
+    assert M.weight_files(str(folder)) == [str(folder / "model-00002-of-00002.safetensors"),
+                                           str(folder / "model-00001-of-00002.safetensors")]
+    assert M.weight_files(str(tmp_path / "none")) == [] and M.weight_files(None) == []
+    assert M.warm_page_cache(M.weight_files(str(folder)) + [str(tmp_path / "gone.bin")]) == 40
+    # huggingface_hub's layout: models--ORG--NAME/refs/main holds the commit of snapshots/COMMIT/
+    repo = tmp_path / "hub" / "models--vidore--colqwen2-v1.0-hf"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123\n")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert M.hub_snapshot("vidore/colqwen2-v1.0-hf") == str(repo / "snapshots" / "abc123")
+    assert M.hub_snapshot("vidore/colqwen2-v1.0-hf", revision="abc123") == str(repo / "snapshots" / "abc123")
+    assert M.hub_snapshot("vidore/other") is None and M.hub_snapshot("/abs/path") is None
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    assert M.hub_snapshot("vidore/colqwen2-v1.0-hf") is None
