@@ -196,19 +196,16 @@ def fetch_threads() -> int:
     return n
 
 
-def fetch_model_in_background(name_or_path: str, endpoint_url: str | None = None, warm_weights: bool = True):
+def fetch_model_in_background(name_or_path: str, endpoint_url: str | None = None):
     """:func:`fetch_model` on a daemon thread, so that an object-store copy runs while the caller
     imports transformers (its 2-5 s are the longer part of an actor's start where the copy is
     short). Returns a function that waits for the path (or raises the copy's error). Hub names
-    and local paths need no copy; with ``warm_weights`` their weight files (a local folder's, or
-    a hub name's snapshot in the local Hugging Face cache) are read into the page cache on a
-    thread meanwhile (:func:`warm_page_cache`)."""
+    and local paths need no copy: no thread. (Reading a local checkpoint into the page cache on
+    a thread meanwhile was tried and dropped: 1.6 s faster with only the weights evicted, 5 s
+    slower on a wholly cold page cache, on the development machine's disk; RESULTS
+    "Twenty-first session", commit ``866ac7f``.)"""
     if "://" not in name_or_path or name_or_path.startswith("file://"):
         path = fetch_model(name_or_path, endpoint_url)
-        if warm_weights:
-            files = weight_files(path if os.path.isdir(path) else hub_snapshot(path))
-            if files:
-                threading.Thread(target=warm_page_cache, args=(files,), name="warm-weights", daemon=True).start()
         return lambda: path
     import concurrent.futures
 
@@ -222,74 +219,6 @@ def fetch_model_in_background(name_or_path: str, endpoint_url: str | None = None
 
     threading.Thread(target=run, name="fetch-model", daemon=True).start()
     return fut.result
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
-def weight_files(folder: str | None) -> list[str]:
-    """The checkpoint's weight files in ``folder`` (not in its subfolders), largest first."""
-    if not folder or not os.path.isdir(folder):
-        return []
-    files = [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(WEIGHT_SUFFIXES)]
-    files = [f for f in files if os.path.isfile(f)]
-    return sorted(files, key=os.path.getsize, reverse=True)
-
-
-def hub_snapshot(name: str, revision: str = "main") -> str | None:
-    """The local Hugging Face cache's folder of hub model ``name`` at ``revision`` (a branch or
-    tag in ``refs/``, or a commit hash), or None when it is not there. Reads the cache's folders
-    only, never the network, and imports nothing (``huggingface_hub``'s own order of variables:
-    ``HF_HUB_CACHE``, ``HF_HOME``/hub, ``XDG_CACHE_HOME``/huggingface/hub, ``~/.cache/huggingface/hub``)."""
-    if name.count("/") != 1 or os.path.isabs(name) or name.startswith("."):
-        return None
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
-    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
-    repo = os.path.join(cache, "models--" + name.replace("/", "--"))
-    try:
-        with open(os.path.join(repo, "refs", revision)) as f:
-            commit = f.read().strip()
-    except OSError:
-        commit = revision
-    snapshot = os.path.join(repo, "snapshots", commit)
-    return snapshot if os.path.isdir(snapshot) else None
-
-
-def warm_page_cache(files: list[str]) -> int:
-    """Read ``files`` into the kernel's page cache, without copying them into this process
-    (``sendfile`` to /dev/null, which releases the GIL): run on a thread while transformers is
-    imported, so that the weights' load reads memory instead of the disk. On this development
-    machine (2026-12-05, 4.4 GB file): 2.8 s after the page cache was dropped, 0.09 s when it
-    already held the file; ``posix_fadvise(WILLNEED)`` instead made the read after it 2.7x
-    slower (RESULTS "Twenty-first session"). Returns the bytes read; errors end it quietly (the
-    load reads the files itself)."""
-    done = 0
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        return 0
-    try:
-        for path in files:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                size, off = os.fstat(fd).st_size, 0
-                while off < size:
-                    n = os.sendfile(null, fd, off, min(1 << 30, size - off))
-                    if n <= 0:
-                        break
-                    off += n
-                done += off
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-    finally:
-        os.close(null)
-    return done
 
 
 class _VisionLengths:
@@ -383,9 +312,8 @@ def load_model(
     device = resolve_device(device)
     if precision not in fp8.PRECISIONS:
         raise ValueError(f"--precision must be one of {fp8.PRECISIONS}, got {precision!r}")
-    # An object-store checkpoint is copied to this node (a local one read into the page cache)
-    # while transformers is imported
-    wait_for_path = fetch_model_in_background(name_or_path, endpoint_url, warm_weights=layers is None)
+    # An object-store checkpoint is copied to this node while transformers is imported
+    wait_for_path = fetch_model_in_background(name_or_path, endpoint_url)
     from transformers import ColQwen2ForRetrieval, ColQwen2Processor
 
     phase("import")
