@@ -524,4 +524,3 @@ def test_every_forward_brings_its_threads_inductor_settings_in_line(lm, monkeypa
     worker.start()
     worker.join()
     assert worker.ident in seen
-
