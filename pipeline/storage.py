@@ -480,22 +480,23 @@ def _pieces(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
 
 
 def _on_threads(fn, items: list, workers: int, name: str) -> None:
-    """``fn`` on each item, on up to ``workers`` threads; the first error is raised (the
-    pieces not started yet are cancelled)."""
+    """``fn`` on each item, on up to ``workers`` threads. At the first error the items not
+    started yet are cancelled, the running ones finish, and that error is raised."""
     workers = max(1, min(workers, len(items)))
     if workers == 1:
         for item in items:
             fn(item)
         return
+    import concurrent.futures
+
     with ThreadPoolExecutor(workers, thread_name_prefix=name) as pool:
         futures = [pool.submit(fn, item) for item in items]
-        try:
-            for fut in futures:
-                fut.result()
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
+        done, pending = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+        for fut in pending:
+            fut.cancel()
+    for fut in futures:
+        if not fut.cancelled() and fut.exception() is not None:
+            raise fut.exception()
 
 
 def read_ranges_into(fs: pafs.FileSystem, path: str, ranges: list[tuple[int, int]], out,
@@ -536,12 +537,14 @@ def read_ranges_into(fs: pafs.FileSystem, path: str, ranges: list[tuple[int, int
 
 
 def download_files(fs: pafs.FileSystem, files: list[tuple[str, int, str]], threads: int | None = None,
-                   progress=None) -> int:
+                   progress=None, cancel=None) -> int:
     """Copy whole files of ``fs`` to local paths: ``files`` holds (path in ``fs``, its size,
     local destination). Each file is cut into 64 MiB ranged reads, and up to ``threads``
     (default 8) of them, of any of the files, run at once, each written at its own offset.
-    ``progress(bytes_done, bytes_total)`` is called after each piece (from the threads).
-    Returns the bytes copied; a file shorter than its size is an error."""
+    ``progress(bytes_done, bytes_total)`` is called after each piece (from the threads); once
+    ``cancel`` (a ``threading.Event``) is set, no piece starts and ``CancelledError`` is raised.
+    Memory: one piece's buffer per thread (8 x 64 MiB by default). Returns the bytes copied; a
+    file shorter than its size is an error."""
     import threading
 
     total = sum(size for _, size, _ in files)
@@ -564,6 +567,10 @@ def download_files(fs: pafs.FileSystem, files: list[tuple[str, int, str]], threa
 
         def copy(piece):
             src, dst, start, stop = piece
+            if cancel is not None and cancel.is_set():
+                from concurrent.futures import CancelledError
+
+                raise CancelledError("the copy was cancelled")
             data = opened(src).read_at(stop - start, start)  # releases the GIL; one ranged GET
             if len(data) != stop - start:
                 raise EOFError(f"{src}: read {len(data)} of {stop - start} bytes at offset {start}")

@@ -151,3 +151,33 @@ def test_download_files_copies_every_byte_in_ranged_pieces_on_threads(tmp_path, 
     assert len(seen) == 15 + 1 and max(seen) == (total, total)  # one call per piece, the empty file none
     with pytest.raises(EOFError, match="read"):
         storage.download_files(fs, [(f"{root}/config.json", 100, str(tmp_path / "short.json"))], threads=2)
+
+
+def test_download_pieces_run_at_once_and_a_failure_stops_the_rest(tmp_path, s3, monkeypatch):
+    """Two threads copy two pieces at the same time (each piece's progress call waits for the
+    other's: one after the other, the first would wait in vain); at the first failing piece,
+    the pieces not started yet never start."""
+    import threading
+    import time
+
+    bucket = s3.make_bucket()
+    fs, root = storage.open_filesystem(f"s3://{bucket}/m", s3.endpoint_url)
+    with fs.open_output_stream(f"{root}/w.bin") as f:
+        f.write(b"x" * 8192)
+    monkeypatch.setattr(storage, "REMOTE_PIECE_BYTES", 4096)
+    both = threading.Barrier(2)
+    storage.download_files(fs, [(f"{root}/w.bin", 8192, str(tmp_path / "w.bin"))], threads=2,
+                           progress=lambda done, total: both.wait(timeout=20))
+    assert (tmp_path / "w.bin").read_bytes() == b"x" * 8192
+    ran = []
+
+    def piece(i):
+        if i == 0:
+            time.sleep(0.5)
+        if i == 1:
+            raise ConnectionResetError("reset")
+        ran.append(i)
+
+    with pytest.raises(ConnectionResetError):
+        storage._on_threads(piece, list(range(100)), 2, "t")
+    assert len(ran) < 10

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import glob
 import hashlib
 import importlib.util
 import logging
@@ -110,15 +111,18 @@ def pick_attn_implementation(device: str, requested: str | None = None) -> str:
     return "sdpa"
 
 
-def fetch_model(name_or_path: str, endpoint_url: str | None = None, cache_dir: str | None = None) -> str:
+def fetch_model(name_or_path: str, endpoint_url: str | None = None, cache_dir: str | None = None,
+                cancel: threading.Event | None = None) -> str:
     """Return something ``from_pretrained`` can open.
 
     Hub names and local directories pass through. Object-store URIs (s3://, gs://) are
     copied once per node into ``cache_dir`` (default ``$VDR_MODEL_CACHE`` or
     ``/tmp/vdr-models``): a file lock makes the actors of one node share one copy, and the
-    copy is renamed into place only when complete, so a crashed copy is never used (an
-    interrupted one removes its partial folder). The files are read in 64 MiB ranged pieces,
-    ``$VDR_MODEL_FETCH_THREADS`` (default 8) at once (:func:`pipeline.storage.download_files`):
+    copy is renamed into place only when complete, so a crashed copy is never used: a copy that
+    fails (or is cancelled through ``cancel``) removes its partial folder, and one left by a
+    killed process is removed by the next copy of the same model. The files are read in 64 MiB
+    ranged pieces, ``$VDR_MODEL_FETCH_THREADS`` (default 8) at once, so up to 8 x 64 MiB of
+    buffers (:func:`pipeline.storage.download_files`):
     one sequential stream of 8 MiB reads, as until 2026-12-05, copied a 0.67 GB checkpoint from
     moto's server on 127.0.0.1 at 23-24 MB/s, the pieces at 155-164 MB/s (dev machine, 2 cores;
     moto, not S3: RESULTS "Twenty-first session"). A progress line is logged every 10 s.
@@ -138,6 +142,10 @@ def fetch_model(name_or_path: str, endpoint_url: str | None = None, cache_dir: s
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.isdir(final):
             return final
+        # Only the holder of this model's lock writes its partial folders: any there now were
+        # left by a process killed while copying (a flock ends with its holder)
+        for stale in glob.glob(os.path.join(cache_dir, f".partial-{key}-*")):
+            shutil.rmtree(stale, ignore_errors=True)
         fs, root = open_filesystem(name_or_path, endpoint_url)
         try:
             infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
@@ -154,7 +162,7 @@ def fetch_model(name_or_path: str, endpoint_url: str | None = None, cache_dir: s
             # An object key with ".." would be written outside the cache folder.
             raise ValueError(f"refusing to copy model {name_or_path}: object key(s) {bad[:3]} point outside "
                              "the model folder; remove them from the bucket")
-        staging = tempfile.mkdtemp(dir=cache_dir, prefix=".partial-")
+        staging = tempfile.mkdtemp(dir=cache_dir, prefix=f".partial-{key}-")
         total = sum(info.size for info in files)
         t0 = time.monotonic()
         said = [t0]
@@ -168,7 +176,8 @@ def fetch_model(name_or_path: str, endpoint_url: str | None = None, cache_dir: s
 
         try:
             storage.download_files(fs, [(info.path, info.size, os.path.join(staging, rel))
-                                        for info, rel in zip(files, rels)], threads=fetch_threads(), progress=progress)
+                                        for info, rel in zip(files, rels)], threads=fetch_threads(), progress=progress,
+                                   cancel=cancel)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -196,29 +205,43 @@ def fetch_threads() -> int:
     return n
 
 
-def fetch_model_in_background(name_or_path: str, endpoint_url: str | None = None):
+class BackgroundFetch:
+    """:func:`fetch_model` running on a daemon thread (:func:`fetch_model_in_background`):
+    :meth:`result` waits for the local path (or raises the copy's error); :meth:`cancel` stops a
+    copy its caller no longer needs (its partial folder is removed)."""
+
+    def __init__(self, name_or_path: str, endpoint_url: str | None):
+        import concurrent.futures
+
+        self._future: concurrent.futures.Future = concurrent.futures.Future()
+        self._cancel = threading.Event()
+        if "://" not in name_or_path or name_or_path.startswith("file://"):  # no copy: no thread
+            self._future.set_result(fetch_model(name_or_path, endpoint_url))
+            return
+
+        def run() -> None:
+            try:
+                self._future.set_result(fetch_model(name_or_path, endpoint_url, cancel=self._cancel))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                self._future.set_exception(exc)
+
+        threading.Thread(target=run, name="fetch-model", daemon=True).start()
+
+    def result(self) -> str:
+        return self._future.result()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+
+def fetch_model_in_background(name_or_path: str, endpoint_url: str | None = None) -> BackgroundFetch:
     """:func:`fetch_model` on a daemon thread, so that an object-store copy runs while the caller
     imports transformers (its 2-5 s are the longer part of an actor's start where the copy is
-    short). Returns a function that waits for the path (or raises the copy's error). Hub names
-    and local paths need no copy: no thread. (Reading a local checkpoint into the page cache on
-    a thread meanwhile was tried and dropped: 1.6 s faster with only the weights evicted, 5 s
-    slower on a wholly cold page cache, on the development machine's disk; RESULTS
-    "Twenty-first session", commit ``866ac7f``.)"""
-    if "://" not in name_or_path or name_or_path.startswith("file://"):
-        path = fetch_model(name_or_path, endpoint_url)
-        return lambda: path
-    import concurrent.futures
-
-    fut: concurrent.futures.Future = concurrent.futures.Future()
-
-    def run() -> None:
-        try:
-            fut.set_result(fetch_model(name_or_path, endpoint_url))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
-            fut.set_exception(exc)
-
-    threading.Thread(target=run, name="fetch-model", daemon=True).start()
-    return fut.result
+    short). Hub names and local paths need no copy: no thread. (Reading a local checkpoint into
+    the page cache on a thread meanwhile was tried and dropped: its load 1.6 s shorter with only
+    the weights evicted, but 5 s longer until the weights were read on a wholly cold page cache,
+    on the development machine's disk; RESULTS "Twenty-first session", commit ``866ac7f``.)"""
+    return BackgroundFetch(name_or_path, endpoint_url)
 
 
 class _VisionLengths:
@@ -309,21 +332,25 @@ def load_model(
 
     from pipeline.embed import fp8
 
+    # every setting checked before an object-store copy starts
     device = resolve_device(device)
     if precision not in fp8.PRECISIONS:
         raise ValueError(f"--precision must be one of {fp8.PRECISIONS}, got {precision!r}")
-    # An object-store checkpoint is copied to this node while transformers is imported
-    wait_for_path = fetch_model_in_background(name_or_path, endpoint_url)
-    from transformers import ColQwen2ForRetrieval, ColQwen2Processor
-
-    phase("import")
     if precision == "fp8" and device.startswith("cuda") and not fp8.fp8_matmul_supported(device):
         raise ValueError(f"--precision fp8 needs FP8 tensor cores (CUDA compute capability 8.9+: L4, L40S, H100, "
                          f"H200); {torch.cuda.get_device_name(device)} has "
                          f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}. Drop --precision fp8")
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else dtype_from_name(dtype, device)
     attn = pick_attn_implementation(device, attn_implementation)
-    path = wait_for_path()
+    # An object-store checkpoint is copied to this node while transformers is imported
+    fetching = fetch_model_in_background(name_or_path, endpoint_url)
+    try:
+        from transformers import ColQwen2ForRetrieval, ColQwen2Processor
+    except BaseException:
+        fetching.cancel()
+        raise
+    phase("import")
+    path = fetching.result()
     phase("fetch")  # what the copy took beyond the import
     kwargs: dict = {"dtype": torch_dtype, "attn_implementation": attn}
     if load_in_4bit:

@@ -149,19 +149,26 @@ def test_an_interrupted_model_copy_leaves_nothing_and_the_next_copies_again(tiny
     monkeypatch.setattr(storage, "REMOTE_PIECE_BYTES", 1 << 16)
     real = storage.download_files
 
-    def cut(fs, files, threads=None, progress=None):
+    def cut(fs, files, threads=None, progress=None, cancel=None):
         def fail_half_way(done, total):
             if done > total // 2:
                 raise ConnectionResetError("connection reset by peer")
-        return real(fs, files, threads=threads, progress=fail_half_way)
+        return real(fs, files, threads=threads, progress=fail_half_way, cancel=cancel)
 
     monkeypatch.setattr(storage, "download_files", cut)
     uri = f"s3://{bucket}/models/tiny"
     with pytest.raises(ConnectionResetError):
         M.fetch_model(uri)
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+    # a partial folder of a process killed while copying (no exception ran) goes with the next copy
+    key = os.path.basename(M.fetch_model.__globals__["hashlib"].sha1(uri.encode()).hexdigest()[:16])
+    (cache / f".partial-{key}-killed" / "sub").mkdir(parents=True)
+    (cache / f".partial-{key}-killed" / "model.safetensors").write_bytes(b"half")
+    (cache / ".partial-0123456789abcdef-other").mkdir()  # another model's copy in flight: not touched
     monkeypatch.setattr(storage, "download_files", real)
     local = M.fetch_model(uri)
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".partial-")) == [
+        ".partial-0123456789abcdef-other"]
     with open(os.path.join(tiny_model, "model.safetensors"), "rb") as a, \
             open(os.path.join(local, "model.safetensors"), "rb") as b:
         assert a.read() == b.read()
@@ -191,10 +198,70 @@ def test_an_object_store_model_is_copied_while_transformers_is_imported(tiny_mod
     monkeypatch.setattr(M, "fetch_model", fetch)
     lm = M.load_model(f"s3://{bucket}/models/tiny", device="cpu")
     assert threads == ["fetch-model"] and lm.model is not None
-    assert M.fetch_model_in_background(tiny_model)() == tiny_model and threads[1:] == [threading.current_thread().name]
+    assert M.fetch_model_in_background(tiny_model).result() == tiny_model
+    assert threads[1:] == [threading.current_thread().name]
     monkeypatch.setenv("VDR_MODEL_FETCH_THREADS", "0")
     with pytest.raises(ValueError, match="VDR_MODEL_FETCH_THREADS"):
         M.fetch_threads()
+
+
+def test_the_copy_overlaps_the_import_and_stops_when_the_load_fails(tiny_model, s3, tmp_path, monkeypatch):
+    """The copy is running while ``from transformers import ...`` runs (the import waits here
+    until the copy has started: started after the import, it never would); a load refused by a
+    setting copies nothing; a failed import cancels the copy, which leaves no folder; the
+    copy's threads follow VDR_MODEL_FETCH_THREADS."""
+    import fcntl
+    import sys
+    import threading
+    import types
+
+    from pipeline import storage
+
+    bucket = s3.make_bucket()
+    s3.upload_folder(tiny_model, bucket, "models/tiny/")
+    uri = f"s3://{bucket}/models/tiny"
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VDR_MODEL_CACHE", str(cache))
+    monkeypatch.setenv("VDR_MODEL_FETCH_THREADS", "3")
+    started, calls = threading.Event(), []
+    real_download = storage.download_files
+
+    def download(fs, files, threads=None, progress=None, cancel=None):
+        calls.append(threads)
+        started.set()
+        return real_download(fs, files, threads=threads, progress=progress, cancel=cancel)
+
+    monkeypatch.setattr(storage, "download_files", download)
+    with pytest.raises(ValueError, match="dtype"):
+        M.load_model(uri, device="cpu", dtype="bogus")
+    assert calls == [] and not cache.exists()
+    real_transformers = sys.modules["transformers"]
+    seen = []
+
+    class Transformers(types.ModuleType):
+        def __getattr__(self, name):
+            seen.append(started.wait(10))  # overlap: the copy began before the import finished
+            return getattr(real_transformers, name)
+
+    monkeypatch.setitem(sys.modules, "transformers", Transformers("transformers"))
+    lm = M.load_model(uri, device="cpu")
+    assert seen and all(seen) and calls == [3] and lm.model is not None
+
+    class Broken(types.ModuleType):
+        def __getattr__(self, name):
+            started.wait(10)
+            raise ImportError("transformers is broken here")
+
+    started.clear()
+    monkeypatch.setattr(storage, "REMOTE_PIECE_BYTES", 1 << 12)  # many pieces: the cancel has some to stop
+    monkeypatch.setenv("VDR_MODEL_CACHE", str(tmp_path / "cache2"))
+    monkeypatch.setitem(sys.modules, "transformers", Broken("transformers"))
+    with pytest.raises(ImportError, match="broken"):
+        M.load_model(uri, device="cpu")
+    lock = next((tmp_path / "cache2").glob("*.lock"))
+    with open(lock) as f:  # the copy has ended once its lock is free
+        fcntl.flock(f, fcntl.LOCK_EX)
+    assert [p.name for p in (tmp_path / "cache2").iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_missing_model_error_says_what_to_do(tmp_path):
