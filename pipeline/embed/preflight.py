@@ -46,7 +46,7 @@ def gpu_rate(max_visual_tokens: int, override: float | None = None) -> tuple[flo
         return float(override), "--gpu-pages-per-second"
     rate = GPU_PAGES_PER_SECOND_AT_768 * GPU_RATE_TOKENS / max_visual_tokens
     return rate, (f"{GPU_PAGES_PER_SECOND_AT_768} pages/s on one H200 at {GPU_RATE_TOKENS} tokens "
-                  f"(benchmarks/RESULTS.md, 2026-12-03) x {GPU_RATE_TOKENS}/{max_visual_tokens} tokens: "
+                  f"(benchmarks/RESULTS.md, 2026-12-05) x {GPU_RATE_TOKENS}/{max_visual_tokens} tokens: "
                   "an estimate, linear in visual tokens")
 
 
