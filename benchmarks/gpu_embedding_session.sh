@@ -115,9 +115,11 @@ step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
 # an actor setting in separate processes                                                   ~330 s
 # (COLD_JOBS, COLD_ENVS and COLD_TIMEOUT change the count, the environments in turn and the limit;
 # COLD_ONLY=N[,M]: only these jobs (1-based) start from emptied caches, e.g. COLD_ONLY=1: a cold job, then warm ones)
+# The jobs run at --batch-size 32 (bench_kept_embedders.py's default, as bench_actor.py's actor alone), not at
+# the job's own default of 16: JOB_BATCH_SIZE=16 (with ACTOR_EXTRA="--batch-size 16") measures the defaults.
 step part1_cold "${COLD_TIMEOUT:-420}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
   --plain-after "${COLD_JOBS:-4}" --cold-caches ${COLD_ONLY:+--cold-jobs "$COLD_ONLY"} --plain-envs "${COLD_ENVS:-}" \
-  --out "$OUT/part1_cold.json"
+  ${JOB_BATCH_SIZE:+--batch-size "$JOB_BATCH_SIZE"} --out "$OUT/part1_cold.json"
 # helper_blocks: are the blocks the compile helpers compile (VDR_COMPILE_HELPER=1; the default on a GPU since f422871) as fast as the
 # actor's own? Four plain 3,000-page jobs: cold without the helper, warm (loads the actor's blocks),
 # cold with the helper, warm (loads the helper's blocks); compare the warm jobs' actors after their
