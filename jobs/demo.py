@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     samples.make_sample_corpus(paths["corpus"])
     samples.write_sample_queries(paths["queries"])
     samples.write_sample_qrels(paths["qrels"])
+    # Each demo starts its history afresh: a second demo would otherwise compare its first budget with the
+    # last budget of the one before and report a regression between two settings, not two versions.
+    shutil.rmtree(paths["history"], ignore_errors=True)
 
     query_embeddings: list[str] = []  # queries do not depend on the pages' budget: embed them once
     for budget in budgets:

@@ -612,7 +612,7 @@ def read_capacity(timeout_s: float = 15.0) -> ClusterCapacity:
         res = _call(ray.cluster_resources, left(5.0))
         res = res if isinstance(res, dict) else {}
         g, c = float(res.get("GPU", 0)), float(res.get("CPU", 0))
-        return ClusterCapacity(g, c, g, c, [], f"no autoscaler info (node list unavailable: {_why(nodes)}): resources now")
+        return ClusterCapacity(g, c, g, c, [], f"no autoscaler info: node list unavailable, {_why(nodes)}; resources now")
     gpus_now = float(sum(n["Resources"].get("GPU", 0) for n in nodes))
     cpus_now = float(sum(n["Resources"].get("CPU", 0) for n in nodes))
     head = next((n for n in nodes if HEAD_MARKER in n["Resources"]), None)
@@ -644,7 +644,7 @@ def read_capacity(timeout_s: float = 15.0) -> ClusterCapacity:
                 logger.warning("could not read the autoscaling config %s: %r", found.get("config_path"), e)
         elif found.get("config_path") is None:
             return _now(nodes, gpus_now, cpus_now,
-                        f"no autoscaler (the {version} monitor runs without --autoscaling-config): resources now")
+                        f"no autoscaler: the {version} monitor runs without --autoscaling-config; resources now")
 
     # 2b. KubeRay: the autoscaler is a sidecar of the head pod, reading the RayCluster resource.
     #     A driver on the head pod reads the same resource with the same service account.

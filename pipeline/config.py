@@ -79,9 +79,9 @@ class EmbedConfig:
         if self.gpu_pages_per_second is not None and not self.gpu_pages_per_second > 0:
             problems.append(f"--gpu-pages-per-second must be > 0, got {self.gpu_pages_per_second}")
         if not self.input:
-            problems.append("--input is required (a local folder, file, s3:// or gs:// prefix)")
+            problems.append("--input is required (a local folder, file, s3:// or gs:// prefix; or `input:` in --config)")
         if not self.output:
-            problems.append("--output is required (a local folder, s3:// or gs:// prefix)")
+            problems.append("--output is required (a local folder, s3:// or gs:// prefix; or `output:` in --config)")
         if self.input and self.output and self.input.rstrip("/") == self.output.rstrip("/"):
             problems.append("--output must differ from --input (outputs would be read back as documents)")
         if self.max_visual_tokens < 4:
@@ -182,6 +182,8 @@ def embed_config(options: Mapping[str, Any], yaml_path: str | None = None) -> Em
     unknown = sorted(set(values) - set(EmbedConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"unknown option(s) in {yaml_path}: {', '.join(unknown)}")
+    for key in ("input", "output"):  # missing: EmbedConfig says which flag is required, not a TypeError
+        values.setdefault(key, None)
     return EmbedConfig(**values)
 
 
@@ -206,8 +208,9 @@ CACHE_HELP = ("keep a page-major float16 copy of each shard under CORPUS/_cache 
 KEEP_EMBEDDERS_HELP = ("keep the model actors (Ray detached actors, named by model, settings and code) for the next "
                        "job on this cluster, each ending itself after SECONDS without a call: a later job with the "
                        "same model and settings sends them its pages and skips their start (worker, imports, model "
-                       "load, first compiled batch: 18-33 s per actor measured on an H200 node on 2026-12-04; about "
-                       "7-13 s on a node that holds the model's compiled blocks since). The pool is then fixed "
+                       "load, first compiled batch: 18-33 s per actor, measured on an H200 node on 2026-12-04; an "
+                       "estimated 7-13 s where the node already holds the model's compiled blocks). The pool is "
+                       "then fixed "
                        "at --min-actors. They hold their GPU meanwhile, so an autoscaler keeps that node up; "
                        "default 0: each job ends its own")
 KEEP_SCORERS_HELP = ("keep the scoring actors (Ray detached actors, named by corpus, settings and scoring code) for "
@@ -273,6 +276,9 @@ class ScoreConfig:
         for name in ("corpus", "queries", "output"):
             if not getattr(self, name):
                 problems.append(f"--{name} is required")
+        if self.corpus and self.output and self.corpus.rstrip("/") == self.output.rstrip("/"):
+            problems.append("--output must differ from --corpus (the scoring job's summary.json would replace the "
+                            "embedding job's): give the run a folder of its own, e.g. runs/<date>")
         if not isinstance(self.top_k, int) or self.top_k < 1:
             problems.append(f"--top-k must be a positive integer, got {self.top_k!r}")
         if self.shard_size_pages != "auto" and (not isinstance(self.shard_size_pages, int) or self.shard_size_pages < 1):

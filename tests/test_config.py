@@ -63,3 +63,14 @@ def test_removed_4bit_option_says_why(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         embed_corpus.main(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--load-in-4bit"])
     assert e.value.code == 2 and "--load-in-4bit was removed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag", [(["--input", "docs"], "--output"), (["--output", "emb"], "--input")])
+def test_a_missing_input_or_output_names_the_flag(argv, flag, capsys):
+    """Leaving out --input or --output (with no --config) ends as a usage error that names the
+    flag, not as a TypeError from the config's constructor."""
+    with pytest.raises(SystemExit) as e:
+        embed_corpus.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"{flag} is required" in err and "--config" in err and "TypeError" not in err and "__init__" not in err

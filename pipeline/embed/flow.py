@@ -446,9 +446,11 @@ def final_line(cfg: EmbedConfig, summary: dict) -> str:
     if summary.get("job") == "embed_corpus --preflight":
         return preflight_report.format_report(summary)
     run = summary["this_run"]
+    retry = run["error_rows_retryable"]
+    retry = (f" and {retry} for storage that did not answer (a rerun tries them again)" if retry else "")
     return (f"[embed_corpus] done: {summary['documents_processed']} documents processed "
             f"({summary['documents_already_done']} already done), {run['pages']} pages, {run['error_rows_final']} "
-            f"error rows, {run['error_rows_retryable']} retryable (storage unavailable: rerun to try them again), "
+            f"error rows{retry}, "
             f"{run['seconds']:.1f}s{first_batches(run.get('actors', []))} -> {cfg.output}")
 
 

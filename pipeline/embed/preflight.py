@@ -30,9 +30,10 @@ from pipeline.embed import stages
 # H200 at 768 visual tokens per letter page: benchmarks/RESULTS.md, "Fourteenth session", call E,
 # 2026-12-05, commit c67ceb4 (65.56 pages/s; 66.45 in call D). A whole job on a warm node runs at
 # 77-81% of it (start-up), which GPU-hours of a long run hardly feel. Measured at batch 32 (the
-# job's default is 16: 58.1 against 58.4 pages/s at 16 and 32, RESULTS "Corpus embedding on one
-# GPU", 2026-11-22, before two batches in flight; not measured at 16 since), letter pages (a
-# mixed-size corpus ran 4-6% slower), on torch 2.11.0+cu130.
+# job's default is 16: 58.6 against 57.8 pages/s at 16 and 32, RESULTS "The job from the actors'
+# own counters", 2026-12-03, commit 748c072, before two batches in flight), letter pages (random
+# mixes of page sizes ran 6.3% slower in batches, RESULTS "Fourteenth session", call D), on torch
+# 2.11.0+cu130.
 GPU_PAGES_PER_SECOND_AT_768 = 65.6
 GPU_RATE_TOKENS = 768
 EXAMPLES_PER_TYPE = 3

@@ -41,6 +41,11 @@ class CorpusError(ValueError):
     """The corpus cannot be scored as given; the message says what to change."""
 
 
+# What an embedding job's --output holds even when it embedded nothing yet (every document an
+# error row): such a corpus scores as empty; a folder with none of these is not a corpus.
+EMBED_OUTPUT_MARKERS = ("summary.json", "config.json", "errors")
+
+
 @dataclasses.dataclass(frozen=True)
 class CorpusFile:
     path: str  # inside the filesystem of the corpus URI
@@ -101,9 +106,16 @@ def open_corpus(corpus_uri: str, endpoint_url: str | None = None, generation: in
         paths = [root]
     else:
         pages_dir = storage.corpus_pages_folder(corpus_uri, endpoint_url, generation)
-        folder = pages_dir if storage.exists(pages_dir, endpoint_url) else corpus_uri
+        has_pages = storage.exists(pages_dir, endpoint_url)
+        folder = pages_dir if has_pages else corpus_uri
         _, infos = storage.list_files(folder, endpoint_url)
         paths = [i.path for i in infos]
+        if not has_pages and not paths and not any(
+                storage.exists(storage.join_uri(corpus_uri, name), endpoint_url) for name in EMBED_OUTPUT_MARKERS):
+            raise CorpusError(
+                f"--corpus {corpus_uri} holds no pages/*.parquet, no *.parquet and no embedding summary: "
+                "--corpus takes the --output folder of jobs.embed_corpus (or one pages Parquet file), not the "
+                "documents")
     files: list[CorpusFile] = []
     metadata: dict[str, str] | None = None
     first = None

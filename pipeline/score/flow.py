@@ -24,8 +24,8 @@ import ray
 from pipeline import schema, storage
 from pipeline.cluster import available_host_bytes, choose_device, ensure_ray, in_actor, max_gpu_actors, read_capacity
 from pipeline.config import DEFAULT_MODEL, ScoreConfig
-from pipeline.score.corpus import (auto_pages_per_shard, cache_uri_of, check_compatibility, corpus_precision,
-                                   open_corpus, plan_shards, read_vector_counts)
+from pipeline.score.corpus import (CorpusError, auto_pages_per_shard, cache_uri_of, check_compatibility,
+                                   corpus_precision, open_corpus, plan_shards, read_vector_counts)
 from pipeline.score.merge import QUERY_INDEX, empty_candidates, merge_topk
 from pipeline.score.queries import read_queries, read_query_embeddings
 from pipeline.score.actor import ScorerFront, ScoringJob
@@ -198,6 +198,9 @@ def run(cfg: ScoreConfig) -> dict:
     # Everything that can be wrong with the inputs fails here, before any heavy work.
     corpus = open_corpus(cfg.corpus, cfg.endpoint_url, cfg.generation)
     storage.open_filesystem(cfg.output, cfg.endpoint_url)  # gs://: credentials and bucket checked now
+    if storage.exists(storage.join_uri(cfg.output, schema.PAGES_DIR), cfg.endpoint_url):
+        raise CorpusError(f"--output {cfg.output} holds an embedding job's pages/: the scoring job's summary.json "
+                          "would replace that job's; give the run a folder of its own")
     queries = read_queries(cfg.queries, cfg.endpoint_url)
     corpus_model = corpus.metadata.get(schema.META_MODEL.decode())
     model_name = cfg.model or corpus_model or DEFAULT_MODEL

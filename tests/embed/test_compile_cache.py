@@ -296,6 +296,20 @@ def test_the_final_line_says_how_each_actor_came_by_its_compiled_model():
     assert "torch.compile, cache warm" in first_batches([{"first_batch_s": 5.0, "model_load_s": 2.0, "compile": plain}])
 
 
+
+def test_the_final_line_names_rows_a_rerun_retries_only_when_there_are_some():
+    from pipeline.config import EmbedConfig
+    from pipeline.embed.flow import final_line
+
+    cfg = EmbedConfig(input="in", output="out")
+    run = {"pages": 8, "error_rows_final": 2, "error_rows_retryable": 0, "seconds": 12.34, "actors": []}
+    summary = {"documents_processed": 5, "documents_already_done": 1, "this_run": run}
+    line = final_line(cfg, summary)
+    assert line == "[embed_corpus] done: 5 documents processed (1 already done), 8 pages, 2 error rows, 12.3s -> out"
+    line = final_line(cfg, {**summary, "this_run": {**run, "error_rows_retryable": 3}})
+    assert "2 error rows and 3 for storage that did not answer (a rerun tries them again), 12.3s" in line
+
+
 HEURISTIC = r"""
 import json, sys, types
 import sympy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -166,6 +167,38 @@ def test_refuses_a_corpus_of_another_model_or_budget(data, tmp_path):
     with pytest.raises(CorpusError, match="disagree on vdr.model"):
         score_queries.main(["--corpus", mixed, "--queries", data["queries_file"], "--output", str(tmp_path / "y"),
                             "--top-k", "2", "--query-embeddings", data["qemb"]])
+
+
+def test_refuses_a_folder_that_is_not_a_corpus_and_an_output_that_is_one(ray_session, data, tmp_path, capsys):
+    """--corpus given the documents folder fails at once, before Ray or a model load, saying what
+    --corpus takes; --output equal to --corpus, or holding an embedding job's pages/, is refused
+    before anything is written, so the embedding job's summary.json stays as it was."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.pdf").write_bytes(b"%PDF-1.4\n")
+    argv = ["--queries", data["queries_file"], "--top-k", "2", "--query-embeddings", data["qemb"]]
+    with pytest.raises(CorpusError, match=r"holds no pages/\*\.parquet.*--output folder of jobs\.embed_corpus"):
+        score_queries.main(["--corpus", str(docs), "--output", str(tmp_path / "r"), *argv])
+    assert not (tmp_path / "r").exists()
+    # an embedding output that embedded nothing yet (only its summary) still scores, as empty
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
+    (nothing / "summary.json").write_text("{}")
+    assert score_queries.main(["--corpus", str(nothing), "--output", str(tmp_path / "r0"), *argv]) == 0
+    assert pq.read_table(tmp_path / "r0" / "results.parquet").num_rows == 0
+
+    corpus = str(tmp_path / "emb")
+    shutil.copytree(data["corpus"], corpus)
+    summary = os.path.join(corpus, "summary.json")
+    with open(summary, "w") as f:
+        f.write('{"documents": 3}')
+    with pytest.raises(SystemExit) as e:
+        score_queries.main(["--corpus", corpus + "/", "--output", corpus, *argv])
+    assert e.value.code == 2 and "--output must differ from --corpus" in capsys.readouterr().err
+    with pytest.raises(CorpusError, match="holds an embedding job's pages/"):
+        score_queries.main(["--corpus", corpus, "--output", os.path.join(corpus, "."), *argv])
+    with open(summary) as f:
+        assert f.read() == '{"documents": 3}'
 
 
 def test_embeds_unicode_queries_with_the_model_and_rescoring_matches(ray_session, tiny_model, data, tmp_path):
