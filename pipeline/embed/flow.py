@@ -518,6 +518,18 @@ def run(cfg: EmbedConfig) -> dict:
         lock.release()
 
 
+def _nothing_to_do(cfg: EmbedConfig, listings: dict, done: pa.Table, counter) -> bool:
+    """A rerun has listed every piece already (``listings``): when no piece has a document to
+    (re)do, count the pieces as their plan tasks would and say so; else count nothing (the
+    plan tasks will)."""
+    plans = [plan.plan_unit(cfg, unit, done, ray.get(ref)) for unit, ref in listings.items()]
+    if any(todo.num_rows for todo, _ in plans):
+        return False
+    for _, stats in plans:
+        ray.get(counter.add.remote({**stats, "documents_to_do": 0}))
+    return True
+
+
 def _stream(cfg: EmbedConfig, units: list, spec: RenderSpec, done: pa.Table, counter, listings: dict | None,
             model_stage: dict, metadata: dict, progress: _Progress) -> None:
     """The job's Ray Data chain: plan -> render -> the model stage (``model_stage``: the
@@ -668,7 +680,12 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
     model_stage.update(batch_size=cfg.batch_size, batch_format="pyarrow", zero_copy_batch=True)
     progress = _Progress(0)
     counter = _PlanCounter.remote()
-    if units:
+    if units and listings is not None and _nothing_to_do(cfg, listings, done, counter):
+        # A rerun with every listed document complete: no model actor is asked for (on an
+        # autoscaling cluster that would add GPU nodes and load the model for nothing).
+        log.info("nothing to do: every listed document already has its rows in %s; no model actor started",
+                 cfg.output)
+    elif units:
         _stream(cfg, units, spec, done, counter, listings, model_stage, metadata, progress)
     if kept_handles:
         # Kept even when the job failed: another job may be using them; each ends when idle.

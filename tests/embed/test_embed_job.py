@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -180,14 +181,33 @@ def test_preflight_counts_what_a_run_writes_and_writes_nothing_else(first_run, s
         assert f.read() == run_summary
 
 
-def test_rerun_writes_nothing_new(first_run, tiny_model, sample_corpus):
+def _model_actors(dashboard_url: str) -> set[str]:
+    """Ids of every actor Ray has held for the model stage (alive or dead)."""
+    from ray.util.state import list_actors
+
+    for attempt in range(6):  # the dashboard's state API can be slow to answer on 2 busy cores
+        try:
+            actors = list_actors(address=dashboard_url, limit=10000, timeout=60, raise_on_missing_output=False)
+            break
+        except Exception:  # noqa: BLE001 - tried again; the last attempt's error is raised
+            if attempt == 5:
+                raise
+            time.sleep(5)
+    return {a.actor_id for a in actors if "PageEmbedder" in a.class_name}
+
+
+def test_rerun_writes_nothing_new(first_run, tiny_model, sample_corpus, ray_cluster):
     out, _ = first_run
     before = sorted(os.listdir(os.path.join(out, "pages"))) + sorted(os.listdir(os.path.join(out, "errors")))
+    actors_before = _model_actors(ray_cluster["dashboard_url"])
+    assert actors_before, "the first run's model actors should be listed"
     summary = run_job(sample_corpus, out, tiny_model, "--rows-per-file", "3")
     after = sorted(os.listdir(os.path.join(out, "pages"))) + sorted(os.listdir(os.path.join(out, "errors")))
     assert before == after
     assert summary["documents_processed"] == 0 and summary["documents_already_done"] == 7
     assert summary["this_run"]["pages"] == 0
+    # nothing to do: no model actor was started (on a cluster it would have asked for a GPU node)
+    assert _model_actors(ray_cluster["dashboard_url"]) == actors_before
 
 
 def test_a_job_warns_of_nothing_in_our_own_calls(ray_session, tiny_model, sample_corpus, tmp_path):
