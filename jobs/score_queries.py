@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-scorers", type=float, default=0.0, metavar="SECONDS", help=KEEP_SCORERS_HELP)
     s.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="Ray cluster to join (default: RAY_ADDRESS, a local `ray start` cluster, or an embedded Ray)")
+    s.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     s.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     return p
 
@@ -115,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = ScoreConfig(**{k: v for k, v in vars(args).items() if k != "debug"})
+        cfg = ScoreConfig(**{k: v for k, v in vars(args).items() if k not in ("debug", "verbose")})
     except ValueError as exc:
         parser.error(str(exc))
     from pipeline.score import flow

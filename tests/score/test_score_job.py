@@ -184,7 +184,7 @@ def test_refuses_a_folder_that_is_not_a_corpus_and_an_output_that_is_one(ray_ses
     nothing = tmp_path / "nothing"
     nothing.mkdir()
     (nothing / "summary.json").write_text("{}")
-    assert score_queries.main(["--corpus", str(nothing), "--output", str(tmp_path / "r0"), *argv]) == 0
+    assert score_queries.main(["--corpus", str(nothing), "--output", str(tmp_path / "r0"), "-v", *argv]) == 0
     assert pq.read_table(tmp_path / "r0" / "results.parquet").num_rows == 0
 
     corpus = str(tmp_path / "emb")
