@@ -113,13 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def score_config(args: argparse.Namespace) -> ScoreConfig:
+    """The job's configuration from parsed arguments (the logging flags left out)."""
+    return ScoreConfig(**{k: v for k, v in vars(args).items() if k not in ("debug", "verbose")})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = ScoreConfig(**{k: v for k, v in vars(args).items() if k not in ("debug", "verbose")})
+        cfg = score_config(args)
     except ValueError as exc:
         parser.error(str(exc))
     from pipeline.score import flow

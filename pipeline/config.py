@@ -235,6 +235,16 @@ PRECISION_HELP = ("exact (default), or fp8-exact-topk: score every page in FP8, 
                   "whose FP8 error bound lets it reach the top-k; same results, the summary counts the re-scored pages")
 
 
+def same_place(a: str, b: str) -> bool:
+    """Two URIs or local paths that name one folder (local paths compared absolute)."""
+    return normalized_place(a) == normalized_place(b)
+
+
+def normalized_place(uri: str) -> str:
+    """A URI without its trailing slash; a local path made absolute."""
+    return uri.rstrip("/") if "://" in uri else os.path.abspath(uri)
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     """``jobs.score_queries``: exact MaxSim of a query set against an embedded corpus."""
@@ -276,7 +286,7 @@ class ScoreConfig:
         for name in ("corpus", "queries", "output"):
             if not getattr(self, name):
                 problems.append(f"--{name} is required")
-        if self.corpus and self.output and self.corpus.rstrip("/") == self.output.rstrip("/"):
+        if self.corpus and self.output and same_place(self.corpus, self.output):
             problems.append("--output must differ from --corpus (the scoring job's summary.json would replace the "
                             "embedding job's): give the run a folder of its own, e.g. runs/<date>")
         if not isinstance(self.top_k, int) or self.top_k < 1:

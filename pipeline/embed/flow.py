@@ -518,16 +518,17 @@ def run(cfg: EmbedConfig) -> dict:
         lock.release()
 
 
-def _nothing_to_do(cfg: EmbedConfig, listings: dict, done: pa.Table, counter) -> bool:
-    """A rerun has listed every piece already (``listings``): when no piece has a document to
-    (re)do, count the pieces as their plan tasks would and say so; else count nothing (the
-    plan tasks will)."""
-    plans = [plan.plan_unit(cfg, unit, done, ray.get(ref)) for unit, ref in listings.items()]
-    if any(todo.num_rows for todo, _ in plans):
-        return False
-    for _, stats in plans:
-        ray.get(counter.add.remote({**stats, "documents_to_do": 0}))
-    return True
+def _nothing_to_do(docs: pa.Table, skipped: list[dict], done: pa.Table) -> dict | None:
+    """A rerun's whole listing (``docs``; each piece's skipped files) against the done-set:
+    None when some document is left to (re)do (the plan tasks then plan and count each
+    piece); else the counts the plan tasks would have sent, with nothing to do."""
+    todo, stats = plan.plan_table(docs, done)
+    if todo.num_rows:
+        return None
+    merged: dict = {}
+    for entry in skipped:
+        storage.merge_skipped(merged, entry)
+    return {**stats, "documents_skipped": merged, "documents_to_do": 0}
 
 
 def _stream(cfg: EmbedConfig, units: list, spec: RenderSpec, done: pa.Table, counter, listings: dict | None,
@@ -607,32 +608,44 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
     done = plan.load_progress(cfg.output, cfg.endpoint_url)
     units = storage.listing_units(cfg.input, cfg.endpoint_url)
     embedder_kwargs = cfg.embedder_settings(device, in_flight)
-    kept_handles, kept_reused, kept_name = [], 0, None
+    kept_handles, kept_reused = [], 0
     job_token = uuid.uuid4().hex  # this job, to kept actors: its calls, pings and keep-alive
-    if cfg.keep_embedders and units:  # asked for now: their model loads while the job lists and plans
-        # A kept embedder may serve calls of two jobs at once: its device work is always queued
-        # one batch at a time (the lock of --batches-in-flight 2).
-        kept_kwargs = {**embedder_kwargs, "batches_in_flight": 2}
-        kept_name = kept_embedder_name(kept_kwargs, gpus_per_actor)
-        kept_handles, kept_reused = kept_embedders(kept_name, min_actors, kept_kwargs, gpus_per_actor,
-                                                   float(cfg.keep_embedders), job_token)
-        log.info("--keep-embedders %g: %d kept model actor(s) %s-*, %d taken over from an earlier job",
-                 cfg.keep_embedders, len(kept_handles), kept_name, kept_reused)
-        on_exit.callback(_Heartbeat(kept_handles, float(cfg.keep_embedders), job_token).stop)
-    # While the driver checks the output, lists and plans; by default only where the model is
-    # already running (every kept actor taken over): otherwise its start is what the job waits for.
-    warming = prestart_workers(cfg, min_actors, model_running=bool(kept_handles) and kept_reused >= len(kept_handles))
+    kept_kwargs = {**embedder_kwargs, "batches_in_flight": 2}
+    kept_name = kept_embedder_name(kept_kwargs, gpus_per_actor) if cfg.keep_embedders else None
+    warming: list = []
+
+    def start_kept_embedders() -> None:
+        """--keep-embedders: take over or start the kept model actors, so that their model loads
+        while the job lists and plans; then the CPU workers started ahead, by default only where
+        the model is already running (every kept actor taken over): otherwise its start is what
+        the job waits for. A kept embedder may serve calls of two jobs at once: its device work
+        is always queued one batch at a time (the lock of --batches-in-flight 2)."""
+        nonlocal kept_handles, kept_reused
+        if cfg.keep_embedders:
+            kept_handles, kept_reused = kept_embedders(kept_name, min_actors, kept_kwargs, gpus_per_actor,
+                                                       float(cfg.keep_embedders), job_token)
+            log.info("--keep-embedders %g: %d kept model actor(s) %s-*, %d taken over from an earlier job",
+                     cfg.keep_embedders, len(kept_handles), kept_name, kept_reused)
+            on_exit.callback(_Heartbeat(kept_handles, float(cfg.keep_embedders), job_token).stop)
+        warming.extend(prestart_workers(cfg, min_actors,
+                                        model_running=bool(kept_handles) and kept_reused >= len(kept_handles)))
+
+    rerun = bool(done.num_rows and units)
+    if units and not rerun:
+        start_kept_embedders()
     storage.write_json(join_uri(cfg.output, schema.CONFIG_FILE),
                        {**json.loads(cfg.to_json()), "output": output_uri, "generation": generation,
                         "settings": plan.settings_of(metadata)}, cfg.endpoint_url)
     changes = {"documents_changed": 0, "documents_deleted": 0, "changed_examples": [], "deleted_examples": []}
     listings = None
-    if done.num_rows and units:
+    nothing_to_do = None
+    if rerun:
         # A rerun: list everything first (plan tasks reuse these listings), so that changed and
         # deleted sources are known, and their rows retired, before anything is written. Any
         # listing failure raises here: nothing is deleted on a partial listing.
         listings = {u: _list_unit.remote(cfg, u) for u in units}
-        parts = [ray.get(ref)[0] for ref in listings.values()]
+        listed = [ray.get(ref) for ref in listings.values()]
+        parts = [d for d, _ in listed]
         docs = pa.concat_tables(parts) if parts else storage.DOCUMENT_LISTING_SCHEMA.empty_table()
         same_input = previous is None or str(previous.get("input", cfg.input)).rstrip("/") == cfg.input.rstrip("/")
         if not same_input:
@@ -644,6 +657,11 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
         changes = plan.reconcile(cfg, docs, done, metadata, look_for_deleted=same_input and docs.num_rows > 0)
         if changes.get("files_rewritten") or changes.get("source_deleted_rows_written"):
             done = plan.load_progress(cfg.output, cfg.endpoint_url)
+        # Every listed document complete: no model actor is asked for (on an autoscaling
+        # cluster that would add a GPU node and load the model for nothing).
+        nothing_to_do = _nothing_to_do(docs, [skipped for _, skipped in listed], done)
+        if nothing_to_do is None:
+            start_kept_embedders()
     log.info("listing %d piece(s) of %s in plan tasks; %d document(s) already have rows in %s",
              len(units), cfg.input, done.num_rows, cfg.output)
     log.info("model on %s, %d-%d actor(s), %g GPU each: %s", device, min_actors, max_actors, gpus_per_actor, why)
@@ -680,9 +698,8 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
     model_stage.update(batch_size=cfg.batch_size, batch_format="pyarrow", zero_copy_batch=True)
     progress = _Progress(0)
     counter = _PlanCounter.remote()
-    if units and listings is not None and _nothing_to_do(cfg, listings, done, counter):
-        # A rerun with every listed document complete: no model actor is asked for (on an
-        # autoscaling cluster that would add GPU nodes and load the model for nothing).
+    if nothing_to_do is not None:
+        ray.get(counter.add.remote(nothing_to_do))
         log.info("nothing to do: every listed document already has its rows in %s; no model actor started",
                  cfg.output)
     elif units:

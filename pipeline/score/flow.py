@@ -23,7 +23,7 @@ import ray
 
 from pipeline import schema, storage
 from pipeline.cluster import available_host_bytes, choose_device, ensure_ray, in_actor, max_gpu_actors, read_capacity
-from pipeline.config import DEFAULT_MODEL, ScoreConfig
+from pipeline.config import DEFAULT_MODEL, ScoreConfig, normalized_place
 from pipeline.score.corpus import (CorpusError, auto_pages_per_shard, cache_uri_of, check_compatibility,
                                    corpus_precision, open_corpus, plan_shards, read_vector_counts)
 from pipeline.score.merge import QUERY_INDEX, empty_candidates, merge_topk
@@ -176,6 +176,25 @@ def _fp8_summary(shard_stats: list[dict], candidates: np.ndarray, pages_scored: 
     }
 
 
+# What only an embedding job writes at the top of its --output (the scoring job writes none).
+EMBEDDING_OUTPUT_ENTRIES = (schema.PAGES_DIR, "errors", schema.CONFIG_FILE, schema.GENERATION_FILE)
+
+
+def _refuse_an_embedding_output(cfg: ScoreConfig) -> None:
+    """--output must not be an embedding job's output (its summary.json would be replaced, and
+    the results' Parquet would be read back as pages) nor lie inside the corpus's pages."""
+    held = [name for name in EMBEDDING_OUTPUT_ENTRIES
+            if storage.exists(storage.join_uri(cfg.output, name), cfg.endpoint_url)]
+    if held:
+        raise CorpusError(f"--output {cfg.output} holds an embedding job's {', '.join(held)}: the scoring job's "
+                          "summary.json would replace that job's; give the run a folder of its own")
+    pages = normalized_place(storage.corpus_pages_folder(cfg.corpus, cfg.endpoint_url, cfg.generation))
+    out = normalized_place(cfg.output)
+    if out == pages or out.startswith(pages + "/"):
+        raise CorpusError(f"--output {cfg.output} lies inside the corpus's pages folder {pages}: its Parquet "
+                          "would be read back as pages; give the run a folder of its own")
+
+
 def run(cfg: ScoreConfig) -> dict:
     """Score ``cfg.queries`` against ``cfg.corpus`` on the connected (or an embedded) Ray
     cluster; returns the summary it writes.
@@ -198,9 +217,7 @@ def run(cfg: ScoreConfig) -> dict:
     # Everything that can be wrong with the inputs fails here, before any heavy work.
     corpus = open_corpus(cfg.corpus, cfg.endpoint_url, cfg.generation)
     storage.open_filesystem(cfg.output, cfg.endpoint_url)  # gs://: credentials and bucket checked now
-    if storage.exists(storage.join_uri(cfg.output, schema.PAGES_DIR), cfg.endpoint_url):
-        raise CorpusError(f"--output {cfg.output} holds an embedding job's pages/: the scoring job's summary.json "
-                          "would replace that job's; give the run a folder of its own")
+    _refuse_an_embedding_output(cfg)
     queries = read_queries(cfg.queries, cfg.endpoint_url)
     corpus_model = corpus.metadata.get(schema.META_MODEL.decode())
     model_name = cfg.model or corpus_model or DEFAULT_MODEL

@@ -196,7 +196,7 @@ def _model_actors(dashboard_url: str) -> set[str]:
     return {a.actor_id for a in actors if "PageEmbedder" in a.class_name}
 
 
-def test_rerun_writes_nothing_new(first_run, tiny_model, sample_corpus, ray_cluster):
+def test_rerun_writes_nothing_new(first_run, tiny_model, sample_corpus, ray_cluster, kept_actors):
     out, _ = first_run
     before = sorted(os.listdir(os.path.join(out, "pages"))) + sorted(os.listdir(os.path.join(out, "errors")))
     actors_before = _model_actors(ray_cluster["dashboard_url"])
@@ -208,6 +208,13 @@ def test_rerun_writes_nothing_new(first_run, tiny_model, sample_corpus, ray_clus
     assert summary["this_run"]["pages"] == 0
     # nothing to do: no model actor was started (on a cluster it would have asked for a GPU node)
     assert _model_actors(ray_cluster["dashboard_url"]) == actors_before
+    # nor a kept one with --keep-embedders (it would have held a GPU for its keep-alive)
+    from pipeline.embed.flow import KEPT_EMBEDDER_NAMESPACE
+
+    kept = kept_actors(KEPT_EMBEDDER_NAMESPACE)
+    again = run_job(sample_corpus, out, tiny_model, "--rows-per-file", "3", "--keep-embedders", "30")
+    assert again["documents_processed"] == 0 and again["documents_already_done"] == 7
+    assert kept() == [] and again["embedders_reused"] == 0
 
 
 def test_a_job_warns_of_nothing_in_our_own_calls(ray_session, tiny_model, sample_corpus, tmp_path):

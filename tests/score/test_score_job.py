@@ -64,17 +64,15 @@ def test_cache_and_read_ahead_are_command_line_options():
     from pipeline.config import ScoreConfig
 
     base = ["--corpus", "c", "--queries", "q.jsonl", "--output", "o", "--top-k", "3"]
-    parsed = vars(score_queries.build_parser().parse_args(base))
-    cfg = ScoreConfig(**{k: v for k, v in parsed.items() if k != "debug"})
+    cfg = score_queries.score_config(score_queries.build_parser().parse_args(base + ["-v"]))
     assert cfg.cache is False and cfg.prefetch is True
-    parsed = vars(score_queries.build_parser().parse_args(base + ["--cache", "--no-prefetch"]))
-    cfg = ScoreConfig(**{k: v for k, v in parsed.items() if k != "debug"})
+    cfg = score_queries.score_config(score_queries.build_parser().parse_args(base + ["--cache", "--no-prefetch"]))
     assert cfg.cache is True and cfg.prefetch is False
     assert "CORPUS/_cache" in score_queries.build_parser().format_help()
-    parsed = vars(score_queries.build_parser().parse_args(base + ["--keep-scorers", "600"]))
-    assert ScoreConfig(**{k: v for k, v in parsed.items() if k != "debug"}).keep_scorers == 600
+    args = score_queries.build_parser().parse_args(base + ["--keep-scorers", "600", "--debug"])
+    assert score_queries.score_config(args).keep_scorers == 600
     with pytest.raises(ValueError, match="--keep-scorers must be a number of seconds >= 0"):
-        ScoreConfig(**{**{k: v for k, v in parsed.items() if k != "debug"}, "keep_scorers": -1})
+        ScoreConfig(**{**{k: v for k, v in vars(args).items() if k not in ("debug", "verbose")}, "keep_scorers": -1})
 
 
 def test_results_equal_the_oracle_and_outputs_are_complete(ray_session, data, tmp_path):
@@ -195,10 +193,22 @@ def test_refuses_a_folder_that_is_not_a_corpus_and_an_output_that_is_one(ray_ses
     with pytest.raises(SystemExit) as e:
         score_queries.main(["--corpus", corpus + "/", "--output", corpus, *argv])
     assert e.value.code == 2 and "--output must differ from --corpus" in capsys.readouterr().err
-    with pytest.raises(CorpusError, match="holds an embedding job's pages/"):
-        score_queries.main(["--corpus", corpus, "--output", os.path.join(corpus, "."), *argv])
+    with pytest.raises(SystemExit) as e:  # the same folder, named relative to the working directory
+        score_queries.main(["--corpus", corpus, "--output", os.path.relpath(corpus), *argv])
+    assert e.value.code == 2 and "--output must differ from --corpus" in capsys.readouterr().err
+    with pytest.raises(CorpusError, match="holds an embedding job's pages"):
+        score_queries.main(["--corpus", str(nothing), "--output", corpus, *argv])
+    with pytest.raises(CorpusError, match="inside the corpus's pages folder"):
+        score_queries.main(["--corpus", corpus, "--output", os.path.join(corpus, "pages", "run"), *argv])
     with open(summary) as f:
         assert f.read() == '{"documents": 3}'
+    # an embedding output whose every document failed: no pages/, but its config.json and errors/
+    failed = tmp_path / "failed"
+    (failed / "errors").mkdir(parents=True)
+    (failed / "config.json").write_text("{}")
+    with pytest.raises(CorpusError, match=r"holds an embedding job's errors, config\.json"):
+        score_queries.main(["--corpus", corpus, "--output", str(failed), *argv])
+    assert not (failed / "summary.json").exists()
 
 
 def test_embeds_unicode_queries_with_the_model_and_rescoring_matches(ray_session, tiny_model, data, tmp_path):
