@@ -35,8 +35,7 @@ another --model, --max-visual-tokens, --dtype, --pool-factor, --precision or pro
 readers then use instead of OUTPUT/pages.
 
 examples:
-  python -m jobs.build_tiny_model     # writes models/tiny-colqwen2, a tiny random model, offline
-  python -m jobs.embed_corpus --input ./docs --output ./emb --model models/tiny-colqwen2
+  python -m jobs.embed_corpus --input ./docs --output ./emb --model models/tiny-colqwen2  # jobs.build_tiny_model's
   AWS_ENDPOINT_URL=http://127.0.0.1:9000 python -m jobs.embed_corpus \\
       --input s3://bucket/docs/ --output s3://bucket/emb/ --max-actors 8 --batch-size 16
 """

@@ -15,7 +15,7 @@ import json
 import logging
 import sys
 
-from pipeline.config import (CACHE_HELP, KEEP_SCORERS_HELP, PRECISION_HELP, SCORE_PRECISIONS, ScoreConfig,
+from pipeline.config import (CACHE_HELP, KEEP_SCORERS_HELP, PRECISION_HELP, SCORE_PRECISIONS, score_config,
                              shard_size_arg)
 
 DESCRIPTION = """\
@@ -113,18 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def score_config(args: argparse.Namespace) -> ScoreConfig:
-    """The job's configuration from parsed arguments (the logging flags left out)."""
-    return ScoreConfig(**{k: v for k, v in vars(args).items() if k not in ("debug", "verbose")})
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = score_config(args)
+        cfg = score_config(vars(args))
     except ValueError as exc:
         parser.error(str(exc))
     from pipeline.score import flow

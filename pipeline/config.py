@@ -235,6 +235,11 @@ PRECISION_HELP = ("exact (default), or fp8-exact-topk: score every page in FP8, 
                   "whose FP8 error bound lets it reach the top-k; same results, the summary counts the re-scored pages")
 
 
+def score_config(options: Mapping[str, Any]) -> "ScoreConfig":
+    """``jobs.score_queries``' parsed flags -> its configuration (the logging flags left out)."""
+    return ScoreConfig(**{k: v for k, v in options.items() if k not in ("debug", "verbose")})
+
+
 def same_place(a: str, b: str) -> bool:
     """Two URIs or local paths that name one folder (local paths compared absolute)."""
     return normalized_place(a) == normalized_place(b)

@@ -61,18 +61,18 @@ def test_help_teaches_the_options(capsys):
 
 def test_cache_and_read_ahead_are_command_line_options():
     """--cache and --no-prefetch reach the job's configuration (what they do: the test below)."""
-    from pipeline.config import ScoreConfig
+    from pipeline.config import score_config
 
     base = ["--corpus", "c", "--queries", "q.jsonl", "--output", "o", "--top-k", "3"]
-    cfg = score_queries.score_config(score_queries.build_parser().parse_args(base + ["-v"]))
+    cfg = score_config(vars(score_queries.build_parser().parse_args(base + ["-v"])))
     assert cfg.cache is False and cfg.prefetch is True
-    cfg = score_queries.score_config(score_queries.build_parser().parse_args(base + ["--cache", "--no-prefetch"]))
+    cfg = score_config(vars(score_queries.build_parser().parse_args(base + ["--cache", "--no-prefetch"])))
     assert cfg.cache is True and cfg.prefetch is False
     assert "CORPUS/_cache" in score_queries.build_parser().format_help()
     args = score_queries.build_parser().parse_args(base + ["--keep-scorers", "600", "--debug"])
-    assert score_queries.score_config(args).keep_scorers == 600
+    assert score_config(vars(args)).keep_scorers == 600
     with pytest.raises(ValueError, match="--keep-scorers must be a number of seconds >= 0"):
-        ScoreConfig(**{**{k: v for k, v in vars(args).items() if k not in ("debug", "verbose")}, "keep_scorers": -1})
+        score_config({**vars(args), "keep_scorers": -1})
 
 
 def test_results_equal_the_oracle_and_outputs_are_complete(ray_session, data, tmp_path):
