@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(work, exist_ok=True)
     if not os.path.exists(os.path.join(paths["model"], "config.json")):
         build_tiny_model(paths["model"])
-    samples.make_sample_corpus(paths["corpus"])
+    if not os.path.isdir(paths["corpus"]) or not os.listdir(paths["corpus"]):
+        samples.make_sample_corpus(paths["corpus"])  # kept after: a second demo's embedding is a rerun
     samples.write_sample_queries(paths["queries"])
     samples.write_sample_qrels(paths["qrels"])
     # Each demo starts its history afresh: a second demo would otherwise compare its first budget with the
