@@ -349,7 +349,9 @@ def run(cfg: ScoreConfig) -> dict:
             schema.N_VECTORS: pa.array([len(v) for v in vectors], pa.int32()),
             schema.EMBEDDING: schema.embeddings_to_arrow(vectors),
         }, schema=schema.QUERY_EMBEDDINGS_SCHEMA)
-        log.info("embedded %d queries with %s in %.1f s", len(vectors), model_name, time.perf_counter() - t_embed0)
+        log.info("embedded %d queries with %s, %.1f s after it started (model load included; beside the corpus "
+                 "planning, so the summary's embed_queries_s counts only the wait for it)", len(vectors), model_name,
+                 time.perf_counter() - t_embed0)
     elif not cfg.query_embeddings:
         query_emb = schema.QUERY_EMBEDDINGS_SCHEMA.empty_table()
     phase("query_embedding")
