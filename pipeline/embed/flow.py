@@ -373,7 +373,8 @@ def preflight(cfg: EmbedConfig) -> None:
     """What can be checked in seconds, before Ray starts and before any rendering: the model,
     then the storage: the input can be listed and the output written (short timeouts, few
     attempts). A dead or wrong endpoint raises :class:`storage.StorageUnavailableError`
-    naming the URI and the endpoint; a missing input, FileNotFoundError."""
+    naming the URI and the endpoint; a missing input, FileNotFoundError; an output that holds
+    vectors of other settings (without ``--force-new-config``), :class:`plan.ConfigMismatchError`."""
     storage.configure(cfg.storage_timeout_s, cfg.storage_attempts)
     log.info("model %s", plan.check_model(cfg.model, cfg.endpoint_url))
     # gs://: credentials found and the bucket answered, or StorageAccessError in seconds.
@@ -381,6 +382,13 @@ def preflight(cfg: EmbedConfig) -> None:
                                 timeout_s=PREFLIGHT_TIMEOUT_S, attempts=PREFLIGHT_ATTEMPTS)
     log.info("storage: --input %s lists (%d entries at its top), --output %s is writable", cfg.input,
              seen["input_entries"], cfg.output)
+    if not cfg.force_new_config and not cfg.preflight:
+        # Vectors of other settings in the output: refused now, not after Ray has started (the
+        # dtype only where --dtype is given: "auto" depends on the device; the run checks again).
+        metadata = output_metadata(cfg, "cpu")
+        if cfg.dtype == "auto":
+            metadata.pop(schema.META_DTYPE.decode())
+        plan.refuse_other_settings(cfg, metadata)
 
 
 def _render_spec(cfg: EmbedConfig) -> RenderSpec:

@@ -576,29 +576,51 @@ def setting_differences(recorded: dict | None, wanted: dict) -> list[tuple[str, 
     return out
 
 
-def select_generation(cfg: EmbedConfig, metadata: dict) -> tuple[int, str, dict | None]:
-    """(generation, its folder, the config.json it held) for this run, checked before any work
-    (after the lock, before config.json is written). The current generation
-    (:func:`pipeline.storage.current_generation`) when its settings equal this run's (or it
-    holds none); otherwise :class:`ConfigMismatchError`, or with ``--force-new-config`` the
-    next generation, ``OUT/generations/<n>``, which ``OUT/generation.json`` then names."""
+def _differences(cfg: EmbedConfig, metadata: dict) -> tuple[int, str, dict | None, list, str, str]:
+    """(current generation, its folder, its config.json, the differing settings, what it holds,
+    what this run has) of ``cfg.output`` against this run's ``metadata``."""
     wanted = settings_of(metadata)
     current = storage.current_generation(cfg.output, cfg.endpoint_url)
     root = schema.generation_root(cfg.output, current)
     recorded, config, where = recorded_settings(root, cfg.endpoint_url)
     diffs = setting_differences(recorded, wanted)
     if not diffs:
-        return current, root, config
+        return current, root, config, diffs, "", ""
     held = (f"--model {recorded.get('model', '?')} (max_visual_tokens {recorded.get('max_visual_tokens', '?')}, "
             f"{recorded.get('dtype', '?')}"
             + (f", pool factor {recorded.get('pool_factor', '1')}" if any(o == "--pool-factor" for o, _, _ in diffs) else "")
-            + ")")
+            + f"), recorded in {where}")
     this = "; ".join(f"{opt} {new}" if opt.startswith("--") else f"{opt} {new!r}" for opt, _, new in diffs)
+    return current, root, config, diffs, held, this
+
+
+def refuse_other_settings(cfg: EmbedConfig, metadata: dict) -> None:
+    """:class:`ConfigMismatchError` when ``cfg.output`` holds vectors of settings other than
+    ``metadata``'s (a setting missing from ``metadata`` is not compared: the job checks the dtype
+    before Ray starts only where ``--dtype`` is given, and again once the device is known)."""
+    current, _, _, diffs, held, this = _differences(cfg, metadata)
+    if diffs:
+        raise _mismatch(cfg, current, held, this)
+
+
+def _mismatch(cfg: EmbedConfig, current: int, held: str, this: str) -> ConfigMismatchError:
+    return ConfigMismatchError(
+        f"{cfg.output}{'' if current == 1 else f' (generation {current})'} already holds vectors of {held}; "
+        f"this run has {this}: vectors of different settings cannot be compared. Use "
+        f"a new --output, or --force-new-config to start generation {current + 1} there")
+
+
+def select_generation(cfg: EmbedConfig, metadata: dict) -> tuple[int, str, dict | None]:
+    """(generation, its folder, the config.json it held) for this run, checked before any work
+    (after the lock, before config.json is written). The current generation
+    (:func:`pipeline.storage.current_generation`) when its settings equal this run's (or it
+    holds none); otherwise :class:`ConfigMismatchError`, or with ``--force-new-config`` the
+    next generation, ``OUT/generations/<n>``, which ``OUT/generation.json`` then names."""
+    current, root, config, diffs, held, this = _differences(cfg, metadata)
+    if not diffs:
+        return current, root, config
     if not cfg.force_new_config:
-        raise ConfigMismatchError(
-            f"{cfg.output}{'' if current == 1 else f' (generation {current})'} already holds vectors of {held}, "
-            f"recorded in {where}; this run has {this}: vectors of different settings cannot be compared. Use "
-            f"a new --output, or --force-new-config to start generation {current + 1} there")
+        raise _mismatch(cfg, current, held, this)
     new_gen = current + 1
     storage.write_json(join_uri(cfg.output, schema.GENERATION_FILE), {
         "current": new_gen, "folder": f"{schema.GENERATIONS_DIR}/{new_gen}", "previous": current,

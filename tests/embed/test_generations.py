@@ -8,9 +8,13 @@ import os
 import shutil
 
 import pyarrow.parquet as pq
+import pytest
 
 from jobs import embed_corpus, score_queries
 from pipeline import schema
+from pipeline.config import embed_config
+from pipeline.embed import flow
+from pipeline.embed.plan import ConfigMismatchError
 
 
 def embed(inp, out, model, tokens, *extra):
@@ -29,6 +33,16 @@ def test_other_settings_are_refused_unless_a_new_generation_is_forced(ray_sessio
     config_before = open(os.path.join(out, "config.json")).read()
     gen1_files = sorted(os.listdir(os.path.join(out, "pages")))
     capsys.readouterr()
+
+    # The refusal comes from the checks that run before Ray starts (flow.preflight), not only after.
+    def early(**options):
+        return flow.preflight(embed_config({"input": str(corpus), "output": out, "model": tiny_model, **options}))
+
+    for options in ({"max_visual_tokens": 32}, {"max_visual_tokens": 64, "dtype": "bfloat16"}):
+        with pytest.raises(ConfigMismatchError, match="--force-new-config"):
+            early(**options)
+    early(max_visual_tokens=64)  # the same settings; the dtype "auto" is compared once the device is known
+    early(max_visual_tokens=32, force_new_config=True)
 
     # Another token budget, dtype or model: exit 2, the differing setting named, nothing written.
     other_model = str(tmp_path / "other-model")
