@@ -82,7 +82,7 @@ class EmbedConfig:
             problems.append("--input is required (a local folder, file, s3:// or gs:// prefix; or `input:` in --config)")
         if not self.output:
             problems.append("--output is required (a local folder, s3:// or gs:// prefix; or `output:` in --config)")
-        if self.input and self.output and self.input.rstrip("/") == self.output.rstrip("/"):
+        if self.input and self.output and same_place(self.input, self.output):
             problems.append("--output must differ from --input (outputs would be read back as documents)")
         if self.max_visual_tokens < 4:
             problems.append(f"--max-visual-tokens must be >= 4 (ColQwen2 was trained with 768), got {self.max_visual_tokens}")

@@ -74,3 +74,12 @@ def test_a_missing_input_or_output_names_the_flag(argv, flag, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert f"{flag} is required" in err and "--config" in err and "TypeError" not in err and "__init__" not in err
+
+
+def test_output_naming_the_input_folder_is_refused(tmp_path, monkeypatch):
+    """--output naming --input's folder (here once relative, once absolute) is refused: the
+    outputs would be read back as documents."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--output must differ from --input"):
+        EmbedConfig(input="docs", output=str(tmp_path / "docs") + "/")
+    assert EmbedConfig(input="docs", output="emb").output == "emb"
