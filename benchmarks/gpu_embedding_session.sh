@@ -116,7 +116,9 @@ step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
 # (COLD_JOBS, COLD_ENVS and COLD_TIMEOUT change the count, the environments in turn and the limit;
 # COLD_ONLY=N[,M]: only these jobs (1-based) start from emptied caches, e.g. COLD_ONLY=1: a cold job, then warm ones)
 # The jobs run at --batch-size 32 (bench_kept_embedders.py's default, as bench_actor.py's actor alone), not at
-# the job's own default of 16: JOB_BATCH_SIZE=16 (with ACTOR_EXTRA="--batch-size 16") measures the defaults.
+# the job's own default of 16: JOB_BATCH_SIZE=16 (with ACTOR_EXTRA="--batch-size 16") measures the defaults
+# (in every step that runs whole jobs: part1_cold, helper_blocks, warm_ab, mixed_job; since 2026-12-06 in
+# the last three too: warm_ab ran at 32 in the twenty-third session's call D for want of it).
 step part1_cold "${COLD_TIMEOUT:-420}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
   --plain-after "${COLD_JOBS:-4}" --cold-caches ${COLD_ONLY:+--cold-jobs "$COLD_ONLY"} --plain-envs "${COLD_ENVS:-}" \
   ${JOB_BATCH_SIZE:+--batch-size "$JOB_BATCH_SIZE"} --out "$OUT/part1_cold.json"
@@ -127,16 +129,17 @@ step part1_cold "${COLD_TIMEOUT:-420}" "$PY" benchmarks/bench_kept_embedders.py 
 step helper_blocks "${HELPER_BLOCKS_TIMEOUT:-420}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 \
   --no-plain --plain-after 4 --cold-caches --cold-jobs 1,3 \
   --plain-envs "VDR_COMPILE_HELPER=0;VDR_COMPILE_HELPER=0;VDR_COMPILE_HELPER=1;VDR_COMPILE_HELPER=0" \
-  --out "$OUT/helper_blocks.json"
+  ${JOB_BATCH_SIZE:+--batch-size "$JOB_BATCH_SIZE"} --out "$OUT/helper_blocks.json"
 # warm_ab: plain 3,000-page jobs on a node whose caches an earlier job filled (no emptying), each
 # with its own environment (WARM_ENVS, 'A=1;A=0;A=1'; WARM_JOBS jobs, default 3)        ~200 s
 step warm_ab "${WARM_AB_TIMEOUT:-330}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
-  --plain-after "${WARM_JOBS:-3}" --plain-envs "${WARM_ENVS:-}" --out "$OUT/warm_ab.json"
+  --plain-after "${WARM_JOBS:-3}" --plain-envs "${WARM_ENVS:-}" ${JOB_BATCH_SIZE:+--batch-size "$JOB_BATCH_SIZE"} \
+  --out "$OUT/warm_ab.json"
 # A whole job of mixed page sizes (six shapes), cold then warm, with today's defaults (pow2 split);
 # with `actor` for the actor alone on letter pages in the same call                      ~250 s
 # (MIXED_JOBS: how many, 2; MIXED_JOB_TIMEOUT: the limit)
 step mixed_job "${MIXED_JOB_TIMEOUT:-330}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
-  --plain-after "${MIXED_JOBS:-2}" --mixed-sizes --out "$OUT/mixed_job.json"
+  --plain-after "${MIXED_JOBS:-2}" --mixed-sizes ${JOB_BATCH_SIZE:+--batch-size "$JOB_BATCH_SIZE"} --out "$OUT/mixed_job.json"
 if [ -z "${STEPS:-}" ] || [[ " $STEPS " == *" part1 "* ]]; then
   [ -n "${STEPS:-}" ] && STEPS="$STEPS part1_actor part1_jobs"
   # the actor's compile caches apart from the node's: the first job after it compiles cold, as
