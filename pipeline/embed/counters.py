@@ -125,7 +125,20 @@ def summarize(actors: dict[str, dict], job_started_at: float) -> dict:
             "pages_per_second": round(a["pages"] / wall, 3),
         })
         if a.get("compile"):
-            out[-1]["compile"] = json.loads(a["compile"])
+            compiled = json.loads(a["compile"])
+            start = compiled.pop("start", None)
+            out[-1]["compile"] = compiled
+            if start:
+                # Before the GPU's first batch: the actor's constructor began ``started_after_s``
+                # into the job (a worker process, on an autoscaling cluster a new node), loaded
+                # the model (``model_load_s``, by step), then waited ``load_to_first_batch_s``
+                # (compile set-up, the first pages) until its first batch started.
+                out[-1]["start"] = {
+                    "started_after_s": round(start["constructed_at"] - job_started_at, 3),
+                    "load_phases_s": start.get("load_phases") or {},
+                    "load_to_first_batch_s": round(
+                        a["first_batch_at"] - start["constructed_at"] - (a["model_load_s"] or 0.0), 3),
+                }
         first = a.get("first_batch")
         if first:
             f_wall, f_busy, f_pages = first

@@ -332,6 +332,7 @@ class PageEmbedder:
                 if counts is not None and c.model_load_s == 0:
                     # a kept actor's later job: the counts are the actor's since it started
                     state["kept_actor"] = True
+                    state.pop("start", None)  # its start was an earlier job's
                 c.compile_state = json.dumps(state)
             c.pages += len(images)
             first_batch, first_batch_at = c.first_batch, c.first_batch_at
@@ -356,10 +357,13 @@ class PageEmbedder:
         precompiled (blocks compiled ahead of time, kept whole) or torch.compile (per block,
         ``--compile plain`` or a fallback); where the compile cache and the precompiled blocks
         were loaded from (None: this actor compiled them), the block variants loaded and
-        compiled here, and this process's compile seconds so far by phase."""
+        compiled here, and this process's compile seconds so far by phase. With them, where the
+        actor's start went (``start``: when its constructor began, the model load's steps; the
+        summary gives them per actor, :func:`pipeline.embed.counters.summarize`)."""
+        start = {"constructed_at": self.started, "load_phases": dict(self.lm.load_phases)}
         if self.compile_cache is None:
-            return {"mode": "off"}
-        state = {"mode": "torch.compile", "compile_cache_from": self.compile_cache_from}
+            return {"mode": "off", "start": start}
+        state = {"mode": "torch.compile", "compile_cache_from": self.compile_cache_from, "start": start}
         if self.lm.precompiled:
             fallbacks = {pf.name: pf.fallback_reason for pf in self.lm.precompiled if pf.fallback is not None}
             state.update(mode="precompiled" if not fallbacks else "precompiled, with fallbacks",

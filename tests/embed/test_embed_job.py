@@ -82,6 +82,15 @@ def test_summary_reports_each_actor_from_its_own_counters(first_run):
         assert 0 < a["first_batch_s"] <= a["wall_s"]
         if "after_first_batch" in a:
             assert 0 < a["after_first_batch"]["gpu_busy_fraction"] <= 1
+        # Where the actor's start went: its constructor began in the job, loaded the model (by
+        # step), and its first batch began after the load, all on the job's clock.
+        start = a["start"]
+        assert 0 <= start["started_after_s"] < a["first_batch_after_s"]
+        assert {"import", "from_pretrained", "to_device", "processor", "setup"} <= set(start["load_phases_s"])
+        assert sum(start["load_phases_s"].values()) <= a["model_load_s"] + 0.01
+        assert 0 <= start["load_to_first_batch_s"] and start["started_after_s"] + a["model_load_s"] + \
+            start["load_to_first_batch_s"] == pytest.approx(a["first_batch_after_s"], abs=0.01)
+        assert "start" not in a["compile"]
     assert run["pages_per_second"] <= run["actor_pages_per_second"]
     assert "steady_pages_per_second" not in run  # counted from when files landed: it could exceed the actors
     # Rendering is spread over render tasks of one document each (--docs-per-render-task 1),

@@ -28,6 +28,10 @@ def test_interleaved_jobs_keep_their_own_counters(tiny_model, page_rows):
     a, b = job_view(outs["A"]), job_view(outs["B"])
     assert a["pages"] == 6 and b["pages"] == 4
     assert a["model_load_s"] > 0 and b["model_load_s"] == 0  # only the first job paid the load
+    # and only the first job's summary says where the actor's start went
+    summary = {job: counters.summarize({v["actor"]: v}, 0.0)["actors"][0] for job, v in (("A", a), ("B", b))}
+    assert summary["A"]["start"]["load_phases_s"] and "start" not in summary["B"]
+    assert "start" not in summary["B"]["compile"] and summary["B"]["compile"]["kept_actor"] is True
     # each job's first batch is its own first call here, also after the other job's calls
     firsts_a = {r for out in outs["A"] for r in out.column(counters.FIRST_BATCH_AT).to_pylist()}
     firsts_b = {r for out in outs["B"] for r in out.column(counters.FIRST_BATCH_AT).to_pylist()}
