@@ -430,3 +430,50 @@ def test_a_mistyped_attention_split_is_refused_at_import():
     proc = subprocess.run([sys.executable, "-c", "import pipeline.embed.model"], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=ROOT, VDR_IMAGE_ATTENTION_SPLIT="pow-2"), timeout=120)
     assert proc.returncode != 0 and "VDR_IMAGE_ATTENTION_SPLIT='pow-2'" in proc.stderr
+
+
+SETUP_IMPORTS = r"""
+import hashlib, importlib.abc, json, sys, threading
+seen = {}
+
+class Watch(importlib.abc.MetaPathFinder):  # which thread first imports each setup module
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith(("torch._inductor.choices", "torch._functorch.config")):
+            seen.setdefault(name, threading.current_thread().name)
+        return None
+
+sys.meta_path.insert(0, Watch())
+import numpy as np
+from pipeline.embed import model as M
+lm = M.load_model(sys.argv[1], device="cpu", compile_model=True, compile_backend="eager")
+import torch, torch._functorch.config as f, torch._inductor.config as c
+config = sorted((k, repr(v)) for k, v in list(c.get_config_copy().items()) + list(f.get_config_copy().items()))
+out = M.embed_queries(lm, ["a setup import on a thread"])[0]
+print(json.dumps({"seen": seen, "config": hashlib.sha256(repr(config).encode()).hexdigest(),
+                  "query": np.asarray(out, np.float32).round(6).tolist()}))
+"""
+
+
+def test_the_compiled_paths_imports_run_on_a_thread_beside_the_weights_copy(tiny_model):
+    """load_model imports Inductor's modules on a thread while the weights are copied to the
+    device (on a GPU, copies that release the GIL). The main thread then sees the
+    same Inductor settings, and the model gives the same vectors, as with the imports in setup
+    ($VDR_SETUP_IMPORT_THREAD=0). Fresh processes: this one has imported Inductor long ago."""
+    runs = {}
+    for flag in ("1", "0"):
+        proc = subprocess.run([sys.executable, "-c", SETUP_IMPORTS, tiny_model], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=ROOT, VDR_SETUP_IMPORT_THREAD=flag), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[flag] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs["1"]["seen"]["torch._inductor.choices"] == "vdr-setup-imports"
+    assert runs["0"]["seen"]["torch._inductor.choices"] == "MainThread"
+    assert runs["1"]["config"] == runs["0"]["config"]
+    assert runs["1"]["query"] == runs["0"]["query"]
+
+
+def test_a_mistyped_setup_import_switch_is_refused_before_the_load(monkeypatch):
+    from pipeline.embed import model as M
+
+    monkeypatch.setenv("VDR_SETUP_IMPORT_THREAD", "yess")
+    with pytest.raises(ValueError, match="VDR_SETUP_IMPORT_THREAD='yess'"):
+        M.load_model("/nonexistent/model", device="cpu", compile_model=True)
