@@ -282,32 +282,6 @@ class LoadedModel:
         return str(self.dtype).removeprefix("torch.")
 
 
-# Modules the compiled path imports in load_model's setup, imported on a thread beside the
-# weights' copy to the device ($VDR_SETUP_IMPORT_THREAD=0: in setup, as before 2026-12-06)
-SETUP_IMPORT_ENV = "VDR_SETUP_IMPORT_THREAD"
-SETUP_MODULES = ("torch._inductor.config", "torch._functorch.config", "torch._inductor.choices",
-                 "torch._inductor.virtualized", "torch._inductor.runtime.hints")
-
-
-def import_in_background(names: Sequence[str]) -> threading.Thread:
-    """Import ``names`` on a daemon thread (started; join it before relying on them). Python's
-    per-module import locks make a concurrent import of the same module wait for this one. A
-    module that fails here is left out of ``sys.modules`` and fails again where it is imported
-    for use, with its real error."""
-    import importlib
-
-    def run() -> None:
-        for name in names:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - raised again by the import that needs it
-                log.debug("background import of %s failed", name, exc_info=True)
-
-    thread = threading.Thread(target=run, name="vdr-setup-imports", daemon=True)
-    thread.start()
-    return thread
-
-
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     device: str | None = None,
@@ -346,7 +320,6 @@ def load_model(
         from pipeline.embed import inductor_heuristics
 
         persistent_norms = inductor_heuristics.persistent_norms_requested()
-    setup_in_background = compile_model and env_flag(SETUP_IMPORT_ENV, True)
     # before any op that may run on several threads: MKL's VML picks its kernels at first use
     warm_up_mkl_vml()
     phases: dict[str, float] = {}
@@ -403,11 +376,6 @@ def load_model(
             "prefix holding them; `python -m jobs.build_tiny_model` writes a tiny offline one."
         ) from exc
     phase("from_pretrained")
-    # The compiled path's own imports (Inductor's modules: the "setup" phase's 0.7-1.4 s on GPU
-    # nodes) on a thread while the weights are copied to the GPU, copies that release the GIL.
-    # Not sooner: started before from_pretrained (Python holding the GIL), they only slowed it by
-    # as much as they saved (RESULTS "Twenty-third session").
-    setup_imports = import_in_background(SETUP_MODULES) if setup_in_background else None
     if not load_in_4bit:
         model = model.to(device)
         if device.startswith("cuda"):
@@ -459,8 +427,6 @@ def load_model(
         # warm actor loads the compiled blocks instead of tracing them again (compile_cache).
         from pipeline.embed import inductor_heuristics, precompile
 
-        if setup_imports is not None:
-            setup_imports.join()  # done or failed: a failed one is imported (and raises) here
         if persistent_norms:  # on by default; VDR_PERSISTENT_NORMS=0 turns it off
             inductor_heuristics.install_persistent_norms()
         visual = getattr(model.vlm, "visual", None) or model.vlm.model.visual
