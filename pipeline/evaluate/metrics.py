@@ -9,9 +9,10 @@ them, and reports what ir_measures would otherwise drop or score without saying 
   reader should know why a mean fell);
 - an empty run;
 - retrieved or judged pages that the corpus does not contain (when the corpus is given);
-- tied scores (trec_eval, and so ir_measures, breaks ties by page id *descending*, while
-  the scoring job ranks ties by page id ascending; ``ranking="rank"`` makes the evaluator
-  follow the run's own ranks instead).
+- tied scores (trec_eval breaks ties by page id *descending*, while the scoring job ranks
+  ties by page id ascending; ``ranking="score"`` gives every measure trec_eval's order, also
+  those ir_measures computes with another provider, which broke ties otherwise;
+  ``ranking="rank"`` makes the evaluator follow the run's own ranks instead).
 
 Frames use ir_measures' column names: qrels ``query_id, doc_id, relevance`` and runs
 ``query_id, doc_id, score``, where ``doc_id`` holds a *page_id* (``doc#page``).
@@ -140,7 +141,12 @@ def diagnose(qrels: pd.DataFrame, run: pd.DataFrame, corpus_page_ids: set[str] |
 def _ranked_by(run: pd.DataFrame, ranking: str) -> pd.DataFrame:
     run = run.sort_values(IRM_SCORE, ascending=False, kind="stable").drop_duplicates([IRM_QUERY, IRM_DOC])
     if ranking == "score":
-        return run[[IRM_QUERY, IRM_DOC, IRM_SCORE]]
+        # trec_eval's order (score descending, equal scores by page id descending), made strict
+        # so that every ir_measures provider sees it: RR@10 goes to its msmarco provider, which
+        # broke ties the other way, so one tied run gave RR@10 1.0 beside P@1 0.0 (2026-12-06).
+        ordered = run.sort_values([IRM_QUERY, IRM_SCORE, IRM_DOC], ascending=[True, False, False], kind="stable")
+        position = ordered.groupby(IRM_QUERY, sort=False).cumcount()
+        return ordered.assign(**{IRM_SCORE: -position.astype(np.float64)})[[IRM_QUERY, IRM_DOC, IRM_SCORE]]
     if ranking == "rank":
         # Scores that order exactly as the run's ranks, so the evaluator's own tie-breaking
         # (page id descending) never applies.

@@ -177,6 +177,26 @@ def test_ties_follow_the_evaluator_or_the_runs_ranks():
     assert by_rank == 1.0
 
 
+def test_every_measure_sees_one_order_of_tied_scores():
+    """ir_measures computes RR@10 with its msmarco provider and P, AP and nDCG with
+    pytrec_eval; on tied scores the two broke ties in opposite orders, so one run's RR@10
+    said the relevant page was first while its P@1 said it was not."""
+    qrels = runs.parse_qrels("q1 0 a#1 1\nq2 0 d#1 1\n")
+    run = runs.parse_trec_run("q1 Q0 a#1 1 1.0 t\nq1 Q0 b#1 2 1.0 t\nq1 Q0 c#1 3 0.5 t\n"
+                              "q2 Q0 d#1 1 2.0 t\nq2 Q0 e#1 2 2.0 t\n")
+    names = ["RR@10", "RR", "P@1", "AP", "nDCG@10", "R@1"]
+    by_score = evaluate.evaluate(qrels, run, names).aggregate
+    # trec_eval's order: b#1 before a#1, e#1 before d#1; the relevant page second in both
+    assert by_score["RR@10"] == by_score["RR"] == by_score["AP"] == 0.5
+    assert by_score["P@1"] == by_score["R@1"] == 0.0
+    by_rank = evaluate.evaluate(qrels, run, names, ranking="rank").aggregate
+    assert by_rank["RR@10"] == by_rank["RR"] == by_rank["P@1"] == by_rank["AP"] == 1.0
+    # and where no score ties, "score" is ir_measures' own result on the run as it is
+    untied = runs.parse_trec_run("q1 Q0 b#1 1 3.0 t\nq1 Q0 a#1 2 2.0 t\nq2 Q0 d#1 1 2.0 t\n")
+    direct = ir_measures.calc_aggregate(evaluate.parse_measures(names), qrels, untied)
+    assert evaluate.evaluate(qrels, untied, names).aggregate == {str(m): float(v) for m, v in direct.items()}
+
+
 def test_bad_measure_is_refused_with_a_clear_message(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_job.main(["--run", "r", "--qrels", "q", "--output", str(tmp_path), "--measure", "nDGC@10"])
