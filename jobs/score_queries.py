@@ -123,12 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     from pipeline.score import flow
-    from pipeline.score.corpus import CorpusError
-    from pipeline.storage import StorageAccessError
 
-    try:  # no credentials or no answer, or a corpus that cannot be scored as given: said before any work
+    try:  # no credentials or no answer, a corpus or queries that cannot be scored as given: said before any work
         summary = flow.run(cfg)
-    except (StorageAccessError, CorpusError) as exc:
+    except flow.INPUT_ERRORS as exc:
         return print(f"error: {exc}", file=sys.stderr) or 2
     print(json.dumps({k: summary[k] for k in flow.PRINTED_SUMMARY_KEYS if k in summary}))
     return 0

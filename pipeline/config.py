@@ -296,6 +296,8 @@ class ScoreConfig:
                             "embedding job's): give the run a folder of its own, e.g. runs/<date>")
         if not isinstance(self.top_k, int) or self.top_k < 1:
             problems.append(f"--top-k must be a positive integer, got {self.top_k!r}")
+        if self.generation is not None and (not isinstance(self.generation, int) or self.generation < 1):
+            problems.append(f"--generation must be a generation number (1 or more), got {self.generation!r}")
         if self.shard_size_pages != "auto" and (not isinstance(self.shard_size_pages, int) or self.shard_size_pages < 1):
             problems.append(f"--shard-size-pages must be a positive integer or 'auto', got {self.shard_size_pages!r}")
         if self.embed_batch_size < 1:

@@ -107,6 +107,11 @@ def open_corpus(corpus_uri: str, endpoint_url: str | None = None, generation: in
     else:
         pages_dir = storage.corpus_pages_folder(corpus_uri, endpoint_url, generation)
         has_pages = storage.exists(pages_dir, endpoint_url)
+        if (generation is not None and generation > 1 and not has_pages and not storage.exists(
+                storage.join_uri(schema.generation_root(corpus_uri, generation), schema.CONFIG_FILE), endpoint_url)):
+            # a generation asked for by number must exist (else the corpus root's files were read)
+            raise CorpusError(f"--corpus {corpus_uri} has no generation {generation} (no {pages_dir}); its current "
+                              f"one is {storage.current_generation(corpus_uri, endpoint_url)}")
         folder = pages_dir if has_pages else corpus_uri
         _, infos = storage.list_files(folder, endpoint_url)
         paths = [i.path for i in infos]

@@ -27,7 +27,7 @@ from pipeline.config import DEFAULT_MODEL, ScoreConfig, normalized_place
 from pipeline.score.corpus import (CorpusError, auto_pages_per_shard, cache_uri_of, check_compatibility,
                                    corpus_precision, open_corpus, plan_shards, read_vector_counts)
 from pipeline.score.merge import QUERY_INDEX, empty_candidates, merge_topk
-from pipeline.score.queries import read_queries, read_query_embeddings
+from pipeline.score.queries import QueryFileError, query_embeddings_metadata, read_queries, read_query_embeddings
 from pipeline.score.actor import ScorerFront, ScoringJob
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,12 @@ def _cluster_defaults(cfg: ScoreConfig) -> tuple[int, float, str]:
 # page_id order); a cache read's read_s holds its host_alloc_s
 SHARD_PHASES = ("start_wait_s", "read_s", "decode_s", "parquet_decode_s", "host_alloc_s", "host_alloc_wait_s",
                 "gather_s", "cache_write_s", "wait_s", "pack_s", "score_s", "total_s")
+
+
+# Inputs that cannot be scored as given: the job says so in one line and exits 2, as for a
+# command mistake (no traceback file): storage that refused or did not answer, a corpus, a
+# query file or reused query embeddings that do not fit.
+INPUT_ERRORS = (storage.StorageAccessError, CorpusError, QueryFileError)
 
 
 def _shard_phases(shard_stats: list[dict]) -> dict:
@@ -221,10 +227,25 @@ def run(cfg: ScoreConfig) -> dict:
     queries = read_queries(cfg.queries, cfg.endpoint_url)
     corpus_model = corpus.metadata.get(schema.META_MODEL.decode())
     model_name = cfg.model or corpus_model or DEFAULT_MODEL
+    query_prompt = schema.QUERY_PROMPT
+    reused = None
+    if cfg.query_embeddings:
+        # reused vectors: the model and prompt that made them are checked, as a model of this run's
+        # would be (until 2026-12-06 nothing was: another model's vectors scored without a word)
+        reused = read_query_embeddings(cfg.query_embeddings, cfg.endpoint_url, queries)
+        meta = reused.schema.metadata or {}
+        model_name = meta[schema.META_MODEL].decode() if schema.META_MODEL in meta else None
+        query_prompt = meta[schema.META_QUERY_PROMPT].decode() if schema.META_QUERY_PROMPT in meta else None
+        if model_name is None:
+            log.warning("--query-embeddings %s records no model (written before 2026-12-06): the corpus's model "
+                        "cannot be checked against it", cfg.query_embeddings)
+        elif cfg.model and cfg.model != model_name:
+            raise CorpusError(f"--query-embeddings {cfg.query_embeddings} was embedded with model {model_name!r}, "
+                              f"this run names --model {cfg.model!r}; drop one of the two")
     check_compatibility(
         corpus,
-        model=None if cfg.query_embeddings else model_name,
-        query_prompt=None if cfg.query_embeddings else schema.QUERY_PROMPT,
+        model=model_name,
+        query_prompt=query_prompt,
         max_visual_tokens=cfg.max_visual_tokens,
         allow_mismatch=cfg.allow_model_mismatch,
     )
@@ -242,9 +263,13 @@ def run(cfg: ScoreConfig) -> dict:
     # corpus is planned below.
     t_embed0 = time.perf_counter()
     embed_ref, texts = None, []
-    if cfg.query_embeddings:
-        query_emb = read_query_embeddings(cfg.query_embeddings, cfg.endpoint_url, queries)
+    if corpus.num_rows == 0:
+        log.warning("--corpus %s holds no pages: every query's results are empty", cfg.corpus)
+    if reused is not None:
+        query_emb = reused
         log.info("reusing %d query embeddings from %s (no model loaded)", query_emb.num_rows, cfg.query_embeddings)
+    elif corpus.num_rows == 0:  # e.g. every document an error row: no model to load (or fetch from the Hub)
+        model_name = None
     else:
         texts = queries.column(schema.TEXT).to_pylist()
         if texts:
@@ -348,7 +373,7 @@ def run(cfg: ScoreConfig) -> dict:
             schema.QUERY_ID: queries.column(schema.QUERY_ID), schema.TEXT: queries.column(schema.TEXT),
             schema.N_VECTORS: pa.array([len(v) for v in vectors], pa.int32()),
             schema.EMBEDDING: schema.embeddings_to_arrow(vectors),
-        }, schema=schema.QUERY_EMBEDDINGS_SCHEMA)
+        }, schema=schema.QUERY_EMBEDDINGS_SCHEMA.with_metadata(query_embeddings_metadata(model_name, query_prompt)))
         log.info("embedded %d queries with %s, %.1f s after it started (model load included; beside the corpus "
                  "planning, so the summary's embed_queries_s counts only the wait for it)", len(vectors), model_name,
                  time.perf_counter() - t_embed0)
@@ -445,7 +470,7 @@ def run(cfg: ScoreConfig) -> dict:
     pages_scored = sum(s["pages"] for s in shard_stats)
     summary = {
         "corpus": cfg.corpus, "queries_file": cfg.queries, "output": cfg.output,
-        "model": None if cfg.query_embeddings else model_name, "corpus_model": corpus_model,
+        "model": model_name, "corpus_model": corpus_model,  # with --query-embeddings: the one that made them
         # the corpus's pool factor (1 = unpooled); a list when mixed (allowed by --allow-model-mismatch)
         "corpus_pool_factor": (next(iter(corpus.pool_factors)) if len(corpus.pool_factors) == 1
                                else sorted(corpus.pool_factors) or 1),

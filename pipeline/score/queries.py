@@ -85,6 +85,8 @@ def _delimited(data: bytes, uri: str, delimiter: str) -> pa.Table:
 
 def validate_queries(table: pa.Table, uri: str = "queries") -> pa.Table:
     """Check and normalise a query table to :data:`QUERIES_SCHEMA` (order kept)."""
+    if table.num_rows == 0:
+        raise QueryFileError(f"{uri} holds no queries: nothing to score (give a file of query_id and text rows)")
     missing = [c for c in (schema.QUERY_ID, schema.TEXT) if c not in table.column_names]
     if missing:
         raise QueryFileError(
@@ -146,23 +148,43 @@ def read_queries(uri: str, endpoint_url: str | None = None) -> pa.Table:
     return validate_queries(table, uri)
 
 
+def query_embeddings_metadata(model: str | None, query_prompt: str | None) -> dict[bytes, bytes]:
+    """What query_embeddings.parquet records about how its vectors were made (since 2026-12-06):
+    a later run that reuses them (--query-embeddings) checks these against the corpus."""
+    meta = {schema.META_MODEL: model, schema.META_QUERY_PROMPT: query_prompt}
+    return {k: v.encode() for k, v in meta.items() if v is not None}
+
+
 def read_query_embeddings(uri: str, endpoint_url: str | None, queries: pa.Table) -> pa.Table:
-    """Embeddings of ``queries`` (in their order) from an earlier run's query_embeddings.parquet."""
+    """Embeddings of ``queries`` (in their order) from an earlier run's query_embeddings.parquet,
+    with that file's metadata (the model and query prompt that made them, where recorded).
+
+    Raises QueryFileError where the file lacks a query's id or embedded another text for it (the
+    stored vectors would be scored as if they were this query's)."""
     table = storage.read_parquet(uri, endpoint_url)
     missing = [c for c in (schema.QUERY_ID, schema.EMBEDDING) if c not in table.column_names]
     if missing:
-        raise ValueError(f"--query-embeddings {uri} lacks column(s) {missing}; pass a query_embeddings.parquet "
+        raise QueryFileError(f"--query-embeddings {uri} lacks column(s) {missing}; pass a query_embeddings.parquet "
                          "written by this job")
     index = {qid: i for i, qid in enumerate(table.column(schema.QUERY_ID).to_pylist())}
     wanted = queries.column(schema.QUERY_ID).to_pylist()
     absent = [q for q in wanted if q not in index]
     if absent:
-        raise ValueError(f"--query-embeddings {uri} has no embedding for {len(absent)} query id(s), e.g. "
+        raise QueryFileError(f"--query-embeddings {uri} has no embedding for {len(absent)} query id(s), e.g. "
                          f"{absent[:5]}; re-embed (drop --query-embeddings) or pass the matching file")
-    rows = table.take(pa.array([index[q] for q in wanted]))
+    rows = table.take(pa.array([index[q] for q in wanted], pa.int64()))
+    if schema.TEXT in rows.column_names:
+        changed = [(q, old, new) for q, old, new in zip(wanted, rows.column(schema.TEXT).to_pylist(),
+                                                        queries.column(schema.TEXT).to_pylist()) if old != new]
+        if changed:
+            q, old, new = changed[0]
+            raise QueryFileError(f"--query-embeddings {uri} embedded another text for {len(changed)} query id(s), "
+                             f"e.g. {q}: {old!r} there, {new!r} in the query file; re-embed (drop "
+                             "--query-embeddings) or pass the file written for these queries")
     emb = rows.column(schema.EMBEDDING).cast(schema.EMBEDDING_TYPE)
+    kept = {k: v for k, v in (table.schema.metadata or {}).items() if k in (schema.META_MODEL, schema.META_QUERY_PROMPT)}
     return pa.table({
         schema.QUERY_ID: queries.column(schema.QUERY_ID), schema.TEXT: queries.column(schema.TEXT),
         schema.N_VECTORS: pa.array(np.diff(emb.combine_chunks().offsets.to_numpy()).astype(np.int32)),
         schema.EMBEDDING: emb,
-    }, schema=schema.QUERY_EMBEDDINGS_SCHEMA)
+    }, schema=schema.QUERY_EMBEDDINGS_SCHEMA.with_metadata(kept or None))

@@ -173,6 +173,69 @@ def test_refuses_a_corpus_of_another_model_or_budget(data, tmp_path, capsys):
              "--top-k", "2", "--query-embeddings", data["qemb"]], "disagree on vdr.model", capsys)
 
 
+def test_reused_query_embeddings_are_checked_as_a_model_would_be(ray_session, data, tmp_path, capsys):
+    """--query-embeddings: the file records the model and query prompt that made its vectors and
+    each query's text. Another model than the corpus's, another --model, or a query whose text
+    changed since is refused (until 2026-12-06 each was scored without a word)."""
+    corpus = write_corpus(tmp_path / "emb", data["pages"], n_files=1, metadata=corpus_metadata(model="m/a"))
+
+    def qemb(model):
+        path = write_query_embeddings(tmp_path / f"qe-{model[-1]}.parquet", data["ids"], data["queries"])
+        table = pq.read_table(path)
+        pq.write_table(table.replace_schema_metadata({schema.META_MODEL: model.encode(),
+                                                      schema.META_QUERY_PROMPT: schema.QUERY_PROMPT.encode()}), path)
+        return path
+
+    argv = ["--corpus", corpus, "--queries", data["queries_file"], "--top-k", "2"]
+    assert score_queries.main(argv + ["--output", str(tmp_path / "ok"), "--query-embeddings", qemb("m/a")]) == 0
+    # the run's own query_embeddings.parquet keeps the record, and the summary names the model
+    assert pq.read_schema(tmp_path / "ok" / "query_embeddings.parquet").metadata[schema.META_MODEL] == b"m/a"
+    assert json.loads((tmp_path / "ok" / "summary.json").read_text())["model"] == "m/a"
+    refused(argv + ["--output", str(tmp_path / "b"), "--query-embeddings", qemb("m/b")],
+            r"embedded with model 'm/a', this run uses 'm/b'", capsys)
+    refused(argv + ["--output", str(tmp_path / "c"), "--query-embeddings", qemb("m/a"), "--model", "m/c"],
+            r"was embedded with model 'm/a', this run names --model 'm/c'", capsys)
+    texts = ["another text" if q == "q2" else f"query {q}" for q in data["ids"]]
+    changed = write_queries_jsonl(tmp_path / "changed.jsonl", data["ids"], texts)
+    refused(["--corpus", corpus, "--queries", changed, "--top-k", "2", "--output", str(tmp_path / "d"),
+             "--query-embeddings", qemb("m/a")],
+            r"embedded another text for 1 query id\(s\), e\.g\. q2: 'query q2' there, 'another text' in the query",
+            capsys)
+    assert not any((tmp_path / name).exists() for name in "bcd")
+
+
+def test_refuses_no_queries_and_a_generation_the_corpus_lacks(data, tmp_path, capsys):
+    """Said before Ray starts, with exit 2: an empty query file (it crashed on reused embeddings,
+    and scored nothing without a word otherwise) and a --generation the corpus has not (it
+    scored the corpus's root as if it were that generation)."""
+    empty = tmp_path / "none.jsonl"
+    empty.write_text("")
+    argv = ["--corpus", data["corpus"], "--top-k", "2", "--query-embeddings", data["qemb"]]
+    refused(argv + ["--queries", str(empty), "--output", str(tmp_path / "a")], "none.jsonl holds no queries",
+            capsys)
+    (tmp_path / "header.csv").write_text("query_id,text\n")
+    refused(argv + ["--queries", str(tmp_path / "header.csv"), "--output", str(tmp_path / "a")],
+            "header.csv holds no queries", capsys)
+    argv += ["--queries", data["queries_file"], "--output", str(tmp_path / "a")]
+    refused(argv + ["--generation", "2"], r"has no generation 2 .*its current one is 1", capsys)
+    with pytest.raises(SystemExit) as e:
+        score_queries.main(argv + ["--generation", "0"])
+    assert e.value.code == 2 and "--generation must be a generation number" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_corpus_without_pages_scores_empty_without_a_model(ray_session, data, tmp_path, caplog):
+    """Every document an error row: nothing to score, so no model is loaded; until 2026-12-06
+    the job fetched the corpus's model from the Hub (and failed offline) to embed the queries."""
+    empty = write_corpus(tmp_path / "empty", [], n_files=1)
+    out = tmp_path / "r"
+    assert score_queries.main(["--corpus", empty, "--queries", data["queries_file"], "--output", str(out),
+                               "--top-k", "3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] is None and summary["n_results"] == 0
+    assert "holds no pages" in caplog.text
+
+
 def test_refuses_a_folder_that_is_not_a_corpus_and_an_output_that_is_one(ray_session, data, tmp_path, capsys):
     """--corpus given the documents folder fails at once, before Ray or a model load, saying what
     --corpus takes; --output equal to --corpus, or holding an embedding job's pages/, is refused
@@ -227,6 +290,9 @@ def test_embeds_unicode_queries_with_the_model_and_rescoring_matches(ray_session
     assert score_queries.main(argv) == 0
     qe = pq.read_table(out / "query_embeddings.parquet")
     assert qe.column("text").to_pylist() == texts
+    # which model and prompt made them, for a later --query-embeddings to check
+    assert qe.schema.metadata[schema.META_MODEL] == tiny_model.encode()
+    assert qe.schema.metadata[schema.META_QUERY_PROMPT] == schema.QUERY_PROMPT.encode()
     assert all(n > 0 for n in qe.column("n_vectors").to_pylist())
     first = pq.read_table(out / "results.parquet")
     assert first.num_rows == 5 * 4
