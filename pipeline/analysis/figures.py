@@ -16,7 +16,6 @@ import pyarrow.compute as pc
 from pipeline import schema
 from pipeline.analysis import corpus, evaluation, inputs, plots, results, simmap
 from pipeline.evaluate import history as history_mod
-from pipeline.evaluate import runs
 
 
 def corpus_figures(inp: dict) -> dict:
@@ -37,7 +36,7 @@ def gallery_rows(inp: dict, query_ids: list[str] | None = None, k: int = 5) -> t
     res = inputs.read_results(inp["run_a"], ep)
     qemb = inputs.read_query_embeddings(inp["run_a"], ep).select([schema.QUERY_ID, schema.TEXT])
     texts = dict(zip(qemb.column(schema.QUERY_ID).to_pylist(), qemb.column(schema.TEXT).to_pylist()))
-    qrels = results.qrels_dict(runs.read_qrels(inp["qrels"], ep)) if inp.get("qrels") and os.path.exists(inp["qrels"]) else None
+    qrels = inputs.qrels_or_none(inp)
     query_ids = query_ids or list(dict.fromkeys(res.column(schema.QUERY_ID).to_pylist()))[:3]
     sources = results.source_uris(inputs.read_pages(inp["corpus"], [schema.PAGE_ID, schema.SOURCE_URI, schema.PAGE_NUMBER], ep))
     rows, thumbs = [], {}
@@ -54,7 +53,7 @@ def gallery_rows(inp: dict, query_ids: list[str] | None = None, k: int = 5) -> t
 def results_figures(inp: dict) -> dict:
     ep = inp["endpoint_url"]
     a, b = inputs.read_results(inp["run_a"], ep), inputs.read_results(inp["run_b"], ep)
-    name_a, name_b = os.path.basename(inp["run_a"].rstrip("/")), os.path.basename(inp["run_b"].rstrip("/"))
+    name_a, name_b = inputs.run_names(inp["run_a"], inp["run_b"])
     rows, thumbs = gallery_rows(inp)
     return {"results_top_k": plots.top_k_gallery(rows, thumbs),
             "results_scores": plots.score_distributions({name_a: a, name_b: b}),
@@ -81,7 +80,7 @@ def evaluation_figures(inp: dict) -> dict:
     hist = history_mod.read_history(inp["history"], ep)
     table = evaluation.wins_losses(inputs.read_per_query(inp["eval_a"], ep), inputs.read_per_query(inp["eval_b"], ep),
                                    "nDCG@10")
-    name_a, name_b = os.path.basename(inp["eval_a"].rstrip("/")), os.path.basename(inp["eval_b"].rstrip("/"))
+    name_a, name_b = inputs.run_names(inp["eval_a"], inp["eval_b"])
     return {"evaluation_history": plots.metric_history(evaluation.series(hist)),
             "evaluation_wins_losses": plots.wins_losses(table, "nDCG@10", name_a, name_b)}
 

@@ -38,8 +38,9 @@ def notebook_inputs(env=None) -> dict:
 
     ``VDR_CORPUS`` (an embed_corpus output), ``VDR_CORPUS_B``, ``VDR_RUN_A`` / ``VDR_RUN_B``
     (score_queries outputs), ``VDR_HISTORY`` (an offline_eval history), ``VDR_EVAL_A`` /
-    ``VDR_EVAL_B`` (evaluation outputs holding per_query.parquet), ``VDR_THUMBS`` (thumbnail
-    cache folder), ``VDR_ENDPOINT_URL``."""
+    ``VDR_EVAL_B`` (evaluation outputs holding per_query.parquet), ``VDR_QRELS`` (the
+    judgements that mark relevant hits), ``VDR_THUMBS`` (thumbnail cache folder),
+    ``VDR_ENDPOINT_URL``."""
     env = os.environ if env is None else env
     demo = env.get("VDR_DEMO_DIR") or os.path.join(REPO_ROOT, "demo")
     d = demo_paths(demo)
@@ -57,6 +58,31 @@ def notebook_inputs(env=None) -> dict:
         "thumbs": env.get("VDR_THUMBS") or os.path.join(demo, "thumbnails"),
         "endpoint_url": env.get("VDR_ENDPOINT_URL") or None,
     }
+
+
+def run_names(uri_a: str, uri_b: str) -> tuple[str, str]:
+    """Labels for two outputs in one figure: their folder names, with as many parent folders
+    as it takes to tell them apart (``r1/scores`` and ``r2/scores``, offline_eval's layout,
+    were both "scores": one figure panel, one run lost); "A: x" / "B: x" for the same place."""
+    a, b = (u.rstrip("/").split("/") for u in (uri_a, uri_b))
+    for n in range(1, max(len(a), len(b)) + 1):
+        name_a, name_b = "/".join(a[-n:]), "/".join(b[-n:])
+        if name_a != name_b:
+            return name_a, name_b
+    return f"A: {a[-1]}", f"B: {b[-1]}"
+
+
+def qrels_or_none(inp: dict):
+    """The judgements the notebooks mark hits with: ``inp["qrels"]`` read from any URI
+    (``s3://``, ``file://`` too: an ``os.path.exists`` check dropped them silently), None when
+    there is no such file."""
+    from pipeline.analysis import results
+    from pipeline.evaluate import runs
+
+    uri = inp.get("qrels")
+    if not uri or not storage.exists(uri, inp.get("endpoint_url")):
+        return None
+    return results.qrels_dict(runs.read_qrels(uri, inp.get("endpoint_url")))
 
 
 def pages_folder(corpus_uri: str, endpoint_url: str | None = None) -> str:

@@ -145,3 +145,24 @@ def test_notebook_inputs_default_to_the_demo_and_take_variables():
     assert d["corpus"].endswith("embeddings-768") and d["run_b"].endswith("tokens-256")
     d = inputs.notebook_inputs({"VDR_DEMO_DIR": "/x", "VDR_RUN_A": "s3://b/runs/r1"})
     assert d["corpus"] == "/x/embeddings-768" and d["run_a"] == "s3://b/runs/r1" and d["history"] == "/x/eval/history"
+
+
+def test_two_runs_get_labels_that_tell_them_apart():
+    """offline_eval writes OUTPUT_ROOT/RUN_ID/scores: two runs' folders share the name "scores",
+    which gave one figure panel (run A lost) and "scores vs scores"."""
+    assert inputs.run_names("/o/r1/scores", "/o/r2/scores/") == ("r1/scores", "r2/scores")
+    assert inputs.run_names("s3://b/runs/tokens-768", "s3://b/runs/tokens-256") == ("tokens-768", "tokens-256")
+    assert inputs.run_names("/a/x/y/scores", "/b/x/y/scores") == ("a/x/y/scores", "b/x/y/scores")
+    assert inputs.run_names("/o/run", "/o/run/") == ("A: run", "B: run")
+
+
+def test_judgements_are_read_from_any_uri(tmp_path):
+    """The notebooks mark relevant hits from VDR_QRELS; a file:// (or s3://) URI was dropped by an
+    os.path.exists check, with no message."""
+    qrels = tmp_path / "qrels.txt"
+    qrels.write_text("q1 0 a.pdf#1 1\nq1 0 b.pdf#2 0\n")
+    for uri in (str(qrels), f"file://{qrels}"):
+        got = inputs.qrels_or_none({"qrels": uri, "endpoint_url": None})
+        assert got == {("q1", "a.pdf#1"): 1, ("q1", "b.pdf#2"): 0}, uri
+    assert inputs.qrels_or_none({"qrels": str(tmp_path / "none.txt"), "endpoint_url": None}) is None
+    assert inputs.qrels_or_none({"qrels": None, "endpoint_url": None}) is None
