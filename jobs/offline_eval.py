@@ -35,14 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", help="history folder URI (default: OUTPUT_ROOT/history)")
     p.add_argument("--model", help="model name or path for the queries (default: the corpus's)")
     p.add_argument("--max-visual-tokens", type=int, help="refuse a corpus embedded with another token budget")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--measure", action="append", dest="extra_measures", metavar="NAME", help="extra measure (repeatable)")
+    p.add_argument("--top-k", type=int, help="results kept per query when scoring (default: 100)")
+    p.add_argument("--measure", action="append", dest="extra_measures", metavar="NAME",
+                   help="extra ir_measures measure (repeatable, or comma-separated)")
+    p.add_argument("--ranking", choices=("score", "rank"),
+                   help="tied scores in trec_eval's order (score, the default) or the run's own ranks (rank)")
     p.add_argument("--baseline", help="baseline: a run id in the history or a metrics.json URI")
     p.add_argument("--pin-baseline", action="store_true", help="after this run, make it the pinned baseline")
     p.add_argument("--max-drop", type=float, help="regression threshold for every measure (absolute unless relative: true)")
     p.add_argument("--query-embeddings", help="precomputed query_embeddings.parquet (no model needed)")
     p.add_argument("--run", help="evaluate this existing run (TREC or results.parquet) instead of scoring")
-    p.add_argument("--no-fail-on-regression", dest="fail_on_regression", action="store_false", default=None)
+    p.add_argument("--no-fail-on-regression", dest="fail_on_regression", action="store_false", default=None,
+                   help="exit 0 on a regression (default: exit 3, for schedulers to flag)")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     p.add_argument("--ray-address", help="Ray cluster for the scoring job (default: the current one, or a local Ray)")
     return p
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "run_id", "pin_baseline")}
+    overrides["extra_measures"] = flow.split_measures(args.extra_measures or [])
     try:
         cfg = offline_eval_config(args.config, overrides)
     except (ValueError, OSError) as exc:

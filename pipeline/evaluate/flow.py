@@ -32,11 +32,11 @@ logger = logging.getLogger(__name__)
 EXIT_REGRESSION = 3
 
 
-def measure_names(extra: list[str]) -> list[str]:
-    """Defaults followed by the names given on the command line (comma-separated allowed,
-    except inside parentheses, as in ``P(rel=2,judged_only=True)@5``)."""
-    names = list(DEFAULT_MEASURES)
-    for item in extra:
+def split_measures(items: list[str]) -> list[str]:
+    """Measure names as given on a command line: each item one name or several, comma-separated
+    (not inside parentheses, as in ``P(rel=2,judged_only=True)@5``)."""
+    names = []
+    for item in items:
         depth, current = 0, ""
         for char in item:
             depth += char == "("
@@ -47,7 +47,12 @@ def measure_names(extra: list[str]) -> list[str]:
             else:
                 current += char
         names.append(current)
-    return [str(m) for m in parse_measures(names)]
+    return [n.strip() for n in names if n.strip()]
+
+
+def measure_names(extra: list[str]) -> list[str]:
+    """Defaults followed by the names given on the command line (:func:`split_measures`)."""
+    return [str(m) for m in parse_measures(list(DEFAULT_MEASURES) + split_measures(extra))]
 
 
 def run_evaluation(cfg: EvaluateConfig) -> dict:
@@ -90,6 +95,19 @@ def _score(cfg: OfflineEvalConfig, scores_uri: str) -> dict:
     return score_flow.run(score_cfg)
 
 
+def _run_summary(run_uri: str, endpoint_url: str | None) -> dict:
+    """The scoring job's summary.json of ``run_uri`` (its output folder, or a results.parquet /
+    run.trec in it); {} where there is none (a run file from elsewhere)."""
+    folder = run_uri.rstrip("/")
+    if folder.rsplit("/", 1)[-1].endswith((".parquet", ".trec", ".txt")):
+        folder = folder.rsplit("/", 1)[0]
+    try:
+        found = storage.read_json(storage.join_uri(folder, "summary.json"), endpoint_url)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+        return {}
+    return found if isinstance(found, dict) and found.get("n_results") is not None else {}
+
+
 def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_baseline: bool = False,
                      now: datetime | None = None) -> tuple[int, dict]:
     """The whole chain; returns (exit status, summary)."""
@@ -112,8 +130,21 @@ def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_base
                 corpus.fingerprint, model)
 
     scores_summary: dict = {}
+    top_k = cfg.top_k
     if cfg.run:
         run_uri = cfg.run
+        # An earlier scoring run: the history records its own top-k and model (the config's
+        # made a run scored at top-1 look like a top-3 run that regressed, 2026-12-06)
+        scores_summary = _run_summary(run_uri, ep)
+        if scores_summary.get("top_k") is not None:
+            if scores_summary["top_k"] != cfg.top_k:
+                logger.warning("--run %s was scored at top-k %s, the config says %s: the history records %s",
+                               run_uri, scores_summary["top_k"], cfg.top_k, scores_summary["top_k"])
+            top_k = scores_summary["top_k"]
+            model = scores_summary.get("model") or model
+        else:
+            logger.warning("--run %s: no scoring summary.json beside it; the history records the config's top-k "
+                           "(%s) and model", run_uri, cfg.top_k)
     else:
         scores_uri = storage.join_uri(out, "scores")
         scores_summary = _score(cfg, scores_uri)
@@ -128,7 +159,7 @@ def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_base
     fields = dict(
         model=model,
         max_visual_tokens=corpus.max_visual_tokens if corpus.max_visual_tokens is not None else cfg.max_visual_tokens,
-        top_k=cfg.top_k,
+        top_k=top_k,
         corpus_uri=cfg.corpus,
         corpus_fingerprint=corpus.fingerprint,
         corpus_pages=corpus.pages,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import ir_measures
 import pyarrow.parquet as pq
@@ -222,3 +223,34 @@ def test_a_failed_run_leaves_a_summary_and_a_failed_history_row(setup):
     from pipeline.evaluate import regression
 
     assert regression.previous_run(table, "next") is None
+
+
+def test_an_earlier_run_is_recorded_with_its_own_top_k_and_model(setup, caplog):
+    """--run of a scoring output: the history row takes the run's top-k and model from its
+    summary.json, not the config's (a run scored at top-1 was recorded as top-10 and its drop
+    looked unexplained); the comparison names top_k among what changed."""
+    tmp = setup["tmp"]
+    assert offline_eval.main(["--config", setup["config"], "--run-id", "day1",
+                              "--run", _run_file(tmp, "good", setup["targets"], setup["pages"], hits=8)]) == 0
+    folder = tmp / "scored"
+    folder.mkdir()
+    os.replace(_run_file(tmp, "r", setup["targets"], setup["pages"], hits=8), folder / "results.parquet")
+    (folder / "summary.json").write_text(json.dumps({"top_k": 1, "model": "m/other", "n_results": 8}))
+    assert offline_eval.main(["--config", setup["config"], "--run-id", "day2", "--no-fail-on-regression",
+                              "--run", str(folder / "results.parquet")]) in (0, offline_eval.EXIT_REGRESSION)
+    row = history.read_history(str(tmp / "runs" / "history")).iloc[-1]
+    assert row["run_id"] == "day2" and row["top_k"] == 1 and row["model"] == "m/other"
+    assert "was scored at top-k 1, the config says 10" in caplog.text
+    assert "top_k" in json.dumps(_summary(tmp, "day2")["comparisons"])
+
+
+def test_flags_take_a_measure_list_and_the_ranking(setup):
+    """--measure takes comma lists as jobs.evaluate does (it was refused as one unknown name),
+    and --ranking, a YAML key, has its flag."""
+    tmp = setup["tmp"]
+    run = _run_file(tmp, "good", setup["targets"], setup["pages"], hits=8)
+    assert offline_eval.main(["--config", setup["config"], "--run-id", "d1", "--run", run,
+                              "--measure", "P@3,nDCG(cutoff=3)", "--ranking", "rank"]) == 0
+    summary = _summary(tmp, "d1")
+    assert {"P@3", "nDCG@3", "P@1"} <= set(summary["metrics"])
+    assert yaml.safe_load((tmp / "runs" / "d1" / "config.yaml").read_text())["ranking"] == "rank"
