@@ -91,6 +91,13 @@ def diagnose(qrels: pd.DataFrame, run: pd.DataFrame, corpus_page_ids: set[str] |
     warnings: list[str] = []
     if len(run) == 0:
         warnings.append(f"the run is empty: all {len(judged)} judged queries score 0")
+    run_ids, judged_ids = set(run[IRM_DOC]), set(qrels[IRM_DOC])
+    if len(run) and not run_ids & judged_ids and any("#" in d for d in run_ids) and not any("#" in d for d in judged_ids):
+        warnings.append(
+            "no judged id is in the run: the qrels judge documents (e.g. "
+            f"{_examples(judged_ids)[0]!r}), the run ranks pages (e.g. {_examples(run_ids)[0]!r}); "
+            "judge pages as DOC#PAGE"
+        )
     if unjudged:
         warnings.append(
             f"{len(unjudged)} run queries have no judgements and are not evaluated "
@@ -177,6 +184,13 @@ def evaluate(
     if len(qrels) == 0:
         raise ValueError("qrels hold no judgements; nothing to evaluate")
     diagnostics, warnings = diagnose(qrels, run, corpus_page_ids)
+    depth = int(run.groupby(IRM_QUERY).size().max()) if len(run) else 0
+    deeper = [str(m) for m in parsed if (m.params.get("cutoff") or 0) > depth > 0]
+    diagnostics["run_depth"] = depth
+    if deeper:
+        warnings.append(f"the run holds at most {depth} results per query (its top-k): {', '.join(deeper)} "
+                        f"count only those; score with a top-k of at least the largest cutoff to compare them "
+                        "with runs that hold more")
     ranked = _ranked_by(run, ranking)
     qrels_in = qrels[[IRM_QUERY, IRM_DOC, IRM_RELEVANCE]]
     aggregate_raw = ir_measures.calc_aggregate(parsed, qrels_in, ranked)

@@ -195,7 +195,7 @@ def check_compatibility(
     key = schema.META_MAX_VISUAL_TOKENS.decode()
     if max_visual_tokens is not None and meta.get(key) not in (None, str(max_visual_tokens)):
         problems.append(f"the corpus was embedded with a {meta[key]}-token visual budget, "
-                        f"this run expects {max_visual_tokens}")
+                        f"this run expects {max_visual_tokens} (pass --max-visual-tokens {meta[key]}, or none)")
     if len(corpus.pool_factors) > 1:
         mix = ", ".join(f"{n} file(s) at pool factor {f}" for f, n in sorted(corpus.pool_factors.items()))
         problems.append(f"the corpus mixes pooled and unpooled pages ({mix}; factor 1 = unpooled): pooled pages "
@@ -215,7 +215,7 @@ def check_compatibility(
         raise CorpusError(
             "; ".join(problems)
             + ". Scores across different models or settings are meaningless. Pass the corpus's own "
-            "--model, or re-embed the corpus, or pass --allow-model-mismatch if you really mean it."
+            "settings, or re-embed the corpus, or pass --allow-model-mismatch if you really mean it."
         )
     for p in problems:
         log.warning("allowed mismatch: %s", p)

@@ -61,7 +61,7 @@ def _jsonl(data: bytes, uri: str) -> pa.Table:
             raise QueryFileError(f"{uri}: line {n} lacks {', '.join(missing)}; each line needs query_id and text")
         ids.append(obj[schema.QUERY_ID])
         texts.append(obj[schema.TEXT])
-    bad = [i for i in ids if i is not None and not isinstance(i, (str, int))]
+    bad = [i for i in ids if i is not None and (not isinstance(i, (str, int)) or isinstance(i, bool))]
     if bad:
         raise QueryFileError(f"{uri}: query_id must be a string or an integer, got {bad[0]!r}")
     ids = [str(i) if isinstance(i, int) and not isinstance(i, bool) else i for i in ids]

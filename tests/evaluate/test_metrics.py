@@ -225,3 +225,17 @@ def test_s3_inputs_and_outputs(tmp_path, s3):
     assert metrics == pytest.approx(independent(DEFAULTS, qrels, run))
     with fs.open_input_file("eval/out/per_query.parquet") as f:
         assert pq.read_table(f).num_rows == len(DEFAULTS) * len({q for q, _, _ in qrels_rows})
+
+
+def test_warns_of_cutoffs_deeper_than_the_run_and_of_document_level_qrels():
+    """Two silent pitfalls: nDCG@10 on a top-3 run counts only 3 results (a run scored at
+    another top-k then compares badly), and qrels that judge documents match no page id."""
+    qrels = runs.parse_qrels("q1 0 a#1 1\n")
+    run = runs.parse_trec_run("q1 Q0 a#1 1 3.0 t\nq1 Q0 b#1 2 2.0 t\nq1 Q0 c#1 3 1.0 t\n")
+    result = evaluate.evaluate(qrels, run, ["nDCG@10", "P@1", "R@3"])
+    assert result.diagnostics["run_depth"] == 3
+    (deep,) = [w for w in result.warnings if "results per query" in w]
+    assert "at most 3" in deep and "nDCG@10" in deep and "R@3" not in deep and "P@1" not in deep
+    docs = evaluate.evaluate(runs.parse_qrels("q1 0 a 1\n"), run, ["P@1"])
+    assert any("qrels judge documents (e.g. 'a'), the run ranks pages" in w for w in docs.warnings)
+    assert not any("judge documents" in w for w in result.warnings)

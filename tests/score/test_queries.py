@@ -91,3 +91,10 @@ def test_read_from_s3(s3, tmp_path):
         Bucket="queries-bucket", Key="sets/q.jsonl", Body=body)
     table = read_queries("s3://queries-bucket/sets/q.jsonl", endpoint_url=s3.endpoint_url)
     assert table.column("query_id").to_pylist() == IDS
+
+
+def test_a_boolean_id_is_refused_by_name(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_text('{"query_id": true, "text": "x"}\n')
+    with pytest.raises(QueryFileError, match="query_id must be a string or an integer, got True"):
+        read_queries(str(path))
