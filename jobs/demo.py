@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo", help="where model, corpus and outputs go (default: %(default)s)")
     p.add_argument("--budgets", default="768,256", metavar="N,N",
                    help="visual-token budgets to embed and compare, one run each (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=5, help="results per query (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=10,
+                   help="results per query (default: %(default)s, the default measures' deepest cutoff)")
     return p
 
 

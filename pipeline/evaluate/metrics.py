@@ -185,7 +185,9 @@ def evaluate(
         raise ValueError("qrels hold no judgements; nothing to evaluate")
     diagnostics, warnings = diagnose(qrels, run, corpus_page_ids)
     depth = int(run.groupby(IRM_QUERY).size().max()) if len(run) else 0
-    deeper = [str(m) for m in parsed if (m.params.get("cutoff") or 0) > depth > 0]
+    corpus_pages = len(corpus_page_ids) if corpus_page_ids is not None else None
+    deeper = [str(m) for m in parsed if (m.params.get("cutoff") or 0) > depth > 0
+              and (corpus_pages is None or depth < corpus_pages)]  # a run of every page is deep enough
     diagnostics["run_depth"] = depth
     if deeper:
         warnings.append(f"the run holds at most {depth} results per query (its top-k): {', '.join(deeper)} "

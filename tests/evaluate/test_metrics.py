@@ -236,6 +236,9 @@ def test_warns_of_cutoffs_deeper_than_the_run_and_of_document_level_qrels():
     assert result.diagnostics["run_depth"] == 3
     (deep,) = [w for w in result.warnings if "results per query" in w]
     assert "at most 3" in deep and "nDCG@10" in deep and "R@3" not in deep and "P@1" not in deep
+    # not where the run holds every page of the corpus
+    whole = evaluate.evaluate(qrels, run, ["nDCG@10"], corpus_page_ids={"a#1", "b#1", "c#1"})
+    assert not any("results per query" in w for w in whole.warnings)
     docs = evaluate.evaluate(runs.parse_qrels("q1 0 a 1\n"), run, ["P@1"])
     assert any("qrels judge documents (e.g. 'a'), the run ranks pages" in w for w in docs.warnings)
     assert not any("judge documents" in w for w in result.warnings)
