@@ -158,6 +158,9 @@ def resolve_baseline(
     if rows.empty:
         return None, f"baseline run {spec!r} is not in the history"
     row = rows.iloc[-1].to_dict()
+    if row.get("status") == "failed" or not row_metrics(row):
+        # nothing to compare against: said, not reported as "no regression" against nulls
+        return None, f"baseline run {spec!r} has no metrics (its status: {row.get('status') or 'unknown'}); pin another"
     return Baseline(label=f"run {spec}", metrics=row_metrics(row), run_id=spec, row=row), None
 
 

@@ -251,6 +251,11 @@ def run(cfg: ScoreConfig) -> dict:
     )
     log.info("corpus %s: %d file(s), %d page rows, model %s; %d queries", cfg.corpus, len(corpus.files),
              corpus.num_rows, corpus_model, queries.num_rows)
+    blank = [q for q, t in zip(queries.column(schema.QUERY_ID).to_pylist(), queries.column(schema.TEXT).to_pylist())
+             if not t.strip()]
+    if blank:  # scored as the prompt alone: every page ranks by how well it matches no question
+        log.warning("%d quer%s an empty text (e.g. %s): scored as the query prompt alone", len(blank),
+                    "y has" if len(blank) == 1 else "ies have", ", ".join(blank[:3]))
     phase("open_inputs")
 
     ensure_ray(cfg.ray_address)

@@ -114,6 +114,10 @@ def test_previous_run_and_baseline_resolution(tmp_path):
     assert inline.metrics == {"AP": 0.25}
     missing, problem = regression.resolve_baseline("nope", table, root)
     assert missing is None and "not in the history" in problem
+    # a failed run is no baseline: said, where every delta was null and "no regression" reported
+    _append(tmp_path, "r4", {}, 3, status="failed", error="FAILED run r4: boom")
+    failed, problem = regression.resolve_baseline("r4", history.read_history(root), root)
+    assert failed is None and "baseline run 'r4' has no metrics (its status: failed)" in problem
 
 
 def test_corpus_fingerprint_tracks_files_and_model(tmp_path):

@@ -280,7 +280,7 @@ def test_refuses_a_folder_that_is_not_a_corpus_and_an_output_that_is_one(ray_ses
 
 
 def test_embeds_unicode_queries_with_the_model_and_rescoring_matches(ray_session, tiny_model, data, tmp_path,
-                                                                      capsys):
+                                                                      capsys, caplog):
     ids = ["emoji", "cjk", "ctrl", "empty", "long"]
     texts = ["🙂🚀 ∑∫ ü", "表の売上高は？", "tab\there\x00\u200b", "", "word " * 200]
     qfile = write_queries_jsonl(tmp_path / "q.jsonl", ids, texts)
@@ -288,6 +288,7 @@ def test_embeds_unicode_queries_with_the_model_and_rescoring_matches(ray_session
     out = tmp_path / "run"
     argv = ["--corpus", corpus, "--queries", qfile, "--output", str(out), "--top-k", "4"]
     assert score_queries.main(argv) == 0
+    assert "1 query has an empty text (e.g. empty)" in caplog.text  # scored, and said
     qe = pq.read_table(out / "query_embeddings.parquet")
     assert qe.column("text").to_pylist() == texts
     # which model and prompt made them, for a later --query-embeddings to check
