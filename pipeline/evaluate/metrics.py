@@ -146,12 +146,16 @@ def diagnose(qrels: pd.DataFrame, run: pd.DataFrame, corpus_page_ids: set[str] |
 
 
 def _ranked_by(run: pd.DataFrame, ranking: str) -> pd.DataFrame:
+    first = {q: i for i, q in enumerate(pd.unique(run[IRM_QUERY]))}  # the queries' order in the run as given
     run = run.sort_values(IRM_SCORE, ascending=False, kind="stable").drop_duplicates([IRM_QUERY, IRM_DOC])
     if ranking == "score":
         # trec_eval's order (score descending, equal scores by page id descending), made strict
         # so that every ir_measures provider sees it: RR@10 goes to its msmarco provider, which
         # broke ties the other way, so one tied run gave RR@10 1.0 beside P@1 0.0 (2026-12-06).
-        ordered = run.sort_values([IRM_QUERY, IRM_SCORE, IRM_DOC], ascending=[True, False, False], kind="stable")
+        # queries kept in the run's own order: ir_measures sums them in that order, so the means
+        # stay bit for bit its own on runs without ties
+        ordered = run.assign(_q=run[IRM_QUERY].map(first)).sort_values(
+            ["_q", IRM_SCORE, IRM_DOC], ascending=[True, False, False], kind="stable").drop(columns="_q")
         position = ordered.groupby(IRM_QUERY, sort=False).cumcount()
         return ordered.assign(**{IRM_SCORE: -position.astype(np.float64)})[[IRM_QUERY, IRM_DOC, IRM_SCORE]]
     if ranking == "rank":

@@ -102,6 +102,10 @@ def open_corpus(corpus_uri: str, endpoint_url: str | None = None, generation: in
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise CorpusError(f"--corpus {corpus_uri} does not exist (check the path, bucket and endpoint)")
+    if generation is not None and (info.type == pafs.FileType.File
+                                   or corpus_uri.rstrip("/").endswith("/" + schema.PAGES_DIR)):
+        raise CorpusError(f"--generation {generation} needs the embedding output folder as --corpus, not "
+                          f"{corpus_uri} (its pages folder or one of its files)")
     if info.type == pafs.FileType.File:
         paths = [root]
     else:

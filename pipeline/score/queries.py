@@ -161,12 +161,21 @@ def read_query_embeddings(uri: str, endpoint_url: str | None, queries: pa.Table)
 
     Raises QueryFileError where the file lacks a query's id or embedded another text for it (the
     stored vectors would be scored as if they were this query's)."""
-    table = storage.read_parquet(uri, endpoint_url)
+    try:
+        table = storage.read_parquet(uri, endpoint_url)
+    except (FileNotFoundError, pa.ArrowInvalid) as exc:
+        raise QueryFileError(f"--query-embeddings {uri} cannot be read ({exc}); pass a query_embeddings.parquet "
+                             "written by this job") from exc
     missing = [c for c in (schema.QUERY_ID, schema.EMBEDDING) if c not in table.column_names]
     if missing:
         raise QueryFileError(f"--query-embeddings {uri} lacks column(s) {missing}; pass a query_embeddings.parquet "
                          "written by this job")
-    index = {qid: i for i, qid in enumerate(table.column(schema.QUERY_ID).to_pylist())}
+    stored = table.column(schema.QUERY_ID).to_pylist()
+    index = {qid: i for i, qid in enumerate(stored)}
+    if len(index) < len(stored):
+        dup = next(q for q, c in Counter(stored).items() if c > 1)
+        raise QueryFileError(f"--query-embeddings {uri} holds query id {dup!r} more than once; pass a "
+                             "query_embeddings.parquet written by this job")
     wanted = queries.column(schema.QUERY_ID).to_pylist()
     absent = [q for q in wanted if q not in index]
     if absent:

@@ -191,8 +191,12 @@ def test_every_measure_sees_one_order_of_tied_scores():
     assert by_score["P@1"] == by_score["R@1"] == 0.0
     by_rank = evaluate.evaluate(qrels, run, names, ranking="rank").aggregate
     assert by_rank["RR@10"] == by_rank["RR"] == by_rank["P@1"] == by_rank["AP"] == 1.0
-    # and where no score ties, "score" is ir_measures' own result on the run as it is
-    untied = runs.parse_trec_run("q1 Q0 b#1 1 3.0 t\nq1 Q0 a#1 2 2.0 t\nq2 Q0 d#1 1 2.0 t\n")
+    # and where no score ties, "score" is ir_measures' own result on the run as it is, bit for bit
+    # (queries in the run's order, not sorted by id: ir_measures sums them in its input's order)
+    qids = ["q2", "q10", "q9", "q3"]
+    qrels = runs.parse_qrels("".join(f"{q} 0 {q}-{i}#1 1\n" for q in qids for i in range(int(q[1:]))))
+    untied = runs.parse_trec_run("".join(f"{q} Q0 {q}-0#1 1 {1.0 + n / 10} t\n{q} Q0 x#1 2 0.5 t\n"
+                                         for n, q in enumerate(qids)))  # top scores rise: not the run's order
     direct = ir_measures.calc_aggregate(evaluate.parse_measures(names), qrels, untied)
     assert evaluate.evaluate(qrels, untied, names).aggregate == {str(m): float(v) for m, v in direct.items()}
 

@@ -98,3 +98,16 @@ def test_a_boolean_id_is_refused_by_name(tmp_path):
     path.write_text('{"query_id": true, "text": "x"}\n')
     with pytest.raises(QueryFileError, match="query_id must be a string or an integer, got True"):
         read_queries(str(path))
+
+
+def test_reused_embeddings_with_a_repeated_id_are_refused(tmp_path):
+    import numpy as np
+
+    from pipeline.devtools.synthetic import write_query_embeddings
+    from pipeline.score.queries import read_query_embeddings
+
+    vectors = [np.ones((2, 128), np.float32), np.zeros((3, 128), np.float32)]
+    path = write_query_embeddings(tmp_path / "qe.parquet", ["q1", "q1"], vectors, texts=["a", "a"])
+    queries = read_queries(_jsonl(tmp_path / "q.jsonl", ids=["q1"]))
+    with pytest.raises(QueryFileError, match="holds query id 'q1' more than once"):
+        read_query_embeddings(path, None, queries)

@@ -218,6 +218,12 @@ def test_refuses_no_queries_and_a_generation_the_corpus_lacks(data, tmp_path, ca
             "header.csv holds no queries", capsys)
     argv += ["--queries", data["queries_file"], "--output", str(tmp_path / "a")]
     refused(argv + ["--generation", "2"], r"has no generation 2 .*its current one is 1", capsys)
+    pages = os.path.join(data["corpus"], "pages")
+    refused([*argv[:1], pages, *argv[2:], "--generation", "1"], "needs the embedding output folder as --corpus",
+            capsys)
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    refused([a if a != data["qemb"] else str(tmp_path / "bad.parquet") for a in argv],
+            "--query-embeddings .*bad.parquet cannot be read", capsys)
     with pytest.raises(SystemExit) as e:
         score_queries.main(argv + ["--generation", "0"])
     assert e.value.code == 2 and "--generation must be a generation number" in capsys.readouterr().err
