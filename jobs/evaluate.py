@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(str(exc))
     summary = flow.run_evaluation(cfg)
     print(format_metrics(summary["metrics"]))
-    for warning in summary["warnings"]:
-        print(f"warning: {warning}", file=sys.stderr)
+    if summary["warnings"]:  # each was logged above as it was found
+        print(f"{len(summary['warnings'])} warning(s) above, also in summary.json", file=sys.stderr)
     print(f"wrote {storage.join_uri(args.output, 'metrics.json')}")
     return 0
 

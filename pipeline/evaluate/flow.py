@@ -99,7 +99,7 @@ def _run_summary(run_uri: str, endpoint_url: str | None) -> dict:
     """The scoring job's summary.json of ``run_uri`` (its output folder, or a results.parquet /
     run.trec in it); {} where there is none (a run file from elsewhere)."""
     folder = run_uri.rstrip("/")
-    if folder.rsplit("/", 1)[-1].endswith((".parquet", ".trec", ".txt")):
+    if folder.rsplit("/", 1)[-1].removesuffix(".gz").endswith((".parquet", ".trec", ".txt")):
         folder = folder.rsplit("/", 1)[0]
     try:
         found = storage.read_json(storage.join_uri(folder, "summary.json"), endpoint_url)

@@ -50,13 +50,31 @@ def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
     return gzip.decompress(data) if uri.endswith(".gz") else data
 
 
-def _text_lines(text: str) -> list[tuple[int, str]]:
-    """(line number, line) for non-blank, non-comment lines."""
+def _text_lines(text: str, is_data=None) -> list[tuple[int, str]]:
+    """(line number, line) for non-blank, non-comment lines. A line that begins with ``#`` is
+    a comment unless ``is_data`` says it has the exact shape of a data line: query ids may
+    begin with ``#`` (trec_eval has no comments), and such a query's lines were dropped."""
     lines = []
     for number, line in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
-        if line.strip() and not line.lstrip().startswith("#"):
-            lines.append((number, line.rstrip("\r\n")))
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("#") and not (is_data and is_data(line)):
+            continue
+        lines.append((number, line.rstrip("\r\n")))
     return lines
+
+
+def _is_qrels_line(line: str) -> bool:
+    """``qid 0 page_id rel`` (four fields) or BEIR's ``qid<TAB>page_id<TAB>rel``."""
+    fields, tabs = line.split(), line.split("\t")
+    return ((len(fields) == 4 and _is_number(fields[1]) and _is_number(fields[3]))
+            or (len(tabs) == 3 and _is_number(tabs[2].strip())))
+
+
+def _is_run_line(line: str) -> bool:
+    """``qid Q0 page_id rank score tag`` (six fields, an integer rank, a numeric score)."""
+    fields = line.split()
+    return len(fields) == 6 and fields[3].lstrip("-").isdigit() and _is_number(fields[4])
 
 
 def _relevance(value: str, where: str) -> int:
@@ -101,7 +119,7 @@ def parse_qrels(text: str, source: str = "qrels") -> pd.DataFrame:
     >>> parse_qrels("query-id\\tcorpus-id\\tscore\\nq1\\ta%20b.pdf#1\\t1\\n").doc_id.tolist()
     ['a%20b.pdf#1']
     """
-    lines = _text_lines(text)
+    lines = _text_lines(text, _is_qrels_line)
     if not lines:
         raise ValueError(f"{source}: no judgements (the file is empty)")
     first = lines[0][1]
@@ -191,7 +209,7 @@ def parse_trec_run(text: str, source: str = "run") -> pd.DataFrame:
     ['a b%25.pdf#1']
     """
     rows = []
-    for number, line in _text_lines(text):
+    for number, line in _text_lines(text, _is_run_line):
         match = _TREC_RUN.match(line)
         if match is None:
             raise ValueError(

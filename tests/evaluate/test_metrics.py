@@ -246,3 +246,31 @@ def test_warns_of_cutoffs_deeper_than_the_run_and_of_document_level_qrels():
     docs = evaluate.evaluate(runs.parse_qrels("q1 0 a 1\n"), run, ["P@1"])
     assert any("qrels judge documents (e.g. 'a'), the run ranks pages" in w for w in docs.warnings)
     assert not any("judge documents" in w for w in result.warnings)
+
+
+def test_query_ids_that_begin_with_a_hash_are_read_and_comments_still_skipped(tmp_path):
+    """A '#' line is a comment only when it is not shaped like a data line: a query named
+    '#7' had its judgements and results dropped as comments, and scored nothing."""
+    qrels = runs.parse_qrels("# judged 2026-12-06 by the search team\n#7 0 a.pdf#1 1\nq2 0 b.pdf#1 1\n")
+    assert qrels.query_id.tolist() == ["#7", "q2"]
+    beir = runs.parse_qrels("query-id\tcorpus-id\tscore\n# a comment\n#7\ta.pdf#1\t1\n")
+    assert beir.query_id.tolist() == ["#7"]
+    run = runs.parse_trec_run("# written by hand\n#7 Q0 a.pdf#1 1 0.9 t\nq2 Q0 b.pdf#1 1 0.8 t\n")
+    assert run.query_id.tolist() == ["#7", "q2"]
+    result = evaluate.evaluate(qrels, run, ["P@1"])
+    assert result.aggregate["P@1"] == 1.0
+
+
+def test_the_job_prints_each_warning_once(tmp_path):
+    """Warnings are logged as found; the job's end names how many (it printed each a second time)."""
+    import subprocess
+    import sys
+
+    qrels = write_trec_qrels(tmp_path / "q.txt", [("q1", "a#1", 1), ("q2", "b#1", 1)])
+    run = write_trec_run(tmp_path / "r.trec", [("q1", "a#1", 1, 2.0)])  # q2 has no results: one warning
+    proc = subprocess.run([sys.executable, "-m", "jobs.evaluate", "--run", run, "--qrels", qrels,
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    warnings = json.loads((tmp_path / "out" / "summary.json").read_text())["warnings"]
+    assert warnings and all(proc.stderr.count(w) == 1 for w in warnings), proc.stderr
+    assert f"{len(warnings)} warning(s) above" in proc.stderr

@@ -254,3 +254,12 @@ def test_flags_take_a_measure_list_and_the_ranking(setup):
     summary = _summary(tmp, "d1")
     assert {"P@3", "nDCG@3", "P@1"} <= set(summary["metrics"])
     assert yaml.safe_load((tmp / "runs" / "d1" / "config.yaml").read_text())["ranking"] == "rank"
+
+
+def test_a_gzipped_trec_run_finds_the_summary_beside_it(tmp_path):
+    """--run OUT/run.trec.gz reads OUT/summary.json, as run.trec does (it looked in run.trec.gz/)."""
+    from pipeline.evaluate import flow
+
+    (tmp_path / "summary.json").write_text(json.dumps({"top_k": 3, "model": "m/x", "n_results": 6}))
+    for name in ("run.trec.gz", "run.trec", "results.parquet", ""):
+        assert flow._run_summary(str(tmp_path / name) if name else str(tmp_path), None)["top_k"] == 3, name
