@@ -183,19 +183,24 @@ def check_compatibility(
     query_prompt: str | None,
     max_visual_tokens: int | None,
     allow_mismatch: bool,
+    queries_from: str | None = None,
 ) -> list[str]:
     """Differences between the corpus's recorded settings and this run's; raises unless allowed.
 
-    ``None`` means "not checked" (e.g. no model when query embeddings are reused).
+    ``None`` means "not checked" (e.g. a reused query-embeddings file that records no model).
+    ``queries_from`` names the reused query-embeddings file whose model and prompt are checked
+    (the messages then name it, not this run's settings).
     """
     meta = corpus.metadata
     problems = []
     if model is not None and meta.get(schema.META_MODEL.decode()) not in (None, model):
-        problems.append(f"the corpus was embedded with model {meta[schema.META_MODEL.decode()]!r}, "
-                        f"this run uses {model!r}")
+        uses = f"the query embeddings at {queries_from} were made with" if queries_from else "this run uses"
+        problems.append(f"the corpus was embedded with model {meta[schema.META_MODEL.decode()]!r}, {uses} {model!r}")
     if query_prompt is not None and meta.get(schema.META_QUERY_PROMPT.decode()) not in (None, query_prompt):
+        embeds = (f"the query embeddings at {queries_from} were made with" if queries_from
+                  else "this code embeds queries as")
         problems.append(f"the corpus records query prompt {meta[schema.META_QUERY_PROMPT.decode()]!r}, "
-                        f"this code embeds queries as {query_prompt!r}")
+                        f"{embeds} {query_prompt!r}")
     key = schema.META_MAX_VISUAL_TOKENS.decode()
     if max_visual_tokens is not None and meta.get(key) not in (None, str(max_visual_tokens)):
         problems.append(f"the corpus was embedded with a {meta[key]}-token visual budget, "

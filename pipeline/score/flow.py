@@ -240,14 +240,18 @@ def run(cfg: ScoreConfig) -> dict:
             log.warning("--query-embeddings %s records no model (written before 2026-12-06): the corpus's model "
                         "cannot be checked against it", cfg.query_embeddings)
         elif cfg.model and cfg.model != model_name:
-            raise CorpusError(f"--query-embeddings {cfg.query_embeddings} was embedded with model {model_name!r}, "
-                              f"this run names --model {cfg.model!r}; drop one of the two")
+            message = (f"--query-embeddings {cfg.query_embeddings} was embedded with model {model_name!r}, "
+                       f"this run names --model {cfg.model!r}")
+            if not cfg.allow_model_mismatch:
+                raise CorpusError(f"{message}; drop one of the two, or pass --allow-model-mismatch")
+            log.warning("allowed mismatch: %s (no model is loaded: the reused vectors are scored)", message)
     check_compatibility(
         corpus,
         model=model_name,
         query_prompt=query_prompt,
         max_visual_tokens=cfg.max_visual_tokens,
         allow_mismatch=cfg.allow_model_mismatch,
+        queries_from=cfg.query_embeddings,
     )
     log.info("corpus %s: %d file(s), %d page rows, model %s; %d queries", cfg.corpus, len(corpus.files),
              corpus.num_rows, corpus_model, queries.num_rows)

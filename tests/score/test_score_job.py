@@ -192,9 +192,13 @@ def test_reused_query_embeddings_are_checked_as_a_model_would_be(ray_session, da
     assert pq.read_schema(tmp_path / "ok" / "query_embeddings.parquet").metadata[schema.META_MODEL] == b"m/a"
     assert json.loads((tmp_path / "ok" / "summary.json").read_text())["model"] == "m/a"
     refused(argv + ["--output", str(tmp_path / "b"), "--query-embeddings", qemb("m/b")],
-            r"embedded with model 'm/a', this run uses 'm/b'", capsys)
+            r"embedded with model 'm/a', the query embeddings at \S*qe-b\.parquet were made with 'm/b'", capsys)
     refused(argv + ["--output", str(tmp_path / "c"), "--query-embeddings", qemb("m/a"), "--model", "m/c"],
-            r"was embedded with model 'm/a', this run names --model 'm/c'", capsys)
+            r"was embedded with model 'm/a', this run names --model 'm/c'.*--allow-model-mismatch", capsys)
+    # --allow-model-mismatch lets that through with a warning (it was refused whatever the flag)
+    assert score_queries.main(argv + ["--output", str(tmp_path / "allowed"), "--query-embeddings", qemb("m/a"),
+                                      "--model", "m/c", "--allow-model-mismatch"]) == 0
+    assert (tmp_path / "allowed" / "results.parquet").exists()
     texts = ["another text" if q == "q2" else f"query {q}" for q in data["ids"]]
     changed = write_queries_jsonl(tmp_path / "changed.jsonl", data["ids"], texts)
     refused(["--corpus", corpus, "--queries", changed, "--top-k", "2", "--output", str(tmp_path / "d"),
