@@ -57,6 +57,15 @@ if ! "$PY" -c "import ray" 2>/dev/null && [ -f .device/site.tar.xz ]; then
   mkdir -p /tmp/site && ([ -d /tmp/site/ray ] || tar xJf .device/site.tar.xz -C /tmp/site)
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
+# TRANSFORMERS_BUNDLE=.device/transformers.tar.xz (benchmarks/pack_transformers.sh): the project's
+# pinned transformers (5.23) and its pure dependencies ahead of the device's own 5.17 on PYTHONPATH,
+# for every process of the call (drivers, Ray workers). The device's 5.17 imports scikit-learn at
+# load (transformers.generation.candidate_generator; 1.0-1.3 s of a 9-10 s import without bytecode,
+# 2026-12-06), 5.23 imports it only when assisted generation runs.
+if [ -n "${TRANSFORMERS_BUNDLE:-}" ]; then
+  mkdir -p /tmp/tfsite && ([ -d /tmp/tfsite/transformers ] || tar xJf "$TRANSFORMERS_BUNDLE" -C /tmp/tfsite)
+  export PYTHONPATH="/tmp/tfsite:$PYTHONPATH"
+fi
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; nproc; free -g; lscpu;
   "$PY" -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$OUT/env_embed.txt" 2>&1
 
