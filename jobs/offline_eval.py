@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         flow.write_failure(cfg, run_id, now, exc)
         raise
     print(", ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items()))
-    for warning in summary["warnings"]:
-        print(f"warning: {warning}", file=sys.stderr)
+    if summary["warnings"]:  # each was logged above as it was found
+        print(f"{len(summary['warnings'])} warning(s) above, also in the report", file=sys.stderr)
     print(summary["result"])
     print(f"report: {summary['outputs']['report']}")
     return status

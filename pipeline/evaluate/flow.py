@@ -149,6 +149,9 @@ def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_base
         scores_uri = storage.join_uri(out, "scores")
         scores_summary = _score(cfg, scores_uri)
         run_uri = storage.join_uri(scores_uri, "results.parquet")
+        # the model that made the query vectors: reused ones may differ from the config's
+        # --model when --allow-model-mismatch lets them through
+        model = scores_summary.get("model") or model
 
     qrels = runs.read_qrels(cfg.qrels, ep)
     evaluation = run_evaluation(EvaluateConfig(run=run_uri, qrels=cfg.qrels, output=out, measures=cfg.measures,
@@ -178,6 +181,7 @@ def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_base
     baseline, baseline_problem = regression.resolve_baseline(cfg.baseline, past_others, cfg.history_uri, ep)
     warnings = list(evaluation["warnings"])
     if baseline_problem:
+        logger.warning("%s", baseline_problem)
         warnings.append(baseline_problem)
 
     current_view = {**fields, "run_id": run_id}
@@ -193,6 +197,7 @@ def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_base
     regressions = regression.regression_lines(comparisons)
     if cmp_prev.changed_fields.get("qrels_fingerprint"):
         warnings.append("the qrels changed since the previous run: the change in metrics is not only the system's")
+        logger.warning("%s", warnings[-1])
 
     row = history.history_row(run_id, metrics, run_time=run_time, regression=bool(regressions),
                               regressions="\n".join(regressions) or None, status="ok", **fields)

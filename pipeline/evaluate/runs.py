@@ -51,30 +51,35 @@ def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
 
 
 def _text_lines(text: str, is_data=None) -> list[tuple[int, str]]:
-    """(line number, line) for non-blank, non-comment lines. A line that begins with ``#`` is
-    a comment unless ``is_data`` says it has the exact shape of a data line: query ids may
-    begin with ``#`` (trec_eval has no comments), and such a query's lines were dropped."""
+    """(line number, line) for non-blank, non-comment lines.
+
+    A line that begins with ``#`` followed by a space, a tab or nothing is a comment. One whose
+    ``#`` is followed by another character is a comment unless ``is_data`` says it has the
+    shape of a data line: query ids may begin with ``#`` (trec_eval has no comments), and such
+    a query's lines were dropped. Comment out a data line with ``# `` (hash and space).
+    """
     lines = []
     for number, line in enumerate(text.lstrip("\ufeff").splitlines(), start=1):
         if not line.strip():
             continue
-        if line.lstrip().startswith("#") and not (is_data and is_data(line)):
+        stripped = line.lstrip()
+        if stripped.startswith("#") and (stripped[1:2] in ("", " ", "\t") or not (is_data and is_data(line))):
             continue
         lines.append((number, line.rstrip("\r\n")))
     return lines
 
 
 def _is_qrels_line(line: str) -> bool:
-    """``qid 0 page_id rel`` (four fields) or BEIR's ``qid<TAB>page_id<TAB>rel``."""
-    fields, tabs = line.split(), line.split("\t")
-    return ((len(fields) == 4 and _is_number(fields[1]) and _is_number(fields[3]))
-            or (len(tabs) == 3 and _is_number(tabs[2].strip())))
+    """A TREC qrels line (``qid iter page_id rel``, as the parser reads it) or a BEIR TSV row
+    (three or more tab-separated fields: the header says which is which)."""
+    trec = _TREC_QREL.match(line)
+    return ((trec is not None and (_is_number(trec.group(2)) or trec.group(2).upper() == "Q0"))
+            or len(line.split("\t")) >= 3)
 
 
 def _is_run_line(line: str) -> bool:
-    """``qid Q0 page_id rank score tag`` (six fields, an integer rank, a numeric score)."""
-    fields = line.split()
-    return len(fields) == 6 and fields[3].lstrip("-").isdigit() and _is_number(fields[4])
+    """A TREC run line as the parser reads it: ``qid Q0 page_id rank score tag``."""
+    return _TREC_RUN.match(line) is not None
 
 
 def _relevance(value: str, where: str) -> int:

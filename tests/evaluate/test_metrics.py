@@ -259,6 +259,15 @@ def test_query_ids_that_begin_with_a_hash_are_read_and_comments_still_skipped(tm
     assert run.query_id.tolist() == ["#7", "q2"]
     result = evaluate.evaluate(qrels, run, ["P@1"])
     assert result.aggregate["P@1"] == 1.0
+    # page ids with spaces, a Q0 iteration field; comments that end in a number stay comments
+    qrels = runs.parse_qrels("q1 0 a.pdf#1 1\n# 3 annotators 2\n#TODO: check 3 pages 2\n#\n"
+                             "#7 0 annual report.pdf#3 1\n#8 Q0 b.pdf#1 1\n")
+    assert qrels.query_id.tolist() == ["q1", "#7", "#8"]
+    assert qrels.doc_id.tolist() == ["a.pdf#1", "annual report.pdf#3", "b.pdf#1"]
+    run = runs.parse_trec_run("#7 Q0 annual report.pdf#3 1 0.9 t\n# 1 2 3 4 5\n")
+    assert run.query_id.tolist() == ["#7"] and run.doc_id.tolist() == ["annual report.pdf#3"]
+    # a BEIR comment before the header stays a comment
+    assert runs.parse_qrels("# note\tx\t1\nquery-id\tcorpus-id\tscore\n#7\ta.pdf#1\t1\n").query_id.tolist() == ["#7"]
 
 
 def test_the_job_prints_each_warning_once(tmp_path):

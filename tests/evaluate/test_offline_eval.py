@@ -193,6 +193,19 @@ def test_end_to_end_with_the_scoring_job(setup, ray_session):
     assert status == 3 and second["regression"] is True
     assert list(history.read_history(str(tmp / "runs" / "history")).run_id) == ["e1", "e2"]
 
+    # --model names another model than the reused vectors': --allow-model-mismatch lets it through,
+    # and the history records the model that made the vectors (it recorded the config's, 2026-12-06)
+    from pipeline import schema
+
+    table = pq.read_table(good)
+    pq.write_table(table.replace_schema_metadata({schema.META_MODEL: b"tiny/colqwen2"}), tmp / "qe_meta.parquet")
+    config["score_args"] = ["--num-actors", "1", "--allow-model-mismatch"]
+    (tmp / "e3.yaml").write_text(yaml.safe_dump(config))
+    assert offline_eval.main(["--config", str(tmp / "e3.yaml"), "--run-id", "e3", "--model", "m/c",
+                              "--query-embeddings", str(tmp / "qe_meta.parquet")]) == 0
+    assert _summary(tmp, "e3")["scoring"]["model"] == "tiny/colqwen2"
+    assert history.read_history(str(tmp / "runs" / "history")).iloc[-1]["model"] == "tiny/colqwen2"
+
 
 def test_outputs_and_history_on_s3(setup, s3):
     tmp = setup["tmp"]

@@ -173,7 +173,7 @@ def test_refuses_a_corpus_of_another_model_or_budget(data, tmp_path, capsys):
              "--top-k", "2", "--query-embeddings", data["qemb"]], "disagree on vdr.model", capsys)
 
 
-def test_reused_query_embeddings_are_checked_as_a_model_would_be(ray_session, data, tmp_path, capsys):
+def test_reused_query_embeddings_are_checked_as_a_model_would_be(ray_session, data, tmp_path, capsys, caplog):
     """--query-embeddings: the file records the model and query prompt that made its vectors and
     each query's text. Another model than the corpus's, another --model, or a query whose text
     changed since is refused (until 2026-12-06 each was scored without a word)."""
@@ -198,7 +198,9 @@ def test_reused_query_embeddings_are_checked_as_a_model_would_be(ray_session, da
     # --allow-model-mismatch lets that through with a warning (it was refused whatever the flag)
     assert score_queries.main(argv + ["--output", str(tmp_path / "allowed"), "--query-embeddings", qemb("m/a"),
                                       "--model", "m/c", "--allow-model-mismatch"]) == 0
-    assert (tmp_path / "allowed" / "results.parquet").exists()
+    assert json.loads((tmp_path / "allowed" / "summary.json").read_text())["model"] == "m/a"  # the vectors' model
+    assert "allowed mismatch: --query-embeddings" in capsys.readouterr().err + "".join(
+        r.getMessage() for r in caplog.records)
     texts = ["another text" if q == "q2" else f"query {q}" for q in data["ids"]]
     changed = write_queries_jsonl(tmp_path / "changed.jsonl", data["ids"], texts)
     refused(["--corpus", corpus, "--queries", changed, "--top-k", "2", "--output", str(tmp_path / "d"),
