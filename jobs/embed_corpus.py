@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     from pipeline import storage
     from pipeline.cluster import ensure_ray
-    from pipeline.embed import flow, plan
+    from pipeline.embed import flow
 
     try:
         flow.preflight(cfg)  # a wrong --model or unreachable storage fails here, in seconds, before Ray starts
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_ray(cfg.ray_address)
     try:
         summary = (flow.run_preflight if cfg.preflight else flow.run)(cfg)
-    except (FileNotFoundError, storage.OutputLockedError, storage.StorageAccessError, plan.ConfigMismatchError) as exc:
+    except flow.INPUT_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

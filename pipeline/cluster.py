@@ -226,6 +226,10 @@ def job_client(address: str | None):
 HEAD_MARKER = "node:__internal_head__"
 
 
+class ClusterFitError(ValueError):
+    """The job's actors can never be placed on this cluster (as asked): the job would wait forever."""
+
+
 @dataclass
 class ClusterCapacity:
     """Resources of the cluster now and at most (``None``: unknown, ``math.inf``: unlimited).
@@ -265,8 +269,10 @@ def choose_device(requested: str, capacity: ClusterCapacity, gpus_per_actor: flo
     >>> now = ClusterCapacity(gpus_now=0, cpus_now=4, gpus_max=0, cpus_max=4, source="no autoscaler: resources now")
     >>> choose_device("auto", now, None)
     ('cpu', 'no GPU in the cluster and no autoscaler can add one (no autoscaler: resources now)')
-    >>> choose_device("cuda", now, None)[0]
-    'cuda'
+    >>> choose_device("cuda", now, None)  # it could never start: Ray would wait forever
+    Traceback (most recent call last):
+    ...
+    pipeline.cluster.ClusterFitError: --device cuda: the cluster has no GPU and cannot add one (no autoscaler: resources now); drop --device cuda (auto picks the CPU here), or run on a cluster with GPU nodes
     >>> gpu_types = [{"name": "gpu", "resources": {"CPU": 8, "GPU": 1}, "min": 0, "max": 4}]
     >>> scale = ClusterCapacity(0, 0, 4, 32, gpu_types, "autoscaler v1 config")
     >>> choose_device("auto", scale, None)
@@ -276,18 +282,27 @@ def choose_device(requested: str, capacity: ClusterCapacity, gpus_per_actor: flo
     >>> choose_device("auto", scale, 2)          # asked for 2 GPUs per actor; no node type holds 2
     Traceback (most recent call last):
     ...
-    ValueError: --gpus-per-actor 2: no node the cluster has or can add holds 2 GPUs for one actor (autoscaler v1 config)
+    pipeline.cluster.ClusterFitError: --gpus-per-actor 2: no node the cluster has or can add holds 2 GPUs for one actor (autoscaler v1 config)
     >>> unknown = ClusterCapacity(0, 4, None, None, [], "autoscaler v1 status")
     >>> choose_device("auto", unknown, 1)[0]     # explicit GPUs per actor, limits unknown: trust the user
     'cuda'
     >>> choose_device("auto", ClusterCapacity(2, 16, 2, 16, [], "x"), None)
     ('cuda', '2 GPUs in the cluster now')
+    >>> choose_device("cuda", unknown, None)[0]  # limits unknown: trust the user
+    'cuda'
+    >>> missed = ClusterCapacity(0, 4, 0, 4, [], "no autoscaler: resources now; autoscaling config lookup: timeout")
+    >>> choose_device("cuda", missed, None)[0]  # the lookup failed: an autoscaler may exist
+    'cuda'
     >>> choose_device("auto", unknown, None)
     ('cpu', 'no GPU in the cluster now, and what its autoscaler can add is unknown (autoscaler v1 status): pass --gpus-per-actor 1 --max-actors N to use GPU nodes')
     """
     if requested not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be auto, cuda or cpu, not {requested!r}")
     if requested == "cuda":
+        # refused now where the actors could never start (Ray would wait for a GPU forever)
+        if capacity.gpus_now == 0 and capacity.gpus_max == 0 and cannot_grow(capacity):
+            raise ClusterFitError(f"--device cuda: the cluster has no GPU and cannot add one ({capacity.source}); "
+                                  "drop --device cuda (auto picks the CPU here), or run on a cluster with GPU nodes")
         return "cuda", "--device cuda requested"
     if requested == "cpu":
         return "cpu", "--device cpu requested"
@@ -298,7 +313,7 @@ def choose_device(requested: str, capacity: ClusterCapacity, gpus_per_actor: flo
     if n == 0 and (capacity.gpus_now > 0 or (capacity.gpus_max or 0) > 0):
         msg = f"no node the cluster has or can add holds {_num(per_actor)} GPUs for one actor ({capacity.source})"
         if gpus_per_actor is not None:
-            raise ValueError(f"--gpus-per-actor {_num(per_actor)}: {msg}")
+            raise ClusterFitError(f"--gpus-per-actor {_num(per_actor)}: {msg}")
         return "cpu", msg
     if capacity.gpus_now > 0:
         return "cuda", f"{_num(capacity.gpus_now)} GPU{'s' if capacity.gpus_now != 1 else ''} in the cluster now"
@@ -318,6 +333,18 @@ def choose_device(requested: str, capacity: ClusterCapacity, gpus_per_actor: flo
         raise ValueError(f"--gpus-per-actor {_num(per_actor)}: the cluster has no GPU and cannot add one "
                          f"({capacity.source})")
     return "cpu", f"no GPU in the cluster and no autoscaler can add one ({capacity.source})"
+
+
+def cannot_grow(capacity: ClusterCapacity) -> bool:
+    """Whether the cluster is known to have no autoscaler (not merely not found: a failed
+    lookup says so in ``source``).
+
+    >>> cannot_grow(ClusterCapacity(0, 4, 0, 4, [], "no autoscaler: resources now"))
+    True
+    >>> cannot_grow(ClusterCapacity(0, 4, 0, 4, [], "no autoscaler: resources now; autoscaling config lookup: timeout"))
+    False
+    """
+    return capacity.source.startswith("no autoscaler:") and "lookup:" not in capacity.source
 
 
 def max_gpu_actors(capacity: ClusterCapacity, gpus_per_actor: float | None) -> int | None:

@@ -25,7 +25,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipeline import __version__, schema, storage
-from pipeline.cluster import choose_device, in_actor, max_gpu_actors, read_capacity
+from pipeline.cluster import ClusterFitError, choose_device, in_actor, max_gpu_actors, read_capacity
 from pipeline.config import EmbedConfig, resolve_batches_in_flight
 from pipeline.embed import counters, plan, preflight as preflight_report
 from pipeline.embed.rasterize import RenderSpec
@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 
 
 MAX_INPUT_BLOCKS = 20_000
+
+
+# Errors the job reports as a command to change (exit 2, one line): the output is not this job's
+# or is held, a setting conflicts with what the output holds, actors that could never be placed
+INPUT_ERRORS = (FileNotFoundError, storage.OutputLockedError, storage.StorageAccessError, plan.ConfigMismatchError,
+                ClusterFitError)
 
 
 def resolve_resources(cfg: EmbedConfig) -> tuple[float, int, int, str, str]:

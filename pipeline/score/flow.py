@@ -22,7 +22,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import schema, storage
-from pipeline.cluster import available_host_bytes, choose_device, ensure_ray, in_actor, max_gpu_actors, read_capacity
+from pipeline.cluster import ClusterFitError, available_host_bytes, choose_device, ensure_ray, in_actor, max_gpu_actors, read_capacity
 from pipeline.config import DEFAULT_MODEL, ScoreConfig, normalized_place
 from pipeline.score.corpus import (CorpusError, auto_pages_per_shard, cache_uri_of, check_compatibility,
                                    corpus_precision, open_corpus, plan_shards, read_vector_counts)
@@ -117,7 +117,7 @@ SHARD_PHASES = ("start_wait_s", "read_s", "decode_s", "parquet_decode_s", "host_
 # Inputs that cannot be scored as given: the job says so in one line and exits 2, as for a
 # command mistake (no traceback file): storage that refused or did not answer, a corpus, a
 # query file or reused query embeddings that do not fit.
-INPUT_ERRORS = (storage.StorageAccessError, CorpusError, QueryFileError)
+INPUT_ERRORS = (storage.StorageAccessError, CorpusError, QueryFileError, ClusterFitError)
 
 
 def _shard_phases(shard_stats: list[dict]) -> dict:

@@ -481,3 +481,21 @@ def test_prestarted_workers_setting(ray_session, monkeypatch):
     monkeypatch.setenv("PIPELINE_PRESTART_WORKERS", "many")
     with pytest.raises(ValueError, match="PIPELINE_PRESTART_WORKERS must be a number of workers"):
         prestart_workers(cfg)
+
+
+def test_device_cuda_on_a_cluster_without_gpus_is_refused_at_once(ray_session, tiny_model, sample_corpus, tmp_path,
+                                                                  capsys):
+    """--device cuda where no GPU exists and no autoscaler can add one: exit 2 in seconds, naming
+    the flag (Ray waited for a GPU forever, saying only 'the job may hang forever' after 60 s)."""
+    import ray
+
+    if ray.cluster_resources().get("GPU"):
+        pytest.skip("this Ray has a GPU")
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    assert embed_corpus.main(["--input", sample_corpus, "--output", str(out), "--model", tiny_model,
+                              "--max-visual-tokens", TOKENS, "--device", "cuda"]) == 2
+    assert time.monotonic() - t0 < 60
+    err = capsys.readouterr().err
+    assert "error: --device cuda: the cluster has no GPU and cannot add one" in err and "drop --device cuda" in err
+    assert not (out / "pages").exists() or not os.listdir(out / "pages")
