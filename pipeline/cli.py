@@ -47,6 +47,19 @@ def one_line(exc: BaseException) -> str:
     of that text that is not a wrapper is used."""
     inner = innermost(exc)
     name = type(inner).__name__
+    if name == "ActorDiedError" and "creation task" in str(inner):
+        # an actor's constructor raised (e.g. the model actor's checkpoint did not load): its
+        # own error is in the text, below Ray's line about the actor
+        found = None
+        for line in _ANSI.sub("", str(inner)).splitlines():
+            m = _EXC_LINE.match(line.strip())
+            if m and not m.group(1).startswith(_WRAPPERS) and m.group(1) != "ActorDiedError":
+                found = m
+        if found:
+            actor = re.search(r"ray::(\S+?)\.__init__\(\)", str(inner))
+            where = f" ({actor.group(1)} could not start)" if actor else ""
+            text = f"{found.group(1)}{where}: {found.group(2).strip()}"
+            return text if len(text) <= MAX_LINE else text[: MAX_LINE - 3] + "..."
     if name.startswith(_WRAPPERS):
         found = None
         for line in _ANSI.sub("", str(exc)).splitlines():

@@ -462,6 +462,8 @@ def final_line(cfg: EmbedConfig, summary: dict) -> str:
     run = summary["this_run"]
     retry = run["error_rows_retryable"]
     retry = (f" and {retry} for storage that did not answer (a rerun tries them again)" if retry else "")
+    if summary.get("documents_listed") == 0 and not summary.get("documents_already_done"):
+        retry += f" (no document under --input {summary['input']}: see the warning above)"
     return (f"[embed_corpus] done: {summary['documents_processed']} documents processed "
             f"({summary['documents_already_done']} already done), {run['pages']} pages, {run['error_rows_final']} "
             f"error rows{retry}, "
@@ -645,14 +647,22 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
                                         model_running=bool(kept_handles) and kept_reused >= len(kept_handles)))
 
     rerun = bool(done.num_rows and units)
-    if units and not rerun:
+    listings = None
+    nothing_to_do = None
+    if units == [""] and not rerun:
+        # A first run on one folder of files (or one file): its listing is one call, made now, so
+        # that an input without a document starts no model actor (on an autoscaling cluster, a
+        # GPU node for nothing); the plan task takes this listing.
+        first = plan.list_unit(cfg, "")
+        listings = {"": ray.put(first)}
+        if first[0].num_rows == 0:
+            nothing_to_do = _nothing_to_do(first[0], [first[1]], done)
+    if units and not rerun and nothing_to_do is None:
         start_kept_embedders()
     storage.write_json(join_uri(cfg.output, schema.CONFIG_FILE),
                        {**json.loads(cfg.to_json()), "output": output_uri, "generation": generation,
                         "settings": plan.settings_of(metadata)}, cfg.endpoint_url)
     changes = {"documents_changed": 0, "documents_deleted": 0, "changed_examples": [], "deleted_examples": []}
-    listings = None
-    nothing_to_do = None
     if rerun:
         # A rerun: list everything first (plan tasks reuse these listings), so that changed and
         # deleted sources are known, and their rows retired, before anything is written. Any
@@ -714,8 +724,16 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
     counter = _PlanCounter.remote()
     if nothing_to_do is not None:
         ray.get(counter.add.remote(nothing_to_do))
-        log.info("nothing to do: every listed document already has its rows in %s; no model actor started",
-                 cfg.output)
+        if nothing_to_do.get("documents_listed", 0) == 0:
+            skipped = sum(e["count"] for e in nothing_to_do.get("documents_skipped", {}).values())
+            log.warning("--input %s holds no document this job reads (%s): nothing embedded, no model actor "
+                        "started. Check the path; the job reads %s", cfg.input,
+                        f"{skipped} other file(s) skipped" if skipped else "it is empty",
+                        "every file (--all-files)" if cfg.all_files else
+                        " ".join(storage.DOCUMENT_EXTENSIONS) + " files (--all-files: every file)")
+        else:
+            log.info("nothing to do: every listed document already has its rows in %s; no model actor started",
+                     cfg.output)
     elif units:
         _stream(cfg, units, spec, done, counter, listings, model_stage, metadata, progress)
     if kept_handles:

@@ -535,27 +535,27 @@ def settings_of(metadata: dict) -> dict[str, str]:
 def recorded_settings(root: str, endpoint_url: str | None = None) -> tuple[dict | None, dict | None, str]:
     """(settings, config.json, where from) of what a generation folder already holds:
     config.json's ``settings`` (written since generations exist), else the metadata of a pages
-    file, else config.json's plain options (older runs). (None, ..) when it holds nothing."""
+    file (older runs). (None, ..) when it holds nothing: a
+    config.json beside no pages file records a run that wrote no row (e.g. one whose model
+    failed to load), and does not bind the next run to its settings."""
     try:
         config = storage.read_json(join_uri(root, schema.CONFIG_FILE), endpoint_url)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         config = None
     config = config if isinstance(config, dict) else None
-    if config and isinstance(config.get("settings"), dict):
-        return config["settings"], config, join_uri(root, schema.CONFIG_FILE)
     try:
         fs, files = storage.list_files(join_uri(root, schema.PAGES_DIR), endpoint_url)
     except FileNotFoundError:
         files = []
-    if files:
-        meta = storage.read_footers(fs, [files[0].path])[0].metadata or {}
-        return settings_of(meta), config, files[0].path
-    if config:
-        legacy = {"model": config.get("model"), "max_visual_tokens": config.get("max_visual_tokens")}
-        if config.get("dtype") not in (None, "auto"):
-            legacy["dtype"] = config["dtype"]
-        return {k: v for k, v in legacy.items() if v is not None}, config, join_uri(root, schema.CONFIG_FILE)
-    return None, None, ""
+    if not files:
+        if config:
+            log.info("%s records settings but no pages file: no row was written with them; this run's settings "
+                     "replace them", join_uri(root, schema.CONFIG_FILE))
+        return None, config, ""
+    if config and isinstance(config.get("settings"), dict):
+        return config["settings"], config, join_uri(root, schema.CONFIG_FILE)
+    meta = storage.read_footers(fs, [files[0].path])[0].metadata or {}
+    return settings_of(meta), config, files[0].path
 
 
 def setting_differences(recorded: dict | None, wanted: dict) -> list[tuple[str, str, str]]:

@@ -499,3 +499,38 @@ def test_device_cuda_on_a_cluster_without_gpus_is_refused_at_once(ray_session, t
     err = capsys.readouterr().err
     assert "error: --device cuda: the cluster has no GPU and cannot add one" in err and "drop --device cuda" in err
     assert not (out / "pages").exists() or not os.listdir(out / "pages")
+
+
+def test_a_run_that_wrote_no_row_does_not_bind_the_next_to_its_model(ray_session, tiny_model, sample_corpus, tmp_path,
+                                                                     capsys):
+    """A first run whose model failed to load (a path mistyped as a Hub name, offline) leaves
+    config.json with its settings and no pages file. The corrected rerun is not refused as if
+    OUT held that model's vectors (it was, exit 2, until the user deleted config.json)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model": "models/tiny-colqwen2", "settings": {
+        "model": "models/tiny-colqwen2", "max_visual_tokens": TOKENS, "dtype": "float32"}}))
+    summary = run_job(sample_corpus, str(out), tiny_model)
+    assert summary["this_run"]["pages"] > 0
+    assert json.loads((out / "config.json").read_text())["settings"]["model"] != "models/tiny-colqwen2"
+    # once rows exist, the recorded model binds: another model is refused
+    capsys.readouterr()
+    assert embed_corpus.main(["--input", sample_corpus, "--output", str(out), "--model", "vidore/colqwen2-v1.0-hf",
+                              "--max-visual-tokens", TOKENS]) == 2
+    assert "already holds vectors of --model" in capsys.readouterr().err
+
+
+def test_an_input_without_a_document_warns_and_starts_no_model_actor(ray_session, tiny_model, tmp_path, caplog, capsys):
+    """A first run on an empty folder, or one of other files: a warning naming the input and
+    what the job reads, the final line says so, and no model actor is started (on an
+    autoscaling cluster it would add a GPU node). It exited 0 with no word."""
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "notes.txt").write_text("not a document")
+    (tmp_path / "empty").mkdir()
+    for name, said in (("empty", "it is empty"), ("txt", "1 other file(s) skipped")):
+        caplog.clear()
+        summary = run_job(str(tmp_path / name), str(tmp_path / f"out-{name}"), tiny_model)
+        assert summary["documents_listed"] == 0 and summary["this_run"]["actors"] == []
+        assert f"--input {tmp_path / name} holds no document this job reads ({said})" in caplog.text
+        assert "no model actor started" in caplog.text
+        assert "(no document under --input" in capsys.readouterr().err
