@@ -371,7 +371,7 @@ def _listing_chunks(fs: pafs.FileSystem, root: str, under: str | None = None):
 
 def list_documents_table(
     input_uri: str, endpoint_url: str | None = None, extensions: tuple[str, ...] | None = DOCUMENT_EXTENSIONS,
-    under: str | None = None, skipped: dict | None = None,
+    under: str | None = None, skipped: dict | None = None, exclude: str | None = None,
 ) -> pa.Table:
     """Every document under ``input_uri`` (a prefix or a single file) as an Arrow table
     (doc_id, source_uri, size_bytes, mtime_ns), sorted by doc_id. Size and modification time
@@ -383,6 +383,8 @@ def list_documents_table(
     then end as error rows, not silently.
     The listing is turned into Arrow chunk by chunk: no Python object per document stays.
     ``under`` lists one piece of :func:`listing_units` only (doc ids stay relative to the input).
+    ``exclude``: a folder, relative to the input, whose files are skipped (``inside_output``):
+    the job's own output when it lies inside its input.
     """
     fs, root = open_filesystem(input_uri, endpoint_url)
     info = fs.get_file_info(root)
@@ -420,6 +422,10 @@ def list_documents_table(
             else:
                 rel = posixpath.relpath(path, base) if base else path
             rel = rel.replace(os.sep, "/")
+            if exclude and (rel == exclude or rel.startswith(exclude + "/")):
+                if skipped is not None:
+                    count_skipped(skipped, "inside_output", rel)
+                continue
             if _is_hidden(rel):
                 if skipped is not None:
                     count_skipped(skipped, "hidden", rel)

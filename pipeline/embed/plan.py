@@ -25,6 +25,7 @@ import collections
 import datetime
 import os
 import logging
+import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -256,8 +257,23 @@ def list_unit(cfg: EmbedConfig, unit: str) -> tuple[pa.Table, dict]:
     skipped: dict = {}
     storage.configure(cfg.storage_timeout_s, cfg.storage_attempts)
     docs = list_documents_table(cfg.input, cfg.endpoint_url, None if cfg.all_files else DOCUMENT_EXTENSIONS,
-                                under=unit, skipped=skipped)
+                                under=unit, skipped=skipped, exclude=output_inside_input(cfg.input, cfg.output))
     return docs, skipped
+
+
+def output_inside_input(input_uri: str, output_uri: str) -> str | None:
+    """The output folder (any generation's folder taken back to ``OUT``) relative to the input
+    when it lies inside it, else None: its files are not the corpus's documents (with
+    --all-files its config.json and shards were listed, as error rows, growing each rerun).
+
+    >>> output_inside_input("s3://b/in", "s3://b/in/emb/generations/2"), output_inside_input("/d/in/", "/d/in-2")
+    ('emb', None)
+    """
+    out = output_uri.rstrip("/")
+    top = re.fullmatch(rf"(.+)/{schema.GENERATIONS_DIR}/\d+", out)
+    out = top.group(1) if top else out
+    inp = input_uri.rstrip("/")
+    return out[len(inp) + 1:] if out.startswith(inp + "/") else None
 
 
 def plan_unit(cfg: EmbedConfig, unit: str, progress: pa.Table,

@@ -534,3 +534,18 @@ def test_an_input_without_a_document_warns_and_starts_no_model_actor(ray_session
         assert f"--input {tmp_path / name} holds no document this job reads ({said})" in caplog.text
         assert "no model actor started" in caplog.text
         assert "(no document under --input" in capsys.readouterr().err
+
+
+def test_an_output_inside_its_input_is_not_listed_as_documents(ray_session, tiny_model, sample_corpus, tmp_path):
+    """--output inside --input, with --all-files: the job's own files (config.json, shards,
+    summary.json) were listed as documents on the rerun, each an error row, more every run."""
+    inp = tmp_path / "in"
+    shutil.copytree(sample_corpus, inp)
+    out = inp / "emb"
+    first = run_job(str(inp), str(out), tiny_model, "--all-files")
+    second = run_job(str(inp), str(out), tiny_model, "--all-files")
+    assert second["documents_listed"] == first["documents_listed"]
+    assert second["documents_processed"] == 0 and second["this_run"]["error_rows_final"] == 0
+    assert second["documents_skipped"]["inside_output"]["count"] >= 3  # config.json, summary.json, a shard
+    table, _ = read_dir(str(out / "errors"))
+    assert table is None or not any(d.startswith("emb/") for d in table.column("doc_id").to_pylist())
