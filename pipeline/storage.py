@@ -703,6 +703,12 @@ def check_access(input_uri: str, output_uri: str, endpoint_url: str | None = Non
             else:
                 write_bytes_atomic(probe, b"probe\n", endpoint_url)
                 fs_out.delete_file(path)
+        except (FileExistsError, NotADirectoryError):
+            raise StorageAccessError(f"--output {output_uri} is a file (or lies under one), not a folder: name a "
+                                     "folder (it is created if missing)") from None
+        except FileNotFoundError as exc:  # S3's NoSuchBucket
+            raise FileNotFoundError(f"--output {_where(output_uri, endpoint_url)}: {' '.join(str(exc).split())} "
+                                    "(create the bucket, or check its name and the endpoint)") from None
         except OSError as exc:
             if isinstance(exc, PermissionError) or "ACCESS_DENIED" in str(exc) or "AccessDenied" in str(exc):
                 raise StorageUnavailableError(f"cannot write to --output {_where(output_uri, endpoint_url)}: "
@@ -710,6 +716,13 @@ def check_access(input_uri: str, output_uri: str, endpoint_url: str | None = Non
             if not is_storage_failure(exc):
                 raise
             raise storage_unavailable(output_uri, endpoint_url, exc, "write a probe object to --output") from None
+        except Exception as exc:
+            if type(exc).__name__ not in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+                raise
+            raise StorageAccessError(
+                f"cannot write to --output {_where(output_uri, endpoint_url)}: no S3 credentials were found "
+                f"({type(exc).__name__}). Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run "
+                "where an instance or pod role provides them") from None
         return {"input_entries": listed}
     finally:
         configure(saved.timeout_s, saved.attempts)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 import pytest
 
 from pipeline import storage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_reads_retry_transient_errors_but_not_missing_objects(s3):
@@ -181,3 +185,29 @@ def test_download_pieces_run_at_once_and_a_failure_stops_the_rest(tmp_path, s3, 
     with pytest.raises(ConnectionResetError):
         storage._on_threads(piece, list(range(100)), 2, "t")
     assert len(ran) < 10
+
+
+def test_check_access_names_what_to_change_about_the_output(s3, tmp_path):
+    """--output problems end as one line naming the URI and what to change: a file where a
+    folder is meant (was FileExistsError, exit 1), a bucket that does not exist (was 'The
+    specified bucket does not exist', no URI), no S3 credentials (was NoCredentialsError, exit 1)."""
+    import subprocess
+    import sys
+
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3.endpoint_url).create_bucket(Bucket="access-in")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(storage.StorageAccessError, match=r"--output .*a-file is a file .* name a folder"):
+        storage.check_access(str(tmp_path), str(a_file), None)
+    with pytest.raises(FileNotFoundError, match=r"--output s3://no-such-bucket/emb \(endpoint .*\): .*create the bucket"):
+        storage.check_access(str(tmp_path), "s3://no-such-bucket/emb", s3.endpoint_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_DEFAULT_REGION="us-east-1", AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true", PYTHONPATH=ROOT)
+    code = ("from pipeline import storage\n"
+            f"storage.check_access({str(tmp_path)!r}, 's3://access-in/emb', {s3.endpoint_url!r})")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "StorageAccessError: cannot write to --output s3://access-in/emb" in proc.stderr
+    assert "no S3 credentials were found (NoCredentialsError). Set AWS_ACCESS_KEY_ID" in proc.stderr
