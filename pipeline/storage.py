@@ -145,6 +145,11 @@ GCS_HOW_TO = ("set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file,
               "login`, or set STORAGE_EMULATOR_HOST=http://HOST:PORT for a GCS emulator")
 
 
+class ForeignFileError(ValueError):
+    """A folder of the pipeline's outputs holds a file the pipeline did not write; the message
+    names it."""
+
+
 class StorageAccessError(RuntimeError):
     """Object storage cannot be used at all: no credentials, or no answer from the endpoint.
     The message names the URI and what to set; it never holds a credential."""
@@ -787,7 +792,12 @@ def read_footers(fs: pafs.FileSystem, paths: list[str]) -> list[pq.FileMetaData]
     """Parquet footers of many files, read in parallel (on object storage each is a round trip)."""
     def footer(path):
         with fs.open_input_file(path) as f:
-            return pq.read_metadata(f)
+            try:
+                return pq.read_metadata(f)
+            except pa.ArrowInvalid as exc:
+                raise ForeignFileError(f"{path} is not a readable Parquet file ({' '.join(str(exc).split())[:200]}); "
+                                       "its folder holds files this job did not write: move them out, or use "
+                                       "another --output") from None
 
     if len(paths) <= 1:
         return [footer(p) for p in paths]
@@ -808,12 +818,31 @@ def read_columns(folder_uri: str, columns: list[str], endpoint_url: str | None =
         return None
     if not files:
         return None
-    if types is not None:
-        fields = [pa.field(f.name, f.type) for f in types if f.name in columns]
-        ds = pads.dataset([f.path for f in files], format="parquet", filesystem=fs, schema=pa.schema(fields))
-    else:
-        ds = pads.dataset([f.path for f in files], format="parquet", filesystem=fs)
-    return ds.to_table(columns=[c for c in columns if c in ds.schema.names])
+    try:
+        if types is not None:
+            fields = [pa.field(f.name, f.type) for f in types if f.name in columns]
+            ds = pads.dataset([f.path for f in files], format="parquet", filesystem=fs, schema=pa.schema(fields))
+        else:
+            ds = pads.dataset([f.path for f in files], format="parquet", filesystem=fs)
+        return ds.to_table(columns=[c for c in columns if c in ds.schema.names])
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise _foreign_file(folder_uri, fs, files, exc) from None
+
+
+def _foreign_file(folder_uri: str, fs, files, exc: Exception) -> ForeignFileError:
+    """The error for a folder of ours that holds a file that is not one of our Parquet files:
+    it names the first file whose footer or schema does not read (pyarrow's own message named
+    none, e.g. 'Parquet file size is 5 bytes')."""
+    bad = None
+    for f in files:
+        try:
+            pq.read_schema(f.path, filesystem=fs)
+        except Exception:  # noqa: BLE001 - this is the one
+            bad = f.path
+            break
+    what = f"{bad} is not a readable Parquet file" if bad else "its Parquet files do not read together"
+    return ForeignFileError(f"{folder_uri}: {what} ({' '.join(str(exc).split())[:200]}); it holds files this job did "
+                      "not write: move them out, or use another --output")
 
 
 FILE_COLUMN = "_file"
@@ -829,7 +858,10 @@ def read_columns_per_file(folder_uri: str, types: pa.Schema, endpoint_url: str |
     if not files:
         return None
     types = pa.schema([pa.field(f.name, f.type) for f in types])
-    ds = pads.dataset([f.path for f in files], format="parquet", filesystem=fs, schema=types)
+    try:
+        ds = pads.dataset([f.path for f in files], format="parquet", filesystem=fs, schema=types)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise _foreign_file(folder_uri, fs, files, exc) from None
 
     def read(fragment):
         t = fragment.to_table(columns=types.names, schema=types)

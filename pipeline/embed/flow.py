@@ -42,7 +42,7 @@ MAX_INPUT_BLOCKS = 20_000
 # Errors the job reports as a command to change (exit 2, one line): the output is not this job's
 # or is held, a setting conflicts with what the output holds, actors that could never be placed
 INPUT_ERRORS = (FileNotFoundError, storage.OutputLockedError, storage.StorageAccessError, plan.ConfigMismatchError,
-                ClusterFitError)
+                ClusterFitError, storage.ForeignFileError)
 
 
 def resolve_resources(cfg: EmbedConfig) -> tuple[float, int, int, str, str]:

@@ -71,6 +71,11 @@ def load_progress(output_uri: str, endpoint_url: str | None = None) -> pa.Table:
     errors = storage.read_columns(join_uri(output_uri, schema.ERRORS_DIR),
                                   [schema.DOC_ID, schema.PAGE_NUMBER, schema.ERROR_TYPE, schema.DOC_PAGES,
                                    *version_columns], endpoint_url, types=schema.ERRORS_FILE_SCHEMA)
+    for folder, table in ((schema.PAGES_DIR, pages), (schema.ERRORS_DIR, errors)):
+        if table is not None and table.column(schema.DOC_ID).null_count:
+            raise storage.ForeignFileError(f"{join_uri(output_uri, folder)}: {table.column(schema.DOC_ID).null_count} row(s) without "
+                             "a doc_id: a Parquet file there was not written by this job; move it out, or use "
+                             "another --output")
     if errors is not None and errors.num_rows:
         # A retryable row (storage did not answer) is not progress: the document is redone.
         errors = errors.filter(pc.invert(_retryable(errors)))

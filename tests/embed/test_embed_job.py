@@ -549,3 +549,24 @@ def test_an_output_inside_its_input_is_not_listed_as_documents(ray_session, tiny
     assert second["documents_skipped"]["inside_output"]["count"] >= 3  # config.json, summary.json, a shard
     table, _ = read_dir(str(out / "errors"))
     assert table is None or not any(d.startswith("emb/") for d in table.column("doc_id").to_pylist())
+
+
+def test_a_foreign_file_in_the_output_is_named(ray_session, tiny_model, sample_corpus, tmp_path, capsys):
+    """A file in OUT/pages that the job did not write: exit 2, the error names it (pyarrow's
+    'Parquet file size is 5 bytes' named none), and a foreign but valid Parquet file is refused,
+    not read as rows without a doc_id."""
+    from jobs import embed_corpus as job
+    from pipeline import cli
+
+    argv = ["--input", sample_corpus, "--max-visual-tokens", TOKENS]
+    junk = tmp_path / "junk"
+    (junk / "pages").mkdir(parents=True)
+    (junk / "pages" / "notes.parquet").write_bytes(b"hello")
+    assert cli.guarded(job.main, argv + ["--output", str(junk), "--model", tiny_model]) == 2
+    err = capsys.readouterr().err
+    assert f"{junk / 'pages' / 'notes.parquet'} is not a readable Parquet file" in err and "move them out" in err
+    other = tmp_path / "other"
+    (other / "pages").mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1, 2]}), other / "pages" / "part-0.parquet")
+    assert cli.guarded(job.main, argv + ["--output", str(other), "--model", tiny_model]) == 2
+    assert "2 row(s) without a doc_id: a Parquet file there was not written by this job" in capsys.readouterr().err
