@@ -178,7 +178,7 @@ def main() -> int:
             stop_cluster(dirs)
         summary = json.load(open(os.path.join(out, "summary.json")))
         firsts = {}
-        for pid, done_at, since in re.findall(r"\[PageEmbedder\] pid (\d+): .*? done at ([\d.]+) \(([\d.]+) s after", log):
+        for pid, done_at, since in re.findall(r"\[PageEmbedder\] pid (\d+): .*? done at \S+ UTC \(unix ([\d.]+), ([\d.]+) s after", log):
             node = sampler.actor_node.get(int(pid))
             firsts[f"node{node}" if node is not None else f"pid{pid}"] = round(float(done_at) - t_sub, 1)
         busy = [u for t, u in sampler.samples if t_sub <= t <= t_end]

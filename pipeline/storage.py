@@ -1109,9 +1109,10 @@ class OutputLock:
             expires = held.get("expires_at_unix")
             if isinstance(expires, (int, float)) and expires > time.time() and not self._holder_is_dead(held):
                 raise OutputLockedError(self._describe(held))
-            log.warning("taking over an expired lock %s (run %s on host %s, pid %s, expired at %s): that run "
-                        "stopped without releasing it", self.uri, held.get("run_id", "?"), held.get("host", "?"),
-                        held.get("pid", "?"), held.get("expires_at", "?"))
+            alive = isinstance(expires, (int, float)) and expires > time.time()
+            log.warning("taking over the lock %s of run %s (host %s, pid %s): %s; that run stopped without "
+                        "releasing it", self.uri, held.get("run_id", "?"), held.get("host", "?"), held.get("pid", "?"),
+                        "its process on this host is gone" if alive else f"its lease expired at {held.get('expires_at', '?')}")
             if self._take_over(held, etag):
                 break
         else:

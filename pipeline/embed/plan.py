@@ -518,11 +518,15 @@ def reconcile(cfg: EmbedConfig, docs: pa.Table, progress: pa.Table, metadata: di
         **retired,
     }
     if len(changed) or len(deleted):
-        log.info("sources since the last run: %d changed (e.g. %s): their old rows removed, embedded again; "
-                 "%d deleted (e.g. %s): their rows removed, recorded as %s error rows; %d file(s) rewritten, "
-                 "%d row(s) removed", len(changed), ", ".join(out["changed_examples"]) or "-", len(deleted),
-                 ", ".join(out["deleted_examples"]) or "-", schema.SOURCE_DELETED, retired["files_rewritten"],
-                 retired["rows_removed"])
+        parts = []
+        if len(changed):
+            parts.append(f"{len(changed)} changed (e.g. {', '.join(out['changed_examples'])}): their old rows "
+                         "removed, embedded again")
+        if len(deleted):
+            parts.append(f"{len(deleted)} deleted (e.g. {', '.join(out['deleted_examples'])}): their rows removed, "
+                         f"recorded as {schema.SOURCE_DELETED} error rows")
+        log.info("sources since the last run: %s; %d file(s) rewritten, %d row(s) removed", "; ".join(parts),
+                 retired["files_rewritten"], retired["rows_removed"])
     return out
 
 

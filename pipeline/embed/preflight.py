@@ -133,7 +133,7 @@ def format_report(report: dict) -> str:
         f"  pages                 {report['pages']:>12,}",
         f"  error rows            {report['error_rows']:>12,}   "
         + ", ".join(f"{t} {n}" for t, n in report["errors_by_type"].items()),
-        f"  CPU ms per page       {cpu if cpu is not None else float('nan'):>12.1f}   (render, one core; "
+        f"  CPU ms per page       {f'{cpu:.1f}' if cpu is not None else '-':>12}   (render, one core; "
         f"{report['render_cpu_seconds'] / 3600:.3f} core-hours)",
         f"  GPU-hours             {report['gpu_hours']:>12.3f}   at {report['gpu_pages_per_second']:.1f} pages/s "
         "per GPU (--gpu-pages-per-second)",

@@ -319,7 +319,8 @@ class PageEmbedder:
                 # when each node's GPU started working, from the actor's own clock.
                 print(f"[PageEmbedder] pid {os.getpid()}: model loaded in {self.loaded_s:.1f} s "
                       f"({', '.join(f'{k} {v:.1f}' for k, v in self.lm.load_phases.items())}), first batch of "
-                      f"{len(images)} done at {time.time():.3f} ({time.time() - self.started:.1f} s after start, "
+                      f"{len(images)} done at {time.strftime('%H:%M:%S', time.gmtime())} UTC (unix {time.time():.3f}, "
+                      f"{time.time() - self.started:.1f} s after start, "
                       f"{c.first_batch[0]:.1f} s for the batch"
                       + (f", compile cache {'warm from ' + self.compile_cache_from if self.compile_cache_from else 'cold'}"
                          f", precompiled blocks {self._precompiled_state()}"

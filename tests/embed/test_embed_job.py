@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -185,6 +186,8 @@ def test_preflight_counts_what_a_run_writes_and_writes_nothing_else(first_run, s
         again = json.load(f)
     assert again["documents_already_done"] == 7 and again["documents_to_do"] == again["pages"] == 0
     assert again["gpu_pages_per_second"] == 2 and again["gpu_hours"] == 0
+    table = capsys.readouterr().err  # nothing rendered: no rate, said as "-" (it printed nan)
+    assert again["cpu_ms_per_page"] is None and "nan" not in table and re.search(r"CPU ms per page +- ", table)
     assert {d: sorted(os.listdir(os.path.join(out, d))) for d in ("pages", "errors")} == listing
     with open(os.path.join(out, "summary.json")) as f:
         assert f.read() == run_summary
