@@ -464,6 +464,10 @@ def final_line(cfg: EmbedConfig, summary: dict) -> str:
     retry = (f" and {retry} for storage that did not answer (a rerun tries them again)" if retry else "")
     if summary.get("documents_listed") == 0 and not summary.get("documents_already_done"):
         retry += f" (no document under --input {summary['input']}: see the warning above)"
+    changed, deleted = summary.get("documents_changed", 0), summary.get("documents_deleted", 0)
+    if changed or deleted:  # written at the run's start, not counted in this run's error rows
+        retry += (f"; sources since the last run: {changed} changed (embedded again), {deleted} deleted "
+                  f"({schema.SOURCE_DELETED} rows)")
     return (f"[embed_corpus] done: {summary['documents_processed']} documents processed "
             f"({summary['documents_already_done']} already done), {run['pages']} pages, {run['error_rows_final']} "
             f"error rows{retry}, "

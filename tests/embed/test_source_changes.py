@@ -68,6 +68,13 @@ def test_changed_and_deleted_sources_on_a_local_folder(ray_session, tiny_model, 
     assert second["documents_deleted"] == 2
     assert sorted(second["deleted_examples"]) == ["old/gone2.pdf", "reports/gone.pdf"]
     assert second["documents_processed"] == 1 and second["this_run"]["pages"] == 3
+    # the last line says so (it said "0 error rows" and nothing of the SourceDeleted rows written)
+    from types import SimpleNamespace
+
+    from pipeline.embed import flow
+
+    assert "; sources since the last run: 1 changed (embedded again), 2 deleted (SourceDeleted rows)" in \
+        flow.final_line(SimpleNamespace(output=out), second)
 
     pages, _ = read_dir(os.path.join(out, "pages"))
     ids = pages.column("page_id").to_pylist()
