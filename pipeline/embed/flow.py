@@ -436,10 +436,28 @@ def run_preflight(cfg: EmbedConfig) -> dict:
     units = storage.listing_units(cfg.input, cfg.endpoint_url)
     counter = _PlanCounter.remote()
     tally = preflight_report.Tally()
+    listings, changes = None, {}
+    if units and done.num_rows:
+        # A rerun's preview lists the whole input first, as the run does, to show the sources
+        # changed since (the run embeds them again) and deleted (the run removes their rows
+        # and writes SourceDeleted rows): the preview showed neither.
+        listings = {u: _list_unit.remote(cfg, u) for u in units}
+        docs = pa.concat_tables([ray.get(ref)[0] for ref in listings.values()])
+        try:
+            previous = storage.read_json(join_uri(schema.generation_root(
+                cfg.output, storage.current_generation(cfg.output, cfg.endpoint_url)), schema.CONFIG_FILE),
+                cfg.endpoint_url)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            previous = {}
+        same_input = str((previous or {}).get("input", cfg.input)).rstrip("/") == cfg.input.rstrip("/")
+        found = plan.source_changes(docs, done, cfg.all_files, look_for_deleted=same_input and docs.num_rows > 0)
+        changes = {"documents_changed": len(found["changed"]), "documents_deleted": len(found["deleted"]),
+                   "changed_examples": found["changed"].slice(0, plan.CHANGE_EXAMPLES).to_pylist(),
+                   "deleted_examples": found["deleted"].slice(0, plan.CHANGE_EXAMPLES).to_pylist()}
     if units:
         ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=min(len(units), MAX_INPUT_BLOCKS))
         ds = ds.map_batches(_plan_units, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                            fn_kwargs={"cfg": cfg, "done": [ray.put(done)], "counter": counter})
+                            fn_kwargs={"cfg": cfg, "done": [ray.put(done)], "counter": counter, "listings": listings})
         with _task_retry_args():
             ds = ds.map_batches(preflight_report.preflight_documents, batch_size=cfg.docs_per_render_task,
                                 batch_format="pyarrow", fn_kwargs=_render_kwargs(cfg, _render_spec(cfg)), num_cpus=1,
@@ -450,7 +468,7 @@ def run_preflight(cfg: EmbedConfig) -> dict:
     ray.kill(counter)
     planned = {k: int(totals.get(k, 0)) for k in ("documents_listed", "documents_already_done", "documents_to_do")}
     planned["documents_skipped"] = totals["documents_skipped"]
-    report = preflight_report.build_report(cfg, planned, tally, time.monotonic() - t0, note)
+    report = {**preflight_report.build_report(cfg, planned, tally, time.monotonic() - t0, note), **changes}
     storage.write_json(join_uri(cfg.output, schema.PREFLIGHT_FILE), report, cfg.endpoint_url)
     return report
 

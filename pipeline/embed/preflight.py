@@ -130,6 +130,11 @@ def format_report(report: dict) -> str:
         f"  documents listed      {report['documents_listed']:>12,}   ({report['documents_already_done']:,} already "
         f"done, {skipped:,} files skipped)",
         f"  documents to do       {report['documents_to_do']:>12,}   ({report['bytes_read']:,} bytes read)",
+        *([f"  sources changed       {report['documents_changed']:>12,}   (embedded again; e.g. "
+           f"{', '.join(report['changed_examples']) or '-'})",
+           f"  sources deleted       {report['documents_deleted']:>12,}   (their rows removed, SourceDeleted rows "
+           f"written; e.g. {', '.join(report['deleted_examples']) or '-'})"]
+          if report.get("documents_changed") or report.get("documents_deleted") else []),
         f"  pages                 {report['pages']:>12,}",
         f"  error rows            {report['error_rows']:>12,}   "
         + ", ".join(f"{t} {n}" for t, n in report["errors_by_type"].items()),

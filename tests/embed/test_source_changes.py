@@ -63,6 +63,14 @@ def test_changed_and_deleted_sources_on_a_local_folder(ray_session, tiny_model, 
     shutil.copy(os.path.join(shared_corpora, THREE), os.path.join(corpus, "reports", "change.pdf"))
     os.remove(os.path.join(corpus, "reports", "gone.pdf"))
     shutil.rmtree(os.path.join(corpus, "old"))
+    # --preflight shows what the rerun will do to them (it showed neither, 2026-12-06), and changes nothing
+    assert embed_corpus.main(["--input", corpus, "--output", out, "--model", tiny_model, "--max-visual-tokens",
+                              "64", "--preflight"]) == 0
+    with open(os.path.join(out, "preflight.json")) as f:
+        preview = json.load(f)
+    assert (preview["documents_changed"], preview["documents_deleted"]) == (1, 2)
+    assert sorted(preview["deleted_examples"]) == ["old/gone2.pdf", "reports/gone.pdf"]
+    assert rows_by_page(read_dir(os.path.join(out, "pages"))[0]).keys() == rows_by_page(before).keys()
     second = run_job(corpus, out, tiny_model)
     assert second["documents_changed"] == 1 and second["changed_examples"] == ["reports/change.pdf"]
     assert second["documents_deleted"] == 2
