@@ -634,7 +634,8 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
     cfg = dataclasses.replace(cfg, output=root)  # from here on, OUT is this generation's folder
     if cfg.retry_errors:
         removed = plan.remove_error_files(cfg.output, cfg.endpoint_url)
-        log.info("--retry-errors: removed %d error file(s); their documents are tried again", removed)
+        log.info("--retry-errors: removed %d error row(s) (SourceDeleted rows kept); their documents are tried "
+                 "again", removed)
     # Rows of documents that storage failed to give us are dropped: they are redone now.
     retryable_rows_dropped = plan.drop_retryable_rows(cfg.output, cfg.endpoint_url)
     finished = plan.finish_retirement(cfg.output, cfg.endpoint_url)

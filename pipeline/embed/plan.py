@@ -144,13 +144,35 @@ def _retryable(errors: pa.Table) -> pa.Array:
 def drop_retryable_rows(output_uri: str, endpoint_url: str | None = None) -> int:
     """Rewrite each OUT/errors file that holds retryable rows (``StorageUnavailable``) without
     them, so that the documents they name are redone and leave no stale row. Call it while
-    holding the output lock, before planning. Returns how many rows were dropped.
+    holding the output lock, before planning. Returns how many rows were dropped."""
+    dropped = _drop_error_rows(output_uri, endpoint_url, _retryable)
+    if dropped:
+        log.info("%d retryable error row(s) (storage did not answer) removed from %s: those documents are tried "
+                 "again", dropped, join_uri(output_uri, schema.ERRORS_DIR))
+    return dropped
 
-    Crash-safe and idempotent: the remaining rows are written first, whole, to a new file
-    named by their keys (:func:`schema.shard_name`), and only then is the old file deleted.
-    A crash in between leaves the old file, whose final rows the new file repeats (the
-    planner counts a document once); the next run writes the same new name again (same
-    bytes) and deletes the old file."""
+
+def remove_error_files(output_uri: str, endpoint_url: str | None = None) -> int:
+    """``--retry-errors``: drop every error row but the ``SourceDeleted`` ones, so a rerun tries
+    those documents again. A deleted source's row stays: it cannot be retried, and it is the
+    only record of the deletion (until 2026-12-06 it was removed with the others). Returns
+    how many rows were dropped.
+
+    Safe at any moment: a document without rows is simply redone, so a crash halfway
+    leaves no duplicates, only work for the next run."""
+    def retriable(table: pa.Table) -> pa.Array:
+        return pc.invert(pc.fill_null(pc.equal(table.column(schema.ERROR_TYPE), schema.SOURCE_DELETED), False))
+
+    return _drop_error_rows(output_uri, endpoint_url, retriable)
+
+
+def _drop_error_rows(output_uri: str, endpoint_url: str | None, which) -> int:
+    """Rewrite each OUT/errors file without the rows ``which(table)`` marks (a whole file when
+    it keeps none). Crash-safe and idempotent: the remaining rows are written first, whole, to
+    a new file named by their keys (:func:`schema.shard_name`), and only then is the old file
+    deleted. A crash in between leaves the old file, whose kept rows the new file repeats (the
+    planner counts a document once); the next run writes the same new name again (same bytes)
+    and deletes the old file."""
     try:
         fs, files = storage.list_files(join_uri(output_uri, schema.ERRORS_DIR), endpoint_url)
     except FileNotFoundError:
@@ -158,17 +180,17 @@ def drop_retryable_rows(output_uri: str, endpoint_url: str | None = None) -> int
     if not files:
         return 0
     types = storage.read_columns(join_uri(output_uri, schema.ERRORS_DIR), [schema.ERROR_TYPE], endpoint_url)
-    if types is None or not (pc.sum(_retryable(types)).as_py() or 0):
+    if types is None or not (pc.sum(which(types)).as_py() or 0):
         return 0  # the common case costs one read of one column
     dropped = 0
     for f in files:
         uri = join_uri(output_uri, schema.ERRORS_DIR, f.base_name)
         table = storage.read_parquet(uri, endpoint_url)
-        retry = _retryable(table)
-        n = pc.sum(retry).as_py() or 0
+        drop = which(table)
+        n = pc.sum(drop).as_py() or 0
         if not n:
             continue
-        keep = table.filter(pc.invert(retry))
+        keep = table.filter(pc.invert(drop))
         if keep.num_rows:
             keys = [f"{d}#{p}" for d, p in zip(keep.column(schema.DOC_ID).to_pylist(),
                                                keep.column(schema.PAGE_NUMBER).to_pylist())]
@@ -176,17 +198,7 @@ def drop_retryable_rows(output_uri: str, endpoint_url: str | None = None) -> int
             storage.write_parquet(join_uri(output_uri, schema.ERRORS_DIR, name), keep, endpoint_url)
         fs.delete_file(f.path)
         dropped += n
-    log.info("%d retryable error row(s) (storage did not answer) removed from %s: those documents are tried "
-             "again", dropped, join_uri(output_uri, schema.ERRORS_DIR))
     return dropped
-
-
-def remove_error_files(output_uri: str, endpoint_url: str | None = None) -> int:
-    """Delete OUT/errors/*.parquet so a rerun tries those documents again.
-
-    Safe at any moment: a document without rows is simply redone, so a crash halfway
-    leaves no duplicates, only work for the next run."""
-    return storage.delete_files(join_uri(output_uri, schema.ERRORS_DIR), endpoint_url)
 
 
 def output_totals(output_uri: str, endpoint_url: str | None = None) -> dict:

@@ -127,6 +127,14 @@ def test_changed_and_deleted_sources_on_a_local_folder(ray_session, tiny_model, 
     errors, _ = read_dir(os.path.join(out, "errors"))
     assert errors.column("doc_id").to_pylist() == ["old/gone2.pdf"]
 
+    # --retry-errors keeps the SourceDeleted row, the only record of that deletion (it was removed
+    # with the retriable rows, and the deletion was forgotten)
+    fifth = run_job(corpus, out, tiny_model, "--retry-errors")
+    assert fifth["documents_processed"] == 0 and fifth["documents_deleted"] == 0
+    errors, _ = read_dir(os.path.join(out, "errors"))
+    assert errors.column("doc_id").to_pylist() == ["old/gone2.pdf"]
+    assert errors.column("error_type").to_pylist() == [schema.SOURCE_DELETED]
+
 
 def test_changed_and_deleted_sources_on_s3(ray_session, tiny_model, shared_corpora, s3, tmp_path):
     import pyarrow.dataset as pads
