@@ -93,6 +93,17 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
     log.info("Ray resources: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
 
 
+def started_here() -> bool:
+    """Whether this process started the Ray it is connected to (``ray.init`` with no cluster
+    to join: an embedded local Ray, which no node joins), not a cluster it joined."""
+    try:
+        import ray._private.worker as worker
+
+        return bool(getattr(worker._global_node, "head", False))
+    except Exception:  # noqa: BLE001 - a Ray without this attribute: not known, so not claimed
+        return False
+
+
 # The pipeline's own switches that the workers read (the model actors, the renderers, the
 # scorers). Workers of a cluster that is already running (``ray start``, KubeRay) do not see a
 # driver's environment; an embedded Ray's would. Per-node paths (VDR_COMPILE_CACHE,
@@ -257,7 +268,8 @@ class ClusterCapacity:
 # --------------------------------------------------------------------------- pure logic
 
 
-def choose_device(requested: str, capacity: ClusterCapacity, gpus_per_actor: float | None) -> tuple[str, str]:
+def choose_device(requested: str, capacity: ClusterCapacity, gpus_per_actor: float | None,
+                  embedded: bool = False) -> tuple[str, str]:
     """``("cuda" | "cpu", one-line reason)`` for the model actors.
 
     ``requested``: ``"auto"``, ``"cuda"`` or ``"cpu"``. ``gpus_per_actor``: what each actor
@@ -269,10 +281,12 @@ def choose_device(requested: str, capacity: ClusterCapacity, gpus_per_actor: flo
     >>> now = ClusterCapacity(gpus_now=0, cpus_now=4, gpus_max=0, cpus_max=4, source="no autoscaler: resources now")
     >>> choose_device("auto", now, None)
     ('cpu', 'no GPU in the cluster and no autoscaler can add one (no autoscaler: resources now)')
-    >>> choose_device("cuda", now, None)  # it could never start: Ray would wait forever
+    >>> choose_device("cuda", now, None)[0]   # a cluster of its own: GPU nodes may still join
+    'cuda'
+    >>> choose_device("cuda", now, None, embedded=True)  # a Ray the job started here: it would wait forever
     Traceback (most recent call last):
     ...
-    pipeline.cluster.ClusterFitError: --device cuda: the cluster has no GPU and cannot add one (no autoscaler: resources now); drop --device cuda (auto picks the CPU here), or run on a cluster with GPU nodes
+    pipeline.cluster.ClusterFitError: --device cuda: this machine has no GPU that Ray can use, and the job runs on a Ray it started here; drop --device cuda (auto picks the CPU), or pass --ray-address of a cluster with GPU nodes
     >>> gpu_types = [{"name": "gpu", "resources": {"CPU": 8, "GPU": 1}, "min": 0, "max": 4}]
     >>> scale = ClusterCapacity(0, 0, 4, 32, gpu_types, "autoscaler v1 config")
     >>> choose_device("auto", scale, None)
@@ -288,21 +302,19 @@ def choose_device(requested: str, capacity: ClusterCapacity, gpus_per_actor: flo
     'cuda'
     >>> choose_device("auto", ClusterCapacity(2, 16, 2, 16, [], "x"), None)
     ('cuda', '2 GPUs in the cluster now')
-    >>> choose_device("cuda", unknown, None)[0]  # limits unknown: trust the user
-    'cuda'
-    >>> missed = ClusterCapacity(0, 4, 0, 4, [], "no autoscaler: resources now; autoscaling config lookup: timeout")
-    >>> choose_device("cuda", missed, None)[0]  # the lookup failed: an autoscaler may exist
-    'cuda'
     >>> choose_device("auto", unknown, None)
     ('cpu', 'no GPU in the cluster now, and what its autoscaler can add is unknown (autoscaler v1 status): pass --gpus-per-actor 1 --max-actors N to use GPU nodes')
     """
     if requested not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be auto, cuda or cpu, not {requested!r}")
     if requested == "cuda":
-        # refused now where the actors could never start (Ray would wait for a GPU forever)
-        if capacity.gpus_now == 0 and capacity.gpus_max == 0 and cannot_grow(capacity):
-            raise ClusterFitError(f"--device cuda: the cluster has no GPU and cannot add one ({capacity.source}); "
-                                  "drop --device cuda (auto picks the CPU here), or run on a cluster with GPU nodes")
+        # Refused now where the actors could never start: a Ray this job started on this machine
+        # (``embedded``), without a GPU, would wait for one forever. A cluster of its own may
+        # still get GPU nodes (one joining, an autoscaler not seen): there Ray waits.
+        if embedded and capacity.gpus_now == 0:
+            raise ClusterFitError("--device cuda: this machine has no GPU that Ray can use, and the job runs on a "
+                                  "Ray it started here; drop --device cuda (auto picks the CPU), or pass "
+                                  "--ray-address of a cluster with GPU nodes")
         return "cuda", "--device cuda requested"
     if requested == "cpu":
         return "cpu", "--device cpu requested"
@@ -330,21 +342,9 @@ def choose_device(requested: str, capacity: ClusterCapacity, gpus_per_actor: flo
         most = "unlimited GPUs" if math.isinf(capacity.gpus_max) else f"up to {_num(capacity.gpus_max)}"
         return "cuda", f"no GPU in the cluster now; the autoscaler can add {most}" + (f" ({detail})" if detail else "")
     if gpus_per_actor is not None:
-        raise ValueError(f"--gpus-per-actor {_num(per_actor)}: the cluster has no GPU and cannot add one "
+        raise ClusterFitError(f"--gpus-per-actor {_num(per_actor)}: the cluster has no GPU and cannot add one "
                          f"({capacity.source})")
     return "cpu", f"no GPU in the cluster and no autoscaler can add one ({capacity.source})"
-
-
-def cannot_grow(capacity: ClusterCapacity) -> bool:
-    """Whether the cluster is known to have no autoscaler (not merely not found: a failed
-    lookup says so in ``source``).
-
-    >>> cannot_grow(ClusterCapacity(0, 4, 0, 4, [], "no autoscaler: resources now"))
-    True
-    >>> cannot_grow(ClusterCapacity(0, 4, 0, 4, [], "no autoscaler: resources now; autoscaling config lookup: timeout"))
-    False
-    """
-    return capacity.source.startswith("no autoscaler:") and "lookup:" not in capacity.source
 
 
 def max_gpu_actors(capacity: ClusterCapacity, gpus_per_actor: float | None) -> int | None:

@@ -796,8 +796,8 @@ def read_footers(fs: pafs.FileSystem, paths: list[str]) -> list[pq.FileMetaData]
                 return pq.read_metadata(f)
             except pa.ArrowInvalid as exc:
                 raise ForeignFileError(f"{path} is not a readable Parquet file ({' '.join(str(exc).split())[:200]}); "
-                                       "its folder holds files this job did not write: move them out, or use "
-                                       "another --output") from None
+                                       "its folder holds files the pipeline did not write: move them out of "
+                                       "it") from None
 
     if len(paths) <= 1:
         return [footer(p) for p in paths]
@@ -841,8 +841,8 @@ def _foreign_file(folder_uri: str, fs, files, exc: Exception) -> ForeignFileErro
             bad = f.path
             break
     what = f"{bad} is not a readable Parquet file" if bad else "its Parquet files do not read together"
-    return ForeignFileError(f"{folder_uri}: {what} ({' '.join(str(exc).split())[:200]}); it holds files this job did "
-                      "not write: move them out, or use another --output")
+    return ForeignFileError(f"{folder_uri}: {what} ({' '.join(str(exc).split())[:200]}); it holds files the "
+                            "pipeline did not write: move them out of it")
 
 
 FILE_COLUMN = "_file"

@@ -211,3 +211,15 @@ def test_check_access_names_what_to_change_about_the_output(s3, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "StorageAccessError: cannot write to --output s3://access-in/emb" in proc.stderr
     assert "no S3 credentials were found (NoCredentialsError). Set AWS_ACCESS_KEY_ID" in proc.stderr
+
+
+def test_a_listing_leaves_out_the_output_folder_inside_it(tmp_path):
+    """list_documents_table(exclude=...): the job's output inside its input is not listed
+    (with --all-files its config.json and shards were embedded as error rows)."""
+    for name in ("a.pdf", "runs/b.pdf", "runs/emb/config.json", "runs/emb/pages/x.parquet", "runs/embx/c.pdf"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"%PDF-1.4")
+    skipped: dict = {}
+    table = storage.list_documents_table(str(tmp_path), None, None, skipped=skipped, exclude="runs/emb")
+    assert table.column("doc_id").to_pylist() == ["a.pdf", "runs/b.pdf", "runs/embx/c.pdf"]
+    assert skipped["inside_output"]["count"] == 2

@@ -25,7 +25,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from pipeline import __version__, schema, storage
-from pipeline.cluster import ClusterFitError, choose_device, in_actor, max_gpu_actors, read_capacity
+from pipeline.cluster import ClusterFitError, choose_device, in_actor, max_gpu_actors, read_capacity, started_here
 from pipeline.config import EmbedConfig, resolve_batches_in_flight
 from pipeline.embed import counters, plan, preflight as preflight_report
 from pipeline.embed.rasterize import RenderSpec
@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 MAX_INPUT_BLOCKS = 20_000
 
+
+# A first run on a flat object-store input waits this long for its listing to tell an input
+# without a document (no model actor then); a longer listing goes on beside the actors' start.
+FIRST_LISTING_WAIT_S = 3.0
 
 # Errors the job reports as a command to change (exit 2, one line): the output is not this job's
 # or is held, a setting conflicts with what the output holds, actors that could never be placed
@@ -57,7 +61,7 @@ def resolve_resources(cfg: EmbedConfig) -> tuple[float, int, int, str, str]:
     model load and compilation while the others work (seen on 2 GPUs: the second idle for
     most of a 2,500-page job)."""
     cap = read_capacity()
-    device, why = choose_device(cfg.device, cap, cfg.gpus_per_actor)
+    device, why = choose_device(cfg.device, cap, cfg.gpus_per_actor, embedded=started_here())
     if device == "cuda":
         per_actor = cfg.gpus_per_actor or 1.0
         present = int(cap.gpus_now // per_actor)
@@ -91,18 +95,18 @@ class _PlanCounter:
 
 
 @ray.remote(num_cpus=0.25)
-def _list_unit(cfg: EmbedConfig, unit: str) -> tuple[pa.Table, dict]:
-    return plan.list_unit(cfg, unit)
+def _list_unit(cfg: EmbedConfig, unit: str, exclude: str | None = None) -> tuple[pa.Table, dict]:
+    return plan.list_unit(cfg, unit, exclude)
 
 
 def _plan_units(batch: pa.Table, cfg: EmbedConfig, done: list, counter,
-                listings: dict | None = None) -> Iterator[pa.Table]:
+                listings: dict | None = None, exclude: str | None = None) -> Iterator[pa.Table]:
     """Plan task: list each piece (or take the run's listing of it), match it against the
     done-set, emit its documents to do in blocks of one render task each, and report its counts."""
     progress = ray.get(done[0])
     for unit in batch.column("unit").to_pylist():
         listing = ray.get(listings[unit]) if listings else None
-        todo, stats = plan.plan_unit(cfg, unit, progress, listing)
+        todo, stats = plan.plan_unit(cfg, unit, progress, listing, exclude)
         ray.get(counter.add.remote({**stats, "documents_to_do": todo.num_rows}))
         for i in range(0, todo.num_rows, cfg.docs_per_render_task):
             yield todo.slice(i, cfg.docs_per_render_task)
@@ -415,7 +419,10 @@ def _preflight_progress(cfg: EmbedConfig) -> tuple[pa.Table, str | None]:
     current = storage.current_generation(cfg.output, cfg.endpoint_url)
     root = schema.generation_root(cfg.output, current)
     recorded, _, where = plan.recorded_settings(root, cfg.endpoint_url)
-    device = resolve_resources(cfg)[3]  # the dtype "auto" stands for depends on it
+    try:
+        device = resolve_resources(cfg)[3]  # the dtype "auto" stands for depends on it
+    except ClusterFitError:  # a preview on a machine without the run's GPUs: as the run would have them
+        device = "cuda"
     diffs = plan.setting_differences(recorded, plan.settings_of(output_metadata(cfg, device)))
     if not diffs:
         return plan.load_progress(root, cfg.endpoint_url), None
@@ -433,7 +440,8 @@ def run_preflight(cfg: EmbedConfig) -> dict:
     done, note = _preflight_progress(cfg)
     if cfg.retry_errors and done.num_rows:
         log.warning("--preflight with --retry-errors: documents that ended as error rows are counted as done")
-    units = storage.listing_units(cfg.input, cfg.endpoint_url)
+    exclude = plan.output_inside_input(cfg.input, cfg.output)
+    units = [u for u in storage.listing_units(cfg.input, cfg.endpoint_url) if u != exclude]
     counter = _PlanCounter.remote()
     tally = preflight_report.Tally()
     listings, changes = None, {}
@@ -441,7 +449,7 @@ def run_preflight(cfg: EmbedConfig) -> dict:
         # A rerun's preview lists the whole input first, as the run does, to show the sources
         # changed since (the run embeds them again) and deleted (the run removes their rows
         # and writes SourceDeleted rows): the preview showed neither.
-        listings = {u: _list_unit.remote(cfg, u) for u in units}
+        listings = {u: _list_unit.remote(cfg, u, exclude) for u in units}
         docs = pa.concat_tables([ray.get(ref)[0] for ref in listings.values()])
         try:
             previous = storage.read_json(join_uri(schema.generation_root(
@@ -457,7 +465,8 @@ def run_preflight(cfg: EmbedConfig) -> dict:
     if units:
         ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=min(len(units), MAX_INPUT_BLOCKS))
         ds = ds.map_batches(_plan_units, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
-                            fn_kwargs={"cfg": cfg, "done": [ray.put(done)], "counter": counter, "listings": listings})
+                            fn_kwargs={"cfg": cfg, "done": [ray.put(done)], "counter": counter, "listings": listings,
+                                       "exclude": exclude})
         with _task_retry_args():
             ds = ds.map_batches(preflight_report.preflight_documents, batch_size=cfg.docs_per_render_task,
                                 batch_format="pyarrow", fn_kwargs=_render_kwargs(cfg, _render_spec(cfg)), num_cpus=1,
@@ -570,7 +579,7 @@ def _nothing_to_do(docs: pa.Table, skipped: list[dict], done: pa.Table) -> dict 
 
 
 def _stream(cfg: EmbedConfig, units: list, spec: RenderSpec, done: pa.Table, counter, listings: dict | None,
-            model_stage: dict, metadata: dict, progress: _Progress) -> None:
+            model_stage: dict, metadata: dict, progress: _Progress, exclude: str | None = None) -> None:
     """The job's Ray Data chain: plan -> render -> the model stage (``model_stage``: the
     arguments of its ``map_batches``) -> write, each written file's row into ``progress``."""
     ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=min(len(units), MAX_INPUT_BLOCKS))
@@ -578,7 +587,7 @@ def _stream(cfg: EmbedConfig, units: list, spec: RenderSpec, done: pa.Table, cou
         _plan_units,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"cfg": cfg, "done": [ray.put(done)], "counter": counter, "listings": listings},
+        fn_kwargs={"cfg": cfg, "done": [ray.put(done)], "counter": counter, "listings": listings, "exclude": exclude},
         num_cpus=0.25,  # listing is I/O
     )
     # Ray Data packs what a task yields into blocks of up to 128 MB, and a map task takes
@@ -645,7 +654,8 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
     # pieces (top-level folders) that plan tasks list and match against it, so the first pages
     # reach the model while the rest of a large corpus is still being listed.
     done = plan.load_progress(cfg.output, cfg.endpoint_url)
-    units = storage.listing_units(cfg.input, cfg.endpoint_url)
+    exclude = plan.output_inside_input(cfg.input, output_uri)  # OUT inside the input: not listed
+    units = [u for u in storage.listing_units(cfg.input, cfg.endpoint_url) if u != exclude]
     embedder_kwargs = cfg.embedder_settings(device, in_flight)
     kept_handles, kept_reused = [], 0
     job_token = uuid.uuid4().hex  # this job, to kept actors: its calls, pings and keep-alive
@@ -673,12 +683,19 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
     listings = None
     nothing_to_do = None
     if units == [""] and not rerun:
-        # A first run on one folder of files (or one file): its listing is one call, made now, so
-        # that an input without a document starts no model actor (on an autoscaling cluster, a
-        # GPU node for nothing); the plan task takes this listing.
-        first = plan.list_unit(cfg, "")
-        listings = {"": ray.put(first)}
-        if first[0].num_rows == 0:
+        # A first run on one folder of files (or one file): that listing is one call, started
+        # now, so that an input without a document starts no model actor (on an autoscaling
+        # cluster, a GPU node for nothing); the plan task takes it. A local folder is listed
+        # here; an object-store one by a task, waited for a few seconds only: a large flat
+        # bucket's listing still overlaps the model actors' start.
+        if "://" not in cfg.input or cfg.input.startswith("file://"):
+            first = plan.list_unit(cfg, "", exclude)
+            listings = {"": ray.put(first)}
+        else:
+            listings = {"": _list_unit.remote(cfg, "", exclude)}
+            ready, _ = ray.wait(list(listings.values()), timeout=FIRST_LISTING_WAIT_S)
+            first = ray.get(ready[0]) if ready else None
+        if first is not None and first[0].num_rows == 0:
             nothing_to_do = _nothing_to_do(first[0], [first[1]], done)
     if units and not rerun and nothing_to_do is None:
         start_kept_embedders()
@@ -690,7 +707,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
         # A rerun: list everything first (plan tasks reuse these listings), so that changed and
         # deleted sources are known, and their rows retired, before anything is written. Any
         # listing failure raises here: nothing is deleted on a partial listing.
-        listings = {u: _list_unit.remote(cfg, u) for u in units}
+        listings = {u: _list_unit.remote(cfg, u, exclude) for u in units}
         listed = [ray.get(ref) for ref in listings.values()]
         parts = [d for d, _ in listed]
         docs = pa.concat_tables(parts) if parts else storage.DOCUMENT_LISTING_SCHEMA.empty_table()
@@ -758,7 +775,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
             log.info("nothing to do: every listed document already has its rows in %s; no model actor started",
                      cfg.output)
     elif units:
-        _stream(cfg, units, spec, done, counter, listings, model_stage, metadata, progress)
+        _stream(cfg, units, spec, done, counter, listings, model_stage, metadata, progress, exclude)
     if kept_handles:
         # Kept even when the job failed: another job may be using them; each ends when idle.
         log.info("keeping %d model actor(s) %s-* for the next job (each ends after %.0f s without a call)",

@@ -25,7 +25,6 @@ import collections
 import datetime
 import os
 import logging
-import re
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -269,37 +268,40 @@ def plan_table(docs: pa.Table, progress: pa.Table) -> tuple[pa.Table, dict]:
                   "documents_resumed": int(resumed)}
 
 
-def list_unit(cfg: EmbedConfig, unit: str) -> tuple[pa.Table, dict]:
-    """One piece of the listing (:func:`pipeline.storage.listing_units`): (documents, skipped)."""
+def list_unit(cfg: EmbedConfig, unit: str, exclude: str | None = None) -> tuple[pa.Table, dict]:
+    """One piece of the listing (:func:`pipeline.storage.listing_units`): (documents, skipped).
+    ``exclude``: the output folder relative to the input (:func:`output_inside_input`)."""
     skipped: dict = {}
     storage.configure(cfg.storage_timeout_s, cfg.storage_attempts)
     docs = list_documents_table(cfg.input, cfg.endpoint_url, None if cfg.all_files else DOCUMENT_EXTENSIONS,
-                                under=unit, skipped=skipped, exclude=output_inside_input(cfg.input, cfg.output))
+                                under=unit, skipped=skipped, exclude=exclude)
     return docs, skipped
 
 
 def output_inside_input(input_uri: str, output_uri: str) -> str | None:
-    """The output folder (any generation's folder taken back to ``OUT``) relative to the input
+    """The output folder (``OUT`` itself: every generation is under it) relative to the input
     when it lies inside it, else None: its files are not the corpus's documents (with
     --all-files its config.json and shards were listed, as error rows, growing each rerun).
 
-    >>> output_inside_input("s3://b/in", "s3://b/in/emb/generations/2"), output_inside_input("/d/in/", "/d/in-2")
+    >>> output_inside_input("s3://b/in", "s3://b/in/emb/"), output_inside_input("/d/in/", "/d/in-2")
     ('emb', None)
+    >>> output_inside_input("file:///d/in", "/d/in/runs/emb")
+    'runs/emb'
     """
-    out = output_uri.rstrip("/")
-    top = re.fullmatch(rf"(.+)/{schema.GENERATIONS_DIR}/\d+", out)
-    out = top.group(1) if top else out
-    inp = input_uri.rstrip("/")
+    def plain(uri: str) -> str:
+        return (uri[len("file://"):] if uri.startswith("file://") else uri).rstrip("/")
+
+    out, inp = plain(output_uri), plain(input_uri)
     return out[len(inp) + 1:] if out.startswith(inp + "/") else None
 
 
 def plan_unit(cfg: EmbedConfig, unit: str, progress: pa.Table,
-              listing: tuple[pa.Table, dict] | None = None) -> tuple[pa.Table, dict]:
+              listing: tuple[pa.Table, dict] | None = None, exclude: str | None = None) -> tuple[pa.Table, dict]:
     """One piece of the listing (:func:`pipeline.storage.listing_units`) against the
     done-set: the documents of that piece to (re)do, and its counts. The flow runs one task
     per piece, so the first pages reach the model while other pieces are still listed.
     ``listing``: that piece's :func:`list_unit`, when the run has listed it already."""
-    docs, skipped = listing if listing is not None else list_unit(cfg, unit)
+    docs, skipped = listing if listing is not None else list_unit(cfg, unit, exclude)
     todo, stats = plan_table(docs, progress)
     return todo, {**stats, "documents_skipped": skipped}
 
@@ -586,7 +588,7 @@ def recorded_settings(root: str, endpoint_url: str | None = None) -> tuple[dict 
         files = []
     if not files:
         if config:
-            log.info("%s records settings but no pages file: no row was written with them; this run's settings "
+            log.info("%s records settings but no pages file: no vector was written with them; this run's settings "
                      "replace them", join_uri(root, schema.CONFIG_FILE))
         return None, config, ""
     if config and isinstance(config.get("settings"), dict):

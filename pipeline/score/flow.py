@@ -22,7 +22,8 @@ import pyarrow as pa
 import ray
 
 from pipeline import schema, storage
-from pipeline.cluster import ClusterFitError, available_host_bytes, choose_device, ensure_ray, in_actor, max_gpu_actors, read_capacity
+from pipeline.cluster import (ClusterFitError, available_host_bytes, choose_device, ensure_ray, in_actor,
+                              max_gpu_actors, read_capacity, started_here)
 from pipeline.config import DEFAULT_MODEL, ScoreConfig, normalized_place
 from pipeline.score.corpus import (CorpusError, auto_pages_per_shard, cache_uri_of, check_compatibility,
                                    corpus_precision, open_corpus, plan_shards, read_vector_counts)
@@ -94,7 +95,7 @@ def _cluster_defaults(cfg: ScoreConfig) -> tuple[int, float, str]:
     """(actors, GPUs per actor, why): GPU actors when the cluster has GPUs now or its
     autoscaler can add them; as many as the cluster can grow to (capped by the shards later)."""
     cap = read_capacity()
-    device, why = choose_device(cfg.device, cap, cfg.gpus_per_actor)
+    device, why = choose_device(cfg.device, cap, cfg.gpus_per_actor, embedded=started_here())
     if device == "cuda":
         gpus_per_actor = cfg.gpus_per_actor or 1.0
         n = cfg.num_actors or max(1, max_gpu_actors(cap, gpus_per_actor) or int(cap.gpus_now // gpus_per_actor))
@@ -117,7 +118,7 @@ SHARD_PHASES = ("start_wait_s", "read_s", "decode_s", "parquet_decode_s", "host_
 # Inputs that cannot be scored as given: the job says so in one line and exits 2, as for a
 # command mistake (no traceback file): storage that refused or did not answer, a corpus, a
 # query file or reused query embeddings that do not fit.
-INPUT_ERRORS = (storage.StorageAccessError, CorpusError, QueryFileError, ClusterFitError)
+INPUT_ERRORS = (storage.StorageAccessError, CorpusError, QueryFileError, ClusterFitError, storage.ForeignFileError)
 
 
 def _shard_phases(shard_stats: list[dict]) -> dict:
