@@ -528,13 +528,15 @@ def test_a_run_that_wrote_no_row_does_not_bind_the_next_to_its_model(ray_session
     assert "already holds vectors of --model" in capsys.readouterr().err
 
 
-def test_an_input_without_a_document_warns_and_starts_no_model_actor(ray_session, tiny_model, tmp_path, caplog, capsys):
+def test_an_input_without_a_document_warns_and_starts_no_model_actor(ray_session, ray_cluster, tiny_model, tmp_path,
+                                                                    caplog, capsys):
     """A first run on an empty folder, or one of other files: a warning naming the input and
     what the job reads, the final line says so, and no model actor is started (on an
     autoscaling cluster it would add a GPU node). It exited 0 with no word."""
     (tmp_path / "txt").mkdir()
     (tmp_path / "txt" / "notes.txt").write_text("not a document")
     (tmp_path / "empty").mkdir()
+    actors_before = _model_actors(ray_cluster["dashboard_url"])
     for name, said in (("empty", "it is empty"), ("txt", "1 other file(s) skipped")):
         caplog.clear()
         summary = run_job(str(tmp_path / name), str(tmp_path / f"out-{name}"), tiny_model)
@@ -542,6 +544,7 @@ def test_an_input_without_a_document_warns_and_starts_no_model_actor(ray_session
         assert f"--input {tmp_path / name} holds no document this job reads ({said})" in caplog.text
         assert "no model actor started" in caplog.text
         assert "(no document under --input" in capsys.readouterr().err
+    assert _model_actors(ray_cluster["dashboard_url"]) == actors_before  # no model actor was asked for
 
 
 def test_an_output_inside_its_input_is_not_listed_as_documents(ray_session, tiny_model, sample_corpus, tmp_path):
