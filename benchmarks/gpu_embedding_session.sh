@@ -64,7 +64,16 @@ fi
 # 2026-12-06), 5.23 imports it only when assisted generation runs.
 if [ -n "${TRANSFORMERS_BUNDLE:-}" ]; then
   mkdir -p /tmp/tfsite && ([ -d /tmp/tfsite/transformers ] || tar xJf "$TRANSFORMERS_BUNDLE" -C /tmp/tfsite)
-  export PYTHONPATH="/tmp/tfsite:$PYTHONPATH"
+  # checked before any step: the bundle imports, with torch and Ray beside it; else the call
+  # goes on without it (the device's own transformers) and says so
+  if PYTHONPATH="/tmp/tfsite:$PYTHONPATH" "$PY" -c "import torch, ray, transformers, huggingface_hub, tokenizers
+from transformers import ColQwen2ForRetrieval, ColQwen2Processor
+print('bundle in use: transformers', transformers.__version__, 'huggingface_hub', huggingface_hub.__version__,
+      'tokenizers', tokenizers.__version__)" > "$OUT/transformers_bundle.txt" 2>&1; then
+    export PYTHONPATH="/tmp/tfsite:$PYTHONPATH"
+  else
+    echo "TRANSFORMERS_BUNDLE did not import: this call runs on the device's own transformers" >> "$OUT/transformers_bundle.txt"
+  fi
 fi
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; nproc; free -g; lscpu;
   "$PY" -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$OUT/env_embed.txt" 2>&1
