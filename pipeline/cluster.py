@@ -343,7 +343,7 @@ def choose_device(requested: str, capacity: ClusterCapacity, gpus_per_actor: flo
         return "cuda", f"no GPU in the cluster now; the autoscaler can add {most}" + (f" ({detail})" if detail else "")
     if gpus_per_actor is not None:
         raise ClusterFitError(f"--gpus-per-actor {_num(per_actor)}: the cluster has no GPU and cannot add one "
-                         f"({capacity.source})")
+                              f"({capacity.source})")
     return "cpu", f"no GPU in the cluster and no autoscaler can add one ({capacity.source})"
 
 

@@ -1109,10 +1109,12 @@ class OutputLock:
             expires = held.get("expires_at_unix")
             if isinstance(expires, (int, float)) and expires > time.time() and not self._holder_is_dead(held):
                 raise OutputLockedError(self._describe(held))
-            alive = isinstance(expires, (int, float)) and expires > time.time()
+            lease_left = isinstance(expires, (int, float)) and expires > time.time()  # taken: its holder is dead
+            why = ("its process on this host is gone" if lease_left
+                   else f"its lease expired at {held.get('expires_at', '?')}")
             log.warning("taking over the lock %s of run %s (host %s, pid %s): %s; that run stopped without "
                         "releasing it", self.uri, held.get("run_id", "?"), held.get("host", "?"), held.get("pid", "?"),
-                        "its process on this host is gone" if alive else f"its lease expired at {held.get('expires_at', '?')}")
+                        why)
             if self._take_over(held, etag):
                 break
         else:

@@ -642,7 +642,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
         cleaned = {k: v + storage.clean_output_leftovers(root, cfg.endpoint_url).get(k, 0) for k, v in cleaned.items()}
     cfg = dataclasses.replace(cfg, output=root)  # from here on, OUT is this generation's folder
     if cfg.retry_errors:
-        removed = plan.remove_error_files(cfg.output, cfg.endpoint_url)
+        removed = plan.remove_error_rows(cfg.output, cfg.endpoint_url)
         log.info("--retry-errors: removed %d error row(s) (SourceDeleted rows kept); their documents are tried "
                  "again", removed)
     # Rows of documents that storage failed to give us are dropped: they are redone now.

@@ -72,9 +72,9 @@ def load_progress(output_uri: str, endpoint_url: str | None = None) -> pa.Table:
                                    *version_columns], endpoint_url, types=schema.ERRORS_FILE_SCHEMA)
     for folder, table in ((schema.PAGES_DIR, pages), (schema.ERRORS_DIR, errors)):
         if table is not None and table.column(schema.DOC_ID).null_count:
-            raise storage.ForeignFileError(f"{join_uri(output_uri, folder)}: {table.column(schema.DOC_ID).null_count} row(s) without "
-                             "a doc_id: a Parquet file there was not written by this job; move it out, or use "
-                             "another --output")
+            raise storage.ForeignFileError(
+                f"{join_uri(output_uri, folder)}: {table.column(schema.DOC_ID).null_count} row(s) without a doc_id: "
+                "a Parquet file there was not written by this job; move it out, or use another --output")
     if errors is not None and errors.num_rows:
         # A retryable row (storage did not answer) is not progress: the document is redone.
         errors = errors.filter(pc.invert(_retryable(errors)))
@@ -151,7 +151,7 @@ def drop_retryable_rows(output_uri: str, endpoint_url: str | None = None) -> int
     return dropped
 
 
-def remove_error_files(output_uri: str, endpoint_url: str | None = None) -> int:
+def remove_error_rows(output_uri: str, endpoint_url: str | None = None) -> int:
     """``--retry-errors``: drop every error row but the ``SourceDeleted`` ones, so a rerun tries
     those documents again. A deleted source's row stays: it cannot be retried, and it is the
     only record of the deletion (until 2026-12-06 it was removed with the others). Returns
