@@ -7,10 +7,13 @@ set -euo pipefail
 TF=$(sed -n 's/.*"transformers==\([0-9.]*\)".*/\1/p' pyproject.toml)
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-python3 -m pip install -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+# the whole dependency closure of the pinned transformers, as wheels for the device's 3.12 (a
+# hand-made list missed huggingface_hub 2.x's httpx2 on 2026-12-06: the guard in
+# gpu_embedding_session.sh caught it), less numpy, which the device's torch was built beside
+python3 -m pip install -q --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-  --target "$work/site" "transformers==$TF" "huggingface_hub>=1.31,<3" "tokenizers>=0.23.1,<0.24" \
-  "regex>=2025.10.22" typer click shellingham rich markdown-it-py mdurl pygments "hf_xet" httpx httpcore h11 anyio sniffio certifi idna
+  --target "$work/site" "transformers==$TF" hf_xet
+rm -rf "$work/site"/numpy "$work/site"/numpy-*.dist-info "$work/site"/numpy.libs
 rm -rf "$work/site/bin"
 find "$work/site" -name '__pycache__' -prune -exec rm -rf {} +
 mkdir -p .device
