@@ -57,23 +57,25 @@ def preflight_documents(batch: pa.Table, **render_kwargs) -> Iterator[pa.Table]:
     row out: pages, error rows (JSON), bytes of the files read, CPU seconds."""
     renderer = stages._get_renderer(render_kwargs["render_timeout_s"])
     t0, child0 = time.thread_time(), renderer.cpu_s
-    pages, errors = 0, []
+    pages, errors, with_pages = 0, [], set()
     for table in stages.render_documents(batch, **render_kwargs):
         is_error = pa.compute.is_valid(table.column(schema.ERROR_TYPE))
         pages += table.num_rows - (pa.compute.sum(is_error).as_py() or 0)
+        with_pages.update(table.filter(pa.compute.invert(is_error)).column(schema.DOC_ID).to_pylist())
         errors += table.filter(is_error).select([schema.DOC_ID, schema.PAGE_NUMBER, schema.ERROR_TYPE,
                                                  schema.MESSAGE]).to_pylist()
     cpu_s = (time.thread_time() - t0) + (renderer.cpu_s - child0)
     sizes = [s for s in batch.column("size_bytes").to_pylist() if s <= render_kwargs["max_file_bytes"]]
     yield pa.table({"pages": [pages], "errors": [json.dumps(errors)], "bytes_read": [sum(sizes)],
-                    "documents": [batch.num_rows], "cpu_s": [cpu_s]})
+                    "documents": [batch.num_rows],
+                    "documents_failed": [batch.num_rows - len(with_pages)], "cpu_s": [cpu_s]})
 
 
 class Tally:
     """The driver's sum of :func:`preflight_documents` rows."""
 
     def __init__(self):
-        self.pages = self.bytes_read = self.documents = 0
+        self.pages = self.bytes_read = self.documents = self.documents_failed = 0
         self.cpu_s = 0.0
         self.by_type: collections.Counter = collections.Counter()
         self.examples: dict[str, list] = {}
@@ -82,6 +84,7 @@ class Tally:
         self.pages += row["pages"]
         self.bytes_read += row["bytes_read"]
         self.documents += row["documents"]
+        self.documents_failed += row["documents_failed"]
         self.cpu_s += row["cpu_s"]
         for e in json.loads(row["errors"]):
             self.by_type[e[schema.ERROR_TYPE]] += 1
@@ -100,7 +103,9 @@ def build_report(cfg, planned: dict, tally: Tally, seconds: float, settings_note
         "output": cfg.output,
         "max_visual_tokens": cfg.max_visual_tokens,
         **planned,
+        # every document handed to the renderer, and those of them that gave no page (only error rows)
         "documents_rendered": tally.documents,
+        "documents_failed": tally.documents_failed,
         "pages": tally.pages,
         "error_rows": sum(tally.by_type.values()),
         "errors_by_type": dict(tally.by_type.most_common()),
@@ -129,7 +134,8 @@ def format_report(report: dict) -> str:
         f"{schema.PREFLIGHT_FILE})",
         f"  documents listed      {report['documents_listed']:>12,}   ({report['documents_already_done']:,} already "
         f"done, {skipped:,} files skipped)",
-        f"  documents to do       {report['documents_to_do']:>12,}   ({report['bytes_read']:,} bytes read)",
+        f"  documents to do       {report['documents_to_do']:>12,}   ({report['bytes_read']:,} bytes read; "
+        f"{report['documents_failed']:,} would give no page, only error rows)",
         *([f"  sources changed       {report['documents_changed']:>12,}   (embedded again; e.g. "
            f"{', '.join(report['changed_examples']) or '-'})",
            f"  sources deleted       {report['documents_deleted']:>12,}   (their rows removed, SourceDeleted rows "

@@ -168,6 +168,8 @@ def test_preflight_counts_what_a_run_writes_and_writes_nothing_else(first_run, s
     assert report["pages"] == summary["this_run"]["pages"] == 8
     assert report["errors_by_type"] == summary["this_run"]["errors_by_type"] == {"CorruptDocument": 1, "EmptyFile": 1}
     assert report["error_rows"] == errors.num_rows == 2
+    # the two broken files give no page: told apart from the documents rendered
+    assert report["documents_rendered"] == 7 and report["documents_failed"] == 2
     assert report["error_examples"]["CorruptDocument"][0]["doc_id"] == "reports/truncated.pdf"
     assert report["bytes_read"] == sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(sample_corpus)
                                        for f in fs)
@@ -177,6 +179,7 @@ def test_preflight_counts_what_a_run_writes_and_writes_nothing_else(first_run, s
     assert report["gpu_hours"] == pytest.approx(8 / report["gpu_pages_per_second"] / 3600, abs=1e-4)
     printed = capsys.readouterr()
     assert json.loads(printed.out)["pages"] == 8 and "GPU-hours" in printed.err and "truncated.pdf" in printed.err
+    assert "2 would give no page, only error rows" in printed.err
 
     listing = {d: sorted(os.listdir(os.path.join(out, d))) for d in ("pages", "errors")}
     with open(os.path.join(out, "summary.json")) as f:
