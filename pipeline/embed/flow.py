@@ -827,7 +827,8 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
             "files_written": len(progress.files),
             "seconds": round(elapsed, 3),
             "pages_per_second": round(progress.pages / elapsed, 3) if elapsed > 0 else None,
-            "embedding_actors": [min_actors, max_actors],
+            # the model pool's size as Ray Data's autoscaling actor pool was given it
+            "embedding_actors": {"min": min_actors, "max": max_actors},
             "render_tasks": len(progress.render_tasks),
             "render_workers": len({t.rsplit(":", 1)[0] for t in progress.render_tasks}),
             **counters.summarize(progress.actors, started),

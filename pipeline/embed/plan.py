@@ -315,8 +315,15 @@ def plan_documents(cfg: EmbedConfig) -> tuple[pa.Table, dict]:
 
 
 def looks_local(name: str) -> bool:
-    """A model given as a local path (absolute, ./ or ../, or an existing folder), not a hub id."""
-    return name.startswith(("/", "./", "../", "~", "file://")) or os.path.exists(name)
+    """A model given as a local path, not a hub id: absolute, ./ or ../, an existing path, or a
+    relative path that no hub id can be (a hub id is ``name`` or ``org/name``: more parts, or an
+    ``org`` that is a folder here, is a path)."""
+    if name.startswith(("/", "./", "../", "~", "file://")) or os.path.exists(name):
+        return True
+    if "://" in name:
+        return False
+    parts = name.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
 
 
 def check_model(name: str, endpoint_url: str | None = None) -> str:

@@ -99,6 +99,7 @@ def test_summary_reports_each_actor_from_its_own_counters(first_run):
     # one block, so one render task rendered every document on one core and the GPU waited
     # (RESULTS.md).
     assert run["render_tasks"] >= 4 and 1 <= run["render_workers"] <= run["render_tasks"]
+    assert run["embedding_actors"] == {"min": 1, "max": 1}  # the pool's size, labelled (was a bare pair)
     # A job that starts its own model actor prestarts no CPU workers: they delayed the actor's
     # start, which the job waits for (RESULTS "Tenth session"); only a job whose kept actors
     # are already running does (test_kept_embedders_serve_the_next_job_and_end_when_idle).
@@ -374,10 +375,16 @@ def test_retry_errors_redoes_only_failed_documents(ray_session, tiny_model, samp
     assert read_dir(os.path.join(out, "pages"))[1] == page_files
 
 
-def test_a_wrong_model_fails_in_seconds_before_any_rendering(tiny_model, sample_corpus, tmp_path, capsys):
+def test_a_wrong_model_fails_in_seconds_before_any_rendering(tiny_model, sample_corpus, tmp_path, capsys,
+                                                             monkeypatch):
     """A typo, a folder without weights, or a checkpoint that is not ColQwen2: exit 2 with a
-    message that names the model, before Ray or any rendering starts, and nothing written."""
+    message that names the model, before Ray or any rendering starts, and nothing written.
+    Relative paths count as paths where no hub id can be one (they used to go to the actors,
+    which tried the Hub)."""
     import time
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
 
     not_colqwen = tmp_path / "bert"
     not_colqwen.mkdir()
@@ -386,7 +393,8 @@ def test_a_wrong_model_fails_in_seconds_before_any_rendering(tiny_model, sample_
     no_weights.mkdir()
     shutil.copy(os.path.join(tiny_model, "config.json"), no_weights / "config.json")
     cases = [(str(tmp_path / "tiny-colqwen"), "no config.json"), (str(not_colqwen), "not a ColQwen2 checkpoint"),
-             (str(no_weights), "no weights")]
+             (str(no_weights), "no weights"), ("models/tiny-colqwen", "no config.json"),
+             ("checkpoints/tiny/colqwen", "no config.json")]
     for model, why in cases:
         out = tmp_path / "out"
         t0 = time.monotonic()
