@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
                              corpus=args.corpus, endpoint_url=args.endpoint_url, ranking=args.ranking)
     except ValueError as exc:
         build_parser().error(str(exc))
-    summary = flow.run_evaluation(cfg)
+    try:  # a missing or malformed run, qrels or corpus, another job's folder as --output: one line, exit 2
+        flow.refuse_another_jobs_output(cfg.output, cfg.endpoint_url, allowed=("evaluate",))
+        summary = flow.run_evaluation(cfg)
+    except flow.INPUT_ERRORS as exc:
+        return print(f"error: {exc}", file=sys.stderr) or 2
     print(format_metrics(summary["metrics"]))
     if summary["warnings"]:  # each was logged above as it was found
         print(f"{len(summary['warnings'])} warning(s) above, also in summary.json", file=sys.stderr)

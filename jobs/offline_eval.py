@@ -63,11 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     now = datetime.now(timezone.utc)
-    run_id = history.validate_run_id(args.run_id or history.default_run_id(now))
+    try:
+        run_id = history.validate_run_id(args.run_id or history.default_run_id(now))
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         status, summary = flow.run_offline_eval(cfg, run_id=run_id, pin_baseline=args.pin_baseline, now=now)
     except Exception as exc:
-        flow.write_failure(cfg, run_id, now, exc)
+        flow.write_failure(cfg, run_id, now, exc)  # a scheduled run that fails leaves a history row
+        if isinstance(exc, flow.INPUT_ERRORS):  # inputs as given (files, baseline, corpus): one line, exit 2
+            return print(f"error: {exc}", file=sys.stderr) or 2
         raise
     print(", ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items()))
     if summary["warnings"]:  # each was logged above as it was found

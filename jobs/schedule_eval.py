@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.schedule_eval", description=__doc__.split("\n")[0])
     p.add_argument("--address", default=None, help="Ray dashboard URL, e.g. http://HEAD:8265 (default: RAY_ADDRESS)")
     p.add_argument("--config", required=True, help="eval YAML, as seen by the job (relative to its working dir)")
-    p.add_argument("--period", choices=PERIODS, default="daily")
+    p.add_argument("--period", choices=PERIODS, default="daily",
+                   help="one submission per period; its id names the period (default: %(default)s)")
     p.add_argument("--name", default="offline-eval", help="submission id prefix (default: %(default)s)")
     p.add_argument("--now", help="ISO time that picks the period (default: now, UTC); for backfills")
     p.add_argument("--working-dir", help="local folder to upload as the job's working_dir (default: code in the image)")
@@ -44,9 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    now = datetime.fromisoformat(args.now) if args.now else datetime.now(timezone.utc)
+    try:
+        now = datetime.fromisoformat(args.now) if args.now else datetime.now(timezone.utc)
+    except ValueError:
+        parser.error(f"--now {args.now!r} is not an ISO time (e.g. 2026-11-03 or 2026-11-03T01:30:00Z)")
     if now.tzinfo is None:
         now = now.replace(tzinfo=timezone.utc)
     sub_id = submission_id(args.name, args.period, now)
@@ -66,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.wait:
         return 0
     status = wait_for(client, sub_id, args.timeout_s)
-    print(f"{sub_id}: {status}")
+    where = f" --address {args.address}" if args.address else ""
+    print(f"{sub_id}: {status}" + ("" if status == "SUCCEEDED" else
+                                   f" (its log: ray job logs {sub_id}{where}; its summary.json and history row "
+                                   "name the error)"))
     return 0 if status == "SUCCEEDED" else 3
 
 

@@ -74,6 +74,18 @@ def one_line(exc: BaseException) -> str:
     return text if len(text) <= MAX_LINE else text[: MAX_LINE - 3] + "..."
 
 
+def _knows_debug(main: Callable) -> bool:
+    """Whether the job's own parser defines --debug (then it is passed on)."""
+    module = sys.modules.get(getattr(main, "__module__", ""), None)
+    build = getattr(module, "build_parser", None)
+    if build is None:
+        return False
+    try:
+        return "--debug" in build()._option_string_actions
+    except Exception:  # noqa: BLE001 - a parser that cannot be built is the job's to report
+        return False
+
+
 def guarded(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None,
             prog: str | None = None) -> int:
     """Run ``main(argv)``; any exception it lets out ends as one line and exit code 1."""
@@ -81,7 +93,9 @@ def guarded(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     debug = "--debug" in args or os.environ.get("PIPELINE_DEBUG", "") not in ("", "0")
     prog = prog or os.path.basename(sys.argv[0] or "job")
     try:
-        return main(args)
+        # --debug is this wrapper's, taken by every job (a job whose parser did not know it
+        # refused it, while the error line advised it, 2026-12-06)
+        return main(args if _knows_debug(main) else [a for a in args if a != "--debug"])
     except KeyboardInterrupt:
         print(f"[{prog}] interrupted", file=sys.stderr, flush=True)
         return 130

@@ -766,14 +766,20 @@ def read_parquet(uri: str, endpoint_url: str | None = None, columns: list[str] |
 def list_files(folder_uri: str, endpoint_url: str | None = None, suffix: str = ".parquet",
                recursive: bool = False) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
     """(filesystem, visible files under a folder, sorted by path). Hidden and temporary
-    names (``.x``, ``_x``: unfinished uploads, Spark markers) are left out.
+    names (``.x``, ``_x``: unfinished uploads, Spark markers) are left out, and with
+    ``recursive`` so is everything inside such a folder (e.g. the scoring job's ``_cache``).
     Raises FileNotFoundError when the folder does not exist."""
     fs, path = open_filesystem(folder_uri, endpoint_url)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"no such folder: {folder_uri}")
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
-    files = [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
-             and not i.base_name.startswith((".", "_"))]
+    root = path.rstrip("/") + "/"
+
+    def visible(info: pafs.FileInfo) -> bool:
+        relative = info.path[len(root):] if info.path.startswith(root) else info.base_name
+        return not any(part.startswith((".", "_")) for part in relative.split("/"))
+
+    files = [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix) and visible(i)]
     return fs, sorted(files, key=lambda i: i.path)
 
 

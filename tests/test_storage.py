@@ -37,6 +37,14 @@ def test_atomic_parquet_and_listing_skip_hidden_files(tmp_path):
     assert [f.base_name for f in files] == ["a.parquet", "b.parquet"]
     assert storage.read_columns(str(folder), ["a", "missing"]).column("a").to_pylist() == [1, 2, 3, 1, 2, 3]
     assert storage.read_columns(str(tmp_path / "nothing"), ["a"]) is None
+    # recursive listings leave out what lies in hidden folders too (the scoring job's _cache
+    # beside a corpus file was counted as pages by the offline evaluation's corpus fingerprint)
+    storage.write_parquet(str(folder / "_cache" / "shard-0.idx.parquet"), t)
+    storage.write_parquet(str(folder / "sub" / "c.parquet"), t)
+    _, deep = storage.list_files(str(folder), recursive=True)
+    assert [f.path.removeprefix(str(folder) + "/") for f in deep] == ["a.parquet", "b.parquet", "sub/c.parquet"]
+    os.remove(folder / "sub" / "c.parquet")
+    os.remove(folder / "_cache" / "shard-0.idx.parquet")
     assert storage.delete_files(str(folder)) == 2
     assert not any(p.name.endswith(".parquet") and not p.name.startswith((".", "_")) for p in folder.iterdir())
 

@@ -55,13 +55,42 @@ def measure_names(extra: list[str]) -> list[str]:
     return [str(m) for m in parse_measures(list(DEFAULT_MEASURES) + split_measures(extra))]
 
 
-def run_evaluation(cfg: EvaluateConfig) -> dict:
-    """Read, evaluate and write; returns the summary (also written as summary.json)."""
+class EvaluationInputError(ValueError):
+    """An input of an evaluation that cannot be used as given (the jobs exit 2 on it)."""
+
+
+# What the evaluation jobs report as one line and exit 2: inputs missing or unreadable as given.
+INPUT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, storage.StorageAccessError,
+                storage.ForeignFileError)
+
+
+def refuse_another_jobs_output(output: str, endpoint_url: str | None, allowed: tuple[str, ...]) -> None:
+    """A folder whose summary.json another job wrote (a scoring run, an embedding output, an
+    offline evaluation) is not written over: its summary would be replaced (2026-12-06)."""
+    try:
+        found = storage.read_json(storage.join_uri(output, "summary.json"), endpoint_url)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+        return
+    if not isinstance(found, dict):
+        return
+    # a scoring summary written before it named its job (2026-12-06) has n_results
+    job = found.get("job") or ("score_queries" if "n_results" in found else None)
+    if job is not None and job not in allowed:
+        raise EvaluationInputError(
+            f"--output {output} holds the output of another job ({job}: its summary.json would be replaced); "
+            "pass a folder of its own, e.g. a new folder beside it")
+
+
+def run_evaluation(cfg: EvaluateConfig, qrels=None) -> dict:
+    """Read, evaluate and write; returns the summary (also written as summary.json).
+    ``qrels``: already read (the offline evaluation reads them before it scores)."""
     started = time.time()
-    qrels = runs.read_qrels(cfg.qrels, cfg.endpoint_url)
+    qrels = runs.read_qrels(cfg.qrels, cfg.endpoint_url) if qrels is None else qrels
     run = runs.read_run(cfg.run, cfg.endpoint_url)
     corpus_ids = runs.read_corpus_page_ids(cfg.corpus, cfg.endpoint_url) if cfg.corpus else None
-    result = evaluate.evaluate(qrels, run, list(cfg.measures), corpus_page_ids=corpus_ids, ranking=cfg.ranking)
+    scored_top_k = _run_summary(cfg.run, cfg.endpoint_url).get("top_k")
+    result = evaluate.evaluate(qrels, run, list(cfg.measures), corpus_page_ids=corpus_ids, ranking=cfg.ranking,
+                               scored_top_k=scored_top_k)
 
     storage.write_json(storage.join_uri(cfg.output, "metrics.json"), result.aggregate, cfg.endpoint_url)
     storage.write_parquet(storage.join_uri(cfg.output, "per_query.parquet"),
@@ -128,6 +157,19 @@ def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_base
     model = cfg.model or corpus.model
     logger.info("run %s: corpus %s (%d pages, fingerprint %s), model %s", run_id, cfg.corpus, corpus.pages,
                 corpus.fingerprint, model)
+    # Inputs that the scoring does not need are checked before it (a mistyped --qrels failed
+    # only after the whole scoring run, 2026-12-06), and so is an explicit baseline: one that
+    # cannot be found ended as a warning and "no regression", which hid regressions.
+    qrels = runs.read_qrels(cfg.qrels, ep)
+    past = history.read_history(cfg.history_uri, ep)
+    past_others = past[past["run_id"] != run_id] if not past.empty else past
+    baseline, baseline_problem = regression.resolve_baseline(cfg.baseline, past_others, cfg.history_uri, ep)
+    if baseline_problem and cfg.baseline is not None:
+        known = ", ".join(sorted(set(past_others["run_id"]))[-5:]) if not past_others.empty else "none yet"
+        raise EvaluationInputError(
+            f"--baseline {cfg.baseline}: {baseline_problem}. Give a run id of the history at {cfg.history_uri} "
+            f"(latest: {known}) or a metrics.json URI, or leave it out to use the pinned baseline")
+    warnings: list[str] = []
 
     scores_summary: dict = {}
     top_k = cfg.top_k
@@ -138,13 +180,15 @@ def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_base
         scores_summary = _run_summary(run_uri, ep)
         if scores_summary.get("top_k") is not None:
             if scores_summary["top_k"] != cfg.top_k:
-                logger.warning("--run %s was scored at top-k %s, the config says %s: the history records %s",
-                               run_uri, scores_summary["top_k"], cfg.top_k, scores_summary["top_k"])
+                warnings.append(f"--run {run_uri} was scored at top-k {scores_summary['top_k']}, the configured "
+                                f"top-k is {cfg.top_k}: the history records {scores_summary['top_k']}")
+                logger.warning("%s", warnings[-1])
             top_k = scores_summary["top_k"]
             model = scores_summary.get("model") or model
         else:
-            logger.warning("--run %s: no scoring summary.json beside it; the history records the config's top-k "
-                           "(%s) and model", run_uri, cfg.top_k)
+            warnings.append(f"--run {run_uri}: no scoring summary.json beside it; the history records the "
+                            f"configured top-k ({cfg.top_k}) and model")
+            logger.warning("%s", warnings[-1])
     else:
         scores_uri = storage.join_uri(out, "scores")
         scores_summary = _score(cfg, scores_uri)
@@ -153,9 +197,8 @@ def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_base
         # --model when --allow-model-mismatch lets them through
         model = scores_summary.get("model") or model
 
-    qrels = runs.read_qrels(cfg.qrels, ep)
     evaluation = run_evaluation(EvaluateConfig(run=run_uri, qrels=cfg.qrels, output=out, measures=cfg.measures,
-                                                corpus=cfg.corpus, endpoint_url=ep, ranking=cfg.ranking))
+                                                corpus=cfg.corpus, endpoint_url=ep, ranking=cfg.ranking), qrels=qrels)
     metrics = evaluation["metrics"]
 
     commit = history.git_commit()
@@ -175,12 +218,9 @@ def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_base
         output_uri=out,
         report_uri=storage.join_uri(out, "report.md"),
     )
-    past = history.read_history(cfg.history_uri, ep)
-    past_others = past[past["run_id"] != run_id] if not past.empty else past
     previous = regression.previous_run(past_others, run_id, run_time)
-    baseline, baseline_problem = regression.resolve_baseline(cfg.baseline, past_others, cfg.history_uri, ep)
-    warnings = list(evaluation["warnings"])
-    if baseline_problem:
+    warnings += evaluation["warnings"]
+    if baseline_problem:  # the pinned baseline (none was named): e.g. a failed run was pinned
         logger.warning("%s", baseline_problem)
         warnings.append(baseline_problem)
 

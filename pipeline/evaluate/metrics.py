@@ -171,12 +171,15 @@ def evaluate(
     measures: Sequence = DEFAULT_MEASURES,
     corpus_page_ids: set[str] | None = None,
     ranking: str = "score",
+    scored_top_k: int | None = None,
 ) -> Evaluation:
     """Aggregate and per-query values of ``measures`` (names or ir_measures measures).
 
     Queries are the judged ones: a judged query the run lacks scores 0 and a run query
     without judgements is left out, as ir_measures does; both are counted in
     ``diagnostics``. The aggregate is ``ir_measures.calc_aggregate`` on the same inputs.
+    A run none of whose queries is judged is refused (ValueError). ``scored_top_k``: the
+    top-k the run was scored with, where known (its summary.json).
 
     >>> from pipeline.evaluate.runs import parse_qrels, parse_trec_run
     >>> q = parse_qrels("q1 0 a#1 1\\nq2 0 b#1 1\\n")
@@ -187,11 +190,19 @@ def evaluate(
     parsed = parse_measures(str(m) for m in measures)
     if len(qrels) == 0:
         raise ValueError("qrels hold no judgements; nothing to evaluate")
+    ran, judged = set(run[IRM_QUERY]), set(qrels[IRM_QUERY])
+    if ran and not ran & judged:  # every metric would be 0: almost surely another query set's qrels
+        raise ValueError(
+            f"no query of the run is judged in the qrels: the run's queries (e.g. {', '.join(_examples(ran)[:3])}) "
+            f"and the qrels' (e.g. {', '.join(_examples(judged)[:3])}) share none. Pass the qrels of the queries "
+            "that were scored")
     diagnostics, warnings = diagnose(qrels, run, corpus_page_ids)
     depth = int(run.groupby(IRM_QUERY).size().max()) if len(run) else 0
     corpus_pages = len(corpus_page_ids) if corpus_page_ids is not None else None
+    # a run of every page is deep enough: known from the corpus, or from a scoring top-k that no
+    # query filled (the corpus had fewer pages)
     deeper = [str(m) for m in parsed if (m.params.get("cutoff") or 0) > depth > 0
-              and (corpus_pages is None or depth < corpus_pages)]  # a run of every page is deep enough
+              and (corpus_pages is None or depth < corpus_pages) and (scored_top_k is None or depth >= scored_top_k)]
     diagnostics["run_depth"] = depth
     if deeper:
         warnings.append(f"the run holds at most {depth} results per query (its top-k): {', '.join(deeper)} "

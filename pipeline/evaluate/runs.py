@@ -45,9 +45,11 @@ _BEIR_REL_NAMES = ("score", "relevance", "rel", "label")
 
 
 def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
-    """Whole file at ``uri`` (any URI). Gzip is undone for ``.gz``."""
+    """Whole file at ``uri`` (any URI). Gzip is undone for ``.gz`` where the bytes are still
+    gzip: pyarrow's input streams already decompress by extension (a second gunzip failed on
+    every ``.gz`` file, 2026-12-06)."""
     data = storage.read_bytes(uri, endpoint_url)
-    return gzip.decompress(data) if uri.endswith(".gz") else data
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
 
 
 def _text_lines(text: str, is_data=None) -> list[tuple[int, str]]:
@@ -130,6 +132,12 @@ def parse_qrels(text: str, source: str = "qrels") -> pd.DataFrame:
     first = lines[0][1]
     tab_fields = first.split("\t")
     is_header = not _is_number(first.split()[-1])
+    if is_header and len(tab_fields) == 1:  # no tab: not BEIR's header, and not a TREC qrels line
+        hint = (" It has the shape of a TREC run line (qid Q0 page_id rank score tag): pass run files as --run."
+                if _is_run_line(first) else "")
+        raise ValueError(
+            f"{source}:{lines[0][0]}: {first!r} is neither a TREC qrels line (4 whitespace-separated fields: "
+            f"qid 0 page_id relevance) nor a BEIR TSV header (tab-separated: query-id, corpus-id, score).{hint}")
     if is_header or len(tab_fields) == 3:
         rows = _parse_beir_qrels(lines, source, header=is_header)
     else:

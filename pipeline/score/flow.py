@@ -195,6 +195,14 @@ def _refuse_an_embedding_output(cfg: ScoreConfig) -> None:
     if held:
         raise CorpusError(f"--output {cfg.output} holds an embedding job's {', '.join(held)}: the scoring job's "
                           "summary.json would replace that job's; give the run a folder of its own")
+    try:  # an evaluation's folder (jobs.evaluate, jobs.offline_eval): its summary.json would be replaced
+        other = storage.read_json(storage.join_uri(cfg.output, "summary.json"), cfg.endpoint_url)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+        other = None
+    job = other.get("job") if isinstance(other, dict) else None
+    if job not in (None, "score_queries"):
+        raise CorpusError(f"--output {cfg.output} holds the output of another job ({job}): the scoring job's "
+                          "summary.json would replace that job's; give the run a folder of its own")
     pages = normalized_place(storage.corpus_pages_folder(cfg.corpus, cfg.endpoint_url, cfg.generation))
     out = normalized_place(cfg.output)
     if out == pages or out.startswith(pages + "/"):
@@ -222,6 +230,7 @@ def run(cfg: ScoreConfig) -> dict:
         mark[0] = now
 
     # Everything that can be wrong with the inputs fails here, before any heavy work.
+    notes: list[str] = []  # the warnings of this run, also in summary.json ("warnings")
     corpus = open_corpus(cfg.corpus, cfg.endpoint_url, cfg.generation)
     storage.open_filesystem(cfg.output, cfg.endpoint_url)  # gs://: credentials and bucket checked now
     _refuse_an_embedding_output(cfg)
@@ -238,14 +247,16 @@ def run(cfg: ScoreConfig) -> dict:
         model_name = meta[schema.META_MODEL].decode() if schema.META_MODEL in meta else None
         query_prompt = meta[schema.META_QUERY_PROMPT].decode() if schema.META_QUERY_PROMPT in meta else None
         if model_name is None:
-            log.warning("--query-embeddings %s records no model (written before 2026-12-06): the corpus's model "
-                        "cannot be checked against it", cfg.query_embeddings)
+            notes.append(f"--query-embeddings {cfg.query_embeddings} records no model (written before 2026-12-06): "
+                         "the corpus's model cannot be checked against it")
+            log.warning("%s", notes[-1])
         elif cfg.model and cfg.model != model_name:
             message = (f"--query-embeddings {cfg.query_embeddings} was embedded with model {model_name!r}, "
                        f"this run names --model {cfg.model!r}")
             if not cfg.allow_model_mismatch:
                 raise CorpusError(f"{message}; drop one of the two, or pass --allow-model-mismatch")
-            log.warning("allowed mismatch: %s (no model is loaded: the reused vectors are scored)", message)
+            notes.append(f"allowed mismatch: {message} (no model is loaded: the reused vectors are scored)")
+            log.warning("%s", notes[-1])
     check_compatibility(
         corpus,
         model=model_name,
@@ -259,8 +270,9 @@ def run(cfg: ScoreConfig) -> dict:
     blank = [q for q, t in zip(queries.column(schema.QUERY_ID).to_pylist(), queries.column(schema.TEXT).to_pylist())
              if not t.strip()]
     if blank:  # scored as the prompt alone: every page ranks by how well it matches no question
-        log.warning("%d quer%s an empty text (e.g. %s): scored as the query prompt alone", len(blank),
-                    "y has" if len(blank) == 1 else "ies have", ", ".join(blank[:3]))
+        notes.append(f"{len(blank)} quer{'y has' if len(blank) == 1 else 'ies have'} an empty text (e.g. "
+                     f"{', '.join(blank[:3])}): scored as the query prompt alone")
+        log.warning("%s", notes[-1])
     phase("open_inputs")
 
     ensure_ray(cfg.ray_address)
@@ -274,7 +286,8 @@ def run(cfg: ScoreConfig) -> dict:
     t_embed0 = time.perf_counter()
     embed_ref, texts = None, []
     if corpus.num_rows == 0:
-        log.warning("--corpus %s holds no pages: every query's results are empty", cfg.corpus)
+        notes.append(f"--corpus {cfg.corpus} holds no pages: every query's results are empty")
+        log.warning("%s", notes[-1])
     if reused is not None:
         query_emb = reused
         log.info("reusing %d query embeddings from %s (no model loaded)", query_emb.num_rows, cfg.query_embeddings)
@@ -478,7 +491,12 @@ def run(cfg: ScoreConfig) -> dict:
         schema.SCORE: merged.column(schema.SCORE).cast(pa.float32()),
     }, schema=schema.RESULTS_SCHEMA)
     pages_scored = sum(s["pages"] for s in shard_stats)
+    if 0 < pages_scored < cfg.top_k:
+        notes.append(f"the corpus holds {pages_scored} pages, fewer than --top-k {cfg.top_k}: each query has at "
+                     f"most {pages_scored} results")
+        log.warning("%s", notes[-1])
     summary = {
+        "job": "score_queries",
         "corpus": cfg.corpus, "queries_file": cfg.queries, "output": cfg.output,
         "model": model_name, "corpus_model": corpus_model,  # with --query-embeddings: the one that made them
         # the corpus's pool factor (1 = unpooled); a list when mixed (allowed by --allow-model-mismatch)
@@ -513,6 +531,7 @@ def run(cfg: ScoreConfig) -> dict:
     summary["keep_scorers"] = cfg.keep_scorers
     summary["n_actors_reused"] = n_reused
     summary["shard_phases"] = _shard_phases(shard_stats)
+    summary["warnings"] = notes
     summary["total_s"] = round(time.perf_counter() - t_start, 3)
     storage.write_json(storage.join_uri(cfg.output, schema.SUMMARY_FILE), summary, cfg.endpoint_url)
     log.info("phases (s): %s; in the actors: %s", phases, summary["shard_phases"])

@@ -283,3 +283,94 @@ def test_the_job_prints_each_warning_once(tmp_path):
     warnings = json.loads((tmp_path / "out" / "summary.json").read_text())["warnings"]
     assert warnings and all(proc.stderr.count(w) == 1 for w in warnings), proc.stderr
     assert f"{len(warnings)} warning(s) above" in proc.stderr
+
+
+def test_gzipped_qrels_and_runs_are_read(tmp_path):
+    """The README's ".gz is read as gzip": pyarrow already gunzips by extension, and a second
+    gunzip failed on every .gz file (BadGzipFile)."""
+    import gzip
+
+    qrels = write_trec_qrels(tmp_path / "q.txt", [("q1", "a#1", 1), ("q2", "b#1", 1)])
+    run = write_trec_run(tmp_path / "r.trec", [("q1", "a#1", 1, 2.0), ("q2", "x#1", 1, 1.0)])
+    for path in (qrels, run):
+        with open(path, "rb") as f, gzip.open(path + ".gz", "wb") as g:
+            g.write(f.read())
+    assert runs.read_qrels(qrels + ".gz").equals(runs.read_qrels(qrels))
+    assert runs.read_run(run + ".gz").equals(runs.read_run(run))
+    plain, zipped = tmp_path / "plain", tmp_path / "zipped"
+    assert evaluate_job.main(["--run", run, "--qrels", qrels, "--output", str(plain)]) == 0
+    assert evaluate_job.main(["--run", run + ".gz", "--qrels", qrels + ".gz", "--output", str(zipped)]) == 0
+    assert (plain / "metrics.json").read_text() == (zipped / "metrics.json").read_text()
+
+
+def test_qrels_of_another_shape_are_named_for_what_they_are():
+    """A 3-field line, a run file or a CSV passed as qrels: the message says what qrels look
+    like (it said a BEIR header had no query column)."""
+    for text in ("q-revenue 0 reports/2023/annual.pdf#1\n", "query-id,corpus-id,score\nq1,a#1,1\n"):
+        with pytest.raises(ValueError, match="neither a TREC qrels line .* nor a BEIR TSV header"):
+            runs.parse_qrels(text, source="qrels.txt")
+    with pytest.raises(ValueError, match="shape of a TREC run line"):
+        runs.parse_qrels("q1 Q0 a#1 1 3.5 mytag\n")
+
+
+def test_a_run_that_shares_no_query_with_the_qrels_is_refused(tmp_path, capsys):
+    """Every metric would be 0 and the job succeeded: almost surely the wrong qrels file."""
+    qrels = runs.parse_qrels("nomatch1 0 a#1 1\nnomatch2 0 b#1 1\n")
+    run = runs.parse_trec_run("q1 Q0 a#1 1 3.0 t\n")
+    with pytest.raises(ValueError, match="share none"):
+        evaluate.evaluate(qrels, run, ["P@1"])
+    # one query in common is a partial run: evaluated, with its warnings
+    some = evaluate.evaluate(runs.parse_qrels("q1 0 a#1 1\nq2 0 b#1 1\n"), run, ["P@1"])
+    assert some.aggregate["P@1"] == 0.5
+    q = write_trec_qrels(tmp_path / "q.txt", [("nomatch1", "a#1", 1)])
+    r = write_trec_run(tmp_path / "r.trec", [("q1", "a#1", 1, 3.0)])
+    assert evaluate_job.main(["--run", r, "--qrels", q, "--output", str(tmp_path / "out")]) == 2
+    assert "share none" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_no_top_k_advice_for_a_run_that_holds_the_whole_smaller_corpus(tmp_path):
+    """Scored at top-k 10 on an 8-page corpus: the run holds every page, so 'score with a
+    top-k of at least the largest cutoff' cannot be followed; the scoring summary beside the
+    run says so."""
+    qrels = runs.parse_qrels("q1 0 a#1 1\n")
+    run = runs.parse_trec_run("q1 Q0 a#1 1 3.0 t\nq1 Q0 b#1 2 2.0 t\nq1 Q0 c#1 3 1.0 t\n")
+    assert not any("results per query" in w
+                   for w in evaluate.evaluate(qrels, run, ["nDCG@10"], scored_top_k=10).warnings)
+    assert any("results per query" in w for w in evaluate.evaluate(qrels, run, ["nDCG@10"], scored_top_k=3).warnings)
+    folder = tmp_path / "scored"
+    folder.mkdir()
+    pq.write_table(results_table([("q1", "a#1", 1, 3.0), ("q1", "b#1", 2, 2.0)]), folder / "results.parquet")
+    (folder / "summary.json").write_text(json.dumps({"job": "score_queries", "top_k": 10, "n_results": 2}))
+    q = write_trec_qrels(tmp_path / "q.txt", [("q1", "a#1", 1)])
+    assert evaluate_job.main(["--run", str(folder), "--qrels", q, "--output", str(tmp_path / "out")]) == 0
+    assert not any("results per query" in w
+                   for w in json.loads((tmp_path / "out" / "summary.json").read_text())["warnings"])
+
+
+def test_the_job_reports_bad_inputs_in_one_line_and_keeps_other_jobs_folders(tmp_path, capsys):
+    """A missing run or qrels is one line and exit 2 (it was an 'unexpected' error with a
+    traceback file, whose advice --debug the job refused); --output holding another job's
+    summary.json (a scoring run) is refused and left as it was (it was replaced)."""
+    import subprocess
+    import sys
+
+    q = write_trec_qrels(tmp_path / "q.txt", [("q1", "a#1", 1)])
+    r = write_trec_run(tmp_path / "r.trec", [("q1", "a#1", 1, 3.0)])
+    for argv, needle in ((["--run", str(tmp_path / "nope"), "--qrels", q], "nope"),
+                         (["--run", r, "--qrels", str(tmp_path / "qrel.txt")], "qrel.txt")):
+        assert evaluate_job.main([*argv, "--output", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "traceback" not in err
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    for before in (json.dumps({"job": "score_queries", "top_k": 10, "n_results": 1}),
+                   json.dumps({"top_k": 10, "n_results": 1})):  # a scoring summary of before it named its job
+        (scored / "summary.json").write_text(before)
+        assert evaluate_job.main(["--run", r, "--qrels", q, "--output", str(scored)]) == 2
+        assert "another job (score_queries" in capsys.readouterr().err
+        assert (scored / "summary.json").read_text() == before and not (scored / "metrics.json").exists()
+    # its own earlier output is replaced as before; --debug is taken
+    proc = subprocess.run([sys.executable, "-m", "jobs.evaluate", "--run", r, "--qrels", q, "--output",
+                           str(tmp_path / "own"), "--debug"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert evaluate_job.main(["--run", r, "--qrels", q, "--output", str(tmp_path / "own")]) == 0

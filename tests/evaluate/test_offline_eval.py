@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import ir_measures
 import pyarrow.parquet as pq
@@ -160,8 +161,9 @@ def test_flags_override_yaml_and_bad_config_fails_fast(setup, capsys):
         offline_eval_config(None, {"corpus": "c", "queries": "q", "output_root": "o"})
 
     good = _run_file(tmp, "good", setup["targets"], setup["pages"], hits=8)
-    with pytest.raises(ValueError, match="embedded with max_visual_tokens=768.*asks for 1024"):
-        offline_eval.main(["--config", setup["config"], "--max-visual-tokens", "1024", "--run", good])
+    capsys.readouterr()
+    assert offline_eval.main(["--config", setup["config"], "--max-visual-tokens", "1024", "--run", good]) == 2
+    assert re.search("embedded with max_visual_tokens=768.*asks for 1024", capsys.readouterr().err)
 
 
 def test_end_to_end_with_the_scoring_job(setup, ray_session):
@@ -226,8 +228,8 @@ def test_a_failed_run_leaves_a_summary_and_a_failed_history_row(setup):
     """The history records the failure (no metrics), and the next run compares with the
     last run that succeeded, not with the failed one."""
     tmp = setup["tmp"]
-    with pytest.raises(FileNotFoundError):
-        offline_eval.main(["--config", setup["config"], "--run-id", "broken", "--run", str(tmp / "missing.trec")])
+    # a missing input is one line and exit 2 (it was an unexpected error, exit 1)
+    assert offline_eval.main(["--config", setup["config"], "--run-id", "broken", "--run", str(tmp / "missing.trec")]) == 2
     summary = _summary(tmp, "broken")
     assert summary["exit_status"] == 1 and summary["result"].startswith("FAILED run broken: FileNotFoundError")
     table = history.read_history(str(tmp / "runs" / "history"))
@@ -253,7 +255,8 @@ def test_an_earlier_run_is_recorded_with_its_own_top_k_and_model(setup, caplog):
                               "--run", str(folder / "results.parquet")]) in (0, offline_eval.EXIT_REGRESSION)
     row = history.read_history(str(tmp / "runs" / "history")).iloc[-1]
     assert row["run_id"] == "day2" and row["top_k"] == 1 and row["model"] == "m/other"
-    assert "was scored at top-k 1, the config says 10" in caplog.text
+    assert "was scored at top-k 1, the configured top-k is 10" in caplog.text
+    assert any("scored at top-k 1" in w for w in _summary(tmp, "day2")["warnings"])  # it was only logged
     assert "top_k" in json.dumps(_summary(tmp, "day2")["comparisons"])
 
 
@@ -276,3 +279,32 @@ def test_a_gzipped_trec_run_finds_the_summary_beside_it(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"top_k": 3, "model": "m/x", "n_results": 6}))
     for name in ("run.trec.gz", "run.trec", "results.parquet", ""):
         assert flow._run_summary(str(tmp_path / name) if name else str(tmp_path), None)["top_k"] == 3, name
+
+
+def test_a_baseline_that_cannot_be_found_is_refused(setup, capsys):
+    """--baseline with a typo (a run id not in the history, a metrics.json that is not there)
+    exits 2 naming it; it was a warning and 'no regression', which hid the regression that
+    the pinned baseline catches."""
+    tmp = setup["tmp"]
+    good = _run_file(tmp, "good", setup["targets"], setup["pages"], hits=8)
+    bad = _run_file(tmp, "bad", setup["targets"], setup["pages"], hits=2)
+    assert offline_eval.main(["--config", setup["config"], "--run-id", "good", "--run", good, "--pin-baseline"]) == 0
+    for baseline in ("nosuchrun", str(tmp / "missing" / "metrics.json")):
+        capsys.readouterr()
+        assert offline_eval.main(["--config", setup["config"], "--run-id", "w3", "--run", bad,
+                                  "--baseline", baseline]) == 2
+        err = capsys.readouterr().err
+        assert f"--baseline {baseline}" in err and "latest: good" in err, err
+        assert _summary(tmp, "w3")["result"].startswith("FAILED run w3")
+    assert offline_eval.main(["--config", setup["config"], "--run-id", "w4", "--run", bad]) == offline_eval.EXIT_REGRESSION
+    assert _summary(tmp, "w4")["baseline"] == "run good"
+
+
+def test_a_mistyped_qrels_fails_before_any_scoring(setup, capsys):
+    """The qrels are read before the scoring job runs (a typo failed only after a whole
+    scoring run); no Ray is started, nothing is scored."""
+    tmp = setup["tmp"]
+    assert offline_eval.main(["--config", setup["config"], "--run-id", "q", "--qrels", str(tmp / "qrel.txt")]) == 2
+    assert "qrel.txt" in capsys.readouterr().err
+    assert not (tmp / "runs" / "q" / "scores").exists()
+    assert history.read_history(str(tmp / "runs" / "history")).iloc[-1]["status"] == "failed"

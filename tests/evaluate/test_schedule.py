@@ -145,3 +145,10 @@ def test_a_failed_period_is_tried_again_by_the_next_trigger(ray_cluster, tmp_pat
     assert schedule.wait_for(client, used, timeout_s=120, poll_s=0.5) == "SUCCEEDED"
     submitted, message, used = schedule.submit_once(client, sub_id, entrypoint)
     assert not submitted and used == f"{sub_id}-r2" and f"{ALREADY} (status SUCCEEDED)" in message
+
+
+def test_a_now_that_is_not_an_iso_time_is_a_usage_error(capsys):
+    """--now yesterday: exit 2 with the format to use (it was an unexpected ValueError)."""
+    with pytest.raises(SystemExit) as exc:
+        schedule_eval.main(["--config", "eval.yaml", "--now", "yesterday"])
+    assert exc.value.code == 2 and "is not an ISO time" in capsys.readouterr().err

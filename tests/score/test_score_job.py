@@ -265,6 +265,19 @@ def test_refuses_a_folder_that_is_not_a_corpus_and_an_output_that_is_one(ray_ses
     (nothing / "summary.json").write_text("{}")
     assert score_queries.main(["--corpus", str(nothing), "--output", str(tmp_path / "r0"), "-v", *argv]) == 0
     assert pq.read_table(tmp_path / "r0" / "results.parquet").num_rows == 0
+    r0 = json.loads((tmp_path / "r0" / "summary.json").read_text())
+    assert r0["job"] == "score_queries" and any("holds no pages" in w for w in r0["warnings"])
+    # a top-k above the corpus's pages: said, in the log and the summary
+    assert score_queries.main(["--corpus", data["corpus"], "--output", str(tmp_path / "r1"), *argv[:2],
+                               "--top-k", "100", *argv[4:]]) == 0
+    assert any(re.search(r"holds \d+ pages, fewer than --top-k 100", w)
+               for w in json.loads((tmp_path / "r1" / "summary.json").read_text())["warnings"])
+    # an evaluation's folder is not written over (its summary.json was replaced)
+    evaluated = tmp_path / "evaluated"
+    evaluated.mkdir()
+    (evaluated / "summary.json").write_text('{"job": "offline_eval", "result": "run x: no regression"}')
+    refused(["--corpus", str(nothing), "--output", str(evaluated), *argv], r"another job \(offline_eval\)", capsys)
+    assert json.loads((evaluated / "summary.json").read_text())["job"] == "offline_eval"
 
     corpus = str(tmp_path / "emb")
     shutil.copytree(data["corpus"], corpus)
@@ -301,6 +314,7 @@ def test_embeds_unicode_queries_with_the_model_and_rescoring_matches(ray_session
     argv = ["--corpus", corpus, "--queries", qfile, "--output", str(out), "--top-k", "4"]
     assert score_queries.main(argv) == 0
     assert "1 query has an empty text (e.g. empty)" in caplog.text  # scored, and said
+    assert any("1 query has an empty text" in w for w in json.loads((out / "summary.json").read_text())["warnings"])
     qe = pq.read_table(out / "query_embeddings.parquet")
     assert qe.column("text").to_pylist() == texts
     # which model and prompt made them, for a later --query-embeddings to check
