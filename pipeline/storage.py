@@ -112,6 +112,22 @@ def storage_unavailable(uri: str, endpoint_url: str | None, exc: BaseException, 
                                    f"attempts (timeout {_settings.timeout_s:g} s each): {cause}")
 
 
+def read_failure(flag: str, uri: str, endpoint_url: str | None, exc: OSError) -> Exception | None:
+    """What to raise for an OSError met while reading an input given as ``flag`` (e.g.
+    ``--corpus``): a :class:`StorageAccessError` for a refusal (no or wrong credentials), a
+    :class:`StorageUnavailableError` for storage that did not answer, both naming the URI and
+    the endpoint; None for other errors (a missing object, ...), which keep their own message.
+    pyarrow's own text named neither (``curlCode: 7``, ``ACCESS_DENIED during HeadObject``)."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, PermissionError) or "ACCESS_DENIED" in text or "AccessDenied" in text:
+        return StorageAccessError(f"cannot read {flag} {_where(uri, endpoint_url)}: access denied ({text}). Check "
+                                  "the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the "
+                                  "node's role) and the endpoint (--endpoint-url, AWS_ENDPOINT_URL)")
+    if is_storage_failure(exc):
+        return storage_unavailable(uri, endpoint_url, exc, f"read {flag}")
+    return None
+
+
 @functools.lru_cache(maxsize=16)
 def _s3(endpoint: str | None, timeout_s: float = DEFAULT_TIMEOUT_S, attempts: int = DEFAULT_ATTEMPTS) -> pafs.S3FileSystem:
     kwargs: dict = {"connect_timeout": timeout_s, "request_timeout": timeout_s,

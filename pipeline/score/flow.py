@@ -210,6 +210,19 @@ def _refuse_an_embedding_output(cfg: ScoreConfig) -> None:
                           "would be read back as pages; give the run a folder of its own")
 
 
+def _reading(flag: str, uri: str, endpoint_url: str | None, fn, *args):
+    """``fn(*args)``, with storage that refuses or does not answer said as one line naming the
+    flag, the URI and the endpoint (:func:`pipeline.storage.read_failure`)."""
+    try:
+        return fn(*args)
+    except OSError as exc:
+        said = storage.read_failure(flag, uri, endpoint_url, exc)
+        if said is None:
+            raise
+        # before any work: an input error (exit 2), unavailable storage included
+        raise storage.StorageAccessError(str(said)) from None
+
+
 def run(cfg: ScoreConfig) -> dict:
     """Score ``cfg.queries`` against ``cfg.corpus`` on the connected (or an embedded) Ray
     cluster; returns the summary it writes.
@@ -231,10 +244,11 @@ def run(cfg: ScoreConfig) -> dict:
 
     # Everything that can be wrong with the inputs fails here, before any heavy work.
     notes: list[str] = []  # the warnings of this run, also in summary.json ("warnings")
-    corpus = open_corpus(cfg.corpus, cfg.endpoint_url, cfg.generation)
+    corpus = _reading("--corpus", cfg.corpus, cfg.endpoint_url, open_corpus, cfg.corpus, cfg.endpoint_url,
+                      cfg.generation)
     storage.open_filesystem(cfg.output, cfg.endpoint_url)  # gs://: credentials and bucket checked now
-    _refuse_an_embedding_output(cfg)
-    queries = read_queries(cfg.queries, cfg.endpoint_url)
+    _reading("--output", cfg.output, cfg.endpoint_url, _refuse_an_embedding_output, cfg)
+    queries = _reading("--queries", cfg.queries, cfg.endpoint_url, read_queries, cfg.queries, cfg.endpoint_url)
     corpus_model = corpus.metadata.get(schema.META_MODEL.decode())
     model_name = cfg.model or corpus_model or DEFAULT_MODEL
     query_prompt = schema.QUERY_PROMPT

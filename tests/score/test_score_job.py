@@ -462,3 +462,36 @@ def test_page_cache_and_read_ahead_change_no_result(ray_session, data, tmp_path)
     again, sources = run("again", cache=True)
     assert again.equals(plain)
     assert sorted(sources) == ["cache", "cache"] + ["parquet, cache written"] * 3
+
+
+def test_storage_that_refuses_or_does_not_answer_is_named(s3, data, tmp_path):
+    """An s3:// corpus read without credentials, or from an endpoint that does not answer: one
+    line, exit 2, naming the flag, the URI and the endpoint (it was pyarrow's 'ACCESS_DENIED
+    during HeadObject' or 'curlCode: 7', exit 1, with a traceback file)."""
+    import subprocess
+    import sys
+
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint_url)
+    client.create_bucket(Bucket="score-in")
+    for folder, _, files in os.walk(data["corpus"]):
+        for name in files:
+            path = os.path.join(folder, name)
+            client.upload_file(path, "score-in", "emb/" + os.path.relpath(path, data["corpus"]))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    argv = [sys.executable, "-m", "jobs.score_queries", "--corpus", "s3://score-in/emb", "--queries",
+            data["queries_file"], "--output", str(tmp_path / "out"), "--top-k", "3"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_DEFAULT_REGION="us-east-1", AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true", PYTHONPATH=root)
+    proc = subprocess.run([*argv, "--endpoint-url", s3.endpoint_url], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=root)
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot read --corpus s3://score-in/emb (endpoint {s3.endpoint_url}): access denied" in proc.stderr
+    assert "Check the credentials" in proc.stderr and "traceback" not in proc.stderr
+    env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    proc = subprocess.run([*argv, "--endpoint-url", "http://127.0.0.1:9"], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert proc.returncode == 2, proc.stderr
+    assert "could not read --corpus s3://score-in/emb (endpoint http://127.0.0.1:9)" in proc.stderr, proc.stderr
