@@ -30,7 +30,15 @@ def strip(path: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    paths = (argv if argv is not None else sys.argv[1:]) or sorted(glob.glob(os.path.join(REPO_ROOT, "notebooks", "*.ipynb")))
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.analysis.strip", description=__doc__.split("\n")[0])
+    parser.add_argument("notebooks", nargs="*", help="notebooks to strip in place (default: notebooks/*.ipynb)")
+    args = parser.parse_args(argv if argv is not None else sys.argv[1:])
+    paths = args.notebooks or sorted(glob.glob(os.path.join(REPO_ROOT, "notebooks", "*.ipynb")))
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        parser.error(f"no such notebook: {', '.join(missing)}")
     for p in paths:
         print(("stripped " if strip(p) else "clean    ") + p)
     return 0

@@ -56,3 +56,22 @@ def test_notebook_runs_and_draws_its_figures(name, demo_run, monkeypatch):
             drawn.add(tag)
     assert drawn == EXPECTED[name]
     assert time.time() - started < 90
+
+
+def test_the_strip_tool_teaches_and_refuses_what_is_not_a_notebook(tmp_path, capsys):
+    """`--help` printed usage (it was read as a notebook path and ended in a traceback); a path
+    that is not there is a usage error; a notebook with outputs is stripped."""
+    from pipeline.analysis import strip
+
+    with pytest.raises(SystemExit) as exc:
+        strip.main(["--help"])
+    assert exc.value.code == 0 and "notebooks to strip" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        strip.main([str(tmp_path / "nope.ipynb")])
+    assert exc.value.code == 2 and "no such notebook" in capsys.readouterr().err
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1", execution_count=3, outputs=[
+        nbformat.v4.new_output("execute_result", data={"text/plain": "1"}, execution_count=3)])])
+    nbformat.write(nb, tmp_path / "a.ipynb")
+    assert strip.main([str(tmp_path / "a.ipynb")]) == 0
+    cell = nbformat.read(tmp_path / "a.ipynb", as_version=4).cells[0]
+    assert cell.outputs == [] and cell.execution_count is None
