@@ -42,20 +42,37 @@ def notebook_inputs(env=None) -> dict:
     judgements that mark relevant hits), ``VDR_THUMBS`` (thumbnail cache folder),
     ``VDR_ENDPOINT_URL``."""
     env = os.environ if env is None else env
-    demo = env.get("VDR_DEMO_DIR") or os.path.join(REPO_ROOT, "demo")
+
+    def given(name: str) -> str | None:
+        """A variable's URI; a relative local path is taken from the working directory, else
+        from the repository root (Jupyter runs a notebook's kernel in notebooks/, so
+        ``VDR_CORPUS=demo/embeddings-768`` named notebooks/demo/... and was not found)."""
+        value = env.get(name) or None
+        if value is None or "://" in value or os.path.isabs(value):
+            return value
+        for base in (os.getcwd(), REPO_ROOT):
+            if os.path.exists(os.path.join(base, value)):
+                return os.path.abspath(os.path.join(base, value))
+        return value
+
+    demo = given("VDR_DEMO_DIR") or os.path.join(REPO_ROOT, "demo")
+    if not os.path.isdir(demo) and "://" not in demo and not any(
+            env.get(k) for k in env if k.startswith("VDR_") and k not in ("VDR_DEMO_DIR", "VDR_ENDPOINT_URL")):
+        raise FileNotFoundError(f"no demo outputs at {demo}: run `python -m jobs.demo` first, or name your outputs "
+                                "with VDR_CORPUS, VDR_RUN_A/VDR_RUN_B, VDR_HISTORY, ... (see the README's Notebooks)")
     d = demo_paths(demo)
     a, b = (d["runs"][x] for x in DEFAULT_BUDGETS)
     return {
         "demo": demo,
-        "corpus": env.get("VDR_CORPUS") or a["corpus"],
-        "corpus_b": env.get("VDR_CORPUS_B") or b["corpus"],
-        "run_a": env.get("VDR_RUN_A") or a["scores"],
-        "run_b": env.get("VDR_RUN_B") or b["scores"],
-        "history": env.get("VDR_HISTORY") or d["history"],
-        "eval_a": env.get("VDR_EVAL_A") or a["eval"],
-        "eval_b": env.get("VDR_EVAL_B") or b["eval"],
-        "qrels": env.get("VDR_QRELS") or d["qrels"],
-        "thumbs": env.get("VDR_THUMBS") or os.path.join(demo, "thumbnails"),
+        "corpus": given("VDR_CORPUS") or a["corpus"],
+        "corpus_b": given("VDR_CORPUS_B") or b["corpus"],
+        "run_a": given("VDR_RUN_A") or a["scores"],
+        "run_b": given("VDR_RUN_B") or b["scores"],
+        "history": given("VDR_HISTORY") or d["history"],
+        "eval_a": given("VDR_EVAL_A") or a["eval"],
+        "eval_b": given("VDR_EVAL_B") or b["eval"],
+        "qrels": given("VDR_QRELS") or d["qrels"],
+        "thumbs": given("VDR_THUMBS") or os.path.join(demo, "thumbnails"),
         "endpoint_url": env.get("VDR_ENDPOINT_URL") or None,
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -140,11 +141,23 @@ def test_wins_and_losses_per_query():
     assert np.isclose(wl.loc[wl["query_id"] == "q2", "delta"].item(), -0.7)
 
 
-def test_notebook_inputs_default_to_the_demo_and_take_variables():
-    d = inputs.notebook_inputs({})
-    assert d["corpus"].endswith("embeddings-768") and d["run_b"].endswith("tokens-256")
+def test_notebook_inputs_default_to_the_demo_and_take_variables(tmp_path, monkeypatch):
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    d = inputs.notebook_inputs({"VDR_DEMO_DIR": str(demo)})
+    assert d["corpus"] == str(demo / "embeddings-768") and d["run_b"].endswith("tokens-256")
     d = inputs.notebook_inputs({"VDR_DEMO_DIR": "/x", "VDR_RUN_A": "s3://b/runs/r1"})
     assert d["corpus"] == "/x/embeddings-768" and d["run_a"] == "s3://b/runs/r1" and d["history"] == "/x/eval/history"
+    # no demo and no output named: what to run first (it was a traceback deep in a reader)
+    with pytest.raises(FileNotFoundError, match="run `python -m jobs.demo` first"):
+        inputs.notebook_inputs({"VDR_DEMO_DIR": str(tmp_path / "nodemo")})
+    # relative paths: from the working directory, else from the repository root (Jupyter's
+    # kernel runs in notebooks/, where VDR_CORPUS=demo/... was not found)
+    (tmp_path / "work" / "emb").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    d = inputs.notebook_inputs({"VDR_DEMO_DIR": str(demo), "VDR_CORPUS": "emb", "VDR_QRELS": "pyproject.toml"})
+    assert d["corpus"] == str(tmp_path / "work" / "emb")
+    assert d["qrels"] == os.path.join(inputs.REPO_ROOT, "pyproject.toml")
 
 
 def test_two_runs_get_labels_that_tell_them_apart():
