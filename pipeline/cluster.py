@@ -78,6 +78,13 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
             decide_later = True  # once connected: this machine alone, and no autoscaler?
     if not submitted:
         runtime_env = with_worker_env(runtime_env)
+    stale = stale_local_cluster() if address is None else None
+    if stale:
+        # Ray would try to join it for minutes, saying only "Failed to connect to GCS"
+        log.warning("the Ray cluster last started on this machine (%s, recorded in %s) does not answer: it was "
+                    "stopped without `ray stop`. Starting a local Ray for this job instead; `ray stop` removes the "
+                    "record, and --ray-address / RAY_ADDRESS name a cluster to join", *stale)
+        address = "local"
     ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **init_kwargs)
     if decide_later:
         alive = [n.get("NodeID") for n in ray.nodes() if n.get("Alive")]
@@ -91,6 +98,29 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
             ray.init(address=address or "auto", runtime_env=with_worker_env(code_runtime_env()), log_to_driver=True,
                      **init_kwargs)
     log.info("Ray resources: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
+
+
+def stale_local_cluster(temp_dir: str | None = None, timeout_s: float = 2.0) -> tuple[str, str] | None:
+    """(address, record file) of the cluster that ``ray start`` last recorded on this machine
+    (``/tmp/ray/ray_current_cluster``), where nothing answers at its address any more; None
+    where there is no record, it answers, or the record cannot be read."""
+    import socket
+
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        record = get_ray_address_file(temp_dir)
+        with open(record) as f:
+            address = f.read().strip()
+        host, port = address.rsplit(":", 1)
+        port_number = int(port)
+    except Exception:  # noqa: BLE001 - no record (the usual case), or a Ray without this layout
+        return None
+    try:
+        socket.create_connection((host, port_number), timeout=timeout_s).close()
+        return None
+    except OSError:
+        return address, record
 
 
 def started_here() -> bool:

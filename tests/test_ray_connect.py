@@ -1,0 +1,24 @@
+"""A Ray cluster that `ray start` recorded on this machine and that was stopped without
+`ray stop`: the jobs start a local Ray instead of retrying "Failed to connect to GCS" for
+minutes with no word of their own (found 2026-12-06)."""
+
+from __future__ import annotations
+
+import socket
+
+from pipeline.cluster import stale_local_cluster
+
+
+def test_a_recorded_cluster_that_does_not_answer_is_found_stale(tmp_path):
+    assert stale_local_cluster(str(tmp_path)) is None  # no record: Ray starts a local cluster anyway
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        (tmp_path / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+        assert stale_local_cluster(str(tmp_path)) is None  # it answers: joined as before
+    # the same address with nothing listening any more
+    address, record = stale_local_cluster(str(tmp_path), timeout_s=1.0)
+    assert address == f"127.0.0.1:{port}" and record == str(tmp_path / "ray_current_cluster")
+    (tmp_path / "ray_current_cluster").write_text("garbage")
+    assert stale_local_cluster(str(tmp_path)) is None
