@@ -38,12 +38,23 @@ class PatchGrid:
 
 
 @lru_cache(maxsize=8)
+def _tokenizer(model: str):
+    """The model's tokenizer. transformers imports ``tqdm.auto``, which in a notebook without
+    ipywidgets prints a TqdmWarning ("IProgress not found") under the cell: nothing here
+    shows a progress bar, so that one warning is not shown."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
 def prompt_token_counts(model: str) -> tuple[int, int]:
     """(prefix, suffix) token counts of the image prompt around its image tokens, with the
     tokenizer of ``model`` (a local checkpoint folder or a hub name in the local cache)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
+    tok = _tokenizer(model)
     before, after = schema.IMAGE_PROMPT.split(IMAGE_TOKEN)
     return (len(tok(before, add_special_tokens=False)["input_ids"]),
             len(tok(after, add_special_tokens=False)["input_ids"]))
@@ -107,9 +118,7 @@ def maxsim_map(maps: np.ndarray) -> np.ndarray:
 
 def query_tokens(model: str, text: str) -> list[str]:
     """The query's tokens as the model reads them (``schema.QUERY_PROMPT``), one per vector."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
+    tok = _tokenizer(model)
     ids = tok(schema.QUERY_PROMPT.format(text=text), add_special_tokens=False)["input_ids"]
     return [tok.decode([i]) for i in ids]
 
