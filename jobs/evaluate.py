@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from pipeline import storage
+from pipeline import cli, storage
 from pipeline.config import DEFAULT_MEASURES, EvaluateConfig
 from pipeline.evaluate import flow
 
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         flow.refuse_another_jobs_output(cfg.output, cfg.endpoint_url, allowed=("evaluate",))
         summary = flow.run_evaluation(cfg)
     except flow.INPUT_ERRORS as exc:
+        if cli.debugging():
+            raise
         return print(f"error: {exc}", file=sys.stderr) or 2
     print(format_metrics(summary["metrics"]))
     if summary["warnings"]:  # each was logged above as it was found

@@ -6,7 +6,9 @@ Flags override the YAML file; the resolved config is written to ``OUT/config.yam
 ``OUT = output_root/run_id`` (the outputs: :mod:`pipeline.evaluate.flow`).
 
 Exit status: 0, or 3 when a metric dropped by more than the configured amount against the
-previous run or the baseline (the summary says which), or 1 on an error.
+previous run or the baseline (the summary says which), 2 for an input that cannot be used as
+given (a missing or malformed file, a baseline that is not there, a corpus the scoring job
+refuses), checked before anything is scored, or 1 on another error.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import sys
 from datetime import datetime, timezone
 
+from pipeline import cli
 from pipeline.config import offline_eval_config
 from pipeline.evaluate import flow, history
 
@@ -52,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _scoring_input_errors() -> tuple:
+    """The scoring job's refusals (a corpus or queries it cannot score as given), where the
+    scoring flow was imported (it imports Ray)."""
+    score_flow = sys.modules.get("pipeline.score.flow")
+    return tuple(score_flow.INPUT_ERRORS) if score_flow is not None else ()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -70,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status, summary = flow.run_offline_eval(cfg, run_id=run_id, pin_baseline=args.pin_baseline, now=now)
     except Exception as exc:
-        flow.write_failure(cfg, run_id, now, exc)  # a scheduled run that fails leaves a history row
-        if isinstance(exc, flow.INPUT_ERRORS):  # inputs as given (files, baseline, corpus): one line, exit 2
-            return print(f"error: {exc}", file=sys.stderr) or 2
+        # inputs as given (files, baseline, corpus; the scoring job's own refusals): one line, exit 2
+        refused = isinstance(exc, flow.INPUT_ERRORS + _scoring_input_errors())
+        # a scheduled run that fails leaves a history row (unless the run id has results already)
+        flow.write_failure(cfg, run_id, now, exc, exit_status=2 if refused else 1)
+        if refused and not cli.debugging():
+            return print(f"error: {cli.one_line(exc).split(': ', 1)[-1]}", file=sys.stderr) or 2
         raise
     print(", ".join(f"{k}={v:.4f}" for k, v in summary["metrics"].items()))
     if summary["warnings"]:  # each was logged above as it was found

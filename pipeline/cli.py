@@ -74,6 +74,11 @@ def one_line(exc: BaseException) -> str:
     return text if len(text) <= MAX_LINE else text[: MAX_LINE - 3] + "..."
 
 
+def debugging() -> bool:
+    """Whether ``--debug`` or ``PIPELINE_DEBUG=1`` asked for tracebacks."""
+    return os.environ.get("PIPELINE_DEBUG", "") not in ("", "0")
+
+
 def _knows_debug(main: Callable) -> bool:
     """Whether the job's own parser defines --debug (then it is passed on)."""
     module = sys.modules.get(getattr(main, "__module__", ""), None)
@@ -90,7 +95,9 @@ def guarded(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
             prog: str | None = None) -> int:
     """Run ``main(argv)``; any exception it lets out ends as one line and exit code 1."""
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args or os.environ.get("PIPELINE_DEBUG", "") not in ("", "0")
+    debug = "--debug" in args or debugging()
+    if debug:  # the jobs' own one-line refusals re-raise, so the traceback is printed below
+        os.environ["PIPELINE_DEBUG"] = "1"
     prog = prog or os.path.basename(sys.argv[0] or "job")
     try:
         # --debug is this wrapper's, taken by every job (a job whose parser did not know it

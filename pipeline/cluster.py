@@ -102,25 +102,37 @@ def ensure_ray(address: str | None = None, **init_kwargs) -> None:
 
 def stale_local_cluster(temp_dir: str | None = None, timeout_s: float = 2.0) -> tuple[str, str] | None:
     """(address, record file) of the cluster that ``ray start`` last recorded on this machine
-    (``/tmp/ray/ray_current_cluster``), where nothing answers at its address any more; None
-    where there is no record, it answers, or the record cannot be read."""
+    (``/tmp/ray/ray_current_cluster``), where that cluster's head ran on this machine and its
+    port now refuses connections: stopped without ``ray stop``. None where there is no record,
+    the head is another machine (a worker or login node: a slow or restarting head is Ray's to
+    wait for), it answers, or the record cannot be read."""
     import socket
 
     try:
+        from ray._common.network_utils import parse_address
         from ray._common.utils import get_ray_address_file
 
         record = get_ray_address_file(temp_dir)
         with open(record) as f:
             address = f.read().strip()
-        host, port = address.rsplit(":", 1)
+        host, port = parse_address(address)  # [::1]:6379 too
         port_number = int(port)
+        local = {"localhost", "127.0.0.1", "::1"}
+        try:
+            local |= set(socket.gethostbyname_ex(socket.gethostname())[2])
+        except OSError:
+            pass
     except Exception:  # noqa: BLE001 - no record (the usual case), or a Ray without this layout
         return None
-    try:
-        socket.create_connection((host, port_number), timeout=timeout_s).close()
+    if host.strip("[]") not in local and not host.startswith("127."):
         return None
-    except OSError:
+    try:
+        socket.create_connection((host.strip("[]"), port_number), timeout=timeout_s).close()
+        return None
+    except ConnectionRefusedError:
         return address, record
+    except OSError:  # a timeout or another failure: not clearly gone
+        return None
 
 
 def started_here() -> bool:

@@ -120,9 +120,15 @@ def read_failure(flag: str, uri: str, endpoint_url: str | None, exc: OSError) ->
     pyarrow's own text named neither (``curlCode: 7``, ``ACCESS_DENIED during HeadObject``)."""
     text = " ".join(str(exc).split())
     if isinstance(exc, PermissionError) or "ACCESS_DENIED" in text or "AccessDenied" in text:
-        return StorageAccessError(f"cannot read {flag} {_where(uri, endpoint_url)}: access denied ({text}). Check "
-                                  "the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the "
-                                  "node's role) and the endpoint (--endpoint-url, AWS_ENDPOINT_URL)")
+        if urlparse(uri).scheme.lower() in ("s3", "s3a"):
+            hint = ("Check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the node's "
+                    "role), the endpoint (--endpoint-url, AWS_ENDPOINT_URL) and the path: without s3:ListBucket, S3 "
+                    "answers a missing key with access denied too")
+        elif urlparse(uri).scheme.lower() in ("gs", "gcs"):
+            hint = "Check the credentials (GOOGLE_APPLICATION_CREDENTIALS) and the path"
+        else:
+            hint = "Check the file's permissions"
+        return StorageAccessError(f"cannot read {flag} {_where(uri, endpoint_url)}: access denied ({text}). {hint}")
     if is_storage_failure(exc):
         return storage_unavailable(uri, endpoint_url, exc, f"read {flag}")
     return None

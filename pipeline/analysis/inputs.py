@@ -56,8 +56,8 @@ def notebook_inputs(env=None) -> dict:
         return value
 
     demo = given("VDR_DEMO_DIR") or os.path.join(REPO_ROOT, "demo")
-    if not os.path.isdir(demo) and "://" not in demo and not any(
-            env.get(k) for k in env if k.startswith("VDR_") and k not in ("VDR_DEMO_DIR", "VDR_ENDPOINT_URL")):
+    named = ("VDR_CORPUS", "VDR_CORPUS_B", "VDR_RUN_A", "VDR_RUN_B", "VDR_HISTORY", "VDR_EVAL_A", "VDR_EVAL_B")
+    if not os.path.isdir(demo) and "://" not in demo and not any(env.get(k) for k in named):
         raise FileNotFoundError(f"no demo outputs at {demo}: run `python -m jobs.demo` first, or name your outputs "
                                 "with VDR_CORPUS, VDR_RUN_A/VDR_RUN_B, VDR_HISTORY, ... (see the README's Notebooks)")
     d = demo_paths(demo)

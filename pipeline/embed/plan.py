@@ -316,14 +316,12 @@ def plan_documents(cfg: EmbedConfig) -> tuple[pa.Table, dict]:
 
 def looks_local(name: str) -> bool:
     """A model given as a local path, not a hub id: absolute, ./ or ../, an existing path, or a
-    relative path that no hub id can be (a hub id is ``name`` or ``org/name``: more parts, or an
-    ``org`` that is a folder here, is a path)."""
+    relative path that no hub id can be (a hub id is ``name`` or ``org/name``; more parts are a
+    path). ``org/name`` that is not here stays a hub id even where a folder ``org`` exists (a
+    ``vidore/`` data folder must not turn the default vidore/colqwen2-v1.0-hf into a path)."""
     if name.startswith(("/", "./", "../", "~", "file://")) or os.path.exists(name):
         return True
-    if "://" in name:
-        return False
-    parts = name.split("/")
-    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+    return "://" not in name and len(name.split("/")) > 2
 
 
 def check_model(name: str, endpoint_url: str | None = None) -> str:

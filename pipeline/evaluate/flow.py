@@ -55,13 +55,31 @@ def measure_names(extra: list[str]) -> list[str]:
     return [str(m) for m in parse_measures(list(DEFAULT_MEASURES) + split_measures(extra))]
 
 
-class EvaluationInputError(ValueError):
-    """An input of an evaluation that cannot be used as given (the jobs exit 2 on it)."""
+EvaluationInputError = runs.EvaluationInputError
 
 
-# What the evaluation jobs report as one line and exit 2: inputs missing or unreadable as given.
-INPUT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, storage.StorageAccessError,
-                storage.ForeignFileError)
+# What the evaluation jobs report as one line and exit 2: inputs missing or unreadable as given,
+# raised where an input is read (:func:`read_input`), never a bare ValueError from deeper code,
+# which stays an unexpected error with its traceback (exit 1).
+INPUT_ERRORS = (EvaluationInputError, storage.StorageAccessError, storage.ForeignFileError)
+
+
+def read_input(flag: str, uri: str, read, *args):
+    """``read(*args)``; a missing or unreadable input (not found, not parseable as given) is
+    raised as :class:`EvaluationInputError` naming ``flag`` and ``uri``."""
+    try:
+        return read(*args)
+    except (OSError, ValueError) as exc:  # ValueError: parsing (formats, UnicodeDecodeError, JSON)
+        if isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, IsADirectoryError,
+                                                             NotADirectoryError, PermissionError)):
+            said = storage.read_failure(flag, uri, None, exc)
+            if said is None:
+                raise
+            raise EvaluationInputError(str(said)) from exc
+        text = " ".join(str(exc).split())
+        if text.startswith(flag):
+            raise EvaluationInputError(text) from exc
+        raise EvaluationInputError(f"{flag}: {text}" if uri in text else f"{flag} {uri}: {text}") from exc
 
 
 def refuse_another_jobs_output(output: str, endpoint_url: str | None, allowed: tuple[str, ...]) -> None:
@@ -69,7 +87,7 @@ def refuse_another_jobs_output(output: str, endpoint_url: str | None, allowed: t
     offline evaluation) is not written over: its summary would be replaced (2026-12-06)."""
     try:
         found = storage.read_json(storage.join_uri(output, "summary.json"), endpoint_url)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+    except (OSError, ValueError):  # none, or not readable (S3 answers 403 for a missing key without ListBucket)
         return
     if not isinstance(found, dict):
         return
@@ -85,9 +103,10 @@ def run_evaluation(cfg: EvaluateConfig, qrels=None) -> dict:
     """Read, evaluate and write; returns the summary (also written as summary.json).
     ``qrels``: already read (the offline evaluation reads them before it scores)."""
     started = time.time()
-    qrels = runs.read_qrels(cfg.qrels, cfg.endpoint_url) if qrels is None else qrels
-    run = runs.read_run(cfg.run, cfg.endpoint_url)
-    corpus_ids = runs.read_corpus_page_ids(cfg.corpus, cfg.endpoint_url) if cfg.corpus else None
+    ep = cfg.endpoint_url
+    qrels = read_input("--qrels", cfg.qrels, runs.read_qrels, cfg.qrels, ep) if qrels is None else qrels
+    run = read_input("--run", cfg.run, runs.read_run, cfg.run, ep)
+    corpus_ids = read_input("--corpus", cfg.corpus, runs.read_corpus_page_ids, cfg.corpus, ep) if cfg.corpus else None
     scored_top_k = _run_summary(cfg.run, cfg.endpoint_url).get("top_k")
     result = evaluate.evaluate(qrels, run, list(cfg.measures), corpus_page_ids=corpus_ids, ranking=cfg.ranking,
                                scored_top_k=scored_top_k)
@@ -132,7 +151,7 @@ def _run_summary(run_uri: str, endpoint_url: str | None) -> dict:
         folder = folder.rsplit("/", 1)[0]
     try:
         found = storage.read_json(storage.join_uri(folder, "summary.json"), endpoint_url)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
+    except (OSError, ValueError):  # none, or not readable: the run file alone is evaluated
         return {}
     return found if isinstance(found, dict) and found.get("n_results") is not None else {}
 
@@ -145,30 +164,33 @@ def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_base
     run_id = history.validate_run_id(run_id or history.default_run_id(run_time))
     out = storage.join_uri(cfg.output_root, run_id)
     ep = cfg.endpoint_url
-    resolved = {**cfg.to_dict(), "run_id": run_id, "run_time": run_time.isoformat(), "output": out}
-    storage.write_bytes_atomic(storage.join_uri(out, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False).encode(), ep)
 
-    corpus = history.corpus_info(cfg.corpus, ep)
+    # Every input is checked before anything is written or scored (a mistyped --qrels failed only
+    # after the whole scoring run, 2026-12-06), an explicitly named baseline included: one that
+    # could not be found ended as a warning and "no regression", which hid regressions.
+    corpus = read_input("--corpus", cfg.corpus, history.corpus_info, cfg.corpus, ep)
     if cfg.max_visual_tokens is not None and corpus.max_visual_tokens not in (None, cfg.max_visual_tokens):
-        raise ValueError(
+        raise EvaluationInputError(
             f"the corpus at {cfg.corpus} was embedded with max_visual_tokens={corpus.max_visual_tokens}, "
             f"the config asks for {cfg.max_visual_tokens}: re-embed the corpus or change max_visual_tokens"
         )
-    model = cfg.model or corpus.model
-    logger.info("run %s: corpus %s (%d pages, fingerprint %s), model %s", run_id, cfg.corpus, corpus.pages,
-                corpus.fingerprint, model)
-    # Inputs that the scoring does not need are checked before it (a mistyped --qrels failed
-    # only after the whole scoring run, 2026-12-06), and so is an explicit baseline: one that
-    # cannot be found ended as a warning and "no regression", which hid regressions.
-    qrels = runs.read_qrels(cfg.qrels, ep)
+    qrels = read_input("--qrels", cfg.qrels, runs.read_qrels, cfg.qrels, ep)
     past = history.read_history(cfg.history_uri, ep)
     past_others = past[past["run_id"] != run_id] if not past.empty else past
+    if cfg.baseline is not None and str(cfg.baseline) == run_id:
+        raise EvaluationInputError(f"--baseline {cfg.baseline} is this run: name an earlier run (or a metrics.json)")
     baseline, baseline_problem = regression.resolve_baseline(cfg.baseline, past_others, cfg.history_uri, ep)
     if baseline_problem and cfg.baseline is not None:
         known = ", ".join(sorted(set(past_others["run_id"]))[-5:]) if not past_others.empty else "none yet"
         raise EvaluationInputError(
             f"--baseline {cfg.baseline}: {baseline_problem}. Give a run id of the history at {cfg.history_uri} "
             f"(latest: {known}) or a metrics.json URI, or leave it out to use the pinned baseline")
+
+    resolved = {**cfg.to_dict(), "run_id": run_id, "run_time": run_time.isoformat(), "output": out}
+    storage.write_bytes_atomic(storage.join_uri(out, "config.yaml"), yaml.safe_dump(resolved, sort_keys=False).encode(), ep)
+    model = cfg.model or corpus.model
+    logger.info("run %s: corpus %s (%d pages, fingerprint %s), model %s", run_id, cfg.corpus, corpus.pages,
+                corpus.fingerprint, model)
     warnings: list[str] = []
 
     scores_summary: dict = {}
@@ -293,11 +315,16 @@ def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_base
 
 
 
-def write_failure(cfg: OfflineEvalConfig, run_id: str, now: datetime, exc: BaseException) -> None:
-    """A scheduled run that dies still leaves a line where its results would be."""
+def write_failure(cfg: OfflineEvalConfig, run_id: str, now: datetime, exc: BaseException, exit_status: int = 1) -> None:
+    """A scheduled run that dies still leaves a line where its results would be, unless the
+    run id already has results: a rerun that fails (a typo in its flags) keeps them."""
     failure = {"job": "offline_eval", "version": __version__, "run_id": run_id, "run_time": now.isoformat(),
-               "result": f"FAILED run {run_id}: {type(exc).__name__}: {exc}", "exit_status": 1}
+               "result": f"FAILED run {run_id}: {type(exc).__name__}: {exc}", "exit_status": exit_status}
     try:
+        past = history.read_history(cfg.history_uri, cfg.endpoint_url)
+        if not past.empty and ((past["run_id"] == run_id) & (past["status"].fillna("ok") == "ok")).any():
+            logger.warning("run %s failed; the results of its earlier run are kept (history row and summary)", run_id)
+            return
         storage.write_json(storage.join_uri(cfg.output_root, run_id, "summary.json"), failure, cfg.endpoint_url)
         # The history records the failure too (no metrics; comparisons skip it), so a
         # schedule's gaps are visible where its results are tracked.

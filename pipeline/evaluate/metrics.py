@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from pipeline import schema
 from pipeline.config import DEFAULT_MEASURES, parse_measures  # noqa: F401  (re-exported)
-from pipeline.evaluate.runs import IRM_DOC, IRM_QUERY, IRM_RELEVANCE, IRM_SCORE
+from pipeline.evaluate.runs import IRM_DOC, IRM_QUERY, IRM_RELEVANCE, IRM_SCORE, EvaluationInputError
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def evaluate(
         raise ValueError("qrels hold no judgements; nothing to evaluate")
     ran, judged = set(run[IRM_QUERY]), set(qrels[IRM_QUERY])
     if ran and not ran & judged:  # every metric would be 0: almost surely another query set's qrels
-        raise ValueError(
+        raise EvaluationInputError(
             f"no query of the run is judged in the qrels: the run's queries (e.g. {', '.join(_examples(ran)[:3])}) "
             f"and the qrels' (e.g. {', '.join(_examples(judged)[:3])}) share none. Pass the qrels of the queries "
             "that were scored")

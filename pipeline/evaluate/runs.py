@@ -41,6 +41,10 @@ _BEIR_DOC_NAMES = ("corpus-id", "corpus_id", "doc-id", "doc_id", "docid", "page_
 _BEIR_REL_NAMES = ("score", "relevance", "rel", "label")
 
 
+class EvaluationInputError(ValueError):
+    """An input of an evaluation that cannot be used as given (the jobs exit 2 on it)."""
+
+
 # ----------------------------------------------------------------------------- reading
 
 

@@ -220,7 +220,7 @@ def _reading(flag: str, uri: str, endpoint_url: str | None, fn, *args):
         if said is None:
             raise
         # before any work: an input error (exit 2), unavailable storage included
-        raise storage.StorageAccessError(str(said)) from None
+        raise storage.StorageAccessError(str(said)) from exc
 
 
 def run(cfg: ScoreConfig) -> dict:

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import embed_corpus
+from pipeline.embed import plan
 from pipeline import schema
 from pipeline.storage import list_documents
 
@@ -384,7 +385,8 @@ def test_a_wrong_model_fails_in_seconds_before_any_rendering(tiny_model, sample_
     import time
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "models").mkdir()
+    (tmp_path / "vidore").mkdir()  # a data folder named like the hub org: the hub id stays a hub id
+    assert "Hugging Face Hub name" in plan.check_model("vidore/colqwen2-v1.0-hf")
 
     not_colqwen = tmp_path / "bert"
     not_colqwen.mkdir()
@@ -393,8 +395,7 @@ def test_a_wrong_model_fails_in_seconds_before_any_rendering(tiny_model, sample_
     no_weights.mkdir()
     shutil.copy(os.path.join(tiny_model, "config.json"), no_weights / "config.json")
     cases = [(str(tmp_path / "tiny-colqwen"), "no config.json"), (str(not_colqwen), "not a ColQwen2 checkpoint"),
-             (str(no_weights), "no weights"), ("models/tiny-colqwen", "no config.json"),
-             ("checkpoints/tiny/colqwen", "no config.json")]
+             (str(no_weights), "no weights"), ("checkpoints/tiny/colqwen", "no config.json")]
     for model, why in cases:
         out = tmp_path / "out"
         t0 = time.monotonic()

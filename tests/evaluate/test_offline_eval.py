@@ -231,7 +231,8 @@ def test_a_failed_run_leaves_a_summary_and_a_failed_history_row(setup):
     # a missing input is one line and exit 2 (it was an unexpected error, exit 1)
     assert offline_eval.main(["--config", setup["config"], "--run-id", "broken", "--run", str(tmp / "missing.trec")]) == 2
     summary = _summary(tmp, "broken")
-    assert summary["exit_status"] == 1 and summary["result"].startswith("FAILED run broken: FileNotFoundError")
+    assert summary["exit_status"] == 2 and summary["result"].startswith("FAILED run broken: EvaluationInputError")
+    assert "--run" in summary["result"] and "missing.trec" in summary["result"]
     table = history.read_history(str(tmp / "runs" / "history"))
     assert list(table.run_id) == ["broken"] and list(table.status) == ["failed"]
     assert table.iloc[0]["error"].startswith("FAILED run broken")
@@ -296,6 +297,16 @@ def test_a_baseline_that_cannot_be_found_is_refused(setup, capsys):
         err = capsys.readouterr().err
         assert f"--baseline {baseline}" in err and "latest: good" in err, err
         assert _summary(tmp, "w3")["result"].startswith("FAILED run w3")
+    # a rerun of the good run with a typo keeps its results (it replaced them with a failed row,
+    # and the pinned baseline then had no metrics: regressions went unseen)
+    good_summary = (tmp / "runs" / "good" / "summary.json").read_text()
+    assert offline_eval.main(["--config", setup["config"], "--run-id", "good", "--run", good,
+                              "--qrels", str(tmp / "qrel.txt")]) == 2
+    assert (tmp / "runs" / "good" / "summary.json").read_text() == good_summary
+    capsys.readouterr()
+    assert offline_eval.main(["--config", setup["config"], "--run-id", "good", "--run", good,
+                              "--baseline", "good"]) == 2
+    assert "--baseline good is this run" in capsys.readouterr().err
     assert offline_eval.main(["--config", setup["config"], "--run-id", "w4", "--run", bad]) == offline_eval.EXIT_REGRESSION
     assert _summary(tmp, "w4")["baseline"] == "run good"
 
