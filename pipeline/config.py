@@ -236,8 +236,11 @@ PRECISION_HELP = ("exact (default), or fp8-exact-topk: score every page in FP8, 
 
 
 def score_config(options: Mapping[str, Any]) -> "ScoreConfig":
-    """``jobs.score_queries``' parsed flags -> its configuration (the logging flags left out)."""
-    return ScoreConfig(**{k: v for k, v in options.items() if k not in ("debug", "verbose")})
+    """``jobs.score_queries``' parsed flags -> its configuration (the logging flags left out);
+    local paths made absolute, as the other jobs' are (the summary named the corpus as typed)."""
+    values = absolute_local({k: v for k, v in options.items() if k not in ("debug", "verbose")},
+                            ("corpus", "queries", "output", "query_embeddings", "model"), only_existing=("model",))
+    return ScoreConfig(**values)
 
 
 def same_place(a: str, b: str) -> bool:

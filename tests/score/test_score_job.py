@@ -73,6 +73,8 @@ def test_cache_and_read_ahead_are_command_line_options():
     base = ["--corpus", "c", "--queries", "q.jsonl", "--output", "o", "--top-k", "3"]
     cfg = score_config(vars(score_queries.build_parser().parse_args(base + ["-v"])))
     assert cfg.cache is False and cfg.prefetch is True
+    # local paths absolute, as summary.json records them (the corpus was kept as typed)
+    assert (cfg.corpus, cfg.queries, cfg.output) == tuple(os.path.abspath(p) for p in ("c", "q.jsonl", "o"))
     cfg = score_config(vars(score_queries.build_parser().parse_args(base + ["--cache", "--no-prefetch"])))
     assert cfg.cache is True and cfg.prefetch is False
     assert "CORPUS/_cache" in score_queries.build_parser().format_help()
