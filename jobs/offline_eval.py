@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.offline_eval", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML file with the settings below (flags override it)")
     p.add_argument("--run-id", help="id of this run (default: UTC time, 20261122T013000Z); a rerun replaces its history row")
+    p.add_argument("--run-time", help="ISO time this run stands for in the history (default: now, UTC); for backfills, "
+                                      "which jobs.schedule_eval --now passes")
     p.add_argument("--corpus", help="embedded corpus URI (holding pages/)")
     p.add_argument("--queries", help="queries file URI (.jsonl/.csv/.tsv/.parquet)")
     p.add_argument("--qrels", help="qrels URI (TREC or BEIR TSV)")
@@ -66,13 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "run_id", "pin_baseline")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "run_id", "run_time", "pin_baseline")}
     overrides["extra_measures"] = flow.split_measures(args.extra_measures or [])
     try:
         cfg = offline_eval_config(args.config, overrides)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
-    now = datetime.now(timezone.utc)
+    try:
+        now = datetime.fromisoformat(args.run_time) if args.run_time else datetime.now(timezone.utc)
+    except ValueError:
+        parser.error(f"--run-time {args.run_time!r} is not an ISO time (e.g. 2026-11-03 or 2026-11-03T01:30:00+00:00)")
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=timezone.utc)
     try:
         run_id = history.validate_run_id(args.run_id or history.default_run_id(now))
     except ValueError as exc:

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     submitted, message, sub_id = submit_once(
         client,
         sub_id,
-        lambda run_id: build_entrypoint(args.config, run_id=run_id, python=args.python, extra_args=args.job_args),
+        lambda run_id: build_entrypoint(args.config, run_id=run_id, python=args.python, extra_args=args.job_args,
+                                        run_time=now.isoformat() if args.now else None),
         runtime_env=runtime_env,
         metadata={"period": args.period, "period_key": period_key(args.period, now), "job": "offline_eval"},
         entrypoint_num_cpus=args.entrypoint_num_cpus,

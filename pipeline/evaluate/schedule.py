@@ -46,8 +46,12 @@ def submission_id(name: str, period: str, now: datetime) -> str:
     return f"{name}-{period}-{period_key(period, now)}"
 
 
-def build_entrypoint(config: str, run_id: str, python: str = "python", extra_args: list[str] | None = None) -> str:
-    args = [python, "-m", "jobs.offline_eval", "--config", config, "--run-id", run_id, *(extra_args or [])]
+def build_entrypoint(config: str, run_id: str, python: str = "python", extra_args: list[str] | None = None,
+                     run_time: str | None = None) -> str:
+    """The Ray job's command. ``run_time`` (a backfill's ``--now``): the time the run stands for,
+    so the history orders it among the others by its period, not by when it ran."""
+    args = [python, "-m", "jobs.offline_eval", "--config", config, "--run-id", run_id,
+            *(["--run-time", run_time] if run_time else []), *(extra_args or [])]
     return shlex.join(args)
 
 

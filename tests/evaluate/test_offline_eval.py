@@ -319,3 +319,21 @@ def test_a_mistyped_qrels_fails_before_any_scoring(setup, capsys):
     assert "qrel.txt" in capsys.readouterr().err
     assert not (tmp / "runs" / "q" / "scores").exists()
     assert history.read_history(str(tmp / "runs" / "history")).iloc[-1]["status"] == "failed"
+
+
+def test_a_backfill_is_recorded_at_the_time_it_stands_for(setup, capsys):
+    """--run-time (jobs.schedule_eval --now passes it): the history orders the backfilled run by
+    its period, and compares it with the run before that time (it was recorded at when it ran,
+    after every later run)."""
+    tmp = setup["tmp"]
+    run = _run_file(tmp, "good", setup["targets"], setup["pages"], hits=8)
+    assert offline_eval.main(["--config", setup["config"], "--run-id", "dec", "--run", run,
+                              "--run-time", "2026-12-06T01:00:00Z"]) == 0
+    assert offline_eval.main(["--config", setup["config"], "--run-id", "nov", "--run", run,
+                              "--run-time", "2026-11-03"]) == 0
+    table = history.read_history(str(tmp / "runs" / "history"))
+    assert list(table.run_id) == ["nov", "dec"]
+    assert _summary(tmp, "nov")["previous_run_id"] is None
+    with pytest.raises(SystemExit) as exc:
+        offline_eval.main(["--config", setup["config"], "--run-time", "yesterday"])
+    assert exc.value.code == 2 and "is not an ISO time" in capsys.readouterr().err

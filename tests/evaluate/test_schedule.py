@@ -35,6 +35,9 @@ def test_period_keys_and_submission_ids():
         schedule.period_key("fortnightly", t)
     entry = schedule.build_entrypoint("cfg dir/eval.yaml", "offline-eval-daily-2026-11-22")
     assert entry == "python -m jobs.offline_eval --config 'cfg dir/eval.yaml' --run-id offline-eval-daily-2026-11-22"
+    # a backfill (--now) passes the time its run stands for (it was recorded at when it ran)
+    entry = schedule.build_entrypoint("eval.yaml", "offline-eval-weekly-2026-W45", run_time="2026-11-03T00:00:00+00:00")
+    assert "--run-time 2026-11-03T00:00:00+00:00" in entry
 
 
 @pytest.fixture()
