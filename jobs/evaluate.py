@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="score",
         help="order pages by score, as trec_eval does (ties: page id descending), or by the run's own ranks",
     )
-    parser.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    parser.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL)")
     return parser
 
 

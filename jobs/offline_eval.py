@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="evaluate this existing run (TREC or results.parquet) instead of scoring")
     p.add_argument("--no-fail-on-regression", dest="fail_on_regression", action="store_false", default=None,
                    help="exit 0 on a regression (default: exit 3, for schedulers to flag)")
-    p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL)")
     p.add_argument("--ray-address", help="Ray cluster for the scoring job (default: the current one, or a local Ray)")
     return p
 

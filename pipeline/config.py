@@ -28,8 +28,8 @@ class EmbedConfig:
     endpoint_url: str | None = None
     # GPU actor pool
     batch_size: int = 16
-    min_actors: int | None = None  # None: every GPU the cluster has now (1 on CPU or with none yet)
-    max_actors: int | None = None  # None: one per GPU (or 1 on CPU)
+    min_actors: int | None = None  # None: every GPU the cluster has now, or can add when it has none yet (1 on CPU)
+    max_actors: int | None = None  # None: one per GPU the cluster has or can grow to (1 on CPU)
     gpus_per_actor: float | None = None  # None: 1 when the model runs on GPUs, else 0 (CPU)
     device: str = "auto"  # auto: GPUs if the cluster has them now or its autoscaler can add them
     dtype: str = "auto"
