@@ -57,13 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _scoring_input_errors() -> tuple:
-    """The scoring job's refusals (a corpus or queries it cannot score as given), where the
-    scoring flow was imported (it imports Ray)."""
-    score_flow = sys.modules.get("pipeline.score.flow")
-    return tuple(score_flow.INPUT_ERRORS) if score_flow is not None else ()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -88,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         status, summary = flow.run_offline_eval(cfg, run_id=run_id, pin_baseline=args.pin_baseline, now=now)
     except Exception as exc:
         # inputs as given (files, baseline, corpus; the scoring job's own refusals): one line, exit 2
-        refused = isinstance(exc, flow.INPUT_ERRORS + _scoring_input_errors())
+        refused = isinstance(exc, flow.input_errors())
         # a scheduled run that fails leaves a history row (unless the run id has results already)
         flow.write_failure(cfg, run_id, now, exc, exit_status=2 if refused else 1)
         if refused and not cli.debugging():

@@ -64,6 +64,15 @@ EvaluationInputError = runs.EvaluationInputError
 INPUT_ERRORS = (EvaluationInputError, storage.StorageAccessError, storage.ForeignFileError)
 
 
+def input_errors() -> tuple:
+    """:data:`INPUT_ERRORS`, and the scoring job's refusals (a corpus or queries it cannot score as
+    given) where the scoring flow was imported (it imports Ray): what offline_eval exits 2 on."""
+    import sys
+
+    score_flow = sys.modules.get("pipeline.score.flow")
+    return INPUT_ERRORS + (tuple(score_flow.INPUT_ERRORS) if score_flow is not None else ())
+
+
 def read_input(flag: str, uri: str, read, *args):
     """``read(*args)``; a missing or unreadable input (not found, not parseable as given) is
     raised as :class:`EvaluationInputError` naming ``flag`` and ``uri``."""
