@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pipeline import cli
 from pipeline.config import offline_eval_config
 from pipeline.evaluate import flow, history
+from pipeline.evaluate.schedule import iso_time
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.offline_eval", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML file with the settings below (flags override it)")
     p.add_argument("--run-id", help="id of this run (default: UTC time, 20261122T013000Z); a rerun replaces its history row")
-    p.add_argument("--run-time", help="ISO time this run stands for in the history (default: now, UTC); for backfills, "
+    p.add_argument("--run-time", type=iso_time, help="ISO time this run stands for in the history (default: now, UTC); for backfills, "
                                       "which jobs.schedule_eval --now passes")
     p.add_argument("--corpus", help="embedded corpus URI (holding pages/)")
     p.add_argument("--queries", help="queries file URI (.jsonl/.csv/.tsv/.parquet)")
@@ -67,12 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = offline_eval_config(args.config, overrides)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
-    try:
-        now = datetime.fromisoformat(args.run_time) if args.run_time else datetime.now(timezone.utc)
-    except ValueError:
-        parser.error(f"--run-time {args.run_time!r} is not an ISO time (e.g. 2026-11-03 or 2026-11-03T01:30:00+00:00)")
-    if now.tzinfo is None:
-        now = now.replace(tzinfo=timezone.utc)
+    now = args.run_time or datetime.now(timezone.utc)
     try:
         run_id = history.validate_run_id(args.run_id or history.default_run_id(now))
     except ValueError as exc:

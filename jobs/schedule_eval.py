@@ -22,7 +22,8 @@ import sys
 from datetime import datetime, timezone
 
 from pipeline.cluster import job_client
-from pipeline.evaluate.schedule import PERIODS, build_entrypoint, period_key, submission_id, submit_once, wait_for
+from pipeline.evaluate.schedule import (PERIODS, build_entrypoint, iso_time, period_key, submission_id, submit_once,
+                                        wait_for)
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--period", choices=PERIODS, default="daily",
                    help="one submission per period; its id names the period (default: %(default)s)")
     p.add_argument("--name", default="offline-eval", help="submission id prefix (default: %(default)s)")
-    p.add_argument("--now", help="ISO time that picks the period (default: now, UTC); for backfills")
+    p.add_argument("--now", type=iso_time, help="ISO time that picks the period (default: now, UTC); for backfills")
     p.add_argument("--working-dir", help="local folder to upload as the job's working_dir (default: code in the image)")
     p.add_argument("--runtime-env-json", help="extra runtime_env as JSON (env_vars, pip, ...)")
     p.add_argument("--python", default="python", help="interpreter on the cluster (default: %(default)s)")
@@ -45,15 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        now = datetime.fromisoformat(args.now) if args.now else datetime.now(timezone.utc)
-    except ValueError:
-        parser.error(f"--now {args.now!r} is not an ISO time (e.g. 2026-11-03 or 2026-11-03T01:30:00Z)")
-    if now.tzinfo is None:
-        now = now.replace(tzinfo=timezone.utc)
+    now = args.now or datetime.now(timezone.utc)
     sub_id = submission_id(args.name, args.period, now)
     runtime_env = json.loads(args.runtime_env_json) if args.runtime_env_json else {}
     if args.working_dir:

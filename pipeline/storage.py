@@ -682,6 +682,20 @@ def read_json(uri: str, endpoint_url: str | None = None):
     return json.loads(read_bytes(uri, endpoint_url))
 
 
+def summary_job(folder_uri: str, endpoint_url: str | None = None) -> str | None:
+    """The job that wrote ``FOLDER/summary.json`` (its ``job`` key; a scoring summary written
+    before it named its job, 2026-12-06, is known by ``n_results``), or None where there is no
+    readable summary (none, not JSON, or not readable: S3 answers 403 for a missing key without
+    ListBucket). Jobs use it to keep from writing over another job's output."""
+    try:
+        found = read_json(join_uri(folder_uri, "summary.json"), endpoint_url)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(found, dict):
+        return None
+    return found.get("job") or ("score_queries" if "n_results" in found else None)
+
+
 def write_json(uri: str, value, endpoint_url: str | None = None) -> None:
     write_bytes_atomic(uri, (json.dumps(value, indent=2, sort_keys=False, default=str) + "\n").encode(), endpoint_url)
 

@@ -73,15 +73,15 @@ def input_errors() -> tuple:
     return INPUT_ERRORS + (tuple(score_flow.INPUT_ERRORS) if score_flow is not None else ())
 
 
-def read_input(flag: str, uri: str, read, *args):
+def read_input(flag: str, uri: str, read, *args, endpoint_url: str | None = None):
     """``read(*args)``; a missing or unreadable input (not found, not parseable as given) is
-    raised as :class:`EvaluationInputError` naming ``flag`` and ``uri``."""
+    raised as :class:`EvaluationInputError` naming ``flag`` and ``uri`` (and the S3 endpoint)."""
     try:
         return read(*args)
     except (OSError, ValueError) as exc:  # ValueError: parsing (formats, UnicodeDecodeError, JSON)
         if isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, IsADirectoryError,
                                                              NotADirectoryError, PermissionError)):
-            said = storage.read_failure(flag, uri, None, exc)
+            said = storage.read_failure(flag, uri, endpoint_url, exc)
             if said is None:
                 raise
             raise EvaluationInputError(str(said)) from exc
@@ -94,28 +94,21 @@ def read_input(flag: str, uri: str, read, *args):
 def refuse_another_jobs_output(output: str, endpoint_url: str | None, allowed: tuple[str, ...]) -> None:
     """A folder whose summary.json another job wrote (a scoring run, an embedding output, an
     offline evaluation) is not written over: its summary would be replaced (2026-12-06)."""
-    try:
-        found = storage.read_json(storage.join_uri(output, "summary.json"), endpoint_url)
-    except (OSError, ValueError):  # none, or not readable (S3 answers 403 for a missing key without ListBucket)
-        return
-    if not isinstance(found, dict):
-        return
-    # a scoring summary written before it named its job (2026-12-06) has n_results
-    job = found.get("job") or ("score_queries" if "n_results" in found else None)
+    job = storage.summary_job(output, endpoint_url)
     if job is not None and job not in allowed:
         raise EvaluationInputError(
             f"--output {output} holds the output of another job ({job}: its summary.json would be replaced); "
             "pass a folder of its own, e.g. a new folder beside it")
 
 
-def run_evaluation(cfg: EvaluateConfig, qrels=None) -> dict:
+def run_evaluation(cfg: EvaluateConfig, qrels=None, run=None) -> dict:
     """Read, evaluate and write; returns the summary (also written as summary.json).
-    ``qrels``: already read (the offline evaluation reads them before it scores)."""
+    ``qrels``, ``run``: already read (the offline evaluation checks its inputs before it writes)."""
     started = time.time()
     ep = cfg.endpoint_url
-    qrels = read_input("--qrels", cfg.qrels, runs.read_qrels, cfg.qrels, ep) if qrels is None else qrels
-    run = read_input("--run", cfg.run, runs.read_run, cfg.run, ep)
-    corpus_ids = read_input("--corpus", cfg.corpus, runs.read_corpus_page_ids, cfg.corpus, ep) if cfg.corpus else None
+    qrels = read_input("--qrels", cfg.qrels, runs.read_qrels, cfg.qrels, ep, endpoint_url=ep) if qrels is None else qrels
+    run = read_input("--run", cfg.run, runs.read_run, cfg.run, ep, endpoint_url=ep) if run is None else run
+    corpus_ids = read_input("--corpus", cfg.corpus, runs.read_corpus_page_ids, cfg.corpus, ep, endpoint_url=ep) if cfg.corpus else None
     scored_top_k = _run_summary(cfg.run, cfg.endpoint_url).get("top_k")
     result = evaluate.evaluate(qrels, run, list(cfg.measures), corpus_page_ids=corpus_ids, ranking=cfg.ranking,
                                scored_top_k=scored_top_k)
@@ -177,13 +170,14 @@ def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_base
     # Every input is checked before anything is written or scored (a mistyped --qrels failed only
     # after the whole scoring run, 2026-12-06), an explicitly named baseline included: one that
     # could not be found ended as a warning and "no regression", which hid regressions.
-    corpus = read_input("--corpus", cfg.corpus, history.corpus_info, cfg.corpus, ep)
+    corpus = read_input("--corpus", cfg.corpus, history.corpus_info, cfg.corpus, ep, endpoint_url=ep)
     if cfg.max_visual_tokens is not None and corpus.max_visual_tokens not in (None, cfg.max_visual_tokens):
         raise EvaluationInputError(
             f"the corpus at {cfg.corpus} was embedded with max_visual_tokens={corpus.max_visual_tokens}, "
             f"the config asks for {cfg.max_visual_tokens}: re-embed the corpus or change max_visual_tokens"
         )
-    qrels = read_input("--qrels", cfg.qrels, runs.read_qrels, cfg.qrels, ep)
+    qrels = read_input("--qrels", cfg.qrels, runs.read_qrels, cfg.qrels, ep, endpoint_url=ep)
+    given_run = read_input("--run", cfg.run, runs.read_run, cfg.run, ep, endpoint_url=ep) if cfg.run else None
     past = history.read_history(cfg.history_uri, ep)
     past_others = past[past["run_id"] != run_id] if not past.empty else past
     if cfg.baseline is not None and str(cfg.baseline) == run_id:
@@ -229,7 +223,8 @@ def run_offline_eval(cfg: OfflineEvalConfig, run_id: str | None = None, pin_base
         model = scores_summary.get("model") or model
 
     evaluation = run_evaluation(EvaluateConfig(run=run_uri, qrels=cfg.qrels, output=out, measures=cfg.measures,
-                                                corpus=cfg.corpus, endpoint_url=ep, ranking=cfg.ranking), qrels=qrels)
+                                                corpus=cfg.corpus, endpoint_url=ep, ranking=cfg.ranking), qrels=qrels,
+                                run=given_run)
     metrics = evaluation["metrics"]
 
     commit = history.git_commit()

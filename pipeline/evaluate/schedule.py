@@ -46,6 +46,19 @@ def submission_id(name: str, period: str, now: datetime) -> str:
     return f"{name}-{period}-{period_key(period, now)}"
 
 
+def iso_time(value: str) -> datetime:
+    """An ISO time from a command line (``2026-11-03``, ``2026-11-03T01:30:00Z``), in UTC when it
+    names no zone; argparse's ``type=`` for ``--now`` and ``--run-time``."""
+    import argparse
+
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO time (e.g. 2026-11-03 or "
+                                         "2026-11-03T01:30:00Z)") from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
+
+
 def build_entrypoint(config: str, run_id: str, python: str = "python", extra_args: list[str] | None = None,
                      run_time: str | None = None) -> str:
     """The Ray job's command. ``run_time`` (a backfill's ``--now``): the time the run stands for,

@@ -195,11 +195,8 @@ def _refuse_an_embedding_output(cfg: ScoreConfig) -> None:
     if held:
         raise CorpusError(f"--output {cfg.output} holds an embedding job's {', '.join(held)}: the scoring job's "
                           "summary.json would replace that job's; give the run a folder of its own")
-    try:  # an evaluation's folder (jobs.evaluate, jobs.offline_eval): its summary.json would be replaced
-        other = storage.read_json(storage.join_uri(cfg.output, "summary.json"), cfg.endpoint_url)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError):
-        other = None
-    job = other.get("job") if isinstance(other, dict) else None
+    # an evaluation's folder (jobs.evaluate, jobs.offline_eval): its summary.json would be replaced
+    job = storage.summary_job(cfg.output, cfg.endpoint_url)
     if job not in (None, "score_queries"):
         raise CorpusError(f"--output {cfg.output} holds the output of another job ({job}): the scoring job's "
                           "summary.json would replace that job's; give the run a folder of its own")

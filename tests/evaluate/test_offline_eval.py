@@ -300,9 +300,11 @@ def test_a_baseline_that_cannot_be_found_is_refused(setup, capsys):
     # a rerun of the good run with a typo keeps its results (it replaced them with a failed row,
     # and the pinned baseline then had no metrics: regressions went unseen)
     good_summary = (tmp / "runs" / "good" / "summary.json").read_text()
-    assert offline_eval.main(["--config", setup["config"], "--run-id", "good", "--run", good,
-                              "--qrels", str(tmp / "qrel.txt")]) == 2
-    assert (tmp / "runs" / "good" / "summary.json").read_text() == good_summary
+    good_config = (tmp / "runs" / "good" / "config.yaml").read_text()
+    for typo in (["--run", good, "--qrels", str(tmp / "qrel.txt")], ["--run", str(tmp / "goood.parquet")]):
+        assert offline_eval.main(["--config", setup["config"], "--run-id", "good", *typo]) == 2
+        assert (tmp / "runs" / "good" / "summary.json").read_text() == good_summary
+        assert (tmp / "runs" / "good" / "config.yaml").read_text() == good_config  # written only once inputs hold
     capsys.readouterr()
     assert offline_eval.main(["--config", setup["config"], "--run-id", "good", "--run", good,
                               "--baseline", "good"]) == 2
