@@ -43,6 +43,9 @@ costs in fidelity. Real-size ColQwen2 with random weights, one run, the same pag
    * ``*_maxautotune`` / ``*_cdtune``  any of these compiled with Inductor's ``max_autotune_gemm``
                           (GEMMs autotuned among cuBLAS and Triton templates, bias and activation
                           fused as epilogues) / ``coordinate_descent_tuning``; caches off;
+   * ``*_fa4``            the vision attention through FlashAttention 4's varlen kernel
+                          (benchmarks/vision_attention_fa4.py: flash-attn-4 from /tmp/fa4site,
+                          benchmarks/pack_fa4.sh), one call per batch, head 80 unpadded;
    * ``*_tritonattn`` / ``*_tritontma``  the vision attention as benchmarks/vision_attention_triton.py's
                           pointer kernel / its TMA + warp-specialized kernel (Hopper; config from
                           ``VDR_VISION_TMA_CONFIG=BM_BN_W_S_WS``, recorded with any fallback count);
@@ -156,6 +159,8 @@ def _triton_image_attention(q, k, v, lengths, cu_seqlens, scale):
     op = _TRITON_ATTEND["op"]
     if op is None:
         return model_mod.image_attention._init_fn(q, k, v, lengths, cu_seqlens, scale)
+    if _TRITON_ATTEND.get("whole"):  # *_fa4: one varlen call over the whole batch
+        return op(q, k, v, lengths, cu_seqlens, scale)
     outs, start = [], 0
     for length, count in model_mod._runs(model_mod._image_lengths(lengths, cu_seqlens, q.shape[0])):
         n = length * count
@@ -181,16 +186,22 @@ def triton_vision_attention(on: bool, kernel: str = "pointer"):
         yield
         return
     from pipeline.embed import model as model_mod
-    from vision_attention_triton import vision_attention_op, vision_attention_tma_op
 
+    if kernel != "fa4":
+        from vision_attention_triton import vision_attention_op, vision_attention_tma_op
     if DEV not in _TRITON_ATTEND["registered"]:
         model_mod.image_attention.register_kernel(DEV, _triton_image_attention)
         _TRITON_ATTEND["registered"].add(DEV)
-    _TRITON_ATTEND["op"] = {"pointer": vision_attention_op, "tma": vision_attention_tma_op}[kernel]
+    if kernel == "fa4":
+        from vision_attention_fa4 import fa4_image_attention
+
+        _TRITON_ATTEND["op"], _TRITON_ATTEND["whole"] = fa4_image_attention, True
+    else:
+        _TRITON_ATTEND["op"] = {"pointer": vision_attention_op, "tma": vision_attention_tma_op}[kernel]
     try:
         yield
     finally:
-        _TRITON_ATTEND["op"] = None
+        _TRITON_ATTEND["op"], _TRITON_ATTEND["whole"] = None, False
 
 
 @contextlib.contextmanager
@@ -612,8 +623,10 @@ def main():
         host.enter_context(env_set("VDR_POOL_PROCESSES", "0" if "_poolthread" in name else procs.group(1) if procs else None))
         # *_tritonattn / *_tritontma: the vision attention as benchmarks/vision_attention_triton.py's
         # pointer kernel / TMA + warp-specialized kernel
-        host.enter_context(triton_vision_attention("tritonattn" in name or "tritontma" in name,
-                                                   kernel="tma" if "tritontma" in name else "pointer"))
+        # *_fa4: FlashAttention 4's varlen kernel (benchmarks/vision_attention_fa4.py; head 80 unpadded)
+        host.enter_context(triton_vision_attention("tritonattn" in name or "tritontma" in name or "_fa4" in name,
+                                                   kernel="tma" if "tritontma" in name else "fa4" if "_fa4" in name
+                                                   else "pointer"))
         if name == "seed":  # the baseline the issue names: no actor, no fidelity row (M-RoPE differs)
             try:
                 sec, tokens, mem = seed_forward_rate(model_dir, pages[: args.pages], args.batch_size)

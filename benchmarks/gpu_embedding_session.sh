@@ -38,6 +38,8 @@
 #               plain forward), eager, compiled_inflight2 without and with persistent norms (the
 #               default since 2026-12-05), + the fastest TMA kernel when one beats SDPA
 #               (files part2all_*.json)                                         150 + 420 s [~450 s]
+#   fa4         the vision attention alone: SDPA against FlashAttention 4 (needs both halves of
+#               benchmarks/pack_fa4.sh unpacked; bench_actor.py's *_fa4 variants run it in the actor) 200 s
 #   shapes      what a new SDPA call shape costs (bench_sdpa_shapes.py, per backend), then random
 #               mixed batches of 32 with the vision attention's calls per run and cut into powers
 #               of two (bench_mixed_sizes.py --random-mixes --split runs|pow2)           3 x 200 s
@@ -75,6 +77,12 @@ print('bundle in use: transformers', transformers.__version__, 'huggingface_hub'
     echo "TRANSFORMERS_BUNDLE did not import: this call runs on the device's own transformers" >> "$OUT/transformers_bundle.txt"
   fi
 fi
+# FlashAttention 4 (benchmarks/pack_fa4.sh): its two halves travel in two calls on one warm machine
+# (.device/fa4a.tar.xz, then .device/fa4b.tar.xz); once both are unpacked in /tmp/fa4site, it is put
+# on PYTHONPATH for the fa4 step and bench_actor.py's *_fa4 variants ($OUT/fa4_bundle.txt says which)
+if [ -f .device/fa4a.tar.xz ] || [ -f .device/fa4b.tar.xz ] || [ -d /tmp/fa4site ]; then
+  . benchmarks/fa4_unpack.sh > "$OUT/fa4_bundle.txt" 2>&1
+fi
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; nproc; free -g; lscpu;
   "$PY" -c "import torch, transformers; print(torch.__version__, transformers.__version__)"; } > "$OUT/env_embed.txt" 2>&1
 
@@ -104,6 +112,9 @@ if [ "${TINY:-0}" = 1 ]; then
     --out "$OUT/actor.json"
   exit 0
 fi
+# The vision attention alone, SDPA (cuDNN) against FlashAttention 4's varlen and batched kernels, at
+# batches of 32 and 16 letter pages and 16 mixed pages (bench_fa4_attention.py)                 ~60 s
+step fa4 200 "$PY" benchmarks/bench_fa4_attention.py --out "$OUT/fa4_attention.json"
 step actor "${ACTOR_TIMEOUT:-300}" "$PY" benchmarks/bench_actor.py --pages "${ACTOR_PAGES:-256}" --fid-pages 256 --queries 50 \
   --variants "${ACTOR_VARIANTS:-compiled,compiled_inflight2,compiled_oldhost}" ${ACTOR_EXTRA:-} --out "$OUT/actor.json"
 # --pool-factor's checks on the GPU (seventeenth session): colpali's reference through the default
