@@ -25,6 +25,6 @@ find "$work/site" -name '__pycache__' -prune -exec rm -rf {} +
 ir=nvidia_cutlass_dsl/dsl_packages/cutlass/_mlir/_mlir_libs
 mkdir -p "$work/a/$ir" .device
 mv "$work/site/$ir"/_cutlass_ir.cu13.*.so "$work/a/$ir/"
-tar cf - -C "$work/a" . | xz -T0 -9e --lzma2=preset=9e,dict=192MiB > .device/fa4a.tar.xz
+tar cf - -C "$work/a" . | xz -T1 -9e --lzma2=preset=9e,dict=192MiB > .device/fa4a.tar.xz
 tar cf - -C "$work/site" . | xz -T0 -9e > .device/fa4b.tar.xz
 ls -la .device/fa4a.tar.xz .device/fa4b.tar.xz
