@@ -8,7 +8,8 @@ for part in a b; do
   fi
 done
 if [ -f /tmp/fa4site/.unpacked_a ] && [ -f /tmp/fa4site/.unpacked_b ]; then
-  export PYTHONPATH="/tmp/fa4site:${PYTHONPATH:-$PWD}"
+  # the wheel puts cutlass under nvidia_cutlass_dsl/dsl_packages through a .pth, which PYTHONPATH does not read
+  export PYTHONPATH="/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-$PWD}"
   echo "fa4 bundle: both halves unpacked"
 else
   echo "fa4 bundle: halves present: $(ls -a /tmp/fa4site | grep unpacked_ | tr '\n' ' ')"
