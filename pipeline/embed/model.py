@@ -106,7 +106,9 @@ def dtype_from_name(name: str | None, device: str) -> torch.dtype:
 def pick_attn_implementation(device: str, requested: str | None = None) -> str:
     if requested not in (None, "", "auto"):
         return requested
-    if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+    # FlashAttention 2's compiled extension, not the ``flash_attn`` name alone: flash-attn-4
+    # installs ``flash_attn.cute`` without it, and transformers then refuses flash_attention_2
+    if device.startswith("cuda") and importlib.util.find_spec("flash_attn_2_cuda") is not None:
         return "flash_attention_2"
     return "sdpa"
 
