@@ -607,6 +607,15 @@ def main():
             host.enter_context(persistent_norms_variant())
         # *_convpatch: the patch embedding as transformers' Conv3d (the default since 2026-12-05
         # is one matmul: pipeline.embed.model.enable_linear_patch_embed), read by load_model
+        if "_fa4varlen" in name:  # *_fa4varlen: FA4's varlen kernel even for batches of one page size
+            import vision_attention_fa4
+
+            host.enter_context(contextlib.ExitStack())
+            vision_attention_fa4.FA4_BATCHED_EQUAL = False
+        elif "_fa4" in name:
+            import vision_attention_fa4
+
+            vision_attention_fa4.FA4_BATCHED_EQUAL = True
         host.enter_context(env_set("VDR_LINEAR_PATCH_EMBED", "0" if "_convpatch" in name else None))
         # *_maxautotune / *_cdtune: Inductor's GEMM autotuning / coordinate descent, compiled fresh
         host.enter_context(inductor_settings(**({"max_autotune_gemm": True} if "_maxautotune" in name else {}),

@@ -14,7 +14,13 @@ Not a dependency of the pipeline: flash-attn-4 is a beta, ~70 MB compressed with
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+# equal-size batches through flash_attn_func (VDR_FA4_BATCHED=0: always the varlen kernel)
+FA4_BATCHED_EQUAL = os.environ.get("VDR_FA4_BATCHED", "1") != "0"
 
 
 def fa4_import():
@@ -46,6 +52,10 @@ def fa4_image_attention(q, k, v, lengths, cu_seqlens, scale):
     (patches, heads * dim) out."""
     from pipeline.embed import model as model_mod
 
-    max_len = max(model_mod._image_lengths(lengths, cu_seqlens, q.shape[0]))
+    ls = model_mod._image_lengths(lengths, cu_seqlens, q.shape[0])
+    if FA4_BATCHED_EQUAL and len(set(ls)) == 1:  # one page size: the dense kernel (faster at equal lengths)
+        n, L, H = len(ls), ls[0], q.shape[1]
+        return fa4_batched(*(t.view(n, L, H, -1) for t in (q, k, v)), scale).reshape(q.shape[0], -1)
+    max_len = max(ls)
     cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
     return fa4_varlen(q, k, v, cu, max_len, scale).reshape(q.shape[0], -1)
