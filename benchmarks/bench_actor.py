@@ -43,9 +43,10 @@ costs in fidelity. Real-size ColQwen2 with random weights, one run, the same pag
    * ``*_maxautotune`` / ``*_cdtune``  any of these compiled with Inductor's ``max_autotune_gemm``
                           (GEMMs autotuned among cuBLAS and Triton templates, bias and activation
                           fused as epilogues) / ``coordinate_descent_tuning``; caches off;
-   * ``*_fa4``            the vision attention through FlashAttention 4's varlen kernel
-                          (benchmarks/vision_attention_fa4.py: flash-attn-4 from /tmp/fa4site,
-                          benchmarks/pack_fa4.sh), one call per batch, head 80 unpadded;
+   * ``*_fa4`` / ``*_sdpa``  --vision-attention fa4 / sdpa (pipeline/embed/vision_kernels.py:
+                          FlashAttention 4's varlen kernel, head 80 unpadded; flash-attn-4 from
+                          /tmp/fa4site, benchmarks/pack_fa4.sh); without either suffix, the job's
+                          default, auto (FA4 where installed on a Hopper GPU); timed once FA4 is loaded;
    * ``*_tritonattn`` / ``*_tritontma``  the vision attention as benchmarks/vision_attention_triton.py's
                           pointer kernel / its TMA + warp-specialized kernel (Hopper; config from
                           ``VDR_VISION_TMA_CONFIG=BM_BN_W_S_WS``, recorded with any fallback count);
@@ -159,8 +160,6 @@ def _triton_image_attention(q, k, v, lengths, cu_seqlens, scale):
     op = _TRITON_ATTEND["op"]
     if op is None:
         return model_mod.image_attention._init_fn(q, k, v, lengths, cu_seqlens, scale)
-    if _TRITON_ATTEND.get("whole"):  # *_fa4: one varlen call over the whole batch
-        return op(q, k, v, lengths, cu_seqlens, scale)
     outs, start = [], 0
     for length, count in model_mod._runs(model_mod._image_lengths(lengths, cu_seqlens, q.shape[0])):
         n = length * count
@@ -186,22 +185,16 @@ def triton_vision_attention(on: bool, kernel: str = "pointer"):
         yield
         return
     from pipeline.embed import model as model_mod
+    from vision_attention_triton import vision_attention_op, vision_attention_tma_op
 
-    if kernel != "fa4":
-        from vision_attention_triton import vision_attention_op, vision_attention_tma_op
     if DEV not in _TRITON_ATTEND["registered"]:
         model_mod.image_attention.register_kernel(DEV, _triton_image_attention)
         _TRITON_ATTEND["registered"].add(DEV)
-    if kernel == "fa4":
-        from vision_attention_fa4 import fa4_image_attention
-
-        _TRITON_ATTEND["op"], _TRITON_ATTEND["whole"] = fa4_image_attention, True
-    else:
-        _TRITON_ATTEND["op"] = {"pointer": vision_attention_op, "tma": vision_attention_tma_op}[kernel]
+    _TRITON_ATTEND["op"] = {"pointer": vision_attention_op, "tma": vision_attention_tma_op}[kernel]
     try:
         yield
     finally:
-        _TRITON_ATTEND["op"], _TRITON_ATTEND["whole"] = None, False
+        _TRITON_ATTEND["op"] = None
 
 
 @contextlib.contextmanager
@@ -607,15 +600,6 @@ def main():
             host.enter_context(persistent_norms_variant())
         # *_convpatch: the patch embedding as transformers' Conv3d (the default since 2026-12-05
         # is one matmul: pipeline.embed.model.enable_linear_patch_embed), read by load_model
-        if "_fa4varlen" in name:  # *_fa4varlen: FA4's varlen kernel even for batches of one page size
-            import vision_attention_fa4
-
-            host.enter_context(contextlib.ExitStack())
-            vision_attention_fa4.FA4_BATCHED_EQUAL = False
-        elif "_fa4" in name:
-            import vision_attention_fa4
-
-            vision_attention_fa4.FA4_BATCHED_EQUAL = True
         host.enter_context(env_set("VDR_LINEAR_PATCH_EMBED", "0" if "_convpatch" in name else None))
         # *_maxautotune / *_cdtune: Inductor's GEMM autotuning / coordinate descent, compiled fresh
         host.enter_context(inductor_settings(**({"max_autotune_gemm": True} if "_maxautotune" in name else {}),
@@ -632,10 +616,8 @@ def main():
         host.enter_context(env_set("VDR_POOL_PROCESSES", "0" if "_poolthread" in name else procs.group(1) if procs else None))
         # *_tritonattn / *_tritontma: the vision attention as benchmarks/vision_attention_triton.py's
         # pointer kernel / TMA + warp-specialized kernel
-        # *_fa4: FlashAttention 4's varlen kernel (benchmarks/vision_attention_fa4.py; head 80 unpadded)
-        host.enter_context(triton_vision_attention("tritonattn" in name or "tritontma" in name or "_fa4" in name,
-                                                   kernel="tma" if "tritontma" in name else "fa4" if "_fa4" in name
-                                                   else "pointer"))
+        host.enter_context(triton_vision_attention("tritonattn" in name or "tritontma" in name,
+                                                   kernel="tma" if "tritontma" in name else "pointer"))
         if name == "seed":  # the baseline the issue names: no actor, no fidelity row (M-RoPE differs)
             try:
                 sec, tokens, mem = seed_forward_rate(model_dir, pages[: args.pages], args.batch_size)
@@ -671,8 +653,12 @@ def main():
             # --smoke compiles nothing, but for *_helper (the tiny model's helper on the CPU: the wiring)
             emb = PageEmbedder(model_dir, device=DEV, compile_model=name != "eager" and (not args.smoke or helper_variant),
                                precision=precision, batches_in_flight=2 if "inflight2" in name else 1,
-                               pool_factor=3 if "_pool3" in name else 1)
+                               pool_factor=3 if "_pool3" in name else 1,
+                               vision_attention="fa4" if "_fa4" in name else "sdpa" if "_sdpa" in name else "auto")
             load_s = time.perf_counter() - t
+            # FlashAttention 4 loads in a thread while the first batches run on SDPA: the timed
+            # batches run on one kernel (the job's summary shows the switch; this times the kernel)
+            emb.vision.wait(300)
             t = time.perf_counter()
             emb(rows_table(pages[: args.batch_size]))
             sync()
@@ -696,7 +682,8 @@ def main():
                               "forward_busy_fraction": round(busy, 3), "peak_gib": round(mem, 1),
                               "load_s": round(load_s, 1), "first_batch_s": round(first, 1),
                               "sdpa_first": cudnn or None,
-                              "attention_kernel": attention_kernel(emb, rows_table(pages[: args.batch_size]))}
+                              "attention_kernel": attention_kernel(emb, rows_table(pages[: args.batch_size])),
+                              "vision_attention": emb.vision.summary()}
             if helper_variant:
                 variants[name]["compile_helper"] = {
                     "eager_batches_after_the_first": helper_eager, "s_from_first_batch_to_loaded": round(helper_wait_s, 1),

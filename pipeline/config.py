@@ -43,6 +43,9 @@ class EmbedConfig:
     pool_factor: int = 1
     # "default": every matmul in --dtype; "fp8": the large ones in FP8 (pipeline/embed/fp8.py)
     precision: str = "default"
+    # the vision attention's kernel: auto = FlashAttention 4 where installed on a Hopper GPU, else
+    # SDPA; fa4 insists; sdpa never uses it (pipeline/embed/vision_kernels.py)
+    vision_attention: str = "auto"
     # batches each actor holds at once: 2 = one on the GPU while the host prepares the next
     # (threads of one actor, device work queued one batch at a time; pipeline/embed/model.py);
     # None: 2 when the model runs on GPUs, else 1 (resolve_batches_in_flight)
@@ -90,6 +93,8 @@ class EmbedConfig:
             problems.append(f"--pool-factor must be an integer >= 1 (1 = no pooling), got {self.pool_factor!r}")
         if self.precision not in ("default", "fp8"):
             problems.append(f"--precision must be default or fp8, got {self.precision!r}")
+        if self.vision_attention not in ("auto", "sdpa", "fa4"):
+            problems.append(f"--vision-attention must be auto, sdpa or fa4, got {self.vision_attention!r}")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.batches_in_flight not in (None, 1, 2):
@@ -131,7 +136,8 @@ class EmbedConfig:
                 "compile_model": self.compile in ("on", "plain") or (self.compile == "auto" and device == "cuda"),
                 "precompiled": self.compile != "plain",
                 "pool_factor": self.pool_factor, "compile_cache": self.compile_cache,
-                "precision": self.precision, "batches_in_flight": batches_in_flight}
+                "precision": self.precision, "batches_in_flight": batches_in_flight,
+                "vision_attention": self.vision_attention}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -127,7 +127,10 @@ def summarize(actors: dict[str, dict], job_started_at: float) -> dict:
         if a.get("compile"):
             compiled = json.loads(a["compile"])
             start = compiled.pop("start", None)
+            vision = compiled.pop("vision_attention", None)
             out[-1]["compile"] = compiled
+            if vision:  # SDPA, or FlashAttention 4 from when it was loaded (pipeline.embed.vision_kernels)
+                out[-1]["vision_attention"] = vision
             if start:
                 # Before the GPU's first batch: the actor's constructor began ``started_after_s``
                 # into the job (a worker process, on an autoscaling cluster a new node), loaded

@@ -278,6 +278,7 @@ class LoadedModel:
     load_phases: dict = dataclasses.field(default_factory=dict)
     precompiled: list = dataclasses.field(default_factory=list)  # pipeline.embed.precompile.PrecompiledForward
     linear_patch_embed: bool = False  # the patch embedding runs as one matmul (enable_linear_patch_embed)
+    image_attention_op: bool = False  # the vision attention runs through vdr::image_attention
 
     @property
     def dtype_name(self) -> str:
@@ -414,7 +415,10 @@ def load_model(
         log.info("--precision fp8: %d linear layers run as FP8 matmuls%s", n,
                  "" if device.startswith("cuda") else " (emulated in float32 on CPU: slow, for tests)")
     lm.precision = precision
-    if batched_vision_attention and attn == "sdpa" and model.config.vlm_config.model_type == "qwen2_vl":
+    # vdr::image_attention computes the vision attention (SDPA, or FA4: pipeline.embed.vision_kernels)
+    lm.image_attention_op = bool(batched_vision_attention and attn == "sdpa"
+                                 and model.config.vlm_config.model_type == "qwen2_vl")
+    if lm.image_attention_op:
         enable_batched_vision_attention(model, lm.vision_lengths)
     lm.linear_patch_embed = linear_patch_embed and enable_linear_patch_embed(model)
     if compile_model:
@@ -531,6 +535,11 @@ def image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
     specializes on the page sizes (they change from batch to batch)."""
     import torch.nn.functional as F
 
+    from pipeline.embed.vision_kernels import ACTIVE
+
+    attend = ACTIVE["attend"]  # FlashAttention 4 once an actor has loaded it (pipeline.embed.vision_kernels)
+    if attend is not None:
+        return attend(q, k, v, lengths, cu_seqlens, scale)
     outs, start = [], 0
     for length, count in _attention_calls(_image_lengths(lengths, cu_seqlens, q.shape[0]), IMAGE_ATTENTION_SPLIT):
         IMAGE_ATTENTION_SHAPES.add((count, length))

@@ -186,12 +186,17 @@ class PageEmbedder:
     def __init__(self, model: str, device: str | None = None, dtype: str = "auto",
                  attn_implementation: str = "auto", endpoint_url: str | None = None,
                  compile_model: bool = False, pool_factor: int = 1, compile_cache: str | None = None,
-                 precision: str = "default", batches_in_flight: int = 1, precompiled: bool | None = None):
+                 precision: str = "default", batches_in_flight: int = 1, precompiled: bool | None = None,
+                 vision_attention: str = "auto"):
         from pipeline.cluster import actor_device, bytecode_warning
+        from pipeline.embed import vision_kernels
         from pipeline.embed import compile_helper
         from pipeline.embed.pooling import WardMerges
 
         self.started = time.time()
+        if vision_attention not in vision_kernels.CHOICES:  # before the weights load
+            raise ValueError(f"--vision-attention must be one of {', '.join(vision_kernels.CHOICES)}, "
+                             f"got {vision_attention!r}")
         # --pool-factor: Ward's merge loops on the GPU where Triton is installed ($VDR_WARD_ON_DEVICE),
         # else in worker processes ($VDR_POOL_PROCESSES, default 2; 0: in the calling thread),
         # started at the first batch that needs them; a misspelt value fails here, before the weights load
@@ -228,19 +233,25 @@ class PageEmbedder:
                             free / 2**30, compile_helper.MIN_FREE_BYTES >> 30)
         try:
             self._load(model, device, dtype, attn_implementation, endpoint_url, compile_model, precision,
-                       precompiled, batches_in_flight, compile_cache)
+                       precompiled, batches_in_flight, compile_cache, vision_attention)
         except BaseException:
             if self.helper is not None:
                 self.helper.stop()
             raise
 
     def _load(self, model, device, dtype, attn_implementation, endpoint_url, compile_model, precision, precompiled,
-              batches_in_flight, compile_cache) -> None:
+              batches_in_flight, compile_cache, vision_attention="auto") -> None:
+        from pipeline.embed import compile_cache as cc, vision_kernels
         from pipeline.embed.model import ForwardTimer, TurnLock, load_model
 
         self.lm = load_model(model, device=device, dtype=dtype, attn_implementation=attn_implementation,
                              endpoint_url=endpoint_url, compile_model=compile_model, precision=precision,
                              precompiled=precompiled)
+        # SDPA until FlashAttention 4 is loaded in a thread, where it is installed and wanted
+        # (--vision-attention; pipeline.embed.vision_kernels): begun after the weights, so that its
+        # import does not hold the GIL beside transformers'
+        self.vision = vision_kernels.start(vision_attention, device, self.lm.model.config, self.started,
+                                           self.lm.image_attention_op, cache_dir=os.path.join(cc.local_dir(), "fa4"))
         self.dtype = str(self.lm.dtype).removeprefix("torch.")
         self.loaded_s = time.time() - self.started
         self.actor = f"{socket.gethostname()}:{os.getpid()}"
@@ -298,6 +309,8 @@ class PageEmbedder:
         pixels = pixel_views(batch.column(PIXELS))
         page_idx = [i for i, p in enumerate(pixels) if p is not None]
         images = [pixels[i].reshape(heights[i], widths[i], 3) for i in page_idx]
+        if images:
+            self.vision.batch_begins()
         helper = self.helper if self.helper is not None and self.helper.pending() else None
         if helper is not None:
             if images:  # what it compiles for: this first batch's page shapes (the size hints the actor's would give)
@@ -326,7 +339,8 @@ class PageEmbedder:
                          f", precompiled blocks {self._precompiled_state()}"
                          + (f", compile helper {self.helper.state}" if self.helper is not None else "")
                          + f", compile s in this process so far {self._compile_times()}"
-                         if self.compile_cache is not None else "") + ")",
+                         if self.compile_cache is not None else "")
+                      + f", vision attention {self.vision.state}" + ")",
                       file=sys.stderr, flush=True)
             if images and (c.compile_state is None or '"provisional": true' in c.compile_state):
                 state = self.compile_state()
@@ -363,8 +377,12 @@ class PageEmbedder:
         summary gives them per actor, :func:`pipeline.embed.counters.summarize`)."""
         start = {"constructed_at": self.started, "load_phases": dict(self.lm.load_phases)}
         if self.compile_cache is None:
-            return {"mode": "off", "start": start}
-        state = {"mode": "torch.compile", "compile_cache_from": self.compile_cache_from, "start": start}
+            state = {"mode": "off", "start": start, "vision_attention": self.vision.summary()}
+            if self.vision.pending:  # replaced by a later batch's, once FA4's load has ended
+                state["provisional"] = True
+            return state
+        state = {"mode": "torch.compile", "compile_cache_from": self.compile_cache_from, "start": start,
+                 "vision_attention": self.vision.summary()}
         if self.lm.precompiled:
             fallbacks = {pf.name: pf.fallback_reason for pf in self.lm.precompiled if pf.fallback is not None}
             state.update(mode="precompiled" if not fallbacks else "precompiled, with fallbacks",
@@ -377,6 +395,8 @@ class PageEmbedder:
             state["compile_helper"] = self.helper.summary(self.lm.precompiled)
             if self.helper.pending():  # replaced by a later batch's, once the helper has ended
                 state["provisional"] = True
+        if self.vision.pending:  # the same, once FA4's load has ended
+            state["provisional"] = True
         state["compile_s"] = self._compile_times()
         return state
 
