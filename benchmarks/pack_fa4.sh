@@ -16,10 +16,12 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   "flash-attn-4==$FA4" "nvidia-cutlass-dsl==$DSL" "nvidia-cutlass-dsl-libs-base==$DSL" \
   "nvidia-cutlass-dsl-libs-core==$DSL" "nvidia-cutlass-dsl-libs-cu13==$DSL" \
   "quack-kernels==0.6.5" "apache-tvm-ffi==0.1.15.post2" "torch-c-dlpack-ext==0.1.5"
+# (tvm_ffi loads libtvm_ffi_testing.so at import: kept. The bundles of 2026-12-06 lacked it and
+# carried it beside them as .device/fa4fix.tar.xz, unpacked into /tmp/fa4site)
 # the device has einops, cuda-bindings, protobuf and typing-extensions already (KINDS.md)
 mkdir -p "$work/site"
 for w in "$work"/w/*.whl; do (cd "$work/site" && python3 -m zipfile -e "$w" .); done
-rm -rf "$work/site/tvm_ffi/3rdparty" "$work/site/tvm_ffi/include" "$work/site/tvm_ffi/lib/libtvm_ffi_testing.so"
+rm -rf "$work/site/tvm_ffi/3rdparty" "$work/site/tvm_ffi/include"
 find "$work/site" -path '*nvidia_cutlass_dsl/cu13/lib/stubs' -prune -exec rm -rf {} +
 find "$work/site" -name '__pycache__' -prune -exec rm -rf {} +
 ir=nvidia_cutlass_dsl/dsl_packages/cutlass/_mlir/_mlir_libs
