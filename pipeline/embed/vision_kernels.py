@@ -27,6 +27,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 CHOICES = ("auto", "sdpa", "fa4")
+ENV = "VDR_VISION_ATTENTION"  # where --vision-attention is left at auto (forwarded to the actors)
 INSTALL_HINT = "pip install 'vdr-pipeline[fa4]' (flash-attn-4) on the GPU nodes"
 
 # The kernel vdr::image_attention runs on CUDA tensors instead of SDPA (None: SDPA). One per
@@ -170,6 +171,8 @@ def start(requested: str, device: str, model_config, started: float, op_in_use: 
     """The actor's :class:`VisionAttention` for ``--vision-attention requested`` (ValueError where
     ``fa4`` cannot run), its FA4 load begun in a thread where it will run (``op_in_use``: see
     :func:`decide`)."""
+    if requested == "auto" and os.environ.get(ENV):  # the flag left at auto: $VDR_VISION_ATTENTION decides
+        requested = os.environ[ENV].strip().lower()
     capability = None
     if device.startswith("cuda"):
         import torch

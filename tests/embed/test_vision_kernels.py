@@ -126,3 +126,23 @@ def test_fa4_is_refused_where_the_vision_attention_runs_elsewhere():
     assert V.decide("auto", "cuda:0", (9, 0), installed=True, op_in_use=False) == "sdpa"
     with pytest.raises(ValueError, match="batched vision attention"):
         V.decide("fa4", "cuda:0", (9, 0), installed=True, op_in_use=False)
+
+
+def test_the_environment_decides_where_the_flag_is_left_at_auto(tiny_model, clean_active, monkeypatch):
+    """$VDR_VISION_ATTENTION (forwarded to the actors with the job's other switches) replaces
+    auto, not a value given on the command line; a wrong value is refused."""
+    from transformers import AutoConfig
+
+    from pipeline.cluster import WORKER_ENV
+
+    assert V.ENV in WORKER_ENV
+    config = AutoConfig.from_pretrained(tiny_model)
+    monkeypatch.setenv(V.ENV, "sdpa")
+    assert V.start("auto", "cpu", config, 0.0).summary() == {"requested": "sdpa", "kernel": "sdpa"}
+    monkeypatch.setenv(V.ENV, "fa4")
+    with pytest.raises(ValueError, match="GPUs only"):
+        V.start("auto", "cpu", config, 0.0)
+    assert V.start("sdpa", "cpu", config, 0.0).summary()["requested"] == "sdpa"
+    monkeypatch.setenv(V.ENV, "flash")
+    with pytest.raises(ValueError, match="auto, sdpa, fa4"):
+        V.start("auto", "cpu", config, 0.0)
