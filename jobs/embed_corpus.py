@@ -19,8 +19,7 @@ outputs (DESIGN.md):
                            height, n_vectors, embedding (list<fixed_size_list<float16,128>>),
                            doc_pages; model, prompt, token budget and dtype in the file metadata
   OUTPUT/errors/*.parquet  one row per document or page that failed: stage, error_type, message
-  OUTPUT/summary.json      counts (documents, pages, vectors, errors by type) and time
-  OUTPUT/config.json       the resolved options
+  OUTPUT/summary.json      counts (documents, pages, vectors, errors by type) and time; OUTPUT/config.json the options
   OUTPUT/preflight.json    --preflight's report (documents, pages, error rows, CPU ms/page, GPU-hours)
 
 reruns: files are named by content and written atomically; a rerun embeds only documents

@@ -80,9 +80,11 @@ def fa4_attention(q, k, v, lengths, cu_seqlens, scale):
     import torch
     from flash_attn.cute import flash_attn_varlen_func
 
-    from pipeline.embed.model import _image_lengths
-
-    max_len = max(_image_lengths(lengths, cu_seqlens, q.shape[0]))
+    # the longest image: from the host's lengths where they add up, else from cu_seqlens (a sync)
+    if lengths is not None and int(lengths.sum()) == q.shape[0]:
+        max_len = int(lengths.max())
+    else:
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
     out = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len,
                                  max_seqlen_k=max_len, softmax_scale=scale)
