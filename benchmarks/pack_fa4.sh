@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # FlashAttention 4 (the CuTe-DSL kernels of flash-attn-4, which run head size 80 unpadded on
 # Hopper: round_up(80, 16) = 80) and its dependencies, as two bundles for the GPU machine (no
-# network there). Its compiler library alone (_cutlass_ir, 193 MB) is ~54 MB compressed, and with
+# network there). Its compiler library alone (_cutlass_ir, 193 MB) is 49.5 MB compressed, and with
 # the rest over the 64 MiB one device call carries, so it travels in two calls on one warm
 # machine: call 1 carries .device/fa4a.tar.xz and unpacks it to /tmp/fa4site, call 2 carries
 # .device/fa4b.tar.xz (the rest) and unpacks it beside it (benchmarks/fa4_unpack.sh).

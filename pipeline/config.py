@@ -44,7 +44,9 @@ class EmbedConfig:
     # "default": every matmul in --dtype; "fp8": the large ones in FP8 (pipeline/embed/fp8.py)
     precision: str = "default"
     # the vision attention's kernel: auto = FlashAttention 4 where installed on a Hopper GPU, else
-    # SDPA; fa4 insists; sdpa never uses it (pipeline/embed/vision_kernels.py)
+    # SDPA; fa4 insists; sdpa never uses it (pipeline/embed/vision_kernels.py). Left at auto,
+    # $VDR_VISION_ATTENTION decides, here on the driver: the actors get the resolved value
+    # (their arguments name kept actors, --keep-embedders)
     vision_attention: str = "auto"
     # batches each actor holds at once: 2 = one on the GPU while the host prepares the next
     # (threads of one actor, device work queued one batch at a time; pipeline/embed/model.py);
@@ -93,6 +95,12 @@ class EmbedConfig:
             problems.append(f"--pool-factor must be an integer >= 1 (1 = no pooling), got {self.pool_factor!r}")
         if self.precision not in ("default", "fp8"):
             problems.append(f"--precision must be default or fp8, got {self.precision!r}")
+        env_choice = os.environ.get("VDR_VISION_ATTENTION", "").strip().lower()
+        if self.vision_attention == "auto" and env_choice:  # the flag left at auto: the environment decides
+            if env_choice in ("auto", "sdpa", "fa4"):
+                object.__setattr__(self, "vision_attention", env_choice)  # a frozen dataclass
+            else:
+                problems.append(f"$VDR_VISION_ATTENTION must be auto, sdpa or fa4, got {env_choice!r}")
         if self.vision_attention not in ("auto", "sdpa", "fa4"):
             problems.append(f"--vision-attention must be auto, sdpa or fa4, got {self.vision_attention!r}")
         if self.batch_size < 1:

@@ -29,8 +29,8 @@ MODEL_LOAD_S = "_model_load_s"
 FIRST_BATCH = "_first_batch"
 # How the actor came by its compiled model (JSON, as of its first batch in this job: off,
 # precompiled blocks loaded or compiled here, the compile cache warm or cold; with a compile
-# helper still running, marked provisional and replaced by a later batch's: final_state);
-# whether warm starts worked, per actor, in the summary.
+# helper still running or FlashAttention 4 still loading, marked provisional and replaced by a
+# later batch's: final_state); whether warm starts worked, per actor, in the summary.
 COMPILE = "_compile"
 COLUMNS = (ACTOR, BUSY_S, FIRST_BATCH_AT, BATCH_END_AT, MODEL_LOAD_S, FIRST_BATCH, COMPILE)
 _FIRST_TYPE = pa.list_(pa.float64(), 3)
@@ -130,6 +130,9 @@ def summarize(actors: dict[str, dict], job_started_at: float) -> dict:
             vision = compiled.pop("vision_attention", None)
             out[-1]["compile"] = compiled
             if vision:  # SDPA, or FlashAttention 4 from when it was loaded (pipeline.embed.vision_kernels)
+                ready_at = vision.pop("ready_at", None)
+                if ready_at is not None:  # on the job's clock, as first_batch_after_s
+                    vision["ready_after_job_start_s"] = round(ready_at - job_started_at, 3)
                 out[-1]["vision_attention"] = vision
             if start:
                 # Before the GPU's first batch: the actor's constructor began ``started_after_s``

@@ -633,6 +633,9 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
                       max_longest_side_px=cfg.max_longest_side_px, max_image_pixels=cfg.max_image_pixels,
                       max_pages_per_doc=cfg.max_pages_per_doc)
     gpus_per_actor, min_actors, max_actors, device, why = resolve_resources(cfg)
+    if cfg.vision_attention == "fa4" and device != "cuda":
+        raise ClusterFitError(f"--vision-attention fa4 runs on GPUs only, and this job's model actors run on {device} "
+                              f"({why}). Use --vision-attention auto or sdpa")
     in_flight = resolve_batches_in_flight(cfg.batches_in_flight, device)
     metadata = output_metadata(cfg, device)
     # Before any work: the output's settings against this run's (refused, or a new generation).

@@ -210,6 +210,10 @@ class PageEmbedder:
         if warning:
             log.warning(warning)
             compile_model = False
+        if vision_attention == "fa4":  # refused before the weights load (and any helper), where it can be told now
+            from pipeline.embed.model import dtype_from_name
+
+            vision_kernels.check("fa4", device, str(dtype_from_name(dtype, device)).removeprefix("torch."))
         slow_imports = bytecode_warning()
         if slow_imports:
             log.warning(slow_imports)
@@ -251,7 +255,8 @@ class PageEmbedder:
         # (--vision-attention; pipeline.embed.vision_kernels): begun after the weights, so that its
         # import does not hold the GIL beside transformers'
         self.vision = vision_kernels.start(vision_attention, device, self.lm.model.config, self.started,
-                                           self.lm.image_attention_op, cache_dir=os.path.join(cc.local_dir(), "fa4"))
+                                           self.lm.image_attention_op, cache_dir=os.path.join(cc.local_dir(), "fa4"),
+                                           dtype=self.lm.dtype)
         self.dtype = str(self.lm.dtype).removeprefix("torch.")
         self.loaded_s = time.time() - self.started
         self.actor = f"{socket.gethostname()}:{os.getpid()}"

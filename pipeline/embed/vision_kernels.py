@@ -7,12 +7,18 @@ computes them 128 wide; FlashAttention 4's Hopper forward (``flash_attn.cute``, 
 benchmarks/RESULTS.md) the attention of 32 letter pages took 3.12 ms against 3.85, and the actor
 ran 68.5 pages/s against 64.2, its vectors within bf16 rounding of SDPA's.
 
-``--vision-attention``: ``auto`` (the default) runs FA4 where it is installed and the GPU is a
-Hopper (compute capability 9.x, the only one measured), else SDPA; ``fa4`` insists (an error
-where it cannot run); ``sdpa`` never uses it. FA4's import and its kernel's compile take seconds
-(its import alone 6.6 s on a fresh H100 node), so an actor loads it in a thread after the model
-is loaded and runs SDPA until it is ready: the first batches are never held back for it. Its
-compiled kernels are kept per node (FA4's own disk cache, under the compile cache's folder).
+``--vision-attention``: ``auto`` (the default) runs FA4 where it is installed, the GPU is a
+Hopper (compute capability 9.x, the only one measured), the model computes in bf16 or fp16 and
+its vision attention goes through ``vdr::image_attention`` (Qwen2-VL without FlashAttention 2),
+else SDPA; ``fa4`` insists (an error, before the weights load where it can be told then, saying
+what to change); ``sdpa`` never uses it. FA4's import and its kernel's compile take seconds, so
+an actor loads it in a thread after the model is loaded and runs SDPA until it is ready. That
+thread still costs the start: its Python holds the GIL beside the first batches (H100,
+2026-12-06: load to first batch 1.6-2.05 s against 0.86-0.94 s warm; a cold node's first eager
+batch 4.7-5.2 s against ~1.1 s while FA4's kernel compiles), about what FA4's 5% saves on a
+3,000-page job; longer jobs gain. Its compiled kernels are kept per node (FA4's own disk cache,
+under the compile cache's folder). A call that fails in FA4 falls back to SDPA for the rest of
+the actor's life, with a warning and the error in the summary.
 """
 
 from __future__ import annotations
@@ -27,12 +33,23 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 CHOICES = ("auto", "sdpa", "fa4")
-ENV = "VDR_VISION_ATTENTION"  # where --vision-attention is left at auto (forwarded to the actors)
+# where --vision-attention is left at auto; read on the driver (pipeline.config.EmbedConfig)
+ENV = "VDR_VISION_ATTENTION"
 INSTALL_HINT = "pip install 'vdr-pipeline[fa4]' (flash-attn-4) on the GPU nodes"
 
-# The kernel vdr::image_attention runs on CUDA tensors instead of SDPA (None: SDPA). One per
-# process: an actor process holds one model. Read once per call, so a call runs one kernel.
-ACTIVE: dict = {"attend": None}
+# The kernel vdr::image_attention runs instead of SDPA (None: SDPA), and the error of a call that
+# failed in it (it is then dropped). One per process: an actor process holds one model. Read once
+# per call, so a call runs one kernel.
+ACTIVE: dict = {"attend": None, "runtime_error": None}
+
+
+def runtime_failure(exc: BaseException) -> None:
+    """A call of the loaded kernel failed: SDPA from now on (this call included), said once."""
+    if ACTIVE["attend"] is not None:
+        ACTIVE["attend"] = None
+        ACTIVE["runtime_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        log.warning("FlashAttention 4 failed in a call; the vision attention runs on SDPA from now on: %s",
+                    ACTIVE["runtime_error"])
 
 
 def fa4_installed() -> bool:
@@ -44,19 +61,23 @@ def fa4_installed() -> bool:
         return False
 
 
+HALF_DTYPES = ("bfloat16", "float16")  # FA4's inputs
+
+
 def decide(requested: str, device: str, capability: tuple[int, int] | None, installed: bool,
-           op_in_use: bool = True) -> str:
+           op_in_use: bool = True, dtype: str = "bfloat16") -> str:
     """The kernel an actor on ``device`` (CUDA ``capability``) runs for ``--vision-attention
     requested``: "sdpa" or "fa4". ``fa4`` where it cannot run is a ValueError saying why.
     ``op_in_use``: the model's vision attention goes through vdr::image_attention (Qwen2-VL with
-    SDPA; not Qwen2.5-VL's windows, nor flash_attention_2), the only place FA4 is swapped in."""
+    SDPA; not Qwen2.5-VL's windows, nor flash_attention_2), the only place FA4 is swapped in;
+    ``dtype`` the model's compute dtype (FA4 takes bf16 and fp16 only)."""
     if requested not in CHOICES:
         raise ValueError(f"--vision-attention must be one of {', '.join(CHOICES)}, got {requested!r}")
     if requested == "sdpa":
         return "sdpa"
     on_hopper = device.startswith("cuda") and capability is not None and capability[0] == 9
     if requested == "auto":
-        return "fa4" if on_hopper and installed and op_in_use else "sdpa"
+        return "fa4" if on_hopper and installed and op_in_use and dtype in HALF_DTYPES else "sdpa"
     if not op_in_use:
         raise ValueError("--vision-attention fa4 needs the batched vision attention of Qwen2-VL models with "
                          "--attn-implementation sdpa (auto picks it without FlashAttention 2); this model's "
@@ -68,6 +89,9 @@ def decide(requested: str, device: str, capability: tuple[int, int] | None, inst
         raise ValueError(f"--vision-attention fa4 is measured on Hopper GPUs (compute capability 9.x) only; "
                          f"this GPU has {capability[0]}.{capability[1]}. Use --vision-attention auto or sdpa"
                          if capability else "--vision-attention fa4: no CUDA device capability known")
+    if dtype not in HALF_DTYPES:
+        raise ValueError(f"--vision-attention fa4 takes bf16 or fp16 inputs; the model computes in {dtype}. "
+                         "Use --dtype bfloat16 (the default on GPUs), or --vision-attention auto or sdpa")
     if not installed:
         raise ValueError(f"--vision-attention fa4: flash_attn.cute is not installed on this node: {INSTALL_HINT}, "
                          "or use --vision-attention auto")
@@ -91,16 +115,14 @@ def fa4_attention(q, k, v, lengths, cu_seqlens, scale):
     return (out[0] if isinstance(out, tuple) else out).reshape(q.shape[0], -1)
 
 
-def fa4_ready(device: str, heads: int, head_dim: int, cache_dir: str | None = None) -> Callable:
-    """Import FA4 and compile its kernel for this head size (one call on two small images of the
-    letter page's 3,072 patches, so that the real batches reuse it); returns the attention."""
+def fa4_ready(device: str, heads: int, head_dim: int, dtype) -> Callable:
+    """Import FA4 and compile its kernel for this head size and dtype (one call on two images of
+    the letter page's 3,072 patches; the compile key holds no lengths, so every batch reuses it);
+    returns the attention."""
     import torch
 
-    if cache_dir:  # FA4's own disk cache of compiled kernels, unless the user set one
-        os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
-        os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", cache_dir)
     length = 3072
-    q = torch.randn(2 * length, heads, head_dim, device=device, dtype=torch.bfloat16)
+    q = torch.randn(2 * length, heads, head_dim, device=device, dtype=dtype)
     cu = torch.tensor([0, length, 2 * length], dtype=torch.int32, device=device)
     with torch.cuda.device(device):
         fa4_attention(q, q, q, torch.tensor([length, length]), cu, head_dim ** -0.5)
@@ -119,12 +141,14 @@ class VisionAttention:
                  requested: str | None = None):
         self.kernel, self.started, self.requested = kernel, started, requested or kernel
         self.state = "sdpa" if kernel == "sdpa" else "loading"
-        self.ready_after_s: float | None = None
+        self.ready_after_s: float | None = None  # after the actor's constructor began
+        self.ready_at: float | None = None  # unix time (the summary puts it on the job's clock)
         self.load_s: float | None = None
         self.error: str | None = None
         self.sdpa_batches = 0  # batches begun before FA4 was ready
         self._done = threading.Event()
-        ACTIVE["attend"] = None
+        self._count_lock = threading.Lock()
+        ACTIVE["attend"], ACTIVE["runtime_error"] = None, None
         if kernel == "sdpa":
             self._done.set()
             return
@@ -140,16 +164,18 @@ class VisionAttention:
             self.state = "failed"
             log.warning("FlashAttention 4 could not be loaded, the vision attention stays on SDPA: %s", self.error)
         else:
-            ACTIVE["attend"] = attend
+            ACTIVE["attend"], ACTIVE["runtime_error"] = attend, None
             self.state = "fa4"
-            self.ready_after_s = round(time.time() - self.started, 2)
+            self.ready_at = time.time()
+            self.ready_after_s = round(self.ready_at - self.started, 2)
         self.load_s = round(time.perf_counter() - t, 2)
         self._done.set()
 
     def batch_begins(self) -> None:
         """Count a batch that starts before FA4 is ready (it runs on SDPA)."""
         if self.state == "loading":
-            self.sdpa_batches += 1
+            with self._count_lock:  # two batch threads
+                self.sdpa_batches += 1
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until the load has ended (benchmarks: time one kernel only); True when it has."""
@@ -160,30 +186,49 @@ class VisionAttention:
         return not self._done.is_set()
 
     def summary(self) -> dict:
-        out: dict = {"requested": self.requested, "kernel": self.state}
+        state, error = self.state, self.error
+        if state == "fa4" and ACTIVE["runtime_error"]:
+            state, error = "failed at runtime", ACTIVE["runtime_error"]
+        out: dict = {"requested": self.requested, "kernel": state}
         if self.kernel != "sdpa":
-            out.update(ready_after_s=self.ready_after_s, load_s=self.load_s, sdpa_batches_before=self.sdpa_batches)
-            if self.error:
-                out["error"] = self.error
+            out.update(ready_after_s=self.ready_after_s, ready_at=self.ready_at, load_s=self.load_s,
+                       sdpa_batches_before=self.sdpa_batches)
+            if error:
+                out["error"] = error
         return out
 
 
+def _capability(device: str) -> tuple[int, int] | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def check(requested: str, device: str, dtype: str) -> None:
+    """What can be told before the weights load: ``fa4`` refused (ValueError) on a CPU, another GPU,
+    a float32 model or a node without FA4. The model's kind is told after (:func:`start`)."""
+    decide(requested, device, _capability(device), fa4_installed(), True, dtype)
+
+
 def start(requested: str, device: str, model_config, started: float, op_in_use: bool = True,
-          cache_dir: str | None = None, load: Callable[[], Callable] | None = None) -> VisionAttention:
+          cache_dir: str | None = None, load: Callable[[], Callable] | None = None,
+          dtype=None) -> VisionAttention:
     """The actor's :class:`VisionAttention` for ``--vision-attention requested`` (ValueError where
     ``fa4`` cannot run), its FA4 load begun in a thread where it will run (``op_in_use``: see
-    :func:`decide`)."""
-    if requested == "auto" and os.environ.get(ENV):  # the flag left at auto: $VDR_VISION_ATTENTION decides
-        requested = os.environ[ENV].strip().lower()
-    capability = None
-    if device.startswith("cuda"):
-        import torch
+    :func:`decide`; ``dtype`` the model's torch dtype, bf16 when None)."""
+    import torch
 
-        capability = tuple(torch.cuda.get_device_capability(device))
-    kernel = decide(requested, device, capability, fa4_installed(), op_in_use)
+    dtype = dtype or torch.bfloat16
+    kernel = decide(requested, device, _capability(device), fa4_installed(), op_in_use,
+                    str(dtype).removeprefix("torch."))
     if kernel == "fa4" and load is None:
         vision = model_config.vlm_config.vision_config
         heads = int(vision.num_heads)
         head_dim = int(vision.embed_dim) // heads
-        load = lambda: fa4_ready(device, heads, head_dim, cache_dir)  # noqa: E731
+        if cache_dir:  # FA4's own disk cache of compiled kernels, unless the user set one (before the thread)
+            os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+            os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", cache_dir)
+        load = lambda: fa4_ready(device, heads, head_dim, dtype)  # noqa: E731
     return VisionAttention(kernel, started, load, requested)

@@ -594,3 +594,14 @@ def test_a_foreign_file_in_the_output_is_named(ray_session, tiny_model, sample_c
     pq.write_table(pa.table({"x": [1, 2]}), other / "pages" / "part-0.parquet")
     assert cli.guarded(job.main, argv + ["--output", str(other), "--model", tiny_model]) == 2
     assert "2 row(s) without a doc_id: a Parquet file there was not written by this job" in capsys.readouterr().err
+
+
+def test_fa4_on_cpu_actors_is_refused_before_any_work(ray_session, tiny_model, sample_corpus, tmp_path, capsys):
+    """--vision-attention fa4 where the job's actors run on CPUs: exit 2 with what to change, and
+    nothing written (no model loaded, no page rendered)."""
+    out = tmp_path / "out"
+    assert embed_corpus.main(["--input", sample_corpus, "--output", str(out), "--model", tiny_model,
+                              "--max-visual-tokens", TOKENS, "--vision-attention", "fa4"]) == 2
+    err = capsys.readouterr().err
+    assert "--vision-attention fa4 runs on GPUs only" in err and "auto or sdpa" in err
+    assert not (out / "pages").exists()

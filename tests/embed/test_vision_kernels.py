@@ -93,7 +93,7 @@ def test_batches_run_on_sdpa_until_the_load_ends_and_the_summary_says_when(clean
     va.batch_begins()  # after the load: not counted
     s = va.summary()
     assert s["requested"] == "fa4" and s["kernel"] == "fa4" and s["sdpa_batches_before"] == 2
-    assert s["ready_after_s"] > 0 and s["load_s"] >= 0 and "error" not in s
+    assert s["ready_at"] > s["ready_after_s"] > 0 and "error" not in s
 
 
 def test_a_failed_load_leaves_sdpa_and_says_why(clean_active, caplog):
@@ -128,21 +128,153 @@ def test_fa4_is_refused_where_the_vision_attention_runs_elsewhere():
         V.decide("fa4", "cuda:0", (9, 0), installed=True, op_in_use=False)
 
 
-def test_the_environment_decides_where_the_flag_is_left_at_auto(tiny_model, clean_active, monkeypatch):
-    """$VDR_VISION_ATTENTION (forwarded to the actors with the job's other switches) replaces
-    auto, not a value given on the command line; a wrong value is refused."""
-    from transformers import AutoConfig
-
+def test_the_environment_decides_on_the_driver_where_the_flag_is_left_at_auto(monkeypatch, tmp_path):
+    """$VDR_VISION_ATTENTION replaces auto in the job's configuration (so the actors' arguments, and
+    the names of kept actors, carry the kernel), not a value given on the command line; a wrong
+    value is refused there, naming the variable."""
     from pipeline.cluster import WORKER_ENV
+    from pipeline.config import EmbedConfig
 
-    assert V.ENV in WORKER_ENV
-    config = AutoConfig.from_pretrained(tiny_model)
+    def cfg(**kw):
+        return EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), **kw)
+
+    assert V.ENV not in WORKER_ENV
     monkeypatch.setenv(V.ENV, "sdpa")
-    assert V.start("auto", "cpu", config, 0.0).summary() == {"requested": "sdpa", "kernel": "sdpa"}
-    monkeypatch.setenv(V.ENV, "fa4")
-    with pytest.raises(ValueError, match="GPUs only"):
-        V.start("auto", "cpu", config, 0.0)
-    assert V.start("sdpa", "cpu", config, 0.0).summary()["requested"] == "sdpa"
+    assert cfg().vision_attention == "sdpa"
+    assert cfg().embedder_settings("cuda", 2)["vision_attention"] == "sdpa"
+    assert cfg(vision_attention="fa4").vision_attention == "fa4"
     monkeypatch.setenv(V.ENV, "flash")
-    with pytest.raises(ValueError, match="auto, sdpa, fa4"):
-        V.start("auto", "cpu", config, 0.0)
+    with pytest.raises(ValueError, match=r"\$VDR_VISION_ATTENTION must be auto, sdpa or fa4"):
+        cfg()
+    monkeypatch.delenv(V.ENV)
+    assert cfg().vision_attention == "auto"
+    with pytest.raises(ValueError, match="--vision-attention must be auto, sdpa or fa4"):
+        cfg(vision_attention="flash")
+
+
+def test_fa4_takes_half_precision_models_only():
+    assert V.decide("auto", "cuda:0", (9, 0), installed=True, dtype="float32") == "sdpa"
+    assert V.decide("auto", "cuda:0", (9, 0), installed=True, dtype="float16") == "fa4"
+    with pytest.raises(ValueError, match="--dtype bfloat16"):
+        V.decide("fa4", "cuda:0", (9, 0), installed=True, dtype="float32")
+
+
+def test_a_call_that_fails_in_the_loaded_kernel_falls_back_to_sdpa_for_good(tiny_model, clean_active, caplog):
+    """A failure inside FA4 (a beta package) costs no batch: that call and every later one run on
+    SDPA, the pages are SDPA's, and the summary names the error."""
+    lm = M.load_model(tiny_model, device="cpu")
+    images = [np.random.default_rng(s).integers(0, 255, (28 * 6, 28 * 4, 3), dtype=np.uint8) for s in (1, 2)]
+    want = M.embed_pages(lm, images)
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("CUDA error: out of memory")
+
+    va = V.VisionAttention("fa4", started=0.0, load=lambda: broken)
+    assert va.wait(10) and va.summary()["kernel"] == "fa4"
+    got = M.embed_pages(lm, images)
+    assert len(calls) == 1 and V.ACTIVE["attend"] is None
+    for a, b in zip(got, want):
+        assert np.array_equal(a, b)
+    s = va.summary()
+    assert s["kernel"] == "failed at runtime" and "out of memory" in s["error"]
+    assert "runs on SDPA from now on" in caplog.text
+
+
+def test_the_fa4_wrapper_passes_the_models_layout_and_lengths(tiny_model, clean_active, monkeypatch):
+    """fa4_attention's plumbing, with flash_attn.cute's varlen function stood in by a per-image
+    attention that reads only what FA4 reads (cu_seqlens as int32, max_seqlen, softmax_scale) and
+    returns (out, lse) as FA4 does: the real tiny model's pages equal SDPA's through it, with the
+    lengths from the host or, without them, from cu_seqlens."""
+    import sys
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    seen = []
+
+    def varlen(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+               softmax_scale=None, **kw):
+        assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k
+        bounds = cu_seqlens_q.tolist()
+        assert max_seqlen_q == max(b - a for a, b in zip(bounds, bounds[1:]))
+        seen.append(max_seqlen_q)
+        out = torch.cat([F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)),
+                                                        scale=softmax_scale).transpose(0, 1)
+                         for a, b in zip(bounds, bounds[1:])])
+        return out, None
+
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_varlen_func = varlen
+    pkg = types.ModuleType("flash_attn")
+    pkg.cute = cute
+    monkeypatch.setitem(sys.modules, "flash_attn", pkg)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+
+    lm = M.load_model(tiny_model, device="cpu")
+    images = [np.random.default_rng(s).integers(0, 255, (28 * h, 28 * 4, 3), dtype=np.uint8)
+              for s, h in ((1, 6), (2, 4), (3, 6))]
+    want = M.embed_pages(lm, images)
+    V.ACTIVE["attend"] = V.fa4_attention
+    got = M.embed_pages(lm, images)
+    assert seen and V.ACTIVE["attend"] is V.fa4_attention  # it ran, and did not fail over to SDPA
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and np.abs(a.astype(np.float64) - b).max() < 1e-4
+    # without host lengths (or ones that do not add up): the longest image from cu_seqlens, int64 accepted
+    q = torch.randn(10, 2, 4)
+    cu = torch.tensor([0, 4, 10])
+    out = V.fa4_attention(q, q, q, None, cu, 0.5)
+    assert out.shape == (10, 8) and seen[-1] == 6
+
+
+def test_the_summary_lifts_each_actors_kernel_and_puts_its_switch_on_the_jobs_clock():
+    import json
+
+    from pipeline.embed import counters
+
+    state = {"mode": "off", "start": {"constructed_at": 105.0, "load_phases": {}},
+             "vision_attention": {"requested": "auto", "kernel": "fa4", "ready_after_s": 7.5, "ready_at": 112.5,
+                                  "load_s": 1.2, "sdpa_batches_before": 1}}
+    actors = {"n:1": {"actor": "n:1", "pages": 8, "busy_s": 1.0, "first_batch_at": 110.0, "last_batch_end_at": 120.0,
+                      "model_load_s": 4.0, "first_batch": [1.0, 0.5, 4.0], "compile": json.dumps(state)}}
+    (a,) = counters.summarize(actors, job_started_at=100.0)["actors"]
+    assert "vision_attention" not in a["compile"]
+    assert a["vision_attention"] == {"requested": "auto", "kernel": "fa4", "ready_after_s": 7.5,
+                                     "ready_after_job_start_s": 12.5, "load_s": 1.2, "sdpa_batches_before": 1}
+
+
+def test_a_provisional_state_is_replaced_once_fa4_has_loaded(tiny_model, clean_active):
+    """The state written with a batch while FA4 still loads is provisional; a later batch's, once it
+    has loaded, is the one the summary keeps (counters.final_state)."""
+    import json
+
+    from pipeline.embed import counters
+    from pipeline.embed.stages import PageEmbedder
+
+    emb = PageEmbedder(tiny_model, device="cpu")
+    release = threading.Event()
+    emb.vision = V.VisionAttention("fa4", started=emb.started, load=lambda: (release.wait(10), _loop_attention([]))[1])
+    early = json.dumps(emb.compile_state())
+    assert '"provisional": true' in early and '"kernel": "loading"' in early
+    release.set()
+    assert emb.vision.wait(10)
+    late = json.dumps(emb.compile_state())
+    assert '"provisional": true' not in late
+    assert json.loads(counters.final_state(early, late))["vision_attention"]["kernel"] == "fa4"
+
+
+def test_flash_attention_2_is_picked_only_with_its_compiled_extension(monkeypatch):
+    """flash-attn-4 installs a ``flash_attn`` package without FA2: transformers then refuses
+    flash_attention_2, so it is picked only where FA2's extension is importable."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name in ("flash_attn", "flash_attn.cute") else
+                        None if name == "flash_attn_2_cuda" else real(name, *a))
+    assert M.pick_attn_implementation("cuda:0") == "sdpa"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn_2_cuda" else None)
+    assert M.pick_attn_implementation("cuda:0") == "flash_attention_2"
+    assert M.pick_attn_implementation("cpu") == "sdpa"
