@@ -36,25 +36,10 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from pipeline.embed import model as model_mod  # noqa: E402
 import vision_attention_fa4 as fa4  # noqa: E402
+from bench_vision_attention import timed  # noqa: E402  (median of CUDA-event timings after 3 warm-up calls)
 
 # patches per image of a mixed batch of 16 (multiples of 4: 2x2 merged into one visual token)
 MIXED = [3072] * 6 + [2304] * 3 + [4096] * 2 + [1536] * 2 + [3600, 2880, 1024]
-
-
-def timed(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def case(lengths: list[int], H: int, D: int, reps: int) -> dict:
@@ -89,7 +74,7 @@ def case(lengths: list[int], H: int, D: int, reps: int) -> dict:
             torch.cuda.synchronize()
             first_s = time.perf_counter() - t
             err = (o[:first].float() - ref).abs().max().item()
-            sec = timed(fn, reps)
+            sec = timed(fn, reps, "cuda")
             out["kernels"][name] = {"ms": round(sec * 1e3, 3), "tflops_at_80": round(flops / sec / 1e12, 1),
                                     "max_abs_err_vs_fp32": round(err, 5), "first_call_s": round(first_s, 2)}
         except Exception as exc:  # noqa: BLE001 - a kernel that fails is reported, the others run
