@@ -44,9 +44,10 @@ class EmbedConfig:
     # "default": every matmul in --dtype; "fp8": the large ones in FP8 (pipeline/embed/fp8.py)
     precision: str = "default"
     # the vision attention's kernel: auto = FlashAttention 4 where installed on a Hopper GPU, else
-    # SDPA; fa4 insists; sdpa never uses it (pipeline/embed/vision_kernels.py). Left at auto,
-    # $VDR_VISION_ATTENTION decides, here on the driver: the actors get the resolved value
-    # (their arguments name kept actors, --keep-embedders)
+    # SDPA (auto also needs a Qwen2-VL model in bf16/fp16 without FlashAttention 2); fa4 insists;
+    # sdpa never uses it (pipeline/embed/vision_kernels.py). Not given (flag or --config),
+    # $VDR_VISION_ATTENTION decides, on the driver (embed_config): the actors get the resolved
+    # value (their arguments name kept actors, --keep-embedders)
     vision_attention: str = "auto"
     # batches each actor holds at once: 2 = one on the GPU while the host prepares the next
     # (threads of one actor, device work queued one batch at a time; pipeline/embed/model.py);
@@ -95,14 +96,11 @@ class EmbedConfig:
             problems.append(f"--pool-factor must be an integer >= 1 (1 = no pooling), got {self.pool_factor!r}")
         if self.precision not in ("default", "fp8"):
             problems.append(f"--precision must be default or fp8, got {self.precision!r}")
-        env_choice = os.environ.get("VDR_VISION_ATTENTION", "").strip().lower()
-        if self.vision_attention == "auto" and env_choice:  # the flag left at auto: the environment decides
-            if env_choice in ("auto", "sdpa", "fa4"):
-                object.__setattr__(self, "vision_attention", env_choice)  # a frozen dataclass
-            else:
-                problems.append(f"$VDR_VISION_ATTENTION must be auto, sdpa or fa4, got {env_choice!r}")
         if self.vision_attention not in ("auto", "sdpa", "fa4"):
             problems.append(f"--vision-attention must be auto, sdpa or fa4, got {self.vision_attention!r}")
+        if self.vision_attention == "fa4" and (self.device == "cpu" or self.gpus_per_actor == 0):
+            problems.append("--vision-attention fa4 runs on GPUs: drop --device cpu / --gpus-per-actor 0, "
+                            "or use --vision-attention auto or sdpa")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.batches_in_flight not in (None, 1, 2):
@@ -198,6 +196,11 @@ def embed_config(options: Mapping[str, Any], yaml_path: str | None = None) -> Em
         raise ValueError(f"unknown option(s) in {yaml_path}: {', '.join(unknown)}")
     for key in ("input", "output"):  # missing: EmbedConfig says which flag is required, not a TypeError
         values.setdefault(key, None)
+    env_choice = os.environ.get("VDR_VISION_ATTENTION", "").strip().lower()
+    if env_choice:  # checked even where the flag wins: a misspelt switch is refused, not ignored
+        if env_choice not in ("auto", "sdpa", "fa4"):
+            raise ValueError(f"$VDR_VISION_ATTENTION must be auto, sdpa or fa4, got {env_choice!r}")
+        values.setdefault("vision_attention", env_choice)  # neither the flag nor --config gave it
     return EmbedConfig(**values)
 
 

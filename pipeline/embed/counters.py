@@ -98,8 +98,14 @@ def merge_records(into: dict[str, dict], records: list[dict]) -> dict[str, dict]
 
 def final_state(a: str | None, b: str | None) -> str | None:
     """Of two rows' compile states (JSON) of one actor, the one to report: the first, unless it
-    is provisional (written while the actor's compile helper still ran) and the other is not."""
-    if a is None or ('"provisional": true' in a and b is not None and '"provisional": true' not in b):
+    is provisional (written while the actor's compile helper still ran, or FlashAttention 4 still
+    loaded) and the other is not, or the other says FA4 failed at runtime (recorded later; files
+    come in any order)."""
+    if a is None or b is None:
+        return b if a is None else a
+    if ("failed at runtime" in b) != ("failed at runtime" in a):
+        return b if "failed at runtime" in b else a
+    if '"provisional": true' in a and '"provisional": true' not in b:
         return b
     return a
 

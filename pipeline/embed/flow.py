@@ -413,6 +413,16 @@ def _render_kwargs(cfg: EmbedConfig, spec: RenderSpec) -> dict:
             "storage_settings": _storage_settings(cfg)}
 
 
+def refuse_vision_attention(cfg: EmbedConfig, device: str, why: str) -> None:
+    """``--vision-attention fa4`` where the model actors run on CPUs: refused (ClusterFitError, exit
+    2), before the model or any page (pipeline.embed.vision_kernels refuses the rest in the actor)."""
+    if cfg.vision_attention == "fa4" and device != "cuda":
+        env = (" ($VDR_VISION_ATTENTION=fa4: unset it or pass --vision-attention sdpa)"
+               if os.environ.get("VDR_VISION_ATTENTION", "").strip().lower() == "fa4" else "")
+        raise ClusterFitError(f"--vision-attention fa4 runs on GPUs only, and this job's model actors run on {device} "
+                              f"({why}). Use --vision-attention auto or sdpa{env}")
+
+
 def _preflight_progress(cfg: EmbedConfig) -> tuple[pa.Table, str | None]:
     """What OUT already holds, read only, as the run would plan against it (and a note when
     the run would be refused or start a new generation: then it redoes everything)."""
@@ -420,9 +430,10 @@ def _preflight_progress(cfg: EmbedConfig) -> tuple[pa.Table, str | None]:
     root = schema.generation_root(cfg.output, current)
     recorded, _, where = plan.recorded_settings(root, cfg.endpoint_url)
     try:
-        device = resolve_resources(cfg)[3]  # the dtype "auto" stands for depends on it
+        *_, device, why = resolve_resources(cfg)  # the dtype "auto" stands for depends on it
     except ClusterFitError:  # a preview on a machine without the run's GPUs: as the run would have them
-        device = "cuda"
+        device, why = "cuda", ""
+    refuse_vision_attention(cfg, device, why)  # the preview says what the run would refuse
     diffs = plan.setting_differences(recorded, plan.settings_of(output_metadata(cfg, device)))
     if not diffs:
         return plan.load_progress(root, cfg.endpoint_url), None
@@ -633,9 +644,7 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
                       max_longest_side_px=cfg.max_longest_side_px, max_image_pixels=cfg.max_image_pixels,
                       max_pages_per_doc=cfg.max_pages_per_doc)
     gpus_per_actor, min_actors, max_actors, device, why = resolve_resources(cfg)
-    if cfg.vision_attention == "fa4" and device != "cuda":
-        raise ClusterFitError(f"--vision-attention fa4 runs on GPUs only, and this job's model actors run on {device} "
-                              f"({why}). Use --vision-attention auto or sdpa")
+    refuse_vision_attention(cfg, device, why)
     in_flight = resolve_batches_in_flight(cfg.batches_in_flight, device)
     metadata = output_metadata(cfg, device)
     # Before any work: the output's settings against this run's (refused, or a new generation).

@@ -541,6 +541,8 @@ def image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
     if attend is not None:
         try:
             return attend(q, k, v, lengths, cu_seqlens, scale)
+        except torch.OutOfMemoryError:  # the batch's, not FA4's: SDPA would need the memory too
+            raise
         except Exception as exc:  # noqa: BLE001 - SDPA from now on, this call included (said in the summary)
             vision_kernels.runtime_failure(exc)
     outs, start = [], 0

@@ -211,9 +211,10 @@ class PageEmbedder:
             log.warning(warning)
             compile_model = False
         if vision_attention == "fa4":  # refused before the weights load (and any helper), where it can be told now
-            from pipeline.embed.model import dtype_from_name
+            from pipeline.embed.model import dtype_from_name, pick_attn_implementation
 
-            vision_kernels.check("fa4", device, str(dtype_from_name(dtype, device)).removeprefix("torch."))
+            vision_kernels.check("fa4", device, str(dtype_from_name(dtype, device)).removeprefix("torch."),
+                                 op_in_use=pick_attn_implementation(device, attn_implementation) == "sdpa")
         slow_imports = bytecode_warning()
         if slow_imports:
             log.warning(slow_imports)
@@ -302,6 +303,7 @@ class PageEmbedder:
     def __call__(self, batch: pa.Table, counts: JobCounters | None = None) -> pa.Table:
         import torch
 
+        from pipeline.embed import vision_kernels
         from pipeline.embed.model import embed_pages
 
         c = self.counts if counts is None else counts
@@ -347,12 +349,17 @@ class PageEmbedder:
                          if self.compile_cache is not None else "")
                       + f", vision attention {self.vision.state}" + ")",
                       file=sys.stderr, flush=True)
-            if images and (c.compile_state is None or '"provisional": true' in c.compile_state):
+            # FA4 dropped after a failed call since the state was recorded: recorded again, so the summary says so
+            newly_failed = c.compile_state is not None and vision_kernels.ACTIVE["runtime_error"] is not None \
+                and "failed at runtime" not in c.compile_state
+            if images and (c.compile_state is None or '"provisional": true' in c.compile_state or newly_failed):
                 state = self.compile_state()
                 if counts is not None and c.model_load_s == 0:
                     # a kept actor's later job: the counts are the actor's since it started
                     state["kept_actor"] = True
                     state.pop("start", None)  # its start was an earlier job's
+                    for key in ("ready_after_s", "ready_at", "load_s", "sdpa_batches_before"):
+                        state["vision_attention"].pop(key, None)  # so was FA4's load
                 c.compile_state = json.dumps(state)
             c.pages += len(images)
             first_batch, first_batch_at = c.first_batch, c.first_batch_at

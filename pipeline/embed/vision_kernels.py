@@ -164,7 +164,8 @@ class VisionAttention:
             self.state = "failed"
             log.warning("FlashAttention 4 could not be loaded, the vision attention stays on SDPA: %s", self.error)
         else:
-            ACTIVE["attend"], ACTIVE["runtime_error"] = attend, None
+            ACTIVE["runtime_error"] = None  # cleared before the kernel is published: a failing call's error stays
+            ACTIVE["attend"] = attend
             self.state = "fa4"
             self.ready_at = time.time()
             self.ready_after_s = round(self.ready_at - self.started, 2)
@@ -206,10 +207,11 @@ def _capability(device: str) -> tuple[int, int] | None:
     return tuple(torch.cuda.get_device_capability(device))
 
 
-def check(requested: str, device: str, dtype: str) -> None:
+def check(requested: str, device: str, dtype: str, op_in_use: bool = True) -> None:
     """What can be told before the weights load: ``fa4`` refused (ValueError) on a CPU, another GPU,
-    a float32 model or a node without FA4. The model's kind is told after (:func:`start`)."""
-    decide(requested, device, _capability(device), fa4_installed(), True, dtype)
+    a float32 model, a node without FA4 or with an attention implementation other than SDPA. The
+    model's kind (Qwen2.5-VL's windows) is told after (:func:`start`)."""
+    decide(requested, device, _capability(device), fa4_installed(), op_in_use, dtype)
 
 
 def start(requested: str, device: str, model_config, started: float, op_in_use: bool = True,

@@ -604,4 +604,8 @@ def test_fa4_on_cpu_actors_is_refused_before_any_work(ray_session, tiny_model, s
                               "--max-visual-tokens", TOKENS, "--vision-attention", "fa4"]) == 2
     err = capsys.readouterr().err
     assert "--vision-attention fa4 runs on GPUs only" in err and "auto or sdpa" in err
-    assert not (out / "pages").exists()
+    assert not (out / "pages").exists() and not (out / "config.json").exists()
+    # the preview says what the run would refuse
+    assert embed_corpus.main(["--input", sample_corpus, "--output", str(out), "--model", tiny_model,
+                              "--max-visual-tokens", TOKENS, "--vision-attention", "fa4", "--preflight"]) == 2
+    assert "--vision-attention fa4 runs on GPUs only" in capsys.readouterr().err

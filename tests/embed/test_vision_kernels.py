@@ -31,9 +31,9 @@ def _loop_attention(calls):
 
 @pytest.fixture
 def clean_active():
-    V.ACTIVE["attend"] = None
+    V.ACTIVE["attend"] = V.ACTIVE["runtime_error"] = None
     yield
-    V.ACTIVE["attend"] = None
+    V.ACTIVE["attend"] = V.ACTIVE["runtime_error"] = None
 
 
 def test_auto_runs_fa4_only_where_installed_on_hopper():
@@ -93,7 +93,7 @@ def test_batches_run_on_sdpa_until_the_load_ends_and_the_summary_says_when(clean
     va.batch_begins()  # after the load: not counted
     s = va.summary()
     assert s["requested"] == "fa4" and s["kernel"] == "fa4" and s["sdpa_batches_before"] == 2
-    assert s["ready_at"] > s["ready_after_s"] > 0 and "error" not in s
+    assert s["ready_at"] is not None and s["ready_after_s"] >= 0 and s["load_s"] >= 0 and "error" not in s
 
 
 def test_a_failed_load_leaves_sdpa_and_says_why(clean_active, caplog):
@@ -114,10 +114,53 @@ def test_an_actor_on_cpu_runs_sdpa_and_reports_it(tiny_model, clean_active):
     emb = PageEmbedder(tiny_model, device="cpu")
     assert emb.vision.summary() == {"requested": "auto", "kernel": "sdpa"}
     assert emb.compile_state()["vision_attention"] == {"requested": "auto", "kernel": "sdpa"}
+    # before any load: a model that does not exist is never reached
     with pytest.raises(ValueError, match="GPUs only"):
-        PageEmbedder(tiny_model, device="cpu", vision_attention="fa4")
+        PageEmbedder("/nonexistent/model", device="cpu", vision_attention="fa4")
     with pytest.raises(ValueError, match="auto, sdpa, fa4"):
-        PageEmbedder("/nonexistent/model", device="cpu", vision_attention="flash")  # before any load
+        PageEmbedder("/nonexistent/model", device="cpu", vision_attention="flash")
+
+
+def _as_on_hopper_with_fa4(monkeypatch):
+    """The decision's inputs as on an H100 with flash-attn-4 installed (this machine has neither)."""
+    import pipeline.cluster
+
+    monkeypatch.setattr(V, "_capability", lambda device: (9, 0) if device.startswith("cuda") else None)
+    monkeypatch.setattr(V, "fa4_installed", lambda: True)
+    monkeypatch.setattr(pipeline.cluster, "actor_device", lambda device: ("cuda:0", None))
+
+
+def test_an_actor_refuses_fa4_before_its_weights_where_the_settings_rule_it_out(monkeypatch):
+    from pipeline.embed.stages import PageEmbedder
+
+    _as_on_hopper_with_fa4(monkeypatch)
+    with pytest.raises(ValueError, match="--dtype bfloat16"):
+        PageEmbedder("/nonexistent/model", device="cuda", dtype="float32", vision_attention="fa4")
+    with pytest.raises(ValueError, match="batched vision attention"):
+        PageEmbedder("/nonexistent/model", device="cuda", attn_implementation="flash_attention_2",
+                     vision_attention="fa4")
+    with pytest.raises(OSError):  # nothing rules it out: the load is reached (and fails: no such model)
+        PageEmbedder("/nonexistent/model", device="cuda", vision_attention="fa4")
+
+
+def test_start_decides_on_the_models_torch_dtype(tiny_model, clean_active, monkeypatch):
+    """start() is given the model's torch dtype: FA4 for bf16/fp16 (its load begun), SDPA for
+    float32 under auto, a refusal under fa4."""
+    import torch
+    from transformers import AutoConfig
+
+    _as_on_hopper_with_fa4(monkeypatch)
+    config = AutoConfig.from_pretrained(tiny_model)
+    release = threading.Event()
+    for dtype in (torch.bfloat16, torch.float16):
+        va = V.start("auto", "cuda:0", config, 0.0, load=lambda: (release.wait(10), _loop_attention([]))[1], dtype=dtype)
+        assert va.kernel == "fa4" and va.summary()["kernel"] == "loading"
+        release.set()
+        assert va.wait(10) and va.state == "fa4"
+        release.clear()
+    assert V.start("auto", "cuda:0", config, 0.0, load=lambda: None, dtype=torch.float32).kernel == "sdpa"
+    with pytest.raises(ValueError, match="bf16 or fp16"):
+        V.start("fa4", "cuda:0", config, 0.0, load=lambda: None, dtype=torch.float32)
 
 
 def test_fa4_is_refused_where_the_vision_attention_runs_elsewhere():
@@ -128,28 +171,33 @@ def test_fa4_is_refused_where_the_vision_attention_runs_elsewhere():
         V.decide("fa4", "cuda:0", (9, 0), installed=True, op_in_use=False)
 
 
-def test_the_environment_decides_on_the_driver_where_the_flag_is_left_at_auto(monkeypatch, tmp_path):
-    """$VDR_VISION_ATTENTION replaces auto in the job's configuration (so the actors' arguments, and
-    the names of kept actors, carry the kernel), not a value given on the command line; a wrong
-    value is refused there, naming the variable."""
+def test_the_environment_decides_on_the_driver_where_the_flag_is_not_given(monkeypatch, tmp_path):
+    """$VDR_VISION_ATTENTION decides in the job's configuration (so the actors' arguments, and the
+    names of kept actors, carry the kernel) where neither the flag nor --config gives one; an
+    explicit value wins, auto included; a misspelt value is refused either way, naming the variable."""
     from pipeline.cluster import WORKER_ENV
-    from pipeline.config import EmbedConfig
+    from pipeline.config import embed_config
 
     def cfg(**kw):
-        return EmbedConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), **kw)
+        return embed_config({"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "vision_attention": None,
+                             **kw})
 
     assert V.ENV not in WORKER_ENV
     monkeypatch.setenv(V.ENV, "sdpa")
     assert cfg().vision_attention == "sdpa"
     assert cfg().embedder_settings("cuda", 2)["vision_attention"] == "sdpa"
+    assert cfg(vision_attention="auto").vision_attention == "auto"
     assert cfg(vision_attention="fa4").vision_attention == "fa4"
     monkeypatch.setenv(V.ENV, "flash")
-    with pytest.raises(ValueError, match=r"\$VDR_VISION_ATTENTION must be auto, sdpa or fa4"):
-        cfg()
+    for given in (None, "sdpa"):
+        with pytest.raises(ValueError, match=r"\$VDR_VISION_ATTENTION must be auto, sdpa or fa4"):
+            cfg(vision_attention=given)
     monkeypatch.delenv(V.ENV)
     assert cfg().vision_attention == "auto"
     with pytest.raises(ValueError, match="--vision-attention must be auto, sdpa or fa4"):
         cfg(vision_attention="flash")
+    with pytest.raises(ValueError, match="--vision-attention fa4 runs on GPUs"):
+        cfg(vision_attention="fa4", device="cpu")
 
 
 def test_fa4_takes_half_precision_models_only():
@@ -278,3 +326,40 @@ def test_flash_attention_2_is_picked_only_with_its_compiled_extension(monkeypatc
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn_2_cuda" else None)
     assert M.pick_attn_implementation("cuda:0") == "flash_attention_2"
     assert M.pick_attn_implementation("cpu") == "sdpa"
+
+
+def test_a_failure_after_the_first_batches_reaches_the_jobs_summary(tiny_model, clean_active):
+    """FA4 ran, its state was recorded with a batch, then a later call failed: the next batch's rows
+    carry the new state, and the summary keeps it whatever order the files are read in."""
+    import json
+
+    from pipeline.embed import counters
+    from pipeline.embed.stages import PageEmbedder
+
+    from tests.embed.test_model import _stream_batch, page_images
+
+    emb = PageEmbedder(tiny_model, device="cpu")
+    emb.vision = V.VisionAttention("fa4", started=emb.started, load=lambda: _loop_attention([]))
+    assert emb.vision.wait(10)
+    first = emb(_stream_batch(page_images(1)[:2], 0))
+    assert json.loads(first.column(counters.COMPILE)[0].as_py())["vision_attention"]["kernel"] == "fa4"
+
+    def broken(*args):
+        raise RuntimeError("an assertion inside the beta kernel")
+
+    V.ACTIVE["attend"] = broken
+    second = emb(_stream_batch(page_images(2)[:2], 10))
+    state = json.loads(second.column(counters.COMPILE)[0].as_py())["vision_attention"]
+    assert state["kernel"] == "failed at runtime" and "beta kernel" in state["error"]
+    for order in ((first, second), (second, first)):
+        actors: dict = {}
+        for t in order:
+            counters.merge_records(actors, counters.actor_records(t, pa_true(t.num_rows)))
+        (a,) = counters.summarize(actors, job_started_at=emb.started)["actors"]
+        assert a["vision_attention"]["kernel"] == "failed at runtime"
+
+
+def pa_true(n):
+    import pyarrow as pa
+
+    return pa.array([True] * n)
