@@ -197,6 +197,7 @@ class PageEmbedder:
         if vision_attention not in vision_kernels.CHOICES:  # before the weights load
             raise ValueError(f"--vision-attention must be one of {', '.join(vision_kernels.CHOICES)}, "
                              f"got {vision_attention!r}")
+        vision_kernels.start_at_from_env()  # a misspelt $VDR_FA4_START too
         # --pool-factor: Ward's merge loops on the GPU where Triton is installed ($VDR_WARD_ON_DEVICE),
         # else in worker processes ($VDR_POOL_PROCESSES, default 2; 0: in the calling thread),
         # started at the first batch that needs them; a misspelt value fails here, before the weights load
@@ -329,6 +330,9 @@ class PageEmbedder:
         vectors = embed_pages(self.lm, images, self.timer, self.pool_factor, out_dtype=torch.float16,
                               device_lock=self.device_lock, merges=self.merges)
         busy = self.timer.thread_busy_s - busy_before
+        if self.vision.state == "waiting" and images and (  # $VDR_FA4_START: a load held back until now
+                self.vision.start_at == "first_batch" or self.helper is None or not self.helper.pending()):
+            self.vision.begin()
         if helper is not None and sum(pf.eager_calls for pf in self.lm.precompiled) > eager_before:
             with self._state_lock:
                 helper.eager_batches += 1

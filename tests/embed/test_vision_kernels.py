@@ -363,3 +363,27 @@ def pa_true(n):
     import pyarrow as pa
 
     return pa.array([True] * n)
+
+
+def test_a_load_held_back_by_fa4_start_begins_after_the_first_batch(tiny_model, clean_active, monkeypatch):
+    """$VDR_FA4_START=first_batch (an experiment: the load's Python off the first batches): the
+    load waits, batches run on SDPA and are counted, and the actor begins it after its first batch."""
+    from pipeline.cluster import WORKER_ENV
+    from pipeline.embed.stages import PageEmbedder
+
+    from tests.embed.test_model import _stream_batch, page_images
+
+    assert "VDR_FA4_START" in WORKER_ENV  # the driver forwards it to the actors
+    waiting = V.VisionAttention("fa4", started=0.0, load=lambda: _loop_attention([]), start_at="first_batch")
+    assert waiting.state == "waiting" and waiting.pending and not waiting.wait(0.2)
+    assert V.ACTIVE["attend"] is None
+
+    emb = PageEmbedder(tiny_model, device="cpu")
+    emb.vision = waiting
+    emb(_stream_batch(page_images(1)[:2], 0))
+    assert waiting.wait(10) and waiting.state == "fa4" and V.ACTIVE["attend"] is not None
+    s = waiting.summary()
+    assert s["sdpa_batches_before"] == 1 and s["start_at"] == "first_batch"
+    monkeypatch.setenv("VDR_FA4_START", "later")
+    with pytest.raises(ValueError, match=r"\$VDR_FA4_START must be one of load, first_batch, compiled"):
+        PageEmbedder("/nonexistent/model", device="cpu")  # before the weights
