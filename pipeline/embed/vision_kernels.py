@@ -167,6 +167,12 @@ class VisionAttention:
         if start_at == "load":
             self._thread.start()
 
+    def after_batch(self, had_images: bool, helper_pending: bool) -> None:
+        """The actor's hook after each batch: a waiting load begins after the first batch with pages
+        ("first_batch"), or after one once no compile helper is running ("compiled")."""
+        if self.state == "waiting" and had_images and (self.start_at == "first_batch" or not helper_pending):
+            self.begin()
+
     def begin(self) -> None:
         """Start a waiting load (``start_at`` "first_batch" / "compiled"); once only."""
         with self._count_lock:
@@ -214,8 +220,7 @@ class VisionAttention:
         if self.kernel != "sdpa":
             out.update(ready_after_s=self.ready_after_s, ready_at=self.ready_at, load_s=self.load_s,
                        sdpa_batches_before=self.sdpa_batches)
-            if self.start_at != "load":
-                out["start_at"] = self.start_at
+            out["start_at"] = self.start_at
             if error:
                 out["error"] = error
         return out
@@ -240,8 +245,9 @@ def start(requested: str, device: str, model_config, started: float, op_in_use: 
           cache_dir: str | None = None, load: Callable[[], Callable] | None = None,
           dtype=None, start_at: str | None = None) -> VisionAttention:
     """The actor's :class:`VisionAttention` for ``--vision-attention requested`` (ValueError where
-    ``fa4`` cannot run), its FA4 load begun in a thread where it will run (``op_in_use``: see
-    :func:`decide`; ``dtype`` the model's torch dtype, bf16 when None)."""
+    ``fa4`` cannot run), its FA4 load begun in a thread where it will run, now or when
+    ``start_at`` ($VDR_FA4_START) says (``op_in_use``: see :func:`decide`; ``dtype`` the model's
+    torch dtype, bf16 when None)."""
     import torch
 
     dtype = dtype or torch.bfloat16
