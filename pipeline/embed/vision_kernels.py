@@ -33,7 +33,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 CHOICES = ("auto", "sdpa", "fa4")
-# where --vision-attention is left at auto; read on the driver (pipeline.config.embed_config)
+# where neither --vision-attention nor --config gives one; read on the driver (pipeline.config.embed_config)
 ENV = "VDR_VISION_ATTENTION"
 # when an actor begins FA4's load ($VDR_FA4_START, forwarded to the actors): "load" (the default:
 # right after the weights), "first_batch" (after its first batch), "compiled" (after its first
