@@ -658,7 +658,6 @@ def main():
             load_s = time.perf_counter() - t
             # FlashAttention 4 loads in a thread while the first batches run on SDPA: the timed
             # batches run on one kernel (the job's summary shows the switch; this times the kernel)
-            emb.vision.begin()  # a load $VDR_FA4_START holds back: begun now, the timed batches on one kernel
             emb.vision.wait(300)
             t = time.perf_counter()
             emb(rows_table(pages[: args.batch_size]))

@@ -197,7 +197,6 @@ class PageEmbedder:
         if vision_attention not in vision_kernels.CHOICES:  # before the weights load
             raise ValueError(f"--vision-attention must be one of {', '.join(vision_kernels.CHOICES)}, "
                              f"got {vision_attention!r}")
-        vision_kernels.start_at_from_env()  # a misspelt $VDR_FA4_START too
         # --pool-factor: Ward's merge loops on the GPU where Triton is installed ($VDR_WARD_ON_DEVICE),
         # else in worker processes ($VDR_POOL_PROCESSES, default 2; 0: in the calling thread),
         # started at the first batch that needs them; a misspelt value fails here, before the weights load
@@ -254,8 +253,8 @@ class PageEmbedder:
                              endpoint_url=endpoint_url, compile_model=compile_model, precision=precision,
                              precompiled=precompiled)
         # SDPA until FlashAttention 4 is loaded in a thread, where it is installed and wanted
-        # (--vision-attention; pipeline.embed.vision_kernels): begun after the weights (or later:
-        # $VDR_FA4_START), so that its import does not hold the GIL beside transformers'
+        # (--vision-attention; pipeline.embed.vision_kernels): begun after the weights, so that its
+        # import does not hold the GIL beside transformers'
         self.vision = vision_kernels.start(vision_attention, device, self.lm.model.config, self.started,
                                            self.lm.image_attention_op, cache_dir=os.path.join(cc.local_dir(), "fa4"),
                                            dtype=self.lm.dtype)
@@ -330,8 +329,6 @@ class PageEmbedder:
         vectors = embed_pages(self.lm, images, self.timer, self.pool_factor, out_dtype=torch.float16,
                               device_lock=self.device_lock, merges=self.merges)
         busy = self.timer.thread_busy_s - busy_before
-        # $VDR_FA4_START: a load held back until after the first batch, or until the helper has ended
-        self.vision.after_batch(bool(images), self.helper is not None and self.helper.pending())
         if helper is not None and sum(pf.eager_calls for pf in self.lm.precompiled) > eager_before:
             with self._state_lock:
                 helper.eager_batches += 1
@@ -361,10 +358,8 @@ class PageEmbedder:
                     # a kept actor's later job: the counts are the actor's since it started
                     state["kept_actor"] = True
                     state.pop("start", None)  # its start was an earlier job's
-                    vision = state["vision_attention"]
-                    if not (vision.get("ready_at") and c.first_batch_at and vision["ready_at"] >= c.first_batch_at):
-                        for key in ("ready_after_s", "ready_at", "load_s", "sdpa_batches_before"):
-                            vision.pop(key, None)  # so was FA4's load (unless held back into this job)
+                    for key in ("ready_after_s", "ready_at", "load_s", "sdpa_batches_before"):
+                        state["vision_attention"].pop(key, None)  # so was FA4's load
                 c.compile_state = json.dumps(state)
             c.pages += len(images)
             first_batch, first_batch_at = c.first_batch, c.first_batch_at

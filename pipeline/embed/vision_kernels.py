@@ -35,11 +35,6 @@ log = logging.getLogger(__name__)
 CHOICES = ("auto", "sdpa", "fa4")
 # where neither --vision-attention nor --config gives one; read on the driver (pipeline.config.embed_config)
 ENV = "VDR_VISION_ATTENTION"
-# when an actor begins FA4's load ($VDR_FA4_START, forwarded to the actors): "load" (the default:
-# right after the weights), "first_batch" (after its first batch), "compiled" (after its first
-# batch, and once its compile helper's blocks are loaded: a cold node's eager batches are the
-# most GIL-bound). An experiment for the next GPU measurement; only "load" is measured.
-START_AT = ("load", "first_batch", "compiled")
 INSTALL_HINT = "pip install 'vdr-pipeline[fa4]' (flash-attn-4) on the GPU nodes"
 
 # The kernel vdr::image_attention runs instead of SDPA (None: SDPA), and the error of a call that
@@ -140,18 +135,12 @@ class VisionAttention:
 
     ``load`` (default :func:`fa4_ready`) returns the attention function; it runs in a daemon
     thread and sets :data:`ACTIVE` when done. A load that fails leaves SDPA, with a warning and
-    the error in :meth:`summary`. ``start_at`` (:data:`START_AT`): "load" begins the thread at once
-    (after the weights); "first_batch" / "compiled" leave it "waiting" until the actor calls
-    :meth:`begin` (after its first batch / once its compile helper's blocks are in), an experiment
-    to move the load's GIL time off the first batches (not measured on a GPU yet)."""
+    the error in :meth:`summary`."""
 
     def __init__(self, kernel: str, started: float, load: Callable[[], Callable] | None = None,
-                 requested: str | None = None, start_at: str = "load"):
-        if start_at not in START_AT:
-            raise ValueError(f"$VDR_FA4_START must be one of {', '.join(START_AT)}, got {start_at!r}")
+                 requested: str | None = None):
         self.kernel, self.started, self.requested = kernel, started, requested or kernel
-        self.start_at = start_at
-        self.state = "sdpa" if kernel == "sdpa" else "loading" if start_at == "load" else "waiting"
+        self.state = "sdpa" if kernel == "sdpa" else "loading"
         self.ready_after_s: float | None = None  # after the actor's constructor began
         self.ready_at: float | None = None  # unix time (the summary puts it on the job's clock)
         self.load_s: float | None = None
@@ -164,21 +153,6 @@ class VisionAttention:
             self._done.set()
             return
         self._thread = threading.Thread(target=self._run, args=(load,), name="vdr-fa4-load", daemon=True)
-        if start_at == "load":
-            self._thread.start()
-
-    def after_batch(self, had_images: bool, helper_pending: bool) -> None:
-        """The actor's hook after each batch: a waiting load begins after the first batch with pages
-        ("first_batch"), or after one once no compile helper is running ("compiled")."""
-        if self.state == "waiting" and had_images and (self.start_at == "first_batch" or not helper_pending):
-            self.begin()
-
-    def begin(self) -> None:
-        """Start a waiting load (``start_at`` "first_batch" / "compiled"); once only."""
-        with self._count_lock:
-            if self.state != "waiting":
-                return
-            self.state = "loading"
         self._thread.start()
 
     def _run(self, load) -> None:
@@ -200,7 +174,7 @@ class VisionAttention:
 
     def batch_begins(self) -> None:
         """Count a batch that starts before FA4 is ready (it runs on SDPA)."""
-        if self.state in ("waiting", "loading"):
+        if self.state == "loading":
             with self._count_lock:  # two batch threads
                 self.sdpa_batches += 1
 
@@ -220,7 +194,6 @@ class VisionAttention:
         if self.kernel != "sdpa":
             out.update(ready_after_s=self.ready_after_s, ready_at=self.ready_at, load_s=self.load_s,
                        sdpa_batches_before=self.sdpa_batches)
-            out["start_at"] = self.start_at
             if error:
                 out["error"] = error
         return out
@@ -243,11 +216,10 @@ def check(requested: str, device: str, dtype: str, op_in_use: bool = True) -> No
 
 def start(requested: str, device: str, model_config, started: float, op_in_use: bool = True,
           cache_dir: str | None = None, load: Callable[[], Callable] | None = None,
-          dtype=None, start_at: str | None = None) -> VisionAttention:
+          dtype=None) -> VisionAttention:
     """The actor's :class:`VisionAttention` for ``--vision-attention requested`` (ValueError where
-    ``fa4`` cannot run), its FA4 load begun in a thread where it will run, now or when
-    ``start_at`` ($VDR_FA4_START) says (``op_in_use``: see :func:`decide`; ``dtype`` the model's
-    torch dtype, bf16 when None)."""
+    ``fa4`` cannot run), its FA4 load begun in a thread where it will run (``op_in_use``: see
+    :func:`decide`; ``dtype`` the model's torch dtype, bf16 when None)."""
     import torch
 
     dtype = dtype or torch.bfloat16
@@ -261,12 +233,4 @@ def start(requested: str, device: str, model_config, started: float, op_in_use: 
             os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
             os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", cache_dir)
         load = lambda: fa4_ready(device, heads, head_dim, dtype)  # noqa: E731
-    return VisionAttention(kernel, started, load, requested, start_at or start_at_from_env())
-
-
-def start_at_from_env() -> str:
-    """``$VDR_FA4_START`` (default "load"); a misspelt value is a ValueError naming it."""
-    value = os.environ.get("VDR_FA4_START", "").strip().lower() or "load"
-    if value not in START_AT:
-        raise ValueError(f"$VDR_FA4_START must be one of {', '.join(START_AT)}, got {value!r}")
-    return value
+    return VisionAttention(kernel, started, load, requested)

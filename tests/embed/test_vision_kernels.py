@@ -32,7 +32,6 @@ def _loop_attention(calls):
 @pytest.fixture(autouse=True)
 def no_switches(monkeypatch):
     """The tests set the environment switches they mean; a developer's own exports do not leak in."""
-    monkeypatch.delenv("VDR_FA4_START", raising=False)
     monkeypatch.delenv("VDR_VISION_ATTENTION", raising=False)
 
 
@@ -371,52 +370,3 @@ def pa_true(n):
 
     return pa.array([True] * n)
 
-
-def test_a_load_held_back_by_fa4_start_begins_after_the_first_batch(tiny_model, clean_active, monkeypatch):
-    """$VDR_FA4_START=first_batch (an experiment: the load's Python off the first batches): start()
-    leaves the load waiting, batches run on SDPA and are counted, and the actor begins it only
-    once its first batch is done."""
-    from transformers import AutoConfig
-
-    from pipeline.cluster import WORKER_ENV
-    from pipeline.embed.stages import PageEmbedder
-
-    from tests.embed.test_model import _stream_batch, page_images
-
-    assert "VDR_FA4_START" in WORKER_ENV  # the driver forwards it to the actors
-    emb = PageEmbedder(tiny_model, device="cpu")
-    _as_on_hopper_with_fa4(monkeypatch)  # for start()'s decision only: the actor above runs on the CPU
-    monkeypatch.setenv("VDR_FA4_START", "first_batch")
-    passes_at_load = []
-
-    def load():
-        passes_at_load.append(emb.timer.passes)
-        return _loop_attention([])
-
-    waiting = V.start("auto", "cuda:0", AutoConfig.from_pretrained(tiny_model), 0.0, load=load)
-    assert waiting.state == "waiting" and waiting.pending and not waiting.wait(0.2)
-    assert V.ACTIVE["attend"] is None and waiting.summary()["start_at"] == "first_batch"
-    emb.vision = waiting
-    emb(_stream_batch(page_images(1)[:2], 0))
-    assert waiting.wait(10) and waiting.state == "fa4" and V.ACTIVE["attend"] is not None
-    assert passes_at_load and passes_at_load[0] >= 1  # begun after the first batch's forward, not before
-    assert waiting.summary()["sdpa_batches_before"] == 1
-    monkeypatch.setenv("VDR_FA4_START", "later")
-    with pytest.raises(ValueError, match=r"\$VDR_FA4_START must be one of load, first_batch, compiled"):
-        PageEmbedder("/nonexistent/model", device="cpu")  # before the weights
-
-
-@pytest.mark.parametrize("start_at,had_images,helper_pending,begins", [
-    ("first_batch", True, True, True),
-    ("first_batch", False, False, False),  # a batch without pages is not the first batch
-    ("compiled", True, True, False),  # the helper's blocks are not in yet
-    ("compiled", True, False, True),  # no helper, a stopped one, or its blocks loaded
-    ("compiled", False, False, False),
-])
-def test_when_a_held_back_load_begins(start_at, had_images, helper_pending, begins, clean_active):
-    va = V.VisionAttention("fa4", started=0.0, load=lambda: _loop_attention([]), start_at=start_at)
-    va.after_batch(had_images, helper_pending)
-    assert (va.state != "waiting") == begins
-    if begins:
-        assert va.wait(10) and va.state == "fa4"
-        va.after_batch(True, False)  # once only
