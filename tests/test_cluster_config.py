@@ -118,3 +118,17 @@ def test_setup_installs_the_project_without_replacing_torch(config):
     others = [r for c in setup if c.startswith("pip install") and c not in project for r in _pip_requirements(c)]
     assert sorted(others) == sorted(d for d in deps if d != torch_pin)
     assert not any(re.match(r"torch\b", r) for r in others)
+
+
+def test_the_optional_fa4_line_names_pyprojects_pins():
+    """cluster.yaml's commented FlashAttention 4 install (a user uncomments it for Hopper nodes)
+    names exactly the [fa4] extra's pins, so the two cannot drift apart."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        fa4 = tomllib.load(f)["project"]["optional-dependencies"]["fa4"]
+    with open(os.path.join(ROOT, "cluster.yaml")) as f:
+        text = f.read()
+    block = re.search(r"^  # 4\. Optional.*?\n((?:  #.*\n)+)", text, re.M | re.S)
+    assert block, "cluster.yaml lost its commented FlashAttention 4 install"
+    named = re.findall(r'"([\w.-]+==[^"]+)"', block.group(1))
+    assert sorted(named) == sorted(fa4)

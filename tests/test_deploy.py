@@ -305,6 +305,44 @@ def test_dockerfile_keeps_the_cuda_torch():
     assert all(i.endswith(":" + project["version"]) for i in images if not i.startswith("rayproject/")), images
 
 
+
+def _dockerfile_run(marker: str) -> str:
+    """The shell command of the Dockerfile's RUN instruction that contains ``marker``, with its
+    line continuations joined as Docker joins them."""
+    with open(os.path.join(ROOT, "deploy", "Dockerfile")) as f:
+        text = f.read().replace("\\\n", "")
+    (run,) = [line[len("RUN "):] for line in text.splitlines() if line.startswith("RUN ") and marker in line]
+    return run
+
+
+@pytest.mark.parametrize("extras", ["", "fa4"])
+def test_dockerfile_extras_install_pyprojects_pins_under_the_torch_pin(extras, tmp_path):
+    """--build-arg VDR_EXTRAS=fa4 installs the [fa4] extra's pins from pyproject.toml, constrained
+    to the project's torch pin (so that no extra replaces the image's CUDA torch); unset, nothing.
+    The RUN line runs as written, in sh, with pip recording what it was asked instead of installing."""
+    import shutil
+    import subprocess
+    import sys
+
+    tomllib = pytest.importorskip("tomllib")
+    shutil.copy(os.path.join(ROOT, "pyproject.toml"), tmp_path)
+    run = _dockerfile_run("VDR_EXTRAS").replace("/tmp/", f"{tmp_path}/")
+    script = (f'python() {{ "{sys.executable}" "$@"; }}\n'
+              f'pip() {{ printf "%s\\n" "$@" > "{tmp_path}/pip_args"; }}\n{run}\n')
+    subprocess.run(["sh", "-c", script], cwd=tmp_path, check=True, env={**os.environ, "VDR_EXTRAS": extras})
+    if not extras:
+        assert not (tmp_path / "pip_args").exists()
+        return
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    torch_pin = next(d for d in project["dependencies"] if re.match(r"torch\b", d))
+    assert (tmp_path / "extras.txt").read_text().split() == project["optional-dependencies"]["fa4"]
+    assert (tmp_path / "constraints.txt").read_text().split() == [torch_pin]
+    args = (tmp_path / "pip_args").read_text().split()
+    assert args[:2] == ["install", "--no-cache-dir"]
+    assert ["-c", f"{tmp_path}/constraints.txt"] == args[2:4] and ["-r", f"{tmp_path}/extras.txt"] == args[4:6]
+
+
 # --- the jobs run the pipeline's commands, without resource flags -----------------------------
 
 def test_jobs_run_the_pipeline_without_resource_flags():
