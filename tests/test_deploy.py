@@ -305,7 +305,6 @@ def test_dockerfile_keeps_the_cuda_torch():
     assert all(i.endswith(":" + project["version"]) for i in images if not i.startswith("rayproject/")), images
 
 
-
 def _dockerfile_run(marker: str) -> str:
     """The shell command of the Dockerfile's RUN instruction that contains ``marker``, with its
     line continuations joined as Docker joins them."""
@@ -315,21 +314,33 @@ def _dockerfile_run(marker: str) -> str:
     return run
 
 
-@pytest.mark.parametrize("extras", ["", "fa4"])
+@pytest.mark.parametrize("extras", ["", "fa4", "nonexistent"])
 def test_dockerfile_extras_install_pyprojects_pins_under_the_torch_pin(extras, tmp_path):
     """--build-arg VDR_EXTRAS=fa4 installs the [fa4] extra's pins from pyproject.toml, constrained
-    to the project's torch pin (so that no extra replaces the image's CUDA torch); unset, nothing.
-    The RUN line runs as written, in sh, with pip recording what it was asked instead of installing."""
+    to the project's torch pin (so that no extra replaces the image's CUDA torch); by default
+    (an empty build argument, declared before the RUN line that reads it) nothing; an unknown
+    extra fails the build. The RUN line runs as written, in sh, with pip recording what it was
+    asked instead of installing."""
     import shutil
     import subprocess
     import sys
 
     tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "deploy", "Dockerfile")) as f:
+        dockerfile = f.read()
+    declared = re.search(r'^ARG VDR_EXTRAS=""$', dockerfile, re.M)
+    assert declared and declared.start() < dockerfile.index("RUN if [ -n \"$VDR_EXTRAS\" ]")
     shutil.copy(os.path.join(ROOT, "pyproject.toml"), tmp_path)
     run = _dockerfile_run("VDR_EXTRAS").replace("/tmp/", f"{tmp_path}/")
     script = (f'python() {{ "{sys.executable}" "$@"; }}\n'
               f'pip() {{ printf "%s\\n" "$@" > "{tmp_path}/pip_args"; }}\n{run}\n')
-    subprocess.run(["sh", "-c", script], cwd=tmp_path, check=True, env={**os.environ, "VDR_EXTRAS": extras})
+    built = subprocess.run(["sh", "-c", script], cwd=tmp_path, env={**os.environ, "VDR_EXTRAS": extras},
+                           capture_output=True, text=True)
+    if extras == "nonexistent":
+        assert built.returncode != 0 and "nonexistent" in built.stderr
+        assert not (tmp_path / "pip_args").exists()
+        return
+    assert built.returncode == 0, built.stderr
     if not extras:
         assert not (tmp_path / "pip_args").exists()
         return

@@ -369,4 +369,3 @@ def pa_true(n):
     import pyarrow as pa
 
     return pa.array([True] * n)
-
