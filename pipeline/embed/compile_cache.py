@@ -16,15 +16,24 @@ Beside each cache file, ``precompiled-<key>.bin`` holds the blocks compiled ahea
 Locations: ``$VDR_COMPILE_CACHE`` (default ``/tmp/vdr-compile-cache``, one per node) and,
 with ``--compile-cache URI``, a shared prefix (``s3://``, ``gs://``, a shared filesystem)
 that new nodes read first. Writes are whole-object (:func:`pipeline.storage.write_bytes_atomic`).
+
+Kernel libraries with a disk cache of their own (FlashAttention 4: one ``.o`` file per compiled
+kernel, under a folder named for its sources' fingerprint) are shared the same way: the files of
+the node's folder as one archive at the shared prefix (:func:`save_kernel_dir`), whose missing
+files a new node adds to its folder before the library looks (:func:`load_kernel_dir`). The
+library checks its own keys and recompiles an entry it cannot load.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
+import shutil
+import tarfile
 import tempfile
 import time
 
@@ -236,3 +245,79 @@ def save_precompiled_bytes(key: str, data: bytes, shared_uri: str | None = None,
         except Exception as exc:  # noqa: BLE001
             log.warning("precompiled blocks not written to %s (%s)", uri, type(exc).__name__)
     return len(data)
+
+
+KERNEL_SUFFIX = ".o"  # FlashAttention 4's compiled kernels (flash_attn.cute.cache_utils)
+
+
+def kernel_files(local: str) -> set[str]:
+    """The compiled kernels under ``local``, as paths relative to it (hidden files, a library's
+    writes in progress, and its lock files left out)."""
+    out = set()
+    for root, dirs, files in os.walk(local):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if name.endswith(KERNEL_SUFFIX) and not name.startswith("."):
+                out.add(os.path.relpath(os.path.join(root, name), local))
+    return out
+
+
+def load_kernel_dir(name: str, local: str, shared_uri: str | None, endpoint_url: str | None = None) -> int:
+    """Add to ``local`` the kernels of the shared archive ``name`` that it lacks (each written
+    whole under a temporary name, then renamed). Returns how many it added. Never raises: a
+    missing, unreadable or damaged archive only means compiling."""
+    if not shared_uri:
+        return 0
+    uri = storage.join_uri(shared_uri, name)
+    try:
+        data = storage.read_bytes(uri, endpoint_url)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    except Exception as exc:  # noqa: BLE001
+        log.warning("kernel archive %s could not be read (%s): compiling", uri, type(exc).__name__)
+        return 0
+    added = 0
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar.getmembers():
+                rel = os.path.normpath(member.name)
+                if (not member.isfile() or os.path.isabs(rel) or rel.startswith("..")
+                        or not rel.endswith(KERNEL_SUFFIX) or os.path.basename(rel).startswith(".")):
+                    continue  # only kernel files, inside the folder
+                dest = os.path.join(local, rel)
+                if os.path.exists(dest):
+                    continue  # this node's own: kept
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                part = f"{dest}.{os.getpid()}.part"
+                with tar.extractfile(member) as src, open(part, "wb") as out:
+                    shutil.copyfileobj(src, out)
+                os.replace(part, dest)
+                added += 1
+    except Exception as exc:  # noqa: BLE001 - damaged: what was added is whole, the rest compiles
+        log.warning("kernel archive %s could not be unpacked (%s): compiling what is missing", uri,
+                    type(exc).__name__)
+    if added:
+        log.info("%d compiled kernels from %s", added, uri)
+    return added
+
+
+def save_kernel_dir(name: str, local: str, shared_uri: str | None, endpoint_url: str | None = None) -> int:
+    """Write the kernels under ``local`` as one archive ``name`` at the shared location. Returns
+    its bytes (0: nothing to save, no shared location, or the write failed). Never raises."""
+    files = sorted(kernel_files(local)) if shared_uri else []
+    if not files:
+        return 0
+    buf = io.BytesIO()
+    try:
+        with tarfile.open(fileobj=buf, mode="w:") as tar:
+            for rel in files:
+                tar.add(os.path.join(local, rel), arcname=rel, recursive=False)
+        uri = storage.join_uri(shared_uri, name)
+        if "://" not in shared_uri:
+            os.makedirs(shared_uri, exist_ok=True)
+        storage.write_bytes_atomic(uri, buf.getvalue(), endpoint_url)
+    except Exception as exc:  # noqa: BLE001 - a read-only cache location must not fail the job
+        log.warning("kernel archive %s not written (%s)", name, type(exc).__name__)
+        return 0
+    log.info("%d compiled kernels saved to %s (%d bytes)", len(files), uri, buf.tell())
+    return len(buf.getvalue())

@@ -257,7 +257,7 @@ class PageEmbedder:
         # import does not hold the GIL beside transformers'
         self.vision = vision_kernels.start(vision_attention, device, self.lm.model.config, self.started,
                                            self.lm.image_attention_op, cache_dir=os.path.join(cc.local_dir(), "fa4"),
-                                           dtype=self.lm.dtype)
+                                           dtype=self.lm.dtype, shared_uri=compile_cache, endpoint_url=endpoint_url)
         self.dtype = str(self.lm.dtype).removeprefix("torch.")
         self.loaded_s = time.time() - self.started
         self.actor = f"{socket.gethostname()}:{os.getpid()}"

@@ -17,7 +17,9 @@ thread still costs the start: its Python holds the GIL beside the first batches 
 2026-12-06: load to first batch 1.6-2.05 s against 0.86-0.94 s warm; a cold node's first eager
 batch 4.7-5.2 s against ~1.1 s while FA4's kernel compiles), about what FA4's 5% saves on a
 3,000-page job; longer jobs gain. Its compiled kernels are kept per node (FA4's own disk cache,
-under the compile cache's folder). A call that fails in FA4 falls back to SDPA for the rest of
+under the compile cache's folder) and, with ``--compile-cache URI``, at that shared location too
+(one archive per GPU architecture, :func:`pipeline.embed.compile_cache.save_kernel_dir`), so that
+a new node loads them instead of compiling (not yet measured on a GPU). A call that fails in FA4 falls back to SDPA for the rest of
 the actor's life, with a warning and the error in the summary.
 """
 
@@ -138,8 +140,11 @@ class VisionAttention:
     the error in :meth:`summary`."""
 
     def __init__(self, kernel: str, started: float, load: Callable[[], Callable] | None = None,
-                 requested: str | None = None):
+                 requested: str | None = None, after_ready: Callable[[], None] | None = None,
+                 kernel_cache: dict | None = None):
         self.kernel, self.started, self.requested = kernel, started, requested or kernel
+        # run in the thread once FA4 is in use (sharing its compiled kernels); what it did, for the summary
+        self.after_ready, self.kernel_cache = after_ready, kernel_cache
         self.state = "sdpa" if kernel == "sdpa" else "loading"
         self.ready_after_s: float | None = None  # after the actor's constructor began
         self.ready_at: float | None = None  # unix time (the summary puts it on the job's clock)
@@ -171,6 +176,11 @@ class VisionAttention:
             self.ready_after_s = round(self.ready_at - self.started, 2)
         self.load_s = round(time.perf_counter() - t, 2)
         self._done.set()
+        if self.state == "fa4" and self.after_ready is not None:
+            try:
+                self.after_ready()
+            except Exception as exc:  # noqa: BLE001 - FA4 runs; only the sharing failed
+                log.warning("FlashAttention 4's compiled kernels were not shared: %s: %s", type(exc).__name__, exc)
 
     def batch_begins(self) -> None:
         """Count a batch that starts before FA4 is ready (it runs on SDPA)."""
@@ -196,6 +206,8 @@ class VisionAttention:
                        sdpa_batches_before=self.sdpa_batches)
             if error:
                 out["error"] = error
+            if self.kernel_cache:
+                out["kernel_cache"] = dict(self.kernel_cache)
         return out
 
 
@@ -216,10 +228,12 @@ def check(requested: str, device: str, dtype: str, op_in_use: bool = True) -> No
 
 def start(requested: str, device: str, model_config, started: float, op_in_use: bool = True,
           cache_dir: str | None = None, load: Callable[[], Callable] | None = None,
-          dtype=None) -> VisionAttention:
+          dtype=None, shared_uri: str | None = None, endpoint_url: str | None = None) -> VisionAttention:
     """The actor's :class:`VisionAttention` for ``--vision-attention requested`` (ValueError where
     ``fa4`` cannot run), its FA4 load begun in a thread where it will run (``op_in_use``: see
-    :func:`decide`; ``dtype`` the model's torch dtype, bf16 when None)."""
+    :func:`decide`; ``dtype`` the model's torch dtype, bf16 when None). With ``shared_uri``
+    (``--compile-cache``) and a ``cache_dir``, the load first adds the shared archive's kernels to
+    FA4's disk cache, and once FA4 runs, kernels it compiled are written back there."""
     import torch
 
     dtype = dtype or torch.bfloat16
@@ -233,4 +247,32 @@ def start(requested: str, device: str, model_config, started: float, op_in_use: 
             os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
             os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", cache_dir)
         load = lambda: fa4_ready(device, heads, head_dim, dtype)  # noqa: E731
-    return VisionAttention(kernel, started, load, requested)
+    after_ready = kernel_cache = None
+    if kernel == "fa4" and shared_uri and cache_dir:
+        load, after_ready, kernel_cache = _shared_kernels(load, os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR",
+                                                                               cache_dir),
+                                                          _capability(device), shared_uri, endpoint_url)
+    return VisionAttention(kernel, started, load, requested, after_ready, kernel_cache)
+
+
+def _shared_kernels(load: Callable[[], Callable], local: str, capability, shared_uri: str,
+                    endpoint_url: str | None):
+    """``load`` preceded by adding the shared archive's kernels to ``local``; the step that writes
+    the archive again once FA4 runs, if the load compiled a kernel; and the record of both."""
+    from pipeline.embed import compile_cache as cc
+
+    name = f"fa4-kernels-sm{capability[0]}{capability[1]}.tar"
+    record: dict = {"archive": cc.storage.join_uri(shared_uri, name), "loaded": 0, "saved_bytes": 0}
+    before: set = set()
+
+    def load_shared() -> Callable:
+        os.makedirs(local, exist_ok=True)
+        record["loaded"] = cc.load_kernel_dir(name, local, shared_uri, endpoint_url)
+        before.update(cc.kernel_files(local))
+        return load()
+
+    def save_new() -> None:
+        if cc.kernel_files(local) - before:  # compiled here: the archive lacks it
+            record["saved_bytes"] = cc.save_kernel_dir(name, local, shared_uri, endpoint_url)
+
+    return load_shared, save_new, record

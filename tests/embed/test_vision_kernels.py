@@ -5,6 +5,7 @@ contract through the same seam, in the real tiny model."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -369,3 +370,103 @@ def pa_true(n):
     import pyarrow as pa
 
     return pa.array([True] * n)
+
+
+def _compiles_into(local, rel, data, seen=None):
+    """A load as FA4's: it finds what its disk cache holds (``seen``), compiles into it when the
+    kernel is missing (a file written there, as flash_attn.cute's cache does), and returns the
+    attention."""
+    def load():
+        path = os.path.join(local, rel)
+        if seen is not None:
+            seen.append(open(path, "rb").read() if os.path.exists(path) else None)
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+        return _loop_attention([])
+    return load
+
+
+def test_a_new_node_takes_fa4_kernels_from_the_shared_compile_cache(s3, tiny_model, tmp_path, monkeypatch,
+                                                                       clean_active):
+    """--compile-cache s3://...: the first node's FA4 kernels (compiled into its disk cache) are
+    written there as one archive per GPU architecture once FA4 runs; a new node adds them to its
+    own cache before FA4 looks, so it compiles nothing and writes nothing; a node's own kernel of
+    the same name is kept. Real S3 (moto's server); FA4 itself is a GPU library, so its load is a
+    function that behaves as its disk cache does."""
+    from transformers import AutoConfig
+
+    _as_on_hopper_with_fa4(monkeypatch)
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", raising=False)
+    config = AutoConfig.from_pretrained(tiny_model)
+    bucket = s3.make_bucket()
+    shared = f"s3://{bucket}/cache"
+    rel, kernel = os.path.join("fingerprint1", "fwd", "k1.o"), b"\x7fELF compiled kernel" * 100
+
+    def start_node(name, seen, existing=None):
+        local = str(tmp_path / name)
+        if existing is not None:
+            os.makedirs(os.path.dirname(os.path.join(local, rel)))
+            with open(os.path.join(local, rel), "wb") as f:
+                f.write(existing)
+        va = V.start("auto", "cuda:0", config, 0.0, cache_dir=local, shared_uri=shared,
+                     endpoint_url=s3.endpoint_url, load=_compiles_into(local, rel, kernel, seen))
+        assert va.wait(10) and va.state == "fa4"
+        va._thread.join(10)  # the archive is written after FA4 is published
+        return local, va.summary()["kernel_cache"]
+
+    assert s3.keys(bucket) == []
+    seen_a = []
+    _, first = start_node("a", seen_a)
+    assert seen_a == [None]  # nothing shared yet: compiled
+    assert [k for k in s3.keys(bucket) if not k.endswith("/")] == ["cache/fa4-kernels-sm90.tar"]  # (a folder marker)
+    assert first == {"archive": f"{shared}/fa4-kernels-sm90.tar", "loaded": 0, "saved_bytes": first["saved_bytes"]}
+    assert first["saved_bytes"] > len(kernel)
+    written = s3.client().get_object(Bucket=bucket, Key="cache/fa4-kernels-sm90.tar")["LastModified"]
+
+    seen_b = []
+    local_b, second = start_node("b", seen_b)
+    assert seen_b == [kernel]  # there before FA4 looked
+    assert second["loaded"] == 1 and second["saved_bytes"] == 0
+    assert s3.client().get_object(Bucket=bucket, Key="cache/fa4-kernels-sm90.tar")["LastModified"] == written
+    assert not [f for f in os.listdir(os.path.dirname(os.path.join(local_b, rel))) if f.endswith(".part")]
+
+    seen_c = []
+    _, third = start_node("c", seen_c, existing=b"this node's own")
+    assert seen_c == [b"this node's own"] and third["loaded"] == 0
+
+
+def test_a_kernel_archive_adds_only_kernel_files_inside_the_folder(tmp_path):
+    """An archive from the shared location is data, not a path to follow: entries outside the
+    folder, links, hidden files and other files are skipped; a damaged archive or an unreadable
+    location only means compiling (no error); with no shared location nothing is read or written."""
+    import io
+    import tarfile
+
+    from pipeline.embed import compile_cache as cc
+
+    shared, local = tmp_path / "shared", tmp_path / "node"
+    shared.mkdir()
+    local.mkdir()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:") as tar:
+        for name in ("../escaped.o", "/abs.o", "fp/.tmp.o", "fp/notes.txt", "fp/good.o"):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"data"))
+        link = tarfile.TarInfo("fp/link.o")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    (shared / "k.tar").write_bytes(buf.getvalue())
+    assert cc.load_kernel_dir("k.tar", str(local), str(shared)) == 1
+    assert cc.kernel_files(str(local)) == {os.path.join("fp", "good.o")}
+    assert not (tmp_path / "escaped.o").exists() and not os.path.exists("/abs.o")
+    (shared / "bad.tar").write_bytes(b"not a tar at all" * 10)
+    assert cc.load_kernel_dir("bad.tar", str(local), str(shared)) == 0
+    assert cc.load_kernel_dir("missing.tar", str(local), str(shared)) == 0
+    assert cc.load_kernel_dir("k.tar", str(local), None) == 0
+    assert cc.save_kernel_dir("k2.tar", str(local), None) == 0 and not (shared / "k2.tar").exists()
+    assert cc.save_kernel_dir("k2.tar", str(local), str(shared)) > 0
+    with tarfile.open(shared / "k2.tar") as tar:
+        assert tar.getnames() == [os.path.join("fp", "good.o")]
