@@ -247,71 +247,109 @@ def save_precompiled_bytes(key: str, data: bytes, shared_uri: str | None = None,
     return len(data)
 
 
+
 KERNEL_SUFFIX = ".o"  # FlashAttention 4's compiled kernels (flash_attn.cute.cache_utils)
+KERNEL_MAX_BYTES = 256 << 20  # one kernel file from an archive, at most (FA4's are a few MB)
+KERNEL_ARCHIVE_MAX_BYTES = 2 << 30  # all of an archive's kernels, at most
 
 
-def kernel_files(local: str) -> set[str]:
-    """The compiled kernels under ``local``, as paths relative to it (hidden files, a library's
-    writes in progress, and its lock files left out)."""
-    out = set()
+def kernel_files(local: str) -> dict[str, int]:
+    """The compiled kernels under ``local``: path relative to it -> bytes (hidden files, a
+    library's writes in progress, and its lock files left out)."""
+    out = {}
     for root, dirs, files in os.walk(local):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             if name.endswith(KERNEL_SUFFIX) and not name.startswith("."):
-                out.add(os.path.relpath(os.path.join(root, name), local))
+                path = os.path.join(root, name)
+                with contextlib.suppress(OSError):
+                    out[os.path.relpath(path, local)] = os.path.getsize(path)
     return out
 
 
-def load_kernel_dir(name: str, local: str, shared_uri: str | None, endpoint_url: str | None = None) -> int:
-    """Add to ``local`` the kernels of the shared archive ``name`` that it lacks (each written
-    whole under a temporary name, then renamed). Returns how many it added. Never raises: a
-    missing, unreadable or damaged archive only means compiling."""
+def _add_whole(src, dest: str) -> bool:
+    """Write ``src`` (a file object) to ``dest`` unless a file is there: a hidden temporary
+    beside it, linked into place (a file that appeared meanwhile is kept), then removed."""
+    fd, part = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(src, out)
+        os.link(part, dest)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+
+
+def load_kernel_dir(name: str, local: str, shared_uri: str | None,
+                    endpoint_url: str | None = None) -> dict[str, int]:
+    """Add to ``local`` the kernels of the shared archive ``name`` that it lacks, each written
+    whole before it appears under its name. Only regular files of :data:`KERNEL_SUFFIX` inside
+    the folder, of bounded size, are taken. Returns the archive's kernels (path -> bytes; empty:
+    none there). Never raises: a missing, unreadable or damaged archive only means compiling.
+
+    The files are native code that the library loads: whoever can write ``shared_uri`` can run
+    code on the nodes that read it, as with the compile cache's other artefacts."""
+    members: dict[str, int] = {}
     if not shared_uri:
-        return 0
+        return members
     uri = storage.join_uri(shared_uri, name)
     try:
         data = storage.read_bytes(uri, endpoint_url)
     except (FileNotFoundError, NotADirectoryError):
-        return 0
+        return members
     except Exception as exc:  # noqa: BLE001
         log.warning("kernel archive %s could not be read (%s): compiling", uri, type(exc).__name__)
-        return 0
-    added = 0
+        return members
+    added = total = 0
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar.getmembers():
                 rel = os.path.normpath(member.name)
-                if (not member.isfile() or os.path.isabs(rel) or rel.startswith("..")
-                        or not rel.endswith(KERNEL_SUFFIX) or os.path.basename(rel).startswith(".")):
-                    continue  # only kernel files, inside the folder
+                if (member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or os.path.isabs(rel)
+                        or rel.startswith("..") or not rel.endswith(KERNEL_SUFFIX)
+                        or os.path.basename(rel).startswith(".") or member.size > KERNEL_MAX_BYTES
+                        or total + member.size > KERNEL_ARCHIVE_MAX_BYTES):
+                    continue  # only kernel files, inside the folder, of a sane size
+                total += member.size
+                members[rel] = member.size
                 dest = os.path.join(local, rel)
                 if os.path.exists(dest):
                     continue  # this node's own: kept
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                part = f"{dest}.{os.getpid()}.part"
-                with tar.extractfile(member) as src, open(part, "wb") as out:
-                    shutil.copyfileobj(src, out)
-                os.replace(part, dest)
-                added += 1
+                try:
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    with tar.extractfile(member) as src:
+                        added += _add_whole(src, dest)
+                except OSError as exc:  # this one compiles; the others are still added
+                    log.warning("kernel %s not added from %s (%s)", rel, uri, type(exc).__name__)
     except Exception as exc:  # noqa: BLE001 - damaged: what was added is whole, the rest compiles
         log.warning("kernel archive %s could not be unpacked (%s): compiling what is missing", uri,
                     type(exc).__name__)
     if added:
         log.info("%d compiled kernels from %s", added, uri)
-    return added
+    return members
 
 
-def save_kernel_dir(name: str, local: str, shared_uri: str | None, endpoint_url: str | None = None) -> int:
-    """Write the kernels under ``local`` as one archive ``name`` at the shared location. Returns
-    its bytes (0: nothing to save, no shared location, or the write failed). Never raises."""
-    files = sorted(kernel_files(local)) if shared_uri else []
+def save_kernel_dir(name: str, local: str, shared_uri: str | None, endpoint_url: str | None = None,
+                    only: str | None = None) -> int:
+    """Write the kernels under ``local`` (under its subfolder ``only``, when given) as one archive
+    ``name`` at the shared location. Returns its bytes (0: nothing to save, no shared location,
+    or the write failed). Never raises."""
+    files = sorted(f for f in kernel_files(local) if only is None or f.startswith(only + os.sep)) if shared_uri else []
     if not files:
         return 0
     buf = io.BytesIO()
     try:
         with tarfile.open(fileobj=buf, mode="w:") as tar:
             for rel in files:
-                tar.add(os.path.join(local, rel), arcname=rel, recursive=False)
+                try:
+                    f = open(os.path.join(local, rel), "rb")  # opened first: its size is the one copied
+                except FileNotFoundError:
+                    continue
+                with f:
+                    tar.addfile(tar.gettarinfo(arcname=rel, fileobj=f), f)
         uri = storage.join_uri(shared_uri, name)
         if "://" not in shared_uri:
             os.makedirs(shared_uri, exist_ok=True)
@@ -319,5 +357,5 @@ def save_kernel_dir(name: str, local: str, shared_uri: str | None, endpoint_url:
     except Exception as exc:  # noqa: BLE001 - a read-only cache location must not fail the job
         log.warning("kernel archive %s not written (%s)", name, type(exc).__name__)
         return 0
-    log.info("%d compiled kernels saved to %s (%d bytes)", len(files), uri, buf.tell())
+    log.info("%d compiled kernels saved to %s (%d bytes)", len(files), uri, len(buf.getvalue()))
     return len(buf.getvalue())

@@ -358,7 +358,7 @@ class PageEmbedder:
                     # a kept actor's later job: the counts are the actor's since it started
                     state["kept_actor"] = True
                     state.pop("start", None)  # its start was an earlier job's
-                    for key in ("ready_after_s", "ready_at", "load_s", "sdpa_batches_before"):
+                    for key in ("ready_after_s", "ready_at", "load_s", "sdpa_batches_before", "kernel_cache"):
                         state["vision_attention"].pop(key, None)  # so was FA4's load
                 c.compile_state = json.dumps(state)
             c.pages += len(images)

@@ -17,9 +17,10 @@ thread still costs the start: its Python holds the GIL beside the first batches 
 2026-12-06: load to first batch 1.6-2.05 s against 0.86-0.94 s warm; a cold node's first eager
 batch 4.7-5.2 s against ~1.1 s while FA4's kernel compiles), about what FA4's 5% saves on a
 3,000-page job; longer jobs gain. Its compiled kernels are kept per node (FA4's own disk cache,
-under the compile cache's folder) and, with ``--compile-cache URI``, at that shared location too
-(one archive per GPU architecture, :func:`pipeline.embed.compile_cache.save_kernel_dir`), so that
-a new node loads them instead of compiling (not yet measured on a GPU). A call that fails in FA4 falls back to SDPA for the rest of
+under the compile cache's folder) and, with ``--compile-cache URI``, at that shared location too:
+one archive per GPU architecture and FA4 software versions
+(:func:`pipeline.embed.compile_cache.save_kernel_dir`), so that a new node loads them instead of
+compiling (not yet measured on a GPU). A call that fails in FA4 falls back to SDPA for the rest of
 the actor's life, with a warning and the error in the summary.
 """
 
@@ -151,11 +152,13 @@ class VisionAttention:
         self.load_s: float | None = None
         self.error: str | None = None
         self.sdpa_batches = 0  # batches begun before FA4 was ready
-        self._done = threading.Event()
+        # _done: the load has ended (wait()); _finished: after_ready too (pending, the summary's last word)
+        self._done, self._finished = threading.Event(), threading.Event()
         self._count_lock = threading.Lock()
         ACTIVE["attend"], ACTIVE["runtime_error"] = None, None
         if kernel == "sdpa":
             self._done.set()
+            self._finished.set()
             return
         self._thread = threading.Thread(target=self._run, args=(load,), name="vdr-fa4-load", daemon=True)
         self._thread.start()
@@ -176,11 +179,13 @@ class VisionAttention:
             self.ready_after_s = round(self.ready_at - self.started, 2)
         self.load_s = round(time.perf_counter() - t, 2)
         self._done.set()
-        if self.state == "fa4" and self.after_ready is not None:
-            try:
+        try:
+            if self.state == "fa4" and self.after_ready is not None:
                 self.after_ready()
-            except Exception as exc:  # noqa: BLE001 - FA4 runs; only the sharing failed
-                log.warning("FlashAttention 4's compiled kernels were not shared: %s: %s", type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 - FA4 runs; only the sharing failed
+            log.warning("FlashAttention 4's compiled kernels were not shared: %s: %s", type(exc).__name__, exc)
+        finally:
+            self._finished.set()
 
     def batch_begins(self) -> None:
         """Count a batch that starts before FA4 is ready (it runs on SDPA)."""
@@ -194,7 +199,8 @@ class VisionAttention:
 
     @property
     def pending(self) -> bool:
-        return not self._done.is_set()
+        """The load, or the sharing of its kernels after it, still running: the summary is provisional."""
+        return not self._finished.is_set()
 
     def summary(self) -> dict:
         state, error = self.state, self.error
@@ -248,31 +254,69 @@ def start(requested: str, device: str, model_config, started: float, op_in_use: 
             os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", cache_dir)
         load = lambda: fa4_ready(device, heads, head_dim, dtype)  # noqa: E731
     after_ready = kernel_cache = None
-    if kernel == "fa4" and shared_uri and cache_dir:
-        load, after_ready, kernel_cache = _shared_kernels(load, os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR",
-                                                                               cache_dir),
-                                                          _capability(device), shared_uri, endpoint_url)
+    if (kernel == "fa4" and shared_uri and cache_dir
+            and os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1") == "1"):
+        # FA4 reads its disk cache only when enabled (start() enables it above, unless the user said no)
+        local = os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", cache_dir)
+        load, after_ready, kernel_cache = _shared_kernels(load, local, _capability(device), shared_uri, endpoint_url)
     return VisionAttention(kernel, started, load, requested, after_ready, kernel_cache)
 
 
+def fa4_versions() -> str:
+    """What FA4's compiled kernels depend on besides the GPU (its fingerprint's inputs, read
+    without importing it): the packages' versions and Python's."""
+    import sys
+    from importlib import metadata
+
+    parts = [f"py{sys.version_info[0]}.{sys.version_info[1]}"]
+    for dist in ("flash-attn-4", "nvidia-cutlass-dsl", "apache-tvm-ffi"):
+        try:
+            parts.append(f"{dist}={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{dist}=none")
+    return ";".join(parts)
+
+
+def _fa4_fingerprint() -> str | None:
+    """The subfolder of FA4's disk cache for the running FA4 (its sources' fingerprint), or None."""
+    try:
+        from flash_attn.cute.cache_utils import _compute_source_fingerprint
+    except Exception:  # noqa: BLE001 - another FA4 layout: the whole folder is shared
+        return None
+    return _compute_source_fingerprint()
+
+
 def _shared_kernels(load: Callable[[], Callable], local: str, capability, shared_uri: str,
-                    endpoint_url: str | None):
+                    endpoint_url: str | None, fingerprint: Callable[[], str | None] = _fa4_fingerprint):
     """``load`` preceded by adding the shared archive's kernels to ``local``; the step that writes
-    the archive again once FA4 runs, if the load compiled a kernel; and the record of both."""
+    the archive again once FA4 runs, where this node holds a kernel the archive lacks (compiled
+    here, repaired here, or from before the archive); and the record of both."""
+    import hashlib
+
     from pipeline.embed import compile_cache as cc
 
-    name = f"fa4-kernels-sm{capability[0]}{capability[1]}.tar"
-    record: dict = {"archive": cc.storage.join_uri(shared_uri, name), "loaded": 0, "saved_bytes": 0}
-    before: set = set()
+    versions = hashlib.sha256(fa4_versions().encode()).hexdigest()[:12]
+    name = f"fa4-kernels-sm{capability[0]}{capability[1]}-{versions}.tar"
+    record: dict = {"archive": cc.storage.join_uri(shared_uri, name), "added": 0, "saved_bytes": 0}
+    archive: dict = {}
 
     def load_shared() -> Callable:
-        os.makedirs(local, exist_ok=True)
-        record["loaded"] = cc.load_kernel_dir(name, local, shared_uri, endpoint_url)
-        before.update(cc.kernel_files(local))
+        try:
+            os.makedirs(local, exist_ok=True)
+        except OSError as exc:  # FA4 then compiles in memory (it warns); nothing to share
+            record["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            before = cc.kernel_files(local)
+            archive.update(cc.load_kernel_dir(name, local, shared_uri, endpoint_url))
+            record["added"] = len(cc.kernel_files(local).keys() - before.keys())
         return load()
 
     def save_new() -> None:
-        if cc.kernel_files(local) - before:  # compiled here: the archive lacks it
-            record["saved_bytes"] = cc.save_kernel_dir(name, local, shared_uri, endpoint_url)
+        if "error" in record:
+            return
+        only = fingerprint()
+        held = {k: v for k, v in cc.kernel_files(local).items() if only is None or k.startswith(only + os.sep)}
+        if any(archive.get(k) != v for k, v in held.items()):
+            record["saved_bytes"] = cc.save_kernel_dir(name, local, shared_uri, endpoint_url, only=only)
 
     return load_shared, save_new, record

@@ -5,8 +5,11 @@ contract through the same seam, in the real tiny model."""
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -372,10 +375,11 @@ def pa_true(n):
     return pa.array([True] * n)
 
 
+
 def _compiles_into(local, rel, data, seen=None):
     """A load as FA4's: it finds what its disk cache holds (``seen``), compiles into it when the
-    kernel is missing (a file written there, as flash_attn.cute's cache does), and returns the
-    attention."""
+    kernel is missing (a file written there, as flash_attn.cute's cache does, beside its lock file
+    and a hidden temporary), and returns the attention."""
     def load():
         path = os.path.join(local, rel)
         if seen is not None:
@@ -384,64 +388,122 @@ def _compiles_into(local, rel, data, seen=None):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
                 f.write(data)
+            open(path[:-2] + ".lock", "w").close()
+            open(os.path.join(os.path.dirname(path), ".x.123.tmp.o"), "w").close()
         return _loop_attention([])
     return load
 
 
+def _until_settled(va, timeout=10.0):
+    """As the actor's summary does: its vision state is final once ``pending`` is False."""
+    deadline = time.monotonic() + timeout
+    while va.pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not va.pending
+    return va.summary()
+
+
 def test_a_new_node_takes_fa4_kernels_from_the_shared_compile_cache(s3, tiny_model, tmp_path, monkeypatch,
                                                                        clean_active):
-    """--compile-cache s3://...: the first node's FA4 kernels (compiled into its disk cache) are
-    written there as one archive per GPU architecture once FA4 runs; a new node adds them to its
-    own cache before FA4 looks, so it compiles nothing and writes nothing; a node's own kernel of
-    the same name is kept. Real S3 (moto's server); FA4 itself is a GPU library, so its load is a
-    function that behaves as its disk cache does."""
+    """--compile-cache s3://...: once FA4 runs (published first), the first node's kernels
+    (compiled into its disk cache) are written there as one archive per GPU architecture and FA4
+    versions, and the actor's vision state stays provisional until that write is done; a new node
+    adds them to its own cache before FA4 looks, so it compiles nothing and writes nothing; a
+    node's own kernel of the same name is kept, and, differing from the archive's, written back.
+    Real S3 (moto's server); FA4 itself is a GPU library, so its load is a function that behaves
+    as its disk cache does."""
     from transformers import AutoConfig
 
+    from pipeline.embed import compile_cache as cc
+
     _as_on_hopper_with_fa4(monkeypatch)
-    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", raising=False)
+    for var in ("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"):
+        monkeypatch.delenv(var, raising=False)
+    published_at_save = []
+    real_save = cc.save_kernel_dir
+
+    def save_kernel_dir(*args, **kwargs):
+        published_at_save.append(V.ACTIVE["attend"] is not None)
+        time.sleep(0.3)  # a slow store: the summary must wait for it
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(cc, "save_kernel_dir", save_kernel_dir)
     config = AutoConfig.from_pretrained(tiny_model)
     bucket = s3.make_bucket()
     shared = f"s3://{bucket}/cache"
     rel, kernel = os.path.join("fingerprint1", "fwd", "k1.o"), b"\x7fELF compiled kernel" * 100
 
-    def start_node(name, seen, existing=None):
+    def start_node(name, seen, existing=None, load=None):
         local = str(tmp_path / name)
         if existing is not None:
             os.makedirs(os.path.dirname(os.path.join(local, rel)))
             with open(os.path.join(local, rel), "wb") as f:
                 f.write(existing)
         va = V.start("auto", "cuda:0", config, 0.0, cache_dir=local, shared_uri=shared,
-                     endpoint_url=s3.endpoint_url, load=_compiles_into(local, rel, kernel, seen))
-        assert va.wait(10) and va.state == "fa4"
-        va._thread.join(10)  # the archive is written after FA4 is published
-        return local, va.summary()["kernel_cache"]
+                     endpoint_url=s3.endpoint_url, load=load or _compiles_into(local, rel, kernel, seen))
+        assert va.wait(10)
+        return local, _until_settled(va)
 
-    assert s3.keys(bucket) == []
+    def archives():
+        return [k for k in s3.keys(bucket) if not k.endswith("/")]  # (a folder marker)
+
     seen_a = []
     _, first = start_node("a", seen_a)
     assert seen_a == [None]  # nothing shared yet: compiled
-    assert [k for k in s3.keys(bucket) if not k.endswith("/")] == ["cache/fa4-kernels-sm90.tar"]  # (a folder marker)
-    assert first == {"archive": f"{shared}/fa4-kernels-sm90.tar", "loaded": 0, "saved_bytes": first["saved_bytes"]}
-    assert first["saved_bytes"] > len(kernel)
-    written = s3.client().get_object(Bucket=bucket, Key="cache/fa4-kernels-sm90.tar")["LastModified"]
+    (key,) = archives()
+    assert re.fullmatch(r"cache/fa4-kernels-sm90-[0-9a-f]{12}\.tar", key)
+    assert first["kernel"] == "fa4" and published_at_save == [True]
+    cache = first["kernel_cache"]
+    assert cache == {"archive": f"s3://{bucket}/{key}", "added": 0, "saved_bytes": cache["saved_bytes"]}
+    assert cache["saved_bytes"] > len(kernel)  # the summary waited for the write
+    import tarfile
+
+    body = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        assert tar.getnames() == [rel]  # no lock file, no temporary
 
     seen_b = []
     local_b, second = start_node("b", seen_b)
     assert seen_b == [kernel]  # there before FA4 looked
-    assert second["loaded"] == 1 and second["saved_bytes"] == 0
-    assert s3.client().get_object(Bucket=bucket, Key="cache/fa4-kernels-sm90.tar")["LastModified"] == written
+    assert second["kernel_cache"]["added"] == 1 and second["kernel_cache"]["saved_bytes"] == 0
+    assert len(published_at_save) == 1  # nothing new: not written again
     assert not [f for f in os.listdir(os.path.dirname(os.path.join(local_b, rel))) if f.endswith(".part")]
 
     seen_c = []
-    _, third = start_node("c", seen_c, existing=b"this node's own")
-    assert seen_c == [b"this node's own"] and third["loaded"] == 0
+    _, third = start_node("c", seen_c, existing=b"this node's own, recompiled")
+    assert seen_c == [b"this node's own, recompiled"] and third["kernel_cache"]["added"] == 0
+    assert third["kernel_cache"]["saved_bytes"] > 0  # differs from the archive's: written back
+
+    def fails():
+        raise RuntimeError("no kernel today")
+
+    _, failed = start_node("d", [], load=fails)
+    assert failed["kernel"] == "failed" and len(published_at_save) == 2  # a failed load writes nothing
 
 
-def test_a_kernel_archive_adds_only_kernel_files_inside_the_folder(tmp_path):
-    """An archive from the shared location is data, not a path to follow: entries outside the
-    folder, links, hidden files and other files are skipped; a damaged archive or an unreadable
-    location only means compiling (no error); with no shared location nothing is read or written."""
-    import io
+def test_an_unusable_fa4_cache_folder_costs_the_sharing_not_fa4(s3, tiny_model, tmp_path, monkeypatch, clean_active):
+    from transformers import AutoConfig
+
+    _as_on_hopper_with_fa4(monkeypatch)
+    for var in ("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "a_file").write_text("not a folder")
+    va = V.start("auto", "cuda:0", AutoConfig.from_pretrained(tiny_model), 0.0,
+                 cache_dir=str(tmp_path / "a_file" / "fa4"), shared_uri=str(tmp_path / "shared"),
+                 load=lambda: _loop_attention([]))
+    summary = _until_settled(va)
+    assert summary["kernel"] == "fa4" and "NotADirectoryError" in summary["kernel_cache"]["error"]
+    monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0")  # FA4 reads no disk: nothing shared
+    va = V.start("auto", "cuda:0", AutoConfig.from_pretrained(tiny_model), 0.0, cache_dir=str(tmp_path / "c"),
+                 shared_uri=str(tmp_path / "shared"), load=lambda: _loop_attention([]))
+    assert "kernel_cache" not in _until_settled(va)
+
+
+def test_a_kernel_archive_adds_only_kernel_files_inside_the_folder(tmp_path, monkeypatch):
+    """An archive from the shared location is taken as data: entries outside the folder, links,
+    special and oversized members, hidden files and other files are skipped; a damaged archive
+    or an unreadable location only means compiling (no error); with no shared location nothing is
+    read or written; saving takes one subfolder (FA4's fingerprint) when told, no hidden files."""
     import tarfile
 
     from pipeline.embed import compile_cache as cc
@@ -451,22 +513,32 @@ def test_a_kernel_archive_adds_only_kernel_files_inside_the_folder(tmp_path):
     local.mkdir()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:") as tar:
-        for name in ("../escaped.o", "/abs.o", "fp/.tmp.o", "fp/notes.txt", "fp/good.o"):
-            info = tarfile.TarInfo(name)
-            info.size = 4
-            tar.addfile(info, io.BytesIO(b"data"))
         link = tarfile.TarInfo("fp/link.o")
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         tar.addfile(link)
+        for name, kind, data in (("../escaped.o", tarfile.REGTYPE, b"data"), ("/abs.o", tarfile.REGTYPE, b"data"),
+                                 ("fp/.tmp.o", tarfile.REGTYPE, b"data"), ("fp/notes.txt", tarfile.REGTYPE, b"data"),
+                                 ("fp/contiguous.o", tarfile.CONTTYPE, b"data"), ("fp/big.o", tarfile.REGTYPE, b"x" * 64),
+                                 ("fp/good.o", tarfile.REGTYPE, b"data")):
+            info = tarfile.TarInfo(name)
+            info.type, info.size = kind, len(data)
+            tar.addfile(info, io.BytesIO(data))
     (shared / "k.tar").write_bytes(buf.getvalue())
-    assert cc.load_kernel_dir("k.tar", str(local), str(shared)) == 1
-    assert cc.kernel_files(str(local)) == {os.path.join("fp", "good.o")}
+    monkeypatch.setattr(cc, "KERNEL_MAX_BYTES", 16)
+    assert cc.load_kernel_dir("k.tar", str(local), str(shared)) == {os.path.join("fp", "good.o"): 4}
+    assert cc.kernel_files(str(local)) == {os.path.join("fp", "good.o"): 4}
     assert not (tmp_path / "escaped.o").exists() and not os.path.exists("/abs.o")
     (shared / "bad.tar").write_bytes(b"not a tar at all" * 10)
-    assert cc.load_kernel_dir("bad.tar", str(local), str(shared)) == 0
-    assert cc.load_kernel_dir("missing.tar", str(local), str(shared)) == 0
-    assert cc.load_kernel_dir("k.tar", str(local), None) == 0
+    assert cc.load_kernel_dir("bad.tar", str(local), str(shared)) == {}
+    assert cc.load_kernel_dir("missing.tar", str(local), str(shared)) == {}
+    assert cc.load_kernel_dir("k.tar", str(local), None) == {}
+    (local / "other").mkdir()
+    (local / "other" / "old.o").write_bytes(b"another FA4's kernel")
+    (local / "fp" / ".x.1.tmp.o").write_bytes(b"FA4 writing")
     assert cc.save_kernel_dir("k2.tar", str(local), None) == 0 and not (shared / "k2.tar").exists()
-    assert cc.save_kernel_dir("k2.tar", str(local), str(shared)) > 0
+    assert cc.save_kernel_dir("k2.tar", str(local), str(shared), only="fp") > 0
     with tarfile.open(shared / "k2.tar") as tar:
         assert tar.getnames() == [os.path.join("fp", "good.o")]
+    assert cc.save_kernel_dir("k3.tar", str(local), str(shared)) > 0
+    with tarfile.open(shared / "k3.tar") as tar:
+        assert sorted(tar.getnames()) == [os.path.join("fp", "good.o"), os.path.join("other", "old.o")]
