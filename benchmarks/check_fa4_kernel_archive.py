@@ -2,8 +2,8 @@
 
 Three fresh processes, each with an empty FA4 disk cache of its own, load FA4 as an actor does
 (``pipeline.embed.vision_kernels.start``, Qwen2-VL's vision heads: 16 of 80, bf16):
-1. with an empty shared folder: it compiles, then writes the archive there;
-2. with that folder: it adds the archive's kernels to its cache before FA4 looks, and compiles none;
+1. with an empty shared folder: it compiles, then writes its kernels there;
+2. with that folder: it adds those kernels to its cache before FA4 looks, and compiles none;
 3. without a shared folder: it compiles (the baseline of 2).
 Prints and writes JSON: each process's FA4 load seconds (import + kernel, `load_s`), its summary's
 `kernel_cache`, and the kernel files its cache held afterwards.

@@ -18,22 +18,22 @@ with ``--compile-cache URI``, a shared prefix (``s3://``, ``gs://``, a shared fi
 that new nodes read first. Writes are whole-object (:func:`pipeline.storage.write_bytes_atomic`).
 
 Kernel libraries with a disk cache of their own (FlashAttention 4: one ``.o`` file per compiled
-kernel, under a folder named for its sources' fingerprint) are shared the same way: the files of
-the node's folder as one archive at the shared prefix (:func:`save_kernel_dir`), whose missing
-files a new node adds to its folder before the library looks (:func:`load_kernel_dir`). The
-library checks its own keys and recompiles an entry it cannot load.
+kernel, under a folder named for its sources' fingerprint) are mirrored file by file under the
+shared prefix: a new node adds the files its folder lacks before the library looks
+(:func:`load_kernel_files`); a node uploads the files it compiled or repaired
+(:func:`save_kernel_files`). No file is ever removed there, so nodes writing at once lose nothing.
+The library checks its own keys and recompiles an entry it cannot load. The files are native code
+that the library loads: whoever can write the shared prefix can run code on the nodes that read
+it, as with the compiled artefacts above.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
-import shutil
-import tarfile
 import tempfile
 import time
 
@@ -248,114 +248,117 @@ def save_precompiled_bytes(key: str, data: bytes, shared_uri: str | None = None,
 
 
 
+
 KERNEL_SUFFIX = ".o"  # FlashAttention 4's compiled kernels (flash_attn.cute.cache_utils)
-KERNEL_MAX_BYTES = 256 << 20  # one kernel file from an archive, at most (FA4's are a few MB)
-KERNEL_ARCHIVE_MAX_BYTES = 2 << 30  # all of an archive's kernels, at most
+KERNEL_MAX_BYTES = 256 << 20  # one kernel file from the shared prefix, at most (FA4's are a few MB)
+KERNELS_MAX_BYTES = 2 << 30  # all of them, at most
 
 
-def kernel_files(local: str) -> dict[str, int]:
-    """The compiled kernels under ``local``: path relative to it -> bytes (hidden files, a
-    library's writes in progress, and its lock files left out)."""
+def _kernel_name(rel: str) -> bool:
+    """A kernel file's path inside the folder: no way out of it, nothing hidden."""
+    parts = rel.split("/")
+    return (rel.endswith(KERNEL_SUFFIX) and not rel.startswith("/")
+            and not any(p in ("", ".", "..") or p.startswith(".") for p in parts))
+
+
+def kernel_files(local: str) -> dict[str, tuple[int, float]]:
+    """The compiled kernels under ``local``: path relative to it ('/'-separated) -> (bytes,
+    modification time). Hidden files, a library's writes in progress and its lock files are left out."""
     out = {}
     for root, dirs, files in os.walk(local):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
-            if name.endswith(KERNEL_SUFFIX) and not name.startswith("."):
-                path = os.path.join(root, name)
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, local).replace(os.sep, "/")
+            if _kernel_name(rel):
                 with contextlib.suppress(OSError):
-                    out[os.path.relpath(path, local)] = os.path.getsize(path)
+                    st = os.stat(path)
+                    out[rel] = (st.st_size, st.st_mtime)
     return out
 
 
-def _add_whole(src, dest: str) -> bool:
-    """Write ``src`` (a file object) to ``dest`` unless a file is there: a hidden temporary
-    beside it, linked into place (a file that appeared meanwhile is kept), then removed."""
+def _add_whole(data: bytes, dest: str) -> bool:
+    """Write ``data`` to ``dest`` unless a file is there: a hidden temporary beside it, readable
+    as the library's own files are, linked into place (a file that appeared meanwhile is kept;
+    where the filesystem has no hard links, renamed if still absent), then removed."""
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
     fd, part = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(src, out)
-        os.link(part, dest)
+            os.fchmod(out.fileno(), 0o644)
+            out.write(data)
+        try:
+            os.link(part, dest)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here (some network and FUSE filesystems)
+            if os.path.exists(dest):
+                return False
+            os.replace(part, dest)
         return True
-    except FileExistsError:
-        return False
     finally:
         with contextlib.suppress(OSError):
             os.unlink(part)
 
 
-def load_kernel_dir(name: str, local: str, shared_uri: str | None,
-                    endpoint_url: str | None = None) -> dict[str, int]:
-    """Add to ``local`` the kernels of the shared archive ``name`` that it lacks, each written
-    whole before it appears under its name. Only regular files of :data:`KERNEL_SUFFIX` inside
-    the folder, of bounded size, are taken. Returns the archive's kernels (path -> bytes; empty:
-    none there). Never raises: a missing, unreadable or damaged archive only means compiling.
-
-    The files are native code that the library loads: whoever can write ``shared_uri`` can run
-    code on the nodes that read it, as with the compile cache's other artefacts."""
-    members: dict[str, int] = {}
-    if not shared_uri:
-        return members
-    uri = storage.join_uri(shared_uri, name)
+def load_kernel_files(shared_uri: str, local: str, endpoint_url: str | None = None) -> tuple[dict[str, int] | None, list[str]]:
+    """Add to ``local`` the kernel files under the shared folder ``shared_uri`` that it lacks,
+    each written whole before it appears under its name; only kernel files (:func:`_kernel_name`)
+    of bounded size. Returns (the shared files: path -> bytes, or None when the folder could not
+    be listed; the paths added). Never raises: what is not added is compiled."""
     try:
-        data = storage.read_bytes(uri, endpoint_url)
+        _, infos = storage.list_files(shared_uri, endpoint_url, suffix=KERNEL_SUFFIX, recursive=True)
     except (FileNotFoundError, NotADirectoryError):
-        return members
+        return {}, []
     except Exception as exc:  # noqa: BLE001
-        log.warning("kernel archive %s could not be read (%s): compiling", uri, type(exc).__name__)
-        return members
-    added = total = 0
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar.getmembers():
-                rel = os.path.normpath(member.name)
-                if (member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or os.path.isabs(rel)
-                        or rel.startswith("..") or not rel.endswith(KERNEL_SUFFIX)
-                        or os.path.basename(rel).startswith(".") or member.size > KERNEL_MAX_BYTES
-                        or total + member.size > KERNEL_ARCHIVE_MAX_BYTES):
-                    continue  # only kernel files, inside the folder, of a sane size
-                total += member.size
-                members[rel] = member.size
-                dest = os.path.join(local, rel)
-                if os.path.exists(dest):
-                    continue  # this node's own: kept
-                try:
-                    os.makedirs(os.path.dirname(dest), exist_ok=True)
-                    with tar.extractfile(member) as src:
-                        added += _add_whole(src, dest)
-                except OSError as exc:  # this one compiles; the others are still added
-                    log.warning("kernel %s not added from %s (%s)", rel, uri, type(exc).__name__)
-    except Exception as exc:  # noqa: BLE001 - damaged: what was added is whole, the rest compiles
-        log.warning("kernel archive %s could not be unpacked (%s): compiling what is missing", uri,
-                    type(exc).__name__)
+        log.warning("compiled kernels at %s could not be listed (%s): compiling", shared_uri, type(exc).__name__)
+        return None, []
+    _, root = storage.open_filesystem(shared_uri, endpoint_url)
+    root = root.rstrip("/") + "/"
+    shared: dict[str, int] = {}
+    added: list[str] = []
+    total = 0
+    for info in infos:
+        rel = info.path[len(root):] if info.path.startswith(root) else info.base_name
+        size = int(info.size or 0)
+        if not _kernel_name(rel) or size > KERNEL_MAX_BYTES or total + size > KERNELS_MAX_BYTES:
+            continue
+        total += size
+        shared[rel] = size
+        dest = os.path.join(local, *rel.split("/"))
+        if os.path.exists(dest):
+            continue  # this node's own: kept
+        try:
+            data = storage.read_bytes(storage.join_uri(shared_uri, rel), endpoint_url)
+            if len(data) == size and _add_whole(data, dest):
+                added.append(rel)
+        except Exception as exc:  # noqa: BLE001 - this one compiles; the others are still added
+            log.warning("kernel %s not added from %s (%s)", rel, shared_uri, type(exc).__name__)
     if added:
-        log.info("%d compiled kernels from %s", added, uri)
-    return members
+        log.info("%d compiled kernels from %s", len(added), shared_uri)
+    return shared, added
 
 
-def save_kernel_dir(name: str, local: str, shared_uri: str | None, endpoint_url: str | None = None,
-                    only: str | None = None) -> int:
-    """Write the kernels under ``local`` (under its subfolder ``only``, when given) as one archive
-    ``name`` at the shared location. Returns its bytes (0: nothing to save, no shared location,
-    or the write failed). Never raises."""
-    files = sorted(f for f in kernel_files(local) if only is None or f.startswith(only + os.sep)) if shared_uri else []
-    if not files:
-        return 0
-    buf = io.BytesIO()
-    try:
-        with tarfile.open(fileobj=buf, mode="w:") as tar:
-            for rel in files:
-                try:
-                    f = open(os.path.join(local, rel), "rb")  # opened first: its size is the one copied
-                except FileNotFoundError:
-                    continue
-                with f:
-                    tar.addfile(tar.gettarinfo(arcname=rel, fileobj=f), f)
-        uri = storage.join_uri(shared_uri, name)
-        if "://" not in shared_uri:
-            os.makedirs(shared_uri, exist_ok=True)
-        storage.write_bytes_atomic(uri, buf.getvalue(), endpoint_url)
-    except Exception as exc:  # noqa: BLE001 - a read-only cache location must not fail the job
-        log.warning("kernel archive %s not written (%s)", name, type(exc).__name__)
-        return 0
-    log.info("%d compiled kernels saved to %s (%d bytes)", len(files), uri, len(buf.getvalue()))
-    return len(buf.getvalue())
+def save_kernel_files(shared_uri: str, local: str, shared: dict[str, int], since: float, skip=(),
+                      only: str | None = None, endpoint_url: str | None = None) -> tuple[int, int]:
+    """Upload the kernel files under ``local`` (its subfolder ``only``, when given) that the shared
+    folder lacks (``shared``, as :func:`load_kernel_files` listed it), or that were written since
+    ``since`` (compiled or repaired there), except ``skip`` (added from there). Returns (files,
+    bytes) uploaded. Never raises."""
+    files = bytes_ = 0
+    for rel, (size, mtime) in sorted(kernel_files(local).items()):
+        if (only is not None and not rel.startswith(only + "/")) or rel in skip:
+            continue
+        if rel in shared and mtime < since:
+            continue  # there already; this node's older copy does not replace it
+        try:
+            with open(os.path.join(local, *rel.split("/")), "rb") as f:
+                data = f.read()
+            storage.write_bytes_atomic(storage.join_uri(shared_uri, rel), data, endpoint_url)
+        except Exception as exc:  # noqa: BLE001 - a read-only cache location must not fail the job
+            log.warning("kernel %s not written to %s (%s)", rel, shared_uri, type(exc).__name__)
+            continue
+        files, bytes_ = files + 1, bytes_ + len(data)
+    if files:
+        log.info("%d compiled kernels written to %s (%d bytes)", files, shared_uri, bytes_)
+    return files, bytes_

@@ -388,9 +388,11 @@ class PageEmbedder:
         actor's start went (``start``: when its constructor began, the model load's steps; the
         summary gives them per actor, :func:`pipeline.embed.counters.summarize`)."""
         start = {"constructed_at": self.started, "load_phases": dict(self.lm.load_phases)}
+        # read before the summary: FA4's load (and the sharing of its kernels) may end in between
+        vision_pending = self.vision.pending
         if self.compile_cache is None:
             state = {"mode": "off", "start": start, "vision_attention": self.vision.summary()}
-            if self.vision.pending:  # replaced by a later batch's, once FA4's load has ended
+            if vision_pending:  # replaced by a later batch's, once FA4's load and sharing have ended
                 state["provisional"] = True
             return state
         state = {"mode": "torch.compile", "compile_cache_from": self.compile_cache_from, "start": start,
@@ -407,7 +409,7 @@ class PageEmbedder:
             state["compile_helper"] = self.helper.summary(self.lm.precompiled)
             if self.helper.pending():  # replaced by a later batch's, once the helper has ended
                 state["provisional"] = True
-        if self.vision.pending:  # the same, once FA4's load has ended
+        if vision_pending:  # the same, once FA4's load and sharing have ended
             state["provisional"] = True
         state["compile_s"] = self._compile_times()
         return state

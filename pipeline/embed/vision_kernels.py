@@ -17,9 +17,9 @@ thread still costs the start: its Python holds the GIL beside the first batches 
 2026-12-06: load to first batch 1.6-2.05 s against 0.86-0.94 s warm; a cold node's first eager
 batch 4.7-5.2 s against ~1.1 s while FA4's kernel compiles), about what FA4's 5% saves on a
 3,000-page job; longer jobs gain. Its compiled kernels are kept per node (FA4's own disk cache,
-under the compile cache's folder) and, with ``--compile-cache URI``, at that shared location too:
-one archive per GPU architecture and FA4 software versions
-(:func:`pipeline.embed.compile_cache.save_kernel_dir`), so that a new node loads them instead of
+under the compile cache's folder) and, with ``--compile-cache URI``, mirrored file by file at that
+shared location, in a folder per GPU architecture and FA4 sources and versions
+(:func:`pipeline.embed.compile_cache.load_kernel_files`), so that a new node loads them instead of
 compiling (not yet measured on a GPU). A call that fails in FA4 falls back to SDPA for the rest of
 the actor's life, with a warning and the error in the summary.
 """
@@ -238,8 +238,9 @@ def start(requested: str, device: str, model_config, started: float, op_in_use: 
     """The actor's :class:`VisionAttention` for ``--vision-attention requested`` (ValueError where
     ``fa4`` cannot run), its FA4 load begun in a thread where it will run (``op_in_use``: see
     :func:`decide`; ``dtype`` the model's torch dtype, bf16 when None). With ``shared_uri``
-    (``--compile-cache``) and a ``cache_dir``, the load first adds the shared archive's kernels to
-    FA4's disk cache, and once FA4 runs, kernels it compiled are written back there."""
+    (``--compile-cache``) and a ``cache_dir`` that FA4 uses, the load first adds the shared
+    kernels that FA4's disk cache lacks, and once FA4 runs, the kernels this node compiled or
+    repaired, or holds and the shared folder lacks, are written there."""
     import torch
 
     dtype = dtype or torch.bfloat16
@@ -262,19 +263,30 @@ def start(requested: str, device: str, model_config, started: float, op_in_use: 
     return VisionAttention(kernel, started, load, requested, after_ready, kernel_cache)
 
 
-def fa4_versions() -> str:
-    """What FA4's compiled kernels depend on besides the GPU (its fingerprint's inputs, read
-    without importing it): the packages' versions and Python's."""
+def fa4_build() -> str:
+    """What FA4's compiled kernels depend on besides the GPU, read without importing it (its
+    import takes seconds): Python's version, its packages' versions and its CuTe sources, as
+    FA4's own fingerprint hashes them (flash_attn.cute.cache_utils)."""
+    import hashlib
     import sys
     from importlib import metadata
+    from pathlib import Path
 
-    parts = [f"py{sys.version_info[0]}.{sys.version_info[1]}"]
+    h = hashlib.sha256(f"py{sys.version_info[0]}.{sys.version_info[1]}".encode())
     for dist in ("flash-attn-4", "nvidia-cutlass-dsl", "apache-tvm-ffi"):
         try:
-            parts.append(f"{dist}={metadata.version(dist)}")
+            h.update(f"{dist}={metadata.version(dist)}".encode())
         except metadata.PackageNotFoundError:
-            parts.append(f"{dist}=none")
-    return ";".join(parts)
+            h.update(f"{dist}=none".encode())
+    try:
+        spec = importlib.util.find_spec("flash_attn.cute")
+    except (ImportError, ValueError):
+        spec = None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for src in sorted(Path(folder).rglob("*.py")):
+            h.update(src.relative_to(folder).as_posix().encode())
+            h.update(src.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _fa4_fingerprint() -> str | None:
@@ -287,36 +299,32 @@ def _fa4_fingerprint() -> str | None:
 
 
 def _shared_kernels(load: Callable[[], Callable], local: str, capability, shared_uri: str,
-                    endpoint_url: str | None, fingerprint: Callable[[], str | None] = _fa4_fingerprint):
-    """``load`` preceded by adding the shared archive's kernels to ``local``; the step that writes
-    the archive again once FA4 runs, where this node holds a kernel the archive lacks (compiled
-    here, repaired here, or from before the archive); and the record of both."""
-    import hashlib
-
+                    endpoint_url: str | None):
+    """``load`` preceded by adding the shared folder's kernels to ``local``; the step that writes
+    this node's new ones there once FA4 runs; and the record of both for the summary."""
     from pipeline.embed import compile_cache as cc
 
-    versions = hashlib.sha256(fa4_versions().encode()).hexdigest()[:12]
-    name = f"fa4-kernels-sm{capability[0]}{capability[1]}-{versions}.tar"
-    record: dict = {"archive": cc.storage.join_uri(shared_uri, name), "added": 0, "saved_bytes": 0}
-    archive: dict = {}
+    folder = cc.storage.join_uri(shared_uri, "fa4-kernels", f"sm{capability[0]}{capability[1]}-{fa4_build()}")
+    record: dict = {"folder": folder, "added": 0, "saved": 0}
+    seen: dict = {}
 
     def load_shared() -> Callable:
+        seen["since"] = time.time()
         try:
             os.makedirs(local, exist_ok=True)
         except OSError as exc:  # FA4 then compiles in memory (it warns); nothing to share
             record["error"] = f"{type(exc).__name__}: {exc}"[:300]
         else:
-            before = cc.kernel_files(local)
-            archive.update(cc.load_kernel_dir(name, local, shared_uri, endpoint_url))
-            record["added"] = len(cc.kernel_files(local).keys() - before.keys())
+            seen["shared"], seen["added"] = cc.load_kernel_files(folder, local, endpoint_url)
+            record["added"] = len(seen["added"])
+            if seen["shared"] is None:
+                record["error"] = "the shared folder could not be listed"
         return load()
 
     def save_new() -> None:
-        if "error" in record:
-            return
-        only = fingerprint()
-        held = {k: v for k, v in cc.kernel_files(local).items() if only is None or k.startswith(only + os.sep)}
-        if any(archive.get(k) != v for k, v in held.items()):
-            record["saved_bytes"] = cc.save_kernel_dir(name, local, shared_uri, endpoint_url, only=only)
+        if seen.get("shared") is None:
+            return  # no folder, or no listing: writing blind could only duplicate
+        record["saved"], _ = cc.save_kernel_files(folder, local, seen["shared"], seen["since"], skip=set(seen["added"]),
+                                                  only=_fa4_fingerprint(), endpoint_url=endpoint_url)
 
     return load_shared, save_new, record

@@ -5,7 +5,6 @@ contract through the same seam, in the real tiny model."""
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import threading
@@ -403,15 +402,16 @@ def _until_settled(va, timeout=10.0):
     return va.summary()
 
 
+
 def test_a_new_node_takes_fa4_kernels_from_the_shared_compile_cache(s3, tiny_model, tmp_path, monkeypatch,
                                                                        clean_active):
     """--compile-cache s3://...: once FA4 runs (published first), the first node's kernels
-    (compiled into its disk cache) are written there as one archive per GPU architecture and FA4
-    versions, and the actor's vision state stays provisional until that write is done; a new node
-    adds them to its own cache before FA4 looks, so it compiles nothing and writes nothing; a
-    node's own kernel of the same name is kept, and, differing from the archive's, written back.
-    Real S3 (moto's server); FA4 itself is a GPU library, so its load is a function that behaves
-    as its disk cache does."""
+    (compiled into its disk cache) are mirrored there, in a folder per GPU architecture and FA4
+    build, and the actor's vision state stays provisional until they are written; a new node adds
+    them to its own cache before FA4 looks, so it compiles nothing and writes nothing; a node's
+    older copy of a kernel is kept and does not replace the shared one, one it repaired does; a
+    failed load writes nothing. Real S3 (moto's server); FA4 itself is a GPU library, so its load
+    is a function that behaves as its disk cache does."""
     from transformers import AutoConfig
 
     from pipeline.embed import compile_cache as cc
@@ -419,126 +419,126 @@ def test_a_new_node_takes_fa4_kernels_from_the_shared_compile_cache(s3, tiny_mod
     _as_on_hopper_with_fa4(monkeypatch)
     for var in ("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(V, "_fa4_fingerprint", lambda: "fingerprint1")  # the running FA4's subfolder
     published_at_save = []
-    real_save = cc.save_kernel_dir
+    real_save = cc.save_kernel_files
 
-    def save_kernel_dir(*args, **kwargs):
+    def save_kernel_files(*args, **kwargs):
         published_at_save.append(V.ACTIVE["attend"] is not None)
         time.sleep(0.3)  # a slow store: the summary must wait for it
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(cc, "save_kernel_dir", save_kernel_dir)
+    monkeypatch.setattr(cc, "save_kernel_files", save_kernel_files)
     config = AutoConfig.from_pretrained(tiny_model)
     bucket = s3.make_bucket()
-    shared = f"s3://{bucket}/cache"
-    rel, kernel = os.path.join("fingerprint1", "fwd", "k1.o"), b"\x7fELF compiled kernel" * 100
+    rel, kernel = "fingerprint1/fwd/k1.o", b"\x7fELF compiled kernel" * 100
 
-    def start_node(name, seen, existing=None, load=None):
+    def start_node(name, seen, existing=None, load=None, old=None):
         local = str(tmp_path / name)
-        if existing is not None:
-            os.makedirs(os.path.dirname(os.path.join(local, rel)))
-            with open(os.path.join(local, rel), "wb") as f:
-                f.write(existing)
-        va = V.start("auto", "cuda:0", config, 0.0, cache_dir=local, shared_uri=shared,
+        for path, data in ((rel, existing), ("fingerprint0/fwd/old.o", old)):
+            if data is not None:
+                os.makedirs(os.path.dirname(os.path.join(local, path)), exist_ok=True)
+                with open(os.path.join(local, path), "wb") as f:
+                    f.write(data)
+                os.utime(os.path.join(local, path), (time.time() - 60,) * 2)  # from an earlier run
+        va = V.start("auto", "cuda:0", config, 0.0, cache_dir=local, shared_uri=f"s3://{bucket}/cache",
                      endpoint_url=s3.endpoint_url, load=load or _compiles_into(local, rel, kernel, seen))
         assert va.wait(10)
         return local, _until_settled(va)
 
-    def archives():
-        return [k for k in s3.keys(bucket) if not k.endswith("/")]  # (a folder marker)
+    def shared_files():
+        return {k: s3.client().get_object(Bucket=bucket, Key=k)["Body"].read()
+                for k in s3.keys(bucket) if not k.endswith("/")}  # (folder markers)
 
     seen_a = []
-    _, first = start_node("a", seen_a)
+    _, first = start_node("a", seen_a, old=b"another FA4's kernel")
     assert seen_a == [None]  # nothing shared yet: compiled
-    (key,) = archives()
-    assert re.fullmatch(r"cache/fa4-kernels-sm90-[0-9a-f]{12}\.tar", key)
-    assert first["kernel"] == "fa4" and published_at_save == [True]
-    cache = first["kernel_cache"]
-    assert cache == {"archive": f"s3://{bucket}/{key}", "added": 0, "saved_bytes": cache["saved_bytes"]}
-    assert cache["saved_bytes"] > len(kernel)  # the summary waited for the write
-    import tarfile
-
-    body = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
-        assert tar.getnames() == [rel]  # no lock file, no temporary
+    (key,) = shared_files()  # not the lock file, the temporary, or another FA4's subfolder
+    folder = re.fullmatch(r"(cache/fa4-kernels/sm90-[0-9a-f]{16})/fingerprint1/fwd/k1\.o", key).group(1)
+    assert shared_files()[key] == kernel and first["kernel"] == "fa4" and published_at_save == [True]
+    assert first["kernel_cache"] == {"folder": f"s3://{bucket}/{folder}", "added": 0, "saved": 1}
 
     seen_b = []
     local_b, second = start_node("b", seen_b)
     assert seen_b == [kernel]  # there before FA4 looked
-    assert second["kernel_cache"]["added"] == 1 and second["kernel_cache"]["saved_bytes"] == 0
-    assert len(published_at_save) == 1  # nothing new: not written again
+    assert second["kernel_cache"]["added"] == 1 and second["kernel_cache"]["saved"] == 0
+    assert oct(os.stat(os.path.join(local_b, rel)).st_mode & 0o777) == oct(0o644)
     assert not [f for f in os.listdir(os.path.dirname(os.path.join(local_b, rel))) if f.endswith(".part")]
 
     seen_c = []
-    _, third = start_node("c", seen_c, existing=b"this node's own, recompiled")
-    assert seen_c == [b"this node's own, recompiled"] and third["kernel_cache"]["added"] == 0
-    assert third["kernel_cache"]["saved_bytes"] > 0  # differs from the archive's: written back
+    _, third = start_node("c", seen_c, existing=b"this node's older copy")
+    assert seen_c == [b"this node's older copy"] and third["kernel_cache"] == {**third["kernel_cache"], "added": 0,
+                                                                               "saved": 0}
+    assert shared_files()[key] == kernel  # an older copy does not replace the shared one
+
+    repaired = b"recompiled after FA4 could not load the old entry"
+
+    def repairs():
+        with open(os.path.join(str(tmp_path / "d"), rel), "wb") as f:
+            f.write(repaired)
+        return _loop_attention([])
+
+    _, fourth = start_node("d", [], existing=b"unloadable", load=repairs)
+    assert fourth["kernel_cache"]["saved"] == 1 and shared_files()[key] == repaired
 
     def fails():
         raise RuntimeError("no kernel today")
 
-    _, failed = start_node("d", [], load=fails)
-    assert failed["kernel"] == "failed" and len(published_at_save) == 2  # a failed load writes nothing
+    _, failed = start_node("e", [], load=fails)
+    assert failed["kernel"] == "failed" and len(published_at_save) == 4  # a failed load writes nothing
 
 
-def test_an_unusable_fa4_cache_folder_costs_the_sharing_not_fa4(s3, tiny_model, tmp_path, monkeypatch, clean_active):
+def test_an_unusable_fa4_cache_or_shared_folder_costs_the_sharing_not_fa4(tiny_model, tmp_path, monkeypatch,
+                                                                          clean_active):
     from transformers import AutoConfig
+
+    from pipeline.embed import compile_cache as cc
 
     _as_on_hopper_with_fa4(monkeypatch)
     for var in ("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"):
         monkeypatch.delenv(var, raising=False)
+    config = AutoConfig.from_pretrained(tiny_model)
     (tmp_path / "a_file").write_text("not a folder")
-    va = V.start("auto", "cuda:0", AutoConfig.from_pretrained(tiny_model), 0.0,
-                 cache_dir=str(tmp_path / "a_file" / "fa4"), shared_uri=str(tmp_path / "shared"),
-                 load=lambda: _loop_attention([]))
+    va = V.start("auto", "cuda:0", config, 0.0, cache_dir=str(tmp_path / "a_file" / "fa4"),
+                 shared_uri=str(tmp_path / "shared"), load=lambda: _loop_attention([]))
     summary = _until_settled(va)
     assert summary["kernel"] == "fa4" and "NotADirectoryError" in summary["kernel_cache"]["error"]
+
+    def unlistable(*args, **kwargs):
+        raise PermissionError("no listing for you")
+
+    monkeypatch.setattr(cc.storage, "list_files", unlistable)  # a store that refuses: nothing written blind
+    local = tmp_path / "node"
+    va = V.start("auto", "cuda:0", config, 0.0, cache_dir=str(local), shared_uri=str(tmp_path / "shared"),
+                 load=_compiles_into(str(local), "fp/k.o", b"kernel"))
+    summary = _until_settled(va)
+    assert summary["kernel"] == "fa4" and summary["kernel_cache"]["saved"] == 0
+    assert "could not be listed" in summary["kernel_cache"]["error"] and not (tmp_path / "shared").exists()
     monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "0")  # FA4 reads no disk: nothing shared
-    va = V.start("auto", "cuda:0", AutoConfig.from_pretrained(tiny_model), 0.0, cache_dir=str(tmp_path / "c"),
+    va = V.start("auto", "cuda:0", config, 0.0, cache_dir=str(tmp_path / "c"),
                  shared_uri=str(tmp_path / "shared"), load=lambda: _loop_attention([]))
     assert "kernel_cache" not in _until_settled(va)
 
 
-def test_a_kernel_archive_adds_only_kernel_files_inside_the_folder(tmp_path, monkeypatch):
-    """An archive from the shared location is taken as data: entries outside the folder, links,
-    special and oversized members, hidden files and other files are skipped; a damaged archive
-    or an unreadable location only means compiling (no error); with no shared location nothing is
-    read or written; saving takes one subfolder (FA4's fingerprint) when told, no hidden files."""
-    import tarfile
-
+def test_only_kernel_files_of_bounded_size_come_from_the_shared_folder(tmp_path, monkeypatch):
+    """The shared folder is read as data: hidden files, other files and oversized kernels are
+    skipped (and what is skipped or fails only means compiling, never an error); each file added
+    is written whole, and where the filesystem has no hard links it is still added."""
     from pipeline.embed import compile_cache as cc
 
     shared, local = tmp_path / "shared", tmp_path / "node"
-    shared.mkdir()
-    local.mkdir()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:") as tar:
-        link = tarfile.TarInfo("fp/link.o")
-        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        tar.addfile(link)
-        for name, kind, data in (("../escaped.o", tarfile.REGTYPE, b"data"), ("/abs.o", tarfile.REGTYPE, b"data"),
-                                 ("fp/.tmp.o", tarfile.REGTYPE, b"data"), ("fp/notes.txt", tarfile.REGTYPE, b"data"),
-                                 ("fp/contiguous.o", tarfile.CONTTYPE, b"data"), ("fp/big.o", tarfile.REGTYPE, b"x" * 64),
-                                 ("fp/good.o", tarfile.REGTYPE, b"data")):
-            info = tarfile.TarInfo(name)
-            info.type, info.size = kind, len(data)
-            tar.addfile(info, io.BytesIO(data))
-    (shared / "k.tar").write_bytes(buf.getvalue())
+    for name, data in (("fp/.tmp.o", b"data"), ("fp/notes.txt", b"data"), ("fp/big.o", b"x" * 64),
+                       ("fp/good.o", b"data"), ("_hidden/h.o", b"data"), ("fp/other.o", b"more")):
+        (shared / name).parent.mkdir(parents=True, exist_ok=True)
+        (shared / name).write_bytes(data)
     monkeypatch.setattr(cc, "KERNEL_MAX_BYTES", 16)
-    assert cc.load_kernel_dir("k.tar", str(local), str(shared)) == {os.path.join("fp", "good.o"): 4}
-    assert cc.kernel_files(str(local)) == {os.path.join("fp", "good.o"): 4}
-    assert not (tmp_path / "escaped.o").exists() and not os.path.exists("/abs.o")
-    (shared / "bad.tar").write_bytes(b"not a tar at all" * 10)
-    assert cc.load_kernel_dir("bad.tar", str(local), str(shared)) == {}
-    assert cc.load_kernel_dir("missing.tar", str(local), str(shared)) == {}
-    assert cc.load_kernel_dir("k.tar", str(local), None) == {}
-    (local / "other").mkdir()
-    (local / "other" / "old.o").write_bytes(b"another FA4's kernel")
-    (local / "fp" / ".x.1.tmp.o").write_bytes(b"FA4 writing")
-    assert cc.save_kernel_dir("k2.tar", str(local), None) == 0 and not (shared / "k2.tar").exists()
-    assert cc.save_kernel_dir("k2.tar", str(local), str(shared), only="fp") > 0
-    with tarfile.open(shared / "k2.tar") as tar:
-        assert tar.getnames() == [os.path.join("fp", "good.o")]
-    assert cc.save_kernel_dir("k3.tar", str(local), str(shared)) > 0
-    with tarfile.open(shared / "k3.tar") as tar:
-        assert sorted(tar.getnames()) == [os.path.join("fp", "good.o"), os.path.join("other", "old.o")]
+
+    def no_links(src, dst):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(cc.os, "link", no_links)
+    listed, added = cc.load_kernel_files(str(shared), str(local))
+    assert listed == {"fp/good.o": 4, "fp/other.o": 4} and sorted(added) == ["fp/good.o", "fp/other.o"]
+    assert {k: v[0] for k, v in cc.kernel_files(str(local)).items()} == listed
+    assert cc.load_kernel_files(str(tmp_path / "missing"), str(local)) == ({}, [])
+    assert cc.load_kernel_files(str(shared), str(local))[1] == []  # all there: nothing added again
