@@ -9,7 +9,7 @@ Prints and writes JSON: each process's FA4 load seconds (import + kernel, `load_
 `kernel_cache`, and the kernel files its cache held afterwards.
 
 Usage (repository root, FA4 installed or its bundle on PYTHONPATH):
-    python benchmarks/check_fa4_kernel_archive.py --out /tmp/fa4_archive.json
+    python benchmarks/check_fa4_kernel_sharing.py --out /tmp/fa4_sharing.json
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ def child(local: str, shared: str | None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="fa4_kernel_archive.json")
+    ap.add_argument("--out", default="fa4_kernel_sharing.json")
     ap.add_argument("--child", nargs=2, metavar=("LOCAL", "SHARED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child[0], args.child[1] or None)), flush=True)
         return
-    work = tempfile.mkdtemp(prefix="fa4arch")
+    work = tempfile.mkdtemp(prefix="fa4share")
     shared = os.path.join(work, "shared")
     res: dict = {"command": " ".join(sys.argv), "runs": {}}
     for name, share in (("1_fills_shared", shared), ("2_reads_shared", shared), ("3_no_shared", "")):
