@@ -304,12 +304,15 @@ def _shared_kernels(load: Callable[[], Callable], local: str, capability, shared
     this node's new ones there once FA4 runs; and the record of both for the summary."""
     from pipeline.embed import compile_cache as cc
 
-    folder = cc.storage.join_uri(shared_uri, "fa4-kernels", f"sm{capability[0]}{capability[1]}-{fa4_build()}")
-    record: dict = {"folder": folder, "added": 0, "saved": 0}
+    record: dict = {"folder": None, "added": 0, "saved": 0}
     seen: dict = {}
 
     def load_shared() -> Callable:
         seen["since"] = time.time()
+        # in the load's thread: fa4_build reads FA4's sources, which the actor's start need not wait for
+        record["folder"] = cc.storage.join_uri(shared_uri, "fa4-kernels",
+                                               f"sm{capability[0]}{capability[1]}-{fa4_build()}")
+        folder = record["folder"]
         try:
             os.makedirs(local, exist_ok=True)
         except OSError as exc:  # FA4 then compiles in memory (it warns); nothing to share
@@ -324,7 +327,8 @@ def _shared_kernels(load: Callable[[], Callable], local: str, capability, shared
     def save_new() -> None:
         if seen.get("shared") is None:
             return  # no folder, or no listing: writing blind could only duplicate
-        record["saved"], _ = cc.save_kernel_files(folder, local, seen["shared"], seen["since"], skip=set(seen["added"]),
+        record["saved"], _ = cc.save_kernel_files(record["folder"], local, seen["shared"], seen["since"],
+                                                  skip=set(seen["added"]),
                                                   only=_fa4_fingerprint(), endpoint_url=endpoint_url)
 
     return load_shared, save_new, record
