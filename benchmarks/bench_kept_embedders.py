@@ -47,6 +47,20 @@ def in_turn(option: str, name: str) -> list[str]:
     return [x for x in entries[(int(name.rsplit("_", 1)[1]) - 1) % len(entries)].strip().split(",") if x]
 
 
+def tree_size(path: str) -> dict:
+    """Files and bytes under ``path``, and its top-level entries (up to 20): what a cache held."""
+    files = size = 0
+    for root, _, names in os.walk(path):
+        for n in names:
+            try:
+                size += os.path.getsize(os.path.join(root, n))
+                files += 1
+            except OSError:
+                pass
+    top = sorted(os.listdir(path))[:20] if os.path.isdir(path) else []
+    return {"files": files, "bytes": size, "top": top}
+
+
 def end_kept_actors(address: str) -> float:
     """End the kept model actors (namespace vdr-embedding) and wait until their GPUs are free."""
     import ray
@@ -90,6 +104,10 @@ def main() -> int:
                     help="with --cold-caches: only these --plain-after jobs (1-based, comma-separated) start from "
                          "emptied caches, the others from what the job before left (a warm job right after a "
                          "cold one: '1,3' of four jobs)")
+    ap.add_argument("--cold-keep", default="",
+                    help="with --cold-caches: caches the emptying leaves alone, per job in turn ('triton', "
+                         "'inductor', 'job'; ';' between jobs, ',' between caches): which cache a new node's "
+                         "slower start comes from ('triton' keeps ~/.triton/cache)")
     ap.add_argument("--mixed-sizes", action="store_true",
                     help="documents of six page shapes (letter, A4, landscape, 16:9 slides, square, legal) instead "
                          "of letter pages only: batches of mixed page sizes, as real corpora give")
@@ -148,12 +166,26 @@ def main() -> int:
                 import shutil
 
                 tmp = tempfile.gettempdir()
-                for d in (os.path.join(tmp, "vdr-compile-cache"), os.path.join(tmp, f"torchinductor_{getpass.getuser()}"),
-                          os.path.join(os.path.expanduser("~"), ".triton", "cache")):
-                    shutil.rmtree(d, ignore_errors=True)
+                caches = {"job": os.path.join(tmp, "vdr-compile-cache"),
+                          "inductor": os.path.join(tmp, f"torchinductor_{getpass.getuser()}"),
+                          "triton": os.path.join(os.path.expanduser("~"), ".triton", "cache")}
+                keep = in_turn(args.cold_keep, name)
+                res.setdefault("caches_before", {})[name] = {k: tree_size(d) for k, d in caches.items()}
+                for k, d in caches.items():
+                    if k not in keep:
+                        shutil.rmtree(d, ignore_errors=True)
+                res.setdefault("cold_kept", {})[name] = keep
             t0 = time.time()
             proc = subprocess.run(cmd, env=job_env, cwd=ROOT, capture_output=True, text=True)
             wall = time.time() - t0
+            if args.cold_caches:
+                import getpass
+
+                res.setdefault("caches_after", {})[name] = {
+                    k: tree_size(d) for k, d in (("job", os.path.join(tempfile.gettempdir(), "vdr-compile-cache")),
+                                                 ("inductor", os.path.join(tempfile.gettempdir(),
+                                                                           f"torchinductor_{getpass.getuser()}")),
+                                                 ("triton", os.path.join(os.path.expanduser("~"), ".triton", "cache")))}
             if proc.returncode:
                 res["runs"][name] = {"rc": proc.returncode, "stderr": proc.stderr[-4000:]}
                 print(name, "failed", proc.stderr[-3000:], flush=True)

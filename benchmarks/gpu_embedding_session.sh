@@ -146,14 +146,15 @@ step job_nice 560 env BENCH_JOB_EXTRA="--batches-in-flight 2" \
 # COLD_ONLY=N[,M]: only these jobs (1-based) start from emptied caches, e.g. COLD_ONLY=1: a cold job, then warm ones;
 # COLD_ARGS: each job's extra arguments in turn, ';' between jobs, ',' between arguments, e.g.
 # "--compile-cache,/tmp/vdr-shared-cc;--compile-cache,/tmp/vdr-shared-cc;" with COLD_ONLY=1,2,3: a new node that
-# fills a shared cache, a new node that reads it, a new node without it; the emptying leaves that folder alone)
+# fills a shared cache, a new node that reads it, a new node without it; the emptying leaves that folder alone;
+# COLD_KEEP: caches the emptying leaves alone, per job in turn, e.g. ";;triton;inductor")
 # The jobs run at --batch-size 32 (bench_kept_embedders.py's default, as bench_actor.py's actor alone), not at
 # the job's own default of 16: JOB_BATCH_SIZE=16 (with ACTOR_EXTRA="--batch-size 16") measures the defaults
 # (in every step that runs whole jobs: part1_cold, helper_blocks, warm_ab, mixed_job; since 2026-12-06 in
 # the last three too: warm_ab ran at 32 in the twenty-third session's call D for want of it).
 step part1_cold "${COLD_TIMEOUT:-420}" "$PY" benchmarks/bench_kept_embedders.py --pages 3000 --kept-runs 0 --no-plain \
   --plain-after "${COLD_JOBS:-4}" --cold-caches ${COLD_ONLY:+--cold-jobs "$COLD_ONLY"} --plain-envs "${COLD_ENVS:-}" \
-  ${COLD_ARGS:+--plain-args="$COLD_ARGS"} ${JOB_BATCH_SIZE:+--batch-size "$JOB_BATCH_SIZE"} --out "$OUT/part1_cold.json"
+  ${COLD_ARGS:+--plain-args="$COLD_ARGS"} ${COLD_KEEP:+--cold-keep="$COLD_KEEP"} ${JOB_BATCH_SIZE:+--batch-size "$JOB_BATCH_SIZE"} --out "$OUT/part1_cold.json"
 # helper_blocks: are the blocks the compile helpers compile (VDR_COMPILE_HELPER=1; the default on a GPU since f422871) as fast as the
 # actor's own? Four plain 3,000-page jobs: cold without the helper, warm (loads the actor's blocks),
 # cold with the helper, warm (loads the helper's blocks); compare the warm jobs' actors after their
