@@ -364,7 +364,7 @@ def test_jobs_run_the_pipeline_without_resource_flags():
     modules = {re.search(r"python -m (jobs\.\w+)", e).group(1): e for e in entrypoints.values()}
     assert {"jobs.embed_corpus", "jobs.score_queries", "jobs.offline_eval"} <= set(modules)
     embed, score = modules["jobs.embed_corpus"].split(), modules["jobs.score_queries"].split()
-    assert all(embed[embed.index(f) + 1].startswith("s3://") for f in ("--input", "--output"))
+    assert all(embed[embed.index(f) + 1].startswith("s3://") for f in ("--input", "--output", "--compile-cache"))
     assert all(score[score.index(f) + 1].startswith("s3://") for f in ("--corpus", "--queries", "--output"))
     assert score[score.index("--top-k") + 1] == "100"
     config = re.search(r"--config (\S+)", modules["jobs.offline_eval"]).group(1)

@@ -512,6 +512,19 @@ def final_line(cfg: EmbedConfig, summary: dict) -> str:
             f"{run['seconds']:.1f}s{first_batches(run.get('actors', []))} -> {cfg.output}")
 
 
+def compile_cache_hint(cfg: EmbedConfig, device: str) -> str | None:
+    """The line the job logs where its actors compile on GPUs without ``--compile-cache``: each node
+    that is new to the model (an autoscaled one, every node of a cluster made for one job) then
+    compiles the blocks and FA4's kernel itself, while its first batches run eagerly. None otherwise."""
+    if cfg.compile_cache or device != "cuda" or not cfg.embedder_settings(device, 1)["compile_model"]:
+        return None
+    return ("no --compile-cache: each GPU node new to this model compiles its blocks (and FlashAttention 4's "
+            "kernel) while its first batches run eagerly, ~10 s at about half speed; with --compile-cache "
+            "s3://BUCKET/vdr-compile-cache/ (or gs://, or a shared path) the nodes after the first load them "
+            "instead (on H100s a new node's 3,000-page job went from 67-72% to 73-75% of the actor's rate, "
+            "benchmarks/RESULTS.md, twenty-eighth session)")
+
+
 def first_batches(actors: list[dict]) -> str:
     """The model actors' first batches for the final line: how long each took and how the
     actor came by its compiled model (loaded warm, compiled here, fell back to torch.compile,
@@ -741,6 +754,9 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
     log.info("listing %d piece(s) of %s in plan tasks; %d document(s) already have rows in %s",
              len(units), cfg.input, done.num_rows, cfg.output)
     log.info("model on %s, %d-%d actor(s), %g GPU each: %s", device, min_actors, max_actors, gpus_per_actor, why)
+    hint = compile_cache_hint(cfg, device)
+    if hint:
+        log.info(hint)
     _warn_local_paths(cfg)
     if kept_handles:
         # --keep-embedders: the model runs in the kept actors; Ray Data's pool holds their fronts

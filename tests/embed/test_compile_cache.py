@@ -310,6 +310,18 @@ def test_the_final_line_names_rows_a_rerun_retries_only_when_there_are_some():
     assert "2 error rows and 3 for storage that did not answer (a rerun tries them again), 12.3s" in line
 
 
+def test_a_gpu_job_without_compile_cache_is_told_how_new_nodes_would_load_the_compiled_model():
+    from pipeline.config import EmbedConfig
+    from pipeline.embed.flow import compile_cache_hint
+
+    hint = compile_cache_hint(EmbedConfig(input="in", output="out"), "cuda")
+    assert hint is not None and "--compile-cache s3://" in hint and "RESULTS.md" in hint
+    # not where nothing is compiled, where the cache is given, or on CPUs (auto compiles on GPUs only)
+    assert compile_cache_hint(EmbedConfig(input="in", output="out", compile="off"), "cuda") is None
+    assert compile_cache_hint(EmbedConfig(input="in", output="out", compile_cache="s3://b/cc/"), "cuda") is None
+    assert compile_cache_hint(EmbedConfig(input="in", output="out"), "cpu") is None
+
+
 HEURISTIC = r"""
 import json, sys, types
 import sympy
