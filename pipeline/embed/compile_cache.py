@@ -212,8 +212,24 @@ def load_precompiled(key: str, forwards: list, shared_uri: str | None = None,
             continue
         log.info("precompiled blocks loaded from %s: %d variants in %.2f s", uri, n, time.perf_counter() - t)
         if n:
+            if base != local_dir():
+                _keep_on_node(precompiled_key(key), data)
             return uri
     return None
+
+
+def _keep_on_node(name: str, data: bytes) -> None:
+    """A copy in this node's cache of what was loaded from the shared one, where the node has
+    none: the node's later actors start warm without the shared store (an outage, a job without
+    ``--compile-cache``), and it is kept as the node's own. Never raises."""
+    path = os.path.join(local_dir(), name)
+    if os.path.exists(path):
+        return
+    try:
+        os.makedirs(local_dir(), exist_ok=True)
+        storage.write_bytes_atomic(path, data)
+    except Exception as exc:  # noqa: BLE001 - the shared copy still serves
+        log.warning("precompiled blocks not copied to this node's cache %s (%s)", path, type(exc).__name__)
 
 
 def save_precompiled(key: str, forwards: list, shared_uri: str | None = None,

@@ -63,6 +63,8 @@ def test_a_new_node_loads_precompiled_blocks_and_compiles_nothing(tiny_model, tm
     assert sorted(os.listdir(tmp_path / "node1")) == saved
     warm = run_actor(tiny_model, shared, tmp_path / "node2", tmp_path / "inductor2")
     assert warm["precompiled_from"] == os.path.join(str(shared), saved[1])
+    # the node keeps what it loaded: its next actors start warm without the shared store
+    assert (tmp_path / "node2" / saved[1]).read_bytes() == (shared / saved[1]).read_bytes()
     assert {name: (loaded, compiled) for name, (loaded, compiled, _) in warm["precompiled"].items()} \
         == {name: (compiled, 0) for name, (_, compiled, _) in cold["precompiled"].items()}
     assert warm["compile_times"].get("trace", 0) == 0 and warm["compile_times"].get("backend", 0) == 0
