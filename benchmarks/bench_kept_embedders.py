@@ -47,6 +47,16 @@ def in_turn(option: str, name: str) -> list[str]:
     return [x for x in entries[(int(name.rsplit("_", 1)[1]) - 1) % len(entries)].strip().split(",") if x]
 
 
+def node_caches() -> dict[str, str]:
+    """The node's compile caches that --cold-caches empties, by the names --cold-keep takes."""
+    import getpass
+
+    tmp = tempfile.gettempdir()
+    return {"job": os.path.join(tmp, "vdr-compile-cache"),
+            "inductor": os.path.join(tmp, f"torchinductor_{getpass.getuser()}"),
+            "triton": os.path.join(os.path.expanduser("~"), ".triton", "cache")}
+
+
 def tree_size(path: str) -> dict:
     """Files and bytes under ``path``, and its top-level entries (up to 20): what a cache held."""
     files = size = 0
@@ -114,6 +124,9 @@ def main() -> int:
     ap.add_argument("--timeline-dir", help="write Ray's task timeline (chrome trace) after each job here, and "
                     "each job's stderr (run with -v: Ray Data's per-operator stats)")
     args = ap.parse_args()
+    unknown = {c for entry in args.cold_keep.split(";") for c in entry.split(",") if c.strip()} - set(node_caches())
+    if unknown:
+        ap.error(f"--cold-keep names {', '.join(sorted(unknown))}: the caches are {', '.join(node_caches())}")
 
     from bench_embed import PAGE_SIZES, letter_pdf
 
@@ -162,13 +175,9 @@ def main() -> int:
             cmd += in_turn(args.plain_args, name)
             cold_only = {f"plain_after_{int(i)}" for i in args.cold_jobs.split(",") if i.strip()}
             if args.cold_caches and (not cold_only or name in cold_only):
-                import getpass
                 import shutil
 
-                tmp = tempfile.gettempdir()
-                caches = {"job": os.path.join(tmp, "vdr-compile-cache"),
-                          "inductor": os.path.join(tmp, f"torchinductor_{getpass.getuser()}"),
-                          "triton": os.path.join(os.path.expanduser("~"), ".triton", "cache")}
+                caches = node_caches()
                 keep = in_turn(args.cold_keep, name)
                 res.setdefault("caches_before", {})[name] = {k: tree_size(d) for k, d in caches.items()}
                 for k, d in caches.items():
@@ -179,13 +188,7 @@ def main() -> int:
             proc = subprocess.run(cmd, env=job_env, cwd=ROOT, capture_output=True, text=True)
             wall = time.time() - t0
             if args.cold_caches:
-                import getpass
-
-                res.setdefault("caches_after", {})[name] = {
-                    k: tree_size(d) for k, d in (("job", os.path.join(tempfile.gettempdir(), "vdr-compile-cache")),
-                                                 ("inductor", os.path.join(tempfile.gettempdir(),
-                                                                           f"torchinductor_{getpass.getuser()}")),
-                                                 ("triton", os.path.join(os.path.expanduser("~"), ".triton", "cache")))}
+                res.setdefault("caches_after", {})[name] = {k: tree_size(d) for k, d in node_caches().items()}
             if proc.returncode:
                 res["runs"][name] = {"rc": proc.returncode, "stderr": proc.stderr[-4000:]}
                 print(name, "failed", proc.stderr[-3000:], flush=True)

@@ -7,6 +7,7 @@ Credentials are read by the AWS SDK from the environment and never logged or wri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -15,6 +16,7 @@ import logging
 import os
 import posixpath
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
@@ -643,13 +645,19 @@ def write_buffers_atomic(uri: str, buffers: list, endpoint_url: str | None = Non
     if isinstance(fs, pafs.LocalFileSystem):
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-        with open(tmp, "wb") as f:
-            for b in buffers:
-                f.write(memoryview(b).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # unique per call: writers in other pid namespaces (pods sharing a hostPath) can share a pid
+        tmp = os.path.join(folder, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}-{os.path.basename(path)}")
+        try:
+            with open(tmp, "wb") as f:
+                for b in buffers:
+                    f.write(memoryview(b).cast("B"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, an interrupt: no temporary file left behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return
     if _gcsfs_of(fs) is None:  # GCS has no folders; gcsfs would check (or create) the bucket each time
         fs.create_dir(posixpath.dirname(path), recursive=True)

@@ -49,6 +49,20 @@ def test_atomic_parquet_and_listing_skip_hidden_files(tmp_path):
     assert not any(p.name.endswith(".parquet") and not p.name.startswith((".", "_")) for p in folder.iterdir())
 
 
+def test_a_failed_local_write_leaves_neither_the_file_nor_a_temporary_one(tmp_path):
+    class Unreadable:  # fails after the first buffer is written, as a full disk would
+        def __buffer__(self, flags):
+            raise OSError(28, "No space left on device")
+
+    target = str(tmp_path / "blocks.bin")
+    with pytest.raises((OSError, TypeError)):
+        storage.write_buffers_atomic(target, [b"first part", Unreadable()])
+    assert os.listdir(tmp_path) == []
+    storage.write_bytes_atomic(target, b"whole")
+    storage.write_bytes_atomic(target, b"again")  # each write has a temporary name of its own
+    assert os.listdir(tmp_path) == ["blocks.bin"] and (tmp_path / "blocks.bin").read_bytes() == b"again"
+
+
 def test_json_and_footers_on_s3(s3):
     bucket = s3.make_bucket()
     storage.write_json(f"s3://{bucket}/x/summary.json", {"pages": 3}, s3.endpoint_url)

@@ -515,13 +515,13 @@ def final_line(cfg: EmbedConfig, summary: dict) -> str:
 def compile_cache_hint(cfg: EmbedConfig, device: str) -> str | None:
     """The line the job logs where its actors compile on GPUs without ``--compile-cache``: each node
     that is new to the model (an autoscaled one, every node of a cluster made for one job) then
-    compiles the blocks and FA4's kernel itself, while its first batches run eagerly. None otherwise."""
+    compiles the blocks itself while its first batches run eagerly. None otherwise."""
     if cfg.compile_cache or device != "cuda" or not cfg.embedder_settings(device, 1)["compile_model"]:
         return None
-    return ("no --compile-cache: each GPU node new to this model compiles its blocks (and FlashAttention 4's "
-            "kernel) while its first batches run eagerly, ~10 s at about half speed; with --compile-cache "
-            "s3://BUCKET/vdr-compile-cache/ (or gs://, or a shared path) the nodes after the first load them "
-            "instead (on H100s a new node's 3,000-page job went from 67-72% to 73-75% of the actor's rate, "
+    fa4 = " (and FlashAttention 4's kernel)" if cfg.vision_attention != "sdpa" else ""
+    return (f"no --compile-cache: each GPU node new to this model compiles its blocks{fa4} while its first "
+            "batches run eagerly at about half speed; with --compile-cache s3://BUCKET/vdr-compile-cache/ (or "
+            "gs://, or a shared path) the nodes after the first load them instead (measured: "
             "benchmarks/RESULTS.md, twenty-eighth session)")
 
 
@@ -754,7 +754,9 @@ def _run_locked(cfg: EmbedConfig, cleaned: dict, on_exit: contextlib.ExitStack) 
     log.info("listing %d piece(s) of %s in plan tasks; %d document(s) already have rows in %s",
              len(units), cfg.input, done.num_rows, cfg.output)
     log.info("model on %s, %d-%d actor(s), %g GPU each: %s", device, min_actors, max_actors, gpus_per_actor, why)
-    hint = compile_cache_hint(cfg, device)
+    # not where no model actor starts, or where every one is a kept actor taken over warm
+    hint = (None if nothing_to_do is not None or (kept_handles and kept_reused >= len(kept_handles))
+            else compile_cache_hint(cfg, device))
     if hint:
         log.info(hint)
     _warn_local_paths(cfg)

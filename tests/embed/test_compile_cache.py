@@ -317,11 +317,28 @@ def test_a_gpu_job_without_compile_cache_is_told_how_new_nodes_would_load_the_co
     from pipeline.embed.flow import compile_cache_hint
 
     hint = compile_cache_hint(EmbedConfig(input="in", output="out"), "cuda")
-    assert hint is not None and "--compile-cache s3://" in hint and "RESULTS.md" in hint
+    assert hint is not None and "--compile-cache s3://" in hint and "RESULTS.md" in hint and "FlashAttention" in hint
+    sdpa = compile_cache_hint(EmbedConfig(input="in", output="out", vision_attention="sdpa"), "cuda")
+    assert sdpa is not None and "FlashAttention" not in sdpa
     # not where nothing is compiled, where the cache is given, or on CPUs (auto compiles on GPUs only)
     assert compile_cache_hint(EmbedConfig(input="in", output="out", compile="off"), "cuda") is None
     assert compile_cache_hint(EmbedConfig(input="in", output="out", compile_cache="s3://b/cc/"), "cuda") is None
     assert compile_cache_hint(EmbedConfig(input="in", output="out"), "cpu") is None
+
+
+def test_a_node_keeps_what_it_loaded_from_the_shared_cache_without_replacing_its_own(tmp_path, monkeypatch):
+    from pipeline.embed import compile_cache as cc
+
+    monkeypatch.setenv(cc.LOCAL_ENV, str(tmp_path / "node"))
+    cc._keep_on_node("precompiled-k.bin", b"from the shared cache")
+    assert (tmp_path / "node" / "precompiled-k.bin").read_bytes() == b"from the shared cache"
+    cc._keep_on_node("precompiled-k.bin", b"another copy")  # the node's own is kept
+    assert (tmp_path / "node" / "precompiled-k.bin").read_bytes() == b"from the shared cache"
+    # a node cache that cannot be written costs only the copy, with a warning
+    (tmp_path / "file").write_bytes(b"")
+    monkeypatch.setenv(cc.LOCAL_ENV, str(tmp_path / "file" / "node"))
+    cc._keep_on_node("precompiled-k.bin", b"x")
+    assert sorted(os.listdir(tmp_path)) == ["file", "node"]
 
 
 HEURISTIC = r"""
