@@ -225,8 +225,7 @@ def _keep_on_node(name: str, data: bytes) -> None:
     path = os.path.join(local_dir(), name)
     if os.path.exists(path):
         return
-    try:
-        os.makedirs(local_dir(), exist_ok=True)
+    try:  # the write makes the folder
         storage.write_bytes_atomic(path, data)
     except Exception as exc:  # noqa: BLE001 - the shared copy still serves
         log.warning("precompiled blocks not copied to this node's cache %s (%s)", path, type(exc).__name__)
@@ -261,8 +260,6 @@ def save_precompiled_bytes(key: str, data: bytes, shared_uri: str | None = None,
         except Exception as exc:  # noqa: BLE001
             log.warning("precompiled blocks not written to %s (%s)", uri, type(exc).__name__)
     return len(data)
-
-
 
 
 KERNEL_SUFFIX = ".o"  # FlashAttention 4's compiled kernels (flash_attn.cute.cache_utils)

@@ -20,7 +20,8 @@ batch 4.7-5.2 s against ~1.1 s while FA4's kernel compiles), about what FA4's 5%
 under the compile cache's folder) and, with ``--compile-cache URI``, mirrored file by file at that
 shared location, in a folder per GPU architecture and FA4 sources and versions
 (:func:`pipeline.embed.compile_cache.load_kernel_files`), so that a new node loads them instead of
-compiling (not yet measured on a GPU). A call that fails in FA4 falls back to SDPA for the rest of
+compiling (H100s, 2026-12-06: FA4's load 1.0-1.4 s with the shared kernel against 3.1-4.9 s
+compiling; benchmarks/RESULTS.md, twenty-eighth session). A call that fails in FA4 falls back to SDPA for the rest of
 the actor's life, with a warning and the error in the summary.
 """
 
@@ -302,6 +303,7 @@ def _shared_kernels(load: Callable[[], Callable], local: str, capability, shared
                     endpoint_url: str | None):
     """``load`` preceded by adding the shared folder's kernels to ``local``; the step that writes
     this node's new ones there once FA4 runs; and the record of both for the summary."""
+    from pipeline import storage
     from pipeline.embed import compile_cache as cc
 
     record: dict = {"folder": None, "added": 0, "saved": 0}
@@ -310,8 +312,8 @@ def _shared_kernels(load: Callable[[], Callable], local: str, capability, shared
     def load_shared() -> Callable:
         seen["since"] = time.time()
         # in the load's thread: fa4_build reads FA4's sources, which the actor's start need not wait for
-        record["folder"] = cc.storage.join_uri(shared_uri, "fa4-kernels",
-                                               f"sm{capability[0]}{capability[1]}-{fa4_build()}")
+        record["folder"] = storage.join_uri(shared_uri, "fa4-kernels",
+                                            f"sm{capability[0]}{capability[1]}-{fa4_build()}")
         folder = record["folder"]
         try:
             os.makedirs(local, exist_ok=True)
