@@ -15,7 +15,9 @@ Beside each cache file, ``precompiled-<key>.bin`` holds the blocks compiled ahea
 
 Locations: ``$VDR_COMPILE_CACHE`` (default ``/tmp/vdr-compile-cache``, one per node) and,
 with ``--compile-cache URI``, a shared prefix (``s3://``, ``gs://``, a shared filesystem)
-that new nodes read first. Writes are whole-object (:func:`pipeline.storage.write_bytes_atomic`).
+that new nodes read first. Writes are whole-object (:func:`pipeline.storage.write_bytes_atomic`),
+and a cache file only grows: each save writes the union of what the location holds, what the
+process loaded and what it compiled (:func:`save`).
 
 Kernel libraries with a disk cache of their own (FlashAttention 4: one ``.o`` file per compiled
 kernel, under a folder named for its sources' fingerprint) are mirrored file by file under the
@@ -127,6 +129,66 @@ def _locations(shared_uri: str | None) -> list[str]:
     return [u for u in (shared_uri, local_dir()) if u]
 
 
+# The artefacts this process loaded, per key, so that what it saves holds them too.
+_loaded: dict[str, dict[str, dict]] = {}
+
+
+def _artifacts(data: bytes) -> dict[str, dict]:
+    """Every artefact in a saved cache, by kind and key. torch's own reader
+    (``CacheArtifactManager.deserialize``) makes a dict of the parts in the file, so of a file
+    written after a process saved twice (``save_cache_artifacts`` appends a part per kind at each
+    call) it keeps only the last part of each kind: the graphs of the first batch are lost when
+    a later batch compiled a new page size. This reads every part. Raises on a foreign file."""
+    from torch.compiler._cache import CacheArtifactManager, _deserialize_single_cache
+    from torch.utils._appending_byte_serializer import AppendingByteSerializer
+
+    CacheArtifactManager._ensure_cache_artifacts_registered()
+    out: dict[str, dict] = {}
+    for kind, artifacts in AppendingByteSerializer.to_list(data, deserialize_fn=_deserialize_single_cache):
+        out.setdefault(kind, {}).update((a.key, a) for a in artifacts)
+    return out
+
+
+def _union(*caches: dict[str, dict]) -> dict[str, dict]:
+    """The artefacts of all ``caches``; where two hold the same key, the later one's."""
+    out: dict[str, dict] = {}
+    for cache in caches:
+        for kind, artifacts in cache.items():
+            out.setdefault(kind, {}).update(artifacts)
+    return out
+
+
+def _count(cache: dict[str, dict]) -> int:
+    return sum(len(a) for a in cache.values())
+
+
+def _to_bytes(cache: dict[str, dict]) -> bytes:
+    """A cache file with one part per kind, which torch's own loader reads whole."""
+    from torch.compiler._cache import _serialize_single_cache
+    from torch.utils._appending_byte_serializer import AppendingByteSerializer
+
+    out = AppendingByteSerializer(serialize_fn=_serialize_single_cache)
+    out.extend((kind, list(artifacts.values())) for kind, artifacts in cache.items())
+    return out.to_bytes()
+
+
+def _populate(data: bytes) -> dict[str, dict] | None:
+    """Put a saved cache's artefacts into torch's caches; returns them (None: not a cache of
+    this torch, or nothing in it)."""
+    from torch.compiler._cache import CacheArtifactManager
+
+    try:
+        cache = _artifacts(data)
+    except ImportError:  # torch moved its internals: its own loader (the last part of each kind)
+        return {} if torch.compiler.load_cache_artifacts(data) is not None else None
+    except Exception:  # noqa: BLE001 - not this torch's format
+        return None
+    if not _count(cache):
+        return None
+    CacheArtifactManager.populate_caches({kind: list(a.values()) for kind, a in cache.items()})
+    return cache
+
+
 def load(key: str, shared_uri: str | None = None, endpoint_url: str | None = None) -> str | None:
     """Load the first cache found (the shared one first, then this node's); returns where it
     came from, or None (a cold start). Never raises: a cache is an optimisation."""
@@ -140,8 +202,7 @@ def load(key: str, shared_uri: str | None = None, endpoint_url: str | None = Non
             log.warning("compile cache %s could not be read (%s): compiling cold", uri, type(exc).__name__)
             continue
         try:
-            # None when the bytes are not a cache of this torch (it logs why): compile cold.
-            loaded = torch.compiler.load_cache_artifacts(data)
+            loaded = _populate(data)
         except Exception as exc:  # noqa: BLE001 - foreign or damaged: compile cold
             loaded, reason = None, type(exc).__name__
         else:
@@ -149,14 +210,22 @@ def load(key: str, shared_uri: str | None = None, endpoint_url: str | None = Non
         if loaded is None:
             log.warning("compile cache %s could not be loaded (%s): compiling cold", uri, reason)
             continue
-        log.info("compile cache loaded from %s (%d bytes)", uri, len(data))
+        _loaded[key] = _union(_loaded.get(key, {}), loaded)
+        log.info("compile cache loaded from %s (%d bytes, %d artefacts)", uri, len(data), _count(loaded))
         return uri
     return None
 
 
 def save(key: str, shared_uri: str | None = None, endpoint_url: str | None = None) -> int:
-    """Write this process's compiled artefacts to this node's cache and the shared one.
-    Returns the bytes written per location (0 when there was nothing to save)."""
+    """Add this process's compiled artefacts to this node's cache and the shared one.
+
+    Each location gets the union of what it holds, what this process loaded and what it
+    compiled, and is written only when that adds to it. So a cache never shrinks: a process whose
+    every compile was a hit records almost nothing of its own (torch records an artefact when it
+    writes one), and writing that alone would replace a full cache with a near-empty one. A
+    node that loaded the shared cache gets its own copy. Two nodes writing at once can each miss
+    the other's new artefacts; the next save adds them again. Returns the bytes of this
+    process's cache (0 when there was nothing to save)."""
     t = time.perf_counter()
     # Dynamo records new artefacts under its compile lock; serializing takes and clears that
     # list, so with two batches in flight (another thread may be compiling) it is taken too.
@@ -167,19 +236,39 @@ def save(key: str, shared_uri: str | None = None, endpoint_url: str | None = Non
     except Exception as exc:  # noqa: BLE001
         log.warning("compile cache not saved (%s)", type(exc).__name__)
         return 0
-    if not saved:
+    if not saved and not _loaded.get(key):
         return 0
-    data = saved[0]
+    try:
+        mine = _union(_loaded.get(key, {}), _artifacts(saved[0]) if saved else {})
+    except Exception as exc:  # noqa: BLE001 - torch moved its internals: write its own file, as it is
+        log.info("compile cache written as torch saved it (%s)", type(exc).__name__)
+        mine = None
+    written = 0
     for base in _locations(shared_uri):
         uri = storage.join_uri(base, key)
         try:
+            if mine is None:
+                data = saved[0]
+            else:
+                try:
+                    there = _artifacts(storage.read_bytes(uri, endpoint_url))
+                except FileNotFoundError:
+                    there = {}
+                except Exception:  # noqa: BLE001 - damaged or foreign: replaced
+                    there = {}
+                merged = _union(there, mine)
+                if _count(merged) == _count(there):
+                    continue  # it holds all of this process's already
+                data = _to_bytes(merged)
             if "://" not in base:
                 os.makedirs(base, exist_ok=True)
             storage.write_bytes_atomic(uri, data, endpoint_url)
+            written = max(written, len(data))
         except Exception as exc:  # noqa: BLE001 - a read-only cache location must not fail the job
             log.warning("compile cache not written to %s (%s)", uri, type(exc).__name__)
-    log.info("compile cache saved: %d bytes in %.1f s", len(data), time.perf_counter() - t)
-    return len(data)
+    size = len(_to_bytes(mine)) if mine is not None else len(saved[0])
+    log.info("compile cache saved: %d bytes (%d written) in %.1f s", size, written, time.perf_counter() - t)
+    return size
 
 
 def precompiled_key(key: str) -> str:

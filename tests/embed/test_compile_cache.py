@@ -341,6 +341,77 @@ def test_a_node_keeps_what_it_loaded_from_the_shared_cache_without_replacing_its
     assert sorted(os.listdir(tmp_path)) == ["file", "node"]
 
 
+SHAPES = r"""
+import json, sys, torch
+from torch._dynamo.utils import counters
+from pipeline.embed import compile_cache as cc
+
+key, shared = sys.argv[1], sys.argv[2]
+def f(x):
+    return (x.sin() * 2 + 1).relu().sum(-1)
+g = torch.compile(f, dynamic=False)
+loaded = cc.load(key, shared)
+for shape in [(4, 8), (5, 9)]:  # a page size, then another: a new graph, saved again as the actor does
+    g(torch.ones(shape))
+    cc.save(key, shared)
+print(json.dumps({"loaded": loaded, "hits": counters["inductor"]["fxgraph_cache_hit"],
+                  "misses": counters["inductor"]["fxgraph_cache_miss"]}))
+"""
+
+
+def test_a_cache_saved_after_each_new_page_size_loads_every_graph_and_never_shrinks(tmp_path):
+    """torch's own loader keeps only the last part of each kind of a file saved twice by one
+    process (the graphs of the first page size were lost), and a process whose every compile
+    was a hit saves next to nothing, which replaced the full shared cache (a GPU job saw 4,330
+    bytes become 2,724, 2026-12-06)."""
+    shared, key = tmp_path / "shared", "compile-shapes.bin"
+
+    def run(node):
+        env = dict(os.environ, PYTHONPATH=ROOT, VDR_COMPILE_CACHE=str(tmp_path / node),
+                   TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"inductor-{node}"))
+        proc = subprocess.run([sys.executable, "-c", SHAPES, key, str(shared)], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    cold = run("node1")
+    assert cold["loaded"] is None and cold["misses"] == 2
+    full = (shared / key).read_bytes()
+    assert (tmp_path / "node1" / key).read_bytes() == full
+    warm = run("node2")  # another node: both graphs come from the shared cache
+    assert warm["loaded"] == str(shared / key) and (warm["hits"], warm["misses"]) == (2, 0)
+    assert (shared / key).read_bytes() == full  # not rewritten, let alone shrunk
+    assert (tmp_path / "node2" / key).read_bytes() == full  # the node keeps its own copy
+
+
+def test_a_save_adds_to_what_a_location_holds(tmp_path, monkeypatch):
+    """Another node's artefacts, written since this process loaded, stay in the file."""
+    from torch.compiler._cache import CacheArtifactManager
+
+    from pipeline.embed import compile_cache as cc
+
+    CacheArtifactManager._ensure_cache_artifacts_registered()  # as a compile does
+    monkeypatch.setenv(cc.LOCAL_ENV, str(tmp_path / "node"))
+    with CacheArtifactManager.with_fresh_cache():
+        CacheArtifactManager.record_artifact("inductor", "theirs", b"graph of another node")
+        (tmp_path / "compile-k.bin").write_bytes(torch_saved())
+    monkeypatch.setattr(cc, "_loaded", {})
+    with CacheArtifactManager.with_fresh_cache():
+        CacheArtifactManager.record_artifact("inductor", "mine", b"graph of this process")
+        assert cc.save("compile-k.bin", str(tmp_path)) > 0
+    for path in (tmp_path / "compile-k.bin", tmp_path / "node" / "compile-k.bin"):
+        held = cc._artifacts(path.read_bytes())
+        assert {k: a.content for k, a in held["inductor"].items()} == \
+            ({"theirs": b"graph of another node", "mine": b"graph of this process"}
+             if path.parent == tmp_path else {"mine": b"graph of this process"})
+
+
+def torch_saved() -> bytes:
+    import torch
+
+    return torch.compiler.save_cache_artifacts()[0]
+
+
 HEURISTIC = r"""
 import json, sys, types
 import sympy
