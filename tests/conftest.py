@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from pipeline.devtools.local_cluster import free_port, stop_cluster_processes
+from pipeline.devtools.local_cluster import free_port, free_ports, stop_cluster_processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CORPORA = os.path.join(os.path.dirname(ROOT), "shared", "corpora")
@@ -93,7 +93,7 @@ def ray_cluster(s3):
         pytest.skip("the ray CLI is not installed")
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    gcs_port, dash_port = free_port(), free_port()
+    gcs_port, dash_port, agent_port = free_ports(3)  # distinct: Ray refuses to start on a repeated one
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -107,7 +107,7 @@ def ray_cluster(s3):
     env["VDR_COMPILE_CACHE"] = os.path.join(temp_dir, "vdr-compile-cache")
     env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(temp_dir, "inductor")
     cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-           f"--dashboard-port={dash_port}", f"--dashboard-agent-listen-port={free_port()}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+           f"--dashboard-port={dash_port}", f"--dashboard-agent-listen-port={agent_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
            "--num-cpus=4", "--num-gpus=0", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
     info = {"gcs_address": f"127.0.0.1:{gcs_port}", "dashboard_url": f"http://127.0.0.1:{dash_port}",

@@ -3,14 +3,24 @@ cluster's processes (never ``ray stop``, which ends every Ray on the machine).""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 now. Each socket stays open until all are chosen:
+    choosing them one after another can return one port twice (the OS may hand a port closed
+    a moment ago out again), and Ray refuses to start when two of its components share one."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def stop_cluster_processes(temp_dir: str, gcs_port: int | None = None) -> list[int]:

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from pipeline.devtools.local_cluster import free_port, stop_cluster_processes  # noqa: F401
+from pipeline.devtools.local_cluster import free_port, free_ports, stop_cluster_processes  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULT_PREFIX = "RESULT_JSON "
@@ -104,20 +104,22 @@ def fake_autoscaling_cluster():
     if not os.path.exists(ray_bin):
         pytest.skip("the ray CLI is not installed")
     temp_dir = tempfile.mkdtemp(prefix="rtas", dir="/tmp")  # short: Unix socket paths live under it
-    gcs_port, dashboard_port = free_port(), free_port()
+    # all at once: ports chosen one by one can repeat, and Ray then refuses to start (seen in CI)
+    gcs_port, dashboard_port, metric_port, agent_port, agent_grpc_port, metrics_export_port, \
+        runtime_env_port, client_port = free_ports(8)
     config_path = os.path.join(temp_dir, "autoscaling.json")
     with open(config_path, "w") as f:
         json.dump(autoscaling_config(gcs_port), f, indent=1)
     env = _base_env()
     env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                 # the autoscaler's metrics port is fixed (44217) unless set: keep off the other cluster's
-                "AUTOSCALER_METRIC_PORT": str(free_port())})
+                "AUTOSCALER_METRIC_PORT": str(metric_port)})
     cmd = [ray_bin, "start", "--head", f"--port={gcs_port}", "--num-cpus=0", "--num-gpus=0",
            "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", f"--autoscaling-config={config_path}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-           f"--ray-client-server-port={free_port()}", "--disable-usage-stats"]
+           f"--dashboard-agent-listen-port={agent_port}", f"--dashboard-agent-grpc-port={agent_grpc_port}",
+           f"--metrics-export-port={metrics_export_port}", f"--runtime-env-agent-port={runtime_env_port}",
+           f"--ray-client-server-port={client_port}", "--disable-usage-stats"]
 
     t0 = time.monotonic()
     try:
