@@ -134,27 +134,34 @@ _loaded: dict[str, dict[str, dict]] = {}
 
 
 def _artifacts(data: bytes) -> dict[str, dict]:
-    """Every artefact in a saved cache, by kind and key. torch's own reader
-    (``CacheArtifactManager.deserialize``) makes a dict of the parts in the file, so of a file
-    written after a process saved twice (``save_cache_artifacts`` appends a part per kind at each
-    call) it keeps only the last part of each kind: the graphs of the first batch are lost when
-    a later batch compiled a new page size. This reads every part. Raises on a foreign file."""
+    """Every artefact in a saved cache: per kind, by (key, content). Raises on a file that is
+    not a cache of this torch, and where torch moved its internals.
+
+    torch's own reader (``CacheArtifactManager.deserialize``) makes a dict of the parts in the
+    file, so of a file written after a process saved twice (``save_cache_artifacts`` appends a
+    part per kind at each call) it keeps only the last part of each kind: the graphs of the
+    first batch were lost when a later batch compiled a new page size. This reads every part.
+    An artefact is named by its key and its content together: Inductor and AOTAutograd keep
+    several entries under one key (one per set of shape guards, e.g. a graph compiled with
+    dynamic shapes for small and for large sizes), and kinds with one entry per key (autotune
+    results) are populated in file order, so the later of two wins."""
     from torch.compiler._cache import CacheArtifactManager, _deserialize_single_cache
     from torch.utils._appending_byte_serializer import AppendingByteSerializer
 
     CacheArtifactManager._ensure_cache_artifacts_registered()
     out: dict[str, dict] = {}
     for kind, artifacts in AppendingByteSerializer.to_list(data, deserialize_fn=_deserialize_single_cache):
-        out.setdefault(kind, {}).update((a.key, a) for a in artifacts)
+        out.setdefault(kind, {}).update(((a.key, a.content), a) for a in artifacts)
     return out
 
 
 def _union(*caches: dict[str, dict]) -> dict[str, dict]:
-    """The artefacts of all ``caches``; where two hold the same key, the later one's."""
+    """The artefacts of all ``caches``, in order (an artefact already there keeps its place)."""
     out: dict[str, dict] = {}
     for cache in caches:
         for kind, artifacts in cache.items():
-            out.setdefault(kind, {}).update(artifacts)
+            held = out.setdefault(kind, {})
+            held.update((name, a) for name, a in artifacts.items() if name not in held)
     return out
 
 
@@ -175,9 +182,9 @@ def _to_bytes(cache: dict[str, dict]) -> bytes:
 def _populate(data: bytes) -> dict[str, dict] | None:
     """Put a saved cache's artefacts into torch's caches; returns them (None: not a cache of
     this torch, or nothing in it)."""
-    from torch.compiler._cache import CacheArtifactManager
-
     try:
+        from torch.compiler._cache import CacheArtifactManager
+
         cache = _artifacts(data)
     except ImportError:  # torch moved its internals: its own loader (the last part of each kind)
         return {} if torch.compiler.load_cache_artifacts(data) is not None else None
@@ -219,13 +226,16 @@ def load(key: str, shared_uri: str | None = None, endpoint_url: str | None = Non
 def save(key: str, shared_uri: str | None = None, endpoint_url: str | None = None) -> int:
     """Add this process's compiled artefacts to this node's cache and the shared one.
 
-    Each location gets the union of what it holds, what this process loaded and what it
-    compiled, and is written only when that adds to it. So a cache never shrinks: a process whose
-    every compile was a hit records almost nothing of its own (torch records an artefact when it
-    writes one), and writing that alone would replace a full cache with a near-empty one. A
-    node that loaded the shared cache gets its own copy. Two nodes writing at once can each miss
-    the other's new artefacts; the next save adds them again. Returns the bytes of this
-    process's cache (0 when there was nothing to save)."""
+    torch records only the artefacts a process compiles or looks up, so a process that saw
+    fewer page sizes than the one before it, or loaded precompiled blocks and never asked
+    Inductor for theirs, has less to save than the file holds. Each location therefore gets the
+    union of what it holds, what this process loaded and what it compiled, and is written only
+    where that adds to it: a node that loaded the shared cache gets its own copy, and no file
+    shrinks. A location that cannot be read (other than not being there) is left as it is; a
+    file that is not a cache of this torch is replaced. Two processes writing one location at
+    once can each drop the other's new artefacts; they come back when a process that has them
+    saves again (after compiling something new). Returns a positive number once the artefacts
+    are saved, and 0 when there was nothing to save or torch could not serialize them."""
     t = time.perf_counter()
     # Dynamo records new artefacts under its compile lock; serializing takes and clears that
     # list, so with two batches in flight (another thread may be compiling) it is taken too.
@@ -243,7 +253,9 @@ def save(key: str, shared_uri: str | None = None, endpoint_url: str | None = Non
     except Exception as exc:  # noqa: BLE001 - torch moved its internals: write its own file, as it is
         log.info("compile cache written as torch saved it (%s)", type(exc).__name__)
         mine = None
-    written = 0
+        if not saved:
+            return 0
+    written = []
     for base in _locations(shared_uri):
         uri = storage.join_uri(base, key)
         try:
@@ -251,10 +263,15 @@ def save(key: str, shared_uri: str | None = None, endpoint_url: str | None = Non
                 data = saved[0]
             else:
                 try:
-                    there = _artifacts(storage.read_bytes(uri, endpoint_url))
-                except FileNotFoundError:
-                    there = {}
-                except Exception:  # noqa: BLE001 - damaged or foreign: replaced
+                    held = storage.read_bytes(uri, endpoint_url)
+                except (FileNotFoundError, NotADirectoryError):
+                    held = None
+                except Exception as exc:  # noqa: BLE001 - not readable now: writing could drop what it holds
+                    log.warning("compile cache %s not updated: it could not be read (%s)", uri, type(exc).__name__)
+                    continue
+                try:
+                    there = _artifacts(held) if held is not None else {}
+                except Exception:  # noqa: BLE001 - damaged or another torch's: replaced
                     there = {}
                 merged = _union(there, mine)
                 if _count(merged) == _count(there):
@@ -263,12 +280,12 @@ def save(key: str, shared_uri: str | None = None, endpoint_url: str | None = Non
             if "://" not in base:
                 os.makedirs(base, exist_ok=True)
             storage.write_bytes_atomic(uri, data, endpoint_url)
-            written = max(written, len(data))
+            written.append(len(data))
         except Exception as exc:  # noqa: BLE001 - a read-only cache location must not fail the job
             log.warning("compile cache not written to %s (%s)", uri, type(exc).__name__)
-    size = len(_to_bytes(mine)) if mine is not None else len(saved[0])
-    log.info("compile cache saved: %d bytes (%d written) in %.1f s", size, written, time.perf_counter() - t)
-    return size
+    log.info("compile cache saved in %.1f s: %s", time.perf_counter() - t,
+             f"{', '.join(map(str, written))} bytes written" if written else "every location held it already")
+    return max(written, default=len(saved[0]) if saved else 1)
 
 
 def precompiled_key(key: str) -> str:
