@@ -365,9 +365,13 @@ print(json.dumps({"loaded": loaded, "hits": counters["inductor"]["fxgraph_cache_
 
 
 def held(path) -> set:
-    from pipeline.embed import compile_cache as cc
+    """The artefacts in a cache file, every part of it: (kind, (key, content))."""
+    from torch.compiler._cache import CacheArtifactManager, _deserialize_single_cache
+    from torch.utils._appending_byte_serializer import AppendingByteSerializer
 
-    return {(kind, name) for kind, artifacts in cc._artifacts(path.read_bytes()).items() for name in artifacts}
+    CacheArtifactManager._ensure_cache_artifacts_registered()
+    parts = AppendingByteSerializer.to_list(path.read_bytes(), deserialize_fn=_deserialize_single_cache)
+    return {(kind, (a.key, a.content)) for kind, artifacts in parts for a in artifacts}
 
 
 def test_a_cache_saved_after_each_new_page_size_loads_every_graph_and_never_shrinks(tmp_path):
