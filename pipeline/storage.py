@@ -114,6 +114,13 @@ def storage_unavailable(uri: str, endpoint_url: str | None, exc: BaseException, 
                                    f"attempts (timeout {_settings.timeout_s:g} s each): {cause}")
 
 
+def access_denied(exc: BaseException) -> bool:
+    """Whether ``exc`` is the store refusing access (403). S3 without ``s3:ListBucket`` answers a
+    missing key so too; pyarrow raises it as an OSError whose text says ``ACCESS_DENIED``."""
+    text = str(exc)
+    return isinstance(exc, PermissionError) or "ACCESS_DENIED" in text or "AccessDenied" in text
+
+
 def read_failure(flag: str, uri: str, endpoint_url: str | None, exc: OSError) -> Exception | None:
     """What to raise for an OSError met while reading an input given as ``flag`` (e.g.
     ``--corpus``): a :class:`StorageAccessError` for a refusal (no or wrong credentials), a
@@ -121,7 +128,7 @@ def read_failure(flag: str, uri: str, endpoint_url: str | None, exc: OSError) ->
     the endpoint; None for other errors (a missing object, ...), which keep their own message.
     pyarrow's own text named neither (``curlCode: 7``, ``ACCESS_DENIED during HeadObject``)."""
     text = " ".join(str(exc).split())
-    if isinstance(exc, PermissionError) or "ACCESS_DENIED" in text or "AccessDenied" in text:
+    if access_denied(exc):
         if urlparse(uri).scheme.lower() in ("s3", "s3a"):
             hint = ("Check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the node's "
                     "role), the endpoint (--endpoint-url, AWS_ENDPOINT_URL) and the path: without s3:ListBucket, S3 "
@@ -759,7 +766,7 @@ def check_access(input_uri: str, output_uri: str, endpoint_url: str | None = Non
             raise FileNotFoundError(f"--output {_where(output_uri, endpoint_url)}: {' '.join(str(exc).split())} "
                                     "(create the bucket, or check its name and the endpoint)") from None
         except OSError as exc:
-            if isinstance(exc, PermissionError) or "ACCESS_DENIED" in str(exc) or "AccessDenied" in str(exc):
+            if access_denied(exc):
                 raise StorageUnavailableError(f"cannot write to --output {_where(output_uri, endpoint_url)}: "
                                               f"{' '.join(str(exc).split())}") from None
             if not is_storage_failure(exc):

@@ -231,7 +231,8 @@ def save(key: str, shared_uri: str | None = None, endpoint_url: str | None = Non
     Inductor for theirs, has less to save than the file holds. Each location therefore gets the
     union of what it holds, what this process loaded and what it compiled, and is written only
     where that adds to it: a node that loaded the shared cache gets its own copy, and no file
-    shrinks. A location that cannot be read (other than not being there) is left as it is; a
+    shrinks. A location that cannot be read (other than not being there, or access denied, which
+    S3 answers for a missing key without ``s3:ListBucket``) is left as it is; a
     file that is not a cache of this torch is replaced. Two processes writing one location at
     once can each drop the other's new artefacts; they come back when a process that has them
     saves again (after compiling something new). Returns a positive number once the artefacts
@@ -267,8 +268,12 @@ def save(key: str, shared_uri: str | None = None, endpoint_url: str | None = Non
                 except (FileNotFoundError, NotADirectoryError):
                     held = None
                 except Exception as exc:  # noqa: BLE001 - not readable now: writing could drop what it holds
-                    log.warning("compile cache %s not updated: it could not be read (%s)", uri, type(exc).__name__)
-                    continue
+                    if storage.access_denied(exc):  # S3 without s3:ListBucket: a missing key (bad credentials fail the write)
+                        held = None
+                    else:
+                        log.warning("compile cache %s not updated: it could not be read (%s)", uri,
+                                    type(exc).__name__)
+                        continue
                 try:
                     there = _artifacts(held) if held is not None else {}
                 except Exception:  # noqa: BLE001 - damaged or another torch's: replaced

@@ -415,7 +415,7 @@ def record(*artifacts) -> bytes:
 
 def test_a_save_adds_to_what_a_location_holds_and_leaves_one_it_cannot_read(tmp_path, monkeypatch):
     """Another node's artefacts, written since this process loaded, stay in the file; a file
-    that cannot be read now (an expired credential, an outage) is not overwritten."""
+    that cannot be read now (an outage) is not overwritten; access denied is a missing key."""
     from torch.compiler._cache import CacheArtifactManager
 
     from pipeline.embed import compile_cache as cc
@@ -436,7 +436,7 @@ def test_a_save_adds_to_what_a_location_holds_and_leaves_one_it_cannot_read(tmp_
 
     def unreadable(uri, endpoint_url=None):
         if uri.startswith(str(tmp_path / "compile-k.bin")):
-            raise PermissionError("403")
+            raise OSError("When reading information for key 'cc/compile-k.bin': AWS Error NETWORK_CONNECTION")
         return read_bytes(uri, endpoint_url)
 
     monkeypatch.setattr(cc.storage, "read_bytes", unreadable)
@@ -445,6 +445,20 @@ def test_a_save_adds_to_what_a_location_holds_and_leaves_one_it_cannot_read(tmp_
         assert cc.save("compile-k.bin", str(tmp_path)) > 0
     assert (tmp_path / "compile-k.bin").read_bytes() == before
     assert ("inductor", ("k3", b"a later graph")) in held(tmp_path / "node" / "compile-k.bin")
+
+    # S3 without s3:ListBucket answers a missing key with access denied: that is written
+    (tmp_path / "compile-k.bin").unlink()
+
+    def denied(uri, endpoint_url=None):
+        if uri.startswith(str(tmp_path / "compile-k.bin")):
+            raise OSError("When reading information for key 'cc/compile-k.bin': AWS Error ACCESS_DENIED during HeadObject")
+        return read_bytes(uri, endpoint_url)
+
+    monkeypatch.setattr(cc.storage, "read_bytes", denied)
+    with CacheArtifactManager.with_fresh_cache():
+        CacheArtifactManager.record_artifact("inductor", "k4", b"the next graph")
+        assert cc.save("compile-k.bin", str(tmp_path)) > 0
+    assert held(tmp_path / "compile-k.bin") == {("inductor", ("k4", b"the next graph"))}
 
 
 HEURISTIC = r"""
