@@ -581,3 +581,24 @@ def test_a_mistyped_attention_split_is_refused_at_import():
     proc = subprocess.run([sys.executable, "-c", "import pipeline.embed.model"], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=ROOT, VDR_IMAGE_ATTENTION_SPLIT="pow-2"), timeout=120)
     assert proc.returncode != 0 and "VDR_IMAGE_ATTENTION_SPLIT='pow-2'" in proc.stderr
+
+
+def test_the_shared_cache_on_s3_is_created_then_added_to(s3, tmp_path, monkeypatch):
+    """--compile-cache s3://... (moto's server): the first save creates the object (a missing key
+    is not a read error), a later process's save adds its artefacts to it, and a load reads them all."""
+    from torch.compiler._cache import CacheArtifactManager
+
+    from pipeline.embed import compile_cache as cc
+
+    shared = f"s3://{s3.make_bucket()}/vdr-compile-cache/"
+    monkeypatch.setenv(cc.LOCAL_ENV, str(tmp_path / "node"))
+    monkeypatch.setattr(cc, "_loaded", {})
+    CacheArtifactManager._ensure_cache_artifacts_registered()
+    for artefact in (("k1", b"first node's graph"), ("k2", b"second node's graph")):
+        with CacheArtifactManager.with_fresh_cache():
+            CacheArtifactManager.record_artifact("inductor", *artefact)
+            assert cc.save("compile-k.bin", shared, s3.endpoint_url) > 0
+    data = cc.storage.read_bytes(shared + "compile-k.bin", s3.endpoint_url)
+    (tmp_path / "read.bin").write_bytes(data)
+    assert held(tmp_path / "read.bin") == {("inductor", ("k1", b"first node's graph")),
+                                            ("inductor", ("k2", b"second node's graph"))}
