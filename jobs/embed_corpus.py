@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--storage-attempts", type=int, help="tries per object-storage request, with the SDK's "
                    "backoff (default: 6, or $PIPELINE_STORAGE_ATTEMPTS)")
     o.add_argument("--preflight", action="store_true", default=None, help="list and render with no model and no writes but OUTPUT/preflight.json: documents, pages, the error rows a run would write, CPU ms per page, GPU-hours")
-    o.add_argument("--gpu-pages-per-second", type=float, help="--preflight's rate per GPU (default: 65.6, the actor measured on an H200 at 768 tokens, 2026-12-05, scaled by 768/--max-visual-tokens)")
+    o.add_argument("--gpu-pages-per-second", type=float, help="--preflight's rate per GPU (default: 65.6, the actor with SDPA measured on an H200 at 768 tokens, 2026-12-05, scaled by 768/--max-visual-tokens; with FlashAttention 4 installed (.[fa4]) the actor ran 70.1-70.5 on an H200, 2026-12-06: pass 70)")
     o.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     o.add_argument("--debug", action="store_true", default=None, help="print the traceback of an unexpected error")
     return p

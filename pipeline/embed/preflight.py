@@ -33,7 +33,9 @@ from pipeline.embed import stages
 # job's default is 16: 58.6 against 57.8 pages/s at 16 and 32, RESULTS "The job from the actors'
 # own counters", 2026-12-03, commit 748c072, before two batches in flight), letter pages (random
 # mixes of page sizes ran 6.3% slower in batches, RESULTS "Fourteenth session", call D), on torch
-# 2.11.0+cu130.
+# 2.11.0+cu130. With FlashAttention 4 installed (.[fa4], auto on Hopper) the actor ran 70.09-70.45
+# pages/s at batch 16 on an H200 (RESULTS "Thirtieth session", 2026-12-06, commit d50b330); the
+# estimate keeps the SDPA figure, which holds wherever FA4 is absent (--gpu-pages-per-second 70 otherwise).
 GPU_PAGES_PER_SECOND_AT_768 = 65.6
 GPU_RATE_TOKENS = 768
 EXAMPLES_PER_TYPE = 3
