@@ -33,8 +33,7 @@ import pyarrow.parquet as pq
 from pipeline import schema
 
 def pages(out):
-    files = sorted(glob.glob(os.path.join(out, schema.PAGES_DIR, "**", "*.parquet"), recursive=True)) or \
-        sorted(f for f in glob.glob(os.path.join(out, "*.parquet")))
+    files = sorted(glob.glob(os.path.join(out, schema.PAGES_DIR, "**", "*.parquet"), recursive=True))
     rows = {}
     for f in files:
         t = pq.read_table(f)
@@ -61,8 +60,8 @@ if cos:
 for dev in ("cuda", "cpu"):
     try:
         s = json.load(open(os.path.join(w, f"out-{dev}", "summary.json")))
-        res[f"summary_{dev}"] = {k: s.get(k) for k in ("documents_processed", "pages", "error_rows", "device")
-                                 if k in s}
+        res[f"summary_{dev}"] = {"device": s.get("device"), "documents_processed": s.get("documents_processed"),
+                                 **{k: s["this_run"].get(k) for k in ("pages", "error_rows", "seconds")}}
     except OSError as exc:
         res[f"summary_{dev}"] = str(exc)
 print(json.dumps(res, indent=1))

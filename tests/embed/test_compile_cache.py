@@ -434,12 +434,14 @@ def test_a_save_adds_to_what_a_location_holds_and_leaves_one_it_cannot_read(tmp_
     before = (tmp_path / "compile-k.bin").read_bytes()
     read_bytes = cc.storage.read_bytes
 
-    def unreadable(uri, endpoint_url=None):
-        if uri.startswith(str(tmp_path / "compile-k.bin")):
-            raise OSError("When reading information for key 'cc/compile-k.bin': AWS Error NETWORK_CONNECTION")
-        return read_bytes(uri, endpoint_url)
+    def failing(error):  # reading the shared file raises pyarrow's S3 error text; the node's file reads
+        def read(uri, endpoint_url=None):
+            if uri.startswith(str(tmp_path / "compile-k.bin")):
+                raise OSError(f"When reading information for key 'cc/compile-k.bin': AWS Error {error}")
+            return read_bytes(uri, endpoint_url)
+        return read
 
-    monkeypatch.setattr(cc.storage, "read_bytes", unreadable)
+    monkeypatch.setattr(cc.storage, "read_bytes", failing("NETWORK_CONNECTION"))
     with CacheArtifactManager.with_fresh_cache():
         CacheArtifactManager.record_artifact("inductor", "k3", b"a later graph")
         assert cc.save("compile-k.bin", str(tmp_path)) > 0
@@ -448,13 +450,7 @@ def test_a_save_adds_to_what_a_location_holds_and_leaves_one_it_cannot_read(tmp_
 
     # S3 without s3:ListBucket answers a missing key with access denied: that is written
     (tmp_path / "compile-k.bin").unlink()
-
-    def denied(uri, endpoint_url=None):
-        if uri.startswith(str(tmp_path / "compile-k.bin")):
-            raise OSError("When reading information for key 'cc/compile-k.bin': AWS Error ACCESS_DENIED during HeadObject")
-        return read_bytes(uri, endpoint_url)
-
-    monkeypatch.setattr(cc.storage, "read_bytes", denied)
+    monkeypatch.setattr(cc.storage, "read_bytes", failing("ACCESS_DENIED during HeadObject"))
     with CacheArtifactManager.with_fresh_cache():
         CacheArtifactManager.record_artifact("inductor", "k4", b"the next graph")
         assert cc.save("compile-k.bin", str(tmp_path)) > 0
